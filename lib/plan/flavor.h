@@ -1,0 +1,63 @@
+/* flavor.h - the accelerator clusters a recipe can name: the catalog and custom mappings.
+ *
+ * A flavor is a device type, a device count and how many devices share a node. The catalog
+ * holds the MoAI / KT flavors (MI250 GCDs, 65,520 MiB usable each, 8 to a node) and the
+ * device types a custom mapping may name. Figures are per device; bandwidths are one way.
+ *
+ *     struct flavor f;
+ *     if (flavor_lookup(&f, "4xLarge.2048GB", &err) < 0) ...   (case-insensitive)
+ *     f.devices == 32, f.devices_per_node == 8
+ *
+ * Thread-safe (the tables are constant); errors through struct moai_err.
+ */
+#ifndef MOAI_FLAVOR_H
+#define MOAI_FLAVOR_H
+
+#include "err.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+struct device_type {
+    const char *name;           /* "mi250", "h100-80gb", "cpu" */
+    int64_t memory_bytes;       /* usable memory per device; 0 for cpu (computed) */
+    double tflops;              /* dense bf16 peak, TFLOP/s; 0 for cpu (measured) */
+    double hbm_gbps;            /* device memory bandwidth, GB/s */
+    double intra_node_gbps;     /* device to device inside a node, GB/s one way */
+    double inter_node_gbps;     /* device to device across nodes, GB/s one way */
+    double fast_pair_gbps;      /* to the other die of the same package (MI250), else 0 */
+};
+
+struct flavor {
+    char name[64];              /* canonical catalog name, or "custom" */
+    struct device_type device;  /* with the recipe's overrides applied */
+    int devices;
+    int devices_per_node;
+    bool custom;                /* given as a mapping */
+};
+
+/* Looks a catalog name up, without regard to case, with or without its memory suffix.
+ * Fails with MOAI_EUSAGE and a message listing the valid names. */
+int flavor_lookup(struct flavor *f, const char *name, struct moai_err *err);
+
+/* The device type named name, or NULL. */
+const struct device_type *flavor_device_type(const char *name);
+
+/* Sets up a custom flavor of n devices of type dev, devices_per_node per node (0: min(n, 8)).
+ * For the cpu device, memory defaults to physical memory / n. Fails with MOAI_EUSAGE for an
+ * unknown device type (the message lists the valid ones) or non-positive counts. */
+int flavor_custom(struct flavor *f, const char *dev, int n, int devices_per_node,
+                  struct moai_err *err);
+
+/* Number of nodes: ceil(devices / devices_per_node). */
+int flavor_nodes(const struct flavor *f);
+
+/* Comma-separated list of catalog names / device type names, for messages. */
+const char *flavor_catalog_names(void);
+const char *flavor_device_names(void);
+
+/* Catalog access for tables and tests. */
+int flavor_catalog_size(void);
+const char *flavor_catalog_name(int i);
+
+#endif

@@ -1,0 +1,143 @@
+/* recipe.h - the YAML recipe: schema, defaults, overrides, validation.
+ *
+ * A recipe is read with libyaml into a small node tree, --set overrides are applied to the
+ * tree, and the tree is checked against one schema table (recipe.c) that gives every key its
+ * type, range, default and help. Errors name the source, line and column:
+ *
+ *     recipe.yaml:7:3: unknown key 'batchsize' in 'training' (did you mean 'batch_size'?)
+ *
+ *     struct recipe r;
+ *     if (recipe_load(&r, "configs/llama3-8b.yaml", sets, nsets, &err) < 0) ...
+ *     ... r.training.batch_size ...
+ *     recipe_release(&r);
+ *
+ * A loaded recipe owns its strings and its model.config object; recipe_release frees them.
+ * Not thread-safe while loading; a loaded recipe is read-only and may be shared.
+ */
+#ifndef MOAI_RECIPE_H
+#define MOAI_RECIPE_H
+
+#include "err.h"
+#include "plan/flavor.h"
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#define RECIPE_AUTO (-1)        /* an int or tristate left to the planner */
+#define RECIPE_NONE (-1)        /* an optional int that is null */
+
+enum model_init {
+    MODEL_INIT_PRETRAINED,
+    MODEL_INIT_RANDOM,
+};
+
+enum lr_schedule {
+    LR_SCHEDULE_CONSTANT,
+    LR_SCHEDULE_LINEAR,
+    LR_SCHEDULE_COSINE,
+};
+
+enum precision {
+    PRECISION_BF16,             /* bf16 weights/activations, fp32 master and optimizer */
+    PRECISION_FP32,
+};
+
+enum recompute {
+    RECOMPUTE_AUTO = -1,
+    RECOMPUTE_NONE = 0,         /* printed 0 */
+    RECOMPUTE_SELECTIVE = 1,    /* attention internals only, printed 1 */
+    RECOMPUTE_FULL = 2,         /* whole layers, printed full(2) */
+};
+
+struct recipe {
+    char *source;               /* the file name as given, "<stdin>" for "-" */
+
+    struct {
+        char *path;             /* model directory, NULL when only model.config is given */
+        json_t *config;         /* inline config.json keys (object), NULL when none */
+        enum model_init init;
+    } model;
+
+    char *tokenizer;            /* default <model.path>/tokenizer.model; NULL when neither */
+
+    struct {
+        char *path;
+        char *template;         /* with {field} placeholders */
+        char *response_start;   /* NULL when unset */
+        int64_t limit;          /* RECIPE_NONE for all records */
+        bool shuffle;
+        double validation_fraction;
+        char *cache_dir;        /* resolved default: $XDG_CACHE_HOME or ~/.cache, + /moai-finetune */
+    } dataset;
+
+    struct {
+        int64_t batch_size;     /* global batch, sequences per optimizer step */
+        int64_t block_size;
+        int64_t epochs;
+        int64_t max_steps;      /* RECIPE_NONE for epochs x steps per epoch */
+        double lr;
+        enum lr_schedule lr_schedule;
+        int64_t warmup_steps;
+        double weight_decay;
+        double betas[2];
+        double eps;
+        double grad_clip;       /* 0 disables */
+        enum precision precision;
+        uint64_t seed;
+        int64_t log_interval;
+        char *save_dir;
+        int64_t save_interval;  /* RECIPE_NONE: only at the end */
+        char *resume;           /* "auto", "never" or a checkpoint directory */
+    } training;
+
+    struct flavor flavor;       /* resolved (catalog name or mapping with overrides) */
+
+    struct {
+        bool advanced;          /* after the environment variable and --ap/--no-ap */
+        int dp, pp, tp;         /* RECIPE_AUTO or a pin */
+        int num_micro_batches;  /* RECIPE_AUTO or a pin */
+        enum recompute recomputation;
+        int distribute_param;          /* RECIPE_AUTO, 0 or 1 */
+        int distribute_low_prec_param; /* RECIPE_AUTO, 0 or 1 */
+    } parallel;
+};
+
+/* How AP was switched from outside the recipe: -1 leaves the recipe's value. */
+struct recipe_overrides {
+    const char *const *sets;    /* "KEY=VALUE" strings from --set */
+    int nsets;
+    int ap;                     /* --ap 1, --no-ap 0, else -1 */
+};
+
+/* Loads path ("-" reads standard input), applies overrides, checks every key, fills
+ * defaults, resolves the flavor and applies MOAI_ENABLE_ADVANCED_PARALLELIZATION (the
+ * option wins over the variable, the variable over the recipe). Returns 0, MOAI_EUSAGE for
+ * any recipe error, MOAI_EIO when the file cannot be read. On failure r holds nothing. */
+int recipe_load(struct recipe *r, const char *path, const struct recipe_overrides *ov,
+                struct moai_err *err);
+
+/* Same from a string; source names it in messages. */
+int recipe_load_string(struct recipe *r, const char *text, size_t len, const char *source,
+                       const struct recipe_overrides *ov, struct moai_err *err);
+
+/* Checks that the files the recipe names exist and are readable: config.json (unless only
+ * inline), the weights (when init is pretrained), the tokenizer and the dataset.
+ * Returns 0 or MOAI_EUSAGE naming the key and the file. */
+int recipe_check_files(const struct recipe *r, struct moai_err *err);
+
+/* Frees what r holds. */
+void recipe_release(struct recipe *r);
+
+/* Names for messages and JSON: "bf16", "cosine", "selective", ... */
+const char *recipe_precision_name(enum precision p);
+const char *recipe_lr_schedule_name(enum lr_schedule s);
+const char *recipe_recompute_name(enum recompute m);
+
+/* The recipe as a JSON object with every key (for trainer_state.json and plan.json). */
+json_t *recipe_to_json(const struct recipe *r);
+
+/* Levenshtein distance, for "did you mean" suggestions. */
+int recipe_edit_distance(const char *a, const char *b);
+
+#endif

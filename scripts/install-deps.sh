@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages moai-finetune needs, only those that are missing.
+# A no-op (one dpkg-query call) when everything is present; uses sudo when not root.
+set -euo pipefail
+
+pkgs=(
+    build-essential pkg-config clang
+    libyaml-dev libjansson-dev libopenblas-dev
+    libsentencepiece-dev sentencepiece
+    libzstd-dev zstd libcmocka-dev
+    libopenmpi-dev openmpi-bin
+    groff-base mandoc python3
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [ "$status" = "install ok installed" ] || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "install-deps: installing ${missing[*]}" >&2
+sudo=
+[ "$(id -u)" -eq 0 ] || sudo=sudo
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
