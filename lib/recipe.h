@@ -121,10 +121,15 @@ int recipe_load(struct recipe *r, const char *path, const struct recipe_override
 int recipe_load_string(struct recipe *r, const char *text, size_t len, const char *source,
                        const struct recipe_overrides *ov, struct moai_err *err);
 
-/* Checks that the files the recipe names exist and are readable: config.json (unless only
- * inline), the weights (when init is pretrained), the tokenizer and the dataset.
+/* Checks that the files the recipe names exist and are readable: the model directory and its
+ * config.json (unless only inline), the tokenizer and the dataset. A model directory without
+ * weights (and then without its default tokenizer.model) is only a warning, since planning
+ * needs neither; loading the weights reports their absence as an error.
  * Returns 0 or MOAI_EUSAGE naming the key and the file. */
 int recipe_check_files(const struct recipe *r, struct moai_err *err);
+
+/* model.path holds model.safetensors or model.safetensors.index.json. */
+bool recipe_has_weights(const struct recipe *r);
 
 /* Frees what r holds. */
 void recipe_release(struct recipe *r);
