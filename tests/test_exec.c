@@ -1,0 +1,168 @@
+/* test_exec.c - virtual devices and the shared-memory communicator. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "exec/comm.h"
+#include "exec/dev.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define N 4
+#define LEN 1000 /* not a multiple of N: uneven chunks */
+
+struct collective_case {
+    struct comm_group *g;
+    float results[N][LEN * N];
+    double scalar[N];
+    float recv[N][LEN];
+};
+
+/* rank r holds x[i] = r * 1000 + i * 0.001 + 1/3: values whose sum depends on the order. */
+static float value(int r, size_t i)
+{
+    return (float) r * 1000.0f + (float) i * 0.001f + 1.0f / 3.0f;
+}
+
+static int collective_worker(struct dev *d, void *arg)
+{
+    struct collective_case *cc = arg;
+    struct comm c;
+    float *buf = dev_alloc(d, (int64_t) sizeof(float) * LEN * N, "buffer");
+    float out[LEN];
+
+    if (!buf)
+        return d->err.code;
+    comm_init(&c, cc->g, d->id);
+    for (size_t i = 0; i < LEN; i++)
+        buf[i] = value(d->id, i);
+    comm_allreduce_sum(&c, buf, LEN);
+    memcpy(cc->results[d->id], buf, sizeof(float) * LEN);
+
+    for (size_t i = 0; i < LEN * N; i++)
+        buf[i] = value(d->id, i);
+    comm_reduce_scatter_sum(&c, buf, out, LEN);
+    memcpy(cc->results[d->id] + LEN, out, sizeof(out)); /* reuse the row's tail */
+
+    cc->scalar[d->id] = comm_allreduce_scalar(&c, 0.5 * (d->id + 1));
+
+    /* A ring of sends: rank r sends its id pattern to r + 1. */
+    for (size_t i = 0; i < LEN; i++)
+        out[i] = (float) d->id + (float) i;
+    if (d->id % 2 == 0) {
+        comm_send(&c, (d->id + 1) % N, out, sizeof(out));
+        comm_recv(&c, (d->id + N - 1) % N, cc->recv[d->id], sizeof(out));
+    } else {
+        comm_recv(&c, (d->id + N - 1) % N, cc->recv[d->id], sizeof(out));
+        comm_send(&c, (d->id + 1) % N, out, sizeof(out));
+    }
+    dev_free(d, buf, (int64_t) sizeof(float) * LEN * N);
+    return 0;
+}
+
+static void test_exec_collectives_in_rank_order(void **state)
+{
+    (void) state;
+    struct collective_case *cc = calloc(1, sizeof(*cc));
+    struct dev_set ds;
+    struct moai_err err = {0};
+
+    assert_int_equal(comm_group_create(&cc->g, N, &err), 0);
+    assert_int_equal(dev_set_init(&ds, N, 1 << 20, &err), 0);
+    assert_int_equal(dev_set_run(&ds, collective_worker, cc, &err), 0);
+    for (int r = 0; r < N; r++) {
+        for (size_t i = 0; i < LEN; i++) {
+            float sum = value(0, i);
+            for (int q = 1; q < N; q++)
+                sum += value(q, i);
+            /* bit-identical to the sequential sum in rank order, on every rank */
+            assert_memory_equal(&cc->results[r][i], &sum, sizeof(float));
+            float rs = value(0, r * LEN + i);
+            for (int q = 1; q < N; q++)
+                rs += value(q, r * LEN + i);
+            assert_memory_equal(&cc->results[r][LEN + i], &rs, sizeof(float));
+            assert_true(cc->recv[r][i] == (float) ((r + N - 1) % N) + (float) i);
+        }
+        assert_true(cc->scalar[r] == 0.5 + 1.0 + 1.5 + 2.0);
+        assert_int_equal(ds.devs[r].peak_bytes, (int64_t) sizeof(float) * LEN * N);
+        assert_int_equal(ds.devs[r].used_bytes, 0);
+    }
+    dev_set_release(&ds);
+    comm_group_free(cc->g);
+    free(cc);
+}
+
+struct gather_case {
+    struct comm_group *g;
+    float out[N][N * 8];
+};
+
+static int gather_worker(struct dev *d, void *arg)
+{
+    struct gather_case *gc = arg;
+    struct comm c;
+    float in[8];
+    comm_init(&c, gc->g, d->id);
+    for (int i = 0; i < 8; i++)
+        in[i] = (float) (d->id * 8 + i);
+    comm_allgather(&c, in, gc->out[d->id], 8);
+    return 0;
+}
+
+static void test_exec_allgather(void **state)
+{
+    (void) state;
+    struct gather_case gc;
+    struct dev_set ds;
+    struct moai_err err = {0};
+    assert_int_equal(comm_group_create(&gc.g, N, &err), 0);
+    assert_int_equal(dev_set_init(&ds, N, 1 << 20, &err), 0);
+    assert_int_equal(dev_set_run(&ds, gather_worker, &gc, &err), 0);
+    for (int r = 0; r < N; r++)
+        for (int i = 0; i < N * 8; i++)
+            assert_true(gc.out[r][i] == (float) i);
+    dev_set_release(&ds);
+    comm_group_free(gc.g);
+}
+
+static int greedy_worker(struct dev *d, void *arg)
+{
+    (void) arg;
+    void *a = dev_alloc(d, 600, "weights");
+    if (!a)
+        return d->err.code;
+    void *b = dev_alloc(d, 600, "activations"); /* 1200 > 1000: must fail cleanly */
+    if (!b) {
+        int rc = d->err.code;
+        dev_free(d, a, 600);
+        return rc;
+    }
+    dev_free(d, b, 600);
+    dev_free(d, a, 600);
+    return 0;
+}
+
+static void test_exec_device_out_of_memory(void **state)
+{
+    (void) state;
+    struct dev_set ds;
+    struct moai_err err = {0};
+    assert_int_equal(dev_set_init(&ds, 2, 1000, &err), 0);
+    assert_int_equal(dev_set_run(&ds, greedy_worker, NULL, &err), MOAI_EOOM);
+    assert_string_equal(err.msg, "device 0 is out of memory allocating activations: 600 bytes "
+                                 "requested with 600 of 1000 in use");
+    assert_int_equal(ds.devs[1].peak_bytes, 600);
+    dev_set_release(&ds);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_exec_collectives_in_rank_order),
+        cmocka_unit_test(test_exec_allgather),
+        cmocka_unit_test(test_exec_device_out_of_memory),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
