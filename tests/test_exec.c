@@ -4,11 +4,16 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "exec/ckpt.h"
 #include "exec/comm.h"
 #include "exec/dev.h"
 
+#include <dirent.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define N 4
 #define LEN 1000 /* not a multiple of N: uneven chunks */
@@ -157,12 +162,92 @@ static void test_exec_device_out_of_memory(void **state)
     dev_set_release(&ds);
 }
 
+static char *slurp(const char *path)
+{
+    static char buf[4096];
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return NULL;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static int count_entries(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int n = 0;
+    if (!d)
+        return -1;
+    while ((e = readdir(d)))
+        n += e->d_name[0] != '.' || (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."));
+    closedir(d);
+    return n;
+}
+
+static void save(const char *target, int step)
+{
+    struct ckpt_stage s;
+    struct moai_err err = {0};
+    json_t *state = json_pack("{s:i}", "step", step);
+    assert_int_equal(ckpt_stage_begin(&s, target, &err), 0);
+    assert_int_equal(ckpt_stage_write_json(&s, "trainer_state.json", state, &err), 0);
+    assert_int_equal(ckpt_stage_commit(&s, &err), 0);
+    json_decref(state);
+}
+
+static void test_exec_checkpoint_swap_is_atomic(void **state)
+{
+    (void) state;
+    char root[] = "/tmp/moai-ckpt-XXXXXX", target[256], path[512];
+    assert_non_null(mkdtemp(root));
+    snprintf(target, sizeof(target), "%s/out/run", root);
+    snprintf(path, sizeof(path), "%s/trainer_state.json", target);
+
+    save(target, 1); /* a new target, parents created */
+    assert_non_null(strstr(slurp(path), "\"step\": 1"));
+    save(target, 2); /* replaces the previous one */
+    assert_non_null(strstr(slurp(path), "\"step\": 2"));
+
+    /* A save killed between writing and swapping leaves the previous checkpoint whole. */
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct ckpt_stage s;
+        struct moai_err err = {0};
+        json_t *st = json_pack("{s:i}", "step", 3);
+        if (ckpt_stage_begin(&s, target, &err) == 0)
+            ckpt_stage_write_json(&s, "trainer_state.json", st, &err);
+        _exit(9); /* as if killed before ckpt_stage_commit */
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    assert_int_equal(WEXITSTATUS(status), 9);
+    assert_non_null(strstr(slurp(path), "\"step\": 2"));
+    snprintf(path, sizeof(path), "%s/out", root);
+    assert_int_equal(count_entries(path), 2); /* run and the stale staging directory */
+
+    /* An aborted save too; and the next save removes the stale staging directory. */
+    struct ckpt_stage s;
+    struct moai_err err = {0};
+    assert_int_equal(ckpt_stage_begin(&s, target, &err), 0);
+    ckpt_stage_abort(&s);
+    assert_int_equal(count_entries(path), 1);
+    save(target, 4);
+    assert_int_equal(count_entries(path), 1);
+    snprintf(path, sizeof(path), "%s/trainer_state.json", target);
+    assert_non_null(strstr(slurp(path), "\"step\": 4"));
+    ckpt_remove_tree(root);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_exec_collectives_in_rank_order),
         cmocka_unit_test(test_exec_allgather),
         cmocka_unit_test(test_exec_device_out_of_memory),
+        cmocka_unit_test(test_exec_checkpoint_swap_is_atomic),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
