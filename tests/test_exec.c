@@ -7,6 +7,7 @@
 #include "exec/ckpt.h"
 #include "exec/comm.h"
 #include "exec/dev.h"
+#include "exec/steplog.h"
 
 #include <dirent.h>
 #include <stdio.h>
@@ -241,6 +242,28 @@ static void test_exec_checkpoint_swap_is_atomic(void **state)
     ckpt_remove_tree(root);
 }
 
+static void test_exec_step_line_format(void **state)
+{
+    (void) state;
+    char buf[256], loss[64];
+    struct step_record s = {.step = 4, .total_steps = 17944, .loss = 2.03125,
+                            .duration_s = 1.2718, .tokens_per_s = 12882.8749, .lr = 1e-5};
+    assert_string_equal(steplog_format(buf, sizeof(buf), &s),
+                        "[Step 4/17944] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 "
+                        "tokens/sec");
+    assert_string_equal(steplog_format_loss(loss, sizeof(loss), 10.0), "10");
+    assert_string_equal(steplog_format_loss(loss, sizeof(loss), 8.987654321), "8.987654");
+    assert_string_equal(steplog_format_loss(loss, sizeof(loss), 0.000123456789), "0.0001234568");
+    assert_string_equal(steplog_format_loss(loss, sizeof(loss), 0.0), "0");
+    json_t *j = steplog_json(&s);
+    char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":2.03125,"
+                              "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-05,"
+                              "\"grad_norm\":0.0}");
+    free(text);
+    json_decref(j);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -248,6 +271,7 @@ int main(void)
         cmocka_unit_test(test_exec_allgather),
         cmocka_unit_test(test_exec_device_out_of_memory),
         cmocka_unit_test(test_exec_checkpoint_swap_is_atomic),
+        cmocka_unit_test(test_exec_step_line_format),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
