@@ -258,7 +258,7 @@ static void test_exec_step_line_format(void **state)
     json_t *j = steplog_json(&s);
     char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
     assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":2.03125,"
-                              "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-05,"
+                              "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
                               "\"grad_norm\":0.0}");
     free(text);
     json_decref(j);
