@@ -16,23 +16,23 @@
 #include <unistd.h>
 
 enum key_type {
-    KT_STRING,          /* a string; null allowed when the default is null */
-    KT_INT,             /* an integer in [min, max]; null allowed when the default is null */
-    KT_INT_OR_AUTO,     /* "auto" (RECIPE_AUTO) or an integer in [min, max] */
-    KT_FLOAT,           /* a number in the range min..max (exclusive ends as flagged) */
+    KT_STRING,      /* a string; null allowed when the default is null */
+    KT_INT,         /* an integer in [min, max]; null allowed when the default is null */
+    KT_INT_OR_AUTO, /* "auto" (RECIPE_AUTO) or an integer in [min, max] */
+    KT_FLOAT,       /* a number in the range min..max (exclusive ends as flagged) */
     KT_BOOL,
-    KT_BOOL_OR_AUTO,    /* "auto", true or false -> RECIPE_AUTO, 1, 0 */
-    KT_ENUM,            /* one of choices; stored as index + enum_base */
-    KT_BETAS,           /* [beta1, beta2], each in [0, 1) */
-    KT_OBJECT,          /* a mapping kept as JSON (model.config) */
-    KT_FLAVOR,          /* a catalog name or a mapping */
+    KT_BOOL_OR_AUTO, /* "auto", true or false -> RECIPE_AUTO, 1, 0 */
+    KT_ENUM,         /* one of choices; stored as index + enum_base */
+    KT_BETAS,        /* [beta1, beta2], each in [0, 1) */
+    KT_OBJECT,       /* a mapping kept as JSON (model.config) */
+    KT_FLAVOR,       /* a catalog name or a mapping */
 };
 
 struct recipe_key {
-    const char *path;           /* "training.batch_size"; top-level keys have no dot */
+    const char *path; /* "training.batch_size"; top-level keys have no dot */
     enum key_type type;
-    size_t offset, width;       /* where the value goes in struct recipe */
-    const char *def;            /* default as YAML text, NULL when the key is required */
+    size_t offset, width; /* where the value goes in struct recipe */
+    const char *def;      /* default as YAML text, NULL when the key is required */
     double min, max;
     bool min_excl, max_excl;
     const char *const *choices; /* KT_ENUM: NULL-terminated */
@@ -40,9 +40,11 @@ struct recipe_key {
 };
 
 /* KEY(path, type, field, default, optional designated fields...) */
-#define KEY(p, t, f, ...)                                                                      \
-    {.path = p, .type = t, .offset = offsetof(struct recipe, f),                               \
-     .width = sizeof(((struct recipe *) 0)->f), .def = __VA_ARGS__}
+#define KEY(p, t, f, ...)                                                                          \
+    {                                                                                              \
+        .path = p, .type = t, .offset = offsetof(struct recipe, f),                                \
+        .width = sizeof(((struct recipe *) 0)->f), .def = __VA_ARGS__                              \
+    }
 #define BIG 9.0e15 /* integers past 2^53 do not survive a double; no key needs them */
 
 static const char *const init_choices[] = {"pretrained", "random", NULL};
@@ -62,14 +64,16 @@ static const struct recipe_key schema[] = {
     KEY("dataset.response_start", KT_STRING, dataset.response_start, "~"),
     KEY("dataset.limit", KT_INT, dataset.limit, "~", .min = 1, .max = BIG),
     KEY("dataset.shuffle", KT_BOOL, dataset.shuffle, "true"),
-    KEY("dataset.validation_fraction", KT_FLOAT, dataset.validation_fraction, "0.0", .min = 0, .max = 1, .max_excl = true),
+    KEY("dataset.validation_fraction", KT_FLOAT, dataset.validation_fraction, "0.0", .min = 0,
+        .max = 1, .max_excl = true),
     KEY("dataset.cache_dir", KT_STRING, dataset.cache_dir, "~"),
     KEY("training.batch_size", KT_INT, training.batch_size, "16", .min = 1, .max = 1 << 30),
     KEY("training.block_size", KT_INT, training.block_size, "1024", .min = 2, .max = 1 << 22),
     KEY("training.epochs", KT_INT, training.epochs, "1", .min = 1, .max = 1000000),
     KEY("training.max_steps", KT_INT, training.max_steps, "~", .min = 1, .max = BIG),
     KEY("training.lr", KT_FLOAT, training.lr, "1.0e-5", .min = 0, .max = 1e3, .min_excl = true),
-    KEY("training.lr_schedule", KT_ENUM, training.lr_schedule, "constant", .choices = schedule_choices),
+    KEY("training.lr_schedule", KT_ENUM, training.lr_schedule, "constant",
+        .choices = schedule_choices),
     KEY("training.warmup_steps", KT_INT, training.warmup_steps, "0", .min = 0, .max = BIG),
     KEY("training.weight_decay", KT_FLOAT, training.weight_decay, "0.0", .min = 0, .max = 1e3),
     KEY("training.betas", KT_BETAS, training.betas, "[0.9, 0.999]"),
@@ -86,8 +90,10 @@ static const struct recipe_key schema[] = {
     KEY("parallel.dp", KT_INT_OR_AUTO, parallel.dp, "auto", .min = 1, .max = 1 << 20),
     KEY("parallel.pp", KT_INT_OR_AUTO, parallel.pp, "auto", .min = 1, .max = 1 << 20),
     KEY("parallel.tp", KT_INT_OR_AUTO, parallel.tp, "auto", .min = 1, .max = 1 << 20),
-    KEY("parallel.num_micro_batches", KT_INT_OR_AUTO, parallel.num_micro_batches, "auto", .min = 1, .max = 1 << 30),
-    KEY("parallel.recomputation", KT_ENUM, parallel.recomputation, "auto", .choices = recompute_choices, .enum_base = -1),
+    KEY("parallel.num_micro_batches", KT_INT_OR_AUTO, parallel.num_micro_batches, "auto", .min = 1,
+        .max = 1 << 30),
+    KEY("parallel.recomputation", KT_ENUM, parallel.recomputation, "auto",
+        .choices = recompute_choices, .enum_base = -1),
     KEY("parallel.distribute_param", KT_BOOL_OR_AUTO, parallel.distribute_param, "auto"),
     KEY("parallel.distribute_low_prec_param", KT_BOOL_OR_AUTO, parallel.distribute_low_prec_param,
         "auto"),
@@ -96,13 +102,13 @@ static const struct recipe_key schema[] = {
 #define NSCHEMA (sizeof(schema) / sizeof(schema[0]))
 
 static const char *const sections[] = {"model", "dataset", "training", "parallel", NULL};
-static const char *const top_keys[] = {"model", "tokenizer", "dataset", "training", "flavor",
-                                       "parallel", NULL};
+static const char *const top_keys[] = {"model",  "tokenizer", "dataset", "training",
+                                       "flavor", "parallel",  NULL};
 
 /* The keys of a custom flavor mapping. */
-static const char *const flavor_keys[] = {"device", "devices", "devices_per_node", "memory_gb",
-                                          "tflops", "hbm_gbps", "intra_node_gbps",
-                                          "inter_node_gbps", NULL};
+static const char *const flavor_keys[] = {"device",          "devices",         "devices_per_node",
+                                          "memory_gb",       "tflops",          "hbm_gbps",
+                                          "intra_node_gbps", "inter_node_gbps", NULL};
 
 int recipe_edit_distance(const char *a, const char *b)
 {
@@ -434,8 +440,8 @@ static int apply_key(struct recipe *r, const struct recipe_key *k, const struct 
                 }
         size_t len = (size_t) snprintf(expected, sizeof(expected), "one of ");
         for (size_t c = 0; c < n; c++)
-            len += (size_t) snprintf(expected + len, sizeof(expected) - len, "%s%s",
-                                     c ? ", " : "", k->choices[c]);
+            len += (size_t) snprintf(expected + len, sizeof(expected) - len, "%s%s", c ? ", " : "",
+                                     k->choices[c]);
         sugg[0] = '\0';
         if (v->kind == YNODE_SCALAR)
             fmt_suggestion(sugg, sizeof(sugg), v->value, k->choices, n);
@@ -649,8 +655,8 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
             if (!k->def) {
                 const char *dot = strchr(k->path, '.');
                 if (dot)
-                    return moai_err_set(err, MOAI_EUSAGE, "%s: missing key '%s' in '%.*s'",
-                                        source, dot + 1, (int) (dot - k->path), k->path);
+                    return moai_err_set(err, MOAI_EUSAGE, "%s: missing key '%s' in '%.*s'", source,
+                                        dot + 1, (int) (dot - k->path), k->path);
                 return moai_err_set(err, MOAI_EUSAGE, "%s: missing key '%s'", source, k->path);
             }
             rc = ytree_parse(&def, k->def, strlen(k->def), "default", err);
@@ -770,8 +776,8 @@ static int check_readable(const struct recipe *r, const char *key, const char *p
         return moai_err_set(err, MOAI_EUSAGE, "%s: '%s': cannot open '%s': %s", r->source, key,
                             path, strerror(errno));
     if (dir && !S_ISDIR(st.st_mode))
-        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s': '%s' is not a directory", r->source,
-                            key, path);
+        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s': '%s' is not a directory", r->source, key,
+                            path);
     if (!dir && S_ISDIR(st.st_mode))
         return moai_err_set(err, MOAI_EUSAGE, "%s: '%s': '%s' is a directory", r->source, key,
                             path);
@@ -857,10 +863,10 @@ static json_t *flavor_to_json(const struct flavor *f)
     if (!f->custom)
         return json_string(f->name);
     return json_pack("{s:s, s:i, s:i, s:f, s:f, s:f, s:f, s:f}", "device", f->device.name,
-                     "devices", f->devices, "devices_per_node", f->devices_per_node,
-                     "memory_gb", (double) f->device.memory_bytes / 1073741824.0, "tflops",
-                     f->device.tflops, "hbm_gbps", f->device.hbm_gbps, "intra_node_gbps",
-                     f->device.intra_node_gbps, "inter_node_gbps", f->device.inter_node_gbps);
+                     "devices", f->devices, "devices_per_node", f->devices_per_node, "memory_gb",
+                     (double) f->device.memory_bytes / 1073741824.0, "tflops", f->device.tflops,
+                     "hbm_gbps", f->device.hbm_gbps, "intra_node_gbps", f->device.intra_node_gbps,
+                     "inter_node_gbps", f->device.inter_node_gbps);
 }
 
 static json_t *key_to_json(const struct recipe *r, const struct recipe_key *k)

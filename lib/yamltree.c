@@ -53,8 +53,8 @@ void ynode_free(struct ynode *n)
 
 static int ybuild_fail(struct ybuild *b, const yaml_node_t *yn, const char *what)
 {
-    return moai_err_set(b->err, MOAI_EUSAGE, "%s:%zu:%zu: %s", b->source,
-                        yn->start_mark.line + 1, yn->start_mark.column + 1, what);
+    return moai_err_set(b->err, MOAI_EUSAGE, "%s:%zu:%zu: %s", b->source, yn->start_mark.line + 1,
+                        yn->start_mark.column + 1, what);
 }
 
 static int ybuild_node(struct ybuild *b, struct ynode **out, int index, int depth);
@@ -107,8 +107,8 @@ static int ybuild_node(struct ybuild *b, struct ynode **out, int index, int dept
         n = ynode_alloc(YNODE_SEQ, b->source);
         if (!n)
             goto nomem;
-        for (yaml_node_item_t *it = yn->data.sequence.items.start;
-             it < yn->data.sequence.items.top; it++) {
+        for (yaml_node_item_t *it = yn->data.sequence.items.start; it < yn->data.sequence.items.top;
+             it++) {
             struct ynode *item;
             int rc = ybuild_node(b, &item, *it, depth + 1);
             if (rc < 0) {
@@ -209,8 +209,8 @@ int ytree_parse_opt(struct ynode **root, const char *text, size_t len, const cha
         const yaml_mark_t *m = &parser.problem_mark;
         rc = moai_err_set(err, MOAI_EUSAGE, "%s: invalid YAML: %s%s%s",
                           mark_where(where, sizeof(where), source, m, positions),
-                          parser.problem ? parser.problem : "error",
-                          parser.context ? " " : "", parser.context ? parser.context : "");
+                          parser.problem ? parser.problem : "error", parser.context ? " " : "",
+                          parser.context ? parser.context : "");
         yaml_parser_delete(&parser);
         return rc;
     }
@@ -221,15 +221,15 @@ int ytree_parse_opt(struct ynode **root, const char *text, size_t len, const cha
         if (rc == 0) {
             yaml_document_t next;
             if (!yaml_parser_load(&parser, &next)) {
-                rc = moai_err_set(err, MOAI_EUSAGE, "%s: invalid YAML: %s",
-                                  mark_where(where, sizeof(where), source, &parser.problem_mark,
-                                             positions),
-                                  parser.problem ? parser.problem : "error");
+                rc = moai_err_set(
+                    err, MOAI_EUSAGE, "%s: invalid YAML: %s",
+                    mark_where(where, sizeof(where), source, &parser.problem_mark, positions),
+                    parser.problem ? parser.problem : "error");
             } else {
                 if (yaml_document_get_root_node(&next))
                     rc = moai_err_set(err, MOAI_EUSAGE,
-                                      "%s:%zu: expected one YAML document, found a second",
-                                      source, next.start_mark.line + 1);
+                                      "%s:%zu: expected one YAML document, found a second", source,
+                                      next.start_mark.line + 1);
                 yaml_document_delete(&next);
             }
             if (rc < 0) {
@@ -267,8 +267,7 @@ bool ynode_is_null(const struct ynode *n)
     if (!n || n->kind != YNODE_SCALAR || n->quoted)
         return false;
     const char *v = n->value;
-    return !*v || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") ||
-           !strcmp(v, "NULL");
+    return !*v || !strcmp(v, "~") || !strcmp(v, "null") || !strcmp(v, "Null") || !strcmp(v, "NULL");
 }
 
 int ynode_set(struct ynode *map, const char *key, struct ynode *value, const char *source)

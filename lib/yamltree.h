@@ -30,12 +30,12 @@ enum ynode_kind {
 
 struct ynode {
     enum ynode_kind kind;
-    char *value;            /* scalar text (NUL-terminated), NULL for maps and sequences */
-    bool quoted;            /* a quoted or block scalar: always a string, never a number */
-    int line, col;          /* 1-based; 0 when the node came from the command line */
-    char *source;           /* "recipe.yaml", "<stdin>", "--set KEY=VALUE" */
-    struct ynode **keys;    /* map: key scalars, n of them */
-    struct ynode **items;   /* map: values; seq: items */
+    char *value;          /* scalar text (NUL-terminated), NULL for maps and sequences */
+    bool quoted;          /* a quoted or block scalar: always a string, never a number */
+    int line, col;        /* 1-based; 0 when the node came from the command line */
+    char *source;         /* "recipe.yaml", "<stdin>", "--set KEY=VALUE" */
+    struct ynode **keys;  /* map: key scalars, n of them */
+    struct ynode **items; /* map: values; seq: items */
     size_t n;
 };
 

@@ -16,7 +16,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define N 4
+#define N   4
 #define LEN 1000 /* not a multiple of N: uneven chunks */
 
 struct collective_case {
@@ -246,8 +246,12 @@ static void test_exec_step_line_format(void **state)
 {
     (void) state;
     char buf[256], loss[64];
-    struct step_record s = {.step = 4, .total_steps = 17944, .loss = 2.03125,
-                            .duration_s = 1.2718, .tokens_per_s = 12882.8749, .lr = 1e-5};
+    struct step_record s = {.step = 4,
+                            .total_steps = 17944,
+                            .loss = 2.03125,
+                            .duration_s = 1.2718,
+                            .tokens_per_s = 12882.8749,
+                            .lr = 1e-5};
     assert_string_equal(steplog_format(buf, sizeof(buf), &s),
                         "[Step 4/17944] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 "
                         "tokens/sec");

@@ -113,11 +113,12 @@ static void test_recipe_values(void **state)
 
     /* Every key survives the trip to JSON (trainer_state.json, plan.json). */
     json_t *j = recipe_to_json(&r);
-    assert_int_equal(json_integer_value(json_object_get(json_object_get(j, "training"),
-                                                        "batch_size")), 64);
+    assert_int_equal(
+        json_integer_value(json_object_get(json_object_get(j, "training"), "batch_size")), 64);
     assert_string_equal(json_string_value(json_object_get(j, "flavor")), "8xlarge.4096gb");
-    assert_string_equal(json_string_value(json_object_get(json_object_get(j, "parallel"),
-                                                          "recomputation")), "selective");
+    assert_string_equal(
+        json_string_value(json_object_get(json_object_get(j, "parallel"), "recomputation")),
+        "selective");
     assert_true(json_is_null(json_object_get(json_object_get(j, "parallel"), "tp")) == 0);
     json_decref(j);
     recipe_release(&r);
@@ -126,9 +127,11 @@ static void test_recipe_values(void **state)
 static void test_recipe_set_overrides(void **state)
 {
     (void) state;
-    const char *sets[] = {"training.batch_size=64", "flavor={device: cpu, devices: 4, "
-                          "memory_gb: 0.0625}", "parallel.recomputation=full",
-                          "dataset.limit=null", "model.config.vocab_size=512"};
+    const char *sets[] = {"training.batch_size=64",
+                          "flavor={device: cpu, devices: 4, "
+                          "memory_gb: 0.0625}",
+                          "parallel.recomputation=full", "dataset.limit=null",
+                          "model.config.vocab_size=512"};
     struct recipe r;
     struct moai_err err = {0};
     assert_int_equal(load(&r, base, sets, 5, -1, &err), 0);

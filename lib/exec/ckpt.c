@@ -113,8 +113,7 @@ int ckpt_stage_begin(struct ckpt_stage *s, const char *target, struct moai_err *
     return 0;
 }
 
-const char *ckpt_stage_path(const struct ckpt_stage *s, const char *name, char *buf,
-                            size_t size)
+const char *ckpt_stage_path(const struct ckpt_stage *s, const char *name, char *buf, size_t size)
 {
     snprintf(buf, size, "%s/%s", s->tmp, name);
     return buf;
@@ -222,8 +221,7 @@ int ckpt_stage_commit(struct ckpt_stage *s, struct moai_err *err)
         return rc;
     if (stat(s->target, &st) == 0) {
         if (!S_ISDIR(st.st_mode))
-            return moai_err_set(err, MOAI_EIO, "cannot save into '%s': not a directory",
-                                s->target);
+            return moai_err_set(err, MOAI_EIO, "cannot save into '%s': not a directory", s->target);
         if (renameat2(AT_FDCWD, s->tmp, AT_FDCWD, s->target, RENAME_EXCHANGE) < 0)
             return moai_err_set(err, MOAI_EIO, "cannot replace '%s': %s", s->target,
                                 strerror(errno));

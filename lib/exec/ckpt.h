@@ -24,16 +24,15 @@
 #include <stdbool.h>
 
 struct ckpt_stage {
-    char target[4096];  /* the checkpoint directory */
-    char tmp[4096];     /* the staging directory beside it */
+    char target[4096]; /* the checkpoint directory */
+    char tmp[4096];    /* the staging directory beside it */
 };
 
 /* Creates the staging directory (and the target's parents). Returns 0 or MOAI_EIO. */
 int ckpt_stage_begin(struct ckpt_stage *s, const char *target, struct moai_err *err);
 
 /* Writes "<staging>/<name>" into buf and returns buf. */
-const char *ckpt_stage_path(const struct ckpt_stage *s, const char *name, char *buf,
-                            size_t size);
+const char *ckpt_stage_path(const struct ckpt_stage *s, const char *name, char *buf, size_t size);
 
 /* Writes obj as indented JSON to <staging>/<name>, flushed. Returns 0 or MOAI_EIO. */
 int ckpt_stage_write_json(struct ckpt_stage *s, const char *name, const json_t *obj,

@@ -9,19 +9,19 @@
 
 /* One mailbox per ordered pair of ranks for send/recv. */
 struct comm_mailbox {
-    const void *buf;    /* the sender's buffer, NULL when empty */
+    const void *buf; /* the sender's buffer, NULL when empty */
     size_t bytes;
-    bool taken;         /* the receiver has copied it */
+    bool taken; /* the receiver has copied it */
 };
 
 struct comm_group {
     int n;
     pthread_barrier_t barrier;
     /* Collectives: each rank publishes its buffers here between barriers. */
-    const float **in;   /* n: each rank's input */
-    float **out;        /* n: each rank's output */
-    double *scalars;    /* n */
-    float *scratch;     /* the reduced values, grown by rank 0 between barriers */
+    const float **in; /* n: each rank's input */
+    float **out;      /* n: each rank's output */
+    double *scalars;  /* n */
+    float *scratch;   /* the reduced values, grown by rank 0 between barriers */
     size_t scratch_len;
     int scratch_failed;
     /* Point to point. */
@@ -57,8 +57,7 @@ nomem:
         free(g->mail);
         free(g);
     }
-    return moai_err_set(err, MOAI_ENOMEM, "out of memory creating a communicator of %d ranks",
-                        n);
+    return moai_err_set(err, MOAI_ENOMEM, "out of memory creating a communicator of %d ranks", n);
 }
 
 void comm_group_free(struct comm_group *g)

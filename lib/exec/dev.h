@@ -26,8 +26,8 @@ struct dev {
     int64_t capacity_bytes;
     int64_t used_bytes;
     int64_t peak_bytes;
-    struct moai_err err;    /* the worker's error, when it fails */
-    int rc;                 /* the worker's return code */
+    struct moai_err err; /* the worker's error, when it fails */
+    int rc;              /* the worker's return code */
 };
 
 struct dev_set {

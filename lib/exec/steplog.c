@@ -40,7 +40,8 @@ char *steplog_format_loss(char *buf, size_t size, double loss)
 char *steplog_format(char *buf, size_t size, const struct step_record *s)
 {
     char loss[64];
-    snprintf(buf, size, "[Step %lld/%lld] | Loss: %s | Duration: %.2f | Throughput: %.2f tokens/sec",
+    snprintf(buf, size,
+             "[Step %lld/%lld] | Loss: %s | Duration: %.2f | Throughput: %.2f tokens/sec",
              (long long) s->step, (long long) s->total_steps,
              steplog_format_loss(loss, sizeof(loss), s->loss), s->duration_s, s->tokens_per_s);
     return buf;
@@ -52,6 +53,6 @@ json_t *steplog_json(const struct step_record *s)
     steplog_format_loss(loss, sizeof(loss), s->loss);
     return json_pack("{s:I, s:I, s:f, s:f, s:f, s:f, s:f}", "step", (json_int_t) s->step,
                      "total_steps", (json_int_t) s->total_steps, "loss", strtod(loss, NULL),
-                     "duration_s", round2(s->duration_s), "tokens_per_s",
-                     round2(s->tokens_per_s), "lr", s->lr, "grad_norm", s->grad_norm);
+                     "duration_s", round2(s->duration_s), "tokens_per_s", round2(s->tokens_per_s),
+                     "lr", s->lr, "grad_norm", s->grad_norm);
 }

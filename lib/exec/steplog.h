@@ -16,13 +16,13 @@
 #include <stdint.h>
 
 struct step_record {
-    int64_t step;           /* counted from 1 across epochs */
+    int64_t step; /* counted from 1 across epochs */
     int64_t total_steps;
-    double loss;            /* mean over the unmasked tokens of the global batch */
-    double duration_s;      /* wall time of the whole step */
-    double tokens_per_s;    /* batch_size x block_size / duration_s */
-    double lr;              /* the learning rate the step used */
-    double grad_norm;       /* before clipping */
+    double loss;         /* mean over the unmasked tokens of the global batch */
+    double duration_s;   /* wall time of the whole step */
+    double tokens_per_s; /* batch_size x block_size / duration_s */
+    double lr;           /* the learning rate the step used */
+    double grad_norm;    /* before clipping */
 };
 
 /* Writes the step line (no newline) into buf. Returns buf. */
