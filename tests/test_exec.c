@@ -268,6 +268,43 @@ static void test_exec_step_line_format(void **state)
     json_decref(j);
 }
 
+struct split_case {
+    struct comm_world *w;
+    double sums[8];
+    int ranks[8], sizes[8];
+};
+
+static int split_worker(struct dev *d, void *arg)
+{
+    struct split_case *sc = arg;
+    struct comm c;
+    /* 8 devices as dp 2 x tp 4: tp groups are consecutive devices, ranked by device. */
+    if (comm_world_split(sc->w, d->id, d->id / 4, 3 - d->id % 4, &c) < 0)
+        return MOAI_ENOMEM;
+    sc->ranks[d->id] = c.rank;
+    sc->sizes[d->id] = c.size;
+    sc->sums[d->id] = comm_allreduce_scalar(&c, (double) d->id);
+    return 0;
+}
+
+static void test_exec_world_split(void **state)
+{
+    (void) state;
+    struct split_case sc;
+    struct dev_set ds;
+    struct moai_err err = {0};
+    assert_int_equal(comm_world_create(&sc.w, 8, &err), 0);
+    assert_int_equal(dev_set_init(&ds, 8, 1 << 20, &err), 0);
+    assert_int_equal(dev_set_run(&ds, split_worker, &sc, &err), 0);
+    for (int d = 0; d < 8; d++) {
+        assert_int_equal(sc.sizes[d], 4);
+        assert_int_equal(sc.ranks[d], 3 - d % 4); /* ranked by key */
+        assert_true(sc.sums[d] == (d < 4 ? 0 + 1 + 2 + 3 : 4 + 5 + 6 + 7));
+    }
+    dev_set_release(&ds);
+    comm_world_free(sc.w);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -276,6 +313,7 @@ int main(void)
         cmocka_unit_test(test_exec_device_out_of_memory),
         cmocka_unit_test(test_exec_checkpoint_swap_is_atomic),
         cmocka_unit_test(test_exec_step_line_format),
+        cmocka_unit_test(test_exec_world_split),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

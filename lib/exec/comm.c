@@ -235,3 +235,107 @@ int comm_recv(struct comm *c, int src, void *buf, size_t bytes)
     pthread_mutex_unlock(&g->lock);
     return 0;
 }
+
+/* Groups split from a world are kept until the world is freed. */
+struct comm_world {
+    int ndev;
+    struct comm_group *all;
+    int *color, *key;           /* ndev: this split's requests */
+    struct comm_group **made;   /* ndev: the group made for each device in this split */
+    struct comm_group **owned;  /* every group made, to free */
+    int nowned, capowned;
+    int failed;
+};
+
+int comm_world_create(struct comm_world **out, int ndev, struct moai_err *err)
+{
+    struct comm_world *w = calloc(1, sizeof(*w));
+    *out = NULL;
+    if (!w)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory creating %d devices' world", ndev);
+    w->ndev = ndev;
+    w->color = calloc((size_t) ndev, sizeof(int));
+    w->key = calloc((size_t) ndev, sizeof(int));
+    w->made = calloc((size_t) ndev, sizeof(*w->made));
+    if (!w->color || !w->key || !w->made || comm_group_create(&w->all, ndev, err) < 0) {
+        comm_world_free(w);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory creating %d devices' world", ndev);
+    }
+    *out = w;
+    return 0;
+}
+
+void comm_world_free(struct comm_world *w)
+{
+    if (!w)
+        return;
+    for (int i = 0; i < w->nowned; i++)
+        comm_group_free(w->owned[i]);
+    free(w->owned);
+    comm_group_free(w->all);
+    free(w->color);
+    free(w->key);
+    free(w->made);
+    free(w);
+}
+
+void comm_world_all(struct comm_world *w, int dev, struct comm *out)
+{
+    comm_init(out, w->all, dev);
+}
+
+int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out)
+{
+    struct comm all;
+    comm_init(&all, w->all, dev);
+    w->color[dev] = color;
+    w->key[dev] = key;
+    comm_barrier(&all);
+    if (dev == 0) {
+        /* One thread makes every group: the first device of each color in device order. */
+        w->failed = 0;
+        for (int d = 0; d < w->ndev; d++) {
+            int first = d;
+            for (int e = 0; e < d; e++)
+                if (w->color[e] == w->color[d]) {
+                    first = e;
+                    break;
+                }
+            if (first != d) {
+                w->made[d] = w->made[first];
+                continue;
+            }
+            int n = 0;
+            for (int e = 0; e < w->ndev; e++)
+                n += w->color[e] == w->color[d];
+            struct comm_group *g = NULL;
+            if (w->nowned == w->capowned) {
+                int cap = w->capowned ? 2 * w->capowned : 16;
+                struct comm_group **o = realloc(w->owned, (size_t) cap * sizeof(*o));
+                if (!o) {
+                    w->failed = 1;
+                    break;
+                }
+                w->owned = o;
+                w->capowned = cap;
+            }
+            if (comm_group_create(&g, n, NULL) < 0) {
+                w->failed = 1;
+                break;
+            }
+            w->owned[w->nowned++] = g;
+            w->made[d] = g;
+        }
+    }
+    comm_barrier(&all);
+    if (w->failed)
+        return MOAI_ENOMEM;
+    /* The rank: how many of the same color order before this device by (key, device). */
+    int rank = 0;
+    for (int e = 0; e < w->ndev; e++)
+        if (w->color[e] == color && (w->key[e] < key || (w->key[e] == key && e < dev)))
+            rank++;
+    comm_init(out, w->made[dev], rank);
+    comm_barrier(&all); /* the tables are reused by the next split */
+    return 0;
+}

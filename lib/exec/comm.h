@@ -60,4 +60,25 @@ int comm_recv(struct comm *c, int src, void *buf, size_t bytes);
 /* Sum of one double over the ranks (losses, norms), in rank order. */
 double comm_allreduce_scalar(struct comm *c, double x);
 
+/*
+ * The world: every device of a run, from which the groups of a plan are split as
+ * MPI_Comm_split does. Each device calls comm_world_split with a color and a key; devices of
+ * the same color form one group, ranked by key. Collective over all devices of the world.
+ *
+ *     struct comm_world *w; comm_world_create(&w, ndev, &err);      (owner, before threads)
+ *     comm_world_split(w, dev, dp_index, tp_rank, &tp_comm);        (each device thread)
+ *     comm_world_free(w);                                           (owner, after threads)
+ */
+struct comm_world;
+
+int comm_world_create(struct comm_world **w, int ndev, struct moai_err *err);
+void comm_world_free(struct comm_world *w);
+
+/* The communicator of all devices, for device dev. */
+void comm_world_all(struct comm_world *w, int dev, struct comm *out);
+
+/* Splits the world: out becomes dev's rank in the group of its color. Returns 0 or
+ * MOAI_ENOMEM (on every device alike). */
+int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out);
+
 #endif
