@@ -94,16 +94,31 @@ int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), voi
     return rc;
 }
 
+int dev_reserve(struct dev *d, int64_t bytes, const char *what)
+{
+    if (d->used_bytes + bytes > d->capacity_bytes)
+        return moai_err_set(&d->err, MOAI_EOOM,
+                            "device %d is out of memory allocating %s: %lld bytes requested "
+                            "with %lld of %lld in use",
+                            d->id, what, (long long) bytes, (long long) d->used_bytes,
+                            (long long) d->capacity_bytes);
+    d->used_bytes += bytes;
+    if (d->used_bytes > d->peak_bytes)
+        d->peak_bytes = d->used_bytes;
+    return 0;
+}
+
+void dev_unreserve(struct dev *d, int64_t bytes)
+{
+    d->used_bytes -= bytes;
+}
+
 void *dev_alloc(struct dev *d, int64_t bytes, const char *what)
 {
     if (bytes <= 0)
         bytes = 1;
     if (d->used_bytes + bytes > d->capacity_bytes) {
-        moai_err_set(&d->err, MOAI_EOOM,
-                     "device %d is out of memory allocating %s: %lld bytes requested with %lld "
-                     "of %lld in use",
-                     d->id, what, (long long) bytes, (long long) d->used_bytes,
-                     (long long) d->capacity_bytes);
+        dev_reserve(d, bytes, what);
         return NULL;
     }
     size_t size = ((size_t) bytes + 63) & ~(size_t) 63;

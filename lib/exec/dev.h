@@ -50,6 +50,11 @@ int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), voi
  * OUT_OF_MEMORY message (MOAI_EOOM) when the capacity would be exceeded. */
 void *dev_alloc(struct dev *d, int64_t bytes, const char *what);
 
+/* Counts bytes of memory that another allocator (the model's arenas) holds for d against its
+ * capacity. Returns 0, or MOAI_EOOM with d->err set like dev_alloc. */
+int dev_reserve(struct dev *d, int64_t bytes, const char *what);
+void dev_unreserve(struct dev *d, int64_t bytes);
+
 /* Frees p (of bytes, as allocated) on d. p may be NULL. */
 void dev_free(struct dev *d, void *p, int64_t bytes);
 
