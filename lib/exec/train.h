@@ -1,0 +1,110 @@
+/* train.h - the training loop of a plan on virtual devices.
+ *
+ * exec_train runs a data-parallel plan (pp = tp = 1) of dp replicas on dp device threads:
+ * every step each replica runs its num_micro_batches micro-batches of batch_per_device
+ * sequences (gradient accumulation), the gradients are all-reduced (or reduce-scattered unit
+ * by unit under distribute_param), clipped to the global norm, and AdamW updates the
+ * parameters (each replica its shard under distribute_param, then an all-gather). Under
+ * distribute_low_prec_param the working weights are sharded too and each unit (the
+ * embedding, a layer, the final norm and lm_head) is gathered just before it runs.
+ *
+ * The loss of a step is the mean over the unmasked tokens of the whole global batch: every
+ * micro-batch's backward is scaled by 1 / (counted tokens of the step), so the gradients are
+ * those of one device running the whole batch, up to the order of floating-point sums.
+ * Reductions run in rank order: runs are bit-for-bit reproducible.
+ *
+ * Memory: every buffer a device holds is counted against the flavor's memory per device
+ * (exec/dev.h): parameters, gradients, optimizer moments, activations and workspace (the
+ * model's size functions), gathered units and gradient buckets. A plan that does not fit fails
+ * with MOAI_EOOM before the first step; train_result.peak_bytes records each device's peak.
+ *
+ *     struct train_job job = {.recipe = &r, .cfg = &cfg, .layout = {...}, .train = recs, ...};
+ *     rc = exec_train(&job, &result, &err);
+ *
+ * Not reentrant (one run at a time: the stop flag is process-wide).
+ */
+#ifndef MOAI_TRAIN_H
+#define MOAI_TRAIN_H
+
+#include "err.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "recipe.h"
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+/* The parallel layout to run (the planner's choice, copied from its struct plan). */
+struct exec_layout {
+    int dp, pp, tp;
+    int num_micro_batches;          /* per replica per step */
+    int64_t batch_per_device;       /* sequences per micro-batch */
+    enum recompute recomputation;
+    bool distribute_param;          /* ZeRO-2 */
+    bool distribute_low_prec_param; /* ZeRO-3 */
+};
+
+/* Tokenized records, right-padded to T tokens. */
+struct train_records {
+    int64_t n, T;
+    const int32_t *tokens;      /* (n, T) */
+    const int32_t *labels;      /* (n, T), -100 where not scored */
+    const int32_t *lengths;     /* (n) real tokens (the attention mask's ones) */
+};
+
+/* The rows of the global batch of step `index` of epoch `epoch`: batch_size indices into the
+ * training records. Must be the same whenever it is called with the same arguments. */
+typedef void (*train_batch_rows_fn)(void *arg, int64_t epoch, int64_t index, int64_t *rows);
+
+/* Saves a checkpoint: the parameters, Adam moments (P floats each, Hugging Face order) and the
+ * number of optimizer steps done. Called on device 0's thread while the others wait. */
+typedef int (*train_save_fn)(void *arg, int64_t steps_done, const float *params, const float *m,
+                             const float *v, struct moai_err *err);
+
+struct train_job {
+    const struct recipe *recipe;
+    const struct model_config *cfg;
+    struct exec_layout layout;
+    struct train_records train;         /* the training records */
+    struct train_records valid;         /* validation records, n = 0 when none */
+    train_batch_rows_fn batch_rows;
+    void *batch_arg;
+    int64_t steps_per_epoch;
+    int64_t total_steps;
+    int64_t start_step;                 /* optimizer steps already done (resume), else 0 */
+    const float *init_params;           /* P floats to start from */
+    const float *init_m, *init_v;       /* P floats each on resume, else NULL */
+    train_save_fn save;
+    void *save_arg;
+    bool json;                          /* step objects instead of step lines */
+    bool quiet;                         /* no step lines at all (tests) */
+    double *step_losses;                /* optional: total_steps entries, [step - 1] */
+};
+
+struct train_result {
+    int64_t steps_done;                 /* optimizer steps done, including start_step */
+    double last_loss;
+    double valid_loss;                  /* NAN when no validation set */
+    double median_step_s;               /* over the steps run, the first excepted when > 1 */
+    double median_tokens_per_s;
+    int ndev;
+    int64_t peak_bytes[64];             /* per device (the first 64) */
+    int64_t capacity_bytes;
+    bool interrupted;                   /* stopped by SIGINT/SIGTERM after a save */
+};
+
+/* Set by the signal handler of cmd/; the loop saves and stops at the next step boundary. */
+extern volatile sig_atomic_t exec_stop_requested;
+
+/* Runs the job. Returns 0, MOAI_EINTR (stopped by a signal, checkpoint saved), MOAI_EOOM
+ * (a device's memory is too small), MOAI_ENOTYET (the plan needs pipeline or tensor
+ * parallelism or recomputation), MOAI_EIO (non-finite loss, a failed save). */
+int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err);
+
+/* The bytes one device of a data-parallel plan allocates, by the same arithmetic as
+ * exec_train: for comparing with the planner's memory model. */
+int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *layout,
+                          int64_t T, int nthreads);
+
+#endif
