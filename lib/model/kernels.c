@@ -25,7 +25,7 @@ static inline int64_t min64(int64_t a, int64_t b)
 /* exp(x): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^n by
  * building the exponent bits. n is rounded with the 1.5 * 2^23 trick so no libm call and no
  * branch remains. */
-static inline float expf_inline(float x)
+static inline __attribute__((always_inline)) float expf_inline(float x)
 {
     x = x < -87.33654f ? -87.33654f : x;
     x = x > 88.0f ? 88.0f : x;
@@ -51,7 +51,7 @@ float kern_expf(float x)
     return expf_inline(x);
 }
 
-static inline float row_max(const float *x, int64_t n)
+static inline __attribute__((always_inline)) float row_max(const float *x, int64_t n)
 {
     float m[KB];
     int64_t i = 0;
@@ -68,21 +68,22 @@ static inline float row_max(const float *x, int64_t n)
     return r;
 }
 
-/* out[i] = exp(x[i] - shift); returns the sum. out may equal x. */
-static inline float row_exp_store(float *out, const float *x, float shift, int64_t n)
+/* x[i] = exp(x[i] - shift), in place; returns the sum. */
+static inline __attribute__((always_inline)) float row_exp_inplace(float *x, float shift,
+                                                                  int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
         for (int j = 0; j < KB; j++) {
             float e = expf_inline(x[i + j] - shift);
-            out[i + j] = e;
+            x[i + j] = e;
             acc[j] += e;
         }
     float s = 0.0f;
     for (; i < n; i++) {
-        out[i] = expf_inline(x[i] - shift);
-        s += out[i];
+        x[i] = expf_inline(x[i] - shift);
+        s += x[i];
     }
     for (int j = 0; j < KB; j++)
         s += acc[j];
@@ -90,7 +91,7 @@ static inline float row_exp_store(float *out, const float *x, float shift, int64
 }
 
 /* sum of exp(x[i] - shift) */
-static inline float row_exp_sum(const float *x, float shift, int64_t n)
+static inline __attribute__((always_inline)) float row_exp_sum(const float *x, float shift, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -105,7 +106,7 @@ static inline float row_exp_sum(const float *x, float shift, int64_t n)
     return s;
 }
 
-static inline void row_scale(float *x, float a, int64_t n)
+static inline __attribute__((always_inline)) void row_scale(float *x, float a, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -115,7 +116,7 @@ static inline void row_scale(float *x, float a, int64_t n)
         x[i] *= a;
 }
 
-static inline float row_dot(const float *x, const float *y, int64_t n)
+static inline __attribute__((always_inline)) float row_dot(const float *x, const float *y, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -128,6 +129,118 @@ static inline float row_dot(const float *x, const float *y, int64_t n)
     for (int j = 0; j < KB; j++)
         s += acc[j];
     return s;
+}
+
+/* d[i] += g[i] */
+static inline __attribute__((always_inline)) void add_row(float *restrict d,
+                                                         const float *restrict g, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            d[i + j] += g[i + j];
+    for (; i < n; i++)
+        d[i] += g[i];
+}
+
+/* Rotates the pairs (lo[i], hi[i]) by the angles of c, s: sign 1 forward, -1 backward. */
+static inline __attribute__((always_inline)) void rotate_pairs(float *restrict lo,
+                                                              float *restrict hi,
+                                                              const float *restrict c,
+                                                              const float *restrict s,
+                                                              float sign, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            float x1 = lo[i + j], x2 = hi[i + j], sn = sign * s[i + j];
+            lo[i + j] = x1 * c[i + j] - x2 * sn;
+            hi[i + j] = x2 * c[i + j] + x1 * sn;
+        }
+    for (; i < n; i++) {
+        float x1 = lo[i], x2 = hi[i], sn = sign * s[i];
+        lo[i] = x1 * c[i] - x2 * sn;
+        hi[i] = x2 * c[i] + x1 * sn;
+    }
+}
+
+/* sum of a[i] b[i] c[i] */
+static inline __attribute__((always_inline)) float dot3(const float *restrict a,
+                                                       const float *restrict b,
+                                                       const float *restrict c, int64_t n)
+{
+    float acc[KB] = {0};
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            acc[j] += a[i + j] * b[i + j] * c[i + j];
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += a[i] * b[i] * c[i];
+    for (int j = 0; j < KB; j++)
+        s += acc[j];
+    return s;
+}
+
+/* y = w * (x * r) */
+static inline __attribute__((always_inline)) void rms_scale_row(float *restrict y,
+                                                               const float *restrict x,
+                                                               const float *restrict w, float r,
+                                                               int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            y[i + j] = w[i + j] * (x[i + j] * r);
+    for (; i < n; i++)
+        y[i] = w[i] * (x[i] * r);
+}
+
+/* dx += r (w dy - x c); dw += dy (x r) */
+static inline __attribute__((always_inline)) void rms_back_row(float *restrict dx,
+                                                              float *restrict dw,
+                                                              const float *restrict dy,
+                                                              const float *restrict x,
+                                                              const float *restrict w, float r,
+                                                              float c, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++) {
+            dx[i + j] += r * (w[i + j] * dy[i + j] - x[i + j] * c);
+            dw[i + j] += dy[i + j] * (x[i + j] * r);
+        }
+    for (; i < n; i++) {
+        dx[i] += r * (w[i] * dy[i] - x[i] * c);
+        dw[i] += dy[i] * (x[i] * r);
+    }
+}
+
+/* s = p (s - dot) scale: softmax backward of one row, dP in s on entry */
+static inline __attribute__((always_inline)) void softmax_back_row(float *restrict s,
+                                                                  const float *restrict p,
+                                                                  float dot, float scale,
+                                                                  int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            s[i + j] = p[i + j] * (s[i + j] - dot) * scale;
+    for (; i < n; i++)
+        s[i] = p[i] * (s[i] - dot) * scale;
+}
+
+/* d = exp(x - shift) a */
+static inline __attribute__((always_inline)) void exp_scaled_row(float *restrict d,
+                                                                const float *restrict x,
+                                                                float shift, float a, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            d[i + j] = expf_inline(x[i + j] - shift) * a;
+    for (; i < n; i++)
+        d[i] = expf_inline(x[i] - shift) * a;
 }
 
 /* ---- embedding ---------------------------------------------------------------------- */
@@ -145,10 +258,7 @@ void embedding_backward(float *demb, const float *dout, const int32_t *tokens, i
     for (int64_t n = 0; n < N; n++) {
         if (tokens[n] == pad_id)
             continue;
-        float *d = demb + (int64_t) tokens[n] * D;
-        const float *g = dout + n * D;
-        for (int64_t i = 0; i < D; i++)
-            d[i] += g[i];
+        add_row(demb + (int64_t) tokens[n] * D, dout + n * D, D);
     }
 }
 
@@ -160,15 +270,9 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
 {
     for (int64_t n = 0; n < N; n++) {
         const float *x = inp + n * D;
-        float *y = out + n * D;
         float r = 1.0f / sqrtf(row_dot(x, x, D) / (float) D + eps);
         rstd[n] = r;
-        int64_t i = 0;
-        for (; i + KB <= D; i += KB)
-            for (int j = 0; j < KB; j++)
-                y[i + j] = weight[i + j] * (x[i + j] * r);
-        for (; i < D; i++)
-            y[i] = weight[i] * (x[i] * r);
+        rms_scale_row(out + n * D, x, weight, r, D);
     }
 }
 
@@ -176,32 +280,12 @@ KERN_SIMD
 void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                       const float *weight, const float *rstd, int64_t N, int64_t D)
 {
+    /* dx = r (g - xhat mean(g xhat)) with g = w dy, xhat = x r; dw = sum dy xhat */
     for (int64_t n = 0; n < N; n++) {
-        const float *x = inp + n * D;
-        const float *dy = dout + n * D;
-        float *dx = dinp + n * D;
+        const float *x = inp + n * D, *dy = dout + n * D;
         float r = rstd[n];
-        /* dx = r * (g - xhat * mean(g * xhat)), g = w * dy, xhat = x * r */
-        float acc[KB] = {0};
-        int64_t i = 0;
-        for (; i + KB <= D; i += KB)
-            for (int j = 0; j < KB; j++)
-                acc[j] += weight[i + j] * dy[i + j] * x[i + j];
-        float s = 0.0f;
-        for (; i < D; i++)
-            s += weight[i] * dy[i] * x[i];
-        for (int j = 0; j < KB; j++)
-            s += acc[j];
-        float c = s * r * r / (float) D;
-        for (i = 0; i + KB <= D; i += KB)
-            for (int j = 0; j < KB; j++) {
-                dx[i + j] += r * (weight[i + j] * dy[i + j] - x[i + j] * c);
-                dweight[i + j] += dy[i + j] * (x[i + j] * r);
-            }
-        for (; i < D; i++) {
-            dx[i] += r * (weight[i] * dy[i] - x[i] * c);
-            dweight[i] += dy[i] * (x[i] * r);
-        }
+        float c = dot3(weight, dy, x, D) * r * r / (float) D;
+        rms_back_row(dinp + n * D, dweight, dy, x, weight, r, c, D);
     }
 }
 
@@ -248,41 +332,27 @@ void rope_tables(float *cos_t, float *sin_t, const float *inv_freq, int64_t T, i
 }
 
 KERN_SIMD
-void rope_forward(float *out, const float *inp, const float *cos_t, const float *sin_t, int64_t T,
-                  int64_t nh, int64_t hd, int64_t ld)
+void rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
+                  int64_t hd, int64_t ld)
 {
     int64_t half = hd / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos_t + t * half, *s = sin_t + t * half;
+    for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < nh; h++) {
-            const float *x = inp + t * ld + h * hd;
-            float *y = out + t * ld + h * hd;
-            for (int64_t i = 0; i < half; i++) {
-                float x1 = x[i], x2 = x[i + half];
-                y[i] = x1 * c[i] - x2 * s[i];
-                y[i + half] = x2 * c[i] + x1 * s[i];
-            }
+            float *lo = x + t * ld + h * hd;
+            rotate_pairs(lo, lo + half, cos_t + t * half, sin_t + t * half, 1.0f, half);
         }
-    }
 }
 
 KERN_SIMD
-void rope_backward(float *dinp, const float *dout, const float *cos_t, const float *sin_t,
-                   int64_t T, int64_t nh, int64_t hd, int64_t ld)
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
+                   int64_t hd, int64_t ld)
 {
     int64_t half = hd / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos_t + t * half, *s = sin_t + t * half;
+    for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < nh; h++) {
-            const float *dy = dout + t * ld + h * hd;
-            float *dx = dinp + t * ld + h * hd;
-            for (int64_t i = 0; i < half; i++) {
-                float d1 = dy[i], d2 = dy[i + half];
-                dx[i] = d1 * c[i] + d2 * s[i];
-                dx[i + half] = d2 * c[i] - d1 * s[i];
-            }
+            float *lo = dx + t * ld + h * hd;
+            rotate_pairs(lo, lo + half, cos_t + t * half, sin_t + t * half, -1.0f, half);
         }
-    }
 }
 
 /* ---- attention ---------------------------------------------------------------------- */
@@ -314,7 +384,7 @@ void attention_forward(float *out, float *probs, const float *qkv, int64_t len, 
                     float *row = p + t * T;
                     int64_t n = min64(t + 1, nkeys);
                     float m = row_max(row, n);
-                    float sum = row_exp_store(row, row, m, n);
+                    float sum = row_exp_inplace(row, m, n);
                     row_scale(row, 1.0f / sum, n);
                     if (kend > n)
                         memset(row + n, 0, sizeof(float) * (size_t) (kend - n));
@@ -356,13 +426,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                 for (int64_t t = r0; t < r1; t++) {
                     const float *prow = p + t * T;
                     float *srow = ds + t * T;
-                    int64_t n = min64(t + 1, nkeys), i = 0;
-                    float dot = row_dot(prow, srow, n);
-                    for (; i + KB <= n; i += KB)
-                        for (int j = 0; j < KB; j++)
-                            srow[i + j] = prow[i + j] * (srow[i + j] - dot) * scale;
-                    for (; i < n; i++)
-                        srow[i] = prow[i] * (srow[i] - dot) * scale;
+                    int64_t n = min64(t + 1, nkeys);
+                    softmax_back_row(srow, prow, row_dot(prow, srow, n), scale, n);
                     if (kend > n)
                         memset(srow + n, 0, sizeof(float) * (size_t) (kend - n));
                 }
@@ -387,18 +452,28 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
 
 /* ---- SwiGLU MLP --------------------------------------------------------------------- */
 
+/* e[j] = exp(-g[j]) for one block: kept apart from the divisions that use it, so the clamps
+ * inside the exponential stay selects and the block vectorizes. */
+static inline __attribute__((always_inline)) void exp_neg_block(float *restrict e,
+                                                                const float *restrict g)
+{
+    for (int j = 0; j < KB; j++)
+        e[j] = expf_inline(-g[j]);
+}
+
 KERN_SIMD
 void swiglu_forward(float *h, const float *gu, int64_t N, int64_t F)
 {
     for (int64_t n = 0; n < N; n++) {
-        const float *g = gu + n * 2 * F, *u = g + F;
-        float *y = h + n * F;
+        const float *restrict g = gu + n * 2 * F, *restrict u = g + F;
+        float *restrict y = h + n * F;
+        float e[KB];
         int64_t i = 0;
-        for (; i + KB <= F; i += KB)
-            for (int j = 0; j < KB; j++) {
-                float x = g[i + j];
-                y[i + j] = x / (1.0f + expf_inline(-x)) * u[i + j];
-            }
+        for (; i + KB <= F; i += KB) {
+            exp_neg_block(e, g + i);
+            for (int j = 0; j < KB; j++)
+                y[i + j] = g[i + j] / (1.0f + e[j]) * u[i + j];
+        }
         for (; i < F; i++)
             y[i] = g[i] / (1.0f + expf_inline(-g[i])) * u[i];
     }
@@ -408,16 +483,20 @@ KERN_SIMD
 void swiglu_backward(float *dgu, const float *dh, const float *gu, int64_t N, int64_t F)
 {
     for (int64_t n = 0; n < N; n++) {
-        const float *g = gu + n * 2 * F, *u = g + F, *dy = dh + n * F;
-        float *dg = dgu + n * 2 * F, *du = dg + F;
+        const float *restrict g = gu + n * 2 * F, *restrict u = g + F;
+        const float *restrict dy = dh + n * F;
+        float *restrict dg = dgu + n * 2 * F, *restrict du = dg + F;
+        float e[KB];
         int64_t i = 0;
-        for (; i + KB <= F; i += KB)
+        for (; i + KB <= F; i += KB) {
+            exp_neg_block(e, g + i);
             for (int j = 0; j < KB; j++) {
                 float x = g[i + j];
-                float s = 1.0f / (1.0f + expf_inline(-x));
+                float s = 1.0f / (1.0f + e[j]);
                 du[i + j] = dy[i + j] * (x * s);
                 dg[i + j] = dy[i + j] * u[i + j] * s * (1.0f + x * (1.0f - s));
             }
+        }
         for (; i < F; i++) {
             float x = g[i];
             float s = 1.0f / (1.0f + expf_inline(-x));
@@ -467,19 +546,12 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *lse
                            const int32_t *targets, float dloss, int64_t N, int64_t V)
 {
     for (int64_t n = 0; n < N; n++) {
-        const float *x = logits + n * V;
         float *d = dlogits + n * V;
         if (targets[n] == KERN_IGNORE_INDEX) {
             memset(d, 0, sizeof(float) * (size_t) V);
             continue;
         }
-        float l = lse[n];
-        int64_t i = 0;
-        for (; i + KB <= V; i += KB)
-            for (int j = 0; j < KB; j++)
-                d[i + j] = expf_inline(x[i + j] - l) * dloss;
-        for (; i < V; i++)
-            d[i] = expf_inline(x[i] - l) * dloss;
+        exp_scaled_row(d, logits + n * V, lse[n], dloss, V);
         d[targets[n]] -= dloss;
     }
 }
@@ -498,7 +570,7 @@ void crossentropy_fused(float *losses, float *logits, const int32_t *targets, fl
         }
         float xt = x[t];
         float m = row_max(x, V);
-        float sum = row_exp_store(x, x, m, V);
+        float sum = row_exp_inplace(x, m, V);
         losses[n] = m + logf(sum) - xt;
         row_scale(x, dloss / sum, V);
         x[t] -= dloss;

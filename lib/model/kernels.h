@@ -53,14 +53,13 @@ void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const floa
 void rope_inv_freq(float *inv_freq, int64_t hd, double theta, const struct rope_scaling *scaling);
 /* cos, sin (T, hd/2) for positions 0..T-1: angle = float(t) * inv_freq (fp32, as HF). */
 void rope_tables(float *cos, float *sin, const float *inv_freq, int64_t T, int64_t hd);
-/* Rotates nh heads of T rows, row t at inp + t*ld (heads contiguous, hd each) by the angles
- * of cos/sin row t, in the rotate_half convention: out = x*cos + rotate_half(x)*sin.
- * out may equal inp (in place). */
-void rope_forward(float *out, const float *inp, const float *cos, const float *sin, int64_t T,
-                  int64_t nh, int64_t hd, int64_t ld);
-/* dout -> dinp: the inverse rotation (RoPE is orthogonal). dinp may equal dout; overwrites. */
-void rope_backward(float *dinp, const float *dout, const float *cos, const float *sin, int64_t T,
-                   int64_t nh, int64_t hd, int64_t ld);
+/* Rotates, in place, nh heads of T rows, row t at x + t*ld (heads contiguous, hd each), by
+ * the angles of cos/sin row t, in the rotate_half convention: x = x*cos + rotate_half(x)*sin. */
+void rope_forward(float *x, const float *cos, const float *sin, int64_t T, int64_t nh,
+                  int64_t hd, int64_t ld);
+/* dx (same layout) -> dx: the inverse rotation, in place (RoPE is orthogonal). */
+void rope_backward(float *dx, const float *cos, const float *sin, int64_t T, int64_t nh,
+                   int64_t hd, int64_t ld);
 
 /* One sequence of grouped-query causal attention for the key/value heads [kv0, kv1) and
  * their query heads. qkv (T, (H + 2 KV) hd): per row the H query heads, then KV key heads,
@@ -97,8 +96,8 @@ void matmul_backward(float *dinp, float *dweight, const float *dout, const float
  * KERN_IGNORE_INDEX), lse (N) saved for backward. */
 void crossentropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets,
                           int64_t N, int64_t V);
-/* dlogits (N, V) = dloss * (softmax - onehot), 0 on ignored rows; overwrites, may equal
- * logits. dloss is the gradient of the total loss w.r.t. each row's loss (1/count for a
+/* dlogits (N, V) = dloss * (softmax - onehot), 0 on ignored rows; overwrites; must not
+ * overlap logits (crossentropy_fused works in place). dloss is the gradient of the total loss w.r.t. each row's loss (1/count for a
  * mean). */
 void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
                            const int32_t *targets, float dloss, int64_t N, int64_t V);

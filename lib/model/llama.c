@@ -671,9 +671,8 @@ static void att_forward_task(void *arg, int64_t task, int thread)
     int64_t b = task / KV, g = task % KV;
     float *qkv = j->la->qkv + b * T * C;
     (void) thread;
-    rope_forward(qkv + g * G * hd, qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
-    rope_forward(qkv + (H + g) * hd, qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd,
-                 C);
+    rope_forward(qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
+    rope_forward(qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
     attention_forward(j->la->atty + b * T * H * hd, j->la->probs + b * H * T * T, qkv,
                       seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
 }
@@ -689,10 +688,8 @@ static void att_backward_task(void *arg, int64_t task, int thread)
     attention_backward(dqkv, j->w->scratch + (int64_t) thread * T * T,
                        j->w->datty + b * T * H * hd, j->la->qkv + b * T * C,
                        j->la->probs + b * H * T * T, seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
-    rope_backward(dqkv + g * G * hd, dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd,
-                  C);
-    rope_backward(dqkv + (H + g) * hd, dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1,
-                  hd, C);
+    rope_backward(dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
+    rope_backward(dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
 }
 
 /* ---- stages --------------------------------------------------------------------------- */

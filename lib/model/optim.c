@@ -2,6 +2,9 @@
 #include "model/optim.h"
 
 #include <math.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #include <string.h>
 
 #define KB 16
@@ -10,6 +13,7 @@
 /* The norm's partial sums: at most this many, added in order. */
 #define NORM_PARTS 256
 
+/* Built for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define OPTIM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -22,6 +26,44 @@ static inline int64_t min64(int64_t a, int64_t b)
 }
 
 /* ---- AdamW ----------------------------------------------------------------------------- */
+
+/* out = sqrt(in) for one block. GCC does not vectorize sqrtf (it may set errno), so on x86-64
+ * the baseline SSE instruction is used; it is exactly rounded like sqrtf. */
+static inline __attribute__((always_inline)) void sqrt_block(float *restrict out,
+                                                            const float *restrict in)
+{
+#if defined(__SSE2__)
+    for (int j = 0; j < KB; j += 4)
+        _mm_storeu_ps(out + j, _mm_sqrt_ps(_mm_loadu_ps(in + j)));
+#else
+    for (int j = 0; j < KB; j++)
+        out[j] = sqrtf(in[j]);
+#endif
+}
+
+/* The moments of one block; v_out gets the new second moments for the square root. */
+static inline __attribute__((always_inline)) void moments_block(float *restrict m,
+                                                               float *restrict v,
+                                                               float *restrict v_out,
+                                                               const float *restrict g, float b1,
+                                                               float a1, float b2, float a2)
+{
+    for (int j = 0; j < KB; j++) {
+        m[j] = m[j] * b1 + a1 * g[j];
+        v[j] = v[j] * b2 + a2 * g[j] * g[j];
+        v_out[j] = v[j];
+    }
+}
+
+static inline __attribute__((always_inline)) void param_block(float *restrict p,
+                                                             const float *restrict m,
+                                                             const float *restrict sq,
+                                                             float decay, float neg_step,
+                                                             float bc2_sqrt, float eps)
+{
+    for (int j = 0; j < KB; j++)
+        p[j] = p[j] * decay + neg_step * (m[j] / (sq[j] / bc2_sqrt + eps));
+}
 
 OPTIM_SIMD
 void optim_adamw_update(float *param, const float *grad, float *m, float *v, int64_t n,
@@ -37,14 +79,18 @@ void optim_adamw_update(float *param, const float *grad, float *m, float *v, int
     const float bc2_sqrt = (float) sqrt(bc2);
     const float eps = (float) hp->eps;
 
-    for (int64_t i = 0; i < n; i++) {
-        float p = param[i] * decay;
-        float mi = m[i] * b1 + a1 * grad[i];
-        float vi = v[i] * b2 + a2 * grad[i] * grad[i];
-        m[i] = mi;
-        v[i] = vi;
-        float denom = sqrtf(vi) / bc2_sqrt + eps;
-        param[i] = p + neg_step * (mi / denom);
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB) {
+        float vb[KB], sb[KB];
+        moments_block(m + i, v + i, vb, grad + i, b1, a1, b2, a2);
+        sqrt_block(sb, vb);
+        param_block(param + i, m + i, sb, decay, neg_step, bc2_sqrt, eps);
+    }
+    for (; i < n; i++) {
+        float g = grad[i];
+        m[i] = m[i] * b1 + a1 * g;
+        v[i] = v[i] * b2 + a2 * g * g;
+        param[i] = param[i] * decay + neg_step * (m[i] / (sqrtf(v[i]) / bc2_sqrt + eps));
     }
 }
 
@@ -108,7 +154,11 @@ static void norm_task(void *arg, int64_t task, int thread)
 OPTIM_SIMD
 static void scale_floats(float *x, float a, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++)
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            x[i + j] *= a;
+    for (; i < n; i++)
         x[i] *= a;
 }
 
