@@ -1,6 +1,7 @@
 /* moai-finetune.c - the command line: options, the loop over recipes, exit statuses. */
 #include "err.h"
 #include "log.h"
+#include "model/config.h"
 #include "recipe.h"
 
 #include <getopt.h>
@@ -72,11 +73,27 @@ static void print_json_status(const char *recipe, const char *status, const stru
     json_decref(o);
 }
 
+/* Reads the recipe's model architecture: config.json under model.path, with model.config. */
+static int load_model_config(const struct recipe *r, struct model_config *cfg,
+                             struct moai_err *err)
+{
+    char path[4096];
+    if (r->model.path)
+        snprintf(path, sizeof(path), "%s/config.json", r->model.path);
+    int rc = model_config_load(cfg, r->model.path ? path : NULL, r->model.config, err);
+    if (rc < 0 && !r->model.path)
+        moai_err_prefix(err, "%s", r->source);
+    return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
+}
+
 static int run_validate(const struct options *opt, const char *path, struct recipe *r,
                         struct moai_err *err)
 {
+    struct model_config cfg;
     int rc = recipe_check_files(r, err);
     if (rc < 0)
+        return rc;
+    if ((rc = load_model_config(r, &cfg, err)) < 0)
         return rc;
     if (opt->json)
         print_json_status(path, "ok", NULL);

@@ -6,7 +6,6 @@
 #include "exec/steplog.h"
 #include "log.h"
 #include "model/optim.h"
-#include "plan/plan.h"
 #include "progress.h"
 
 #include <math.h>
@@ -98,7 +97,7 @@ static void layer_view(struct llama_layer *l, float *base, const struct model_co
 /* What every device thread shares. */
 struct run {
     const struct train_job *job;
-    const struct plan *plan;
+    const struct exec_layout *plan;
     struct layout lo;
     struct comm_world *world;
     int dp, nthreads;
@@ -143,8 +142,8 @@ static int64_t fbytes(int64_t floats)
     return floats * (int64_t) sizeof(float);
 }
 
-int64_t exec_device_bytes(const struct model_config *cfg, const struct plan *plan, int64_t T,
-                          int nthreads)
+int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *plan,
+                          int64_t T, int nthreads)
 {
     struct layout lo;
     int dp = plan->dp;
@@ -263,6 +262,8 @@ static void replica_free(struct replica *rp)
     dev_free(rp->dev, rp->tmp, fbytes(lo->max_chunk));
     dev_free(rp->dev, rp->bucket, fbytes(lo->max_padded));
     dev_free(rp->dev, rp->gshard, fbytes(lo->shard_floats));
+    llama_params_release(&rp->g); /* the pointer tables; the arenas are the device's */
+    llama_params_release(&rp->p);
     dev_free(rp->dev, rp->grads, fbytes(P));
     for (int i = 0; i < 2; i++)
         dev_free(rp->dev, rp->wbuf[i], fbytes(lo->max_padded));
@@ -655,7 +656,10 @@ static int replica_run(struct dev *d, void *arg)
                                     .lr = lr, .grad_norm = norm};
             run->durations[run->ndurations++] = dt;
             run->res->last_loss = loss;
-            if (step % r->training.log_interval == 0 || step == job->total_steps)
+            if (job->step_losses)
+                job->step_losses[step - 1] = loss;
+            if (!job->quiet &&
+                (step % r->training.log_interval == 0 || step == job->total_steps))
                 print_step(run, &s);
         }
         run->res->steps_done = step;
@@ -696,7 +700,7 @@ static int cmp_double(const void *a, const void *b)
 
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err)
 {
-    const struct plan *plan = job->plan;
+    const struct exec_layout *plan = &job->layout;
     const struct recipe *r = job->recipe;
     struct run run;
     struct dev_set ds;

@@ -18,7 +18,7 @@
  * model's size functions), gathered units and gradient buckets. A plan that does not fit fails
  * with MOAI_EOOM before the first step; train_result.peak_bytes records each device's peak.
  *
- *     struct train_job job = {.recipe = &r, .cfg = &cfg, .plan = &plan, .data = &data, ...};
+ *     struct train_job job = {.recipe = &r, .cfg = &cfg, .layout = {...}, .train = recs, ...};
  *     rc = exec_train(&job, &result, &err);
  *
  * Not reentrant (one run at a time: the stop flag is process-wide).
@@ -35,7 +35,15 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-struct plan;
+/* The parallel layout to run (the planner's choice, copied from its struct plan). */
+struct exec_layout {
+    int dp, pp, tp;
+    int num_micro_batches;          /* per replica per step */
+    int64_t batch_per_device;       /* sequences per micro-batch */
+    enum recompute recomputation;
+    bool distribute_param;          /* ZeRO-2 */
+    bool distribute_low_prec_param; /* ZeRO-3 */
+};
 
 /* Tokenized records, right-padded to T tokens. */
 struct train_records {
@@ -57,7 +65,7 @@ typedef int (*train_save_fn)(void *arg, int64_t steps_done, const float *params,
 struct train_job {
     const struct recipe *recipe;
     const struct model_config *cfg;
-    const struct plan *plan;
+    struct exec_layout layout;
     struct train_records train;         /* the training records */
     struct train_records valid;         /* validation records, n = 0 when none */
     train_batch_rows_fn batch_rows;
@@ -70,6 +78,8 @@ struct train_job {
     train_save_fn save;
     void *save_arg;
     bool json;                          /* step objects instead of step lines */
+    bool quiet;                         /* no step lines at all (tests) */
+    double *step_losses;                /* optional: total_steps entries, [step - 1] */
 };
 
 struct train_result {
@@ -94,7 +104,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
 
 /* The bytes one device of a data-parallel plan allocates, by the same arithmetic as
  * exec_train: for comparing with the planner's memory model. */
-int64_t exec_device_bytes(const struct model_config *cfg, const struct plan *plan, int64_t T,
-                          int nthreads);
+int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *layout,
+                          int64_t T, int nthreads);
 
 #endif

@@ -1,0 +1,578 @@
+/* kernels.c - fp32 forward/backward kernels of the Llama layers (see kernels.h). */
+#include "model/kernels.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+
+/* Elementwise loops are written as blocks of KB lanes with a fixed-count inner loop, which
+ * GCC vectorizes even at -O2 (its cheap cost model refuses loops that need an epilogue), with
+ * a scalar tail. KB = 16 fills one AVX-512 register, two AVX2 or four SSE ones. */
+#define KB 16
+
+/* Hot kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KERN_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KERN_SIMD
+#endif
+
+static inline int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* exp(x): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^n by
+ * building the exponent bits. n is rounded with the 1.5 * 2^23 trick so no libm call and no
+ * branch remains. */
+static inline __attribute__((always_inline)) float expf_inline(float x)
+{
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    int32_t bits = ((int32_t) n + 127) * (1 << 23);
+    float s;
+    memcpy(&s, &bits, sizeof(s));
+    return p * s;
+}
+
+float kern_expf(float x)
+{
+    return expf_inline(x);
+}
+
+static inline __attribute__((always_inline)) float row_max(const float *x, int64_t n)
+{
+    float m[KB];
+    int64_t i = 0;
+    for (int j = 0; j < KB; j++)
+        m[j] = -INFINITY;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    float r = -INFINITY;
+    for (int j = 0; j < KB; j++)
+        r = m[j] > r ? m[j] : r;
+    for (; i < n; i++)
+        r = x[i] > r ? x[i] : r;
+    return r;
+}
+
+/* x[i] = exp(x[i] - shift), in place; returns the sum. */
+static inline __attribute__((always_inline)) float row_exp_inplace(float *x, float shift,
+                                                                  int64_t n)
+{
+    float acc[KB] = {0};
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++) {
+            float e = expf_inline(x[i + j] - shift);
+            x[i + j] = e;
+            acc[j] += e;
+        }
+    float s = 0.0f;
+    for (; i < n; i++) {
+        x[i] = expf_inline(x[i] - shift);
+        s += x[i];
+    }
+    for (int j = 0; j < KB; j++)
+        s += acc[j];
+    return s;
+}
+
+/* sum of exp(x[i] - shift) */
+static inline __attribute__((always_inline)) float row_exp_sum(const float *x, float shift, int64_t n)
+{
+    float acc[KB] = {0};
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            acc[j] += expf_inline(x[i + j] - shift);
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += expf_inline(x[i] - shift);
+    for (int j = 0; j < KB; j++)
+        s += acc[j];
+    return s;
+}
+
+static inline __attribute__((always_inline)) void row_scale(float *x, float a, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            x[i + j] *= a;
+    for (; i < n; i++)
+        x[i] *= a;
+}
+
+static inline __attribute__((always_inline)) float row_dot(const float *x, const float *y, int64_t n)
+{
+    float acc[KB] = {0};
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            acc[j] += x[i + j] * y[i + j];
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += x[i] * y[i];
+    for (int j = 0; j < KB; j++)
+        s += acc[j];
+    return s;
+}
+
+/* d[i] += g[i] */
+static inline __attribute__((always_inline)) void add_row(float *restrict d,
+                                                         const float *restrict g, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            d[i + j] += g[i + j];
+    for (; i < n; i++)
+        d[i] += g[i];
+}
+
+/* Rotates the pairs (lo[i], hi[i]) by the angles of c, s: sign 1 forward, -1 backward. */
+static inline __attribute__((always_inline)) void rotate_pairs(float *restrict lo,
+                                                              float *restrict hi,
+                                                              const float *restrict c,
+                                                              const float *restrict s,
+                                                              float sign, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            float x1 = lo[i + j], x2 = hi[i + j], sn = sign * s[i + j];
+            lo[i + j] = x1 * c[i + j] - x2 * sn;
+            hi[i + j] = x2 * c[i + j] + x1 * sn;
+        }
+    for (; i < n; i++) {
+        float x1 = lo[i], x2 = hi[i], sn = sign * s[i];
+        lo[i] = x1 * c[i] - x2 * sn;
+        hi[i] = x2 * c[i] + x1 * sn;
+    }
+}
+
+/* sum of a[i] b[i] c[i] */
+static inline __attribute__((always_inline)) float dot3(const float *restrict a,
+                                                       const float *restrict b,
+                                                       const float *restrict c, int64_t n)
+{
+    float acc[KB] = {0};
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            acc[j] += a[i + j] * b[i + j] * c[i + j];
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += a[i] * b[i] * c[i];
+    for (int j = 0; j < KB; j++)
+        s += acc[j];
+    return s;
+}
+
+/* y = w * (x * r) */
+static inline __attribute__((always_inline)) void rms_scale_row(float *restrict y,
+                                                               const float *restrict x,
+                                                               const float *restrict w, float r,
+                                                               int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            y[i + j] = w[i + j] * (x[i + j] * r);
+    for (; i < n; i++)
+        y[i] = w[i] * (x[i] * r);
+}
+
+/* dx += r (w dy - x c); dw += dy (x r) */
+static inline __attribute__((always_inline)) void rms_back_row(float *restrict dx,
+                                                              float *restrict dw,
+                                                              const float *restrict dy,
+                                                              const float *restrict x,
+                                                              const float *restrict w, float r,
+                                                              float c, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++) {
+            dx[i + j] += r * (w[i + j] * dy[i + j] - x[i + j] * c);
+            dw[i + j] += dy[i + j] * (x[i + j] * r);
+        }
+    for (; i < n; i++) {
+        dx[i] += r * (w[i] * dy[i] - x[i] * c);
+        dw[i] += dy[i] * (x[i] * r);
+    }
+}
+
+/* s = p (s - dot) scale: softmax backward of one row, dP in s on entry */
+static inline __attribute__((always_inline)) void softmax_back_row(float *restrict s,
+                                                                  const float *restrict p,
+                                                                  float dot, float scale,
+                                                                  int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            s[i + j] = p[i + j] * (s[i + j] - dot) * scale;
+    for (; i < n; i++)
+        s[i] = p[i] * (s[i] - dot) * scale;
+}
+
+/* d = exp(x - shift) a */
+static inline __attribute__((always_inline)) void exp_scaled_row(float *restrict d,
+                                                                const float *restrict x,
+                                                                float shift, float a, int64_t n)
+{
+    int64_t i = 0;
+    for (; i + KB <= n; i += KB)
+        for (int j = 0; j < KB; j++)
+            d[i + j] = expf_inline(x[i + j] - shift) * a;
+    for (; i < n; i++)
+        d[i] = expf_inline(x[i] - shift) * a;
+}
+
+/* ---- embedding ---------------------------------------------------------------------- */
+
+void embedding_forward(float *out, const int32_t *tokens, const float *emb, int64_t N, int64_t D)
+{
+    for (int64_t n = 0; n < N; n++)
+        memcpy(out + n * D, emb + (int64_t) tokens[n] * D, sizeof(float) * (size_t) D);
+}
+
+KERN_SIMD
+void embedding_backward(float *demb, const float *dout, const int32_t *tokens, int64_t pad_id,
+                        int64_t N, int64_t D)
+{
+    for (int64_t n = 0; n < N; n++) {
+        if (tokens[n] == pad_id)
+            continue;
+        add_row(demb + (int64_t) tokens[n] * D, dout + n * D, D);
+    }
+}
+
+/* ---- RMSNorm ------------------------------------------------------------------------ */
+
+KERN_SIMD
+void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, float eps,
+                     int64_t N, int64_t D)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = inp + n * D;
+        float r = 1.0f / sqrtf(row_dot(x, x, D) / (float) D + eps);
+        rstd[n] = r;
+        rms_scale_row(out + n * D, x, weight, r, D);
+    }
+}
+
+KERN_SIMD
+void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                      const float *weight, const float *rstd, int64_t N, int64_t D)
+{
+    /* dx = r (g - xhat mean(g xhat)) with g = w dy, xhat = x r; dw = sum dy xhat */
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = inp + n * D, *dy = dout + n * D;
+        float r = rstd[n];
+        float c = dot3(weight, dy, x, D) * r * r / (float) D;
+        rms_back_row(dinp + n * D, dweight, dy, x, weight, r, c, D);
+    }
+}
+
+/* ---- rotary embeddings -------------------------------------------------------------- */
+
+void rope_inv_freq(float *inv_freq, int64_t hd, double theta, const struct rope_scaling *scaling)
+{
+    int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float e = (float) (2 * i) / (float) hd;
+        inv_freq[i] = 1.0f / powf((float) theta, e);
+    }
+    if (!scaling || scaling->type != ROPE_SCALING_LLAMA3)
+        return;
+    /* transformers' _compute_llama3_parameters, with its fp32 arithmetic */
+    double old_ctx = (double) scaling->original_max_position_embeddings;
+    float factor = (float) scaling->factor;
+    float lff = (float) scaling->low_freq_factor;
+    float low_wavelen = (float) (old_ctx / scaling->low_freq_factor);
+    float high_wavelen = (float) (old_ctx / scaling->high_freq_factor);
+    float span = (float) (scaling->high_freq_factor - scaling->low_freq_factor);
+    for (int64_t i = 0; i < half; i++) {
+        float f = inv_freq[i];
+        float wavelen = (float) (2.0 * M_PI) / f;
+        float scaled = wavelen > low_wavelen ? f / factor : f;
+        bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+        if (medium) {
+            float smooth = ((float) old_ctx / wavelen - lff) / span;
+            scaled = (1.0f - smooth) * scaled / factor + smooth * scaled;
+        }
+        inv_freq[i] = scaled;
+    }
+}
+
+void rope_tables(float *cos_t, float *sin_t, const float *inv_freq, int64_t T, int64_t hd)
+{
+    int64_t half = hd / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < half; i++) {
+            float angle = (float) t * inv_freq[i];
+            cos_t[t * half + i] = (float) cos((double) angle);
+            sin_t[t * half + i] = (float) sin((double) angle);
+        }
+}
+
+KERN_SIMD
+void rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
+                  int64_t hd, int64_t ld)
+{
+    int64_t half = hd / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < nh; h++) {
+            float *lo = x + t * ld + h * hd;
+            rotate_pairs(lo, lo + half, cos_t + t * half, sin_t + t * half, 1.0f, half);
+        }
+}
+
+KERN_SIMD
+void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
+                   int64_t hd, int64_t ld)
+{
+    int64_t half = hd / 2;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < nh; h++) {
+            float *lo = dx + t * ld + h * hd;
+            rotate_pairs(lo, lo + half, cos_t + t * half, sin_t + t * half, -1.0f, half);
+        }
+}
+
+/* ---- attention ---------------------------------------------------------------------- */
+
+static inline int64_t att_keys(int64_t len, int64_t T)
+{
+    return len < 1 ? 1 : (len > T ? T : len);
+}
+
+KERN_SIMD
+void attention_forward(float *out, float *probs, const float *qkv, int64_t len, int64_t T,
+                       int64_t H, int64_t KV, int64_t hd, int64_t kv0, int64_t kv1)
+{
+    const int64_t C = (H + 2 * KV) * hd, ldo = H * hd, G = H / KV;
+    const float scale = (float) (1.0 / sqrt((double) hd));
+    const int64_t nkeys = att_keys(len, T);
+
+    for (int64_t g = kv0; g < kv1; g++) {
+        const float *k = qkv + (H + g) * hd, *v = qkv + (H + KV + g) * hd;
+        for (int64_t h = g * G; h < (g + 1) * G; h++) {
+            const float *q = qkv + h * hd;
+            float *p = probs + h * T * T, *o = out + h * hd;
+            for (int64_t r0 = 0; r0 < T; r0 += KERN_ATT_BLOCK) {
+                int64_t r1 = min64(T, r0 + KERN_ATT_BLOCK), kend = min64(r1, nkeys);
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
+                            (int) hd, scale, q + r0 * C, (int) C, k, (int) C, 0.0f, p + r0 * T,
+                            (int) T);
+                for (int64_t t = r0; t < r1; t++) {
+                    float *row = p + t * T;
+                    int64_t n = min64(t + 1, nkeys);
+                    float m = row_max(row, n);
+                    float sum = row_exp_inplace(row, m, n);
+                    row_scale(row, 1.0f / sum, n);
+                    if (kend > n)
+                        memset(row + n, 0, sizeof(float) * (size_t) (kend - n));
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
+                            (int) kend, 1.0f, p + r0 * T, (int) T, v, (int) C, 0.0f, o + r0 * ldo,
+                            (int) ldo);
+            }
+        }
+    }
+}
+
+KERN_SIMD
+void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                        const float *probs, int64_t len, int64_t T, int64_t H, int64_t KV,
+                        int64_t hd, int64_t kv0, int64_t kv1)
+{
+    const int64_t C = (H + 2 * KV) * hd, ldo = H * hd, G = H / KV;
+    const float scale = (float) (1.0 / sqrt((double) hd));
+    const int64_t nkeys = att_keys(len, T);
+    float *ds = scratch;
+
+    for (int64_t g = kv0; g < kv1; g++) {
+        const float *k = qkv + (H + g) * hd, *v = qkv + (H + KV + g) * hd;
+        float *dk = dqkv + (H + g) * hd, *dv = dqkv + (H + KV + g) * hd;
+        for (int64_t t = 0; t < T; t++) {
+            memset(dk + t * C, 0, sizeof(float) * (size_t) hd);
+            memset(dv + t * C, 0, sizeof(float) * (size_t) hd);
+        }
+        for (int64_t h = g * G; h < (g + 1) * G; h++) {
+            const float *q = qkv + h * hd, *p = probs + h * T * T, *dO = dout + h * hd;
+            float *dq = dqkv + h * hd;
+            for (int64_t r0 = 0; r0 < T; r0 += KERN_ATT_BLOCK) {
+                int64_t r1 = min64(T, r0 + KERN_ATT_BLOCK), kend = min64(r1, nkeys);
+                /* dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
+                            (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f,
+                            ds + r0 * T, (int) T);
+                for (int64_t t = r0; t < r1; t++) {
+                    const float *prow = p + t * T;
+                    float *srow = ds + t * T;
+                    int64_t n = min64(t + 1, nkeys);
+                    softmax_back_row(srow, prow, row_dot(prow, srow, n), scale, n);
+                    if (kend > n)
+                        memset(srow + n, 0, sizeof(float) * (size_t) (kend - n));
+                }
+                /* dQ = dS K */
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
+                            (int) kend, 1.0f, ds + r0 * T, (int) T, k, (int) C, 0.0f,
+                            dq + r0 * C, (int) C);
+            }
+            /* dK += dS^T Q and dV += P^T dO by key blocks; rows before a block are masked */
+            for (int64_t c0 = 0; c0 < nkeys; c0 += KERN_ATT_BLOCK) {
+                int64_t c1 = min64(c0 + KERN_ATT_BLOCK, nkeys);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
+                            (int) (T - c0), 1.0f, ds + c0 * T + c0, (int) T, q + c0 * C, (int) C,
+                            1.0f, dk + c0 * C, (int) C);
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
+                            (int) (T - c0), 1.0f, p + c0 * T + c0, (int) T, dO + c0 * ldo,
+                            (int) ldo, 1.0f, dv + c0 * C, (int) C);
+            }
+        }
+    }
+}
+
+/* ---- SwiGLU MLP --------------------------------------------------------------------- */
+
+/* e[j] = exp(-g[j]) for one block: kept apart from the divisions that use it, so the clamps
+ * inside the exponential stay selects and the block vectorizes. */
+static inline __attribute__((always_inline)) void exp_neg_block(float *restrict e,
+                                                                const float *restrict g)
+{
+    for (int j = 0; j < KB; j++)
+        e[j] = expf_inline(-g[j]);
+}
+
+KERN_SIMD
+void swiglu_forward(float *h, const float *gu, int64_t N, int64_t F)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const float *restrict g = gu + n * 2 * F, *restrict u = g + F;
+        float *restrict y = h + n * F;
+        float e[KB];
+        int64_t i = 0;
+        for (; i + KB <= F; i += KB) {
+            exp_neg_block(e, g + i);
+            for (int j = 0; j < KB; j++)
+                y[i + j] = g[i + j] / (1.0f + e[j]) * u[i + j];
+        }
+        for (; i < F; i++)
+            y[i] = g[i] / (1.0f + expf_inline(-g[i])) * u[i];
+    }
+}
+
+KERN_SIMD
+void swiglu_backward(float *dgu, const float *dh, const float *gu, int64_t N, int64_t F)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const float *restrict g = gu + n * 2 * F, *restrict u = g + F;
+        const float *restrict dy = dh + n * F;
+        float *restrict dg = dgu + n * 2 * F, *restrict du = dg + F;
+        float e[KB];
+        int64_t i = 0;
+        for (; i + KB <= F; i += KB) {
+            exp_neg_block(e, g + i);
+            for (int j = 0; j < KB; j++) {
+                float x = g[i + j];
+                float s = 1.0f / (1.0f + e[j]);
+                du[i + j] = dy[i + j] * (x * s);
+                dg[i + j] = dy[i + j] * u[i + j] * s * (1.0f + x * (1.0f - s));
+            }
+        }
+        for (; i < F; i++) {
+            float x = g[i];
+            float s = 1.0f / (1.0f + expf_inline(-x));
+            du[i] = dy[i] * (x * s);
+            dg[i] = dy[i] * u[i] * s * (1.0f + x * (1.0f - s));
+        }
+    }
+}
+
+/* ---- linear layers ------------------------------------------------------------------ */
+
+void matmul_forward(float *out, const float *inp, const float *weight, bool accumulate, int64_t N,
+                    int64_t C, int64_t OC)
+{
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) N, (int) OC, (int) C, 1.0f, inp,
+                (int) C, weight, (int) C, accumulate ? 1.0f : 0.0f, out, (int) OC);
+}
+
+void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                     const float *weight, int64_t N, int64_t C, int64_t OC)
+{
+    if (dinp)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) N, (int) C, (int) OC, 1.0f,
+                    dout, (int) OC, weight, (int) C, 0.0f, dinp, (int) C);
+    if (dweight)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) OC, (int) C, (int) N, 1.0f,
+                    dout, (int) OC, inp, (int) C, 1.0f, dweight, (int) C);
+}
+
+/* ---- cross-entropy ------------------------------------------------------------------ */
+
+KERN_SIMD
+void crossentropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets,
+                          int64_t N, int64_t V)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = logits + n * V;
+        float m = row_max(x, V);
+        float l = m + logf(row_exp_sum(x, m, V));
+        lse[n] = l;
+        losses[n] = targets[n] == KERN_IGNORE_INDEX ? 0.0f : l - x[targets[n]];
+    }
+}
+
+KERN_SIMD
+void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
+                           const int32_t *targets, float dloss, int64_t N, int64_t V)
+{
+    for (int64_t n = 0; n < N; n++) {
+        float *d = dlogits + n * V;
+        if (targets[n] == KERN_IGNORE_INDEX) {
+            memset(d, 0, sizeof(float) * (size_t) V);
+            continue;
+        }
+        exp_scaled_row(d, logits + n * V, lse[n], dloss, V);
+        d[targets[n]] -= dloss;
+    }
+}
+
+KERN_SIMD
+void crossentropy_fused(float *losses, float *logits, const int32_t *targets, float dloss,
+                        int64_t N, int64_t V)
+{
+    for (int64_t n = 0; n < N; n++) {
+        float *x = logits + n * V;
+        int32_t t = targets[n];
+        if (t == KERN_IGNORE_INDEX) {
+            losses[n] = 0.0f;
+            memset(x, 0, sizeof(float) * (size_t) V);
+            continue;
+        }
+        float xt = x[t];
+        float m = row_max(x, V);
+        float sum = row_exp_inplace(x, m, V);
+        losses[n] = m + logf(sum) - xt;
+        row_scale(x, dloss / sum, V);
+        x[t] -= dloss;
+    }
+}

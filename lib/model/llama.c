@@ -1,0 +1,882 @@
+/* llama.c - the Llama causal LM: buffers, tensor table, parallel forward and backward. */
+#include "model/llama.h"
+
+#include "model/kernels.h"
+
+#include <cblas.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Rows per task of the row-wise kernels; also the row chunks of the RMSNorm weight gradient
+ * partial sums, so the reduction order depends on N only. */
+#define ROWS 64
+/* Alignment of every buffer cut from the activation and workspace arenas. */
+#define ALIGN 64
+
+static inline int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+static inline int64_t cdiv(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+/* ---- arena layout --------------------------------------------------------------------- */
+
+/* Cuts aligned pieces from base, or only counts them when base is NULL, so the size functions
+ * and the binding share one walk and cannot disagree. */
+struct bump {
+    char *base;
+    size_t off;
+};
+
+static void *bump(struct bump *b, size_t bytes)
+{
+    size_t o = (b->off + ALIGN - 1) / ALIGN * ALIGN;
+    b->off = o + bytes;
+    return b->base ? b->base + o : NULL;
+}
+
+static float *bumpf(struct bump *b, int64_t n)
+{
+    return bump(b, sizeof(float) * (size_t) n);
+}
+
+static size_t bump_total(const struct bump *b)
+{
+    return (b->off + ALIGN - 1) / ALIGN * ALIGN;
+}
+
+static int64_t qkv_cols(const struct model_config *c)
+{
+    return (c->num_attention_heads + 2 * c->num_key_value_heads) * c->head_dim;
+}
+
+static void layer_acts_layout(struct llama_layer_acts *la, struct bump *b,
+                              const struct model_config *c, int64_t B, int64_t T)
+{
+    int64_t N = B * T, D = c->hidden_size, F = c->intermediate_size;
+    int64_t H = c->num_attention_heads, hd = c->head_dim;
+    la->x = bumpf(b, N * D);
+    la->rstd1 = bumpf(b, N);
+    la->ln1 = bumpf(b, N * D);
+    la->qkv = bumpf(b, N * qkv_cols(c));
+    la->probs = bumpf(b, B * H * T * T);
+    la->atty = bumpf(b, N * H * hd);
+    la->x2 = bumpf(b, N * D);
+    la->rstd2 = bumpf(b, N);
+    la->ln2 = bumpf(b, N * D);
+    la->gu = bumpf(b, N * 2 * F);
+    la->h = bumpf(b, N * F);
+}
+
+static void acts_layout(struct llama_acts *a, struct bump *b, const struct model_config *c,
+                        int64_t B, int64_t T)
+{
+    struct llama_layer_acts dummy;
+    int64_t N = B * T, D = c->hidden_size;
+    for (int64_t l = 0; l < c->num_hidden_layers; l++)
+        layer_acts_layout(a->layers ? &a->layers[l] : &dummy, b, c, B, T);
+    a->xf = bumpf(b, N * D);
+    a->rstdf = bumpf(b, N);
+    a->lnf = bumpf(b, N * D);
+}
+
+static void work_layout(struct llama_work *w, struct bump *b, const struct model_config *c,
+                        int64_t B, int64_t T, int nthreads)
+{
+    int64_t N = B * T, D = c->hidden_size, F = c->intermediate_size;
+    int64_t H = c->num_attention_heads, hd = c->head_dim, V = c->vocab_size;
+    w->rope_cos = bumpf(b, T * (hd / 2));
+    w->rope_sin = bumpf(b, T * (hd / 2));
+    w->targets = bump(b, sizeof(int32_t) * (size_t) N);
+    w->losses = bumpf(b, N);
+    w->lse = bumpf(b, N);
+    w->logits = bumpf(b, N * V);
+    w->dres = bumpf(b, N * D);
+    w->dln = bumpf(b, N * D);
+    w->dqkv = bumpf(b, N * qkv_cols(c));
+    w->datty = bumpf(b, N * H * hd);
+    w->dgu = bumpf(b, N * 2 * F);
+    w->dh = bumpf(b, N * F);
+    w->scratch = bumpf(b, (int64_t) nthreads * T * T);
+    w->dnorm_part = bumpf(b, cdiv(N, ROWS) * D);
+}
+
+int64_t llama_param_floats(const struct model_config *cfg)
+{
+    int64_t D = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
+    int64_t qd = cfg->num_attention_heads * cfg->head_dim;
+    int64_t kvd = cfg->num_key_value_heads * cfg->head_dim;
+    int64_t layer = 2 * D + qd * D + 2 * kvd * D + D * qd + 3 * F * D;
+    return V * D + cfg->num_hidden_layers * layer + D + (cfg->tie_word_embeddings ? 0 : V * D);
+}
+
+size_t llama_param_bytes(const struct model_config *cfg)
+{
+    return sizeof(float) * (size_t) llama_param_floats(cfg);
+}
+
+size_t llama_layer_act_bytes(const struct model_config *cfg, int64_t B, int64_t T)
+{
+    struct llama_layer_acts la;
+    struct bump b = {NULL, 0};
+    layer_acts_layout(&la, &b, cfg, B, T);
+    return bump_total(&b);
+}
+
+size_t llama_act_bytes(const struct model_config *cfg, int64_t B, int64_t T)
+{
+    struct llama_acts a = {0};
+    struct bump b = {NULL, 0};
+    acts_layout(&a, &b, cfg, B, T);
+    return bump_total(&b);
+}
+
+size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, int nthreads)
+{
+    struct llama_work w = {0};
+    struct bump b = {NULL, 0};
+    work_layout(&w, &b, cfg, B, T, nthreads < 1 ? 1 : nthreads);
+    return bump_total(&b);
+}
+
+static void *arena_alloc(size_t bytes)
+{
+    void *p = aligned_alloc(ALIGN, bytes ? bytes : ALIGN);
+    return p;
+}
+
+/* ---- parameters ----------------------------------------------------------------------- */
+
+int llama_params_init(struct llama_params *p, const struct model_config *cfg, float *arena,
+                      struct moai_err *err)
+{
+    int64_t L = cfg->num_hidden_layers, D = cfg->hidden_size, F = cfg->intermediate_size;
+    int64_t H = cfg->num_attention_heads, KV = cfg->num_key_value_heads, hd = cfg->head_dim;
+    int64_t V = cfg->vocab_size;
+    size_t bytes = llama_param_bytes(cfg);
+
+    memset(p, 0, sizeof(*p));
+    p->layers = calloc((size_t) (L > 0 ? L : 1), sizeof(struct llama_layer));
+    if (!p->layers)
+        return moai_err_set(err, MOAI_ENOMEM, "cannot allocate the layer table of %lld layers",
+                            (long long) L);
+    if (!arena) {
+        size_t rounded = (bytes + ALIGN - 1) / ALIGN * ALIGN;
+        arena = arena_alloc(rounded);
+        if (!arena) {
+            free(p->layers);
+            p->layers = NULL;
+            return moai_err_set(err, MOAI_ENOMEM, "cannot allocate %zu bytes of parameters",
+                                bytes);
+        }
+        memset(arena, 0, rounded);
+        p->owned = true;
+    }
+    p->arena = arena;
+    p->nfloats = llama_param_floats(cfg);
+    p->nlayers = L;
+
+    float *q = arena;
+    p->embed = q;
+    q += V * D;
+    for (int64_t l = 0; l < L; l++) {
+        struct llama_layer *ly = &p->layers[l];
+        ly->input_norm = q;
+        q += D;
+        ly->wq = q;
+        q += H * hd * D;
+        ly->wk = q;
+        q += KV * hd * D;
+        ly->wv = q;
+        q += KV * hd * D;
+        ly->wo = q;
+        q += D * H * hd;
+        ly->post_norm = q;
+        q += D;
+        ly->w_gate = q;
+        q += F * D;
+        ly->w_up = q;
+        q += F * D;
+        ly->w_down = q;
+        q += D * F;
+    }
+    p->norm = q;
+    q += D;
+    if (cfg->tie_word_embeddings) {
+        p->lm_head = p->embed;
+    } else {
+        p->lm_head = q;
+        q += V * D;
+    }
+    MOAI_ASSERT(q - arena == p->nfloats);
+    return 0;
+}
+
+void llama_params_release(struct llama_params *p)
+{
+    if (p->owned)
+        free(p->arena);
+    free(p->layers);
+    memset(p, 0, sizeof(*p));
+}
+
+int64_t llama_tensor_count(const struct model_config *cfg)
+{
+    return 2 + 9 * cfg->num_hidden_layers + (cfg->tie_word_embeddings ? 0 : 1);
+}
+
+/* The per-layer tensors in order: name suffix, kind, where the pointer lives, and shape. */
+enum dim {
+    DIM_NONE,
+    DIM_D,          /* hidden_size */
+    DIM_Q,          /* H hd */
+    DIM_KV,         /* KV hd */
+    DIM_F,          /* intermediate_size */
+};
+
+static const struct {
+    const char *name;
+    enum llama_tensor_kind kind;
+    size_t offset;
+    enum dim rows, cols;
+} layer_tensors[9] = {
+    {"input_layernorm.weight", LLAMA_TENSOR_NORM, offsetof(struct llama_layer, input_norm),
+     DIM_D, DIM_NONE},
+    {"self_attn.q_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wq), DIM_Q,
+     DIM_D},
+    {"self_attn.k_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wk), DIM_KV,
+     DIM_D},
+    {"self_attn.v_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wv), DIM_KV,
+     DIM_D},
+    {"self_attn.o_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wo), DIM_D,
+     DIM_Q},
+    {"post_attention_layernorm.weight", LLAMA_TENSOR_NORM,
+     offsetof(struct llama_layer, post_norm), DIM_D, DIM_NONE},
+    {"mlp.gate_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_gate), DIM_F,
+     DIM_D},
+    {"mlp.up_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_up), DIM_F,
+     DIM_D},
+    {"mlp.down_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_down), DIM_D,
+     DIM_F},
+};
+
+static int64_t dim_size(const struct model_config *c, enum dim d)
+{
+    switch (d) {
+    case DIM_D:
+        return c->hidden_size;
+    case DIM_Q:
+        return c->num_attention_heads * c->head_dim;
+    case DIM_KV:
+        return c->num_key_value_heads * c->head_dim;
+    case DIM_F:
+        return c->intermediate_size;
+    case DIM_NONE:
+        break;
+    }
+    return 0;
+}
+
+static void tensor_set(struct llama_tensor *t, float *data, enum llama_tensor_kind kind,
+                       int64_t rows, int64_t cols)
+{
+    t->data = data;
+    t->kind = kind;
+    t->ndim = cols ? 2 : 1;
+    t->shape[0] = rows;
+    t->shape[1] = cols;
+    t->numel = cols ? rows * cols : rows;
+}
+
+void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
+                     const struct model_config *cfg, int64_t index)
+{
+    int64_t L = cfg->num_hidden_layers, D = cfg->hidden_size, V = cfg->vocab_size;
+
+    MOAI_ASSERT(index >= 0 && index < llama_tensor_count(cfg));
+    memset(t, 0, sizeof(*t));
+    t->layer = -1;
+    if (index == 0) {
+        snprintf(t->name, sizeof(t->name), "model.embed_tokens.weight");
+        tensor_set(t, p ? p->embed : NULL, LLAMA_TENSOR_EMBEDDING, V, D);
+        return;
+    }
+    if (index <= 9 * L) {
+        int64_t l = (index - 1) / 9, k = (index - 1) % 9;
+        float *data = NULL;
+        if (p)
+            memcpy(&data, (const char *) &p->layers[l] + layer_tensors[k].offset, sizeof(data));
+        snprintf(t->name, sizeof(t->name), "model.layers.%lld.%s", (long long) l,
+                 layer_tensors[k].name);
+        tensor_set(t, data, layer_tensors[k].kind, dim_size(cfg, layer_tensors[k].rows),
+                   dim_size(cfg, layer_tensors[k].cols));
+        t->layer = l;
+        return;
+    }
+    if (index == 9 * L + 1) {
+        snprintf(t->name, sizeof(t->name), "model.norm.weight");
+        tensor_set(t, p ? p->norm : NULL, LLAMA_TENSOR_NORM, D, 0);
+        return;
+    }
+    snprintf(t->name, sizeof(t->name), "lm_head.weight");
+    tensor_set(t, p ? p->lm_head : NULL, LLAMA_TENSOR_LINEAR, V, D);
+}
+
+/* ---- activations and workspace -------------------------------------------------------- */
+
+int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
+                    struct moai_err *err)
+{
+    int64_t L = cfg->num_hidden_layers;
+    memset(a, 0, sizeof(*a));
+    a->B = B;
+    a->T = T;
+    a->nlayers = L;
+    a->bytes = llama_act_bytes(cfg, B, T);
+    a->layers = calloc((size_t) (L > 0 ? L : 1), sizeof(struct llama_layer_acts));
+    a->arena = arena_alloc(a->bytes);
+    if (!a->layers || !a->arena) {
+        llama_acts_release(a);
+        return moai_err_set(err, MOAI_ENOMEM,
+                            "cannot allocate %zu bytes of activations for %lld x %lld tokens",
+                            llama_act_bytes(cfg, B, T), (long long) B, (long long) T);
+    }
+    struct bump b = {a->arena, 0};
+    acts_layout(a, &b, cfg, B, T);
+    MOAI_ASSERT(bump_total(&b) == a->bytes);
+    return 0;
+}
+
+void llama_acts_release(struct llama_acts *a)
+{
+    free(a->layers);
+    free(a->arena);
+    memset(a, 0, sizeof(*a));
+}
+
+int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
+                    int nthreads, struct moai_err *err)
+{
+    int64_t hd = cfg->head_dim;
+    memset(w, 0, sizeof(*w));
+    if (nthreads < 1)
+        nthreads = 1;
+    w->B = B;
+    w->T = T;
+    w->nthreads = nthreads;
+    w->bytes = llama_work_bytes(cfg, B, T, nthreads);
+    w->arena = arena_alloc(w->bytes);
+    if (!w->arena) {
+        size_t bytes = w->bytes;
+        llama_work_release(w);
+        return moai_err_set(err, MOAI_ENOMEM,
+                            "cannot allocate %zu bytes of workspace for %lld x %lld tokens", bytes,
+                            (long long) B, (long long) T);
+    }
+    struct bump b = {w->arena, 0};
+    work_layout(w, &b, cfg, B, T, nthreads);
+    MOAI_ASSERT(bump_total(&b) == w->bytes);
+
+    float *freq = malloc(sizeof(float) * (size_t) (hd / 2 > 0 ? hd / 2 : 1));
+    if (!freq) {
+        llama_work_release(w);
+        return moai_err_set(err, MOAI_ENOMEM, "cannot allocate the rotary table");
+    }
+    rope_inv_freq(freq, hd, cfg->rope_theta, &cfg->rope_scaling);
+    rope_tables(w->rope_cos, w->rope_sin, freq, T, hd);
+    free(freq);
+    return 0;
+}
+
+void llama_work_release(struct llama_work *w)
+{
+    free(w->arena);
+    memset(w, 0, sizeof(*w));
+}
+
+/* ---- the model instance --------------------------------------------------------------- */
+
+int llama_init(struct llama *m, const struct model_config *cfg, int nthreads,
+               struct moai_err *err)
+{
+    memset(m, 0, sizeof(*m));
+    const struct {
+        const char *key;
+        int64_t value;
+    } dims[] = {
+        {"hidden_size", cfg->hidden_size},
+        {"intermediate_size", cfg->intermediate_size},
+        {"num_attention_heads", cfg->num_attention_heads},
+        {"num_key_value_heads", cfg->num_key_value_heads},
+        {"head_dim", cfg->head_dim},
+        {"vocab_size", cfg->vocab_size},
+    };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++)
+        if (dims[i].value < 1 || dims[i].value > INT_MAX / 4)
+            return moai_err_set(err, MOAI_EUSAGE, "model '%s': '%s' (%lld) is out of range",
+                                cfg->name, dims[i].key, (long long) dims[i].value);
+    if (cfg->num_hidden_layers < 0)
+        return moai_err_set(err, MOAI_EUSAGE, "model '%s': 'num_hidden_layers' (%lld) is negative",
+                            cfg->name, (long long) cfg->num_hidden_layers);
+    if (cfg->num_attention_heads % cfg->num_key_value_heads)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "model '%s': 'num_key_value_heads' (%lld) does not divide "
+                            "'num_attention_heads' (%lld)",
+                            cfg->name, (long long) cfg->num_key_value_heads,
+                            (long long) cfg->num_attention_heads);
+    if (cfg->head_dim % 2)
+        return moai_err_set(err, MOAI_EUSAGE, "model '%s': 'head_dim' (%lld) is odd", cfg->name,
+                            (long long) cfg->head_dim);
+    if (nthreads < 1)
+        nthreads = 1;
+    m->cfg = *cfg;
+    m->nthreads = nthreads;
+    if (nthreads > 1) {
+        m->pool = pool_create(nthreads);
+        if (!m->pool)
+            return moai_err_set(err, MOAI_ENOMEM, "cannot start %d threads", nthreads);
+    }
+    openblas_set_num_threads(1);
+    return 0;
+}
+
+void llama_release(struct llama *m)
+{
+    pool_free(m->pool);
+    memset(m, 0, sizeof(*m));
+}
+
+/* ---- batches -------------------------------------------------------------------------- */
+
+int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct moai_err *err)
+{
+    int64_t V = m->cfg.vocab_size;
+    for (int64_t i = 0; i < b->B; i++) {
+        if (b->lengths && (b->lengths[i] < 0 || b->lengths[i] > b->T))
+            return moai_err_set(err, MOAI_EIO, "batch: sequence %lld: length %d is outside [0, %lld]",
+                                (long long) i, b->lengths[i], (long long) b->T);
+        for (int64_t t = 0; t < b->T; t++) {
+            int32_t id = b->tokens[i * b->T + t];
+            if (id < 0 || id >= V)
+                return moai_err_set(err, MOAI_EIO,
+                                    "batch: sequence %lld, position %lld: token id %d is outside "
+                                    "the vocabulary [0, %lld)",
+                                    (long long) i, (long long) t, id, (long long) V);
+            if (!b->labels)
+                continue;
+            int32_t lab = b->labels[i * b->T + t];
+            if (lab != KERN_IGNORE_INDEX && (lab < 0 || lab >= V))
+                return moai_err_set(err, MOAI_EIO,
+                                    "batch: sequence %lld, position %lld: label %d is neither -100 "
+                                    "nor in the vocabulary [0, %lld)",
+                                    (long long) i, (long long) t, lab, (long long) V);
+        }
+    }
+    return 0;
+}
+
+int64_t llama_batch_targets(const struct llama_batch *b)
+{
+    int64_t n = 0;
+    if (!b->labels)
+        return 0;
+    for (int64_t i = 0; i < b->B; i++)
+        for (int64_t t = 1; t < b->T; t++)
+            n += b->labels[i * b->T + t] != KERN_IGNORE_INDEX;
+    return n;
+}
+
+static int64_t seq_len(const struct llama_batch *b, int64_t i)
+{
+    return b->lengths ? b->lengths[i] : b->T;
+}
+
+/* ---- parallel matrix products --------------------------------------------------------- */
+
+/* C (M, N) = alpha op(A) op(B) + beta C, row-major, split over the pool into one block of rows
+ * or columns per thread (whichever dimension is longer). Each block is a single-threaded sgemm
+ * over the full K, so every element sums its K products in the same order however the product
+ * is split. */
+struct gemm_job {
+    bool ta, tb, split_rows;
+    int64_t M, N, K, lda, ldb, ldc, chunk;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+};
+
+static void gemm_block(const struct gemm_job *j, int64_t i0, int64_t i1)
+{
+    const float *A = j->A, *B = j->B;
+    float *C = j->C;
+    int64_t M = j->M, N = j->N;
+    if (j->split_rows) {
+        A += j->ta ? i0 : i0 * j->lda;
+        C += i0 * j->ldc;
+        M = i1 - i0;
+    } else {
+        B += j->tb ? i0 * j->ldb : i0;
+        C += i0;
+        N = i1 - i0;
+    }
+    cblas_sgemm(CblasRowMajor, j->ta ? CblasTrans : CblasNoTrans, j->tb ? CblasTrans : CblasNoTrans,
+                (int) M, (int) N, (int) j->K, j->alpha, A, (int) j->lda, B, (int) j->ldb, j->beta,
+                C, (int) j->ldc);
+}
+
+static void gemm_task(void *arg, int64_t task, int thread)
+{
+    const struct gemm_job *j = arg;
+    int64_t n = j->split_rows ? j->M : j->N;
+    int64_t i0 = task * j->chunk, i1 = min64(n, i0 + j->chunk);
+    (void) thread;
+    if (i0 < i1)
+        gemm_block(j, i0, i1);
+}
+
+static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc)
+{
+    struct gemm_job j = {.ta = ta, .tb = tb, .split_rows = M >= N, .M = M, .N = N, .K = K,
+                         .lda = lda, .ldb = ldb, .ldc = ldc, .alpha = alpha, .beta = beta,
+                         .A = A, .B = B, .C = C};
+    int parts = m->nthreads;
+    if (M == 0 || N == 0)
+        return;
+    int64_t n = j.split_rows ? M : N;
+    j.chunk = cdiv(cdiv(n, parts), 16) * 16;
+    pool_run(m->pool, cdiv(n, j.chunk), gemm_task, &j);
+}
+
+/* out (N, OC) (+)= inp (N, C) . W (OC, C)^T */
+static void linear_forward(struct llama *m, float *out, const float *inp, const float *W,
+                           bool accumulate, int64_t N, int64_t C, int64_t OC)
+{
+    gemm(m, false, true, N, OC, C, 1.0f, inp, C, W, C, accumulate ? 1.0f : 0.0f, out, OC);
+}
+
+/* dinp (N, C) = dout (N, OC) . W (OC, C); dW (OC, C) += dout^T . inp */
+static void linear_backward(struct llama *m, float *dinp, float *dW, const float *dout,
+                            const float *inp, const float *W, int64_t N, int64_t C, int64_t OC)
+{
+    gemm(m, false, false, N, C, OC, 1.0f, dout, OC, W, C, 0.0f, dinp, C);
+    gemm(m, true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dW, C);
+}
+
+/* ---- row-wise kernels over the pool --------------------------------------------------- */
+
+enum row_op {
+    ROW_EMBED,
+    ROW_RMSNORM,        /* and copy the input into a second buffer (the residual) */
+    ROW_RMSNORM_BACK,
+    ROW_SWIGLU,
+    ROW_SWIGLU_BACK,
+    ROW_CE_FUSED,
+    ROW_CE_FORWARD,
+    ROW_ZERO,
+};
+
+struct row_job {
+    enum row_op op;
+    int64_t N, D, V;
+    float eps, dloss;
+    float *out, *out2, *aux;
+    const float *in, *in2, *w;
+    const int32_t *ids;
+};
+
+static void row_task(void *arg, int64_t task, int thread)
+{
+    const struct row_job *j = arg;
+    int64_t n0 = task * ROWS, n = min64(j->N, n0 + ROWS) - n0, D = j->D;
+    (void) thread;
+    switch (j->op) {
+    case ROW_EMBED:
+        embedding_forward(j->out + n0 * D, j->ids + n0, j->in, n, D);
+        break;
+    case ROW_RMSNORM:
+        rmsnorm_forward(j->out + n0 * D, j->aux + n0, j->in + n0 * D, j->w, j->eps, n, D);
+        if (j->out2)
+            memcpy(j->out2 + n0 * D, j->in + n0 * D, sizeof(float) * (size_t) (n * D));
+        break;
+    case ROW_RMSNORM_BACK: {
+        float *part = j->out2 + task * D;
+        memset(part, 0, sizeof(float) * (size_t) D);
+        rmsnorm_backward(j->out + n0 * D, part, j->in + n0 * D, j->in2 + n0 * D, j->w,
+                         j->aux + n0, n, D);
+        break;
+    }
+    case ROW_SWIGLU:
+        swiglu_forward(j->out + n0 * D, j->in + n0 * 2 * D, n, D);
+        break;
+    case ROW_SWIGLU_BACK:
+        swiglu_backward(j->out + n0 * 2 * D, j->in + n0 * D, j->in2 + n0 * 2 * D, n, D);
+        break;
+    case ROW_CE_FUSED:
+        crossentropy_fused(j->aux + n0, j->out + n0 * j->V, j->ids + n0, j->dloss, n, j->V);
+        break;
+    case ROW_CE_FORWARD:
+        crossentropy_forward(j->aux + n0, j->out2 + n0, j->out + n0 * j->V, j->ids + n0, n, j->V);
+        break;
+    case ROW_ZERO:
+        memset(j->out + n0 * D, 0, sizeof(float) * (size_t) (n * D));
+        break;
+    }
+}
+
+static void rows_run(struct llama *m, struct row_job *j)
+{
+    pool_run(m->pool, cdiv(j->N, ROWS), row_task, j);
+}
+
+/* RMSNorm backward: dinp (N, D) += ..., dweight (D) += the sum of per-chunk partials, added in
+ * chunk order. */
+static void rmsnorm_backward_par(struct llama *m, struct llama_work *w, float *dinp,
+                                 float *dweight, const float *dout, const float *inp,
+                                 const float *weight, const float *rstd, int64_t N, int64_t D)
+{
+    struct row_job j = {.op = ROW_RMSNORM_BACK, .N = N, .D = D, .out = dinp,
+                        .out2 = w->dnorm_part, .aux = (float *) rstd, .in = dout, .in2 = inp,
+                        .w = weight};
+    rows_run(m, &j);
+    for (int64_t c = 0; c < cdiv(N, ROWS); c++) {
+        const float *part = w->dnorm_part + c * D;
+        for (int64_t i = 0; i < D; i++)
+            dweight[i] += part[i];
+    }
+}
+
+/* ---- attention over the pool: one task per (sequence, kv head) ------------------------ */
+
+struct att_job {
+    const struct model_config *cfg;
+    const struct llama_batch *batch;
+    struct llama_work *w;
+    struct llama_layer_acts *la;
+};
+
+static void att_forward_task(void *arg, int64_t task, int thread)
+{
+    const struct att_job *j = arg;
+    const struct model_config *c = j->cfg;
+    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads, hd = c->head_dim;
+    int64_t T = j->batch->T, C = qkv_cols(c), G = H / KV;
+    int64_t b = task / KV, g = task % KV;
+    float *qkv = j->la->qkv + b * T * C;
+    (void) thread;
+    rope_forward(qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
+    rope_forward(qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
+    attention_forward(j->la->atty + b * T * H * hd, j->la->probs + b * H * T * T, qkv,
+                      seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+}
+
+static void att_backward_task(void *arg, int64_t task, int thread)
+{
+    const struct att_job *j = arg;
+    const struct model_config *c = j->cfg;
+    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads, hd = c->head_dim;
+    int64_t T = j->batch->T, C = qkv_cols(c), G = H / KV;
+    int64_t b = task / KV, g = task % KV;
+    float *dqkv = j->w->dqkv + b * T * C;
+    attention_backward(dqkv, j->w->scratch + (int64_t) thread * T * T,
+                       j->w->datty + b * T * H * hd, j->la->qkv + b * T * C,
+                       j->la->probs + b * H * T * T, seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+    rope_backward(dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
+    rope_backward(dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
+}
+
+/* ---- stages --------------------------------------------------------------------------- */
+
+void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
+                         struct llama_work *w, const struct llama_batch *b)
+{
+    int64_t N = b->B * b->T, D = m->cfg.hidden_size;
+    MOAI_ASSERT(a->B == b->B && a->T == b->T && w->B == b->B && w->T == b->T);
+    for (int64_t i = 0; i < b->B; i++)
+        for (int64_t t = 0; t < b->T; t++)
+            w->targets[i * b->T + t] = b->labels && t + 1 < b->T ? b->labels[i * b->T + t + 1]
+                                                                 : KERN_IGNORE_INDEX;
+    struct row_job j = {.op = ROW_EMBED, .N = N, .D = D,
+                        .out = a->nlayers ? a->layers[0].x : a->xf, .in = p->embed,
+                        .ids = b->tokens};
+    rows_run(m, &j);
+}
+
+void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
+                         struct llama_layer_acts *la, float *out, struct llama_work *w,
+                         const struct llama_batch *b)
+{
+    const struct model_config *c = &m->cfg;
+    int64_t N = b->B * b->T, D = c->hidden_size, F = c->intermediate_size;
+    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads, hd = c->head_dim;
+    int64_t C = qkv_cols(c);
+    float eps = (float) c->rms_norm_eps;
+
+    /* ln1 = rmsnorm(x); x2 = x, the residual that o_proj adds to */
+    struct row_job jn = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = eps, .out = la->ln1,
+                         .out2 = la->x2, .aux = la->rstd1, .in = la->x, .w = lp->input_norm};
+    rows_run(m, &jn);
+    /* qkv = ln1 [Wq; Wk; Wv]^T */
+    if (lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D) {
+        linear_forward(m, la->qkv, la->ln1, lp->wq, false, N, D, C);
+    } else {
+        gemm(m, false, true, N, H * hd, D, 1.0f, la->ln1, D, lp->wq, D, 0.0f, la->qkv, C);
+        gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wk, D, 0.0f, la->qkv + H * hd,
+             C);
+        gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wv, D, 0.0f,
+             la->qkv + (H + KV) * hd, C);
+    }
+    struct att_job ja = {c, b, w, la};
+    pool_run(m->pool, b->B * KV, att_forward_task, &ja);
+    /* x2 += atty Wo^T */
+    linear_forward(m, la->x2, la->atty, lp->wo, true, N, H * hd, D);
+    /* ln2 = rmsnorm(x2); out = x2 */
+    struct row_job jn2 = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = eps, .out = la->ln2,
+                          .out2 = out, .aux = la->rstd2, .in = la->x2, .w = lp->post_norm};
+    rows_run(m, &jn2);
+    /* gu = ln2 [Wgate; Wup]^T; h = silu(gate) * up; out += h Wdown^T */
+    if (lp->w_up == lp->w_gate + F * D) {
+        linear_forward(m, la->gu, la->ln2, lp->w_gate, false, N, D, 2 * F);
+    } else {
+        gemm(m, false, true, N, F, D, 1.0f, la->ln2, D, lp->w_gate, D, 0.0f, la->gu, 2 * F);
+        gemm(m, false, true, N, F, D, 1.0f, la->ln2, D, lp->w_up, D, 0.0f, la->gu + F, 2 * F);
+    }
+    struct row_job js = {.op = ROW_SWIGLU, .N = N, .D = F, .out = la->h, .in = la->gu};
+    rows_run(m, &js);
+    linear_forward(m, out, la->h, lp->w_down, true, N, F, D);
+}
+
+double llama_head_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
+                          struct llama_work *w, bool backward, float dloss)
+{
+    const struct model_config *c = &m->cfg;
+    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size;
+
+    struct row_job jn = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = (float) c->rms_norm_eps,
+                         .out = a->lnf, .aux = a->rstdf, .in = a->xf, .w = p->norm};
+    rows_run(m, &jn);
+    linear_forward(m, w->logits, a->lnf, p->lm_head, false, N, D, V);
+    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD, .N = N, .V = V,
+                         .dloss = dloss, .out = w->logits, .out2 = w->lse, .aux = w->losses,
+                         .ids = w->targets};
+    rows_run(m, &jc);
+    double sum = 0.0;
+    for (int64_t n = 0; n < N; n++)
+        sum += w->losses[n];
+    return sum;
+}
+
+void llama_head_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,
+                         struct llama_acts *a, struct llama_work *w)
+{
+    const struct model_config *c = &m->cfg;
+    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size;
+
+    linear_backward(m, w->dln, g->lm_head, w->logits, a->lnf, p->lm_head, N, D, V);
+    struct row_job jz = {.op = ROW_ZERO, .N = N, .D = D, .out = w->dres};
+    rows_run(m, &jz);
+    rmsnorm_backward_par(m, w, w->dres, g->norm, w->dln, a->xf, p->norm, a->rstdf, N, D);
+}
+
+void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct llama_layer *lg,
+                          struct llama_layer_acts *la, struct llama_work *w,
+                          const struct llama_batch *b)
+{
+    const struct model_config *c = &m->cfg;
+    int64_t N = b->B * b->T, D = c->hidden_size, F = c->intermediate_size;
+    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads, hd = c->head_dim;
+    int64_t C = qkv_cols(c);
+
+    /* MLP: dh = dres Wdown; dgu = swiglu'; dln = dgu [Wgate; Wup] */
+    linear_backward(m, w->dh, lg->w_down, w->dres, la->h, lp->w_down, N, F, D);
+    struct row_job js = {.op = ROW_SWIGLU_BACK, .N = N, .D = F, .out = w->dgu, .in = w->dh,
+                         .in2 = la->gu};
+    rows_run(m, &js);
+    if (lp->w_up == lp->w_gate + F * D && lg->w_up == lg->w_gate + F * D) {
+        linear_backward(m, w->dln, lg->w_gate, w->dgu, la->ln2, lp->w_gate, N, D, 2 * F);
+    } else {
+        gemm(m, false, false, N, D, F, 1.0f, w->dgu, 2 * F, lp->w_gate, D, 0.0f, w->dln, D);
+        gemm(m, false, false, N, D, F, 1.0f, w->dgu + F, 2 * F, lp->w_up, D, 1.0f, w->dln, D);
+        gemm(m, true, false, F, D, N, 1.0f, w->dgu, 2 * F, la->ln2, D, 1.0f, lg->w_gate, D);
+        gemm(m, true, false, F, D, N, 1.0f, w->dgu + F, 2 * F, la->ln2, D, 1.0f, lg->w_up, D);
+    }
+    rmsnorm_backward_par(m, w, w->dres, lg->post_norm, w->dln, la->x2, lp->post_norm, la->rstd2,
+                         N, D);
+
+    /* attention: datty = dres Wo; dqkv by (sequence, kv head); dln = dqkv [Wq; Wk; Wv] */
+    linear_backward(m, w->datty, lg->wo, w->dres, la->atty, lp->wo, N, H * hd, D);
+    struct att_job ja = {c, b, w, la};
+    pool_run(m->pool, b->B * KV, att_backward_task, &ja);
+    if (lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D &&
+        lg->wk == lg->wq + H * hd * D && lg->wv == lg->wk + KV * hd * D) {
+        linear_backward(m, w->dln, lg->wq, w->dqkv, la->ln1, lp->wq, N, D, C);
+    } else {
+        const float *Ws[3] = {lp->wq, lp->wk, lp->wv};
+        float *dWs[3] = {lg->wq, lg->wk, lg->wv};
+        int64_t col[3] = {0, H * hd, (H + KV) * hd}, rows[3] = {H * hd, KV * hd, KV * hd};
+        for (int i = 0; i < 3; i++) {
+            gemm(m, false, false, N, D, rows[i], 1.0f, w->dqkv + col[i], C, Ws[i], D,
+                 i ? 1.0f : 0.0f, w->dln, D);
+            gemm(m, true, false, rows[i], D, N, 1.0f, w->dqkv + col[i], C, la->ln1, D, 1.0f,
+                 dWs[i], D);
+        }
+    }
+    rmsnorm_backward_par(m, w, w->dres, lg->input_norm, w->dln, la->x, lp->input_norm, la->rstd1,
+                         N, D);
+}
+
+void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_work *w,
+                          const struct llama_batch *b)
+{
+    embedding_backward(g->embed, w->dres, b->tokens, m->cfg.pad_token_id, b->B * b->T,
+                       m->cfg.hidden_size);
+}
+
+double llama_forward_backward(struct llama *m, const struct llama_params *p,
+                              struct llama_params *g, struct llama_acts *a, struct llama_work *w,
+                              const struct llama_batch *b, float dloss)
+{
+    int64_t L = m->cfg.num_hidden_layers;
+    MOAI_ASSERT(w->nthreads >= m->nthreads);
+    llama_embed_forward(m, p, a, w, b);
+    for (int64_t l = 0; l < L; l++)
+        llama_layer_forward(m, &p->layers[l], &a->layers[l],
+                            l + 1 < L ? a->layers[l + 1].x : a->xf, w, b);
+    double loss = llama_head_forward(m, p, a, w, g != NULL, dloss);
+    if (!g)
+        return loss;
+    llama_head_backward(m, p, g, a, w);
+    for (int64_t l = L - 1; l >= 0; l--)
+        llama_layer_backward(m, &p->layers[l], &g->layers[l], &a->layers[l], w, b);
+    llama_embed_backward(m, g, w, b);
+    return loss;
+}
+
+/* ---- zeroing gradients ---------------------------------------------------------------- */
+
+struct zero_job {
+    float *x;
+    int64_t n, chunk;
+};
+
+static void zero_task(void *arg, int64_t task, int thread)
+{
+    const struct zero_job *j = arg;
+    int64_t i0 = task * j->chunk, i1 = min64(j->n, i0 + j->chunk);
+    (void) thread;
+    if (i0 < i1)
+        memset(j->x + i0, 0, sizeof(float) * (size_t) (i1 - i0));
+}
+
+void llama_params_zero(struct llama *m, struct llama_params *p)
+{
+    struct zero_job j = {p->arena, p->nfloats, 1 << 18};
+    pool_run(m->pool, cdiv(p->nfloats, j.chunk), zero_task, &j);
+}

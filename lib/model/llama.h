@@ -1,0 +1,242 @@
+/* llama.h - the Hugging Face Llama causal LM in fp32: parameters, activations, forward, backward.
+ *
+ * The model follows transformers' modeling_llama: token embedding; per layer RMSNorm,
+ * grouped-query causal self-attention with rotary embeddings (rotate_half convention, Llama 3
+ * rope_scaling), a residual, RMSNorm, a SwiGLU MLP down(silu(gate(x)) * up(x)), a residual;
+ * a final RMSNorm; lm_head (tied to the embedding or not); cross-entropy over shifted labels
+ * (position t predicts label t+1), -100 ignored. Padding is on the right: a sequence's real
+ * tokens never see its padding, so padded positions change no real token's output.
+ *
+ * Memory. Four kinds of buffer, each ONE arena whose size a function below gives exactly, so
+ * the planner's memory model and the run agree byte for byte:
+ *   - parameters, struct llama_params: every tensor in Hugging Face order without gaps
+ *     (llama_param_bytes); gradients and AdamW moments are the same struct over arenas of
+ *     their own, so an optimizer sees one flat array of model_param_count floats;
+ *   - activations kept for backward for one micro-batch of B sequences x T tokens,
+ *     struct llama_acts (llama_act_bytes);
+ *   - workspace of a micro-batch: logits (B T V floats), gradient buffers, rotary tables,
+ *     per-thread attention scratch, struct llama_work (llama_work_bytes).
+ * Only small tables of pointers (the per-layer structs) are allocated besides. A step
+ * allocates nothing.
+ *
+ * Stages. Forward and backward come per stage, so an executor can run a contiguous layer range
+ * on one device: llama_embed_forward, llama_layer_forward (one layer), llama_head_forward
+ * (final norm, lm_head, loss), and their backwards in reverse. The gradient of the residual
+ * stream travels between stages in work->dres (N, D). llama_forward_backward chains them.
+ *
+ * Threads. struct llama owns a pool of nthreads threads (the caller is one) that splits
+ * matrix products and the other kernels. llama_init sets OpenBLAS to one thread per call
+ * (openblas_set_num_threads(1)): all parallelism is the pool's, so no BLAS thread spins against
+ * it. The partition of every task depends only on the problem size, so results are the same
+ * for any nthreads. One thread at a time may use a struct llama.
+ *
+ * Errors: llama_init, the _init functions and llama_batch_check return 0 or a negative MOAI_E*
+ * and fill err. Forward and backward trust a checked batch.
+ *
+ *     llama_init(&m, &cfg, 2, &err); llama_params_init(&p, &cfg, NULL, &err); ...
+ *     double loss_sum = llama_forward_backward(&m, &p, &g, &acts, &work, &batch,
+ *                                              1.0f / (float) llama_batch_targets(&batch));
+ */
+#ifndef MOAI_MODEL_LLAMA_H
+#define MOAI_MODEL_LLAMA_H
+
+#include "err.h"
+#include "model/config.h"
+#include "model/pool.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* One transformer layer's tensors, Hugging Face order, (out, in) row-major. In an arena made by
+ * llama_params_init, wq/wk/wv are adjacent (one ((H + 2 KV) hd, D) matrix) and so are
+ * w_gate/w_up (one (2F, D) matrix); the model multiplies them as such. */
+struct llama_layer {
+    float *input_norm;          /* (D)        model.layers.i.input_layernorm.weight */
+    float *wq;                  /* (H hd, D)  self_attn.q_proj.weight */
+    float *wk;                  /* (KV hd, D) self_attn.k_proj.weight */
+    float *wv;                  /* (KV hd, D) self_attn.v_proj.weight */
+    float *wo;                  /* (D, H hd)  self_attn.o_proj.weight */
+    float *post_norm;           /* (D)        post_attention_layernorm.weight */
+    float *w_gate;              /* (F, D)     mlp.gate_proj.weight */
+    float *w_up;                /* (F, D)     mlp.up_proj.weight */
+    float *w_down;              /* (D, F)     mlp.down_proj.weight */
+};
+
+/* Parameters (or their gradients, or an AdamW moment): pointers into one arena. */
+struct llama_params {
+    float *embed;               /* (V, D) model.embed_tokens.weight */
+    struct llama_layer *layers; /* (L) */
+    float *norm;                /* (D) model.norm.weight */
+    float *lm_head;             /* (V, D) lm_head.weight; equals embed when tied */
+    float *arena;               /* every tensor above in this order, no gaps */
+    int64_t nfloats;            /* llama_param_floats(cfg) = model_param_count(cfg) */
+    int64_t nlayers;            /* L */
+    bool owned;                 /* arena allocated (and freed) here */
+};
+
+/* Activations of one layer kept for backward; N = B T. */
+struct llama_layer_acts {
+    float *x;                   /* (N, D) layer input, the residual stream */
+    float *rstd1;               /* (N) */
+    float *ln1;                 /* (N, D) input_layernorm output */
+    float *qkv;                 /* (N, (H + 2 KV) hd) q, k (rotated), v */
+    float *probs;               /* (B, H, T, T) attention probabilities */
+    float *atty;                /* (N, H hd) attention output, o_proj input */
+    float *x2;                  /* (N, D) residual stream after attention */
+    float *rstd2;               /* (N) */
+    float *ln2;                 /* (N, D) post_attention_layernorm output */
+    float *gu;                  /* (N, 2F) gate | up projections */
+    float *h;                   /* (N, F) silu(gate) * up, down_proj input */
+};
+
+struct llama_acts {
+    int64_t B, T, nlayers;
+    struct llama_layer_acts *layers; /* (L); layer l's output is layers[l + 1].x, or xf */
+    float *xf;                  /* (N, D) output of the last layer */
+    float *rstdf;               /* (N) */
+    float *lnf;                 /* (N, D) final norm output, lm_head input */
+    void *arena;
+    size_t bytes;               /* llama_act_bytes */
+};
+
+struct llama_work {
+    int64_t B, T;
+    int nthreads;
+    float *rope_cos;            /* (T, hd/2) */
+    float *rope_sin;            /* (T, hd/2) */
+    int32_t *targets;           /* (N) labels shifted by one position */
+    float *losses;              /* (N) per-token loss, 0 where ignored */
+    float *lse;                 /* (N) log-sum-exp of the logits (evaluation) */
+    float *logits;              /* (N, V) logits; after a training forward, their gradient */
+    float *dres;                /* (N, D) gradient of the residual stream between stages */
+    float *dln;                 /* (N, D) */
+    float *dqkv;                /* (N, (H + 2 KV) hd) */
+    float *datty;               /* (N, H hd) */
+    float *dgu;                 /* (N, 2F) */
+    float *dh;                  /* (N, F) */
+    float *scratch;             /* (nthreads, T, T) attention backward */
+    float *dnorm_part;          /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
+    void *arena;
+    size_t bytes;               /* llama_work_bytes */
+};
+
+/* A micro-batch of B right-padded sequences of T tokens. */
+struct llama_batch {
+    int64_t B, T;
+    const int32_t *tokens;      /* (B, T) input ids in [0, V) */
+    const int32_t *labels;      /* (B, T) ids or -100; position t is scored against labels[t+1] */
+    const int32_t *lengths;     /* (B) real tokens per sequence (the attention mask's ones);
+                                   NULL: all T */
+};
+
+/* The model instance: configuration and thread pool. */
+struct llama {
+    struct model_config cfg;
+    struct pool *pool;
+    int nthreads;
+};
+
+/* Checks that cfg is a shape this code runs (positive sizes, KV divides H, even head_dim, sizes
+ * within int range for BLAS), copies it and starts nthreads - 1 threads. */
+int llama_init(struct llama *m, const struct model_config *cfg, int nthreads,
+               struct moai_err *err);
+void llama_release(struct llama *m);
+
+/* ---- sizes (the planner calls these) ---- */
+
+/* Floats of the parameter arena: equals model_param_count(cfg). */
+int64_t llama_param_floats(const struct model_config *cfg);
+/* llama_param_floats(cfg) * sizeof(float). */
+size_t llama_param_bytes(const struct model_config *cfg);
+/* Activations kept for backward for B x T tokens. */
+size_t llama_act_bytes(const struct model_config *cfg, int64_t B, int64_t T);
+/* Of those, one layer's (llama_act_bytes = L * this + the final norm's). */
+size_t llama_layer_act_bytes(const struct model_config *cfg, int64_t B, int64_t T);
+/* Workspace for B x T tokens and nthreads threads; its logits part is B T V floats. */
+size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, int nthreads);
+
+/* ---- buffers ---- */
+
+/* Points p into arena (llama_param_bytes, 64-byte aligned, caller-owned), or when arena is
+ * NULL allocates a zeroed one that llama_params_release frees. */
+int llama_params_init(struct llama_params *p, const struct model_config *cfg, float *arena,
+                      struct moai_err *err);
+void llama_params_release(struct llama_params *p);
+/* Sets every float of the arena to 0 (gradients before a step). */
+void llama_params_zero(struct llama *m, struct llama_params *p);
+
+int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
+                    struct moai_err *err);
+void llama_acts_release(struct llama_acts *a);
+
+/* Also fills the rotary tables for positions 0..T-1. */
+int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
+                    int nthreads, struct moai_err *err);
+void llama_work_release(struct llama_work *w);
+
+/* ---- tensors by name (loading, saving, initialization) ---- */
+
+enum llama_tensor_kind {
+    LLAMA_TENSOR_EMBEDDING,
+    LLAMA_TENSOR_LINEAR,
+    LLAMA_TENSOR_NORM,
+};
+
+struct llama_tensor {
+    char name[96];              /* "model.layers.3.self_attn.q_proj.weight" */
+    float *data;                /* into the params (or gradient, moment) arena */
+    int ndim;                   /* 1 or 2 */
+    int64_t shape[2];
+    int64_t numel;
+    enum llama_tensor_kind kind;
+    int64_t layer;              /* -1 outside the layers */
+};
+
+/* Tensors of the model: 2 + 9 L, plus lm_head.weight unless tied. */
+int64_t llama_tensor_count(const struct model_config *cfg);
+/* The index-th tensor in Hugging Face order (the arena's order). */
+void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
+                     const struct model_config *cfg, int64_t index);
+
+/* ---- the model ---- */
+
+/* Checks ids against the vocabulary, labels (-100 or an id), lengths in [0, T] and the batch
+ * shape against acts/work; names the sequence and position of a bad value. */
+int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct moai_err *err);
+/* Labels that count after the shift: labels[b][t] != -100 for t >= 1. */
+int64_t llama_batch_targets(const struct llama_batch *b);
+
+/* tokens -> a->layers[0].x (or a->xf when L = 0); also the shifted targets into w. */
+void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
+                         struct llama_work *w, const struct llama_batch *b);
+/* One layer: la->x -> out (the next layer's x, or acts->xf), saving la for backward. */
+void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
+                         struct llama_layer_acts *la, float *out, struct llama_work *w,
+                         const struct llama_batch *b);
+/* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). With
+ * backward, the logits become their gradient for a loss scaled by dloss (1 / number of
+ * counted tokens of the whole step for a mean), ready for llama_head_backward. */
+double llama_head_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
+                          struct llama_work *w, bool backward, float dloss);
+
+/* lm_head and final norm: g->lm_head, g->norm += ; w->dres = gradient w.r.t. a->xf. */
+void llama_head_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,
+                         struct llama_acts *a, struct llama_work *w);
+/* One layer: w->dres holds the gradient w.r.t. the layer's output on entry and w.r.t. its
+ * input on return; lg += the layer's weight gradients. */
+void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct llama_layer *lg,
+                          struct llama_layer_acts *la, struct llama_work *w,
+                          const struct llama_batch *b);
+/* g->embed += w->dres scattered by token (tokens equal to pad_token_id get none, as
+ * torch.nn.Embedding's padding_idx). */
+void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_work *w,
+                          const struct llama_batch *b);
+
+/* Whole model: returns the loss sum. Loss only when g is NULL. Gradients accumulate into g
+ * (zero it first with llama_params_zero for a fresh step). */
+double llama_forward_backward(struct llama *m, const struct llama_params *p,
+                              struct llama_params *g, struct llama_acts *a, struct llama_work *w,
+                              const struct llama_batch *b, float dloss);
+
+#endif

@@ -1,0 +1,963 @@
+/* test_llama.c - the Llama kernels and model: gradient checks, PyTorch reference, buffers. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "model/kernels.h"
+#include "model/llama.h"
+#include "model/optim.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- helpers ---------------------------------------------------------------------------- */
+
+static uint64_t rng_state = 88172645463325252ull;
+
+static double urand(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (double) (rng_state >> 11) * 0x1p-53;
+}
+
+static void fill(float *x, int64_t n, double lo, double hi)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] = (float) (lo + (hi - lo) * urand());
+}
+
+static float *falloc(int64_t n)
+{
+    float *x = calloc((size_t) n, sizeof(float));
+    assert_non_null(x);
+    return x;
+}
+
+/* sum_i out[i] * r[i] in double: the scalar objective whose gradient w.r.t. out is r. */
+static double wsum(const float *out, const float *r, int64_t n)
+{
+    double s = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        s += (double) out[i] * (double) r[i];
+    return s;
+}
+
+/*
+ * Finite-difference check: for up to `samples` entries of x (all when n <= samples; otherwise
+ * evenly spread), the central difference (f(x + h) - f(x - h)) / 2h must match the analytic
+ * gradient within |fd - an| <= atol + rtol * max(|fd|, |an|). Kernels are fp32 and the
+ * objectives are summed in double, so h = 1e-2 balances truncation (O(h^2)) against fp32
+ * rounding (O(1e-7 / h)); the tolerances each test states follow from that.
+ */
+static void grad_check(const char *what, double (*f)(void *), void *ctx, float *x, int64_t n,
+                       const float *analytic, int64_t samples, double h, double rtol,
+                       double atol)
+{
+    int64_t step = n <= samples ? 1 : n / samples;
+    double worst = 0.0;
+    int64_t worst_i = -1;
+    for (int64_t i = 0; i < n; i += step) {
+        float save = x[i];
+        x[i] = (float) (save + h);
+        double hp = (double) x[i] - save;
+        double fp = f(ctx);
+        x[i] = (float) (save - h);
+        double hm = save - (double) x[i];
+        double fm = f(ctx);
+        x[i] = save;
+        double fd = (fp - fm) / (hp + hm);
+        double an = analytic[i];
+        double err = fabs(fd - an) / (atol + rtol * fmax(fabs(fd), fabs(an)));
+        if (err > worst) {
+            worst = err;
+            worst_i = i;
+        }
+        if (err > 1.0)
+            fail_msg("%s: element %lld: finite difference %.7g, analytic %.7g", what,
+                     (long long) i, fd, an);
+    }
+    if (getenv("MOAI_GRAD_VERBOSE"))
+        print_message("%-44s worst %.3f of tolerance (element %lld)\n", what, worst,
+                      (long long) worst_i);
+}
+
+/* ---- kernel gradient checks --------------------------------------------------------------- */
+
+struct emb_ctx {
+    int32_t tokens[12];
+    float *emb, *out, *r;
+    int64_t N, D;
+};
+
+static double emb_loss(void *p)
+{
+    struct emb_ctx *c = p;
+    embedding_forward(c->out, c->tokens, c->emb, c->N, c->D);
+    return wsum(c->out, c->r, c->N * c->D);
+}
+
+static void test_llama_embedding_grad(void **state)
+{
+    (void) state;
+    struct emb_ctx c = {{3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8}, NULL, NULL, NULL, 12, 7};
+    int64_t V = 10;
+    c.emb = falloc(V * c.D);
+    c.out = falloc(c.N * c.D);
+    c.r = falloc(c.N * c.D);
+    float *demb = falloc(V * c.D);
+    fill(c.emb, V * c.D, -1, 1);
+    fill(c.r, c.N * c.D, -1, 1);
+    embedding_backward(demb, c.r, c.tokens, -1, c.N, c.D);
+    /* linear: tolerance 3e-4 relative, 3e-5 absolute */
+    grad_check("embedding", emb_loss, &c, c.emb, V * c.D, demb, 1000, 1e-2, 3e-4, 3e-5);
+    /* padding_idx: token 5 gets no gradient */
+    memset(demb, 0, sizeof(float) * (size_t) (V * c.D));
+    embedding_backward(demb, c.r, c.tokens, 5, c.N, c.D);
+    for (int64_t i = 0; i < c.D; i++)
+        assert_true(demb[5 * c.D + i] == 0.0f);
+    assert_true(demb[3 * c.D] != 0.0f);
+    free(c.emb);
+    free(c.out);
+    free(c.r);
+    free(demb);
+}
+
+struct norm_ctx {
+    float *x, *w, *out, *rstd, *r;
+    int64_t N, D;
+};
+
+static double norm_loss(void *p)
+{
+    struct norm_ctx *c = p;
+    rmsnorm_forward(c->out, c->rstd, c->x, c->w, 1e-5f, c->N, c->D);
+    return wsum(c->out, c->r, c->N * c->D);
+}
+
+static void test_llama_rmsnorm_grad(void **state)
+{
+    (void) state;
+    struct norm_ctx c = {.N = 5, .D = 37};
+    int64_t n = c.N * c.D;
+    c.x = falloc(n);
+    c.w = falloc(c.D);
+    c.out = falloc(n);
+    c.rstd = falloc(c.N);
+    c.r = falloc(n);
+    float *dx = falloc(n), *dw = falloc(c.D);
+    fill(c.x, n, -2, 2);
+    fill(c.w, c.D, 0.5, 1.5);
+    fill(c.r, n, -1, 1);
+    norm_loss(&c);
+    rmsnorm_backward(dx, dw, c.r, c.x, c.w, c.rstd, c.N, c.D);
+    /* tolerance 1e-3 relative, 1e-4 absolute */
+    grad_check("rmsnorm dx", norm_loss, &c, c.x, n, dx, 1000, 1e-2, 1e-3, 1e-4);
+    grad_check("rmsnorm dw", norm_loss, &c, c.w, c.D, dw, 1000, 1e-2, 1e-3, 1e-4);
+    /* the forward is HF's: weight * (x / sqrt(mean(x^2) + eps)) */
+    double ms = 0;
+    for (int64_t i = 0; i < c.D; i++)
+        ms += (double) c.x[i] * c.x[i];
+    double r0 = 1.0 / sqrt(ms / (double) c.D + 1e-5);
+    assert_float_equal(c.out[3], c.w[3] * c.x[3] * r0, 1e-5);
+    free(c.x);
+    free(c.w);
+    free(c.out);
+    free(c.rstd);
+    free(c.r);
+    free(dx);
+    free(dw);
+}
+
+struct rope_ctx {
+    float *x, *out, *cos, *sin, *r;
+    int64_t T, nh, hd, ld;
+};
+
+static double rope_loss(void *p)
+{
+    struct rope_ctx *c = p;
+    memcpy(c->out, c->x, sizeof(float) * (size_t) (c->T * c->ld));
+    rope_forward(c->out, c->cos, c->sin, c->T, c->nh, c->hd, c->ld);
+    return wsum(c->out, c->r, c->T * c->ld);
+}
+
+static void test_llama_rope_grad(void **state)
+{
+    (void) state;
+    struct rope_ctx c = {.T = 9, .nh = 3, .hd = 8, .ld = 30};
+    int64_t n = c.T * c.ld;
+    float inv[4];
+    struct rope_scaling none = {0};
+    c.x = falloc(n);
+    c.out = falloc(n);
+    c.r = falloc(n);
+    c.cos = falloc(c.T * 4);
+    c.sin = falloc(c.T * 4);
+    float *dx = falloc(n);
+    rope_inv_freq(inv, c.hd, 10000.0, &none);
+    assert_float_equal(inv[0], 1.0, 1e-7);
+    assert_float_equal(inv[1], 0.1, 1e-7);
+    assert_float_equal(inv[3], 0.001, 1e-9);
+    rope_tables(c.cos, c.sin, inv, c.T, c.hd);
+    fill(c.x, n, -1, 1);
+    fill(c.r, n, -1, 1);
+    /* columns past nh * hd are not heads: no gradient, untouched output */
+    for (int64_t t = 0; t < c.T; t++)
+        for (int64_t i = c.nh * c.hd; i < c.ld; i++)
+            c.r[t * c.ld + i] = 0.0f;
+    memcpy(dx, c.r, sizeof(float) * (size_t) n);
+    rope_backward(dx, c.cos, c.sin, c.T, c.nh, c.hd, c.ld);
+    for (int64_t t = 0; t < c.T; t++)
+        for (int64_t i = c.nh * c.hd; i < c.ld; i++)
+            dx[t * c.ld + i] = 0.0f;
+    /* linear: tolerance 3e-4 relative, 3e-5 absolute */
+    grad_check("rope", rope_loss, &c, c.x, n, dx, 1000, 1e-2, 3e-4, 3e-5);
+    /* rotate_half convention: out[i] = x[i] cos - x[i + hd/2] sin at position 5, pair 1 */
+    int64_t t = 5, i = 1;
+    float x1 = c.x[t * c.ld + i], x2 = c.x[t * c.ld + i + 4];
+    double a = 5.0 * 0.1;
+    assert_float_equal(c.out[t * c.ld + i], x1 * cos(a) - x2 * sin(a), 1e-6);
+    assert_float_equal(c.out[t * c.ld + i + 4], x2 * cos(a) + x1 * sin(a), 1e-6);
+    /* forward then backward gives the input back */
+    memcpy(c.out, c.x, sizeof(float) * (size_t) n);
+    rope_forward(c.out, c.cos, c.sin, c.T, c.nh, c.hd, c.ld);
+    rope_backward(c.out, c.cos, c.sin, c.T, c.nh, c.hd, c.ld);
+    for (int64_t k = 0; k < n; k++)
+        assert_float_equal(c.out[k], c.x[k], 1e-6);
+    free(c.x);
+    free(c.out);
+    free(c.r);
+    free(c.cos);
+    free(c.sin);
+    free(dx);
+}
+
+static void test_llama_rope_llama3_scaling(void **state)
+{
+    (void) state;
+    /* head_dim 8, theta 1e4: wavelengths 2 pi x {1, 10, 100, 1000}; with an original context
+     * of 64 and factors 1 / 4 they are kept, smoothed, divided by 8, divided by 8 */
+    struct rope_scaling rs = {ROPE_SCALING_LLAMA3, 8.0, 1.0, 4.0, 64};
+    float inv[4];
+    rope_inv_freq(inv, 8, 10000.0, &rs);
+    double wl = 2 * M_PI / 0.1, smooth = (64.0 / wl - 1.0) / 3.0;
+    double mid = (1 - smooth) * 0.1 / 8 + smooth * 0.1;
+    assert_float_equal(inv[0], 1.0, 1e-7);
+    assert_true(fabs(inv[1] - mid) < 1e-6 * mid);
+    assert_true(fabs(inv[2] - 0.01 / 8) < 1e-6 * 0.01 / 8);
+    assert_true(fabs(inv[3] - 0.001 / 8) < 1e-6 * 0.001 / 8);
+}
+
+struct att_ctx {
+    float *qkv, *out, *probs, *r;
+    int64_t len, T, H, KV, hd;
+};
+
+static double att_loss(void *p)
+{
+    struct att_ctx *c = p;
+    attention_forward(c->out, c->probs, c->qkv, c->len, c->T, c->H, c->KV, c->hd, 0, c->KV);
+    return wsum(c->out, c->r, c->T * c->H * c->hd);
+}
+
+static void test_llama_attention_grad(void **state)
+{
+    (void) state;
+    /* GQA (4 query heads on 2 kv heads), 70 positions (two causal blocks), 61 real tokens */
+    struct att_ctx c = {.len = 61, .T = 70, .H = 4, .KV = 2, .hd = 8};
+    int64_t C = (c.H + 2 * c.KV) * c.hd, n = c.T * C, no = c.T * c.H * c.hd;
+    c.qkv = falloc(n);
+    c.out = falloc(no);
+    c.probs = falloc(c.H * c.T * c.T);
+    c.r = falloc(no);
+    float *dqkv = falloc(n), *scratch = falloc(c.T * c.T);
+    fill(c.qkv, n, -1.5, 1.5);
+    fill(c.r, no, -1, 1);
+    att_loss(&c);
+    /* split the backward over the two kv heads as the model does */
+    attention_backward(dqkv, scratch, c.r, c.qkv, c.probs, c.len, c.T, c.H, c.KV, c.hd, 0, 1);
+    attention_backward(dqkv, scratch, c.r, c.qkv, c.probs, c.len, c.T, c.H, c.KV, c.hd, 1, 2);
+    /* tolerance 2e-3 relative, 2e-4 absolute */
+    grad_check("attention", att_loss, &c, c.qkv, n, dqkv, 1500, 1e-2, 2e-3, 2e-4);
+    /* keys past len get no gradient from anyone */
+    for (int64_t t = c.len; t < c.T; t++)
+        for (int64_t i = c.H * c.hd; i < C; i++)
+            assert_true(dqkv[t * C + i] == 0.0f);
+    free(c.qkv);
+    free(c.out);
+    free(c.probs);
+    free(c.r);
+    free(dqkv);
+    free(scratch);
+}
+
+static void test_llama_attention_matches_naive(void **state)
+{
+    (void) state;
+    /* a direct softmax(q k^T / sqrt(hd) + mask) v in double, padding on the right */
+    int64_t T = 67, H = 6, KV = 2, hd = 4, len = 50, C = (H + 2 * KV) * hd;
+    float *qkv = falloc(T * C), *out = falloc(T * H * hd), *probs = falloc(H * T * T);
+    fill(qkv, T * C, -2, 2);
+    attention_forward(out, probs, qkv, len, T, H, KV, hd, 0, KV);
+    double w[67];
+    for (int64_t h = 0; h < H; h++) {
+        int64_t g = h / (H / KV);
+        for (int64_t t = 0; t < T; t++) {
+            int64_t nk = t + 1 < len ? t + 1 : len;
+            double m = -1e300, s = 0;
+            for (int64_t j = 0; j < nk; j++) {
+                double d = 0;
+                for (int64_t i = 0; i < hd; i++)
+                    d += (double) qkv[t * C + h * hd + i] * qkv[j * C + (H + g) * hd + i];
+                w[j] = d / sqrt((double) hd);
+                m = fmax(m, w[j]);
+            }
+            for (int64_t j = 0; j < nk; j++)
+                s += (w[j] = exp(w[j] - m));
+            for (int64_t i = 0; i < hd; i++) {
+                double o = 0;
+                for (int64_t j = 0; j < nk; j++)
+                    o += w[j] / s * qkv[j * C + (H + KV + g) * hd + i];
+                assert_true(fabs(out[t * H * hd + h * hd + i] - o) < 1e-5);
+            }
+        }
+    }
+    free(qkv);
+    free(out);
+    free(probs);
+}
+
+struct swiglu_ctx {
+    float *gu, *h, *r;
+    int64_t N, F;
+};
+
+static double swiglu_loss(void *p)
+{
+    struct swiglu_ctx *c = p;
+    swiglu_forward(c->h, c->gu, c->N, c->F);
+    return wsum(c->h, c->r, c->N * c->F);
+}
+
+static void test_llama_swiglu_grad(void **state)
+{
+    (void) state;
+    struct swiglu_ctx c = {.N = 4, .F = 21};
+    c.gu = falloc(c.N * 2 * c.F);
+    c.h = falloc(c.N * c.F);
+    c.r = falloc(c.N * c.F);
+    float *dgu = falloc(c.N * 2 * c.F);
+    fill(c.gu, c.N * 2 * c.F, -4, 4);
+    fill(c.r, c.N * c.F, -1, 1);
+    swiglu_backward(dgu, c.r, c.gu, c.N, c.F);
+    /* tolerance 1e-3 relative, 1e-4 absolute */
+    grad_check("swiglu", swiglu_loss, &c, c.gu, c.N * 2 * c.F, dgu, 1000, 1e-2, 1e-3, 1e-4);
+    /* silu(g) * u as torch: g * sigmoid(g) * u */
+    double g = c.gu[5], u = c.gu[c.F + 5];
+    swiglu_loss(&c);
+    assert_float_equal(c.h[5], g / (1 + exp(-g)) * u, 1e-6);
+    free(c.gu);
+    free(c.h);
+    free(c.r);
+    free(dgu);
+}
+
+struct mm_ctx {
+    float *inp, *w, *out, *r;
+    int64_t N, C, OC;
+};
+
+static double mm_loss(void *p)
+{
+    struct mm_ctx *c = p;
+    matmul_forward(c->out, c->inp, c->w, false, c->N, c->C, c->OC);
+    return wsum(c->out, c->r, c->N * c->OC);
+}
+
+static void test_llama_matmul_grad(void **state)
+{
+    (void) state;
+    struct mm_ctx c = {.N = 6, .C = 11, .OC = 9};
+    c.inp = falloc(c.N * c.C);
+    c.w = falloc(c.OC * c.C);
+    c.out = falloc(c.N * c.OC);
+    c.r = falloc(c.N * c.OC);
+    float *dinp = falloc(c.N * c.C), *dw = falloc(c.OC * c.C);
+    fill(c.inp, c.N * c.C, -1, 1);
+    fill(c.w, c.OC * c.C, -1, 1);
+    fill(c.r, c.N * c.OC, -1, 1);
+    matmul_backward(dinp, dw, c.r, c.inp, c.w, c.N, c.C, c.OC);
+    /* linear: tolerance 3e-4 relative, 3e-5 absolute */
+    grad_check("matmul dinp", mm_loss, &c, c.inp, c.N * c.C, dinp, 1000, 1e-2, 3e-4, 3e-5);
+    grad_check("matmul dweight", mm_loss, &c, c.w, c.OC * c.C, dw, 1000, 1e-2, 3e-4, 3e-5);
+    /* accumulate adds to out */
+    mm_loss(&c);
+    float o0 = c.out[0];
+    matmul_forward(c.out, c.inp, c.w, true, c.N, c.C, c.OC);
+    assert_float_equal(c.out[0], 2 * o0, 1e-6);
+    free(c.inp);
+    free(c.w);
+    free(c.out);
+    free(c.r);
+    free(dinp);
+    free(dw);
+}
+
+struct ce_ctx {
+    float *logits, *losses, *lse;
+    int32_t targets[6];
+    int64_t N, V;
+    float dloss;
+};
+
+static double ce_loss(void *p)
+{
+    struct ce_ctx *c = p;
+    crossentropy_forward(c->losses, c->lse, c->logits, c->targets, c->N, c->V);
+    double s = 0;
+    for (int64_t n = 0; n < c->N; n++)
+        s += c->losses[n];
+    return s * c->dloss;
+}
+
+static void test_llama_crossentropy_grad(void **state)
+{
+    (void) state;
+    struct ce_ctx c = {.targets = {3, KERN_IGNORE_INDEX, 0, 40, KERN_IGNORE_INDEX, 17},
+                       .N = 6, .V = 41, .dloss = 0.25f};
+    int64_t n = c.N * c.V;
+    c.logits = falloc(n);
+    c.losses = falloc(c.N);
+    c.lse = falloc(c.N);
+    float *d = falloc(n), *fused = falloc(n), *fused_losses = falloc(c.N);
+    fill(c.logits, n, -5, 5);
+    ce_loss(&c);
+    crossentropy_backward(d, c.logits, c.lse, c.targets, c.dloss, c.N, c.V);
+    /* tolerance 1e-3 relative, 5e-5 absolute */
+    grad_check("crossentropy", ce_loss, &c, c.logits, n, d, 1000, 1e-2, 1e-3, 5e-5);
+    /* ignored rows: no loss, no gradient */
+    assert_true(c.losses[1] == 0.0f && c.losses[4] == 0.0f);
+    for (int64_t v = 0; v < c.V; v++)
+        assert_true(d[1 * c.V + v] == 0.0f);
+    /* the loss is log-sum-exp minus the target logit */
+    double s = 0;
+    for (int64_t v = 0; v < c.V; v++)
+        s += exp(c.logits[v]);
+    assert_float_equal(c.losses[0], log(s) - c.logits[3], 1e-5);
+    /* the fused kernel gives the same loss and gradient */
+    memcpy(fused, c.logits, sizeof(float) * (size_t) n);
+    crossentropy_fused(fused_losses, fused, c.targets, c.dloss, c.N, c.V);
+    for (int64_t i = 0; i < c.N; i++)
+        assert_float_equal(fused_losses[i], c.losses[i], 1e-5);
+    for (int64_t i = 0; i < n; i++)
+        assert_float_equal(fused[i], d[i], 1e-6);
+    free(c.logits);
+    free(c.losses);
+    free(c.lse);
+    free(d);
+    free(fused);
+    free(fused_losses);
+}
+
+static void test_llama_expf_accuracy(void **state)
+{
+    (void) state;
+    double worst = 0;
+    for (double x = -87.0; x <= 88.0; x += 0.0137) {
+        double e = exp((double) (float) x);
+        double err = fabs(kern_expf((float) x) - e) / e;
+        worst = fmax(worst, err);
+    }
+    assert_true(worst < 3e-7);
+    assert_true(kern_expf(0.0f) == 1.0f);
+    assert_true(kern_expf(-1000.0f) < 1e-37f && kern_expf(-1000.0f) >= 0.0f);
+    assert_true(isfinite(kern_expf(1000.0f)));
+}
+
+/* ---- the whole model ---------------------------------------------------------------------- */
+
+static struct model_config tiny_config(bool tied)
+{
+    struct model_config c = {0};
+    snprintf(c.name, sizeof(c.name), "tiny");
+    snprintf(c.architecture, sizeof(c.architecture), "LlamaForCausalLM");
+    c.hidden_size = 16;
+    c.intermediate_size = 24;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 4;
+    c.vocab_size = 29;
+    c.max_position_embeddings = 128;
+    c.rms_norm_eps = 1e-5;
+    c.rope_theta = 10000.0;
+    c.initializer_range = 0.3;
+    c.rope_scaling = (struct rope_scaling){ROPE_SCALING_LLAMA3, 8.0, 1.0, 4.0, 16};
+    c.tie_word_embeddings = tied;
+    c.bos_token_id = 1;
+    c.eos_token_id = 2;
+    c.pad_token_id = -1;
+    return c;
+}
+
+struct model_fixture {
+    struct model_config cfg;
+    struct llama m;
+    struct llama_params p, g;
+    struct llama_acts a;
+    struct llama_work w;
+    struct llama_batch b;
+    int32_t *tokens, *labels, *lengths;
+    float dloss;
+};
+
+static void model_setup(struct model_fixture *f, const struct model_config *cfg, int64_t B,
+                        int64_t T, int nthreads, uint64_t seed)
+{
+    struct moai_err err = {0};
+    memset(f, 0, sizeof(*f));
+    f->cfg = *cfg;
+    assert_int_equal(llama_init(&f->m, cfg, nthreads, &err), 0);
+    assert_int_equal(llama_params_init(&f->p, cfg, NULL, &err), 0);
+    assert_int_equal(llama_params_init(&f->g, cfg, NULL, &err), 0);
+    assert_int_equal(llama_acts_init(&f->a, cfg, B, T, &err), 0);
+    assert_int_equal(llama_work_init(&f->w, cfg, B, T, nthreads, &err), 0);
+    optim_init_params(f->m.pool, &f->p, cfg, seed);
+    /* norms away from 1 so their gradients are exercised in general position */
+    for (int64_t k = 0; k < llama_tensor_count(cfg); k++) {
+        struct llama_tensor t;
+        llama_tensor_at(&t, &f->p, cfg, k);
+        if (t.kind == LLAMA_TENSOR_NORM)
+            fill(t.data, t.numel, 0.7, 1.3);
+    }
+    f->tokens = calloc((size_t) (B * T), sizeof(int32_t));
+    f->labels = calloc((size_t) (B * T), sizeof(int32_t));
+    f->lengths = calloc((size_t) B, sizeof(int32_t));
+    for (int64_t i = 0; i < B; i++) {
+        f->lengths[i] = (int32_t) (T - 3 * i);
+        for (int64_t t = 0; t < T; t++) {
+            bool real = t < f->lengths[i];
+            f->tokens[i * T + t] = real ? (int32_t) (urand() * (double) cfg->vocab_size) : 0;
+            f->labels[i * T + t] = real && t >= 2 ? f->tokens[i * T + t] : KERN_IGNORE_INDEX;
+        }
+    }
+    f->b = (struct llama_batch){B, T, f->tokens, f->labels, f->lengths};
+    assert_int_equal(llama_batch_check(&f->m, &f->b, &err), 0);
+    f->dloss = 1.0f / (float) llama_batch_targets(&f->b);
+}
+
+static void model_teardown(struct model_fixture *f)
+{
+    llama_work_release(&f->w);
+    llama_acts_release(&f->a);
+    llama_params_release(&f->g);
+    llama_params_release(&f->p);
+    llama_release(&f->m);
+    free(f->tokens);
+    free(f->labels);
+    free(f->lengths);
+}
+
+static double model_loss(void *p)
+{
+    struct model_fixture *f = p;
+    return llama_forward_backward(&f->m, &f->p, NULL, &f->a, &f->w, &f->b, f->dloss) * f->dloss;
+}
+
+static void model_grad_check(bool tied)
+{
+    struct model_fixture f;
+    struct model_config cfg = tiny_config(tied);
+    model_setup(&f, &cfg, 2, 9, 1, 11);
+    llama_params_zero(&f.m, &f.g);
+    llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
+    /* every tensor, a spread of its entries: tolerance 1e-2 relative, 2e-4 absolute (the
+     * mean loss is ~3.4 and its fp32 rounding ~1e-7 becomes ~1e-5 in a difference quotient) */
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor t, gt;
+        llama_tensor_at(&t, &f.p, &cfg, k);
+        llama_tensor_at(&gt, &f.g, &cfg, k);
+        grad_check(t.name, model_loss, &f, t.data, t.numel, gt.data, 24, 3e-3, 1e-2, 2e-4);
+    }
+    model_teardown(&f);
+}
+
+static void test_llama_model_grad_untied(void **state)
+{
+    (void) state;
+    model_grad_check(false);
+}
+
+static void test_llama_model_grad_tied(void **state)
+{
+    (void) state;
+    model_grad_check(true);
+}
+
+static void test_llama_threads_bit_identical(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(false);
+    cfg.hidden_size = 64;
+    cfg.head_dim = 16;
+    cfg.intermediate_size = 96;
+    cfg.vocab_size = 301;
+    struct model_fixture f1, f3;
+    rng_state = 12345;
+    model_setup(&f1, &cfg, 3, 80, 1, 5);
+    rng_state = 12345;
+    model_setup(&f3, &cfg, 3, 80, 3, 5);
+    assert_memory_equal(f1.p.arena, f3.p.arena, llama_param_bytes(&cfg));
+    assert_memory_equal(f1.tokens, f3.tokens, sizeof(int32_t) * 240);
+    llama_params_zero(&f1.m, &f1.g);
+    llama_params_zero(&f3.m, &f3.g);
+    double l1 = llama_forward_backward(&f1.m, &f1.p, &f1.g, &f1.a, &f1.w, &f1.b, f1.dloss);
+    double l3 = llama_forward_backward(&f3.m, &f3.p, &f3.g, &f3.a, &f3.w, &f3.b, f3.dloss);
+    assert_true(l1 == l3);
+    assert_memory_equal(f1.g.arena, f3.g.arena, llama_param_bytes(&cfg));
+    model_teardown(&f1);
+    model_teardown(&f3);
+}
+
+static void test_llama_padding_invariance(void **state)
+{
+    (void) state;
+    /* right padding: whatever the padded positions hold, loss and gradients are unchanged */
+    struct model_config cfg = tiny_config(false);
+    struct model_fixture f;
+    model_setup(&f, &cfg, 3, 12, 2, 9);
+    llama_params_zero(&f.m, &f.g);
+    double l0 = llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
+    float *g0 = falloc(f.g.nfloats);
+    memcpy(g0, f.g.arena, llama_param_bytes(&cfg));
+    for (int64_t i = 0; i < 3; i++)
+        for (int64_t t = f.lengths[i]; t < 12; t++)
+            f.tokens[i * 12 + t] = (int32_t) (7 + t);
+    llama_params_zero(&f.m, &f.g);
+    double l1 = llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
+    assert_true(l0 == l1);
+    assert_memory_equal(g0, f.g.arena, llama_param_bytes(&cfg));
+    free(g0);
+    model_teardown(&f);
+}
+
+static void test_llama_layout_and_sizes(void **state)
+{
+    (void) state;
+    struct moai_err err = {0};
+    for (int tied = 0; tied < 2; tied++) {
+        struct model_config cfg = tiny_config(tied);
+        struct llama_params p;
+        float *arena = aligned_alloc(64, (llama_param_bytes(&cfg) + 63) / 64 * 64);
+        assert_int_equal(llama_params_init(&p, &cfg, arena, &err), 0);
+        assert_false(p.owned);
+        /* tensors follow one another in Hugging Face order without gaps */
+        float *next = arena;
+        int64_t total = 0;
+        for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+            struct llama_tensor t;
+            llama_tensor_at(&t, &p, &cfg, k);
+            assert_ptr_equal(t.data, next);
+            next += t.numel;
+            total += t.numel;
+        }
+        assert_int_equal(total, llama_param_floats(&cfg));
+        assert_int_equal(llama_tensor_count(&cfg), tied ? 20 : 21);
+        assert_ptr_equal(p.lm_head, tied ? p.embed : p.norm + cfg.hidden_size);
+        llama_params_release(&p);
+        free(arena);
+    }
+    /* activation and workspace arenas are what the size functions say */
+    struct model_config cfg = tiny_config(false);
+    struct llama_acts a;
+    struct llama_work w;
+    assert_int_equal(llama_acts_init(&a, &cfg, 3, 10, &err), 0);
+    assert_int_equal(llama_work_init(&w, &cfg, 3, 10, 2, &err), 0);
+    assert_int_equal(a.bytes, llama_act_bytes(&cfg, 3, 10));
+    assert_int_equal(w.bytes, llama_work_bytes(&cfg, 3, 10, 2));
+    /* L layers, then xf and lnf (N D floats) and rstdf (N floats, padded to 64 bytes) */
+    assert_int_equal(llama_act_bytes(&cfg, 3, 10),
+                     2 * llama_layer_act_bytes(&cfg, 3, 10) + 2 * 30 * 16 * 4 + 128);
+    assert_true(llama_work_bytes(&cfg, 3, 10, 2) >= 4 * 30 * 29);
+    assert_true(llama_work_bytes(&cfg, 3, 10, 2) > llama_work_bytes(&cfg, 3, 10, 1));
+    /* the largest kept buffer is right: B H T T probabilities per layer */
+    assert_true(llama_layer_act_bytes(&cfg, 3, 10) >= 4 * 3 * 4 * 10 * 10);
+    llama_acts_release(&a);
+    llama_work_release(&w);
+}
+
+static void test_llama_tensor_names(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(false);
+    struct llama_tensor t;
+    llama_tensor_at(&t, NULL, &cfg, 0);
+    assert_string_equal(t.name, "model.embed_tokens.weight");
+    assert_int_equal(t.shape[0], 29);
+    assert_int_equal(t.shape[1], 16);
+    llama_tensor_at(&t, NULL, &cfg, 12);
+    assert_string_equal(t.name, "model.layers.1.self_attn.k_proj.weight");
+    assert_int_equal(t.ndim, 2);
+    assert_int_equal(t.shape[0], 8);
+    assert_int_equal(t.layer, 1);
+    llama_tensor_at(&t, NULL, &cfg, 14);
+    assert_string_equal(t.name, "model.layers.1.self_attn.o_proj.weight");
+    assert_int_equal(t.shape[0], 16);
+    assert_int_equal(t.shape[1], 16);
+    llama_tensor_at(&t, NULL, &cfg, 18);
+    assert_string_equal(t.name, "model.layers.1.mlp.down_proj.weight");
+    assert_int_equal(t.shape[1], 24);
+    llama_tensor_at(&t, NULL, &cfg, 19);
+    assert_string_equal(t.name, "model.norm.weight");
+    assert_int_equal(t.ndim, 1);
+    assert_int_equal(t.kind, LLAMA_TENSOR_NORM);
+    llama_tensor_at(&t, NULL, &cfg, 20);
+    assert_string_equal(t.name, "lm_head.weight");
+}
+
+static void test_llama_errors(void **state)
+{
+    (void) state;
+    struct moai_err err = {0};
+    struct llama m;
+    struct model_config cfg = tiny_config(false);
+    cfg.num_key_value_heads = 3;
+    assert_int_equal(llama_init(&m, &cfg, 1, &err), MOAI_EUSAGE);
+    assert_string_equal(err.msg, "model 'tiny': 'num_key_value_heads' (3) does not divide "
+                                 "'num_attention_heads' (4)");
+    cfg = tiny_config(false);
+    cfg.head_dim = 5;
+    assert_int_equal(llama_init(&m, &cfg, 1, &err), MOAI_EUSAGE);
+    assert_string_equal(err.msg, "model 'tiny': 'head_dim' (5) is odd");
+    cfg = tiny_config(false);
+    cfg.hidden_size = 0;
+    assert_int_equal(llama_init(&m, &cfg, 1, &err), MOAI_EUSAGE);
+    assert_string_equal(err.msg, "model 'tiny': 'hidden_size' (0) is out of range");
+
+    cfg = tiny_config(false);
+    assert_int_equal(llama_init(&m, &cfg, 1, &err), 0);
+    int32_t tokens[6] = {1, 2, 3, 4, 5, 6}, labels[6] = {1, 2, 3, -100, 5, 6}, lengths[2] = {3, 3};
+    struct llama_batch b = {2, 3, tokens, labels, lengths};
+    assert_int_equal(llama_batch_check(&m, &b, &err), 0);
+    assert_int_equal(llama_batch_targets(&b), 4);
+    tokens[4] = 29;
+    assert_int_equal(llama_batch_check(&m, &b, &err), MOAI_EIO);
+    assert_string_equal(err.msg, "batch: sequence 1, position 1: token id 29 is outside the "
+                                 "vocabulary [0, 29)");
+    tokens[4] = 5;
+    labels[2] = -1;
+    assert_int_equal(llama_batch_check(&m, &b, &err), MOAI_EIO);
+    assert_string_equal(err.msg, "batch: sequence 0, position 2: label -1 is neither -100 nor in "
+                                 "the vocabulary [0, 29)");
+    labels[2] = 3;
+    lengths[1] = 4;
+    assert_int_equal(llama_batch_check(&m, &b, &err), MOAI_EIO);
+    assert_string_equal(err.msg, "batch: sequence 1: length 4 is outside [0, 3]");
+    llama_release(&m);
+}
+
+/* ---- PyTorch reference ------------------------------------------------------------------- */
+
+struct ref {
+    json_t *root;
+    float *data;
+    size_t nfloats;
+};
+
+static void ref_load(struct ref *r, const char *name)
+{
+    char path[256];
+    json_error_t jerr;
+    snprintf(path, sizeof(path), "tests/data/ref/%s.json", name);
+    r->root = json_load_file(path, 0, &jerr);
+    if (!r->root)
+        fail_msg("%s: %s", path, jerr.text);
+    snprintf(path, sizeof(path), "tests/data/ref/%s.bin", name);
+    FILE *fp = fopen(path, "rb");
+    assert_non_null(fp);
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    r->nfloats = (size_t) size / 4;
+    r->data = malloc((size_t) size);
+    assert_non_null(r->data);
+    unsigned char *bytes = (unsigned char *) r->data;
+    assert_int_equal(fread(bytes, 1, (size_t) size, fp), (size_t) size);
+    fclose(fp);
+    for (size_t i = 0; i < r->nfloats; i++) { /* little-endian on any host */
+        uint32_t u = (uint32_t) bytes[4 * i] | (uint32_t) bytes[4 * i + 1] << 8 |
+                     (uint32_t) bytes[4 * i + 2] << 16 | (uint32_t) bytes[4 * i + 3] << 24;
+        memcpy(&r->data[i], &u, 4);
+    }
+}
+
+static void ref_free(struct ref *r)
+{
+    json_decref(r->root);
+    free(r->data);
+}
+
+static const float *ref_tensor(const struct ref *r, const char *name, int64_t numel)
+{
+    json_t *ts = json_object_get(r->root, "tensors"), *t;
+    size_t i;
+    json_array_foreach(ts, i, t) {
+        if (strcmp(json_string_value(json_object_get(t, "name")), name))
+            continue;
+        int64_t n = 1;
+        size_t j;
+        json_t *d;
+        json_array_foreach(json_object_get(t, "shape"), j, d) n *= json_integer_value(d);
+        assert_int_equal(n, numel);
+        int64_t off = json_integer_value(json_object_get(t, "offset"));
+        assert_true((size_t) (off + n) <= r->nfloats);
+        return r->data + off;
+    }
+    fail_msg("reference tensor '%s' is missing", name);
+    return NULL;
+}
+
+static int32_t *ref_ints(json_t *arr)
+{
+    int32_t *v = calloc(json_array_size(arr) + 1, sizeof(int32_t));
+    size_t i;
+    json_t *x;
+    json_array_foreach(arr, i, x) v[i] = (int32_t) json_integer_value(x);
+    return v;
+}
+
+/* relative error of a against b as a whole: ||a - b|| / ||b|| */
+static double rel_err(const float *a, const float *b, int64_t n)
+{
+    double d = 0, s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        d += ((double) a[i] - b[i]) * ((double) a[i] - b[i]);
+        s += (double) b[i] * b[i];
+    }
+    return sqrt(d / (s > 0 ? s : 1));
+}
+
+static void ref_check(const char *name, int nthreads)
+{
+    struct ref r;
+    struct moai_err err = {0};
+    ref_load(&r, name);
+    json_t *jc = json_object_get(r.root, "config"), *jb = json_object_get(r.root, "batch");
+    struct model_config cfg = {0};
+    snprintf(cfg.name, sizeof(cfg.name), "%s", name);
+    cfg.hidden_size = json_integer_value(json_object_get(jc, "hidden_size"));
+    cfg.intermediate_size = json_integer_value(json_object_get(jc, "intermediate_size"));
+    cfg.num_hidden_layers = json_integer_value(json_object_get(jc, "num_hidden_layers"));
+    cfg.num_attention_heads = json_integer_value(json_object_get(jc, "num_attention_heads"));
+    cfg.num_key_value_heads = json_integer_value(json_object_get(jc, "num_key_value_heads"));
+    cfg.head_dim = json_integer_value(json_object_get(jc, "head_dim"));
+    cfg.vocab_size = json_integer_value(json_object_get(jc, "vocab_size"));
+    cfg.rms_norm_eps = json_real_value(json_object_get(jc, "rms_norm_eps"));
+    cfg.rope_theta = json_real_value(json_object_get(jc, "rope_theta"));
+    cfg.tie_word_embeddings = json_is_true(json_object_get(jc, "tie_word_embeddings"));
+    cfg.pad_token_id = json_integer_value(json_object_get(jc, "pad_token_id"));
+    json_t *rs = json_object_get(jc, "rope_scaling");
+    if (json_is_object(rs)) {
+        cfg.rope_scaling.type = ROPE_SCALING_LLAMA3;
+        cfg.rope_scaling.factor = json_real_value(json_object_get(rs, "factor"));
+        cfg.rope_scaling.low_freq_factor = json_real_value(json_object_get(rs, "low_freq_factor"));
+        cfg.rope_scaling.high_freq_factor =
+            json_real_value(json_object_get(rs, "high_freq_factor"));
+        cfg.rope_scaling.original_max_position_embeddings =
+            json_integer_value(json_object_get(rs, "original_max_position_embeddings"));
+    }
+    int64_t B = json_integer_value(json_object_get(jb, "B"));
+    int64_t T = json_integer_value(json_object_get(jb, "T"));
+    int32_t *tokens = ref_ints(json_object_get(jb, "tokens"));
+    int32_t *labels = ref_ints(json_object_get(jb, "labels"));
+    int32_t *lengths = ref_ints(json_object_get(jb, "lengths"));
+
+    struct llama m;
+    struct llama_params p, g;
+    struct llama_acts a;
+    struct llama_work w;
+    assert_int_equal(llama_init(&m, &cfg, nthreads, &err), 0);
+    assert_int_equal(llama_params_init(&p, &cfg, NULL, &err), 0);
+    assert_int_equal(llama_params_init(&g, &cfg, NULL, &err), 0);
+    assert_int_equal(llama_acts_init(&a, &cfg, B, T, &err), 0);
+    assert_int_equal(llama_work_init(&w, &cfg, B, T, nthreads, &err), 0);
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor t;
+        llama_tensor_at(&t, &p, &cfg, k);
+        memcpy(t.data, ref_tensor(&r, t.name, t.numel), sizeof(float) * (size_t) t.numel);
+    }
+    struct llama_batch b = {B, T, tokens, labels, lengths};
+    assert_int_equal(llama_batch_check(&m, &b, &err), 0);
+    int64_t count = llama_batch_targets(&b);
+    assert_int_equal(count, json_integer_value(json_object_get(r.root, "targets")));
+    double loss =
+        llama_forward_backward(&m, &p, &g, &a, &w, &b, 1.0f / (float) count) / (double) count;
+    double want = json_real_value(json_object_get(r.root, "loss"));
+    /* loss: relative error 1e-5 */
+    assert_true(fabs(loss - want) <= 1e-5 * fabs(want));
+    /* every gradient: relative error (2-norm of the difference over the 2-norm) 1e-5 */
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor t;
+        char gname[128];
+        llama_tensor_at(&t, &g, &cfg, k);
+        snprintf(gname, sizeof(gname), "grad.%s", t.name);
+        double e = rel_err(t.data, ref_tensor(&r, gname, t.numel), t.numel);
+        if (e > 1e-5)
+            fail_msg("%s: gradient of '%s' differs from PyTorch's by %.3g (relative)", name,
+                     t.name, e);
+    }
+    llama_work_release(&w);
+    llama_acts_release(&a);
+    llama_params_release(&g);
+    llama_params_release(&p);
+    llama_release(&m);
+    free(tokens);
+    free(labels);
+    free(lengths);
+    ref_free(&r);
+}
+
+static void test_llama_ref_gqa_untied_llama3(void **state)
+{
+    (void) state;
+    ref_check("llama_gqa_untied", 1);
+    ref_check("llama_gqa_untied", 2);
+}
+
+static void test_llama_ref_mha_tied(void **state)
+{
+    (void) state;
+    ref_check("llama_mha_tied", 2);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_llama_embedding_grad),
+        cmocka_unit_test(test_llama_rmsnorm_grad),
+        cmocka_unit_test(test_llama_rope_grad),
+        cmocka_unit_test(test_llama_rope_llama3_scaling),
+        cmocka_unit_test(test_llama_attention_grad),
+        cmocka_unit_test(test_llama_attention_matches_naive),
+        cmocka_unit_test(test_llama_swiglu_grad),
+        cmocka_unit_test(test_llama_matmul_grad),
+        cmocka_unit_test(test_llama_crossentropy_grad),
+        cmocka_unit_test(test_llama_expf_accuracy),
+        cmocka_unit_test(test_llama_model_grad_untied),
+        cmocka_unit_test(test_llama_model_grad_tied),
+        cmocka_unit_test(test_llama_threads_bit_identical),
+        cmocka_unit_test(test_llama_padding_invariance),
+        cmocka_unit_test(test_llama_layout_and_sizes),
+        cmocka_unit_test(test_llama_tensor_names),
+        cmocka_unit_test(test_llama_errors),
+        cmocka_unit_test(test_llama_ref_gqa_untied_llama3),
+        cmocka_unit_test(test_llama_ref_mha_tied),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
