@@ -1,0 +1,437 @@
+/* run.c - one recipe end to end: plan, data, weights, training, checkpoints (see run.h). */
+#include "exec/run.h"
+
+#include "data/batch.h"
+#include "data/dataset.h"
+#include "data/spm.h"
+#include "exec/ckpt.h"
+#include "exec/train.h"
+#include "log.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "model/optim.h"
+#include "model/safetensors.h"
+#include "model/tensors.h"
+#include "plan/plan.h"
+#include "plan/report.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* What the save callback needs. */
+struct saver {
+    const struct recipe *r;
+    const struct model_config *cfg;
+    const struct plan_result *plan;
+    int64_t steps_per_epoch, total_steps;
+    double last_loss;
+    bool json, final_announced;
+};
+
+static int file_exists(const char *path)
+{
+    return access(path, R_OK) == 0;
+}
+
+/* A list of tensors to write, with the names they own. */
+struct entries {
+    struct st_write_tensor *t;
+    char (*names)[160];
+    int n, cap;
+};
+
+/* Appends the model's tensors over a flat arena, each name followed by suffix. */
+static int entries_add(struct entries *e, const struct model_config *cfg, const float *arena,
+                       const char *suffix)
+{
+    int64_t count = model_tensor_count(cfg);
+    if (e->n + count > e->cap) {
+        int cap = e->n + (int) count;
+        struct st_write_tensor *t = realloc(e->t, (size_t) cap * sizeof(*t));
+        char (*names)[160] = t ? realloc(e->names, (size_t) cap * sizeof(*names)) : NULL;
+        if (t)
+            e->t = t;
+        if (!names)
+            return MOAI_ENOMEM;
+        e->names = names;
+        e->cap = cap;
+    }
+    for (int64_t i = 0; i < count; i++) {
+        struct model_tensor_spec s;
+        struct st_write_tensor *t = &e->t[e->n];
+        model_tensor_spec(cfg, i, &s);
+        snprintf(e->names[e->n], sizeof(e->names[0]), "%s%s", s.name, suffix);
+        memset(t, 0, sizeof(*t));
+        t->ndim = s.ndim;
+        t->shape[0] = s.shape[0];
+        t->shape[1] = s.shape[1];
+        t->data = arena + s.offset;
+        e->n++;
+    }
+    for (int i = 0; i < e->n; i++) /* names may have moved with the realloc */
+        e->t[i].name = e->names[i];
+    return 0;
+}
+
+static void entries_release(struct entries *e)
+{
+    free(e->t);
+    free(e->names);
+    memset(e, 0, sizeof(*e));
+}
+
+static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
+{
+    json_t *s = json_object();
+    json_object_set_new(s, "format", json_string("moai-finetune trainer state 1"));
+    json_object_set_new(s, "step", json_integer(steps_done));
+    json_object_set_new(s, "total_steps", json_integer(sv->total_steps));
+    json_object_set_new(s, "steps_per_epoch", json_integer(sv->steps_per_epoch));
+    json_object_set_new(s, "epoch", json_integer(steps_done / sv->steps_per_epoch));
+    /* The data order is a pure function of (seed, epoch): the position is all there is to
+     * the shuffling RNG's state. */
+    json_object_set_new(s, "data_position",
+                        json_pack("{s:I, s:I}", "epoch",
+                                  (json_int_t) (steps_done / sv->steps_per_epoch), "index",
+                                  (json_int_t) (steps_done % sv->steps_per_epoch)));
+    json_object_set_new(s, "rng", json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch",
+                                            "seed", (json_int_t) sv->r->training.seed));
+    json_object_set_new(s, "last_loss", json_real(sv->last_loss));
+    json_object_set_new(s, "recipe", recipe_to_json(sv->r));
+    return s;
+}
+
+/* The train_save_fn: a whole checkpoint into save_dir, atomically. */
+static int save(void *arg, int64_t steps_done, const float *params, const float *m,
+                const float *v, struct moai_err *err)
+{
+    struct saver *sv = arg;
+    const struct recipe *r = sv->r;
+    struct ckpt_stage stage;
+    char path[4096];
+    bool bf16 = r->training.precision == PRECISION_BF16;
+    struct model_config out = *sv->cfg;
+    int rc;
+
+    if (steps_done == sv->total_steps && !sv->final_announced) {
+        sv->final_announced = true;
+        if (!sv->json) {
+            puts("Training Done");
+            puts("Saving Model...");
+            fflush(stdout);
+        }
+    }
+    snprintf(out.torch_dtype, sizeof(out.torch_dtype), "%s", bf16 ? "bfloat16" : "float32");
+    if ((rc = ckpt_stage_begin(&stage, r->training.save_dir, err)) < 0)
+        return rc;
+    json_t *config = model_config_to_json(&out);
+    json_t *state = trainer_state(sv, steps_done);
+    json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
+    rc = ckpt_stage_write_json(&stage, "config.json", config, err);
+    if (rc == 0) {
+        struct entries e = {0};
+        if (entries_add(&e, sv->cfg, params, "") < 0)
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing the weights");
+        else
+            rc = st_write(ckpt_stage_path(&stage, "model.safetensors", path, sizeof(path)), e.n,
+                          e.t, bf16 ? ST_BF16 : ST_F32, err);
+        entries_release(&e);
+    }
+    if (rc == 0 && r->tokenizer && file_exists(r->tokenizer))
+        rc = ckpt_stage_copy_file(&stage, "tokenizer.model", r->tokenizer, err);
+    if (rc == 0)
+        rc = ckpt_stage_write_json(&stage, "plan.json", plan, err);
+    if (rc == 0) {
+        /* Adam's moments, and the fp32 weights when the model file holds them in bf16:
+         * resuming continues from exactly the state the run had. */
+        struct entries e = {0};
+        if (entries_add(&e, sv->cfg, m, ".exp_avg") < 0 ||
+            entries_add(&e, sv->cfg, v, ".exp_avg_sq") < 0 ||
+            (bf16 && entries_add(&e, sv->cfg, params, ".master") < 0))
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing the optimizer state");
+        else
+            rc = st_write(ckpt_stage_path(&stage, "optimizer.safetensors", path, sizeof(path)),
+                          e.n, e.t, ST_F32, err);
+        entries_release(&e);
+    }
+    if (rc == 0)
+        rc = ckpt_stage_write_json(&stage, "trainer_state.json", state, err);
+    if (rc == 0)
+        rc = ckpt_stage_commit(&stage, err);
+    if (rc < 0)
+        ckpt_stage_abort(&stage);
+    else
+        log_info("checkpoint saved in '%s' at step %lld", r->training.save_dir,
+                 (long long) steps_done);
+    json_decref(config);
+    json_decref(state);
+    json_decref(plan);
+    return rc;
+}
+
+int exec_load_model_config(const struct recipe *r, struct model_config *cfg,
+                           struct moai_err *err)
+{
+    char path[4096];
+    if (r->model.path)
+        snprintf(path, sizeof(path), "%s/config.json", r->model.path);
+    int rc = model_config_load(cfg, r->model.path ? path : NULL, r->model.config, err);
+    if (rc < 0 && !r->model.path)
+        moai_err_prefix(err, "%s", r->source);
+    return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
+}
+
+/* The batcher as the training loop sees it. */
+static void rows_of(void *arg, int64_t epoch, int64_t index, int64_t *rows)
+{
+    batch_rows(arg, epoch, index, rows);
+}
+
+/* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json. */
+static int resume_from(const struct recipe *r, const struct model_config *cfg, float *params,
+                       float *m, float *v, int64_t *steps_done, struct moai_err *err)
+{
+    char path[4096];
+    json_error_t jerr;
+    int rc;
+
+    snprintf(path, sizeof(path), "%s/trainer_state.json", r->training.save_dir);
+    json_t *state = json_load_file(path, 0, &jerr);
+    if (!state)
+        return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line,
+                            jerr.text);
+    json_t *step = json_object_get(state, "step");
+    if (!json_is_integer(step) || json_integer_value(step) < 0) {
+        json_decref(state);
+        return moai_err_set(err, MOAI_EIO, "%s: cannot resume: 'step' is not a count", path);
+    }
+    *steps_done = json_integer_value(step);
+    /* A different recipe would not continue the same run: say which keys differ. */
+    json_t *was = json_object_get(json_object_get(state, "recipe"), "training");
+    json_t *now = recipe_to_json(r), *nt = json_object_get(now, "training");
+    const char *key;
+    json_t *val;
+    json_object_foreach(nt, key, val) {
+        if (!strcmp(key, "max_steps") || !strcmp(key, "epochs") || !strcmp(key, "save_interval") ||
+            !strcmp(key, "log_interval") || !strcmp(key, "resume"))
+            continue;
+        if (was && !json_equal(val, json_object_get(was, key)))
+            log_warn("%s: 'training.%s' differs from the run being resumed", r->source, key);
+    }
+    json_decref(now);
+    json_decref(state);
+
+    struct st_set set;
+    if ((rc = st_set_open_dir(&set, r->training.save_dir, err)) < 0)
+        return rc;
+    rc = model_tensors_load(cfg, &set, params, err);
+    st_set_close(&set);
+    if (rc < 0)
+        return rc;
+    snprintf(path, sizeof(path), "%s/optimizer.safetensors", r->training.save_dir);
+    struct st_file f;
+    if ((rc = st_open(&f, path, err)) < 0)
+        return rc;
+    int64_t count = model_tensor_count(cfg);
+    for (int64_t i = 0; i < count && rc == 0; i++) {
+        struct model_tensor_spec s;
+        static const char *const suffix[] = {".exp_avg", ".exp_avg_sq", ".master"};
+        float *dst[] = {m, v, params};
+        model_tensor_spec(cfg, i, &s);
+        for (int k = 0; k < 3 && rc == 0; k++) {
+            char name[200];
+            snprintf(name, sizeof(name), "%s%s", s.name, suffix[k]);
+            const struct st_tensor *t = st_find(&f, name);
+            if (!t) {
+                if (k < 2)
+                    rc = moai_err_set(err, MOAI_EIO, "%s: tensor '%s' is missing", path, name);
+                continue;
+            }
+            if (t->numel != s.numel)
+                rc = moai_err_set(err, MOAI_EIO, "%s: tensor '%s' has %lld elements, not %lld",
+                                  path, name, (long long) t->numel, (long long) s.numel);
+            else
+                rc = st_to_f32(t, dst[k] + s.offset, err);
+        }
+    }
+    st_close(&f);
+    return rc;
+}
+
+static void print_final(const struct recipe *r, const struct exec_opts *o,
+                        const struct train_result *tr, const struct plan_result *pr)
+{
+    if (!o->json) {
+        printf("Model saved in '%s'\n", r->training.save_dir);
+        fflush(stdout);
+        return;
+    }
+    json_t *peaks = json_array();
+    for (int i = 0; i < tr->ndev && i < 64; i++)
+        json_array_append_new(peaks, json_integer(tr->peak_bytes[i]));
+    json_t *j = json_pack("{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o}", "status", "done",
+                          "recipe", r->source, "save_dir", r->training.save_dir, "steps",
+                          (json_int_t) tr->steps_done, "loss", tr->last_loss, "validation_loss",
+                          isnan(tr->valid_loss) ? json_null() : json_real(tr->valid_loss),
+                          "median_step_s", tr->median_step_s, "median_tokens_per_s",
+                          tr->median_tokens_per_s, "predicted_bytes_per_device",
+                          (json_int_t) pr->best.mem.total_bytes, "peak_bytes", peaks);
+    char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    if (text)
+        puts(text);
+    free(text);
+    json_decref(j);
+    fflush(stdout);
+}
+
+int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
+{
+    struct model_config cfg;
+    struct plan_result pr;
+    struct data_set data;
+    struct batcher batcher;
+    struct llama_params host = {0};
+    float *m = NULL, *v = NULL;
+    int rc;
+
+    if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
+        return rc;
+    if (cfg.sliding_window && r->training.block_size > cfg.sliding_window)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: 'training.block_size' (%lld) exceeds the model's sliding window "
+                            "(%lld), which this attention does not implement",
+                            r->source, (long long) r->training.block_size,
+                            (long long) cfg.sliding_window);
+    if ((rc = plan_search(&pr, &cfg, r, err)) < 0) {
+        if (rc == MOAI_EOOM)
+            plan_oom_message(err, &pr, &cfg, r);
+        return rc;
+    }
+    struct exec_layout layout = {
+        .dp = pr.best.dp, .pp = pr.best.pp, .tp = pr.best.tp,
+        .num_micro_batches = pr.best.num_micro_batches,
+        .batch_per_device = pr.best.batch_per_device,
+        .recomputation = pr.best.recomputation,
+        .distribute_param = pr.best.distribute_param,
+        .distribute_low_prec_param = pr.best.distribute_low_prec_param,
+    };
+    if (layout.pp > 1 || layout.tp > 1 || layout.recomputation != RECOMPUTE_NONE) {
+        moai_err_set(err, MOAI_ENOTYET,
+                     "%s: the selected plan needs %s, whose execution is not built yet", r->source,
+                     layout.pp > 1 ? "pipeline parallelism"
+                                   : layout.tp > 1 ? "tensor parallelism" : "recomputation");
+        return moai_err_hint(err, "pin the planner to what runs: parallel: {pp: 1, tp: 1, "
+                                  "recomputation: none}");
+    }
+
+    if ((rc = data_prepare(&data, r, cfg.vocab_size, err)) < 0)
+        return rc;
+    if ((rc = batcher_init(&batcher, data.n, r->training.batch_size,
+                           r->dataset.validation_fraction, r->dataset.shuffle,
+                           r->training.seed, err)) < 0)
+        goto out_data;
+    int64_t spe = batcher.steps_per_epoch;
+    if (spe < 1) {
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "%s: the dataset has %lld training records, fewer than one batch of %lld",
+                          r->source, (long long) batcher.ntrain,
+                          (long long) r->training.batch_size);
+        goto out_batcher;
+    }
+    int64_t total = r->training.max_steps != RECIPE_NONE ? r->training.max_steps
+                                                          : spe * r->training.epochs;
+    if ((rc = llama_params_init(&host, &cfg, NULL, err)) < 0)
+        goto out_batcher;
+
+    int64_t start = 0;
+    char state_path[4096];
+    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
+    bool resume = !strcmp(r->training.resume, "auto") ? file_exists(state_path)
+                  : strcmp(r->training.resume, "never") != 0;
+    if (resume) {
+        struct recipe from = *r;
+        if (strcmp(r->training.resume, "auto"))
+            from.training.save_dir = r->training.resume;
+        m = calloc((size_t) host.nfloats, sizeof(float));
+        v = calloc((size_t) host.nfloats, sizeof(float));
+        if (!m || !v)
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
+        else
+            rc = resume_from(&from, &cfg, host.arena, m, v, &start, err);
+        if (rc < 0)
+            goto out_params;
+        log_info("resuming from '%s' after step %lld of %lld", from.training.save_dir,
+                 (long long) start, (long long) total);
+        if (start >= total) {
+            log_info("nothing to do: the checkpoint is at step %lld of %lld", (long long) start,
+                     (long long) total);
+            rc = 0;
+            goto out_params;
+        }
+    } else if (r->model.init == MODEL_INIT_RANDOM) {
+        optim_init_params(NULL, &host, &cfg, r->training.seed);
+    } else {
+        struct st_set set;
+        if ((rc = st_set_open_dir(&set, r->model.path, err)) < 0)
+            goto out_params;
+        rc = model_tensors_load(&cfg, &set, host.arena, err);
+        st_set_close(&set);
+        if (rc < 0)
+            goto out_params;
+    }
+
+    struct saver sv = {.r = r, .cfg = &cfg, .plan = &pr, .steps_per_epoch = spe,
+                       .total_steps = total, .json = o->json};
+    struct train_job job = {
+        .recipe = r,
+        .cfg = &cfg,
+        .layout = layout,
+        .train = {.n = data.n, .T = data.T, .tokens = data.tokens, .labels = data.labels,
+                  .lengths = data.lengths},
+        .batch_rows = rows_of,
+        .batch_arg = &batcher,
+        .steps_per_epoch = spe,
+        .total_steps = total,
+        .start_step = start,
+        .init_params = host.arena,
+        .init_m = m,
+        .init_v = v,
+        .save = save,
+        .save_arg = &sv,
+        .json = o->json,
+    };
+    if (batcher.nvalid > 0) {
+        job.valid = job.train;
+        job.valid.n = batcher.nvalid;
+        job.valid.tokens = batcher.valid_tokens;
+        job.valid.labels = batcher.valid_labels;
+        job.valid.lengths = batcher.valid_lengths;
+    }
+    struct train_result tr;
+    rc = exec_train(&job, &tr, err);
+    for (int i = 0; i < tr.ndev && i < 64; i++)
+        log_info("device %d: peak memory %lld bytes, planned %lld (measured/predicted %.3f)", i,
+                 (long long) tr.peak_bytes[i], (long long) pr.best.mem.total_bytes,
+                 (double) tr.peak_bytes[i] / (double) pr.best.mem.total_bytes);
+    if (rc == 0) {
+        if (!isnan(tr.valid_loss))
+            log_info("validation loss %.6g", tr.valid_loss);
+        log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s)", tr.median_step_s,
+                 tr.median_tokens_per_s, pr.best.predicted_step_seconds);
+        print_final(r, o, &tr, &pr);
+    }
+out_params:
+    free(m);
+    free(v);
+    llama_params_release(&host);
+out_batcher:
+    batcher_release(&batcher);
+out_data:
+    data_set_release(&data);
+    return rc;
+}

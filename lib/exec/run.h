@@ -1,0 +1,31 @@
+/* run.h - one recipe end to end: architecture, plan, data, weights, training, checkpoints.
+ *
+ * exec_run is what `moai-finetune RECIPE` does: it reads the model config, plans the layout
+ * (logging the platform's lines; an out-of-memory plan prints the documented report), tokenizes
+ * the dataset (or loads the token cache), loads the weights (or initializes them, or resumes
+ * from save_dir), trains on the flavor's virtual devices, and saves a Hugging Face style
+ * checkpoint atomically: config.json, model.safetensors, tokenizer.model, plan.json, and for
+ * resuming optimizer.safetensors and trainer_state.json.
+ *
+ * Standard output gets the step lines and the final messages (or JSON Lines); standard error
+ * the logs. Returns 0, or the code of the failure with err filled (MOAI_EOOM after printing
+ * the OUT_OF_MEMORY report, MOAI_EINTR after an interrupted run was saved).
+ *
+ *     struct exec_opts o = {.json = false};
+ *     rc = exec_run(&recipe, &o, &err);
+ */
+#ifndef MOAI_RUN_H
+#define MOAI_RUN_H
+
+#include "err.h"
+#include "recipe.h"
+
+#include <stdbool.h>
+
+struct exec_opts {
+    bool json;                  /* JSON Lines on standard output */
+};
+
+int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err);
+
+#endif
