@@ -114,7 +114,7 @@ install: $(BIN)
 
 # Rebuild the shipped dataset and tokenizer from Debian's package descriptions.
 dataset:
-	scripts/build-dataset.sh
+	datasets/build.sh
 
 # Reformat the sources with .clang-format.
 format:
