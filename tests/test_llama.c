@@ -690,6 +690,20 @@ static void test_llama_layout_and_sizes(void **state)
     assert_true(llama_layer_act_bytes(&cfg, 3, 10) >= 4 * 3 * 4 * 10 * 10);
     llama_acts_release(&a);
     llama_work_release(&w);
+    /* or cut from the caller's arenas, which release leaves alone */
+    void *am = aligned_alloc(64, llama_act_bytes(&cfg, 2, 7));
+    void *wm = aligned_alloc(64, llama_work_bytes(&cfg, 2, 7, 1));
+    assert_int_equal(llama_acts_bind(&a, &cfg, 2, 7, am, &err), 0);
+    assert_int_equal(llama_work_bind(&w, &cfg, 2, 7, 1, wm, &err), 0);
+    assert_false(a.owned || w.owned);
+    assert_ptr_equal(a.layers[0].x, am);
+    assert_true((char *) a.lnf + 2 * 7 * 16 * 4 <= (char *) am + a.bytes);
+    assert_true((char *) w.dnorm_part >= (char *) wm &&
+                (char *) w.dnorm_part + 16 * 4 <= (char *) wm + w.bytes);
+    llama_acts_release(&a);
+    llama_work_release(&w);
+    free(am);
+    free(wm);
 }
 
 static void test_llama_tensor_names(void **state)

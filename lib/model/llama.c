@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Rows per task of the row-wise kernels; also the row chunks of the RMSNorm weight gradient
  * partial sums, so the reduction order depends on N only. */
@@ -91,6 +92,7 @@ static void work_layout(struct llama_work *w, struct bump *b, const struct model
 {
     int64_t N = B * T, D = c->hidden_size, F = c->intermediate_size;
     int64_t H = c->num_attention_heads, hd = c->head_dim, V = c->vocab_size;
+    w->rope_inv_freq = bumpf(b, hd / 2);
     w->rope_cos = bumpf(b, T * (hd / 2));
     w->rope_sin = bumpf(b, T * (hd / 2));
     w->targets = bump(b, sizeof(int32_t) * (size_t) N);
@@ -145,9 +147,19 @@ size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, in
     return bump_total(&b);
 }
 
+/* Arenas of 2 MiB or more are aligned to 2 MiB and asked for transparent huge pages: the
+ * strided reads of attention heads and GEMM packing then miss the TLB far less. */
+#define HUGE_PAGE ((size_t) 2 << 20)
+
 static void *arena_alloc(size_t bytes)
 {
-    void *p = aligned_alloc(ALIGN, bytes ? bytes : ALIGN);
+    void *p = NULL;
+    if (posix_memalign(&p, bytes < HUGE_PAGE ? ALIGN : HUGE_PAGE, bytes ? bytes : ALIGN))
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    if (bytes >= HUGE_PAGE)
+        madvise(p, bytes, MADV_HUGEPAGE);
+#endif
     return p;
 }
 
@@ -167,15 +179,14 @@ int llama_params_init(struct llama_params *p, const struct model_config *cfg, fl
         return moai_err_set(err, MOAI_ENOMEM, "cannot allocate the layer table of %lld layers",
                             (long long) L);
     if (!arena) {
-        size_t rounded = (bytes + ALIGN - 1) / ALIGN * ALIGN;
-        arena = arena_alloc(rounded);
+        arena = arena_alloc(bytes);
         if (!arena) {
             free(p->layers);
             p->layers = NULL;
             return moai_err_set(err, MOAI_ENOMEM, "cannot allocate %zu bytes of parameters",
                                 bytes);
         }
-        memset(arena, 0, rounded);
+        memset(arena, 0, bytes);
         p->owned = true;
     }
     p->arena = arena;
@@ -333,6 +344,12 @@ void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
 int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
                     struct moai_err *err)
 {
+    return llama_acts_bind(a, cfg, B, T, NULL, err);
+}
+
+int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
+                    void *arena, struct moai_err *err)
+{
     int64_t L = cfg->num_hidden_layers;
     memset(a, 0, sizeof(*a));
     a->B = B;
@@ -340,12 +357,17 @@ int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_
     a->nlayers = L;
     a->bytes = llama_act_bytes(cfg, B, T);
     a->layers = calloc((size_t) (L > 0 ? L : 1), sizeof(struct llama_layer_acts));
-    a->arena = arena_alloc(a->bytes);
+    if (!arena) {
+        arena = arena_alloc(a->bytes);
+        a->owned = true;
+    }
+    a->arena = arena;
     if (!a->layers || !a->arena) {
+        size_t bytes = a->bytes;
         llama_acts_release(a);
         return moai_err_set(err, MOAI_ENOMEM,
                             "cannot allocate %zu bytes of activations for %lld x %lld tokens",
-                            llama_act_bytes(cfg, B, T), (long long) B, (long long) T);
+                            bytes, (long long) B, (long long) T);
     }
     struct bump b = {a->arena, 0};
     acts_layout(a, &b, cfg, B, T);
@@ -356,14 +378,20 @@ int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_
 void llama_acts_release(struct llama_acts *a)
 {
     free(a->layers);
-    free(a->arena);
+    if (a->owned)
+        free(a->arena);
     memset(a, 0, sizeof(*a));
 }
 
 int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
                     int nthreads, struct moai_err *err)
 {
-    int64_t hd = cfg->head_dim;
+    return llama_work_bind(w, cfg, B, T, nthreads, NULL, err);
+}
+
+int llama_work_bind(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
+                    int nthreads, void *arena, struct moai_err *err)
+{
     memset(w, 0, sizeof(*w));
     if (nthreads < 1)
         nthreads = 1;
@@ -371,32 +399,27 @@ int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_
     w->T = T;
     w->nthreads = nthreads;
     w->bytes = llama_work_bytes(cfg, B, T, nthreads);
-    w->arena = arena_alloc(w->bytes);
-    if (!w->arena) {
-        size_t bytes = w->bytes;
-        llama_work_release(w);
-        return moai_err_set(err, MOAI_ENOMEM,
-                            "cannot allocate %zu bytes of workspace for %lld x %lld tokens", bytes,
-                            (long long) B, (long long) T);
+    if (!arena) {
+        arena = arena_alloc(w->bytes);
+        if (!arena)
+            return moai_err_set(err, MOAI_ENOMEM,
+                                "cannot allocate %zu bytes of workspace for %lld x %lld tokens",
+                                w->bytes, (long long) B, (long long) T);
+        w->owned = true;
     }
+    w->arena = arena;
     struct bump b = {w->arena, 0};
     work_layout(w, &b, cfg, B, T, nthreads);
     MOAI_ASSERT(bump_total(&b) == w->bytes);
-
-    float *freq = malloc(sizeof(float) * (size_t) (hd / 2 > 0 ? hd / 2 : 1));
-    if (!freq) {
-        llama_work_release(w);
-        return moai_err_set(err, MOAI_ENOMEM, "cannot allocate the rotary table");
-    }
-    rope_inv_freq(freq, hd, cfg->rope_theta, &cfg->rope_scaling);
-    rope_tables(w->rope_cos, w->rope_sin, freq, T, hd);
-    free(freq);
+    rope_inv_freq(w->rope_inv_freq, cfg->head_dim, cfg->rope_theta, &cfg->rope_scaling);
+    rope_tables(w->rope_cos, w->rope_sin, w->rope_inv_freq, T, cfg->head_dim);
     return 0;
 }
 
 void llama_work_release(struct llama_work *w)
 {
-    free(w->arena);
+    if (w->owned)
+        free(w->arena);
     memset(w, 0, sizeof(*w));
 }
 

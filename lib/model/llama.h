@@ -98,11 +98,13 @@ struct llama_acts {
     float *lnf;                 /* (N, D) final norm output, lm_head input */
     void *arena;
     size_t bytes;               /* llama_act_bytes */
+    bool owned;                 /* arena allocated (and freed) here */
 };
 
 struct llama_work {
     int64_t B, T;
     int nthreads;
+    float *rope_inv_freq;       /* (hd/2) */
     float *rope_cos;            /* (T, hd/2) */
     float *rope_sin;            /* (T, hd/2) */
     int32_t *targets;           /* (N) labels shifted by one position */
@@ -119,6 +121,7 @@ struct llama_work {
     float *dnorm_part;          /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
     void *arena;
     size_t bytes;               /* llama_work_bytes */
+    bool owned;                 /* arena allocated (and freed) here */
 };
 
 /* A micro-batch of B right-padded sequences of T tokens. */
@@ -159,20 +162,29 @@ size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, in
 /* ---- buffers ---- */
 
 /* Points p into arena (llama_param_bytes, 64-byte aligned, caller-owned), or when arena is
- * NULL allocates a zeroed one that llama_params_release frees. */
+ * NULL allocates a zeroed one that llama_params_release frees. Arenas allocated here of
+ * 2 MiB or more are 2 MiB-aligned and advised for transparent huge pages (MADV_HUGEPAGE). */
 int llama_params_init(struct llama_params *p, const struct model_config *cfg, float *arena,
                       struct moai_err *err);
 void llama_params_release(struct llama_params *p);
 /* Sets every float of the arena to 0 (gradients before a step). */
 void llama_params_zero(struct llama *m, struct llama_params *p);
 
+/* Activations of B x T tokens in an arena of their own (llama_act_bytes). */
 int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
                     struct moai_err *err);
+/* The same cut from arena (llama_act_bytes, 64-byte aligned, caller-owned; NULL: own). */
+int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
+                    void *arena, struct moai_err *err);
 void llama_acts_release(struct llama_acts *a);
 
-/* Also fills the rotary tables for positions 0..T-1. */
+/* The workspace (llama_work_bytes) in an arena of its own; also fills the rotary tables for
+ * positions 0..T-1. nthreads must be at least the model's. */
 int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
                     int nthreads, struct moai_err *err);
+/* The same cut from arena (llama_work_bytes, 64-byte aligned, caller-owned; NULL: own). */
+int llama_work_bind(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
+                    int nthreads, void *arena, struct moai_err *err);
 void llama_work_release(struct llama_work *w);
 
 /* ---- tensors by name (loading, saving, initialization) ---- */
