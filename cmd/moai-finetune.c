@@ -1,8 +1,241 @@
-/* moai-finetune.c - the command line (placeholder until the foundation lands). */
-#include <stdio.h>
+/* moai-finetune.c - the command line: options, the loop over recipes, exit statuses. */
+#include "err.h"
+#include "log.h"
+#include "model/config.h"
+#include "recipe.h"
 
-int main(void)
+#include <getopt.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MOAI_VERSION "0.1.0"
+
+enum mode {
+    MODE_TRAIN,
+    MODE_PLAN,
+    MODE_VALIDATE,
+};
+
+struct options {
+    enum mode mode;
+    bool json;
+    struct recipe_overrides ov;
+    const char **sets;
+};
+
+static const char usage_text[] =
+    "usage: moai-finetune [OPTIONS] RECIPE...\n"
+    "\n"
+    "Fine-tunes a Llama-family model from each YAML RECIPE ('-' reads standard input),\n"
+    "planning the parallel layout over the recipe's flavor automatically.\n"
+    "\n"
+    "  --plan-only        plan, print the plan and exit (reads only the recipe and config.json)\n"
+    "  --json             JSON Lines on standard output\n"
+    "  --set KEY=VALUE    override a recipe key by dotted path (repeatable)\n"
+    "  --ap, --no-ap      switch advanced parallelization on or off\n"
+    "  --validate         check the recipe and the files it names, then exit\n"
+    "  -q, --quiet        log only warnings and errors\n"
+    "  -v, --verbose      log more (debug lines)\n"
+    "  -h, --help         show this help and exit\n"
+    "  -V, --version      show the version and exit\n"
+    "\n"
+    "Exit status: 0 success, 1 run-time failure, 2 usage or recipe error, 3 out of memory,\n"
+    "130 interrupted after a checkpoint was saved. See moai-finetune(1) and moai-recipe(5).\n";
+
+static void print_error(const struct moai_err *err)
 {
-    puts("moai-finetune");
+    fprintf(stderr, "moai-finetune: error: %s\n", err->msg);
+    if (err->hint[0])
+        fprintf(stderr, "hint: %s\n", err->hint);
+}
+
+/* One JSON Lines object on standard output. */
+static void print_json_line(json_t *obj)
+{
+    char *s = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    if (s) {
+        puts(s);
+        free(s);
+    }
+    fflush(stdout);
+}
+
+static void print_json_status(const char *recipe, const char *status, const struct moai_err *err)
+{
+    json_t *o = json_pack("{s:s, s:s}", "recipe", recipe, "status", status);
+    if (o && err)
+        json_object_set_new(o, "error", json_string(err->msg));
+    if (o)
+        print_json_line(o);
+    json_decref(o);
+}
+
+/* Reads the recipe's model architecture: config.json under model.path, with model.config. */
+static int load_model_config(const struct recipe *r, struct model_config *cfg,
+                             struct moai_err *err)
+{
+    char path[4096];
+    if (r->model.path)
+        snprintf(path, sizeof(path), "%s/config.json", r->model.path);
+    int rc = model_config_load(cfg, r->model.path ? path : NULL, r->model.config, err);
+    if (rc < 0 && !r->model.path)
+        moai_err_prefix(err, "%s", r->source);
+    return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
+}
+
+static int run_validate(const struct options *opt, const char *path, struct recipe *r,
+                        struct moai_err *err)
+{
+    struct model_config cfg;
+    int rc = recipe_check_files(r, err);
+    if (rc < 0)
+        return rc;
+    if ((rc = load_model_config(r, &cfg, err)) < 0)
+        return rc;
+    if (opt->json)
+        print_json_status(path, "ok", NULL);
+    else
+        printf("%s: ok\n", path);
     return 0;
+}
+
+static int run_plan(const struct options *opt, const char *path, struct recipe *r,
+                    struct moai_err *err)
+{
+    (void) opt, (void) path, (void) r;
+    return moai_err_set(err, MOAI_ENOTYET,
+                        "--plan-only is not built yet: the planner has not landed");
+}
+
+static int run_train(const struct options *opt, const char *path, struct recipe *r,
+                     struct moai_err *err)
+{
+    (void) opt, (void) path, (void) r;
+    return moai_err_set(err, MOAI_ENOTYET,
+                        "training is not built yet: use --validate (or --plan-only once the "
+                        "planner lands)");
+}
+
+/* Loads and runs one recipe. Returns its exit status. */
+static int run_recipe(const struct options *opt, const char *path)
+{
+    struct moai_err err = {0};
+    struct recipe r;
+    int rc = recipe_load(&r, path, &opt->ov, &err);
+
+    if (rc == 0) {
+        switch (opt->mode) {
+        case MODE_VALIDATE:
+            rc = run_validate(opt, path, &r, &err);
+            break;
+        case MODE_PLAN:
+            rc = run_plan(opt, path, &r, &err);
+            break;
+        case MODE_TRAIN:
+            rc = run_train(opt, path, &r, &err);
+            break;
+        }
+        recipe_release(&r);
+    }
+    if (rc < 0) {
+        print_error(&err);
+        if (opt->json)
+            print_json_status(path, rc == MOAI_EOOM ? "oom" : "error", &err);
+    }
+    return moai_err_exit_status(rc);
+}
+
+static int usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "moai-finetune: error: ");
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    enum { OPT_PLAN = 256, OPT_JSON, OPT_SET, OPT_AP, OPT_NO_AP, OPT_VALIDATE };
+    static const struct option longopts[] = {
+        {"plan-only", no_argument, NULL, OPT_PLAN},
+        {"json", no_argument, NULL, OPT_JSON},
+        {"set", required_argument, NULL, OPT_SET},
+        {"ap", no_argument, NULL, OPT_AP},
+        {"no-ap", no_argument, NULL, OPT_NO_AP},
+        {"validate", no_argument, NULL, OPT_VALIDATE},
+        {"quiet", no_argument, NULL, 'q'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    struct options opt = {.mode = MODE_TRAIN, .ov = {.ap = -1}};
+    int c, status = 0;
+
+    opt.sets = calloc((size_t) argc, sizeof(*opt.sets));
+    if (!opt.sets)
+        return 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "+qvhV", longopts, NULL)) != -1) {
+        switch (c) {
+        case OPT_PLAN:
+            if (opt.mode == MODE_VALIDATE)
+                return usage_error("%s cannot be combined with --validate", "--plan-only");
+            opt.mode = MODE_PLAN;
+            break;
+        case OPT_VALIDATE:
+            if (opt.mode == MODE_PLAN)
+                return usage_error("%s cannot be combined with --plan-only", "--validate");
+            opt.mode = MODE_VALIDATE;
+            break;
+        case OPT_JSON:
+            opt.json = true;
+            break;
+        case OPT_SET:
+            if (!strchr(optarg, '=') || optarg[0] == '=')
+                return usage_error("--set '%s': expected KEY=VALUE", optarg);
+            opt.sets[opt.ov.nsets++] = optarg;
+            break;
+        case OPT_AP:
+            opt.ov.ap = 1;
+            break;
+        case OPT_NO_AP:
+            opt.ov.ap = 0;
+            break;
+        case 'q':
+            log_set_level(LOG_WARN);
+            break;
+        case 'v':
+            log_set_level(LOG_DEBUG);
+            break;
+        case 'h':
+            fputs(usage_text, stdout);
+            free(opt.sets);
+            return 0;
+        case 'V':
+            printf("moai-finetune %s\n", MOAI_VERSION);
+            free(opt.sets);
+            return 0;
+        default:
+            free(opt.sets);
+            if (optopt && optopt < 256)
+                return usage_error("unknown option '-%c'", (char[]){(char) optopt, 0});
+            return usage_error("unknown option or missing argument '%s'", argv[optind - 1]);
+        }
+    }
+    opt.ov.sets = opt.sets;
+    if (optind >= argc) {
+        free(opt.sets);
+        return usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
+    }
+    for (int i = optind; i < argc; i++) {
+        int s = run_recipe(&opt, argv[i]);
+        if (s > status)
+            status = s;
+    }
+    free(opt.sets);
+    return status;
 }

@@ -24,18 +24,18 @@
 
 enum moai_errcode {
     MOAI_OK = 0,
-    MOAI_EIO = -1,      /* run-time failure: I/O, bad data file, non-finite loss (exit 1) */
-    MOAI_EUSAGE = -2,   /* usage or recipe error (exit 2) */
-    MOAI_EOOM = -3,     /* no layout fits, or an arena is full (exit 3) */
-    MOAI_ENOTYET = -4,  /* a feature that is not built yet (exit 2) */
-    MOAI_EINTR = -5,    /* interrupted by a signal after a checkpoint was saved (exit 130) */
-    MOAI_ENOMEM = -6,   /* the host's malloc failed (exit 1) */
+    MOAI_EIO = -1,     /* run-time failure: I/O, bad data file, non-finite loss (exit 1) */
+    MOAI_EUSAGE = -2,  /* usage or recipe error (exit 2) */
+    MOAI_EOOM = -3,    /* no layout fits, or an arena is full (exit 3) */
+    MOAI_ENOTYET = -4, /* a feature that is not built yet (exit 2) */
+    MOAI_EINTR = -5,   /* interrupted by a signal after a checkpoint was saved (exit 130) */
+    MOAI_ENOMEM = -6,  /* the host's malloc failed (exit 1) */
 };
 
 struct moai_err {
-    int code;           /* the last code set, 0 when none */
-    char msg[1024];     /* one line, no trailing newline */
-    char hint[512];     /* optional second line, "" when none */
+    int code;       /* the last code set, 0 when none */
+    char msg[1024]; /* one line, no trailing newline */
+    char hint[512]; /* optional second line, "" when none */
 };
 
 /* Sets err's code and message (printf-style) and returns code, so a caller can write
@@ -51,8 +51,7 @@ int moai_err_prefix(struct moai_err *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
 /* Sets err's hint line. Returns err->code. */
-int moai_err_hint(struct moai_err *err, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
+int moai_err_hint(struct moai_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* The process exit status for a code: 0, 1, 2, 3 or 130. */
 int moai_err_exit_status(int code);
@@ -60,10 +59,10 @@ int moai_err_exit_status(int code);
 /* Reports file and line and aborts. For invariants; plain assert() only in hot loops. */
 _Noreturn void moai_assert_fail(const char *expr, const char *file, int line);
 
-#define MOAI_ASSERT(cond)                                                                      \
-    do {                                                                                       \
-        if (!(cond))                                                                           \
-            moai_assert_fail(#cond, __FILE__, __LINE__);                                       \
+#define MOAI_ASSERT(cond)                                                                          \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            moai_assert_fail(#cond, __FILE__, __LINE__);                                           \
     } while (0)
 
 #endif

@@ -96,6 +96,6 @@ void progress_finish(struct progress *p)
         return;
     }
     char line[1024];
-    log_info("%s", progress_format(line, sizeof(line), p->desc, p->n, p->total,
-                                   now - p->start_s, p->unit, 30));
+    log_info("%s", progress_format(line, sizeof(line), p->desc, p->n, p->total, now - p->start_s,
+                                   p->unit, 30));
 }

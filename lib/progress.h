@@ -21,13 +21,13 @@
 #include <stdio.h>
 
 struct progress {
-    const char *desc;   /* "Map", "Loading checkpoint shards" */
-    const char *unit;   /* "examples"; "it" prints s/it when slower than 1/s */
+    const char *desc; /* "Map", "Loading checkpoint shards" */
+    const char *unit; /* "examples"; "it" prints s/it when slower than 1/s */
     int64_t total;
     int64_t n;
-    double start_s;     /* monotonic seconds at init */
-    double drawn_s;     /* when the bar was last drawn */
-    bool tty;           /* draw the bar in place */
+    double start_s; /* monotonic seconds at init */
+    double drawn_s; /* when the bar was last drawn */
+    bool tty;       /* draw the bar in place */
     FILE *out;
 };
 

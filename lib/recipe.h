@@ -24,8 +24,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define RECIPE_AUTO (-1)        /* an int or tristate left to the planner */
-#define RECIPE_NONE (-1)        /* an optional int that is null */
+#define RECIPE_AUTO (-1) /* an int or tristate left to the planner */
+#define RECIPE_NONE (-1) /* an optional int that is null */
 
 enum model_init {
     MODEL_INIT_PRETRAINED,
@@ -39,64 +39,64 @@ enum lr_schedule {
 };
 
 enum precision {
-    PRECISION_BF16,             /* bf16 weights/activations, fp32 master and optimizer */
+    PRECISION_BF16, /* bf16 weights/activations, fp32 master and optimizer */
     PRECISION_FP32,
 };
 
 enum recompute {
     RECOMPUTE_AUTO = -1,
-    RECOMPUTE_NONE = 0,         /* printed 0 */
-    RECOMPUTE_SELECTIVE = 1,    /* attention internals only, printed 1 */
-    RECOMPUTE_FULL = 2,         /* whole layers, printed full(2) */
+    RECOMPUTE_NONE = 0,      /* printed 0 */
+    RECOMPUTE_SELECTIVE = 1, /* attention internals only, printed 1 */
+    RECOMPUTE_FULL = 2,      /* whole layers, printed full(2) */
 };
 
 struct recipe {
-    char *source;               /* the file name as given, "<stdin>" for "-" */
+    char *source; /* the file name as given, "<stdin>" for "-" */
 
     struct {
-        char *path;             /* model directory, NULL when only model.config is given */
-        json_t *config;         /* inline config.json keys (object), NULL when none */
+        char *path;     /* model directory, NULL when only model.config is given */
+        json_t *config; /* inline config.json keys (object), NULL when none */
         enum model_init init;
     } model;
 
-    char *tokenizer;            /* default <model.path>/tokenizer.model; NULL when neither */
+    char *tokenizer; /* default <model.path>/tokenizer.model; NULL when neither */
 
     struct {
         char *path;
-        char *template;         /* with {field} placeholders */
-        char *response_start;   /* NULL when unset */
-        int64_t limit;          /* RECIPE_NONE for all records */
+        char *template;       /* with {field} placeholders */
+        char *response_start; /* NULL when unset */
+        int64_t limit;        /* RECIPE_NONE for all records */
         bool shuffle;
         double validation_fraction;
-        char *cache_dir;        /* resolved default: $XDG_CACHE_HOME or ~/.cache, + /moai-finetune */
+        char *cache_dir; /* resolved default: $XDG_CACHE_HOME or ~/.cache, + /moai-finetune */
     } dataset;
 
     struct {
-        int64_t batch_size;     /* global batch, sequences per optimizer step */
+        int64_t batch_size; /* global batch, sequences per optimizer step */
         int64_t block_size;
         int64_t epochs;
-        int64_t max_steps;      /* RECIPE_NONE for epochs x steps per epoch */
+        int64_t max_steps; /* RECIPE_NONE for epochs x steps per epoch */
         double lr;
         enum lr_schedule lr_schedule;
         int64_t warmup_steps;
         double weight_decay;
         double betas[2];
         double eps;
-        double grad_clip;       /* 0 disables */
+        double grad_clip; /* 0 disables */
         enum precision precision;
         uint64_t seed;
         int64_t log_interval;
         char *save_dir;
-        int64_t save_interval;  /* RECIPE_NONE: only at the end */
-        char *resume;           /* "auto", "never" or a checkpoint directory */
+        int64_t save_interval; /* RECIPE_NONE: only at the end */
+        char *resume;          /* "auto", "never" or a checkpoint directory */
     } training;
 
-    struct flavor flavor;       /* resolved (catalog name or mapping with overrides) */
+    struct flavor flavor; /* resolved (catalog name or mapping with overrides) */
 
     struct {
-        bool advanced;          /* after the environment variable and --ap/--no-ap */
-        int dp, pp, tp;         /* RECIPE_AUTO or a pin */
-        int num_micro_batches;  /* RECIPE_AUTO or a pin */
+        bool advanced;         /* after the environment variable and --ap/--no-ap */
+        int dp, pp, tp;        /* RECIPE_AUTO or a pin */
+        int num_micro_batches; /* RECIPE_AUTO or a pin */
         enum recompute recomputation;
         int distribute_param;          /* RECIPE_AUTO, 0 or 1 */
         int distribute_low_prec_param; /* RECIPE_AUTO, 0 or 1 */
@@ -105,9 +105,9 @@ struct recipe {
 
 /* How AP was switched from outside the recipe: -1 leaves the recipe's value. */
 struct recipe_overrides {
-    const char *const *sets;    /* "KEY=VALUE" strings from --set */
+    const char *const *sets; /* "KEY=VALUE" strings from --set */
     int nsets;
-    int ap;                     /* --ap 1, --no-ap 0, else -1 */
+    int ap; /* --ap 1, --no-ap 0, else -1 */
 };
 
 /* Loads path ("-" reads standard input), applies overrides, checks every key, fills
@@ -121,10 +121,15 @@ int recipe_load(struct recipe *r, const char *path, const struct recipe_override
 int recipe_load_string(struct recipe *r, const char *text, size_t len, const char *source,
                        const struct recipe_overrides *ov, struct moai_err *err);
 
-/* Checks that the files the recipe names exist and are readable: config.json (unless only
- * inline), the weights (when init is pretrained), the tokenizer and the dataset.
+/* Checks that the files the recipe names exist and are readable: the model directory and its
+ * config.json (unless only inline), the tokenizer and the dataset. A model directory without
+ * weights (and then without its default tokenizer.model) is only a warning, since planning
+ * needs neither; loading the weights reports their absence as an error.
  * Returns 0 or MOAI_EUSAGE naming the key and the file. */
 int recipe_check_files(const struct recipe *r, struct moai_err *err);
+
+/* model.path holds model.safetensors or model.safetensors.index.json. */
+bool recipe_has_weights(const struct recipe *r);
 
 /* Frees what r holds. */
 void recipe_release(struct recipe *r);

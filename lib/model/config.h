@@ -44,6 +44,7 @@ struct model_config {
     int64_t head_dim;           /* hd; D / H unless given */
     int64_t vocab_size;         /* V */
     int64_t max_position_embeddings;
+    int64_t sliding_window;     /* Mistral's attention window, 0 when none */
     double rms_norm_eps;
     double rope_theta;
     double initializer_range;   /* std of the normal init, default 0.02 */

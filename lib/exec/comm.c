@@ -1,0 +1,341 @@
+/* comm.c - shared-memory collectives between device threads, in a fixed order (see comm.h). */
+#include "exec/comm.h"
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* One mailbox per ordered pair of ranks for send/recv. */
+struct comm_mailbox {
+    const void *buf; /* the sender's buffer, NULL when empty */
+    size_t bytes;
+    bool taken; /* the receiver has copied it */
+};
+
+struct comm_group {
+    int n;
+    pthread_barrier_t barrier;
+    /* Collectives: each rank publishes its buffers here between barriers. */
+    const float **in; /* n: each rank's input */
+    float **out;      /* n: each rank's output */
+    double *scalars;  /* n */
+    float *scratch;   /* the reduced values, grown by rank 0 between barriers */
+    size_t scratch_len;
+    int scratch_failed;
+    /* Point to point. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct comm_mailbox *mail; /* n * n, [src * n + dst] */
+};
+
+int comm_group_create(struct comm_group **out, int n, struct moai_err *err)
+{
+    struct comm_group *g = calloc(1, sizeof(*g));
+    *out = NULL;
+    if (!g)
+        goto nomem;
+    g->n = n;
+    g->in = calloc((size_t) n, sizeof(*g->in));
+    g->out = calloc((size_t) n, sizeof(*g->out));
+    g->scalars = calloc((size_t) n, sizeof(*g->scalars));
+    g->mail = calloc((size_t) n * (size_t) n, sizeof(*g->mail));
+    if (!g->in || !g->out || !g->scalars || !g->mail)
+        goto nomem;
+    pthread_barrier_init(&g->barrier, NULL, (unsigned) n);
+    pthread_mutex_init(&g->lock, NULL);
+    pthread_cond_init(&g->cond, NULL);
+    *out = g;
+    return 0;
+
+nomem:
+    if (g) {
+        free(g->in);
+        free(g->out);
+        free(g->scalars);
+        free(g->mail);
+        free(g);
+    }
+    return moai_err_set(err, MOAI_ENOMEM, "out of memory creating a communicator of %d ranks", n);
+}
+
+void comm_group_free(struct comm_group *g)
+{
+    if (!g)
+        return;
+    pthread_barrier_destroy(&g->barrier);
+    pthread_mutex_destroy(&g->lock);
+    pthread_cond_destroy(&g->cond);
+    free(g->in);
+    free(g->out);
+    free(g->scalars);
+    free(g->mail);
+    free(g->scratch);
+    free(g);
+}
+
+void comm_init(struct comm *c, struct comm_group *g, int rank)
+{
+    c->group = g;
+    c->rank = rank;
+    c->size = g->n;
+}
+
+void comm_barrier(struct comm *c)
+{
+    if (c->size > 1)
+        pthread_barrier_wait(&c->group->barrier);
+}
+
+/* Rank 0 grows the scratch to n floats; every rank learns whether that worked. */
+static int grow_scratch(struct comm *c, size_t n)
+{
+    struct comm_group *g = c->group;
+    if (c->rank == 0) {
+        g->scratch_failed = 0;
+        if (g->scratch_len < n) {
+            float *s = realloc(g->scratch, n * sizeof(float));
+            if (s) {
+                g->scratch = s;
+                g->scratch_len = n;
+            } else {
+                g->scratch_failed = 1;
+            }
+        }
+    }
+    comm_barrier(c);
+    return g->scratch_failed ? MOAI_ENOMEM : 0;
+}
+
+/* The share [*lo, *hi) of n elements that rank r reduces. */
+static void chunk(size_t n, int size, int r, size_t *lo, size_t *hi)
+{
+    size_t per = (n + (size_t) size - 1) / (size_t) size;
+    *lo = per * (size_t) r < n ? per * (size_t) r : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* scratch[lo, hi) = sum over ranks of in[rank][off + lo, off + hi), in rank order. */
+static void reduce_range(struct comm_group *g, size_t off, size_t lo, size_t hi)
+{
+    float *dst = g->scratch;
+    memcpy(dst + lo, g->in[0] + off + lo, (hi - lo) * sizeof(float));
+    for (int r = 1; r < g->n; r++) {
+        const float *src = g->in[r] + off;
+        for (size_t i = lo; i < hi; i++)
+            dst[i] += src[i];
+    }
+}
+
+int comm_allreduce_sum(struct comm *c, float *buf, size_t n)
+{
+    struct comm_group *g = c->group;
+    size_t lo, hi;
+    int rc;
+
+    if (c->size == 1)
+        return 0;
+    g->in[c->rank] = buf;
+    if ((rc = grow_scratch(c, n)) < 0) /* includes the barrier after publishing */
+        return rc;
+    chunk(n, c->size, c->rank, &lo, &hi);
+    if (hi > lo)
+        reduce_range(g, 0, lo, hi);
+    comm_barrier(c);
+    memcpy(buf, g->scratch, n * sizeof(float));
+    comm_barrier(c); /* nobody reuses the scratch until everyone has copied it */
+    return 0;
+}
+
+int comm_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t n)
+{
+    struct comm_group *g = c->group;
+    int rc;
+
+    if (c->size == 1) {
+        memcpy(out, in, n * sizeof(float));
+        return 0;
+    }
+    g->in[c->rank] = in;
+    if ((rc = grow_scratch(c, n * (size_t) c->size)) < 0)
+        return rc;
+    /* Rank r reduces the slice that ends up on rank r: no second copy through others. */
+    reduce_range(g, 0, (size_t) c->rank * n, (size_t) c->rank * n + n);
+    memcpy(out, g->scratch + (size_t) c->rank * n, n * sizeof(float));
+    comm_barrier(c);
+    return 0;
+}
+
+int comm_allgather(struct comm *c, const float *in, float *out, size_t n)
+{
+    struct comm_group *g = c->group;
+
+    if (c->size == 1) {
+        if (out != in)
+            memmove(out, in, n * sizeof(float));
+        return 0;
+    }
+    g->in[c->rank] = in;
+    comm_barrier(c);
+    for (int r = 0; r < c->size; r++)
+        if (g->in[r] != out + (size_t) r * n)
+            memcpy(out + (size_t) r * n, g->in[r], n * sizeof(float));
+    comm_barrier(c);
+    return 0;
+}
+
+double comm_allreduce_scalar(struct comm *c, double x)
+{
+    struct comm_group *g = c->group;
+    double sum = 0.0;
+
+    if (c->size == 1)
+        return x;
+    g->scalars[c->rank] = x;
+    comm_barrier(c);
+    for (int r = 0; r < c->size; r++)
+        sum += g->scalars[r];
+    comm_barrier(c);
+    return sum;
+}
+
+int comm_send(struct comm *c, int dst, const void *buf, size_t bytes)
+{
+    struct comm_group *g = c->group;
+    struct comm_mailbox *m = &g->mail[(size_t) c->rank * (size_t) g->n + (size_t) dst];
+
+    pthread_mutex_lock(&g->lock);
+    while (m->buf) /* a previous message still waits to be taken */
+        pthread_cond_wait(&g->cond, &g->lock);
+    m->buf = buf;
+    m->bytes = bytes;
+    m->taken = false;
+    pthread_cond_broadcast(&g->cond);
+    while (!m->taken)
+        pthread_cond_wait(&g->cond, &g->lock);
+    m->buf = NULL;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    return 0;
+}
+
+int comm_recv(struct comm *c, int src, void *buf, size_t bytes)
+{
+    struct comm_group *g = c->group;
+    struct comm_mailbox *m = &g->mail[(size_t) src * (size_t) g->n + (size_t) c->rank];
+
+    pthread_mutex_lock(&g->lock);
+    while (!m->buf || m->taken)
+        pthread_cond_wait(&g->cond, &g->lock);
+    MOAI_ASSERT(m->bytes == bytes);
+    memcpy(buf, m->buf, bytes);
+    m->taken = true;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    return 0;
+}
+
+/* Groups split from a world are kept until the world is freed. */
+struct comm_world {
+    int ndev;
+    struct comm_group *all;
+    int *color, *key;           /* ndev: this split's requests */
+    struct comm_group **made;   /* ndev: the group made for each device in this split */
+    struct comm_group **owned;  /* every group made, to free */
+    int nowned, capowned;
+    int failed;
+};
+
+int comm_world_create(struct comm_world **out, int ndev, struct moai_err *err)
+{
+    struct comm_world *w = calloc(1, sizeof(*w));
+    *out = NULL;
+    if (!w)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory creating %d devices' world", ndev);
+    w->ndev = ndev;
+    w->color = calloc((size_t) ndev, sizeof(int));
+    w->key = calloc((size_t) ndev, sizeof(int));
+    w->made = calloc((size_t) ndev, sizeof(*w->made));
+    if (!w->color || !w->key || !w->made || comm_group_create(&w->all, ndev, err) < 0) {
+        comm_world_free(w);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory creating %d devices' world", ndev);
+    }
+    *out = w;
+    return 0;
+}
+
+void comm_world_free(struct comm_world *w)
+{
+    if (!w)
+        return;
+    for (int i = 0; i < w->nowned; i++)
+        comm_group_free(w->owned[i]);
+    free(w->owned);
+    comm_group_free(w->all);
+    free(w->color);
+    free(w->key);
+    free(w->made);
+    free(w);
+}
+
+void comm_world_all(struct comm_world *w, int dev, struct comm *out)
+{
+    comm_init(out, w->all, dev);
+}
+
+int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out)
+{
+    struct comm all;
+    comm_init(&all, w->all, dev);
+    w->color[dev] = color;
+    w->key[dev] = key;
+    comm_barrier(&all);
+    if (dev == 0) {
+        /* One thread makes every group: the first device of each color in device order. */
+        w->failed = 0;
+        for (int d = 0; d < w->ndev; d++) {
+            int first = d;
+            for (int e = 0; e < d; e++)
+                if (w->color[e] == w->color[d]) {
+                    first = e;
+                    break;
+                }
+            if (first != d) {
+                w->made[d] = w->made[first];
+                continue;
+            }
+            int n = 0;
+            for (int e = 0; e < w->ndev; e++)
+                n += w->color[e] == w->color[d];
+            struct comm_group *g = NULL;
+            if (w->nowned == w->capowned) {
+                int cap = w->capowned ? 2 * w->capowned : 16;
+                struct comm_group **o = realloc(w->owned, (size_t) cap * sizeof(*o));
+                if (!o) {
+                    w->failed = 1;
+                    break;
+                }
+                w->owned = o;
+                w->capowned = cap;
+            }
+            if (comm_group_create(&g, n, NULL) < 0) {
+                w->failed = 1;
+                break;
+            }
+            w->owned[w->nowned++] = g;
+            w->made[d] = g;
+        }
+    }
+    comm_barrier(&all);
+    if (w->failed)
+        return MOAI_ENOMEM;
+    /* The rank: how many of the same color order before this device by (key, device). */
+    int rank = 0;
+    for (int e = 0; e < w->ndev; e++)
+        if (w->color[e] == color && (w->key[e] < key || (w->key[e] == key && e < dev)))
+            rank++;
+    comm_init(out, w->made[dev], rank);
+    comm_barrier(&all); /* the tables are reused by the next split */
+    return 0;
+}

@@ -1,0 +1,84 @@
+/* comm.h - collective and point-to-point communication between the devices of a plan.
+ *
+ * A communicator connects the `size` ranks of one group (a data-parallel group, a pipeline,
+ * a tensor-parallel group). Every collective is called by every rank of the group with the
+ * same count. Reductions add the ranks' values in rank order 0, 1, ..., size-1, whatever the
+ * thread timing, so a run is bit-for-bit reproducible.
+ *
+ * The implementation here is shared memory between the threads of one process (the virtual
+ * devices); struct comm carries an ops table so another transport (Open MPI) can plug in.
+ *
+ *     struct comm_group *g;  comm_group_create(&g, 4, &err);       (once, by the owner)
+ *     struct comm c;         comm_init(&c, g, rank);               (in each device thread)
+ *     comm_allreduce_sum(&c, grads, n);                            (every rank)
+ *     comm_group_free(g);                                          (after the threads end)
+ *
+ * Thread-safety: one struct comm per rank and thread; a group is shared by its ranks.
+ * Errors: calls return 0 or a negative MOAI_E* code (out of memory growing the scratch).
+ */
+#ifndef MOAI_COMM_H
+#define MOAI_COMM_H
+
+#include "err.h"
+
+#include <stddef.h>
+
+struct comm_group;
+
+struct comm {
+    struct comm_group *group;
+    int rank;
+    int size;
+};
+
+/* Creates the shared state of a group of n ranks. Returns 0 or MOAI_ENOMEM. */
+int comm_group_create(struct comm_group **g, int n, struct moai_err *err);
+void comm_group_free(struct comm_group *g);
+
+/* Binds c to rank of g. */
+void comm_init(struct comm *c, struct comm_group *g, int rank);
+
+/* Waits until every rank of the group has arrived. */
+void comm_barrier(struct comm *c);
+
+/* buf (n) on every rank <- the sum over ranks, added in rank order. */
+int comm_allreduce_sum(struct comm *c, float *buf, size_t n);
+
+/* in (n * size) on every rank -> out (n) on rank r: the sum over ranks of in[r*n .. r*n+n),
+ * added in rank order. in and out may not overlap. */
+int comm_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t n);
+
+/* in (n) on every rank -> out (n * size) on every rank: rank r's in at out[r*n]. */
+int comm_allgather(struct comm *c, const float *in, float *out, size_t n);
+
+/* Sends bytes from buf to rank dst, returning once dst has copied it. */
+int comm_send(struct comm *c, int dst, const void *buf, size_t bytes);
+
+/* Receives bytes from rank src into buf. The sizes of matching send and recv must agree. */
+int comm_recv(struct comm *c, int src, void *buf, size_t bytes);
+
+/* Sum of one double over the ranks (losses, norms), in rank order. */
+double comm_allreduce_scalar(struct comm *c, double x);
+
+/*
+ * The world: every device of a run, from which the groups of a plan are split as
+ * MPI_Comm_split does. Each device calls comm_world_split with a color and a key; devices of
+ * the same color form one group, ranked by key. Collective over all devices of the world.
+ *
+ *     struct comm_world *w; comm_world_create(&w, ndev, &err);      (owner, before threads)
+ *     comm_world_split(w, dev, dp_index, tp_rank, &tp_comm);        (each device thread)
+ *     comm_world_free(w);                                           (owner, after threads)
+ */
+struct comm_world;
+
+int comm_world_create(struct comm_world **w, int ndev, struct moai_err *err);
+void comm_world_free(struct comm_world *w);
+
+/* The communicator of all devices, for device dev. */
+void comm_world_all(struct comm_world *w, int dev, struct comm *out);
+
+/* Splits the world: out becomes dev's rank in the group of its color. Returns 0 or
+ * MOAI_ENOMEM (on every device alike). */
+int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out);
+
+#endif

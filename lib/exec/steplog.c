@@ -1,0 +1,58 @@
+/* steplog.c - the documented step lines and JSON step objects (see steplog.h). */
+#include "exec/steplog.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Rounds to two decimals the way printf does, for the JSON twin of "%.2f". */
+static double round2(double x)
+{
+    char buf[64];
+    snprintf(buf, sizeof(buf), "%.2f", x);
+    return strtod(buf, NULL);
+}
+
+char *steplog_format_loss(char *buf, size_t size, double loss)
+{
+    if (!isfinite(loss)) {
+        snprintf(buf, size, "%s", isnan(loss) ? "nan" : (loss > 0 ? "inf" : "-inf"));
+        return buf;
+    }
+    /* 7 significant digits as fixed-point decimals, then strip trailing zeros. */
+    int digits = loss == 0.0 ? 0 : 6 - (int) floor(log10(fabs(loss)));
+    if (digits < 0)
+        digits = 0;
+    if (digits > 20)
+        digits = 20;
+    snprintf(buf, size, "%.*f", digits, loss);
+    if (strchr(buf, '.')) {
+        char *end = buf + strlen(buf) - 1;
+        while (*end == '0')
+            *end-- = '\0';
+        if (*end == '.')
+            *end = '\0';
+    }
+    return buf;
+}
+
+char *steplog_format(char *buf, size_t size, const struct step_record *s)
+{
+    char loss[64];
+    snprintf(buf, size,
+             "[Step %lld/%lld] | Loss: %s | Duration: %.2f | Throughput: %.2f tokens/sec",
+             (long long) s->step, (long long) s->total_steps,
+             steplog_format_loss(loss, sizeof(loss), s->loss), s->duration_s, s->tokens_per_s);
+    return buf;
+}
+
+json_t *steplog_json(const struct step_record *s)
+{
+    char loss[64];
+    steplog_format_loss(loss, sizeof(loss), s->loss);
+    return json_pack("{s:I, s:I, s:f, s:f, s:f, s:f, s:f}", "step", (json_int_t) s->step,
+                     "total_steps", (json_int_t) s->total_steps, "loss", strtod(loss, NULL),
+                     "duration_s", round2(s->duration_s), "tokens_per_s", round2(s->tokens_per_s),
+                     "lr", s->lr, "grad_norm", s->grad_norm);
+}

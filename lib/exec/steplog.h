@@ -1,0 +1,37 @@
+/* steplog.h - the documented training output: step lines, JSON step objects, final lines.
+ *
+ *     [Step 4/17944] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 tokens/sec
+ *     {"step": 4, "total_steps": 17944, "loss": 2.03125, "duration_s": 1.27,
+ *      "tokens_per_s": 12882.87, "lr": 1e-05}
+ *
+ * Loss is printed with up to 7 significant digits and no trailing zeros, Duration with 2
+ * decimals, Throughput = batch_size x block_size / duration with 2 decimals.
+ * Pure formatting: thread-safe, no allocation but the returned JSON object.
+ */
+#ifndef MOAI_STEPLOG_H
+#define MOAI_STEPLOG_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct step_record {
+    int64_t step; /* counted from 1 across epochs */
+    int64_t total_steps;
+    double loss;         /* mean over the unmasked tokens of the global batch */
+    double duration_s;   /* wall time of the whole step */
+    double tokens_per_s; /* batch_size x block_size / duration_s */
+    double lr;           /* the learning rate the step used */
+    double grad_norm;    /* before clipping */
+};
+
+/* Writes the step line (no newline) into buf. Returns buf. */
+char *steplog_format(char *buf, size_t size, const struct step_record *s);
+
+/* The step as a JSON object (new reference). */
+json_t *steplog_json(const struct step_record *s);
+
+/* "%.7g" without an exponent for ordinary values: 2.03125, 10.5, 0.0001234. */
+char *steplog_format_loss(char *buf, size_t size, double loss);
+
+#endif

@@ -1,0 +1,323 @@
+/* test_recipe.c - recipe loading: defaults, types, overrides, flavors, the AP switch. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include "recipe.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char base[] = "model:\n  path: models/tiny-llama\n"
+                           "dataset:\n  path: data.jsonl\n";
+
+static int load(struct recipe *r, const char *text, const char *const *sets, int nsets, int ap,
+                struct moai_err *err)
+{
+    struct recipe_overrides ov = {.sets = sets, .nsets = nsets, .ap = ap};
+    return recipe_load_string(r, text, strlen(text), "t.yaml", &ov, err);
+}
+
+static void test_recipe_defaults(void **state)
+{
+    (void) state;
+    struct recipe r;
+    struct moai_err err = {0};
+    unsetenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION");
+    assert_int_equal(load(&r, base, NULL, 0, -1, &err), 0);
+    assert_string_equal(r.model.path, "models/tiny-llama");
+    assert_int_equal(r.model.init, MODEL_INIT_PRETRAINED);
+    assert_string_equal(r.tokenizer, "models/tiny-llama/tokenizer.model");
+    assert_string_equal(r.dataset.template, "[SUMMARIZE] {article} [/SUMMARIZE]\n{highlights}");
+    assert_null(r.dataset.response_start);
+    assert_int_equal(r.dataset.limit, RECIPE_NONE);
+    assert_true(r.dataset.shuffle);
+    assert_int_equal(r.training.batch_size, 16);
+    assert_int_equal(r.training.block_size, 1024);
+    assert_int_equal(r.training.epochs, 1);
+    assert_int_equal(r.training.max_steps, RECIPE_NONE);
+    assert_true(r.training.lr == 1.0e-5);
+    assert_true(r.training.betas[0] == 0.9 && r.training.betas[1] == 0.999);
+    assert_true(r.training.eps == 1.0e-8);
+    assert_true(r.training.grad_clip == 1.0);
+    assert_int_equal(r.training.precision, PRECISION_BF16);
+    assert_int_equal(r.training.seed, 42);
+    assert_int_equal(r.training.log_interval, 2);
+    assert_string_equal(r.training.save_dir, "outputs");
+    assert_int_equal(r.training.save_interval, RECIPE_NONE);
+    assert_string_equal(r.training.resume, "auto");
+    assert_string_equal(r.flavor.name, "4xlarge.2048gb");
+    assert_int_equal(r.flavor.devices, 32);
+    assert_true(r.parallel.advanced);
+    assert_int_equal(r.parallel.dp, RECIPE_AUTO);
+    assert_int_equal(r.parallel.num_micro_batches, RECIPE_AUTO);
+    assert_int_equal(r.parallel.recomputation, RECOMPUTE_AUTO);
+    assert_int_equal(r.parallel.distribute_param, RECIPE_AUTO);
+    recipe_release(&r);
+}
+
+static void test_recipe_values(void **state)
+{
+    (void) state;
+    static const char text[] =
+        "model:\n  path: m\n  init: random\n  config: {num_hidden_layers: 2, rope_theta: 5.0e5,"
+        " name: \"x\", tie_word_embeddings: true}\n"
+        "tokenizer: tok.model\n"
+        "dataset:\n  path: d.jsonl\n  template: \"{a} {{b}}\"\n  response_start: \"[/S]\"\n"
+        "  limit: 100\n  shuffle: false\n  validation_fraction: 0.1\n  cache_dir: /tmp/c\n"
+        "training:\n  batch_size: 64\n  block_size: 512\n  epochs: 3\n  max_steps: 1000\n"
+        "  lr: 2e-6\n  lr_schedule: cosine\n  warmup_steps: 10\n  weight_decay: 0.01\n"
+        "  betas: [0.8, 0.95]\n  eps: 1e-6\n  grad_clip: 0\n  precision: fp32\n  seed: 7\n"
+        "  log_interval: 1\n  save_dir: out\n  save_interval: 50\n  resume: never\n"
+        "flavor: 8XLarge.4096GB\n"
+        "parallel:\n  advanced: false\n  dp: 4\n  pp: 2\n  tp: auto\n  num_micro_batches: 8\n"
+        "  recomputation: selective\n  distribute_param: true\n"
+        "  distribute_low_prec_param: false\n";
+    struct recipe r;
+    struct moai_err err = {0};
+    unsetenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION");
+    assert_int_equal(load(&r, text, NULL, 0, -1, &err), 0);
+    assert_int_equal(r.model.init, MODEL_INIT_RANDOM);
+    assert_int_equal(json_integer_value(json_object_get(r.model.config, "num_hidden_layers")), 2);
+    assert_true(json_real_value(json_object_get(r.model.config, "rope_theta")) == 5.0e5);
+    assert_true(json_is_string(json_object_get(r.model.config, "name")));
+    assert_true(json_is_true(json_object_get(r.model.config, "tie_word_embeddings")));
+    assert_string_equal(r.tokenizer, "tok.model");
+    assert_string_equal(r.dataset.template, "{a} {{b}}");
+    assert_string_equal(r.dataset.response_start, "[/S]");
+    assert_int_equal(r.dataset.limit, 100);
+    assert_false(r.dataset.shuffle);
+    assert_true(r.dataset.validation_fraction == 0.1);
+    assert_string_equal(r.dataset.cache_dir, "/tmp/c");
+    assert_int_equal(r.training.batch_size, 64);
+    assert_int_equal(r.training.max_steps, 1000);
+    assert_true(r.training.lr == 2e-6);
+    assert_int_equal(r.training.lr_schedule, LR_SCHEDULE_COSINE);
+    assert_true(r.training.betas[0] == 0.8 && r.training.betas[1] == 0.95);
+    assert_true(r.training.grad_clip == 0.0);
+    assert_int_equal(r.training.precision, PRECISION_FP32);
+    assert_int_equal(r.training.seed, 7);
+    assert_int_equal(r.training.save_interval, 50);
+    assert_string_equal(r.training.resume, "never");
+    assert_string_equal(r.flavor.name, "8xlarge.4096gb");
+    assert_int_equal(r.flavor.devices, 64);
+    assert_false(r.parallel.advanced);
+    assert_int_equal(r.parallel.dp, 4);
+    assert_int_equal(r.parallel.pp, 2);
+    assert_int_equal(r.parallel.tp, RECIPE_AUTO);
+    assert_int_equal(r.parallel.num_micro_batches, 8);
+    assert_int_equal(r.parallel.recomputation, RECOMPUTE_SELECTIVE);
+    assert_int_equal(r.parallel.distribute_param, 1);
+    assert_int_equal(r.parallel.distribute_low_prec_param, 0);
+
+    /* Every key survives the trip to JSON (trainer_state.json, plan.json). */
+    json_t *j = recipe_to_json(&r);
+    assert_int_equal(
+        json_integer_value(json_object_get(json_object_get(j, "training"), "batch_size")), 64);
+    assert_string_equal(json_string_value(json_object_get(j, "flavor")), "8xlarge.4096gb");
+    assert_string_equal(
+        json_string_value(json_object_get(json_object_get(j, "parallel"), "recomputation")),
+        "selective");
+    assert_true(json_is_null(json_object_get(json_object_get(j, "parallel"), "tp")) == 0);
+    json_decref(j);
+    recipe_release(&r);
+}
+
+static void test_recipe_set_overrides(void **state)
+{
+    (void) state;
+    const char *sets[] = {"training.batch_size=64",
+                          "flavor={device: cpu, devices: 4, "
+                          "memory_gb: 0.0625}",
+                          "parallel.recomputation=full", "dataset.limit=null",
+                          "model.config.vocab_size=512"};
+    struct recipe r;
+    struct moai_err err = {0};
+    assert_int_equal(load(&r, base, sets, 5, -1, &err), 0);
+    assert_int_equal(r.training.batch_size, 64);
+    assert_true(r.flavor.custom);
+    assert_string_equal(r.flavor.device.name, "cpu");
+    assert_int_equal(r.flavor.devices, 4);
+    assert_int_equal(r.flavor.device.memory_bytes, 64LL << 20);
+    assert_int_equal(r.parallel.recomputation, RECOMPUTE_FULL);
+    assert_int_equal(r.dataset.limit, RECIPE_NONE);
+    assert_int_equal(json_integer_value(json_object_get(r.model.config, "vocab_size")), 512);
+    recipe_release(&r);
+
+    const char *bad[] = {"training.batch_size=big"};
+    assert_int_equal(load(&r, base, bad, 1, -1, &err), MOAI_EUSAGE);
+    assert_string_equal(err.msg, "--set training.batch_size=big: 'training.batch_size' must be "
+                                 "an integer >= 1, not 'big'");
+}
+
+static void test_recipe_ap_switch_precedence(void **state)
+{
+    (void) state;
+    struct recipe r;
+    struct moai_err err = {0};
+    static const char off[] = "model: {path: m}\ndataset: {path: d}\nparallel: {advanced: false}\n";
+
+    unsetenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION");
+    assert_int_equal(load(&r, off, NULL, 0, -1, &err), 0);
+    assert_false(r.parallel.advanced);
+    recipe_release(&r);
+
+    setenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION", "1", 1); /* the variable beats the recipe */
+    assert_int_equal(load(&r, off, NULL, 0, -1, &err), 0);
+    assert_true(r.parallel.advanced);
+    recipe_release(&r);
+
+    assert_int_equal(load(&r, off, NULL, 0, 0, &err), 0); /* the option beats the variable */
+    assert_false(r.parallel.advanced);
+    recipe_release(&r);
+
+    setenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION", "0", 1);
+    assert_int_equal(load(&r, base, NULL, 0, 1, &err), 0);
+    assert_true(r.parallel.advanced);
+    recipe_release(&r);
+    assert_int_equal(load(&r, base, NULL, 0, -1, &err), 0);
+    assert_false(r.parallel.advanced);
+    recipe_release(&r);
+
+    setenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION", "yes", 1);
+    assert_int_equal(load(&r, base, NULL, 0, -1, &err), MOAI_EUSAGE);
+    unsetenv("MOAI_ENABLE_ADVANCED_PARALLELIZATION");
+}
+
+static void test_recipe_errors(void **state)
+{
+    (void) state;
+    static const struct {
+        const char *text, *msg;
+    } cases[] = {
+        {"model: {path: m}\ndataset: {path: d}\ntraining: {batchsize: 3}\n",
+         "t.yaml:3:12: unknown key 'batchsize' in 'training' (did you mean 'batch_size'?)"},
+        {"model: {path: m}\ndataset: {path: d}\nflavor: 4xlargee\n",
+         "t.yaml:3:9: unknown flavor '4xlargee' (valid: small.64gb, medium.128gb, large.256gb, "
+         "xlarge.512gb, 1.5xlarge.768gb, 2xlarge.1024gb, 3xlarge.1536gb, 4xlarge.2048gb, "
+         "6xlarge.3072gb, 8xlarge.4096gb, 12xlarge.6144gb, 24xlarge.12288gb, 48xlarge.24576gb)"},
+        {"model: {path: m}\ndataset: {path: d}\ntraining: {eps: 0}\n",
+         "t.yaml:3:17: 'training.eps' must be a number in (0, 1], not '0'"},
+        {"model: {path: m}\ndataset: {path: d}\ntraining: {save_dir: ~}\n",
+         "t.yaml:3:22: 'training.save_dir' must be a string, not null"},
+        {"dataset: {path: d}\n", "t.yaml: missing key 'path' in 'model'"},
+        {"model: {config: {hidden_size: 8}}\ndataset: {path: d}\n",
+         "t.yaml:1:8: 'model.init' is pretrained but there is no 'model.path' to load weights "
+         "from"},
+        {"{", "t.yaml:2:1: invalid YAML: did not find expected node content while parsing a "
+              "flow node"},
+        {"a: &x [*x]\n", "t.yaml:1:4: invalid YAML: nested too deeply"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct recipe r;
+        struct moai_err err = {0};
+        assert_int_equal(load(&r, cases[i].text, NULL, 0, -1, &err), MOAI_EUSAGE);
+        assert_string_equal(err.msg, cases[i].msg);
+    }
+}
+
+static void test_recipe_alias_bomb_is_bounded(void **state)
+{
+    (void) state;
+    /* Nine levels of ten-fold aliases would expand to 10^9 nodes. */
+    char text[2048];
+    size_t len = (size_t) snprintf(text, sizeof(text), "a0: &a0 [x,x,x,x,x,x,x,x,x,x]\n");
+    for (int i = 1; i < 9; i++) {
+        int p = i - 1;
+        len += (size_t) snprintf(text + len, sizeof(text) - len,
+                                 "a%d: &a%d [*a%d,*a%d,*a%d,*a%d,*a%d,*a%d,*a%d,*a%d,*a%d,*a%d]\n",
+                                 i, i, p, p, p, p, p, p, p, p, p, p);
+    }
+    struct recipe r;
+    struct moai_err err = {0};
+    assert_int_equal(load(&r, text, NULL, 0, -1, &err), MOAI_EUSAGE);
+    assert_non_null(strstr(err.msg, "too many nodes"));
+}
+
+static void test_recipe_flavors(void **state)
+{
+    (void) state;
+    struct flavor f;
+    struct moai_err err = {0};
+    assert_int_equal(flavor_catalog_size(), 13);
+    assert_int_equal(flavor_lookup(&f, "4xLarge.2048GB", &err), 0);
+    assert_int_equal(f.devices, 32);
+    assert_int_equal(f.devices_per_node, 8);
+    assert_int_equal(flavor_nodes(&f), 4);
+    assert_int_equal(f.device.memory_bytes, 68702699520LL);
+    assert_true(f.device.tflops == 181.0);
+    assert_int_equal(flavor_lookup(&f, "1.5XLARGE", &err), 0);
+    assert_int_equal(f.devices, 12);
+    assert_int_equal(flavor_nodes(&f), 2);
+    assert_int_equal(flavor_lookup(&f, "small", &err), 0);
+    assert_int_equal(f.devices, 1);
+    assert_int_equal(f.devices_per_node, 1);
+    assert_int_equal(flavor_lookup(&f, "48xlarge.24576gb", &err), 0);
+    assert_int_equal(f.devices, 384);
+    assert_int_equal(flavor_nodes(&f), 48);
+    assert_int_equal(flavor_lookup(&f, "4xlarge.1024gb", &err), MOAI_EUSAGE);
+
+    assert_int_equal(flavor_custom(&f, "H100-80GB", 64, 8, &err), 0);
+    assert_int_equal(flavor_nodes(&f), 8);
+    assert_true(f.device.tflops == 989.0);
+    assert_int_equal(flavor_custom(&f, "cpu", 4, 0, &err), 0);
+    assert_true(f.device.memory_bytes > 0);
+    assert_int_equal(f.devices_per_node, 4);
+    assert_int_equal(flavor_custom(&f, "tpu", 4, 0, &err), MOAI_EUSAGE);
+}
+
+static void test_recipe_custom_flavor_overrides(void **state)
+{
+    (void) state;
+    static const char text[] = "model: {path: m}\ndataset: {path: d}\n"
+                               "flavor: {device: h100-80gb, devices: 16, devices_per_node: 4,"
+                               " memory_gb: 40, tflops: 500, inter_node_gbps: 12.5}\n";
+    struct recipe r;
+    struct moai_err err = {0};
+    assert_int_equal(load(&r, text, NULL, 0, -1, &err), 0);
+    assert_int_equal(r.flavor.devices, 16);
+    assert_int_equal(r.flavor.devices_per_node, 4);
+    assert_int_equal(r.flavor.device.memory_bytes, 40LL << 30);
+    assert_true(r.flavor.device.tflops == 500.0);
+    assert_true(r.flavor.device.inter_node_gbps == 12.5);
+    assert_true(r.flavor.device.hbm_gbps == 3350.0);
+    recipe_release(&r);
+}
+
+static void test_recipe_edit_distance(void **state)
+{
+    (void) state;
+    assert_int_equal(recipe_edit_distance("batchsize", "batch_size"), 1);
+    assert_int_equal(recipe_edit_distance("", "abc"), 3);
+    assert_int_equal(recipe_edit_distance("kitten", "sitting"), 3);
+}
+
+static void test_recipe_json_is_yaml(void **state)
+{
+    (void) state;
+    static const char text[] = "{\"model\": {\"path\": \"m\"}, \"dataset\": {\"path\": \"d\"},"
+                               " \"training\": {\"batch_size\": 8}}";
+    struct recipe r;
+    struct moai_err err = {0};
+    assert_int_equal(load(&r, text, NULL, 0, -1, &err), 0);
+    assert_int_equal(r.training.batch_size, 8);
+    recipe_release(&r);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_recipe_defaults),
+        cmocka_unit_test(test_recipe_values),
+        cmocka_unit_test(test_recipe_set_overrides),
+        cmocka_unit_test(test_recipe_ap_switch_precedence),
+        cmocka_unit_test(test_recipe_errors),
+        cmocka_unit_test(test_recipe_alias_bomb_is_bounded),
+        cmocka_unit_test(test_recipe_flavors),
+        cmocka_unit_test(test_recipe_custom_flavor_overrides),
+        cmocka_unit_test(test_recipe_edit_distance),
+        cmocka_unit_test(test_recipe_json_is_yaml),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
