@@ -706,6 +706,35 @@ static void test_llama_layout_and_sizes(void **state)
     free(wm);
 }
 
+static void test_llama_counts_match_config(void **state)
+{
+    (void) state;
+    /* the model's arena and the planner's count agree for every shipped architecture */
+    const char *names[] = {"llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b",
+                           "mistral-7b"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        char path[128];
+        struct model_config cfg;
+        struct moai_err err = {0};
+        snprintf(path, sizeof(path), "configs/models/%s/config.json", names[i]);
+        if (model_config_load(&cfg, path, NULL, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_int_equal(llama_param_floats(&cfg), model_param_count(&cfg));
+        int64_t sum = 0, layer0 = 0;
+        for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+            struct llama_tensor t;
+            llama_tensor_at(&t, NULL, &cfg, k);
+            sum += t.numel;
+            if (t.layer == 0)
+                layer0 += t.numel;
+        }
+        assert_int_equal(sum, model_param_count(&cfg));
+        assert_int_equal(layer0, model_layer_param_count(&cfg));
+    }
+    struct model_config tiny = tiny_config(true);
+    assert_int_equal(llama_param_floats(&tiny), model_param_count(&tiny));
+}
+
 static void test_llama_tensor_names(void **state)
 {
     (void) state;
@@ -968,6 +997,7 @@ int main(void)
         cmocka_unit_test(test_llama_threads_bit_identical),
         cmocka_unit_test(test_llama_padding_invariance),
         cmocka_unit_test(test_llama_layout_and_sizes),
+        cmocka_unit_test(test_llama_counts_match_config),
         cmocka_unit_test(test_llama_tensor_names),
         cmocka_unit_test(test_llama_errors),
         cmocka_unit_test(test_llama_ref_gqa_untied_llama3),
