@@ -647,6 +647,23 @@ static void test_llama_padding_invariance(void **state)
     model_teardown(&f);
 }
 
+static void test_llama_no_targets(void **state)
+{
+    (void) state;
+    /* a batch whose labels are all -100 has loss 0 and no gradient */
+    struct model_config cfg = tiny_config(true);
+    struct model_fixture f;
+    model_setup(&f, &cfg, 2, 6, 2, 4);
+    for (int64_t i = 0; i < 12; i++)
+        f.labels[i] = KERN_IGNORE_INDEX;
+    assert_int_equal(llama_batch_targets(&f.b), 0);
+    llama_params_zero(&f.m, &f.g);
+    assert_true(llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, 1.0f) == 0.0);
+    for (int64_t i = 0; i < f.g.nfloats; i++)
+        assert_true(f.g.arena[i] == 0.0f);
+    model_teardown(&f);
+}
+
 static void test_llama_layout_and_sizes(void **state)
 {
     (void) state;
@@ -996,6 +1013,7 @@ int main(void)
         cmocka_unit_test(test_llama_model_grad_tied),
         cmocka_unit_test(test_llama_threads_bit_identical),
         cmocka_unit_test(test_llama_padding_invariance),
+        cmocka_unit_test(test_llama_no_targets),
         cmocka_unit_test(test_llama_layout_and_sizes),
         cmocka_unit_test(test_llama_counts_match_config),
         cmocka_unit_test(test_llama_tensor_names),

@@ -96,9 +96,13 @@ static void work_layout(struct llama_work *w, struct bump *b, const struct model
     w->rope_cos = bumpf(b, T * (hd / 2));
     w->rope_sin = bumpf(b, T * (hd / 2));
     w->targets = bump(b, sizeof(int32_t) * (size_t) N);
+    w->scored = bump(b, sizeof(int32_t) * (size_t) N);
+    w->scored_targets = bump(b, sizeof(int32_t) * (size_t) N);
+    w->scored_index = bump(b, sizeof(int32_t) * (size_t) N);
     w->losses = bumpf(b, N);
     w->lse = bumpf(b, N);
     w->logits = bumpf(b, N * V);
+    w->lnc = bumpf(b, N * D);
     w->dres = bumpf(b, N * D);
     w->dln = bumpf(b, N * D);
     w->dqkv = bumpf(b, N * qkv_cols(c));
@@ -604,6 +608,8 @@ enum row_op {
     ROW_CE_FUSED,
     ROW_CE_FORWARD,
     ROW_ZERO,
+    ROW_GATHER,         /* out row i = in row ids[i] */
+    ROW_SCATTER,        /* out row n = in row ids[n], or zeros where ids[n] < 0 */
 };
 
 struct row_job {
@@ -650,6 +656,16 @@ static void row_task(void *arg, int64_t task, int thread)
         break;
     case ROW_ZERO:
         memset(j->out + n0 * D, 0, sizeof(float) * (size_t) (n * D));
+        break;
+    case ROW_GATHER:
+    case ROW_SCATTER:
+        for (int64_t i = n0; i < n0 + n; i++) {
+            if (j->ids[i] >= 0)
+                memcpy(j->out + i * D, j->in + (int64_t) j->ids[i] * D,
+                       sizeof(float) * (size_t) D);
+            else
+                memset(j->out + i * D, 0, sizeof(float) * (size_t) D);
+        }
         break;
     }
 }
@@ -780,19 +796,35 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
                           struct llama_work *w, bool backward, float dloss)
 {
     const struct model_config *c = &m->cfg;
-    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size;
+    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size, S = 0;
 
     struct row_job jn = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = (float) c->rms_norm_eps,
                          .out = a->lnf, .aux = a->rstdf, .in = a->xf, .w = p->norm};
     rows_run(m, &jn);
-    linear_forward(m, w->logits, a->lnf, p->lm_head, false, N, D, V);
-    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD, .N = N, .V = V,
+    /* only scored rows (target not -100) go through lm_head: padding and masked prompts cost
+     * nothing there */
+    for (int64_t n = 0; n < N; n++) {
+        w->scored_index[n] = -1;
+        if (w->targets[n] == KERN_IGNORE_INDEX)
+            continue;
+        w->scored_index[n] = (int32_t) S;
+        w->scored[S] = (int32_t) n;
+        w->scored_targets[S++] = w->targets[n];
+    }
+    w->nscored = S;
+    if (S == 0)
+        return 0.0;
+    struct row_job jg = {.op = ROW_GATHER, .N = S, .D = D, .out = w->lnc, .in = a->lnf,
+                         .ids = w->scored};
+    rows_run(m, &jg);
+    linear_forward(m, w->logits, w->lnc, p->lm_head, false, S, D, V);
+    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD, .N = S, .V = V,
                          .dloss = dloss, .out = w->logits, .out2 = w->lse, .aux = w->losses,
-                         .ids = w->targets};
+                         .ids = w->scored_targets};
     rows_run(m, &jc);
     double sum = 0.0;
-    for (int64_t n = 0; n < N; n++)
-        sum += w->losses[n];
+    for (int64_t i = 0; i < S; i++)
+        sum += w->losses[i];
     return sum;
 }
 
@@ -800,9 +832,16 @@ void llama_head_backward(struct llama *m, const struct llama_params *p, struct l
                          struct llama_acts *a, struct llama_work *w)
 {
     const struct model_config *c = &m->cfg;
-    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size;
+    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size, S = w->nscored;
 
-    linear_backward(m, w->dln, g->lm_head, w->logits, a->lnf, p->lm_head, N, D, V);
+    /* dW += dlogits^T lnc first, then lnc (no longer needed) takes dlnc = dlogits W */
+    if (S > 0) {
+        gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
+        gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
+    }
+    struct row_job js = {.op = ROW_SCATTER, .N = N, .D = D, .out = w->dln, .in = w->lnc,
+                         .ids = w->scored_index};
+    rows_run(m, &js);
     struct row_job jz = {.op = ROW_ZERO, .N = N, .D = D, .out = w->dres};
     rows_run(m, &jz);
     rmsnorm_backward_par(m, w, w->dres, g->norm, w->dln, a->xf, p->norm, a->rstdf, N, D);

@@ -108,9 +108,15 @@ struct llama_work {
     float *rope_cos;            /* (T, hd/2) */
     float *rope_sin;            /* (T, hd/2) */
     int32_t *targets;           /* (N) labels shifted by one position */
-    float *losses;              /* (N) per-token loss, 0 where ignored */
-    float *lse;                 /* (N) log-sum-exp of the logits (evaluation) */
-    float *logits;              /* (N, V) logits; after a training forward, their gradient */
+    int32_t *scored;            /* (N) rows whose target counts, in order; nscored of them */
+    int32_t *scored_targets;    /* (N) their targets */
+    int32_t *scored_index;      /* (N) a row's place in scored, or -1 */
+    int64_t nscored;
+    float *losses;              /* (N) loss of each scored row */
+    float *lse;                 /* (N) log-sum-exp of each scored row's logits (evaluation) */
+    float *logits;              /* (N, V) logits of the scored rows; after a training forward,
+                                   their gradient */
+    float *lnc;                 /* (N, D) lm_head input of the scored rows, then its gradient */
     float *dres;                /* (N, D) gradient of the residual stream between stages */
     float *dln;                 /* (N, D) */
     float *dqkv;                /* (N, (H + 2 KV) hd) */
@@ -226,9 +232,10 @@ void llama_embed_forward(struct llama *m, const struct llama_params *p, struct l
 void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
                          struct llama_layer_acts *la, float *out, struct llama_work *w,
                          const struct llama_batch *b);
-/* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). With
- * backward, the logits become their gradient for a loss scaled by dloss (1 / number of
- * counted tokens of the whole step for a mean), ready for llama_head_backward. */
+/* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). Only
+ * rows whose target counts go through lm_head (padding and masked prompts cost nothing
+ * there). With backward, the logits become their gradient for a loss scaled by dloss (1 /
+ * number of counted tokens of the whole step for a mean), ready for llama_head_backward. */
 double llama_head_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
                           struct llama_work *w, bool backward, float dloss);
 
