@@ -114,7 +114,8 @@ install: $(BIN)
 
 # Rebuild the shipped dataset and tokenizer from Debian's package descriptions.
 dataset:
-	scripts/build-dataset.sh
+	datasets/build-dataset.sh
+	datasets/build-tokenizer.sh
 
 # Reformat the sources with .clang-format.
 format:

@@ -647,6 +647,23 @@ static void test_llama_padding_invariance(void **state)
     model_teardown(&f);
 }
 
+static void test_llama_no_targets(void **state)
+{
+    (void) state;
+    /* a batch whose labels are all -100 has loss 0 and no gradient */
+    struct model_config cfg = tiny_config(true);
+    struct model_fixture f;
+    model_setup(&f, &cfg, 2, 6, 2, 4);
+    for (int64_t i = 0; i < 12; i++)
+        f.labels[i] = KERN_IGNORE_INDEX;
+    assert_int_equal(llama_batch_targets(&f.b), 0);
+    llama_params_zero(&f.m, &f.g);
+    assert_true(llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, 1.0f) == 0.0);
+    for (int64_t i = 0; i < f.g.nfloats; i++)
+        assert_true(f.g.arena[i] == 0.0f);
+    model_teardown(&f);
+}
+
 static void test_llama_layout_and_sizes(void **state)
 {
     (void) state;
@@ -690,6 +707,49 @@ static void test_llama_layout_and_sizes(void **state)
     assert_true(llama_layer_act_bytes(&cfg, 3, 10) >= 4 * 3 * 4 * 10 * 10);
     llama_acts_release(&a);
     llama_work_release(&w);
+    /* or cut from the caller's arenas, which release leaves alone */
+    void *am = aligned_alloc(64, llama_act_bytes(&cfg, 2, 7));
+    void *wm = aligned_alloc(64, llama_work_bytes(&cfg, 2, 7, 1));
+    assert_int_equal(llama_acts_bind(&a, &cfg, 2, 7, am, &err), 0);
+    assert_int_equal(llama_work_bind(&w, &cfg, 2, 7, 1, wm, &err), 0);
+    assert_false(a.owned || w.owned);
+    assert_ptr_equal(a.layers[0].x, am);
+    assert_true((char *) a.lnf + 2 * 7 * 16 * 4 <= (char *) am + a.bytes);
+    assert_true((char *) w.dnorm_part >= (char *) wm &&
+                (char *) w.dnorm_part + 16 * 4 <= (char *) wm + w.bytes);
+    llama_acts_release(&a);
+    llama_work_release(&w);
+    free(am);
+    free(wm);
+}
+
+static void test_llama_counts_match_config(void **state)
+{
+    (void) state;
+    /* the model's arena and the planner's count agree for every shipped architecture */
+    const char *names[] = {"llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b",
+                           "mistral-7b"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        char path[128];
+        struct model_config cfg;
+        struct moai_err err = {0};
+        snprintf(path, sizeof(path), "configs/models/%s/config.json", names[i]);
+        if (model_config_load(&cfg, path, NULL, &err) < 0)
+            fail_msg("%s", err.msg);
+        assert_int_equal(llama_param_floats(&cfg), model_param_count(&cfg));
+        int64_t sum = 0, layer0 = 0;
+        for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+            struct llama_tensor t;
+            llama_tensor_at(&t, NULL, &cfg, k);
+            sum += t.numel;
+            if (t.layer == 0)
+                layer0 += t.numel;
+        }
+        assert_int_equal(sum, model_param_count(&cfg));
+        assert_int_equal(layer0, model_layer_param_count(&cfg));
+    }
+    struct model_config tiny = tiny_config(true);
+    assert_int_equal(llama_param_floats(&tiny), model_param_count(&tiny));
 }
 
 static void test_llama_tensor_names(void **state)
@@ -953,7 +1013,9 @@ int main(void)
         cmocka_unit_test(test_llama_model_grad_tied),
         cmocka_unit_test(test_llama_threads_bit_identical),
         cmocka_unit_test(test_llama_padding_invariance),
+        cmocka_unit_test(test_llama_no_targets),
         cmocka_unit_test(test_llama_layout_and_sizes),
+        cmocka_unit_test(test_llama_counts_match_config),
         cmocka_unit_test(test_llama_tensor_names),
         cmocka_unit_test(test_llama_errors),
         cmocka_unit_test(test_llama_ref_gqa_untied_llama3),

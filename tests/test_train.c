@@ -68,6 +68,34 @@ static int teardown(void **state)
     return 0;
 }
 
+/* A checkpoint kept in memory by the save callback. */
+struct snapshot {
+    int64_t steps_done;
+    float *params, *m, *v;
+    int saves;
+};
+
+static int snapshot_save(void *arg, int64_t steps_done, const float *params, const float *m,
+                         const float *v, struct moai_err *err)
+{
+    (void) err;
+    struct snapshot *s = arg;
+    int64_t P = model_param_count(&fx.cfg);
+    if (s->saves++ > 0) /* keep the first (the mid-run) one */
+        return 0;
+    s->steps_done = steps_done;
+    s->params = malloc((size_t) P * sizeof(float));
+    s->m = malloc((size_t) P * sizeof(float));
+    s->v = malloc((size_t) P * sizeof(float));
+    memcpy(s->params, params, (size_t) P * sizeof(float));
+    memcpy(s->m, m, (size_t) P * sizeof(float));
+    memcpy(s->v, v, (size_t) P * sizeof(float));
+    return 0;
+}
+
+static struct snapshot *snap_in, *snap_out;
+static const char *extra_training = "";
+
 /* Trains STEPS steps of a batch of 8 under a layout; fills losses. */
 static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, double *losses,
                  struct train_result *res, struct moai_err *err)
@@ -77,9 +105,9 @@ static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, doub
     snprintf(text, sizeof(text),
              "model: {path: m}\ndataset: {path: d}\n"
              "training: {batch_size: 8, block_size: %d, precision: fp32, lr: 1.0e-2,"
-             " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5}\n"
+             " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5%s}\n"
              "flavor: {device: cpu, devices: %d, memory_gb: %g}\n",
-             SEQ, dp, (double) capacity / 1073741824.0);
+             SEQ, extra_training, dp, (double) capacity / 1073741824.0);
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, err), 0);
     int64_t batch = 8;
     struct train_job job = {
@@ -97,7 +125,15 @@ static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, doub
         .init_params = fx.init,
         .quiet = true,
         .step_losses = losses,
+        .save = snap_out ? snapshot_save : NULL,
+        .save_arg = snap_out,
     };
+    if (snap_in) {
+        job.start_step = snap_in->steps_done;
+        job.init_params = snap_in->params;
+        job.init_m = snap_in->m;
+        job.init_v = snap_in->v;
+    }
     int rc = exec_train(&job, res, err);
     recipe_release(&r);
     return rc;
@@ -150,6 +186,41 @@ static void test_train_is_reproducible(void **state)
     assert_memory_equal(a, b, sizeof(a)); /* bit for bit */
 }
 
+static void test_train_resume_is_bit_identical(void **state)
+{
+    (void) state;
+    static const struct {
+        int dp;
+        bool zero2, zero3;
+    } layouts[] = {{1, false, false}, {2, true, false}, {2, true, true}};
+    for (size_t i = 0; i < sizeof(layouts) / sizeof(layouts[0]); i++) {
+        double whole[STEPS], resumed[STEPS];
+        struct snapshot snap = {0};
+        struct train_result res;
+        struct moai_err err = {0};
+
+        extra_training = ", save_interval: 3";
+        snap_out = &snap;
+        assert_int_equal(train(layouts[i].dp, 1, layouts[i].zero2, layouts[i].zero3, 1 << 30,
+                               whole, &res, &err), 0);
+        snap_out = NULL;
+        extra_training = "";
+        assert_int_equal(snap.steps_done, 3);
+
+        snap_in = &snap;
+        memset(resumed, 0, sizeof(resumed));
+        assert_int_equal(train(layouts[i].dp, 1, layouts[i].zero2, layouts[i].zero3, 1 << 30,
+                               resumed, &res, &err), 0);
+        snap_in = NULL;
+        assert_int_equal(res.steps_done, STEPS);
+        /* Steps 4..6 of the resumed run are those of the uninterrupted one, bit for bit. */
+        assert_memory_equal(resumed + 3, whole + 3, 3 * sizeof(double));
+        free(snap.params);
+        free(snap.m);
+        free(snap.v);
+    }
+}
+
 static void test_train_device_memory_is_counted(void **state)
 {
     (void) state;
@@ -174,6 +245,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_train_layouts_match_one_device),
         cmocka_unit_test(test_train_is_reproducible),
+        cmocka_unit_test(test_train_resume_is_bit_identical),
         cmocka_unit_test(test_train_device_memory_is_counted),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

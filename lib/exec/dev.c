@@ -96,12 +96,14 @@ int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), voi
 
 int dev_reserve(struct dev *d, int64_t bytes, const char *what)
 {
-    if (d->used_bytes + bytes > d->capacity_bytes)
+    if (d->used_bytes + bytes > d->capacity_bytes) {
+        d->oom_requested_bytes = d->used_bytes + bytes;
         return moai_err_set(&d->err, MOAI_EOOM,
                             "device %d is out of memory allocating %s: %lld bytes requested "
                             "with %lld of %lld in use",
                             d->id, what, (long long) bytes, (long long) d->used_bytes,
                             (long long) d->capacity_bytes);
+    }
     d->used_bytes += bytes;
     if (d->used_bytes > d->peak_bytes)
         d->peak_bytes = d->used_bytes;

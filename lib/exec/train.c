@@ -749,6 +749,12 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     for (int i = 0; i < ndev && i < 64; i++)
         res->peak_bytes[i] = ds.devs[i].peak_bytes;
     res->interrupted = rc == MOAI_EINTR;
+    for (int i = 0; rc == MOAI_EOOM && i < ndev; i++)
+        if (ds.devs[i].oom_requested_bytes) {
+            res->oom_device = i;
+            res->oom_requested_bytes = ds.devs[i].oom_requested_bytes;
+            break;
+        }
     if (run.ndurations > 0) {
         int64_t first = run.ndurations > 1 ? 1 : 0, n = run.ndurations - first;
         qsort(run.durations + first, (size_t) n, sizeof(double), cmp_double);

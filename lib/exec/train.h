@@ -92,6 +92,8 @@ struct train_result {
     int64_t peak_bytes[64];             /* per device (the first 64) */
     int64_t capacity_bytes;
     bool interrupted;                   /* stopped by SIGINT/SIGTERM after a save */
+    int oom_device;                     /* on MOAI_EOOM: the device that ran out, */
+    int64_t oom_requested_bytes;        /* what it would have held with the failed allocation */
 };
 
 /* Set by the signal handler of cmd/; the loop saves and stops at the next step boundary. */

@@ -357,6 +357,26 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T,
 
 /* ---- attention ---------------------------------------------------------------------- */
 
+/* Softmax of row[0, n) in place, then zeros up to kend. The masked keys past n are set to
+ * -inf first so that whole blocks of KB lanes run vectorized (capacity: the row holds cap
+ * floats); their exponentials (~1e-38 after the clamp) are far below the rounding of a sum of
+ * at least 1, and are zeroed afterwards. */
+static inline __attribute__((always_inline)) void softmax_row(float *row, int64_t n, int64_t kend,
+                                                             int64_t cap)
+{
+    int64_t nv = (n + KB - 1) / KB * KB;
+    if (nv > cap)
+        nv = n;
+    for (int64_t i = n; i < nv; i++)
+        row[i] = -INFINITY;
+    float m = row_max(row, n);
+    float sum = row_exp_inplace(row, m, nv);
+    row_scale(row, 1.0f / sum, n);
+    int64_t z = kend > nv ? kend : nv;
+    if (z > n)
+        memset(row + n, 0, sizeof(float) * (size_t) (z - n));
+}
+
 static inline int64_t att_keys(int64_t len, int64_t T)
 {
     return len < 1 ? 1 : (len > T ? T : len);
@@ -380,15 +400,8 @@ void attention_forward(float *out, float *probs, const float *qkv, int64_t len, 
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
                             (int) hd, scale, q + r0 * C, (int) C, k, (int) C, 0.0f, p + r0 * T,
                             (int) T);
-                for (int64_t t = r0; t < r1; t++) {
-                    float *row = p + t * T;
-                    int64_t n = min64(t + 1, nkeys);
-                    float m = row_max(row, n);
-                    float sum = row_exp_inplace(row, m, n);
-                    row_scale(row, 1.0f / sum, n);
-                    if (kend > n)
-                        memset(row + n, 0, sizeof(float) * (size_t) (kend - n));
-                }
+                for (int64_t t = r0; t < r1; t++)
+                    softmax_row(p + t * T, min64(t + 1, nkeys), kend, T);
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
                             (int) kend, 1.0f, p + r0 * T, (int) T, v, (int) C, 0.0f, o + r0 * ldo,
                             (int) ldo);

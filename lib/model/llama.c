@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* Rows per task of the row-wise kernels; also the row chunks of the RMSNorm weight gradient
  * partial sums, so the reduction order depends on N only. */
@@ -91,12 +92,17 @@ static void work_layout(struct llama_work *w, struct bump *b, const struct model
 {
     int64_t N = B * T, D = c->hidden_size, F = c->intermediate_size;
     int64_t H = c->num_attention_heads, hd = c->head_dim, V = c->vocab_size;
+    w->rope_inv_freq = bumpf(b, hd / 2);
     w->rope_cos = bumpf(b, T * (hd / 2));
     w->rope_sin = bumpf(b, T * (hd / 2));
     w->targets = bump(b, sizeof(int32_t) * (size_t) N);
+    w->scored = bump(b, sizeof(int32_t) * (size_t) N);
+    w->scored_targets = bump(b, sizeof(int32_t) * (size_t) N);
+    w->scored_index = bump(b, sizeof(int32_t) * (size_t) N);
     w->losses = bumpf(b, N);
     w->lse = bumpf(b, N);
     w->logits = bumpf(b, N * V);
+    w->lnc = bumpf(b, N * D);
     w->dres = bumpf(b, N * D);
     w->dln = bumpf(b, N * D);
     w->dqkv = bumpf(b, N * qkv_cols(c));
@@ -145,9 +151,19 @@ size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, in
     return bump_total(&b);
 }
 
+/* Arenas of 2 MiB or more are aligned to 2 MiB and asked for transparent huge pages: the
+ * strided reads of attention heads and GEMM packing then miss the TLB far less. */
+#define HUGE_PAGE ((size_t) 2 << 20)
+
 static void *arena_alloc(size_t bytes)
 {
-    void *p = aligned_alloc(ALIGN, bytes ? bytes : ALIGN);
+    void *p = NULL;
+    if (posix_memalign(&p, bytes < HUGE_PAGE ? ALIGN : HUGE_PAGE, bytes ? bytes : ALIGN))
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    if (bytes >= HUGE_PAGE)
+        madvise(p, bytes, MADV_HUGEPAGE);
+#endif
     return p;
 }
 
@@ -167,15 +183,14 @@ int llama_params_init(struct llama_params *p, const struct model_config *cfg, fl
         return moai_err_set(err, MOAI_ENOMEM, "cannot allocate the layer table of %lld layers",
                             (long long) L);
     if (!arena) {
-        size_t rounded = (bytes + ALIGN - 1) / ALIGN * ALIGN;
-        arena = arena_alloc(rounded);
+        arena = arena_alloc(bytes);
         if (!arena) {
             free(p->layers);
             p->layers = NULL;
             return moai_err_set(err, MOAI_ENOMEM, "cannot allocate %zu bytes of parameters",
                                 bytes);
         }
-        memset(arena, 0, rounded);
+        memset(arena, 0, bytes);
         p->owned = true;
     }
     p->arena = arena;
@@ -333,6 +348,12 @@ void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
 int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
                     struct moai_err *err)
 {
+    return llama_acts_bind(a, cfg, B, T, NULL, err);
+}
+
+int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
+                    void *arena, struct moai_err *err)
+{
     int64_t L = cfg->num_hidden_layers;
     memset(a, 0, sizeof(*a));
     a->B = B;
@@ -340,12 +361,17 @@ int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_
     a->nlayers = L;
     a->bytes = llama_act_bytes(cfg, B, T);
     a->layers = calloc((size_t) (L > 0 ? L : 1), sizeof(struct llama_layer_acts));
-    a->arena = arena_alloc(a->bytes);
+    if (!arena) {
+        arena = arena_alloc(a->bytes);
+        a->owned = true;
+    }
+    a->arena = arena;
     if (!a->layers || !a->arena) {
+        size_t bytes = a->bytes;
         llama_acts_release(a);
         return moai_err_set(err, MOAI_ENOMEM,
                             "cannot allocate %zu bytes of activations for %lld x %lld tokens",
-                            llama_act_bytes(cfg, B, T), (long long) B, (long long) T);
+                            bytes, (long long) B, (long long) T);
     }
     struct bump b = {a->arena, 0};
     acts_layout(a, &b, cfg, B, T);
@@ -356,14 +382,20 @@ int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_
 void llama_acts_release(struct llama_acts *a)
 {
     free(a->layers);
-    free(a->arena);
+    if (a->owned)
+        free(a->arena);
     memset(a, 0, sizeof(*a));
 }
 
 int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
                     int nthreads, struct moai_err *err)
 {
-    int64_t hd = cfg->head_dim;
+    return llama_work_bind(w, cfg, B, T, nthreads, NULL, err);
+}
+
+int llama_work_bind(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
+                    int nthreads, void *arena, struct moai_err *err)
+{
     memset(w, 0, sizeof(*w));
     if (nthreads < 1)
         nthreads = 1;
@@ -371,32 +403,27 @@ int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_
     w->T = T;
     w->nthreads = nthreads;
     w->bytes = llama_work_bytes(cfg, B, T, nthreads);
-    w->arena = arena_alloc(w->bytes);
-    if (!w->arena) {
-        size_t bytes = w->bytes;
-        llama_work_release(w);
-        return moai_err_set(err, MOAI_ENOMEM,
-                            "cannot allocate %zu bytes of workspace for %lld x %lld tokens", bytes,
-                            (long long) B, (long long) T);
+    if (!arena) {
+        arena = arena_alloc(w->bytes);
+        if (!arena)
+            return moai_err_set(err, MOAI_ENOMEM,
+                                "cannot allocate %zu bytes of workspace for %lld x %lld tokens",
+                                w->bytes, (long long) B, (long long) T);
+        w->owned = true;
     }
+    w->arena = arena;
     struct bump b = {w->arena, 0};
     work_layout(w, &b, cfg, B, T, nthreads);
     MOAI_ASSERT(bump_total(&b) == w->bytes);
-
-    float *freq = malloc(sizeof(float) * (size_t) (hd / 2 > 0 ? hd / 2 : 1));
-    if (!freq) {
-        llama_work_release(w);
-        return moai_err_set(err, MOAI_ENOMEM, "cannot allocate the rotary table");
-    }
-    rope_inv_freq(freq, hd, cfg->rope_theta, &cfg->rope_scaling);
-    rope_tables(w->rope_cos, w->rope_sin, freq, T, hd);
-    free(freq);
+    rope_inv_freq(w->rope_inv_freq, cfg->head_dim, cfg->rope_theta, &cfg->rope_scaling);
+    rope_tables(w->rope_cos, w->rope_sin, w->rope_inv_freq, T, cfg->head_dim);
     return 0;
 }
 
 void llama_work_release(struct llama_work *w)
 {
-    free(w->arena);
+    if (w->owned)
+        free(w->arena);
     memset(w, 0, sizeof(*w));
 }
 
@@ -581,6 +608,8 @@ enum row_op {
     ROW_CE_FUSED,
     ROW_CE_FORWARD,
     ROW_ZERO,
+    ROW_GATHER,         /* out row i = in row ids[i] */
+    ROW_SCATTER,        /* out row n = in row ids[n], or zeros where ids[n] < 0 */
 };
 
 struct row_job {
@@ -627,6 +656,16 @@ static void row_task(void *arg, int64_t task, int thread)
         break;
     case ROW_ZERO:
         memset(j->out + n0 * D, 0, sizeof(float) * (size_t) (n * D));
+        break;
+    case ROW_GATHER:
+    case ROW_SCATTER:
+        for (int64_t i = n0; i < n0 + n; i++) {
+            if (j->ids[i] >= 0)
+                memcpy(j->out + i * D, j->in + (int64_t) j->ids[i] * D,
+                       sizeof(float) * (size_t) D);
+            else
+                memset(j->out + i * D, 0, sizeof(float) * (size_t) D);
+        }
         break;
     }
 }
@@ -757,19 +796,35 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
                           struct llama_work *w, bool backward, float dloss)
 {
     const struct model_config *c = &m->cfg;
-    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size;
+    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size, S = 0;
 
     struct row_job jn = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = (float) c->rms_norm_eps,
                          .out = a->lnf, .aux = a->rstdf, .in = a->xf, .w = p->norm};
     rows_run(m, &jn);
-    linear_forward(m, w->logits, a->lnf, p->lm_head, false, N, D, V);
-    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD, .N = N, .V = V,
+    /* only scored rows (target not -100) go through lm_head: padding and masked prompts cost
+     * nothing there */
+    for (int64_t n = 0; n < N; n++) {
+        w->scored_index[n] = -1;
+        if (w->targets[n] == KERN_IGNORE_INDEX)
+            continue;
+        w->scored_index[n] = (int32_t) S;
+        w->scored[S] = (int32_t) n;
+        w->scored_targets[S++] = w->targets[n];
+    }
+    w->nscored = S;
+    if (S == 0)
+        return 0.0;
+    struct row_job jg = {.op = ROW_GATHER, .N = S, .D = D, .out = w->lnc, .in = a->lnf,
+                         .ids = w->scored};
+    rows_run(m, &jg);
+    linear_forward(m, w->logits, w->lnc, p->lm_head, false, S, D, V);
+    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD, .N = S, .V = V,
                          .dloss = dloss, .out = w->logits, .out2 = w->lse, .aux = w->losses,
-                         .ids = w->targets};
+                         .ids = w->scored_targets};
     rows_run(m, &jc);
     double sum = 0.0;
-    for (int64_t n = 0; n < N; n++)
-        sum += w->losses[n];
+    for (int64_t i = 0; i < S; i++)
+        sum += w->losses[i];
     return sum;
 }
 
@@ -777,9 +832,16 @@ void llama_head_backward(struct llama *m, const struct llama_params *p, struct l
                          struct llama_acts *a, struct llama_work *w)
 {
     const struct model_config *c = &m->cfg;
-    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size;
+    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size, S = w->nscored;
 
-    linear_backward(m, w->dln, g->lm_head, w->logits, a->lnf, p->lm_head, N, D, V);
+    /* dW += dlogits^T lnc first, then lnc (no longer needed) takes dlnc = dlogits W */
+    if (S > 0) {
+        gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
+        gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
+    }
+    struct row_job js = {.op = ROW_SCATTER, .N = N, .D = D, .out = w->dln, .in = w->lnc,
+                         .ids = w->scored_index};
+    rows_run(m, &js);
     struct row_job jz = {.op = ROW_ZERO, .N = N, .D = D, .out = w->dres};
     rows_run(m, &jz);
     rmsnorm_backward_par(m, w, w->dres, g->norm, w->dln, a->xf, p->norm, a->rstdf, N, D);

@@ -98,17 +98,25 @@ struct llama_acts {
     float *lnf;                 /* (N, D) final norm output, lm_head input */
     void *arena;
     size_t bytes;               /* llama_act_bytes */
+    bool owned;                 /* arena allocated (and freed) here */
 };
 
 struct llama_work {
     int64_t B, T;
     int nthreads;
+    float *rope_inv_freq;       /* (hd/2) */
     float *rope_cos;            /* (T, hd/2) */
     float *rope_sin;            /* (T, hd/2) */
     int32_t *targets;           /* (N) labels shifted by one position */
-    float *losses;              /* (N) per-token loss, 0 where ignored */
-    float *lse;                 /* (N) log-sum-exp of the logits (evaluation) */
-    float *logits;              /* (N, V) logits; after a training forward, their gradient */
+    int32_t *scored;            /* (N) rows whose target counts, in order; nscored of them */
+    int32_t *scored_targets;    /* (N) their targets */
+    int32_t *scored_index;      /* (N) a row's place in scored, or -1 */
+    int64_t nscored;
+    float *losses;              /* (N) loss of each scored row */
+    float *lse;                 /* (N) log-sum-exp of each scored row's logits (evaluation) */
+    float *logits;              /* (N, V) logits of the scored rows; after a training forward,
+                                   their gradient */
+    float *lnc;                 /* (N, D) lm_head input of the scored rows, then its gradient */
     float *dres;                /* (N, D) gradient of the residual stream between stages */
     float *dln;                 /* (N, D) */
     float *dqkv;                /* (N, (H + 2 KV) hd) */
@@ -119,6 +127,7 @@ struct llama_work {
     float *dnorm_part;          /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
     void *arena;
     size_t bytes;               /* llama_work_bytes */
+    bool owned;                 /* arena allocated (and freed) here */
 };
 
 /* A micro-batch of B right-padded sequences of T tokens. */
@@ -159,20 +168,29 @@ size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, in
 /* ---- buffers ---- */
 
 /* Points p into arena (llama_param_bytes, 64-byte aligned, caller-owned), or when arena is
- * NULL allocates a zeroed one that llama_params_release frees. */
+ * NULL allocates a zeroed one that llama_params_release frees. Arenas allocated here of
+ * 2 MiB or more are 2 MiB-aligned and advised for transparent huge pages (MADV_HUGEPAGE). */
 int llama_params_init(struct llama_params *p, const struct model_config *cfg, float *arena,
                       struct moai_err *err);
 void llama_params_release(struct llama_params *p);
 /* Sets every float of the arena to 0 (gradients before a step). */
 void llama_params_zero(struct llama *m, struct llama_params *p);
 
+/* Activations of B x T tokens in an arena of their own (llama_act_bytes). */
 int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
                     struct moai_err *err);
+/* The same cut from arena (llama_act_bytes, 64-byte aligned, caller-owned; NULL: own). */
+int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
+                    void *arena, struct moai_err *err);
 void llama_acts_release(struct llama_acts *a);
 
-/* Also fills the rotary tables for positions 0..T-1. */
+/* The workspace (llama_work_bytes) in an arena of its own; also fills the rotary tables for
+ * positions 0..T-1. nthreads must be at least the model's. */
 int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
                     int nthreads, struct moai_err *err);
+/* The same cut from arena (llama_work_bytes, 64-byte aligned, caller-owned; NULL: own). */
+int llama_work_bind(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
+                    int nthreads, void *arena, struct moai_err *err);
 void llama_work_release(struct llama_work *w);
 
 /* ---- tensors by name (loading, saving, initialization) ---- */
@@ -214,9 +232,10 @@ void llama_embed_forward(struct llama *m, const struct llama_params *p, struct l
 void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
                          struct llama_layer_acts *la, float *out, struct llama_work *w,
                          const struct llama_batch *b);
-/* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). With
- * backward, the logits become their gradient for a loss scaled by dloss (1 / number of
- * counted tokens of the whole step for a mean), ready for llama_head_backward. */
+/* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). Only
+ * rows whose target counts go through lm_head (padding and masked prompts cost nothing
+ * there). With backward, the logits become their gradient for a loss scaled by dloss (1 /
+ * number of counted tokens of the whole step for a mean), ready for llama_head_backward. */
 double llama_head_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
                           struct llama_work *w, bool backward, float dloss);
 

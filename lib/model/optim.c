@@ -235,21 +235,27 @@ uint64_t optim_rng(uint64_t seed, uint64_t stream, uint64_t counter)
     return z ^ (z >> 31);
 }
 
-static double normal_at(uint64_t seed, uint64_t stream, int64_t e)
+/* The normal pair of Box-Muller draw `pair` of a stream. */
+static void normal_pair(double out[2], uint64_t seed, uint64_t stream, uint64_t pair)
 {
-    uint64_t pair = (uint64_t) e / 2;
     uint64_t r1 = optim_rng(seed, stream, 2 * pair), r2 = optim_rng(seed, stream, 2 * pair + 1);
     double u1 = (double) ((r1 >> 11) + 1) * 0x1p-53;
     double u2 = (double) (r2 >> 11) * 0x1p-53;
     double rad = sqrt(-2.0 * log(u1));
-    return e % 2 ? rad * sin(2.0 * M_PI * u2) : rad * cos(2.0 * M_PI * u2);
+    out[0] = rad * cos(2.0 * M_PI * u2);
+    out[1] = rad * sin(2.0 * M_PI * u2);
 }
 
 void optim_init_normal(float *x, int64_t first, int64_t n, double std, uint64_t seed,
                        uint64_t stream)
 {
-    for (int64_t i = 0; i < n; i++)
-        x[i] = (float) (std * normal_at(seed, stream, first + i));
+    double z[2];
+    int64_t e = first, end = first + n;
+    while (e < end) {
+        normal_pair(z, seed, stream, (uint64_t) e / 2);
+        for (int k = (int) (e % 2); k < 2 && e < end; k++, e++)
+            x[e - first] = (float) (std * z[k]);
+    }
 }
 
 struct init_job {
