@@ -1,10 +1,13 @@
 /* moai-finetune.c - the command line: options, the loop over recipes, exit statuses. */
 #include "err.h"
 #include "log.h"
+#include "exec/run.h"
+#include "exec/train.h"
 #include "model/config.h"
 #include "recipe.h"
 
 #include <getopt.h>
+#include <signal.h>
 #include <jansson.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -73,19 +76,6 @@ static void print_json_status(const char *recipe, const char *status, const stru
     json_decref(o);
 }
 
-/* Reads the recipe's model architecture: config.json under model.path, with model.config. */
-static int load_model_config(const struct recipe *r, struct model_config *cfg,
-                             struct moai_err *err)
-{
-    char path[4096];
-    if (r->model.path)
-        snprintf(path, sizeof(path), "%s/config.json", r->model.path);
-    int rc = model_config_load(cfg, r->model.path ? path : NULL, r->model.config, err);
-    if (rc < 0 && !r->model.path)
-        moai_err_prefix(err, "%s", r->source);
-    return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
-}
-
 static int run_validate(const struct options *opt, const char *path, struct recipe *r,
                         struct moai_err *err)
 {
@@ -93,7 +83,7 @@ static int run_validate(const struct options *opt, const char *path, struct reci
     int rc = recipe_check_files(r, err);
     if (rc < 0)
         return rc;
-    if ((rc = load_model_config(r, &cfg, err)) < 0)
+    if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
     if (opt->json)
         print_json_status(path, "ok", NULL);
@@ -110,13 +100,33 @@ static int run_plan(const struct options *opt, const char *path, struct recipe *
                         "--plan-only is not built yet: the planner has not landed");
 }
 
+/* SIGINT and SIGTERM ask the training loop to save and stop at the next step; a second one
+ * ends the process at once. */
+static void on_signal(int sig)
+{
+    if (exec_stop_requested) {
+        signal(sig, SIG_DFL);
+        raise(sig);
+    }
+    exec_stop_requested = 1;
+}
+
 static int run_train(const struct options *opt, const char *path, struct recipe *r,
                      struct moai_err *err)
 {
-    (void) opt, (void) path, (void) r;
-    return moai_err_set(err, MOAI_ENOTYET,
-                        "training is not built yet: use --validate (or --plan-only once the "
-                        "planner lands)");
+    struct exec_opts o = {.json = opt->json};
+    struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
+    int rc;
+
+    (void) path;
+    sigemptyset(&sa.sa_mask);
+    exec_stop_requested = 0;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    rc = exec_run(r, &o, err);
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    return rc;
 }
 
 /* Loads and runs one recipe. Returns its exit status. */

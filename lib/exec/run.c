@@ -45,36 +45,43 @@ struct entries {
     int n, cap;
 };
 
-/* Appends the model's tensors over a flat arena, each name followed by suffix. */
+/* Appends the model's tensors over a flat arena (Hugging Face order), each name followed by
+ * suffix. */
 static int entries_add(struct entries *e, const struct model_config *cfg, const float *arena,
                        const char *suffix)
 {
-    int64_t count = model_tensor_count(cfg);
+    struct llama_params p;
+    int64_t count = llama_tensor_count(cfg);
+    if (llama_params_init(&p, cfg, (float *) arena, NULL) < 0)
+        return MOAI_ENOMEM;
     if (e->n + count > e->cap) {
         int cap = e->n + (int) count;
         struct st_write_tensor *t = realloc(e->t, (size_t) cap * sizeof(*t));
         char (*names)[160] = t ? realloc(e->names, (size_t) cap * sizeof(*names)) : NULL;
         if (t)
             e->t = t;
-        if (!names)
+        if (!names) {
+            llama_params_release(&p);
             return MOAI_ENOMEM;
+        }
         e->names = names;
         e->cap = cap;
     }
     for (int64_t i = 0; i < count; i++) {
-        struct model_tensor_spec s;
+        struct llama_tensor lt;
         struct st_write_tensor *t = &e->t[e->n];
-        model_tensor_spec(cfg, i, &s);
-        snprintf(e->names[e->n], sizeof(e->names[0]), "%s%s", s.name, suffix);
+        llama_tensor_at(&lt, &p, cfg, i);
+        snprintf(e->names[e->n], sizeof(e->names[0]), "%s%s", lt.name, suffix);
         memset(t, 0, sizeof(*t));
-        t->ndim = s.ndim;
-        t->shape[0] = s.shape[0];
-        t->shape[1] = s.shape[1];
-        t->data = arena + s.offset;
+        t->ndim = lt.ndim;
+        t->shape[0] = lt.shape[0];
+        t->shape[1] = lt.shape[1];
+        t->data = lt.data;
         e->n++;
     }
     for (int i = 0; i < e->n; i++) /* names may have moved with the realloc */
         e->t[i].name = e->names[i];
+    llama_params_release(&p);
     return 0;
 }
 
@@ -229,7 +236,7 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
     struct st_set set;
     if ((rc = st_set_open_dir(&set, r->training.save_dir, err)) < 0)
         return rc;
-    rc = model_tensors_load(cfg, &set, params, err);
+    rc = model_tensors_load(cfg, &set, params, r->training.save_dir, err);
     st_set_close(&set);
     if (rc < 0)
         return rc;
@@ -237,28 +244,33 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
     struct st_file f;
     if ((rc = st_open(&f, path, err)) < 0)
         return rc;
-    int64_t count = model_tensor_count(cfg);
+    struct llama_params views[3];
+    float *dst[3] = {m, v, params};
+    for (int k = 0; k < 3; k++)
+        llama_params_init(&views[k], cfg, dst[k], NULL);
+    int64_t count = llama_tensor_count(cfg);
     for (int64_t i = 0; i < count && rc == 0; i++) {
-        struct model_tensor_spec s;
         static const char *const suffix[] = {".exp_avg", ".exp_avg_sq", ".master"};
-        float *dst[] = {m, v, params};
-        model_tensor_spec(cfg, i, &s);
         for (int k = 0; k < 3 && rc == 0; k++) {
+            struct llama_tensor lt;
             char name[200];
-            snprintf(name, sizeof(name), "%s%s", s.name, suffix[k]);
+            llama_tensor_at(&lt, &views[k], cfg, i);
+            snprintf(name, sizeof(name), "%s%s", lt.name, suffix[k]);
             const struct st_tensor *t = st_find(&f, name);
             if (!t) {
                 if (k < 2)
                     rc = moai_err_set(err, MOAI_EIO, "%s: tensor '%s' is missing", path, name);
                 continue;
             }
-            if (t->numel != s.numel)
+            if (t->numel != lt.numel)
                 rc = moai_err_set(err, MOAI_EIO, "%s: tensor '%s' has %lld elements, not %lld",
-                                  path, name, (long long) t->numel, (long long) s.numel);
+                                  path, name, (long long) t->numel, (long long) lt.numel);
             else
-                rc = st_to_f32(t, dst[k] + s.offset, err);
+                rc = st_to_f32(t, lt.data, err);
         }
     }
+    for (int k = 0; k < 3; k++)
+        llama_params_release(&views[k]);
     st_close(&f);
     return rc;
 }
@@ -379,7 +391,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         struct st_set set;
         if ((rc = st_set_open_dir(&set, r->model.path, err)) < 0)
             goto out_params;
-        rc = model_tensors_load(&cfg, &set, host.arena, err);
+        rc = model_tensors_load(&cfg, &set, host.arena, r->model.path, err);
         st_set_close(&set);
         if (rc < 0)
             goto out_params;
