@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Training end to end on a tiny random model: the documented step lines and final messages,
+# the checkpoint layout, --json, resuming to the same losses, SIGINT saving, and the
+# OUT_OF_MEMORY report of a device that is too small.
+. tests/cli/lib.inc
+
+recipe() { # recipe FILE SAVE_DIR [EXTRA TRAINING KEYS]
+    cat >"$1" <<YAML
+model:
+  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+           num_key_value_heads: 2, vocab_size: 8000, tie_word_embeddings: true,
+           bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}
+  init: random
+tokenizer: models/tiny-llama/tokenizer.model
+dataset:
+  path: datasets/debian-descriptions.jsonl.zst
+  limit: 64
+  cache_dir: $TMP/cache
+training:
+  batch_size: 8
+  block_size: 64
+  lr: 1.0e-3
+  precision: fp32
+  log_interval: 1
+  save_dir: $2
+  $3
+flavor: {device: cpu, devices: 2, memory_gb: 1}
+parallel: {pp: 1, tp: 1, recomputation: none}
+YAML
+}
+
+# A whole run: step lines, final lines, checkpoint.
+recipe "$TMP/a.yaml" "$TMP/out-a" "max_steps: 6"
+"$MOAI_BIN" -q "$TMP/a.yaml" >"$TMP/a.out" 2>"$TMP/a.err"
+expect_eq "train: status" 0 $?
+expect_eq "train: step lines" 6 "$(grep -cE '^\[Step [1-6]/6\] \| Loss: [0-9]+(\.[0-9]+)? \| Duration: [0-9]+\.[0-9]{2} \| Throughput: [0-9]+\.[0-9]{2} tokens/sec$' "$TMP/a.out")"
+expect_eq "train: final lines" "Training Done
+Saving Model...
+Model saved in '$TMP/out-a'" "$(tail -n 3 "$TMP/a.out")"
+for f in config.json model.safetensors tokenizer.model plan.json optimizer.safetensors trainer_state.json; do
+    [ -s "$TMP/out-a/$f" ] && ok || fail "checkpoint lacks $f"
+done
+python3 - "$TMP/out-a" <<'PY' && ok || fail "checkpoint files are what other tools read"
+import json, struct, sys
+d = sys.argv[1]
+cfg = json.load(open(d + "/config.json"))
+assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["hidden_size"] == 32, cfg
+assert json.load(open(d + "/trainer_state.json"))["step"] == 6
+raw = open(d + "/model.safetensors", "rb").read()
+(n,) = struct.unpack("<Q", raw[:8])
+h = json.loads(raw[8:8 + n])
+assert h["__metadata__"] == {"format": "pt"}
+assert h["model.embed_tokens.weight"]["shape"] == [8000, 32], h["model.embed_tokens.weight"]
+assert "lm_head.weight" not in h  # tied
+assert json.load(open(d + "/plan.json"))["dp"] >= 1
+PY
+
+# The loss of step 6 when the run stops at 3 and resumes equals the uninterrupted run's.
+recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 3"
+"$MOAI_BIN" -q "$TMP/b.yaml" >/dev/null 2>&1
+expect_eq "first half: status" 0 $?
+recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 6"
+"$MOAI_BIN" -q "$TMP/b.yaml" >"$TMP/b.out" 2>"$TMP/b.err"
+expect_eq "resumed: status" 0 $?
+expect_eq "resumed: steps 4 to 6 only" "4 5 6" "$(sed -n 's/^\[Step \([0-9]*\)\/6\].*/\1/p' "$TMP/b.out" | xargs)"
+expect_eq "resumed losses equal the whole run's" \
+    "$(grep -E '^\[Step [456]/6\]' "$TMP/a.out" | sed 's/ | Duration.*//')" \
+    "$(grep -E '^\[Step [456]/6\]' "$TMP/b.out" | sed 's/ | Duration.*//')"
+
+# JSON Lines: one object per step and a final summary.
+recipe "$TMP/c.yaml" "$TMP/out-c" "max_steps: 2"
+"$MOAI_BIN" -q --json "$TMP/c.yaml" >"$TMP/c.out" 2>/dev/null
+expect_eq "--json: status" 0 $?
+python3 - "$TMP/c.out" <<'PY' && ok || fail "--json step objects"
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+assert [l["step"] for l in lines[:2]] == [1, 2], lines
+for l in lines[:2]:
+    assert set(l) >= {"step", "total_steps", "loss", "duration_s", "tokens_per_s", "lr"}, l
+assert lines[2]["status"] == "done", lines[2]
+PY
+
+# SIGINT saves and exits 130; the run then resumes to the end.
+recipe "$TMP/d.yaml" "$TMP/out-d" "max_steps: 400"
+"$MOAI_BIN" -q "$TMP/d.yaml" >"$TMP/d.out" 2>"$TMP/d.err" &
+pid=$!
+for _ in $(seq 100); do grep -q '^\[Step' "$TMP/d.out" 2>/dev/null && break; sleep 0.1; done
+kill -INT $pid
+wait $pid
+expect_eq "SIGINT: status" 130 $?
+step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$TMP/out-d/trainer_state.json" 2>/dev/null)
+[ -n "$step" ] && [ "$step" -ge 1 ] && [ "$step" -lt 400 ] && ok || fail "SIGINT: checkpoint at step '$step'"
+
+# A device too small for the plan: the OUT_OF_MEMORY report and exit 3.
+recipe "$TMP/e.yaml" "$TMP/out-e" "max_steps: 1"
+"$MOAI_BIN" -q --set 'flavor={device: cpu, devices: 2, memory_gb: 0.001}' "$TMP/e.yaml" >/dev/null 2>"$TMP/e.err"
+expect_eq "too small: status" 3 $?
+grep -q '^moai-finetune: error: Error Code 4: OUT_OF_MEMORY$' "$TMP/e.err" && ok || fail "too small: report: $(cat "$TMP/e.err")"
+[ ! -e "$TMP/out-e" ] && ok || fail "too small: no output directory"
+finish
