@@ -208,8 +208,11 @@ static int src_open(struct src *s, struct moai_err *err)
 static long src_fill(struct src *s, struct moai_err *err)
 {
     s->outpos = s->outlen = 0;
-    if (!s->zstd)
-        return read_raw(s, s->out, SRC_CHUNK, err);
+    if (!s->zstd) {
+        long k = read_raw(s, s->out, SRC_CHUNK, err);
+        s->outlen = k > 0 ? (size_t) k : 0;
+        return k;
+    }
     for (;;) {
         if (s->zin.pos == s->zin.size && !s->raw_eof) {
             long k = read_raw(s, s->in, SRC_CHUNK, err);
