@@ -4,6 +4,8 @@
 #include "exec/run.h"
 #include "exec/train.h"
 #include "model/config.h"
+#include "plan/plan.h"
+#include "plan/report.h"
 #include "recipe.h"
 
 #include <getopt.h>
@@ -66,6 +68,14 @@ static void print_json_line(json_t *obj)
     fflush(stdout);
 }
 
+/* Prints and frees a JSON object built for one recipe. */
+static void print_json_result(json_t *obj)
+{
+    if (obj)
+        print_json_line(obj);
+    json_decref(obj);
+}
+
 static void print_json_status(const char *recipe, const char *status, const struct moai_err *err)
 {
     json_t *o = json_pack("{s:s, s:s}", "recipe", recipe, "status", status);
@@ -85,6 +95,16 @@ static int run_validate(const struct options *opt, const char *path, struct reci
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
+    struct plan_result res;
+    enum log_level level = log_get_level();
+    if (level == LOG_INFO) /* the planner's lines are for --plan-only and training */
+        log_set_level(LOG_WARN);
+    rc = plan_search(&res, &cfg, r, err);
+    log_set_level(level);
+    if (rc == MOAI_EOOM)
+        plan_oom_message(err, &res, &cfg, r);
+    if (rc < 0)
+        return rc;
     if (opt->json)
         print_json_status(path, "ok", NULL);
     else
@@ -95,9 +115,28 @@ static int run_validate(const struct options *opt, const char *path, struct reci
 static int run_plan(const struct options *opt, const char *path, struct recipe *r,
                     struct moai_err *err)
 {
-    (void) opt, (void) path, (void) r;
-    return moai_err_set(err, MOAI_ENOTYET,
-                        "--plan-only is not built yet: the planner has not landed");
+    struct model_config cfg;
+    struct plan_result res;
+    int rc;
+
+    (void) path;
+    if ((rc = load_model_config(r, &cfg, err)) < 0)
+        return rc;
+    rc = plan_search(&res, &cfg, r, err);
+    if (rc == MOAI_EOOM)
+        plan_oom_message(err, &res, &cfg, r);
+    if (rc < 0) {
+        if (opt->json) /* the report still says what was tried */
+            print_json_result(plan_result_json(rc == MOAI_EOOM ? &res : NULL, &cfg, r,
+                                               rc == MOAI_EOOM ? "oom" : "error", err->msg));
+        return rc;
+    }
+    if (opt->json)
+        print_json_result(plan_result_json(&res, &cfg, r, "ok", NULL));
+    else
+        plan_report_text(stdout, &res, &cfg, r);
+    fflush(stdout);
+    return 0;
 }
 
 /* SIGINT and SIGTERM ask the training loop to save and stop at the next step; a second one
@@ -135,6 +174,7 @@ static int run_recipe(const struct options *opt, const char *path)
     struct moai_err err = {0};
     struct recipe r;
     int rc = recipe_load(&r, path, &opt->ov, &err);
+    bool loaded = rc == 0;
 
     if (rc == 0) {
         switch (opt->mode) {
@@ -152,7 +192,7 @@ static int run_recipe(const struct options *opt, const char *path)
     }
     if (rc < 0) {
         print_error(&err);
-        if (opt->json)
+        if (opt->json && !(opt->mode == MODE_PLAN && loaded))
             print_json_status(path, rc == MOAI_EOOM ? "oom" : "error", &err);
     }
     return moai_err_exit_status(rc);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains models/tiny-llama/tokenizer.model (SentencePiece BPE, 8000 pieces, byte fallback) on
+# Trains models/tiny-llama/tokenizer.model (SentencePiece unigram, 8000 pieces, byte fallback) on
 # the articles and highlights of datasets/debian-descriptions.jsonl.zst with Debian's spm_train.
 #
 # Usage: datasets/build-tokenizer.sh
@@ -29,7 +29,7 @@ n=$(wc -l < "$work/corpus.txt")
 (cd "$work" && spm_train \
     --input=corpus.txt \
     --model_prefix=tokenizer \
-    --model_type=bpe \
+    --model_type=unigram \
     --vocab_size=8000 \
     --byte_fallback=true \
     --user_defined_symbols='[SUMMARIZE],[/SUMMARIZE]' \

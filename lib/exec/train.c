@@ -6,6 +6,7 @@
 #include "exec/steplog.h"
 #include "log.h"
 #include "model/optim.h"
+#include "plan/mem.h"
 #include "progress.h"
 
 #include <math.h>
@@ -727,7 +728,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     run.B = plan->batch_per_device;
     run.T = r->training.block_size;
     run.res = res;
-    run.nthreads = dev_cores() / ndev > 1 ? dev_cores() / ndev : 1;
+    run.nthreads = mem_cpu_threads(ndev); /* as the planner sized the workspace */
     if (layout_init(&run.lo, job->cfg, run.dp) < 0)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     run.host_params = malloc((size_t) fbytes(P));

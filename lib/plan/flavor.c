@@ -1,9 +1,13 @@
 /* flavor.c - the flavor catalog and the device types (see flavor.h). */
 #include "plan/flavor.h"
 
+#include <cblas.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MIB (1024LL * 1024LL)
@@ -20,7 +24,10 @@
  *         450 / 450 GB/s one way; 2.0 / 3.35 / 4.8 TB/s HBM); 400 Gb/s InfiniBand per GPU.
  *  mi300x: AMD data sheet, 1307 TFLOP/s dense bf16, 5.3 TB/s, Infinity Fabric 64 GB/s per
  *         peer link x 7 ~ 448 GB/s aggregate, we take one link's 64 GB/s.
- *  cpu:   this machine; memory is physical / devices, speed measured by the planner.
+ *  cpu:   this machine; memory is physical / devices; speed measured (flavor_cpu_tflops)
+ *         and shared among the devices by the planner. The bandwidths (10 GB/s) stand for
+ *         memcpy between threads of one host: a conservative share of a DDR4/DDR5 socket's
+ *         memory bandwidth, used only to rank cpu plans against each other.
  */
 static const struct device_type device_types[] = {
     {"mi250", 65520 * MIB, 181.0, 1600.0, 50.0, 25.0, 200.0},
@@ -37,10 +44,10 @@ static const struct {
     const char *name;
     int devices;
 } catalog[] = {
-    {"small.64gb", 1},         {"medium.128gb", 2},     {"large.256gb", 4},
-    {"xlarge.512gb", 8},       {"1.5xlarge.768gb", 12}, {"2xlarge.1024gb", 16},
-    {"3xlarge.1536gb", 24},    {"4xlarge.2048gb", 32},  {"6xlarge.3072gb", 48},
-    {"8xlarge.4096gb", 64},    {"12xlarge.6144gb", 96}, {"24xlarge.12288gb", 192},
+    {"small.64gb", 1},       {"medium.128gb", 2},     {"large.256gb", 4},
+    {"xlarge.512gb", 8},     {"1.5xlarge.768gb", 12}, {"2xlarge.1024gb", 16},
+    {"3xlarge.1536gb", 24},  {"4xlarge.2048gb", 32},  {"6xlarge.3072gb", 48},
+    {"8xlarge.4096gb", 64},  {"12xlarge.6144gb", 96}, {"24xlarge.12288gb", 192},
     {"48xlarge.24576gb", 384},
 };
 
@@ -94,10 +101,10 @@ int flavor_lookup(struct flavor *f, const char *name, struct moai_err *err)
     for (int i = 0; i < NCATALOG; i++) {
         const char *full = catalog[i].name;
         size_t stem = (size_t) (strrchr(full, '.') - full);
-        if (strcasecmp(name, full) == 0 ||
-            (strlen(name) == stem && strncasecmp(name, full, stem) == 0)) {
+        if (strcasecmp(name, full) == 0 || (strlen(name) == stem && strncasecmp(name, full, stem) == 0)) {
             memset(f, 0, sizeof(*f));
             snprintf(f->name, sizeof(f->name), "%s", full);
+            snprintf(f->given, sizeof(f->given), "%s", name);
             f->device = device_types[0];
             f->devices = catalog[i].devices;
             f->devices_per_node = catalog[i].devices < 8 ? catalog[i].devices : 8;
@@ -122,6 +129,7 @@ int flavor_custom(struct flavor *f, const char *dev, int n, int devices_per_node
                             devices_per_node);
     memset(f, 0, sizeof(*f));
     snprintf(f->name, sizeof(f->name), "custom");
+    snprintf(f->given, sizeof(f->given), "%s x %d", t->name, n);
     f->device = *t;
     f->devices = n;
     f->devices_per_node = devices_per_node ? devices_per_node : (n < 8 ? n : 8);
@@ -133,6 +141,65 @@ int flavor_custom(struct flavor *f, const char *dev, int n, int devices_per_node
         f->device.memory_bytes = (int64_t) pages * page / n;
     }
     return 0;
+}
+
+const char *flavor_display_name(const struct flavor *f)
+{
+    return f->given[0] ? f->given : f->name;
+}
+
+static double cpu_tflops;
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + (double) ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *) a, y = *(const double *) b;
+    return (x > y) - (x < y);
+}
+
+/* 384^3 is large enough for OpenBLAS to reach most of its rate on one core and small enough
+ * (113 MFLOP) to cost a few milliseconds. */
+static void measure_cpu(void)
+{
+    enum { N = 384, REPS = 5 };
+    float *a = malloc(sizeof(float) * N * N), *b = malloc(sizeof(float) * N * N),
+          *c = malloc(sizeof(float) * N * N);
+    double t[REPS];
+
+    cpu_tflops = 0.05; /* 50 GFLOP/s if the buffers cannot be had: one modern core */
+    if (!a || !b || !c)
+        goto out;
+    for (int i = 0; i < N * N; i++) {
+        a[i] = (float) (i % 7) * 0.125f;
+        b[i] = (float) (i % 5) * 0.25f;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f, c, N);
+    for (int r = 0; r < REPS; r++) {
+        double t0 = now_seconds();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f,
+                    c, N);
+        t[r] = now_seconds() - t0;
+    }
+    qsort(t, REPS, sizeof(double), cmp_double);
+    if (t[REPS / 2] > 0)
+        cpu_tflops = 2.0 * N * N * N / t[REPS / 2] * 1e-12;
+out:
+    free(a);
+    free(b);
+    free(c);
+}
+
+double flavor_cpu_tflops(void)
+{
+    pthread_once(&cpu_once, measure_cpu);
+    return cpu_tflops;
 }
 
 int flavor_nodes(const struct flavor *f)

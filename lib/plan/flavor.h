@@ -19,21 +19,22 @@
 #include <stdint.h>
 
 struct device_type {
-    const char *name;       /* "mi250", "h100-80gb", "cpu" */
-    int64_t memory_bytes;   /* usable memory per device; 0 for cpu (computed) */
-    double tflops;          /* dense bf16 peak, TFLOP/s; 0 for cpu (measured) */
-    double hbm_gbps;        /* device memory bandwidth, GB/s */
-    double intra_node_gbps; /* device to device inside a node, GB/s one way */
-    double inter_node_gbps; /* device to device across nodes, GB/s one way */
-    double fast_pair_gbps;  /* to the other die of the same package (MI250), else 0 */
+    const char *name;           /* "mi250", "h100-80gb", "cpu" */
+    int64_t memory_bytes;       /* usable memory per device; 0 for cpu (computed) */
+    double tflops;              /* dense bf16 peak, TFLOP/s; 0 for cpu (measured) */
+    double hbm_gbps;            /* device memory bandwidth, GB/s */
+    double intra_node_gbps;     /* device to device inside a node, GB/s one way */
+    double inter_node_gbps;     /* device to device across nodes, GB/s one way */
+    double fast_pair_gbps;      /* to the other die of the same package (MI250), else 0 */
 };
 
 struct flavor {
-    char name[64];             /* canonical catalog name, or "custom" */
-    struct device_type device; /* with the recipe's overrides applied */
+    char name[64];              /* canonical catalog name, or "custom" */
+    char given[64];             /* the name as the recipe spelled it ("4xlarge"), or "custom" */
+    struct device_type device;  /* with the recipe's overrides applied */
     int devices;
     int devices_per_node;
-    bool custom; /* given as a mapping */
+    bool custom;                /* given as a mapping */
 };
 
 /* Looks a catalog name up, without regard to case, with or without its memory suffix.
@@ -48,6 +49,15 @@ const struct device_type *flavor_device_type(const char *name);
  * unknown device type (the message lists the valid ones) or non-positive counts. */
 int flavor_custom(struct flavor *f, const char *dev, int n, int devices_per_node,
                   struct moai_err *err);
+
+/* The name to show a user: the spelling the recipe gave, else the canonical name. */
+const char *flavor_display_name(const struct flavor *f);
+
+/* This machine's fp32 matrix-product rate in TFLOP/s (OpenBLAS sgemm, 384^3, with the
+ * OpenBLAS thread count as it is set; median of 5), measured on the first call and cached
+ * for the life of the process. The planner divides it among a cpu flavor's devices.
+ * Thread-safe. */
+double flavor_cpu_tflops(void);
 
 /* Number of nodes: ceil(devices / devices_per_node). */
 int flavor_nodes(const struct flavor *f);

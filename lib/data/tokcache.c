@@ -1,0 +1,418 @@
+/* tokcache.c - the token cache: keyed, checksummed, zstd-compressed tokenized datasets. */
+#include "data/tokcache.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include "data/dataset.h"
+#include "data/spm.h"
+#include "log.h"
+#include "progress.h"
+
+#define FNV_PRIME 0x100000001b3ull
+#define HEADER_BYTES 72
+#define BYTE_ORDER_MARK 0x01020304u
+static const char MAGIC[8] = "MOAITOK";
+
+uint64_t tokcache_hash(uint64_t h, const void *data, size_t size)
+{
+    const unsigned char *p = data;
+    size_t i = 0;
+    for (; i + 8 <= size; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        h = (h ^ w) * FNV_PRIME;
+    }
+    for (; i < size; i++)
+        h = (h ^ p[i]) * FNV_PRIME;
+    return h;
+}
+
+uint64_t tokcache_hash_final(uint64_t h)
+{
+    /* splitmix64's finalizer spreads the high bits of the word-wise FNV into the low ones */
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebull;
+    return h ^ (h >> 31);
+}
+
+static uint64_t hash_u64(uint64_t h, uint64_t v)
+{
+    return tokcache_hash(h, &v, sizeof(v));
+}
+
+/* A string with its length (so "ab"+"c" and "a"+"bc" differ), or a marker for NULL. */
+static uint64_t hash_str(uint64_t h, const char *s)
+{
+    if (!s)
+        return hash_u64(h, UINT64_MAX);
+    size_t n = strlen(s);
+    return tokcache_hash(hash_u64(h, n), s, n);
+}
+
+static int hash_file(uint64_t *h, const char *path, struct moai_err *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
+    unsigned char *buf = malloc(1 << 20);
+    if (!buf) {
+        fclose(f);
+        return moai_err_set(err, MOAI_ENOMEM, "cannot hash '%s': out of memory", path);
+    }
+    uint64_t size = 0;
+    size_t k;
+    /* chunks are multiples of 8 bytes, so the word-wise hash is the same as over the whole */
+    while ((k = fread(buf, 1, 1 << 20, f)) > 0) {
+        *h = tokcache_hash(*h, buf, k);
+        size += k;
+    }
+    int bad = ferror(f);
+    free(buf);
+    fclose(f);
+    if (bad)
+        return moai_err_set(err, MOAI_EIO, "cannot read '%s': %s", path, strerror(errno));
+    *h = hash_u64(*h, size);
+    return 0;
+}
+
+int tokcache_key(uint64_t *key, const char *dataset_path, const char *tokenizer_path,
+                 const char *tmpl, const char *response_start, int64_t T, int64_t limit,
+                 struct moai_err *err)
+{
+    uint64_t h = hash_u64(TOKCACHE_HASH_INIT, TOKCACHE_VERSION);
+    int rc = hash_file(&h, dataset_path, err);
+    if (rc == 0)
+        rc = hash_file(&h, tokenizer_path, err);
+    if (rc < 0)
+        return rc;
+    h = hash_str(h, tmpl);
+    h = hash_str(h, response_start && response_start[0] ? response_start : NULL);
+    h = hash_u64(h, (uint64_t) T);
+    h = hash_u64(h, (uint64_t) (limit < 0 ? -1 : limit));
+    *key = tokcache_hash_final(h);
+    return 0;
+}
+
+void tokcache_path(char *buf, size_t size, const char *cache_dir, uint64_t key)
+{
+    snprintf(buf, size, "%s/%016" PRIx64 ".tok.zst", cache_dir, key);
+}
+
+struct header {
+    uint32_t version, bom;
+    uint64_t key, n, T, truncated, payload_bytes, payload_sum, header_sum;
+};
+
+static void put64(unsigned char *p, uint64_t v)
+{
+    memcpy(p, &v, 8);
+}
+
+static uint64_t get64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static void header_encode(unsigned char *b, const struct header *h)
+{
+    memcpy(b, MAGIC, 8);
+    memcpy(b + 8, &h->version, 4);
+    memcpy(b + 12, &h->bom, 4);
+    put64(b + 16, h->key);
+    put64(b + 24, h->n);
+    put64(b + 32, h->T);
+    put64(b + 40, h->truncated);
+    put64(b + 48, h->payload_bytes);
+    put64(b + 56, h->payload_sum);
+    put64(b + 64, tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, b, 64)));
+}
+
+/* Payload bytes for n rows of T, or 0 on overflow. */
+static uint64_t payload_bytes(uint64_t n, uint64_t T)
+{
+    if (n == 0 || T == 0 || n > UINT64_MAX / 16 || T > (UINT64_MAX / 4) / n)
+        return 0;
+    uint64_t a = n * T * 4, b = n * 16;
+    return a > UINT64_MAX - b ? 0 : a + b;
+}
+
+int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct moai_err *err)
+{
+    memset(out, 0, sizeof(*out));
+    int rc = 0;
+    unsigned char *file = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) < 0 || st.st_size < HEADER_BYTES) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: shorter than its %d-byte header", path,
+                          HEADER_BYTES);
+        goto out;
+    }
+    size_t fsize = (size_t) st.st_size;
+    file = malloc(fsize);
+    if (!file) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    if (fread(file, 1, fsize, f) != fsize) {
+        rc = moai_err_set(err, MOAI_EIO, "cannot read '%s': %s", path,
+                          ferror(f) ? strerror(errno) : "file shrank while reading");
+        goto out;
+    }
+    struct header h;
+    memcpy(&h.version, file + 8, 4);
+    memcpy(&h.bom, file + 12, 4);
+    h.key = get64(file + 16);
+    h.n = get64(file + 24);
+    h.T = get64(file + 32);
+    h.truncated = get64(file + 40);
+    h.payload_bytes = get64(file + 48);
+    h.payload_sum = get64(file + 56);
+    h.header_sum = get64(file + 64);
+    if (memcmp(file, MAGIC, 8) != 0) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: not a token cache (bad magic)", path);
+    } else if (h.version != TOKCACHE_VERSION || h.bom != BYTE_ORDER_MARK) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: format version %" PRIu32 ", expected %u", path,
+                          h.version, TOKCACHE_VERSION);
+    } else if (h.header_sum != tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, file, 64))) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: header checksum mismatch", path);
+    } else if (h.key != key) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: key %016" PRIx64 " does not match the file name",
+                          path, h.key);
+    } else if (h.T < 2 || h.T > INT32_MAX || h.truncated > h.n ||
+               payload_bytes(h.n, h.T) != h.payload_bytes || h.payload_bytes > SIZE_MAX / 2) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: inconsistent sizes in the header", path);
+    }
+    if (rc < 0)
+        goto out;
+    unsigned long long content = ZSTD_getFrameContentSize(file + HEADER_BYTES,
+                                                          fsize - HEADER_BYTES);
+    if (content != h.payload_bytes) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt", path);
+        goto out;
+    }
+    size_t cells = (size_t) (h.n * h.T);
+    out->tokens = malloc((size_t) h.payload_bytes);
+    out->labels = malloc(sizeof(int32_t) * cells);
+    out->lengths = malloc(sizeof(int64_t) * (size_t) h.n);
+    out->masked = malloc(sizeof(int64_t) * (size_t) h.n);
+    if (!out->tokens || !out->labels || !out->lengths || !out->masked) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    size_t got = ZSTD_decompress(out->tokens, (size_t) h.payload_bytes, file + HEADER_BYTES,
+                                 fsize - HEADER_BYTES);
+    if (ZSTD_isError(got) || got != h.payload_bytes) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s",
+                          path, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
+        goto out;
+    }
+    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) !=
+        h.payload_sum) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: payload checksum mismatch", path);
+        goto out;
+    }
+    out->n = (int64_t) h.n;
+    out->T = (int64_t) h.T;
+    out->truncated = (int64_t) h.truncated;
+    memcpy(out->lengths, (unsigned char *) out->tokens + cells * 4, (size_t) h.n * 8);
+    memcpy(out->masked, (unsigned char *) out->tokens + cells * 4 + h.n * 8, (size_t) h.n * 8);
+    for (int64_t i = 0; i < out->n; i++) {
+        if (out->lengths[i] < 1 || out->lengths[i] > out->T || out->masked[i] < 0 ||
+            out->masked[i] > out->lengths[i]) {
+            rc = moai_err_set(err, MOAI_EIO, "%s: sequence %" PRId64 " has impossible lengths",
+                              path, i);
+            goto out;
+        }
+    }
+    data_set_fill_labels(out);
+out:
+    free(file);
+    fclose(f);
+    if (rc < 0)
+        data_set_release(out);
+    return rc;
+}
+
+/* mkdir -p */
+static int make_dirs(const char *dir, struct moai_err *err)
+{
+    char buf[4096];
+    size_t n = strlen(dir);
+    if (n == 0 || n >= sizeof(buf))
+        return moai_err_set(err, MOAI_EUSAGE, "cache directory '%s': bad path", dir);
+    memcpy(buf, dir, n + 1);
+    for (size_t i = 1; i <= n; i++) {
+        if (buf[i] != '/' && buf[i] != '\0')
+            continue;
+        char c = buf[i];
+        buf[i] = '\0';
+        if (mkdir(buf, 0777) < 0 && errno != EEXIST)
+            return moai_err_set(err, MOAI_EIO, "cannot create directory '%s': %s", buf,
+                                strerror(errno));
+        buf[i] = c;
+    }
+    return 0;
+}
+
+static int write_all(int fd, const void *data, size_t size)
+{
+    const unsigned char *p = data;
+    while (size > 0) {
+        ssize_t k = write(fd, p, size);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        p += k;
+        size -= (size_t) k;
+    }
+    return 0;
+}
+
+int tokcache_store(const struct data_set *ds, const char *path, uint64_t key,
+                   struct moai_err *err)
+{
+    static _Atomic unsigned counter;
+    char dir[4096], tmp[4200];
+    int rc = 0, fd = -1;
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        if (dir[0] && (rc = make_dirs(dir, err)) < 0)
+            return rc;
+    }
+    size_t cells = (size_t) ds->n * (size_t) ds->T;
+    size_t pbytes = (size_t) payload_bytes((uint64_t) ds->n, (uint64_t) ds->T);
+    unsigned char *payload = malloc(pbytes);
+    size_t bound = ZSTD_compressBound(pbytes);
+    unsigned char *z = malloc(HEADER_BYTES + bound);
+    if (!payload || !z) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
+    memcpy(payload, ds->tokens, cells * 4);
+    memcpy(payload + cells * 4, ds->lengths, (size_t) ds->n * 8);
+    memcpy(payload + cells * 4 + (size_t) ds->n * 8, ds->masked, (size_t) ds->n * 8);
+    size_t zn = ZSTD_compress(z + HEADER_BYTES, bound, payload, pbytes, 3);
+    if (ZSTD_isError(zn)) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: cannot compress: %s", path, ZSTD_getErrorName(zn));
+        goto out;
+    }
+    struct header h = {
+        .version = TOKCACHE_VERSION,
+        .bom = BYTE_ORDER_MARK,
+        .key = key,
+        .n = (uint64_t) ds->n,
+        .T = (uint64_t) ds->T,
+        .truncated = (uint64_t) ds->truncated,
+        .payload_bytes = pbytes,
+        .payload_sum = tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, payload, pbytes)),
+    };
+    header_encode(z, &h);
+    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld.%u", path, (long) getpid(), counter++);
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        rc = moai_err_set(err, MOAI_EIO, "cannot create '%s': %s", tmp, strerror(errno));
+        goto out;
+    }
+    if (write_all(fd, z, HEADER_BYTES + zn) < 0 || fsync(fd) < 0) {
+        rc = moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", tmp, strerror(errno));
+        goto out_unlink;
+    }
+    if (close(fd) < 0) {
+        fd = -1;
+        rc = moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", tmp, strerror(errno));
+        goto out_unlink;
+    }
+    fd = -1;
+    if (rename(tmp, path) < 0) {
+        rc = moai_err_set(err, MOAI_EIO, "cannot rename '%s' to '%s': %s", tmp, path,
+                          strerror(errno));
+        goto out_unlink;
+    }
+    goto out;
+out_unlink:
+    if (fd >= 0)
+        close(fd);
+    fd = -1;
+    unlink(tmp);
+out:
+    free(payload);
+    free(z);
+    return rc;
+}
+
+static int tokenize_fresh(struct data_set *out, const char *dataset_path,
+                          const char *tokenizer_path, const char *tmpl,
+                          const char *response_start, int64_t T, int64_t limit,
+                          struct moai_err *err)
+{
+    struct dataset_texts texts;
+    struct spm *sp = spm_load(tokenizer_path, err);
+    if (!sp)
+        return err ? err->code : MOAI_EIO;
+    int rc = dataset_load(&texts, dataset_path, tmpl, response_start, limit, err);
+    if (rc == 0) {
+        rc = data_tokenize(out, &texts, sp, T, 2, err);
+        dataset_texts_release(&texts);
+    }
+    spm_free(sp);
+    return rc;
+}
+
+int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+                 const char *tmpl, const char *response_start, int64_t T, int64_t limit,
+                 const char *cache_dir, struct moai_err *err)
+{
+    char path[4200];
+    uint64_t key = 0;
+    int rc;
+    memset(out, 0, sizeof(*out));
+    if (T < 2 || T > INT32_MAX)
+        return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
+                            INT32_MAX);
+    if (cache_dir) {
+        rc = tokcache_key(&key, dataset_path, tokenizer_path, tmpl, response_start, T, limit,
+                          err);
+        if (rc < 0)
+            return rc;
+        tokcache_path(path, sizeof(path), cache_dir, key);
+        struct moai_err lerr = {0};
+        double t0 = progress_now();
+        if (tokcache_load(out, path, key, &lerr) == 0) {
+            log_info("Loaded %" PRId64 " tokenized examples from the cache '%s' in %.2f s.",
+                     out->n, path, progress_now() - t0);
+            data_set_log_stats(out);
+            return 0;
+        }
+        if (access(path, F_OK) == 0)
+            log_warn("token cache unusable (%s); rebuilding it", lerr.msg);
+    }
+    rc = tokenize_fresh(out, dataset_path, tokenizer_path, tmpl, response_start, T, limit, err);
+    if (rc < 0)
+        return rc;
+    data_set_log_stats(out);
+    if (cache_dir) {
+        struct moai_err serr = {0};
+        if (tokcache_store(out, path, key, &serr) < 0)
+            log_warn("cannot store the token cache: %s", serr.msg);
+    }
+    return 0;
+}

@@ -1,0 +1,211 @@
+/* tokenize.c - records to fixed-length token, label and length arrays, on several threads. */
+#include "data/tokenize.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+#include "progress.h"
+
+struct tok_job {
+    struct data_set *ds;
+    const struct dataset_texts *texts;
+    const struct spm *sp;
+    int64_t begin, end;
+    _Atomic int64_t done;  /* rows finished, for the progress bar */
+    _Atomic int finished; /* set last by the worker */
+    int64_t truncated;
+    int rc;
+    struct moai_err err;
+};
+
+/* Row i: [BOS] + ids + [EOS], cut to T, padded; masked prompt count. Scratch holds T ids. */
+static int tokenize_row(struct tok_job *j, int64_t i)
+{
+    struct data_set *ds = j->ds;
+    const int64_t T = ds->T;
+    int32_t *row = ds->tokens + i * T;
+    const char *text = dataset_text(j->texts, i);
+    size_t len = dataset_text_len(j->texts, i), n, before = 0;
+    bool split = j->texts->resp_end && j->texts->resp_end[i] != SIZE_MAX;
+    int rc = split ? spm_encode_split(j->sp, text, len, j->texts->resp_end[i], row + 1,
+                                      (size_t) (T - 1), &n, &before, &j->err)
+                   : spm_encode_into(j->sp, text, len, row + 1, (size_t) (T - 1), &n, &j->err);
+    if (rc < 0)
+        return moai_err_prefix(&j->err, "record %" PRId64 " (line %" PRId64 ")", i,
+                               j->texts->line[i]);
+    row[0] = ds->bos_id;
+    int64_t real = 1 + (int64_t) n;
+    bool has_eos = real < T;
+    if (has_eos) {
+        row[real++] = ds->eos_id;
+    } else {
+        real = T;
+        j->truncated++;
+    }
+    for (int64_t t = real; t < T; t++)
+        row[t] = ds->pad_id;
+    ds->lengths[i] = real;
+    /* the BOS and every piece that starts before the end of response_start; never the EOS */
+    int64_t m = split ? 1 + (int64_t) before : 0;
+    int64_t keep = has_eos ? real - 1 : real;
+    ds->masked[i] = m < keep ? m : keep;
+    return 0;
+}
+
+/* Tokenizes rows [from, to) of j's range; publishes progress in j->done. */
+static void tok_range(struct tok_job *j, int64_t from, int64_t to)
+{
+    for (int64_t i = from; i < to && j->rc == 0; i++) {
+        j->rc = tokenize_row(j, i);
+        if (j->rc == 0)
+            atomic_store_explicit(&j->done, i + 1 - j->begin, memory_order_relaxed);
+    }
+}
+
+static void *tok_worker(void *arg)
+{
+    struct tok_job *j = arg;
+    tok_range(j, j->begin, j->end);
+    atomic_store_explicit(&j->finished, 1, memory_order_release);
+    return NULL;
+}
+
+void data_set_fill_labels(struct data_set *ds)
+{
+    for (int64_t i = 0; i < ds->n; i++) {
+        const int32_t *tok = ds->tokens + i * ds->T;
+        int32_t *lab = ds->labels + i * ds->T;
+        for (int64_t t = 0; t < ds->T; t++)
+            lab[t] = t < ds->masked[i] || t >= ds->lengths[i] ? DATA_IGNORE_INDEX : tok[t];
+    }
+}
+
+static int64_t progress_sum(struct tok_job *jobs, int nthreads)
+{
+    int64_t sum = 0;
+    for (int k = 0; k < nthreads; k++)
+        sum += atomic_load_explicit(&jobs[k].done, memory_order_relaxed);
+    return sum;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const struct spm *sp,
+                  int64_t T, int nthreads, struct moai_err *err)
+{
+    struct data_set *ds = out;
+    memset(ds, 0, sizeof(*ds));
+    if (T < 2 || T > INT32_MAX)
+        return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
+                            INT32_MAX);
+    ds->bos_id = spm_bos_id(sp);
+    ds->eos_id = spm_eos_id(sp);
+    ds->pad_id = spm_pad_id(sp);
+    if (ds->bos_id < 0 || ds->eos_id < 0 || ds->pad_id < 0)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "tokenizer has no %s id (bos %d, eos %d, pad %d)",
+                            ds->bos_id < 0 ? "BOS" : ds->eos_id < 0 ? "EOS" : "pad",
+                            (int) ds->bos_id, (int) ds->eos_id, (int) ds->pad_id);
+    ds->n = texts->n;
+    ds->T = T;
+    size_t cells = (size_t) ds->n * (size_t) T;
+    ds->tokens = malloc(sizeof(int32_t) * cells);
+    ds->labels = malloc(sizeof(int32_t) * cells);
+    ds->lengths = malloc(sizeof(int64_t) * (size_t) ds->n);
+    ds->masked = malloc(sizeof(int64_t) * (size_t) ds->n);
+    if (!ds->tokens || !ds->labels || !ds->lengths || !ds->masked) {
+        data_set_release(ds);
+        return moai_err_set(err, MOAI_ENOMEM, "tokenizing %" PRId64 " records: out of memory",
+                            texts->n);
+    }
+    if (nthreads < 1)
+        nthreads = 1;
+    if (nthreads > 64)
+        nthreads = 64;
+    struct tok_job jobs[64];
+    pthread_t tid[64];
+    int started[64] = {0};
+    for (int k = 0; k < nthreads; k++) {
+        memset(&jobs[k], 0, sizeof(jobs[k]));
+        jobs[k].ds = ds;
+        jobs[k].texts = texts;
+        jobs[k].sp = sp;
+        jobs[k].begin = ds->n * k / nthreads;
+        jobs[k].end = ds->n * (k + 1) / nthreads;
+        atomic_init(&jobs[k].done, 0);
+    }
+    struct progress bar;
+    progress_init(&bar, "Map", ds->n, "examples");
+    for (int k = 1; k < nthreads; k++)
+        started[k] = pthread_create(&tid[k], NULL, tok_worker, &jobs[k]) == 0;
+    for (int k = 1; k < nthreads; k++)
+        if (!started[k])
+            tok_worker(&jobs[k]); /* no thread: do its share here */
+    /* The owner thread tokenizes the first range in slices, updating the bar between them,
+     * then waits for the others. */
+    for (int64_t b = jobs[0].begin; b < jobs[0].end && jobs[0].rc == 0; b += 64) {
+        tok_range(&jobs[0], b, b + 64 < jobs[0].end ? b + 64 : jobs[0].end);
+        progress_update(&bar, progress_sum(jobs, nthreads));
+    }
+    for (int k = 1; k < nthreads; k++) {
+        if (!started[k])
+            continue;
+        while (!atomic_load_explicit(&jobs[k].finished, memory_order_acquire)) {
+            progress_update(&bar, progress_sum(jobs, nthreads));
+            sleep_ms(20);
+        }
+        pthread_join(tid[k], NULL);
+    }
+    int rc = 0;
+    for (int k = 0; k < nthreads; k++) {
+        ds->truncated += jobs[k].truncated;
+        if (rc == 0 && jobs[k].rc < 0) {
+            rc = jobs[k].rc;
+            if (err)
+                *err = jobs[k].err;
+        }
+    }
+    if (rc < 0) {
+        data_set_release(ds);
+        return rc;
+    }
+    progress_update(&bar, ds->n);
+    progress_finish(&bar);
+    data_set_fill_labels(ds);
+    return 0;
+}
+
+void data_set_log_stats(const struct data_set *ds)
+{
+    int64_t real = 0;
+    for (int64_t i = 0; i < ds->n; i++)
+        real += ds->lengths[i];
+    double mean = ds->n ? (double) real / (double) ds->n : 0.0;
+    double pad = ds->n ? 1.0 - (double) real / ((double) ds->n * (double) ds->T) : 0.0;
+    log_info("Tokenized %" PRId64 " examples of %" PRId64 " tokens: %" PRId64
+             " truncated, mean %.1f real tokens, %.1f%% padding.",
+             ds->n, ds->T, ds->truncated, mean, 100.0 * pad);
+    if (ds->truncated * 20 > ds->n)
+        log_warn("%" PRId64 " of %" PRId64 " examples (%.1f%%) are longer than the block size "
+                 "%" PRId64 " and lose their end and EOS.",
+                 ds->truncated, ds->n, 100.0 * (double) ds->truncated / (double) ds->n, ds->T);
+}
+
+void data_set_release(struct data_set *ds)
+{
+    free(ds->tokens);
+    free(ds->labels);
+    free(ds->lengths);
+    free(ds->masked);
+    memset(ds, 0, sizeof(*ds));
+}

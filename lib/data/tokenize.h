@@ -1,0 +1,55 @@
+/* tokenize.h - records to fixed-length training sequences: tokens, labels, lengths.
+ *
+ * Each record's filled text becomes [BOS] + encode(text) + [EOS], truncated to T tokens (the
+ * EOS is lost only when the text itself is too long; such records are counted as truncated)
+ * and padded to T with the pad id. Labels equal the tokens except -100 at padding and, when
+ * the template has a response_start, at the prompt: the BOS and every token of the one
+ * encoding of the whole text that starts before the end of response_start (SentencePiece's
+ * byte offsets; a piece straddling that boundary is masked). The EOS is never masked.
+ * lengths[i] is the number of real tokens (the attention mask's ones); the model finds
+ * padding from it, never by comparing ids.
+ *
+ * Ownership: struct data_set owns its arrays (release with data_set_release).
+ * Thread-safety: data_tokenize runs nthreads worker threads over contiguous record ranges and
+ * returns the same arrays for any thread count.
+ *
+ *     struct data_set ds;
+ *     if (data_tokenize(&ds, &texts, sp, 1024, 2, &err) < 0) ...
+ *     row i: ds.tokens + i * ds.T, ds.labels + i * ds.T, ds.lengths[i] real tokens
+ */
+#ifndef MOAI_TOKENIZE_H
+#define MOAI_TOKENIZE_H
+
+#include <stdint.h>
+
+#include "data/dataset.h"
+#include "data/spm.h"
+#include "err.h"
+
+#define DATA_IGNORE_INDEX (-100)
+
+struct data_set {
+    int64_t n;         /* sequences */
+    int64_t T;         /* block size: tokens per sequence */
+    int32_t *tokens;   /* (n, T) input ids, pad id after lengths[i] */
+    int32_t *labels;   /* (n, T) tokens, or -100 at padding and the masked prompt */
+    int64_t *lengths;  /* (n) real tokens, 1..T */
+    int64_t *masked;   /* (n) leading tokens masked for response_start (0 when none) */
+    int64_t truncated; /* sequences cut to T (their EOS lost) */
+    int32_t bos_id, eos_id, pad_id;
+};
+
+/* Tokenizes every text with nthreads threads (1 or more). Fails with MOAI_EUSAGE when
+ * T < 2 or the tokenizer has no BOS, EOS or pad id. Returns 0 or a negative code. */
+int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const struct spm *sp,
+                  int64_t T, int nthreads, struct moai_err *err);
+
+/* Rebuilds labels from tokens, lengths and masked (after loading a cache). */
+void data_set_fill_labels(struct data_set *ds);
+
+/* Logs examples, truncated examples (a warning above 5%), mean real tokens, padding. */
+void data_set_log_stats(const struct data_set *ds);
+
+void data_set_release(struct data_set *ds);
+
+#endif

@@ -1,0 +1,315 @@
+/* mem.c - the memory model of one device for a parallel layout (see mem.h). */
+#include "plan/mem.h"
+
+#include "model/llama.h"
+#include "plan/plan.h"
+
+#include <sched.h>
+#include <string.h>
+
+#define GIB (1024LL * 1024LL * 1024LL)
+
+/* Workspace reserve of an accelerator: the runtime's context (a few hundred MiB on ROCm and
+ * CUDA), the BLAS / attention kernels' workspaces and the caching allocator's slack. 1 GiB is
+ * the round figure practitioners keep free (DeepSpeed's and Megatron's memory estimators
+ * leave a similar margin); it is 1.6% of an MI250 GCD. */
+#define MEM_RESERVE_ACCEL_BYTES GIB
+
+static int64_t div_up(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+static bool is_cpu(const struct flavor *f)
+{
+    return strcmp(f->device.name, "cpu") == 0;
+}
+
+void mem_dtypes(struct mem_dtypes *d, const struct recipe *r)
+{
+    bool bf16 = r->training.precision == PRECISION_BF16 && !is_cpu(&r->flavor);
+    d->weight = bf16 ? 2 : 4;
+    d->grad = bf16 ? 2 : 4;
+    d->master = bf16 ? 4 : 0;
+    d->moments = 8;
+    d->act = bf16 ? 2 : 4;
+}
+
+void mem_stage_layers(int64_t layers, int pp, int stage, int64_t *first, int64_t *count)
+{
+    int64_t base = layers / pp, rem = layers % pp;
+    int64_t before = stage < 1 ? 0 : (stage - 1 < rem ? stage - 1 : rem);
+    *first = stage * base + before;
+    *count = base + (stage >= 1 && stage <= rem);
+}
+
+int64_t mem_heads_per_device(const struct model_config *cfg, int tp)
+{
+    return cfg->num_attention_heads / tp;
+}
+
+int64_t mem_kv_heads_per_device(const struct model_config *cfg, int tp)
+{
+    return cfg->num_key_value_heads >= tp ? cfg->num_key_value_heads / tp : 1;
+}
+
+int64_t mem_vocab_per_device(const struct model_config *cfg, int tp)
+{
+    return (cfg->vocab_size + tp - 1) / tp;
+}
+
+/* Llama / Mistral layer: two RMSNorm weights (D each, replicated over tp), q (D x H hd),
+ * k and v (D x KV hd each), o (H hd x D), gate and up (D x F each), down (F x D); no biases.
+ * tp splits the heads, kv heads and F (Megatron column / row parallel). */
+int64_t mem_layer_params(const struct model_config *cfg, int tp)
+{
+    int64_t D = cfg->hidden_size, hd = cfg->head_dim, F = cfg->intermediate_size / tp;
+    int64_t Hd = mem_heads_per_device(cfg, tp), KVd = mem_kv_heads_per_device(cfg, tp);
+    return 2 * D + D * hd * (Hd + 2 * KVd) + Hd * hd * D + 3 * D * F;
+}
+
+int64_t mem_embedding_params(const struct model_config *cfg, int tp)
+{
+    return mem_vocab_per_device(cfg, tp) * cfg->hidden_size;
+}
+
+int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int stage)
+{
+    int64_t first, count;
+    mem_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
+    int64_t n = count * mem_layer_params(cfg, tp);
+    if (stage == 0)
+        n += mem_embedding_params(cfg, tp);
+    if (stage == pp - 1) {
+        n += cfg->hidden_size; /* final norm */
+        if (!cfg->tie_word_embeddings || pp > 1)
+            n += mem_embedding_params(cfg, tp); /* lm_head, or the tied copy */
+    }
+    return n;
+}
+
+int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp, int stage)
+{
+    int64_t first, count, unit = 0;
+    mem_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
+    if (count > 0)
+        unit = mem_layer_params(cfg, tp);
+    if ((stage == 0 || stage == pp - 1) && mem_embedding_params(cfg, tp) > unit)
+        unit = mem_embedding_params(cfg, tp);
+    return unit;
+}
+
+/*
+ * Activations of one Llama layer, per device, for one micro-batch (b sequences of s
+ * tokens, M = s b), following Korthikanti et al. 2022 ("Reducing Activation Recomputation
+ * in Large Transformer Models", section 4): count every tensor autograd keeps for the
+ * backward. The paper's GPT layer keeps s b h (34 + 5 a s / h) bytes in 16-bit, with tensor
+ * parallelism (no sequence parallelism) s b h (10 + 24 / t + 5 a s / (h t)). A Llama layer
+ * differs: RMSNorm instead of LayerNorm, no dropout anywhere (so none of the paper's masks,
+ * nor the dropout outputs), grouped-query attention, rotary embeddings and a 3-matrix SwiGLU
+ * MLP of width F. Its saved tensors, in elements (e bytes each), with Hd = H / t query heads
+ * and KVd kv heads (KV / t, or 1 when t > KV and kv heads are replicated) per device:
+ *
+ *   input_layernorm      its input x                             M D      replicated
+ *                        its output, the input of q, k, v        M D      replicated
+ *                        rstd, one fp32 per token                M        (4 bytes)
+ *   attention            q after rotary                          M Hd hd
+ *                        k after rotary, v                       2 M KVd hd
+ *                        softmax(q k^T / sqrt(hd)) probabilities b Hd s^2 (no dropout mask)
+ *                        the context, input of o_proj            M Hd hd
+ *                        (rotary's backward is linear: nothing to keep)
+ *   post_attention_norm  its input, the residual sum             M D      replicated
+ *                        its output, the input of gate and up    M D      replicated
+ *                        rstd                                    M        (4 bytes)
+ *   SwiGLU MLP           gate output g, up output u              2 M F/t
+ *                        silu(g) * u, the input of down_proj     M F/t
+ *                        (silu(g) recomputed from g in the fused backward)
+ *
+ *   bytes = e [4 M D + M hd (2 Hd + 2 KVd) + 3 M F / t + b Hd s^2] + 8 M
+ *
+ * For the paper's own shapes (KV = H, hd H = h) this is s b h (8 + (4 h + 3 F) e / (h t))
+ * + e a s^2 b / t against the paper's 10 + 24/t and 5 a s / (h t): the replicated part loses
+ * the two dropout masks, the s^2 part keeps only the probabilities (2 instead of 5 bytes),
+ * and the MLP part is 3 F instead of the GELU MLP's 16 h. For Llama-2-13B (F = 2.7 h) it
+ * comes to 32.1 s b h + 2 a s^2 b bytes.
+ *
+ * Selective recomputation keeps q, k, v and recomputes the probabilities: the b Hd s^2 term
+ * goes. Full recomputation keeps only the layer input x (M D); the layer's other tensors are
+ * rebuilt one layer at a time in the backward (mem_stage adds one layer's worth, once).
+ */
+int64_t mem_layer_activation_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
+                                   enum recompute rc, int act_bytes)
+{
+    int64_t D = cfg->hidden_size, hd = cfg->head_dim, F = cfg->intermediate_size / tp;
+    int64_t Hd = mem_heads_per_device(cfg, tp), KVd = mem_kv_heads_per_device(cfg, tp);
+    int64_t M = s * b, e = act_bytes;
+
+    if (rc == RECOMPUTE_FULL)
+        return e * M * D;
+    int64_t elems = 4 * M * D + M * hd * (2 * Hd + 2 * KVd) + 3 * M * F;
+    if (rc != RECOMPUTE_SELECTIVE)
+        elems += b * Hd * s * s;
+    return e * elems + 8 * M;
+}
+
+/* The lm_head's output for one micro-batch, upcast to fp32 for the cross-entropy as Hugging
+ * Face's LlamaForCausalLM does, and its fp32 gradient; under bf16 also the bf16 logits the
+ * lm_head wrote. Vocabulary-parallel over tp (Megatron's parallel cross-entropy). */
+int64_t mem_logits_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
+                         int act_bytes)
+{
+    int64_t per = 4 + 4 + (act_bytes < 4 ? act_bytes : 0);
+    return s * b * mem_vocab_per_device(cfg, tp) * per;
+}
+
+int64_t mem_reserve_bytes(const struct flavor *f)
+{
+    return is_cpu(f) ? 0 : MEM_RESERVE_ACCEL_BYTES;
+}
+
+int mem_cpu_threads(int ndev)
+{
+    cpu_set_t set;
+    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    return cores / ndev > 1 ? cores / ndev : 1;
+}
+
+/*
+ * The cpu device runs data-parallel plans in fp32 with the executor's exact arenas
+ * (exec/train.c): the parameters cut into units (the embedding, each layer, the final norm
+ * with lm_head), each unit sharded into dp chunks of ceil(len / dp) floats; a ZeRO-3 device
+ * holds its shard and two gathered units, a ZeRO-2 device its gradient shard, one unit's
+ * gradient bucket and a chunk for the reduction (plus the final norm's gradient when the
+ * embedding is tied); the model's activations and workspace are the sizes llama.h gives.
+ * A test checks this against exec_device_bytes and the measured peaks.
+ */
+static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg,
+                         const struct recipe *r, const struct plan *p)
+{
+    int64_t V = cfg->vocab_size, D = cfg->hidden_size, L = cfg->num_hidden_layers;
+    int64_t P = model_param_count(cfg), dp = p->dp;
+    int64_t lens[3] = {V * D, model_layer_param_count(cfg),
+                       D + (cfg->tie_word_embeddings ? 0 : V * D)};
+    int64_t counts[3] = {1, L, 1}, shard = 0, max_padded = 0, max_chunk = 0;
+    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
+    bool zero3 = p->distribute_low_prec_param;
+
+    for (int u = 0; u < 3; u++) {
+        int64_t chunk = div_up(lens[u], dp);
+        shard += counts[u] * chunk;
+        if (chunk * dp > max_padded)
+            max_padded = chunk * dp;
+        if (chunk > max_chunk)
+            max_chunk = chunk;
+    }
+    memset(m, 0, sizeof(*m));
+    m->params = P;
+    m->weights_bytes = 4 * (zero3 ? shard + 2 * max_padded : P);
+    m->gradients_bytes = 4 * (zero2 ? shard + max_padded + max_chunk +
+                                          (cfg->tie_word_embeddings ? D * dp : 0)
+                                    : P);
+    m->optimizer_bytes = 8 * (zero2 ? shard : P);
+    m->activations_bytes = (int64_t) llama_act_bytes(cfg, p->batch_per_device,
+                                                     r->training.block_size);
+    m->logits_bytes = (int64_t) llama_work_bytes(cfg, p->batch_per_device,
+                                                 r->training.block_size,
+                                                 mem_cpu_threads(p->dp * p->pp * p->tp));
+    m->reserve_bytes = 0;
+    m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
+                     m->activations_bytes + m->logits_bytes;
+}
+
+void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
+               const struct plan *p, int stage)
+{
+    if (is_cpu(&r->flavor) && p->pp == 1 && p->tp == 1 &&
+        p->recomputation == RECOMPUTE_NONE) {
+        mem_cpu_exec(m, cfg, r, p);
+        return;
+    }
+    struct mem_dtypes d;
+    int64_t first, count;
+    int64_t s = r->training.block_size, b = p->batch_per_device;
+
+    mem_dtypes(&d, r);
+    mem_stage_layers(cfg->num_hidden_layers, p->pp, stage, &first, &count);
+    memset(m, 0, sizeof(*m));
+    m->stage = stage;
+
+    int64_t n = mem_stage_params(cfg, p->pp, p->tp, stage);
+    int64_t unit = mem_stage_max_unit_params(cfg, p->pp, p->tp, stage);
+    int dp = p->dp;
+    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
+    bool zero3 = p->distribute_low_prec_param;
+    m->params = n;
+
+    /* Working weights; under ZeRO-3 a 1/dp shard plus the unit computing and the unit being
+     * prefetched, gathered whole. */
+    if (zero3 && dp > 1)
+        m->weights_bytes = d.weight * (div_up(n, dp) + (unit * 2 < n ? unit * 2 : n));
+    else
+        m->weights_bytes = d.weight * n;
+
+    /* Gradients; sharded: a 1/dp shard plus one unit's full gradient in its bucket. */
+    if (zero2 && dp > 1)
+        m->gradients_bytes = d.grad * (div_up(n, dp) + unit);
+    else
+        m->gradients_bytes = d.grad * n;
+
+    m->optimizer_bytes = (int64_t) (d.master + d.moments) * (zero2 ? div_up(n, dp) : n);
+
+    /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
+     * `stage` (all of the warm-up forwards), never more than there are. */
+    int64_t in_flight = p->pp - stage < p->num_micro_batches ? p->pp - stage
+                                                             : p->num_micro_batches;
+    int64_t per_layer = mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act);
+    m->activations_bytes = in_flight * count * per_layer;
+    if (count > 0 && p->recomputation == RECOMPUTE_FULL)
+        m->activations_bytes +=
+            mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act);
+    else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE)
+        m->activations_bytes += (int64_t) d.act * b * mem_heads_per_device(cfg, p->tp) * s * s;
+    if (stage == p->pp - 1) {
+        /* The final norm's input, output and rstd; then the logits of one micro-batch (the
+         * last stage runs each micro-batch's backward right after its forward). */
+        m->activations_bytes += 2 * d.act * s * b * cfg->hidden_size + 4 * s * b;
+        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->tp, d.act);
+    }
+    m->reserve_bytes = mem_reserve_bytes(&r->flavor);
+    m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
+                     m->activations_bytes + m->logits_bytes + m->reserve_bytes;
+}
+
+void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg,
+                  const struct recipe *r, const struct plan *p)
+{
+    struct mem_breakdown cur;
+    mem_stage(m, cfg, r, p, 0);
+    for (int st = 1; st < p->pp; st++) {
+        /* Stages 1 .. pp-2 differ only by one layer and fewer micro-batches in flight: the
+         * heaviest middle stage is the first holding an extra layer, stage 1. */
+        if (st > 1 && st < p->pp - 1)
+            continue;
+        mem_stage(&cur, cfg, r, p, st);
+        if (cur.total_bytes > m->total_bytes)
+            *m = cur;
+    }
+}
+
+int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
+{
+    const int64_t phases[] = {
+        m->reserve_bytes,
+        m->weights_bytes,
+        m->activations_bytes + m->logits_bytes,
+        m->gradients_bytes,
+        m->optimizer_bytes,
+    };
+    int64_t used = 0;
+    for (size_t i = 0; i < sizeof(phases) / sizeof(phases[0]); i++) {
+        used += phases[i];
+        if (used > capacity)
+            return used;
+    }
+    return used;
+}

@@ -1,0 +1,125 @@
+/* mem.h - the planner's memory model: what one device holds for a parallel layout.
+ *
+ * For a layout (struct plan: dp x pp x tp, micro-batching, recomputation, sharding) the model
+ * counts, on every pipeline stage, the bytes one device of that stage holds at the peak of a
+ * training step, and reports the most loaded stage:
+ *
+ *   weights      the working weights of the device's tp shard of the stage (bf16, or fp32),
+ *                divided over dp under distribute_low_prec_param (ZeRO-3) plus the two units
+ *                (layers, embedding, lm_head) gathered in flight;
+ *   gradients    same size as the working weights, divided over dp under distribute_param
+ *                (ZeRO-2) plus one unit's full gradient waiting for its reduce-scatter;
+ *   optimizer    fp32 master weights (bf16 only) and Adam's two fp32 moments, divided over dp
+ *                under distribute_param: ZeRO's 2 + 2 + 12 bytes per parameter (bf16 mixed
+ *                precision), 4 + 4 + 8 (fp32);
+ *   activations  what each layer saves for backward (mem_layer_activation_bytes, derived in
+ *                mem.c from the tensors a Llama layer keeps), times the micro-batches in
+ *                flight on the stage under 1F1B (min(pp - stage, num_micro_batches));
+ *   logits       on the last stage: one micro-batch's logits and their gradient, fp32;
+ *   reserve      a fixed workspace reserve (mem_reserve_bytes).
+ *
+ * On the cpu device every tensor is fp32 (the executor's arenas are fp32): 4 + 4 + 8 bytes
+ * per parameter and 4-byte activations whatever the recipe's precision.
+ *
+ * Stages get contiguous, balanced layer ranges (mem_stage_layers); the embedding counts
+ * toward the first stage, the final norm and lm_head toward the last, a tied embedding
+ * toward both. Tensor parallelism splits heads, kv heads (replicated when tp exceeds them),
+ * the MLP width and the vocabulary (padded up to a multiple of tp); norms are replicated.
+ *
+ * All quantities are int64_t bytes or element counts. Pure functions of their arguments:
+ * thread-safe, no allocation, no errors (the caller checks the layout is valid first).
+ *
+ *     struct mem_breakdown m;
+ *     mem_estimate(&m, &cfg, &recipe, &plan);
+ *     if (m.total_bytes > recipe.flavor.device.memory_bytes) ... does not fit
+ */
+#ifndef MOAI_PLAN_MEM_H
+#define MOAI_PLAN_MEM_H
+
+#include "model/config.h"
+#include "recipe.h"
+
+#include <stdint.h>
+
+struct plan;
+
+/* One device's memory at the peak of a step, for its most loaded stage. */
+struct mem_breakdown {
+    int stage;                  /* the most loaded pipeline stage, 0-based */
+    int64_t params;             /* parameters of the device's tp shard of that stage */
+    int64_t weights_bytes;
+    int64_t gradients_bytes;
+    int64_t optimizer_bytes;    /* master weights + Adam moments */
+    int64_t activations_bytes;
+    int64_t logits_bytes;
+    int64_t reserve_bytes;
+    int64_t total_bytes;        /* the sum of the six above */
+};
+
+/* Bytes per element of each kind of tensor, by precision and device. */
+struct mem_dtypes {
+    int weight;                 /* working weights: 2 (bf16) or 4 */
+    int grad;                   /* gradients: like the working weights */
+    int master;                 /* fp32 master copy: 4 under bf16, 0 when the weights are fp32 */
+    int moments;                /* Adam's exp_avg and exp_avg_sq: 8 */
+    int act;                    /* activations: 2 (bf16) or 4 */
+};
+
+void mem_dtypes(struct mem_dtypes *d, const struct recipe *r);
+
+/* Layers [*first, *first + *count) of stage (0-based) among pp stages of L layers: L / pp
+ * each, the L % pp extra layers going to stages 1, 2, ... (never to the first stage, which
+ * holds the embedding and the most activations under 1F1B). */
+void mem_stage_layers(int64_t layers, int pp, int stage, int64_t *first, int64_t *count);
+
+/* Heads and kv heads on one device of a tp group (kv heads replicated when tp exceeds
+ * them), and the vocabulary rows of one shard (ceil(V / tp)). */
+int64_t mem_heads_per_device(const struct model_config *cfg, int tp);
+int64_t mem_kv_heads_per_device(const struct model_config *cfg, int tp);
+int64_t mem_vocab_per_device(const struct model_config *cfg, int tp);
+
+/* Parameters on one device of a tp group: one transformer layer; the embedding (or the
+ * lm_head: the same size); a whole stage (layers + embedding on the first, final norm and
+ * lm_head on the last; a tied embedding on both when pp > 1, once when pp == 1). */
+int64_t mem_layer_params(const struct model_config *cfg, int tp);
+int64_t mem_embedding_params(const struct model_config *cfg, int tp);
+int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int stage);
+
+/* The largest single unit (a layer, the embedding, the lm_head) on the stage, per device:
+ * what ZeRO-3 gathers at a time and ZeRO-2 holds as one gradient bucket. */
+int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp, int stage);
+
+/* Bytes one transformer layer keeps for backward for one micro-batch of b sequences of
+ * length s on one device of a tp group, elements of act_bytes (see the derivation in
+ * mem.c). */
+int64_t mem_layer_activation_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
+                                   enum recompute rc, int act_bytes);
+
+/* The logits of one micro-batch and their gradient (fp32), plus the low-precision logits
+ * under bf16, on one device of a tp group (vocabulary-parallel). */
+int64_t mem_logits_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
+                         int act_bytes);
+
+/* The workspace reserve of one device: 1 GiB on accelerators (runtime context, BLAS
+ * workspaces, allocator slack); 0 on cpu, whose executor sizes its arenas exactly. */
+int64_t mem_reserve_bytes(const struct flavor *f);
+
+/* Threads of the model's pool on each of ndev cpu devices (the cores shared out). */
+int mem_cpu_threads(int ndev);
+
+/* The breakdown of one stage of layout p. */
+void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
+               const struct plan *p, int stage);
+
+/* The breakdown of the most loaded stage of layout p (ties: the earlier stage). */
+void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg,
+                  const struct recipe *r, const struct plan *p);
+
+/* What an allocator reports as requested when the layout does not fit: a step allocates in
+ * the order reserve, weights, activations and logits (forward), gradients (backward),
+ * optimizer state (the first optimizer step, as PyTorch's AdamW and the source documents'
+ * failure show), and fails at the first phase that crosses capacity; the figure is the
+ * memory in use with that phase's allocation counted. Returns total_bytes when it fits. */
+int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity);
+
+#endif
