@@ -120,7 +120,7 @@ static int run_plan(const struct options *opt, const char *path, struct recipe *
     int rc;
 
     (void) path;
-    if ((rc = load_model_config(r, &cfg, err)) < 0)
+    if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
     rc = plan_search(&res, &cfg, r, err);
     if (rc == MOAI_EOOM)

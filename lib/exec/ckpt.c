@@ -15,7 +15,7 @@
 #define RENAME_EXCHANGE (1 << 1)
 #endif
 
-static int mkdir_parents(const char *path, struct moai_err *err)
+int ckpt_mkdir_parents(const char *path, struct moai_err *err)
 {
     char buf[4096];
     snprintf(buf, sizeof(buf), "%s", path);
@@ -104,7 +104,7 @@ int ckpt_stage_begin(struct ckpt_stage *s, const char *target, struct moai_err *
 
     snprintf(s->target, sizeof(s->target), "%s", target);
     split_path(target, dir, sizeof(dir), base, sizeof(base));
-    if ((rc = mkdir_parents(dir, err)) < 0)
+    if ((rc = ckpt_mkdir_parents(dir, err)) < 0)
         return rc;
     remove_stale(dir, base);
     snprintf(s->tmp, sizeof(s->tmp), "%s/.%s.tmp-%ld", dir, base, (long) getpid());

@@ -52,6 +52,9 @@ void ckpt_stage_abort(struct ckpt_stage *s);
 /* Writes obj to path atomically (temporary file, fsync, rename). Returns 0 or MOAI_EIO. */
 int ckpt_write_json_file(const char *path, const json_t *obj, struct moai_err *err);
 
+/* Creates path and its parents (mkdir -p). Returns 0 or MOAI_EIO. */
+int ckpt_mkdir_parents(const char *path, struct moai_err *err);
+
 /* Removes a directory tree (best effort). */
 void ckpt_remove_tree(const char *path);
 

@@ -2,8 +2,8 @@
 #include "exec/run.h"
 
 #include "data/batch.h"
-#include "data/dataset.h"
-#include "data/spm.h"
+#include "data/tokcache.h"
+#include "data/tokenize.h"
 #include "exec/ckpt.h"
 #include "exec/train.h"
 #include "log.h"
@@ -199,6 +199,42 @@ static void rows_of(void *arg, int64_t epoch, int64_t index, int64_t *rows)
     batch_rows(arg, epoch, index, rows);
 }
 
+/* The records of a data set as the loop reads them: the rows listed (all when rows is NULL),
+ * copied into arrays of their own. */
+struct records {
+    struct train_records view;
+    int32_t *tokens, *labels, *lengths;
+};
+
+static int records_init(struct records *rec, const struct data_set *ds, const int64_t *rows,
+                        int64_t n)
+{
+    int64_t T = ds->T;
+    memset(rec, 0, sizeof(*rec));
+    rec->tokens = malloc((size_t) (n * T + 1) * sizeof(int32_t));
+    rec->labels = malloc((size_t) (n * T + 1) * sizeof(int32_t));
+    rec->lengths = malloc((size_t) (n + 1) * sizeof(int32_t));
+    if (!rec->tokens || !rec->labels || !rec->lengths)
+        return MOAI_ENOMEM;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t src = rows ? rows[i] : i;
+        memcpy(rec->tokens + i * T, ds->tokens + src * T, (size_t) T * sizeof(int32_t));
+        memcpy(rec->labels + i * T, ds->labels + src * T, (size_t) T * sizeof(int32_t));
+        rec->lengths[i] = (int32_t) ds->lengths[src];
+    }
+    rec->view = (struct train_records){.n = n, .T = T, .tokens = rec->tokens,
+                                       .labels = rec->labels, .lengths = rec->lengths};
+    return 0;
+}
+
+static void records_release(struct records *rec)
+{
+    free(rec->tokens);
+    free(rec->labels);
+    free(rec->lengths);
+    memset(rec, 0, sizeof(*rec));
+}
+
 /* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json. */
 static int resume_from(const struct recipe *r, const struct model_config *cfg, float *params,
                        float *m, float *v, int64_t *steps_done, struct moai_err *err)
@@ -306,7 +342,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct model_config cfg;
     struct plan_result pr;
     struct data_set data;
-    struct batcher batcher;
+    struct batcher batcher = {0};
+    struct records train = {0}, valid = {0};
     struct llama_params host = {0};
     float *m = NULL, *v = NULL;
     int rc;
@@ -324,6 +361,15 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             plan_oom_message(err, &pr, &cfg, r);
         return rc;
     }
+    /* plan.json in save_dir as soon as the plan is chosen (every checkpoint carries it too) */
+    json_t *pj = plan_to_json(&pr.best, &cfg, r);
+    char pj_path[4096];
+    struct moai_err pj_err = {0};
+    snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
+    if (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
+        ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
+        log_warn("%s", pj_err.msg);
+    json_decref(pj);
     struct exec_layout layout = {
         .dp = pr.best.dp, .pp = pr.best.pp, .tp = pr.best.tp,
         .num_micro_batches = pr.best.num_micro_batches,
@@ -341,18 +387,28 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                                   "recomputation: none}");
     }
 
-    if ((rc = data_prepare(&data, r, cfg.vocab_size, err)) < 0)
+    if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
+                           r->dataset.response_start, r->training.block_size,
+                           r->dataset.limit, r->dataset.cache_dir, err)) < 0)
         return rc;
-    if ((rc = batcher_init(&batcher, data.n, r->training.batch_size,
-                           r->dataset.validation_fraction, r->dataset.shuffle,
-                           r->training.seed, err)) < 0)
+    int32_t top = 0;
+    for (int64_t i = 0; i < data.n * data.T; i++)
+        if (data.tokens[i] > top)
+            top = data.tokens[i];
+    if (top >= cfg.vocab_size) {
+        rc = moai_err_set(err, MOAI_EUSAGE, "%s: the tokenizer '%s' gives id %d, outside the "
+                          "model's vocabulary of %lld", r->source, r->tokenizer, top,
+                          (long long) cfg.vocab_size);
+        goto out_data;
+    }
+    if ((rc = batch_init(&batcher, data.n, r->training.batch_size,
+                         r->dataset.validation_fraction, r->dataset.shuffle, r->training.seed,
+                         err)) < 0)
         goto out_data;
     int64_t spe = batcher.steps_per_epoch;
-    if (spe < 1) {
-        rc = moai_err_set(err, MOAI_EUSAGE,
-                          "%s: the dataset has %lld training records, fewer than one batch of %lld",
-                          r->source, (long long) batcher.ntrain,
-                          (long long) r->training.batch_size);
+    if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
+        (rc = records_init(&valid, &data, batcher.val, batcher.n_val)) < 0) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
         goto out_batcher;
     }
     int64_t total = r->training.max_steps != RECIPE_NONE ? r->training.max_steps
@@ -403,8 +459,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .recipe = r,
         .cfg = &cfg,
         .layout = layout,
-        .train = {.n = data.n, .T = data.T, .tokens = data.tokens, .labels = data.labels,
-                  .lengths = data.lengths},
+        .train = train.view,
+        .valid = valid.view,
         .batch_rows = rows_of,
         .batch_arg = &batcher,
         .steps_per_epoch = spe,
@@ -417,15 +473,12 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .save_arg = &sv,
         .json = o->json,
     };
-    if (batcher.nvalid > 0) {
-        job.valid = job.train;
-        job.valid.n = batcher.nvalid;
-        job.valid.tokens = batcher.valid_tokens;
-        job.valid.labels = batcher.valid_labels;
-        job.valid.lengths = batcher.valid_lengths;
-    }
     struct train_result tr;
     rc = exec_train(&job, &tr, err);
+    if (rc == MOAI_EOOM && tr.oom_requested_bytes) {
+        log_error("%s", err->msg);
+        plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
+    }
     for (int i = 0; i < tr.ndev && i < 64; i++)
         log_info("device %d: peak memory %lld bytes, planned %lld (measured/predicted %.3f)", i,
                  (long long) tr.peak_bytes[i], (long long) pr.best.mem.total_bytes,
@@ -442,7 +495,9 @@ out_params:
     free(v);
     llama_params_release(&host);
 out_batcher:
-    batcher_release(&batcher);
+    records_release(&train);
+    records_release(&valid);
+    batch_release(&batcher);
 out_data:
     data_set_release(&data);
     return rc;
