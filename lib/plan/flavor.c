@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,10 +25,10 @@
  *         450 / 450 GB/s one way; 2.0 / 3.35 / 4.8 TB/s HBM); 400 Gb/s InfiniBand per GPU.
  *  mi300x: AMD data sheet, 1307 TFLOP/s dense bf16, 5.3 TB/s, Infinity Fabric 64 GB/s per
  *         peer link x 7 ~ 448 GB/s aggregate, we take one link's 64 GB/s.
- *  cpu:   this machine; memory is physical / devices; speed measured (flavor_cpu_tflops)
- *         and shared among the devices by the planner. The bandwidths (10 GB/s) stand for
- *         memcpy between threads of one host: a conservative share of a DDR4/DDR5 socket's
- *         memory bandwidth, used only to rank cpu plans against each other.
+ *  cpu:   this machine; memory is physical / devices; speed measured (flavor_cpu_tflops:
+ *         one core's sgemm rate times the cores) and shared among the devices by the planner.
+ *         40 GB/s of memory bandwidth and 20 GB/s between devices (memcpy between threads of
+ *         one host) are a conservative share of a DDR4/DDR5 socket, used to rank cpu plans.
  */
 static const struct device_type device_types[] = {
     {"mi250", 65520 * MIB, 181.0, 1600.0, 50.0, 25.0, 200.0},
@@ -36,7 +37,7 @@ static const struct device_type device_types[] = {
     {"h100-80gb", 80LL * 1024 * MIB, 989.0, 3350.0, 450.0, 50.0, 0.0},
     {"h200", 141LL * 1000 * 1000 * 1000, 989.0, 4800.0, 450.0, 50.0, 0.0},
     {"mi300x", 192LL * 1024 * MIB, 1307.0, 5300.0, 64.0, 50.0, 0.0},
-    {"cpu", 0, 0.0, 10.0, 10.0, 10.0, 0.0},
+    {"cpu", 0, 0.0, 40.0, 20.0, 20.0, 0.0},
 };
 
 /* The MoAI / KT catalog: MI250 GCDs, 8 to a node. */
@@ -173,6 +174,12 @@ static void measure_cpu(void)
           *c = malloc(sizeof(float) * N * N);
     double t[REPS];
 
+    /* One thread per core, as the executor runs one model thread per core: the rate of one
+     * core, times the cores this process may use. */
+    int threads = openblas_get_num_threads();
+    cpu_set_t set;
+    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    openblas_set_num_threads(1);
     cpu_tflops = 0.05; /* 50 GFLOP/s if the buffers cannot be had: one modern core */
     if (!a || !b || !c)
         goto out;
@@ -189,8 +196,9 @@ static void measure_cpu(void)
     }
     qsort(t, REPS, sizeof(double), cmp_double);
     if (t[REPS / 2] > 0)
-        cpu_tflops = 2.0 * N * N * N / t[REPS / 2] * 1e-12;
+        cpu_tflops = 2.0 * N * N * N / t[REPS / 2] * 1e-12 * cores;
 out:
+    openblas_set_num_threads(threads);
     free(a);
     free(b);
     free(c);

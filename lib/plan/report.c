@@ -36,7 +36,7 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
             (long long) cfg->hidden_size, (long long) cfg->num_attention_heads,
             (long long) cfg->num_key_value_heads, (long long) cfg->intermediate_size,
             (long long) cfg->vocab_size, cfg->tie_word_embeddings ? ", tied embeddings" : "");
-    fprintf(out, "flavor      %s: %d x %s, %d per node, %.2f GiB and %.0f TFLOP/s each\n",
+    fprintf(out, "flavor      %s: %d x %s, %d per node, %.2f GiB and %.3g TFLOP/s each\n",
             flavor_display_name(f), f->devices, f->device.name, f->devices_per_node,
             gib(f->device.memory_bytes), cost_device_tflops(f));
     fprintf(out, "training    batch %lld x %lld tokens, %s, AP %s\n",
