@@ -27,13 +27,18 @@
  * Threads. struct llama owns a pool of nthreads threads (the caller is one) that splits
  * matrix products and the other kernels. llama_init sets OpenBLAS to one thread per call
  * (openblas_set_num_threads(1)): all parallelism is the pool's, so no BLAS thread spins against
- * it. The partition of every task depends only on the problem size, so results are the same
- * for any nthreads. One thread at a time may use a struct llama.
+ * it. Row-wise kernels, attention and every reduction are cut into tasks by problem size only
+ * and reduced in a fixed order; a matrix product is cut into one block of rows or columns per
+ * thread, each a single sgemm over the whole K. So a run is bit-for-bit reproducible for a
+ * given nthreads, and other thread counts agree to rounding (bit for bit where OpenBLAS sums
+ * a block's elements as it sums the whole's, as it does here). One thread at a time may use a
+ * struct llama.
  *
  * Errors: llama_init, the _init functions and llama_batch_check return 0 or a negative MOAI_E*
  * and fill err. Forward and backward trust a checked batch.
  *
  *     llama_init(&m, &cfg, 2, &err); llama_params_init(&p, &cfg, NULL, &err); ...
+ *     llama_params_zero(&m, &g);
  *     double loss_sum = llama_forward_backward(&m, &p, &g, &acts, &work, &batch,
  *                                              1.0f / (float) llama_batch_targets(&batch));
  */
