@@ -56,8 +56,7 @@ static double wsum(const float *out, const float *r, int64_t n)
  * rounding (O(1e-7 / h)); the tolerances each test states follow from that.
  */
 static void grad_check(const char *what, double (*f)(void *), void *ctx, float *x, int64_t n,
-                       const float *analytic, int64_t samples, double h, double rtol,
-                       double atol)
+                       const float *analytic, int64_t samples, double h, double rtol, double atol)
 {
     int64_t step = n <= samples ? 1 : n / samples;
     double worst = 0.0;
@@ -79,8 +78,8 @@ static void grad_check(const char *what, double (*f)(void *), void *ctx, float *
             worst_i = i;
         }
         if (err > 1.0)
-            fail_msg("%s: element %lld: finite difference %.7g, analytic %.7g", what,
-                     (long long) i, fd, an);
+            fail_msg("%s: element %lld: finite difference %.7g, analytic %.7g", what, (long long) i,
+                     fd, an);
     }
     if (getenv("MOAI_GRAD_VERBOSE"))
         print_message("%-44s worst %.3f of tolerance (element %lld)\n", what, worst,
@@ -430,7 +429,9 @@ static void test_llama_crossentropy_grad(void **state)
 {
     (void) state;
     struct ce_ctx c = {.targets = {3, KERN_IGNORE_INDEX, 0, 40, KERN_IGNORE_INDEX, 17},
-                       .N = 6, .V = 41, .dloss = 0.25f};
+                       .N = 6,
+                       .V = 41,
+                       .dloss = 0.25f};
     int64_t n = c.N * c.V;
     c.logits = falloc(n);
     c.losses = falloc(c.N);
@@ -747,8 +748,8 @@ static void test_llama_counts_match_config(void **state)
 {
     (void) state;
     /* the model's arena and the planner's count agree for every shipped architecture */
-    const char *names[] = {"llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b",
-                           "mistral-7b"};
+    const char *names[] = {"llama2-7b", "llama2-13b", "llama2-70b",
+                           "llama3-8b", "llama3-70b", "mistral-7b"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         char path[128];
         struct model_config cfg;
@@ -887,7 +888,8 @@ static const float *ref_tensor(const struct ref *r, const char *name, int64_t nu
 {
     json_t *ts = json_object_get(r->root, "tensors"), *t;
     size_t i;
-    json_array_foreach(ts, i, t) {
+    json_array_foreach(ts, i, t)
+    {
         if (strcmp(json_string_value(json_object_get(t, "name")), name))
             continue;
         int64_t n = 1;
@@ -978,8 +980,8 @@ static void ref_check(const char *name, int nthreads)
         snprintf(gname, sizeof(gname), "grad.%s", t.name);
         double e = rel_err(t.data, ref_tensor(&r, gname, t.numel), t.numel);
         if (e > 1e-5)
-            fail_msg("%s: gradient of '%s' differs from PyTorch's by %.3g (relative)", name,
-                     t.name, e);
+            fail_msg("%s: gradient of '%s' differs from PyTorch's by %.3g (relative)", name, t.name,
+                     e);
     }
     llama_work_release(&w);
     llama_acts_release(&a);

@@ -69,8 +69,7 @@ static inline __attribute__((always_inline)) float row_max(const float *x, int64
 }
 
 /* x[i] = exp(x[i] - shift), in place; returns the sum. */
-static inline __attribute__((always_inline)) float row_exp_inplace(float *x, float shift,
-                                                                  int64_t n)
+static inline __attribute__((always_inline)) float row_exp_inplace(float *x, float shift, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -91,7 +90,8 @@ static inline __attribute__((always_inline)) float row_exp_inplace(float *x, flo
 }
 
 /* sum of exp(x[i] - shift) */
-static inline __attribute__((always_inline)) float row_exp_sum(const float *x, float shift, int64_t n)
+static inline __attribute__((always_inline)) float row_exp_sum(const float *x, float shift,
+                                                               int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -116,7 +116,8 @@ static inline __attribute__((always_inline)) void row_scale(float *x, float a, i
         x[i] *= a;
 }
 
-static inline __attribute__((always_inline)) float row_dot(const float *x, const float *y, int64_t n)
+static inline __attribute__((always_inline)) float row_dot(const float *x, const float *y,
+                                                           int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -133,7 +134,7 @@ static inline __attribute__((always_inline)) float row_dot(const float *x, const
 
 /* d[i] += g[i] */
 static inline __attribute__((always_inline)) void add_row(float *restrict d,
-                                                         const float *restrict g, int64_t n)
+                                                          const float *restrict g, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -144,11 +145,9 @@ static inline __attribute__((always_inline)) void add_row(float *restrict d,
 }
 
 /* Rotates the pairs (lo[i], hi[i]) by the angles of c, s: sign 1 forward, -1 backward. */
-static inline __attribute__((always_inline)) void rotate_pairs(float *restrict lo,
-                                                              float *restrict hi,
-                                                              const float *restrict c,
-                                                              const float *restrict s,
-                                                              float sign, int64_t n)
+static inline __attribute__((always_inline)) void
+rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
+             const float *restrict s, float sign, int64_t n)
 {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -165,9 +164,8 @@ static inline __attribute__((always_inline)) void rotate_pairs(float *restrict l
 }
 
 /* sum of a[i] b[i] c[i] */
-static inline __attribute__((always_inline)) float dot3(const float *restrict a,
-                                                       const float *restrict b,
-                                                       const float *restrict c, int64_t n)
+static inline __attribute__((always_inline)) float
+dot3(const float *restrict a, const float *restrict b, const float *restrict c, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -184,9 +182,9 @@ static inline __attribute__((always_inline)) float dot3(const float *restrict a,
 
 /* y = w * (x * r) */
 static inline __attribute__((always_inline)) void rms_scale_row(float *restrict y,
-                                                               const float *restrict x,
-                                                               const float *restrict w, float r,
-                                                               int64_t n)
+                                                                const float *restrict x,
+                                                                const float *restrict w, float r,
+                                                                int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -197,12 +195,9 @@ static inline __attribute__((always_inline)) void rms_scale_row(float *restrict 
 }
 
 /* dx += r (w dy - x c); dw += dy (x r) */
-static inline __attribute__((always_inline)) void rms_back_row(float *restrict dx,
-                                                              float *restrict dw,
-                                                              const float *restrict dy,
-                                                              const float *restrict x,
-                                                              const float *restrict w, float r,
-                                                              float c, int64_t n)
+static inline __attribute__((always_inline)) void
+rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
+             const float *restrict x, const float *restrict w, float r, float c, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -217,10 +212,8 @@ static inline __attribute__((always_inline)) void rms_back_row(float *restrict d
 }
 
 /* s = p (s - dot) scale: softmax backward of one row, dP in s on entry */
-static inline __attribute__((always_inline)) void softmax_back_row(float *restrict s,
-                                                                  const float *restrict p,
-                                                                  float dot, float scale,
-                                                                  int64_t n)
+static inline __attribute__((always_inline)) void
+softmax_back_row(float *restrict s, const float *restrict p, float dot, float scale, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -231,9 +224,8 @@ static inline __attribute__((always_inline)) void softmax_back_row(float *restri
 }
 
 /* d = exp(x - shift) a */
-static inline __attribute__((always_inline)) void exp_scaled_row(float *restrict d,
-                                                                const float *restrict x,
-                                                                float shift, float a, int64_t n)
+static inline __attribute__((always_inline)) void
+exp_scaled_row(float *restrict d, const float *restrict x, float shift, float a, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -362,7 +354,7 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T,
  * floats); their exponentials (~1e-38 after the clamp) are far below the rounding of a sum of
  * at least 1, and are zeroed afterwards. */
 static inline __attribute__((always_inline)) void softmax_row(float *row, int64_t n, int64_t kend,
-                                                             int64_t cap)
+                                                              int64_t cap)
 {
     int64_t nv = (n + KB - 1) / KB * KB;
     if (nv > cap)
@@ -434,8 +426,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                 int64_t r1 = min64(T, r0 + KERN_ATT_BLOCK), kend = min64(r1, nkeys);
                 /* dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale */
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
-                            (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f,
-                            ds + r0 * T, (int) T);
+                            (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f, ds + r0 * T,
+                            (int) T);
                 for (int64_t t = r0; t < r1; t++) {
                     const float *prow = p + t * T;
                     float *srow = ds + t * T;
@@ -446,8 +438,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                 }
                 /* dQ = dS K */
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
-                            (int) kend, 1.0f, ds + r0 * T, (int) T, k, (int) C, 0.0f,
-                            dq + r0 * C, (int) C);
+                            (int) kend, 1.0f, ds + r0 * T, (int) T, k, (int) C, 0.0f, dq + r0 * C,
+                            (int) C);
             }
             /* dK += dS^T Q and dV += P^T dO by key blocks; rows before a block are masked */
             for (int64_t c0 = 0; c0 < nkeys; c0 += KERN_ATT_BLOCK) {
@@ -535,8 +527,8 @@ void matmul_backward(float *dinp, float *dweight, const float *dout, const float
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) N, (int) C, (int) OC, 1.0f,
                     dout, (int) OC, weight, (int) C, 0.0f, dinp, (int) C);
     if (dweight)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) OC, (int) C, (int) N, 1.0f,
-                    dout, (int) OC, inp, (int) C, 1.0f, dweight, (int) C);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) OC, (int) C, (int) N, 1.0f, dout,
+                    (int) OC, inp, (int) C, 1.0f, dweight, (int) C);
 }
 
 /* ---- cross-entropy ------------------------------------------------------------------ */

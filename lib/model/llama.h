@@ -57,15 +57,15 @@
  * llama_params_init, wq/wk/wv are adjacent (one ((H + 2 KV) hd, D) matrix) and so are
  * w_gate/w_up (one (2F, D) matrix); the model multiplies them as such. */
 struct llama_layer {
-    float *input_norm;          /* (D)        model.layers.i.input_layernorm.weight */
-    float *wq;                  /* (H hd, D)  self_attn.q_proj.weight */
-    float *wk;                  /* (KV hd, D) self_attn.k_proj.weight */
-    float *wv;                  /* (KV hd, D) self_attn.v_proj.weight */
-    float *wo;                  /* (D, H hd)  self_attn.o_proj.weight */
-    float *post_norm;           /* (D)        post_attention_layernorm.weight */
-    float *w_gate;              /* (F, D)     mlp.gate_proj.weight */
-    float *w_up;                /* (F, D)     mlp.up_proj.weight */
-    float *w_down;              /* (D, F)     mlp.down_proj.weight */
+    float *input_norm; /* (D)        model.layers.i.input_layernorm.weight */
+    float *wq;         /* (H hd, D)  self_attn.q_proj.weight */
+    float *wk;         /* (KV hd, D) self_attn.k_proj.weight */
+    float *wv;         /* (KV hd, D) self_attn.v_proj.weight */
+    float *wo;         /* (D, H hd)  self_attn.o_proj.weight */
+    float *post_norm;  /* (D)        post_attention_layernorm.weight */
+    float *w_gate;     /* (F, D)     mlp.gate_proj.weight */
+    float *w_up;       /* (F, D)     mlp.up_proj.weight */
+    float *w_down;     /* (D, F)     mlp.down_proj.weight */
 };
 
 /* Parameters (or their gradients, or an AdamW moment): pointers into one arena. */
@@ -82,65 +82,65 @@ struct llama_params {
 
 /* Activations of one layer kept for backward; N = B T. */
 struct llama_layer_acts {
-    float *x;                   /* (N, D) layer input, the residual stream */
-    float *rstd1;               /* (N) */
-    float *ln1;                 /* (N, D) input_layernorm output */
-    float *qkv;                 /* (N, (H + 2 KV) hd) q, k (rotated), v */
-    float *probs;               /* (B, H, T, T) attention probabilities */
-    float *atty;                /* (N, H hd) attention output, o_proj input */
-    float *x2;                  /* (N, D) residual stream after attention */
-    float *rstd2;               /* (N) */
-    float *ln2;                 /* (N, D) post_attention_layernorm output */
-    float *gu;                  /* (N, 2F) gate | up projections */
-    float *h;                   /* (N, F) silu(gate) * up, down_proj input */
+    float *x;     /* (N, D) layer input, the residual stream */
+    float *rstd1; /* (N) */
+    float *ln1;   /* (N, D) input_layernorm output */
+    float *qkv;   /* (N, (H + 2 KV) hd) q, k (rotated), v */
+    float *probs; /* (B, H, T, T) attention probabilities */
+    float *atty;  /* (N, H hd) attention output, o_proj input */
+    float *x2;    /* (N, D) residual stream after attention */
+    float *rstd2; /* (N) */
+    float *ln2;   /* (N, D) post_attention_layernorm output */
+    float *gu;    /* (N, 2F) gate | up projections */
+    float *h;     /* (N, F) silu(gate) * up, down_proj input */
 };
 
 struct llama_acts {
     int64_t B, T, nlayers;
     struct llama_layer_acts *layers; /* (L); layer l's output is layers[l + 1].x, or xf */
-    float *xf;                  /* (N, D) output of the last layer */
-    float *rstdf;               /* (N) */
-    float *lnf;                 /* (N, D) final norm output, lm_head input */
+    float *xf;                       /* (N, D) output of the last layer */
+    float *rstdf;                    /* (N) */
+    float *lnf;                      /* (N, D) final norm output, lm_head input */
     void *arena;
-    size_t bytes;               /* llama_act_bytes */
-    bool owned;                 /* arena allocated (and freed) here */
+    size_t bytes; /* llama_act_bytes */
+    bool owned;   /* arena allocated (and freed) here */
 };
 
 struct llama_work {
     int64_t B, T;
     int nthreads;
-    float *rope_inv_freq;       /* (hd/2) */
-    float *rope_cos;            /* (T, hd/2) */
-    float *rope_sin;            /* (T, hd/2) */
-    int32_t *targets;           /* (N) labels shifted by one position */
-    int32_t *scored;            /* (N) rows whose target counts, in order; nscored of them */
-    int32_t *scored_targets;    /* (N) their targets */
-    int32_t *scored_index;      /* (N) a row's place in scored, or -1 */
+    float *rope_inv_freq;    /* (hd/2) */
+    float *rope_cos;         /* (T, hd/2) */
+    float *rope_sin;         /* (T, hd/2) */
+    int32_t *targets;        /* (N) labels shifted by one position */
+    int32_t *scored;         /* (N) rows whose target counts, in order; nscored of them */
+    int32_t *scored_targets; /* (N) their targets */
+    int32_t *scored_index;   /* (N) a row's place in scored, or -1 */
     int64_t nscored;
-    float *losses;              /* (N) loss of each scored row */
-    float *lse;                 /* (N) log-sum-exp of each scored row's logits (evaluation) */
-    float *logits;              /* (N, V) logits of the scored rows; after a training forward,
+    float *losses;     /* (N) loss of each scored row */
+    float *lse;        /* (N) log-sum-exp of each scored row's logits (evaluation) */
+    float *logits;     /* (N, V) logits of the scored rows; after a training forward,
                                    their gradient */
-    float *lnc;                 /* (N, D) lm_head input of the scored rows, then its gradient */
-    float *dres;                /* (N, D) gradient of the residual stream between stages */
-    float *dln;                 /* (N, D) */
-    float *dqkv;                /* (N, (H + 2 KV) hd) */
-    float *datty;               /* (N, H hd) */
-    float *dgu;                 /* (N, 2F) */
-    float *dh;                  /* (N, F) */
-    float *scratch;             /* (nthreads, T, T) attention backward */
-    float *dnorm_part;          /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
+    float *lnc;        /* (N, D) lm_head input of the scored rows, then its gradient */
+    float *dres;       /* (N, D) gradient of the residual stream between stages */
+    float *dln;        /* (N, D) */
+    float *dqkv;       /* (N, (H + 2 KV) hd) */
+    float *datty;      /* (N, H hd) */
+    float *dgu;        /* (N, 2F) */
+    float *dh;         /* (N, F) */
+    float *scratch;    /* (nthreads, T, T) attention backward */
+    float *dnorm_part; /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
     void *arena;
-    size_t bytes;               /* llama_work_bytes */
-    bool owned;                 /* arena allocated (and freed) here */
+    size_t bytes; /* llama_work_bytes */
+    bool owned;   /* arena allocated (and freed) here */
 };
 
 /* A micro-batch of B right-padded sequences of T tokens. */
 struct llama_batch {
     int64_t B, T;
-    const int32_t *tokens;      /* (B, T) input ids in [0, V) */
-    const int32_t *labels;      /* (B, T) ids or -100; position t is scored against labels[t+1] */
-    const int32_t *lengths;     /* (B) real tokens per sequence (the attention mask's ones);
+    const int32_t *tokens;  /* (B, T) input ids in [0, V) */
+    const int32_t *labels;  /* (B, T) ids or -100; position t is scored against labels[t+1] */
+    const int32_t *lengths; /* (B) real tokens per sequence (the attention mask's ones);
                                    NULL: all T */
 };
 
@@ -153,8 +153,7 @@ struct llama {
 
 /* Checks that cfg is a shape this code runs (positive sizes, KV divides H, even head_dim, sizes
  * within int range for BLAS), copies it and starts nthreads - 1 threads. */
-int llama_init(struct llama *m, const struct model_config *cfg, int nthreads,
-               struct moai_err *err);
+int llama_init(struct llama *m, const struct model_config *cfg, int nthreads, struct moai_err *err);
 void llama_release(struct llama *m);
 
 /* ---- sizes (the planner calls these) ---- */
@@ -207,13 +206,13 @@ enum llama_tensor_kind {
 };
 
 struct llama_tensor {
-    char name[96];              /* "model.layers.3.self_attn.q_proj.weight" */
-    float *data;                /* into the params (or gradient, moment) arena */
-    int ndim;                   /* 1 or 2 */
+    char name[96]; /* "model.layers.3.self_attn.q_proj.weight" */
+    float *data;   /* into the params (or gradient, moment) arena */
+    int ndim;      /* 1 or 2 */
     int64_t shape[2];
     int64_t numel;
     enum llama_tensor_kind kind;
-    int64_t layer;              /* -1 outside the layers */
+    int64_t layer; /* -1 outside the layers */
 };
 
 /* Tensors of the model: 2 + 9 L, plus lm_head.weight unless tied. */
@@ -234,9 +233,8 @@ int64_t llama_batch_targets(const struct llama_batch *b);
 void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
                          struct llama_work *w, const struct llama_batch *b);
 /* One layer: la->x -> out (the next layer's x, or acts->xf), saving la for backward. */
-void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
-                         struct llama_layer_acts *la, float *out, struct llama_work *w,
-                         const struct llama_batch *b);
+void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct llama_layer_acts *la,
+                         float *out, struct llama_work *w, const struct llama_batch *b);
 /* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). Only
  * rows whose target counts go through lm_head (padding and masked prompts cost nothing
  * there). With backward, the logits become their gradient for a loss scaled by dloss (1 /
@@ -259,8 +257,8 @@ void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_
 
 /* Whole model: returns the loss sum. Loss only when g is NULL. Gradients accumulate into g
  * (zero it first with llama_params_zero for a fresh step). */
-double llama_forward_backward(struct llama *m, const struct llama_params *p,
-                              struct llama_params *g, struct llama_acts *a, struct llama_work *w,
+double llama_forward_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,
+                              struct llama_acts *a, struct llama_work *w,
                               const struct llama_batch *b, float dloss);
 
 #endif
