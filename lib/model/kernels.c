@@ -17,6 +17,10 @@
 #define KERN_SIMD
 #endif
 
+/* Helpers are forced inline: GCC does not inline a plain function into a target clone (their
+ * targets differ), and a call would leave the helper's loop on the baseline ISA. */
+#define KERN_INLINE static inline __attribute__((always_inline))
+
 static inline int64_t min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;
@@ -25,7 +29,7 @@ static inline int64_t min64(int64_t a, int64_t b)
 /* exp(x): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^n by
  * building the exponent bits. n is rounded with the 1.5 * 2^23 trick so no libm call and no
  * branch remains. */
-static inline __attribute__((always_inline)) float expf_inline(float x)
+KERN_INLINE float expf_inline(float x)
 {
     x = x < -87.33654f ? -87.33654f : x;
     x = x > 88.0f ? 88.0f : x;
@@ -51,7 +55,7 @@ float kern_expf(float x)
     return expf_inline(x);
 }
 
-static inline __attribute__((always_inline)) float row_max(const float *x, int64_t n)
+KERN_INLINE float row_max(const float *x, int64_t n)
 {
     float m[KB];
     int64_t i = 0;
@@ -69,7 +73,7 @@ static inline __attribute__((always_inline)) float row_max(const float *x, int64
 }
 
 /* x[i] = exp(x[i] - shift), in place; returns the sum. */
-static inline __attribute__((always_inline)) float row_exp_inplace(float *x, float shift, int64_t n)
+KERN_INLINE float row_exp_inplace(float *x, float shift, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -90,8 +94,7 @@ static inline __attribute__((always_inline)) float row_exp_inplace(float *x, flo
 }
 
 /* sum of exp(x[i] - shift) */
-static inline __attribute__((always_inline)) float row_exp_sum(const float *x, float shift,
-                                                               int64_t n)
+KERN_INLINE float row_exp_sum(const float *x, float shift, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -106,7 +109,7 @@ static inline __attribute__((always_inline)) float row_exp_sum(const float *x, f
     return s;
 }
 
-static inline __attribute__((always_inline)) void row_scale(float *x, float a, int64_t n)
+KERN_INLINE void row_scale(float *x, float a, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -116,8 +119,7 @@ static inline __attribute__((always_inline)) void row_scale(float *x, float a, i
         x[i] *= a;
 }
 
-static inline __attribute__((always_inline)) float row_dot(const float *x, const float *y,
-                                                           int64_t n)
+KERN_INLINE float row_dot(const float *x, const float *y, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -133,8 +135,7 @@ static inline __attribute__((always_inline)) float row_dot(const float *x, const
 }
 
 /* d[i] += g[i] */
-static inline __attribute__((always_inline)) void add_row(float *restrict d,
-                                                          const float *restrict g, int64_t n)
+KERN_INLINE void add_row(float *restrict d, const float *restrict g, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -145,9 +146,8 @@ static inline __attribute__((always_inline)) void add_row(float *restrict d,
 }
 
 /* Rotates the pairs (lo[i], hi[i]) by the angles of c, s: sign 1 forward, -1 backward. */
-static inline __attribute__((always_inline)) void
-rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
-             const float *restrict s, float sign, int64_t n)
+KERN_INLINE void rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
+                              const float *restrict s, float sign, int64_t n)
 {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -164,8 +164,8 @@ rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
 }
 
 /* sum of a[i] b[i] c[i] */
-static inline __attribute__((always_inline)) float
-dot3(const float *restrict a, const float *restrict b, const float *restrict c, int64_t n)
+KERN_INLINE float dot3(const float *restrict a, const float *restrict b, const float *restrict c,
+                       int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -181,10 +181,8 @@ dot3(const float *restrict a, const float *restrict b, const float *restrict c, 
 }
 
 /* y = w * (x * r) */
-static inline __attribute__((always_inline)) void rms_scale_row(float *restrict y,
-                                                                const float *restrict x,
-                                                                const float *restrict w, float r,
-                                                                int64_t n)
+KERN_INLINE void rms_scale_row(float *restrict y, const float *restrict x, const float *restrict w,
+                               float r, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -195,9 +193,9 @@ static inline __attribute__((always_inline)) void rms_scale_row(float *restrict 
 }
 
 /* dx += r (w dy - x c); dw += dy (x r) */
-static inline __attribute__((always_inline)) void
-rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
-             const float *restrict x, const float *restrict w, float r, float c, int64_t n)
+KERN_INLINE void rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
+                              const float *restrict x, const float *restrict w, float r, float c,
+                              int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -212,8 +210,8 @@ rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
 }
 
 /* s = p (s - dot) scale: softmax backward of one row, dP in s on entry */
-static inline __attribute__((always_inline)) void
-softmax_back_row(float *restrict s, const float *restrict p, float dot, float scale, int64_t n)
+KERN_INLINE void softmax_back_row(float *restrict s, const float *restrict p, float dot,
+                                  float scale, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -224,8 +222,8 @@ softmax_back_row(float *restrict s, const float *restrict p, float dot, float sc
 }
 
 /* d = exp(x - shift) a */
-static inline __attribute__((always_inline)) void
-exp_scaled_row(float *restrict d, const float *restrict x, float shift, float a, int64_t n)
+KERN_INLINE void exp_scaled_row(float *restrict d, const float *restrict x, float shift, float a,
+                                int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -353,8 +351,7 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T,
  * -inf first so that whole blocks of KB lanes run vectorized (capacity: the row holds cap
  * floats); their exponentials (~1e-38 after the clamp) are far below the rounding of a sum of
  * at least 1, and are zeroed afterwards. */
-static inline __attribute__((always_inline)) void softmax_row(float *row, int64_t n, int64_t kend,
-                                                              int64_t cap)
+KERN_INLINE void softmax_row(float *row, int64_t n, int64_t kend, int64_t cap)
 {
     int64_t nv = (n + KB - 1) / KB * KB;
     if (nv > cap)
@@ -459,8 +456,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
 
 /* e[j] = exp(-g[j]) for one block: kept apart from the divisions that use it, so the clamps
  * inside the exponential stay selects and the block vectorizes. */
-static inline __attribute__((always_inline)) void exp_neg_block(float *restrict e,
-                                                                const float *restrict g)
+KERN_INLINE void exp_neg_block(float *restrict e, const float *restrict g)
 {
     for (int j = 0; j < KB; j++)
         e[j] = expf_inline(-g[j]);
