@@ -668,6 +668,42 @@ static void test_llama_padding_invariance(void **state)
     model_teardown(&f);
 }
 
+static void test_llama_stages_match_whole(void **state)
+{
+    (void) state;
+    /* two pipeline stages with workspaces of their own (embedding + layer 0; layer 1 + head),
+     * the residual gradient handed from one to the other, give the whole model's results */
+    struct model_config cfg = tiny_config(false);
+    struct model_fixture f;
+    struct moai_err err = {0};
+    struct llama_work w1, w2;
+    model_setup(&f, &cfg, 2, 10, 2, 21);
+    llama_params_zero(&f.m, &f.g);
+    double whole = llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
+    float *gw = falloc(f.g.nfloats);
+    memcpy(gw, f.g.arena, llama_param_bytes(&cfg));
+
+    assert_int_equal(llama_work_init(&w1, &cfg, 2, 10, 2, &err), 0);
+    assert_int_equal(llama_work_init(&w2, &cfg, 2, 10, 2, &err), 0);
+    llama_params_zero(&f.m, &f.g);
+    llama_embed_forward(&f.m, &f.p, &f.a, &w1, &f.b);
+    llama_layer_forward(&f.m, &f.p.layers[0], &f.a.layers[0], f.a.layers[1].x, &w1, &f.b);
+    llama_set_targets(&w2, &f.b);
+    llama_layer_forward(&f.m, &f.p.layers[1], &f.a.layers[1], f.a.xf, &w2, &f.b);
+    double staged = llama_head_forward(&f.m, &f.p, &f.a, &w2, true, f.dloss);
+    llama_head_backward(&f.m, &f.p, &f.g, &f.a, &w2);
+    llama_layer_backward(&f.m, &f.p.layers[1], &f.g.layers[1], &f.a.layers[1], &w2, &f.b);
+    memcpy(w1.dres, w2.dres, sizeof(float) * 2 * 10 * (size_t) cfg.hidden_size);
+    llama_layer_backward(&f.m, &f.p.layers[0], &f.g.layers[0], &f.a.layers[0], &w1, &f.b);
+    llama_embed_backward(&f.m, &f.g, &w1, &f.b);
+    assert_true(staged == whole);
+    assert_memory_equal(gw, f.g.arena, llama_param_bytes(&cfg));
+    llama_work_release(&w1);
+    llama_work_release(&w2);
+    free(gw);
+    model_teardown(&f);
+}
+
 static void test_llama_no_targets(void **state)
 {
     (void) state;
@@ -1024,6 +1060,7 @@ int main(void)
         cmocka_unit_test(test_llama_model_grad_tied),
         cmocka_unit_test(test_llama_threads_same_result),
         cmocka_unit_test(test_llama_padding_invariance),
+        cmocka_unit_test(test_llama_stages_match_whole),
         cmocka_unit_test(test_llama_no_targets),
         cmocka_unit_test(test_llama_layout_and_sizes),
         cmocka_unit_test(test_llama_counts_match_config),

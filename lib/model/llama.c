@@ -747,15 +747,21 @@ static void att_backward_task(void *arg, int64_t task, int thread)
 
 /* ---- stages --------------------------------------------------------------------------- */
 
-void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
-                         struct llama_work *w, const struct llama_batch *b)
+void llama_set_targets(struct llama_work *w, const struct llama_batch *b)
 {
-    int64_t N = b->B * b->T, D = m->cfg.hidden_size;
-    MOAI_ASSERT(a->B == b->B && a->T == b->T && w->B == b->B && w->T == b->T);
+    MOAI_ASSERT(w->B == b->B && w->T == b->T);
     for (int64_t i = 0; i < b->B; i++)
         for (int64_t t = 0; t < b->T; t++)
             w->targets[i * b->T + t] =
                 b->labels && t + 1 < b->T ? b->labels[i * b->T + t + 1] : KERN_IGNORE_INDEX;
+}
+
+void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
+                         struct llama_work *w, const struct llama_batch *b)
+{
+    int64_t N = b->B * b->T, D = m->cfg.hidden_size;
+    MOAI_ASSERT(a->B == b->B && a->T == b->T);
+    llama_set_targets(w, b);
     struct row_job j = {.op = ROW_EMBED,
                         .N = N,
                         .D = D,

@@ -223,13 +223,18 @@ void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
 
 /* ---- the model ---- */
 
-/* Checks ids against the vocabulary, labels (-100 or an id), lengths in [0, T] and the batch
- * shape against acts/work; names the sequence and position of a bad value. */
+/* Checks ids against the vocabulary, labels (-100 or an id) and lengths (in [0, T]); names
+ * the sequence and position of a bad value. */
 int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct moai_err *err);
 /* Labels that count after the shift: labels[b][t] != -100 for t >= 1. */
 int64_t llama_batch_targets(const struct llama_batch *b);
 
-/* tokens -> a->layers[0].x (or a->xf when L = 0); also the shifted targets into w. */
+/* labels -> w->targets, shifted by one position (the last position of a sequence scores
+ * nothing). llama_embed_forward does it; a stage that runs the head without the embedding
+ * calls it before llama_head_forward. */
+void llama_set_targets(struct llama_work *w, const struct llama_batch *b);
+
+/* tokens -> a->layers[0].x (or a->xf when L = 0); also llama_set_targets. */
 void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
                          struct llama_work *w, const struct llama_batch *b);
 /* One layer: la->x -> out (the next layer's x, or acts->xf), saving la for backward. */
