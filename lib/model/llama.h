@@ -4,8 +4,11 @@
  * grouped-query causal self-attention with rotary embeddings (rotate_half convention, Llama 3
  * rope_scaling), a residual, RMSNorm, a SwiGLU MLP down(silu(gate(x)) * up(x)), a residual;
  * a final RMSNorm; lm_head (tied to the embedding or not); cross-entropy over shifted labels
- * (position t predicts label t+1), -100 ignored. Padding is on the right: a sequence's real
- * tokens never see its padding, so padded positions change no real token's output.
+ * (position t predicts label t+1), -100 ignored, the mean taken by the caller's dloss.
+ * Padding is on the right and given by each sequence's length (its attention mask's ones): a
+ * real token never sees padding, so padding changes no real token's output, and a padded
+ * query attends the real tokens, as Hugging Face's mask makes it. As torch.nn.Embedding with
+ * padding_idx = pad_token_id, the pad token's embedding row gets no gradient.
  *
  * Memory. Four kinds of buffer, each ONE arena whose size a function below gives exactly, so
  * the planner's memory model and the run agree byte for byte:
@@ -17,7 +20,8 @@
  *   - workspace of a micro-batch: logits (B T V floats), gradient buffers, rotary tables,
  *     per-thread attention scratch, struct llama_work (llama_work_bytes).
  * Only small tables of pointers (the per-layer structs) are allocated besides. A step
- * allocates nothing.
+ * allocates nothing. Ownership: an _init or _bind function given an arena points into it and
+ * its _release leaves it to the caller; given NULL it allocates one that _release frees.
  *
  * Stages. Forward and backward come per stage, so an executor can run a contiguous layer range
  * on one device: llama_embed_forward, llama_layer_forward (one layer), llama_head_forward
