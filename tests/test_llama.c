@@ -704,6 +704,79 @@ static void test_llama_stages_match_whole(void **state)
     model_teardown(&f);
 }
 
+/* A layer table whose tensors live in separate allocations (as a sharded executor may hand
+ * in): q/k/v and gate/up are then not adjacent. */
+static void scatter_layer(struct llama_layer *dst, const struct llama_layer *src,
+                          const struct model_config *cfg, float **bufs)
+{
+    int64_t D = cfg->hidden_size, F = cfg->intermediate_size;
+    int64_t qd = cfg->num_attention_heads * cfg->head_dim;
+    int64_t kvd = cfg->num_key_value_heads * cfg->head_dim;
+    float *const *from[9] = {&src->input_norm, &src->wq,     &src->wk,   &src->wv,    &src->wo,
+                             &src->post_norm,  &src->w_gate, &src->w_up, &src->w_down};
+    float **to[9] = {&dst->input_norm, &dst->wq,     &dst->wk,   &dst->wv,    &dst->wo,
+                     &dst->post_norm,  &dst->w_gate, &dst->w_up, &dst->w_down};
+    int64_t n[9] = {D, qd * D, kvd * D, kvd * D, D * qd, D, F * D, F * D, D * F};
+    for (int k = 0; k < 9; k++) {
+        bufs[k] = falloc(n[k] + 16); /* + 16: never adjacent to the previous one */
+        memcpy(bufs[k], *from[k], sizeof(float) * (size_t) n[k]);
+        *to[k] = bufs[k];
+    }
+}
+
+static void test_llama_separate_tensors(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(false);
+    struct model_fixture f;
+    model_setup(&f, &cfg, 2, 9, 2, 17);
+    struct llama_layer lp, lg;
+    float *pb[9], *gb[9];
+    scatter_layer(&lp, &f.p.layers[1], &cfg, pb);
+    scatter_layer(&lg, &f.g.layers[1], &cfg, gb);
+    assert_true(lp.wk != lp.wq + cfg.num_attention_heads * cfg.head_dim * cfg.hidden_size);
+    /* layer 1 once from the arena, once from separate tensors: same output and gradients */
+    llama_params_zero(&f.m, &f.g);
+    for (int k = 0; k < 9; k++) {
+        struct llama_tensor t;
+        llama_tensor_at(&t, NULL, &cfg, 1 + 9 + k);
+        memset(gb[k], 0, sizeof(float) * (size_t) t.numel);
+    }
+    llama_embed_forward(&f.m, &f.p, &f.a, &f.w, &f.b);
+    llama_layer_forward(&f.m, &f.p.layers[0], &f.a.layers[0], f.a.layers[1].x, &f.w, &f.b);
+    int64_t nd = 2 * 9 * cfg.hidden_size;
+    float *out1 = falloc(nd), *dres1 = falloc(nd), *out2 = falloc(nd);
+    llama_layer_forward(&f.m, &f.p.layers[1], &f.a.layers[1], out1, &f.w, &f.b);
+    llama_layer_forward(&f.m, &lp, &f.a.layers[1], out2, &f.w, &f.b);
+    for (int64_t i = 0; i < nd; i++)
+        assert_float_equal(out1[i], out2[i], 1e-5);
+    fill(dres1, nd, -1, 1);
+    memcpy(f.w.dres, dres1, sizeof(float) * (size_t) nd);
+    llama_layer_backward(&f.m, &f.p.layers[1], &f.g.layers[1], &f.a.layers[1], &f.w, &f.b);
+    memcpy(out1, f.w.dres, sizeof(float) * (size_t) nd);
+    memcpy(f.w.dres, dres1, sizeof(float) * (size_t) nd);
+    llama_layer_backward(&f.m, &lp, &lg, &f.a.layers[1], &f.w, &f.b);
+    assert_true(rel_err(f.w.dres, out1, nd) < 1e-5);
+    const float *ga[9] = {f.g.layers[1].input_norm, f.g.layers[1].wq,   f.g.layers[1].wk,
+                          f.g.layers[1].wv,         f.g.layers[1].wo,   f.g.layers[1].post_norm,
+                          f.g.layers[1].w_gate,     f.g.layers[1].w_up, f.g.layers[1].w_down};
+    struct llama_tensor t;
+    for (int k = 0; k < 9; k++) {
+        llama_tensor_at(&t, &f.g, &cfg, 1 + 9 + k);
+        assert_ptr_equal(t.data, ga[k]);
+        if (rel_err(gb[k], ga[k], t.numel) > 1e-5)
+            fail_msg("'%s': separate tensors give other gradients", t.name);
+    }
+    for (int k = 0; k < 9; k++) {
+        free(pb[k]);
+        free(gb[k]);
+    }
+    free(out1);
+    free(out2);
+    free(dres1);
+    model_teardown(&f);
+}
+
 static void test_llama_no_targets(void **state)
 {
     (void) state;
@@ -1061,6 +1134,7 @@ int main(void)
         cmocka_unit_test(test_llama_threads_same_result),
         cmocka_unit_test(test_llama_padding_invariance),
         cmocka_unit_test(test_llama_stages_match_whole),
+        cmocka_unit_test(test_llama_separate_tensors),
         cmocka_unit_test(test_llama_no_targets),
         cmocka_unit_test(test_llama_layout_and_sizes),
         cmocka_unit_test(test_llama_counts_match_config),
