@@ -1082,16 +1082,21 @@ static void ref_check(const char *name, int nthreads)
     /* loss: relative error 1e-5 */
     assert_true(fabs(loss - want) <= 1e-5 * fabs(want));
     /* every gradient: relative error (2-norm of the difference over the 2-norm) 1e-5 */
+    double worst = 0.0;
     for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
         struct llama_tensor t;
         char gname[128];
         llama_tensor_at(&t, &g, &cfg, k);
         snprintf(gname, sizeof(gname), "grad.%s", t.name);
         double e = rel_err(t.data, ref_tensor(&r, gname, t.numel), t.numel);
+        worst = e > worst ? e : worst;
         if (e > 1e-5)
             fail_msg("%s: gradient of '%s' differs from PyTorch's by %.3g (relative)", name, t.name,
                      e);
     }
+    if (getenv("MOAI_GRAD_VERBOSE"))
+        print_message("%s, %d threads: loss relative error %.2g, worst gradient %.2g\n", name,
+                      nthreads, fabs(loss - want) / fabs(want), worst);
     llama_work_release(&w);
     llama_acts_release(&a);
     llama_params_release(&g);
