@@ -96,8 +96,8 @@ static int run_shape(const struct shape *s, int steps)
     }
     struct llama_batch b = {s->B, s->T, tokens, tokens, NULL};
     float dloss = 1.0f / (float) llama_batch_targets(&b);
-    struct optim_adamw hp = {.lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
-                             .weight_decay = 0.01};
+    struct optim_adamw hp = {
+        .lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01};
 
     double t[64], loss = 0.0;
     if (steps > 63)
@@ -118,8 +118,9 @@ static int run_shape(const struct shape *s, int steps)
     snprintf(name, sizeof(name), "llama %s train step fp32, 2 threads", s->name);
     snprintf(fig, sizeof(fig), "%.0f tokens/s", tokens_s);
     snprintf(target, sizeof(target), ">= %.0f", s->target_tokens_s);
-    snprintf(note, sizeof(note), "%.1f GFLOP/s = %.0f%% of sgemm %.1f; median of %d steps of %.3f s; loss %.3f",
-             gflops, 100.0 * gflops / sgemm, sgemm, steps, med, loss);
+    snprintf(note, sizeof(note),
+             "%.1f GFLOP/s = %.0f%% of sgemm %.1f; median of %d steps of %.3f s; loss %.3f", gflops,
+             100.0 * gflops / sgemm, sgemm, steps, med, loss);
     bench_row(name, fig, target, note);
 
     free(tokens);

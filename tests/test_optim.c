@@ -55,12 +55,12 @@ static const float *ref_tensor(const struct ref *r, const char *name, int64_t nu
 {
     json_t *t;
     size_t i;
-    json_array_foreach(json_object_get(r->root, "tensors"), i, t) {
+    json_array_foreach(json_object_get(r->root, "tensors"), i, t)
+    {
         if (strcmp(json_string_value(json_object_get(t, "name")), name))
             continue;
         int64_t off = json_integer_value(json_object_get(t, "offset"));
-        assert_int_equal(json_integer_value(json_array_get(json_object_get(t, "shape"), 0)),
-                         numel);
+        assert_int_equal(json_integer_value(json_array_get(json_object_get(t, "shape"), 0)), numel);
         assert_true((size_t) (off + numel) <= r->nfloats);
         return r->data + off;
     }
@@ -139,14 +139,14 @@ static void test_optim_adamw_first_step(void **state)
     /* from zero moments, bias correction makes the first update lr * g / (|g| + eps) */
     float p[4] = {1.0f, -2.0f, 0.5f, 3.0f}, g[4] = {0.3f, -1e-3f, 5.0f, 0.0f};
     float m[4] = {0}, v[4] = {0};
-    struct optim_adamw hp = {.lr = 0.1, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
-                             .weight_decay = 0.5};
+    struct optim_adamw hp = {
+        .lr = 0.1, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.5};
     optim_adamw_update(p, g, m, v, 4, 1, &hp);
     double decay = 1.0 - 0.1 * 0.5;
     assert_float_equal(p[0], 1.0 * decay - 0.1, 1e-6);
     assert_float_equal(p[1], -2.0 * decay + 0.1, 1e-5);
     assert_float_equal(p[2], 0.5 * decay - 0.1, 1e-6);
-    assert_float_equal(p[3], 3.0 * decay, 1e-6);     /* no gradient: decay only */
+    assert_float_equal(p[3], 3.0 * decay, 1e-6); /* no gradient: decay only */
     assert_float_equal(m[2], 0.5, 1e-6);
     assert_float_equal(v[2], 0.025, 1e-7);
 }
@@ -167,8 +167,8 @@ static void test_optim_threads_same_result(void **state)
     float *m1 = calloc((size_t) n, 4), *v1 = calloc((size_t) n, 4);
     float *m2 = calloc((size_t) n, 4), *v2 = calloc((size_t) n, 4);
     struct pool *pool = pool_create(3);
-    struct optim_adamw hp = {.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8,
-                             .weight_decay = 0.1};
+    struct optim_adamw hp = {
+        .lr = 1e-3, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1};
     fill(p1, n, 1);
     memcpy(p2, p1, sizeof(float) * (size_t) n);
     for (int step = 1; step <= 2; step++) {
@@ -331,17 +331,16 @@ static void test_optim_bf16(void **state)
         uint32_t f32;
         uint16_t bf16;
     } cases[] = {
-        {0x3F800000u, 0x3F80}, /* 1 */
-        {0x3F808000u, 0x3F80}, /* 1 + 2^-8: a tie, to even (down) */
-        {0x3F818000u, 0x3F82}, /* 1 + 3 * 2^-8: a tie, to even (up) */
-        {0x3F808001u, 0x3F81}, /* just above the tie: up */
-        {0x3F807FFFu, 0x3F80}, /* just below: down */
-        {0xBF808001u, 0xBF81}, /* negative */
-        {0x7F7FFFFFu, 0x7F80}, /* FLT_MAX rounds to infinity */
-        {0x7F800000u, 0x7F80}, /* infinity */
-        {0xFF800000u, 0xFF80},
-        {0x00000001u, 0x0000}, /* the smallest subnormal rounds to zero */
-        {0x80000000u, 0x8000}, /* -0 */
+        {0x3F800000u, 0x3F80},                        /* 1 */
+        {0x3F808000u, 0x3F80},                        /* 1 + 2^-8: a tie, to even (down) */
+        {0x3F818000u, 0x3F82},                        /* 1 + 3 * 2^-8: a tie, to even (up) */
+        {0x3F808001u, 0x3F81},                        /* just above the tie: up */
+        {0x3F807FFFu, 0x3F80},                        /* just below: down */
+        {0xBF808001u, 0xBF81},                        /* negative */
+        {0x7F7FFFFFu, 0x7F80},                        /* FLT_MAX rounds to infinity */
+        {0x7F800000u, 0x7F80},                        /* infinity */
+        {0xFF800000u, 0xFF80}, {0x00000001u, 0x0000}, /* the smallest subnormal rounds to zero */
+        {0x80000000u, 0x8000},                        /* -0 */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         float f;

@@ -17,6 +17,10 @@
 #define KERN_SIMD
 #endif
 
+/* Helpers are forced inline: GCC does not inline a plain function into a target clone (their
+ * targets differ), and a call would leave the helper's loop on the baseline ISA. */
+#define KERN_INLINE static inline __attribute__((always_inline))
+
 static inline int64_t min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;
@@ -25,7 +29,7 @@ static inline int64_t min64(int64_t a, int64_t b)
 /* exp(x): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^n by
  * building the exponent bits. n is rounded with the 1.5 * 2^23 trick so no libm call and no
  * branch remains. */
-static inline __attribute__((always_inline)) float expf_inline(float x)
+KERN_INLINE float expf_inline(float x)
 {
     x = x < -87.33654f ? -87.33654f : x;
     x = x > 88.0f ? 88.0f : x;
@@ -51,7 +55,7 @@ float kern_expf(float x)
     return expf_inline(x);
 }
 
-static inline __attribute__((always_inline)) float row_max(const float *x, int64_t n)
+KERN_INLINE float row_max(const float *x, int64_t n)
 {
     float m[KB];
     int64_t i = 0;
@@ -69,8 +73,7 @@ static inline __attribute__((always_inline)) float row_max(const float *x, int64
 }
 
 /* x[i] = exp(x[i] - shift), in place; returns the sum. */
-static inline __attribute__((always_inline)) float row_exp_inplace(float *x, float shift,
-                                                                  int64_t n)
+KERN_INLINE float row_exp_inplace(float *x, float shift, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -91,7 +94,7 @@ static inline __attribute__((always_inline)) float row_exp_inplace(float *x, flo
 }
 
 /* sum of exp(x[i] - shift) */
-static inline __attribute__((always_inline)) float row_exp_sum(const float *x, float shift, int64_t n)
+KERN_INLINE float row_exp_sum(const float *x, float shift, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -106,7 +109,7 @@ static inline __attribute__((always_inline)) float row_exp_sum(const float *x, f
     return s;
 }
 
-static inline __attribute__((always_inline)) void row_scale(float *x, float a, int64_t n)
+KERN_INLINE void row_scale(float *x, float a, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -116,7 +119,7 @@ static inline __attribute__((always_inline)) void row_scale(float *x, float a, i
         x[i] *= a;
 }
 
-static inline __attribute__((always_inline)) float row_dot(const float *x, const float *y, int64_t n)
+KERN_INLINE float row_dot(const float *x, const float *y, int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -132,8 +135,7 @@ static inline __attribute__((always_inline)) float row_dot(const float *x, const
 }
 
 /* d[i] += g[i] */
-static inline __attribute__((always_inline)) void add_row(float *restrict d,
-                                                         const float *restrict g, int64_t n)
+KERN_INLINE void add_row(float *restrict d, const float *restrict g, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -144,11 +146,8 @@ static inline __attribute__((always_inline)) void add_row(float *restrict d,
 }
 
 /* Rotates the pairs (lo[i], hi[i]) by the angles of c, s: sign 1 forward, -1 backward. */
-static inline __attribute__((always_inline)) void rotate_pairs(float *restrict lo,
-                                                              float *restrict hi,
-                                                              const float *restrict c,
-                                                              const float *restrict s,
-                                                              float sign, int64_t n)
+KERN_INLINE void rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
+                              const float *restrict s, float sign, int64_t n)
 {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -165,9 +164,8 @@ static inline __attribute__((always_inline)) void rotate_pairs(float *restrict l
 }
 
 /* sum of a[i] b[i] c[i] */
-static inline __attribute__((always_inline)) float dot3(const float *restrict a,
-                                                       const float *restrict b,
-                                                       const float *restrict c, int64_t n)
+KERN_INLINE float dot3(const float *restrict a, const float *restrict b, const float *restrict c,
+                       int64_t n)
 {
     float acc[KB] = {0};
     int64_t i = 0;
@@ -183,10 +181,8 @@ static inline __attribute__((always_inline)) float dot3(const float *restrict a,
 }
 
 /* y = w * (x * r) */
-static inline __attribute__((always_inline)) void rms_scale_row(float *restrict y,
-                                                               const float *restrict x,
-                                                               const float *restrict w, float r,
-                                                               int64_t n)
+KERN_INLINE void rms_scale_row(float *restrict y, const float *restrict x, const float *restrict w,
+                               float r, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -197,12 +193,9 @@ static inline __attribute__((always_inline)) void rms_scale_row(float *restrict 
 }
 
 /* dx += r (w dy - x c); dw += dy (x r) */
-static inline __attribute__((always_inline)) void rms_back_row(float *restrict dx,
-                                                              float *restrict dw,
-                                                              const float *restrict dy,
-                                                              const float *restrict x,
-                                                              const float *restrict w, float r,
-                                                              float c, int64_t n)
+KERN_INLINE void rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
+                              const float *restrict x, const float *restrict w, float r, float c,
+                              int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -217,10 +210,8 @@ static inline __attribute__((always_inline)) void rms_back_row(float *restrict d
 }
 
 /* s = p (s - dot) scale: softmax backward of one row, dP in s on entry */
-static inline __attribute__((always_inline)) void softmax_back_row(float *restrict s,
-                                                                  const float *restrict p,
-                                                                  float dot, float scale,
-                                                                  int64_t n)
+KERN_INLINE void softmax_back_row(float *restrict s, const float *restrict p, float dot,
+                                  float scale, int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -231,9 +222,8 @@ static inline __attribute__((always_inline)) void softmax_back_row(float *restri
 }
 
 /* d = exp(x - shift) a */
-static inline __attribute__((always_inline)) void exp_scaled_row(float *restrict d,
-                                                                const float *restrict x,
-                                                                float shift, float a, int64_t n)
+KERN_INLINE void exp_scaled_row(float *restrict d, const float *restrict x, float shift, float a,
+                                int64_t n)
 {
     int64_t i = 0;
     for (; i + KB <= n; i += KB)
@@ -361,8 +351,7 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T,
  * -inf first so that whole blocks of KB lanes run vectorized (capacity: the row holds cap
  * floats); their exponentials (~1e-38 after the clamp) are far below the rounding of a sum of
  * at least 1, and are zeroed afterwards. */
-static inline __attribute__((always_inline)) void softmax_row(float *row, int64_t n, int64_t kend,
-                                                             int64_t cap)
+KERN_INLINE void softmax_row(float *row, int64_t n, int64_t kend, int64_t cap)
 {
     int64_t nv = (n + KB - 1) / KB * KB;
     if (nv > cap)
@@ -434,8 +423,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                 int64_t r1 = min64(T, r0 + KERN_ATT_BLOCK), kend = min64(r1, nkeys);
                 /* dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale */
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
-                            (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f,
-                            ds + r0 * T, (int) T);
+                            (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f, ds + r0 * T,
+                            (int) T);
                 for (int64_t t = r0; t < r1; t++) {
                     const float *prow = p + t * T;
                     float *srow = ds + t * T;
@@ -446,8 +435,8 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                 }
                 /* dQ = dS K */
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
-                            (int) kend, 1.0f, ds + r0 * T, (int) T, k, (int) C, 0.0f,
-                            dq + r0 * C, (int) C);
+                            (int) kend, 1.0f, ds + r0 * T, (int) T, k, (int) C, 0.0f, dq + r0 * C,
+                            (int) C);
             }
             /* dK += dS^T Q and dV += P^T dO by key blocks; rows before a block are masked */
             for (int64_t c0 = 0; c0 < nkeys; c0 += KERN_ATT_BLOCK) {
@@ -467,8 +456,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
 
 /* e[j] = exp(-g[j]) for one block: kept apart from the divisions that use it, so the clamps
  * inside the exponential stay selects and the block vectorizes. */
-static inline __attribute__((always_inline)) void exp_neg_block(float *restrict e,
-                                                                const float *restrict g)
+KERN_INLINE void exp_neg_block(float *restrict e, const float *restrict g)
 {
     for (int j = 0; j < KB; j++)
         e[j] = expf_inline(-g[j]);
@@ -535,8 +523,8 @@ void matmul_backward(float *dinp, float *dweight, const float *dout, const float
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) N, (int) C, (int) OC, 1.0f,
                     dout, (int) OC, weight, (int) C, 0.0f, dinp, (int) C);
     if (dweight)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) OC, (int) C, (int) N, 1.0f,
-                    dout, (int) OC, inp, (int) C, 1.0f, dweight, (int) C);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) OC, (int) C, (int) N, 1.0f, dout,
+                    (int) OC, inp, (int) C, 1.0f, dweight, (int) C);
 }
 
 /* ---- cross-entropy ------------------------------------------------------------------ */

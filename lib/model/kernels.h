@@ -55,11 +55,11 @@ void rope_inv_freq(float *inv_freq, int64_t hd, double theta, const struct rope_
 void rope_tables(float *cos, float *sin, const float *inv_freq, int64_t T, int64_t hd);
 /* Rotates, in place, nh heads of T rows, row t at x + t*ld (heads contiguous, hd each), by
  * the angles of cos/sin row t, in the rotate_half convention: x = x*cos + rotate_half(x)*sin. */
-void rope_forward(float *x, const float *cos, const float *sin, int64_t T, int64_t nh,
-                  int64_t hd, int64_t ld);
+void rope_forward(float *x, const float *cos, const float *sin, int64_t T, int64_t nh, int64_t hd,
+                  int64_t ld);
 /* dx (same layout) -> dx: the inverse rotation, in place (RoPE is orthogonal). */
-void rope_backward(float *dx, const float *cos, const float *sin, int64_t T, int64_t nh,
-                   int64_t hd, int64_t ld);
+void rope_backward(float *dx, const float *cos, const float *sin, int64_t T, int64_t nh, int64_t hd,
+                   int64_t ld);
 
 /* One sequence of grouped-query causal attention for the key/value heads [kv0, kv1) and
  * their query heads. qkv (T, (H + 2 KV) hd): per row the H query heads, then KV key heads,

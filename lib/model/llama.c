@@ -187,8 +187,7 @@ int llama_params_init(struct llama_params *p, const struct model_config *cfg, fl
         if (!arena) {
             free(p->layers);
             p->layers = NULL;
-            return moai_err_set(err, MOAI_ENOMEM, "cannot allocate %zu bytes of parameters",
-                                bytes);
+            return moai_err_set(err, MOAI_ENOMEM, "cannot allocate %zu bytes of parameters", bytes);
         }
         memset(arena, 0, bytes);
         p->owned = true;
@@ -249,10 +248,10 @@ int64_t llama_tensor_count(const struct model_config *cfg)
 /* The per-layer tensors in order: name suffix, kind, where the pointer lives, and shape. */
 enum dim {
     DIM_NONE,
-    DIM_D,          /* hidden_size */
-    DIM_Q,          /* H hd */
-    DIM_KV,         /* KV hd */
-    DIM_F,          /* intermediate_size */
+    DIM_D,  /* hidden_size */
+    DIM_Q,  /* H hd */
+    DIM_KV, /* KV hd */
+    DIM_F,  /* intermediate_size */
 };
 
 static const struct {
@@ -261,8 +260,8 @@ static const struct {
     size_t offset;
     enum dim rows, cols;
 } layer_tensors[9] = {
-    {"input_layernorm.weight", LLAMA_TENSOR_NORM, offsetof(struct llama_layer, input_norm),
-     DIM_D, DIM_NONE},
+    {"input_layernorm.weight", LLAMA_TENSOR_NORM, offsetof(struct llama_layer, input_norm), DIM_D,
+     DIM_NONE},
     {"self_attn.q_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wq), DIM_Q,
      DIM_D},
     {"self_attn.k_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wk), DIM_KV,
@@ -271,12 +270,11 @@ static const struct {
      DIM_D},
     {"self_attn.o_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wo), DIM_D,
      DIM_Q},
-    {"post_attention_layernorm.weight", LLAMA_TENSOR_NORM,
-     offsetof(struct llama_layer, post_norm), DIM_D, DIM_NONE},
+    {"post_attention_layernorm.weight", LLAMA_TENSOR_NORM, offsetof(struct llama_layer, post_norm),
+     DIM_D, DIM_NONE},
     {"mlp.gate_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_gate), DIM_F,
      DIM_D},
-    {"mlp.up_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_up), DIM_F,
-     DIM_D},
+    {"mlp.up_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_up), DIM_F, DIM_D},
     {"mlp.down_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_down), DIM_D,
      DIM_F},
 };
@@ -429,8 +427,7 @@ void llama_work_release(struct llama_work *w)
 
 /* ---- the model instance --------------------------------------------------------------- */
 
-int llama_init(struct llama *m, const struct model_config *cfg, int nthreads,
-               struct moai_err *err)
+int llama_init(struct llama *m, const struct model_config *cfg, int nthreads, struct moai_err *err)
 {
     memset(m, 0, sizeof(*m));
     const struct {
@@ -486,7 +483,8 @@ int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct
     int64_t V = m->cfg.vocab_size;
     for (int64_t i = 0; i < b->B; i++) {
         if (b->lengths && (b->lengths[i] < 0 || b->lengths[i] > b->T))
-            return moai_err_set(err, MOAI_EIO, "batch: sequence %lld: length %d is outside [0, %lld]",
+            return moai_err_set(err, MOAI_EIO,
+                                "batch: sequence %lld: length %d is outside [0, %lld]",
                                 (long long) i, b->lengths[i], (long long) b->T);
         for (int64_t t = 0; t < b->T; t++) {
             int32_t id = b->tokens[i * b->T + t];
@@ -571,9 +569,20 @@ static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_
                  const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc)
 {
-    struct gemm_job j = {.ta = ta, .tb = tb, .split_rows = M >= N, .M = M, .N = N, .K = K,
-                         .lda = lda, .ldb = ldb, .ldc = ldc, .alpha = alpha, .beta = beta,
-                         .A = A, .B = B, .C = C};
+    struct gemm_job j = {.ta = ta,
+                         .tb = tb,
+                         .split_rows = M >= N,
+                         .M = M,
+                         .N = N,
+                         .K = K,
+                         .lda = lda,
+                         .ldb = ldb,
+                         .ldc = ldc,
+                         .alpha = alpha,
+                         .beta = beta,
+                         .A = A,
+                         .B = B,
+                         .C = C};
     int parts = m->nthreads;
     if (M == 0 || N == 0)
         return;
@@ -601,15 +610,15 @@ static void linear_backward(struct llama *m, float *dinp, float *dW, const float
 
 enum row_op {
     ROW_EMBED,
-    ROW_RMSNORM,        /* and copy the input into a second buffer (the residual) */
+    ROW_RMSNORM, /* and copy the input into a second buffer (the residual) */
     ROW_RMSNORM_BACK,
     ROW_SWIGLU,
     ROW_SWIGLU_BACK,
     ROW_CE_FUSED,
     ROW_CE_FORWARD,
     ROW_ZERO,
-    ROW_GATHER,         /* out row i = in row ids[i] */
-    ROW_SCATTER,        /* out row n = in row ids[n], or zeros where ids[n] < 0 */
+    ROW_GATHER,  /* out row i = in row ids[i] */
+    ROW_SCATTER, /* out row n = in row ids[n], or zeros where ids[n] < 0 */
 };
 
 struct row_job {
@@ -638,8 +647,8 @@ static void row_task(void *arg, int64_t task, int thread)
     case ROW_RMSNORM_BACK: {
         float *part = j->out2 + task * D;
         memset(part, 0, sizeof(float) * (size_t) D);
-        rmsnorm_backward(j->out + n0 * D, part, j->in + n0 * D, j->in2 + n0 * D, j->w,
-                         j->aux + n0, n, D);
+        rmsnorm_backward(j->out + n0 * D, part, j->in + n0 * D, j->in2 + n0 * D, j->w, j->aux + n0,
+                         n, D);
         break;
     }
     case ROW_SWIGLU:
@@ -661,8 +670,7 @@ static void row_task(void *arg, int64_t task, int thread)
     case ROW_SCATTER:
         for (int64_t i = n0; i < n0 + n; i++) {
             if (j->ids[i] >= 0)
-                memcpy(j->out + i * D, j->in + (int64_t) j->ids[i] * D,
-                       sizeof(float) * (size_t) D);
+                memcpy(j->out + i * D, j->in + (int64_t) j->ids[i] * D, sizeof(float) * (size_t) D);
             else
                 memset(j->out + i * D, 0, sizeof(float) * (size_t) D);
         }
@@ -677,12 +685,18 @@ static void rows_run(struct llama *m, struct row_job *j)
 
 /* RMSNorm backward: dinp (N, D) += ..., dweight (D) += the sum of per-chunk partials, added in
  * chunk order. */
-static void rmsnorm_backward_par(struct llama *m, struct llama_work *w, float *dinp,
-                                 float *dweight, const float *dout, const float *inp,
-                                 const float *weight, const float *rstd, int64_t N, int64_t D)
+static void rmsnorm_backward_par(struct llama *m, struct llama_work *w, float *dinp, float *dweight,
+                                 const float *dout, const float *inp, const float *weight,
+                                 const float *rstd, int64_t N, int64_t D)
 {
-    struct row_job j = {.op = ROW_RMSNORM_BACK, .N = N, .D = D, .out = dinp,
-                        .out2 = w->dnorm_part, .aux = (float *) rstd, .in = dout, .in2 = inp,
+    struct row_job j = {.op = ROW_RMSNORM_BACK,
+                        .N = N,
+                        .D = D,
+                        .out = dinp,
+                        .out2 = w->dnorm_part,
+                        .aux = (float *) rstd,
+                        .in = dout,
+                        .in2 = inp,
                         .w = weight};
     rows_run(m, &j);
     for (int64_t c = 0; c < cdiv(N, ROWS); c++) {
@@ -724,33 +738,41 @@ static void att_backward_task(void *arg, int64_t task, int thread)
     int64_t T = j->batch->T, C = qkv_cols(c), G = H / KV;
     int64_t b = task / KV, g = task % KV;
     float *dqkv = j->w->dqkv + b * T * C;
-    attention_backward(dqkv, j->w->scratch + (int64_t) thread * T * T,
-                       j->w->datty + b * T * H * hd, j->la->qkv + b * T * C,
-                       j->la->probs + b * H * T * T, seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+    attention_backward(dqkv, j->w->scratch + (int64_t) thread * T * T, j->w->datty + b * T * H * hd,
+                       j->la->qkv + b * T * C, j->la->probs + b * H * T * T, seq_len(j->batch, b),
+                       T, H, KV, hd, g, g + 1);
     rope_backward(dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
     rope_backward(dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
 }
 
 /* ---- stages --------------------------------------------------------------------------- */
 
+void llama_set_targets(struct llama_work *w, const struct llama_batch *b)
+{
+    MOAI_ASSERT(w->B == b->B && w->T == b->T);
+    for (int64_t i = 0; i < b->B; i++)
+        for (int64_t t = 0; t < b->T; t++)
+            w->targets[i * b->T + t] =
+                b->labels && t + 1 < b->T ? b->labels[i * b->T + t + 1] : KERN_IGNORE_INDEX;
+}
+
 void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
                          struct llama_work *w, const struct llama_batch *b)
 {
     int64_t N = b->B * b->T, D = m->cfg.hidden_size;
-    MOAI_ASSERT(a->B == b->B && a->T == b->T && w->B == b->B && w->T == b->T);
-    for (int64_t i = 0; i < b->B; i++)
-        for (int64_t t = 0; t < b->T; t++)
-            w->targets[i * b->T + t] = b->labels && t + 1 < b->T ? b->labels[i * b->T + t + 1]
-                                                                 : KERN_IGNORE_INDEX;
-    struct row_job j = {.op = ROW_EMBED, .N = N, .D = D,
-                        .out = a->nlayers ? a->layers[0].x : a->xf, .in = p->embed,
+    MOAI_ASSERT(a->B == b->B && a->T == b->T);
+    llama_set_targets(w, b);
+    struct row_job j = {.op = ROW_EMBED,
+                        .N = N,
+                        .D = D,
+                        .out = a->nlayers ? a->layers[0].x : a->xf,
+                        .in = p->embed,
                         .ids = b->tokens};
     rows_run(m, &j);
 }
 
-void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
-                         struct llama_layer_acts *la, float *out, struct llama_work *w,
-                         const struct llama_batch *b)
+void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct llama_layer_acts *la,
+                         float *out, struct llama_work *w, const struct llama_batch *b)
 {
     const struct model_config *c = &m->cfg;
     int64_t N = b->B * b->T, D = c->hidden_size, F = c->intermediate_size;
@@ -759,16 +781,22 @@ void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
     float eps = (float) c->rms_norm_eps;
 
     /* ln1 = rmsnorm(x); x2 = x, the residual that o_proj adds to */
-    struct row_job jn = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = eps, .out = la->ln1,
-                         .out2 = la->x2, .aux = la->rstd1, .in = la->x, .w = lp->input_norm};
+    struct row_job jn = {.op = ROW_RMSNORM,
+                         .N = N,
+                         .D = D,
+                         .eps = eps,
+                         .out = la->ln1,
+                         .out2 = la->x2,
+                         .aux = la->rstd1,
+                         .in = la->x,
+                         .w = lp->input_norm};
     rows_run(m, &jn);
     /* qkv = ln1 [Wq; Wk; Wv]^T */
     if (lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D) {
         linear_forward(m, la->qkv, la->ln1, lp->wq, false, N, D, C);
     } else {
         gemm(m, false, true, N, H * hd, D, 1.0f, la->ln1, D, lp->wq, D, 0.0f, la->qkv, C);
-        gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wk, D, 0.0f, la->qkv + H * hd,
-             C);
+        gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wk, D, 0.0f, la->qkv + H * hd, C);
         gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wv, D, 0.0f,
              la->qkv + (H + KV) * hd, C);
     }
@@ -777,8 +805,15 @@ void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
     /* x2 += atty Wo^T */
     linear_forward(m, la->x2, la->atty, lp->wo, true, N, H * hd, D);
     /* ln2 = rmsnorm(x2); out = x2 */
-    struct row_job jn2 = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = eps, .out = la->ln2,
-                          .out2 = out, .aux = la->rstd2, .in = la->x2, .w = lp->post_norm};
+    struct row_job jn2 = {.op = ROW_RMSNORM,
+                          .N = N,
+                          .D = D,
+                          .eps = eps,
+                          .out = la->ln2,
+                          .out2 = out,
+                          .aux = la->rstd2,
+                          .in = la->x2,
+                          .w = lp->post_norm};
     rows_run(m, &jn2);
     /* gu = ln2 [Wgate; Wup]^T; h = silu(gate) * up; out += h Wdown^T */
     if (lp->w_up == lp->w_gate + F * D) {
@@ -798,8 +833,14 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
     const struct model_config *c = &m->cfg;
     int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size, S = 0;
 
-    struct row_job jn = {.op = ROW_RMSNORM, .N = N, .D = D, .eps = (float) c->rms_norm_eps,
-                         .out = a->lnf, .aux = a->rstdf, .in = a->xf, .w = p->norm};
+    struct row_job jn = {.op = ROW_RMSNORM,
+                         .N = N,
+                         .D = D,
+                         .eps = (float) c->rms_norm_eps,
+                         .out = a->lnf,
+                         .aux = a->rstdf,
+                         .in = a->xf,
+                         .w = p->norm};
     rows_run(m, &jn);
     /* only scored rows (target not -100) go through lm_head: padding and masked prompts cost
      * nothing there */
@@ -814,12 +855,17 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
     w->nscored = S;
     if (S == 0)
         return 0.0;
-    struct row_job jg = {.op = ROW_GATHER, .N = S, .D = D, .out = w->lnc, .in = a->lnf,
-                         .ids = w->scored};
+    struct row_job jg = {
+        .op = ROW_GATHER, .N = S, .D = D, .out = w->lnc, .in = a->lnf, .ids = w->scored};
     rows_run(m, &jg);
     linear_forward(m, w->logits, w->lnc, p->lm_head, false, S, D, V);
-    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD, .N = S, .V = V,
-                         .dloss = dloss, .out = w->logits, .out2 = w->lse, .aux = w->losses,
+    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD,
+                         .N = S,
+                         .V = V,
+                         .dloss = dloss,
+                         .out = w->logits,
+                         .out2 = w->lse,
+                         .aux = w->losses,
                          .ids = w->scored_targets};
     rows_run(m, &jc);
     double sum = 0.0;
@@ -839,8 +885,8 @@ void llama_head_backward(struct llama *m, const struct llama_params *p, struct l
         gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
         gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
     }
-    struct row_job js = {.op = ROW_SCATTER, .N = N, .D = D, .out = w->dln, .in = w->lnc,
-                         .ids = w->scored_index};
+    struct row_job js = {
+        .op = ROW_SCATTER, .N = N, .D = D, .out = w->dln, .in = w->lnc, .ids = w->scored_index};
     rows_run(m, &js);
     struct row_job jz = {.op = ROW_ZERO, .N = N, .D = D, .out = w->dres};
     rows_run(m, &jz);
@@ -858,8 +904,8 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
 
     /* MLP: dh = dres Wdown; dgu = swiglu'; dln = dgu [Wgate; Wup] */
     linear_backward(m, w->dh, lg->w_down, w->dres, la->h, lp->w_down, N, F, D);
-    struct row_job js = {.op = ROW_SWIGLU_BACK, .N = N, .D = F, .out = w->dgu, .in = w->dh,
-                         .in2 = la->gu};
+    struct row_job js = {
+        .op = ROW_SWIGLU_BACK, .N = N, .D = F, .out = w->dgu, .in = w->dh, .in2 = la->gu};
     rows_run(m, &js);
     if (lp->w_up == lp->w_gate + F * D && lg->w_up == lg->w_gate + F * D) {
         linear_backward(m, w->dln, lg->w_gate, w->dgu, la->ln2, lp->w_gate, N, D, 2 * F);
@@ -869,8 +915,8 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
         gemm(m, true, false, F, D, N, 1.0f, w->dgu, 2 * F, la->ln2, D, 1.0f, lg->w_gate, D);
         gemm(m, true, false, F, D, N, 1.0f, w->dgu + F, 2 * F, la->ln2, D, 1.0f, lg->w_up, D);
     }
-    rmsnorm_backward_par(m, w, w->dres, lg->post_norm, w->dln, la->x2, lp->post_norm, la->rstd2,
-                         N, D);
+    rmsnorm_backward_par(m, w, w->dres, lg->post_norm, w->dln, la->x2, lp->post_norm, la->rstd2, N,
+                         D);
 
     /* attention: datty = dres Wo; dqkv by (sequence, kv head); dln = dqkv [Wq; Wk; Wv] */
     linear_backward(m, w->datty, lg->wo, w->dres, la->atty, lp->wo, N, H * hd, D);
@@ -886,12 +932,12 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
         for (int i = 0; i < 3; i++) {
             gemm(m, false, false, N, D, rows[i], 1.0f, w->dqkv + col[i], C, Ws[i], D,
                  i ? 1.0f : 0.0f, w->dln, D);
-            gemm(m, true, false, rows[i], D, N, 1.0f, w->dqkv + col[i], C, la->ln1, D, 1.0f,
-                 dWs[i], D);
+            gemm(m, true, false, rows[i], D, N, 1.0f, w->dqkv + col[i], C, la->ln1, D, 1.0f, dWs[i],
+                 D);
         }
     }
-    rmsnorm_backward_par(m, w, w->dres, lg->input_norm, w->dln, la->x, lp->input_norm, la->rstd1,
-                         N, D);
+    rmsnorm_backward_par(m, w, w->dres, lg->input_norm, w->dln, la->x, lp->input_norm, la->rstd1, N,
+                         D);
 }
 
 void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_work *w,
@@ -901,16 +947,16 @@ void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_
                        m->cfg.hidden_size);
 }
 
-double llama_forward_backward(struct llama *m, const struct llama_params *p,
-                              struct llama_params *g, struct llama_acts *a, struct llama_work *w,
+double llama_forward_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,
+                              struct llama_acts *a, struct llama_work *w,
                               const struct llama_batch *b, float dloss)
 {
     int64_t L = m->cfg.num_hidden_layers;
     MOAI_ASSERT(w->nthreads >= m->nthreads);
     llama_embed_forward(m, p, a, w, b);
     for (int64_t l = 0; l < L; l++)
-        llama_layer_forward(m, &p->layers[l], &a->layers[l],
-                            l + 1 < L ? a->layers[l + 1].x : a->xf, w, b);
+        llama_layer_forward(m, &p->layers[l], &a->layers[l], l + 1 < L ? a->layers[l + 1].x : a->xf,
+                            w, b);
     double loss = llama_head_forward(m, p, a, w, g != NULL, dloss);
     if (!g)
         return loss;

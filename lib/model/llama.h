@@ -4,8 +4,11 @@
  * grouped-query causal self-attention with rotary embeddings (rotate_half convention, Llama 3
  * rope_scaling), a residual, RMSNorm, a SwiGLU MLP down(silu(gate(x)) * up(x)), a residual;
  * a final RMSNorm; lm_head (tied to the embedding or not); cross-entropy over shifted labels
- * (position t predicts label t+1), -100 ignored. Padding is on the right: a sequence's real
- * tokens never see its padding, so padded positions change no real token's output.
+ * (position t predicts label t+1), -100 ignored, the mean taken by the caller's dloss.
+ * Padding is on the right and given by each sequence's length (its attention mask's ones): a
+ * real token never sees padding, so padding changes no real token's output, and a padded
+ * query attends the real tokens, as Hugging Face's mask makes it. As torch.nn.Embedding with
+ * padding_idx = pad_token_id, the pad token's embedding row gets no gradient.
  *
  * Memory. Four kinds of buffer, each ONE arena whose size a function below gives exactly, so
  * the planner's memory model and the run agree byte for byte:
@@ -17,7 +20,8 @@
  *   - workspace of a micro-batch: logits (B T V floats), gradient buffers, rotary tables,
  *     per-thread attention scratch, struct llama_work (llama_work_bytes).
  * Only small tables of pointers (the per-layer structs) are allocated besides. A step
- * allocates nothing.
+ * allocates nothing. Ownership: an _init or _bind function given an arena points into it and
+ * its _release leaves it to the caller; given NULL it allocates one that _release frees.
  *
  * Stages. Forward and backward come per stage, so an executor can run a contiguous layer range
  * on one device: llama_embed_forward, llama_layer_forward (one layer), llama_head_forward
@@ -27,13 +31,18 @@
  * Threads. struct llama owns a pool of nthreads threads (the caller is one) that splits
  * matrix products and the other kernels. llama_init sets OpenBLAS to one thread per call
  * (openblas_set_num_threads(1)): all parallelism is the pool's, so no BLAS thread spins against
- * it. The partition of every task depends only on the problem size, so results are the same
- * for any nthreads. One thread at a time may use a struct llama.
+ * it. Row-wise kernels, attention and every reduction are cut into tasks by problem size only
+ * and reduced in a fixed order; a matrix product is cut into one block of rows or columns per
+ * thread, each a single sgemm over the whole K. So a run is bit-for-bit reproducible for a
+ * given nthreads, and other thread counts agree to rounding (bit for bit where OpenBLAS sums
+ * a block's elements as it sums the whole's, as it does here). One thread at a time may use a
+ * struct llama.
  *
  * Errors: llama_init, the _init functions and llama_batch_check return 0 or a negative MOAI_E*
  * and fill err. Forward and backward trust a checked batch.
  *
  *     llama_init(&m, &cfg, 2, &err); llama_params_init(&p, &cfg, NULL, &err); ...
+ *     llama_params_zero(&m, &g);
  *     double loss_sum = llama_forward_backward(&m, &p, &g, &acts, &work, &batch,
  *                                              1.0f / (float) llama_batch_targets(&batch));
  */
@@ -52,15 +61,15 @@
  * llama_params_init, wq/wk/wv are adjacent (one ((H + 2 KV) hd, D) matrix) and so are
  * w_gate/w_up (one (2F, D) matrix); the model multiplies them as such. */
 struct llama_layer {
-    float *input_norm;          /* (D)        model.layers.i.input_layernorm.weight */
-    float *wq;                  /* (H hd, D)  self_attn.q_proj.weight */
-    float *wk;                  /* (KV hd, D) self_attn.k_proj.weight */
-    float *wv;                  /* (KV hd, D) self_attn.v_proj.weight */
-    float *wo;                  /* (D, H hd)  self_attn.o_proj.weight */
-    float *post_norm;           /* (D)        post_attention_layernorm.weight */
-    float *w_gate;              /* (F, D)     mlp.gate_proj.weight */
-    float *w_up;                /* (F, D)     mlp.up_proj.weight */
-    float *w_down;              /* (D, F)     mlp.down_proj.weight */
+    float *input_norm; /* (D)        model.layers.i.input_layernorm.weight */
+    float *wq;         /* (H hd, D)  self_attn.q_proj.weight */
+    float *wk;         /* (KV hd, D) self_attn.k_proj.weight */
+    float *wv;         /* (KV hd, D) self_attn.v_proj.weight */
+    float *wo;         /* (D, H hd)  self_attn.o_proj.weight */
+    float *post_norm;  /* (D)        post_attention_layernorm.weight */
+    float *w_gate;     /* (F, D)     mlp.gate_proj.weight */
+    float *w_up;       /* (F, D)     mlp.up_proj.weight */
+    float *w_down;     /* (D, F)     mlp.down_proj.weight */
 };
 
 /* Parameters (or their gradients, or an AdamW moment): pointers into one arena. */
@@ -77,65 +86,65 @@ struct llama_params {
 
 /* Activations of one layer kept for backward; N = B T. */
 struct llama_layer_acts {
-    float *x;                   /* (N, D) layer input, the residual stream */
-    float *rstd1;               /* (N) */
-    float *ln1;                 /* (N, D) input_layernorm output */
-    float *qkv;                 /* (N, (H + 2 KV) hd) q, k (rotated), v */
-    float *probs;               /* (B, H, T, T) attention probabilities */
-    float *atty;                /* (N, H hd) attention output, o_proj input */
-    float *x2;                  /* (N, D) residual stream after attention */
-    float *rstd2;               /* (N) */
-    float *ln2;                 /* (N, D) post_attention_layernorm output */
-    float *gu;                  /* (N, 2F) gate | up projections */
-    float *h;                   /* (N, F) silu(gate) * up, down_proj input */
+    float *x;     /* (N, D) layer input, the residual stream */
+    float *rstd1; /* (N) */
+    float *ln1;   /* (N, D) input_layernorm output */
+    float *qkv;   /* (N, (H + 2 KV) hd) q, k (rotated), v */
+    float *probs; /* (B, H, T, T) attention probabilities */
+    float *atty;  /* (N, H hd) attention output, o_proj input */
+    float *x2;    /* (N, D) residual stream after attention */
+    float *rstd2; /* (N) */
+    float *ln2;   /* (N, D) post_attention_layernorm output */
+    float *gu;    /* (N, 2F) gate | up projections */
+    float *h;     /* (N, F) silu(gate) * up, down_proj input */
 };
 
 struct llama_acts {
     int64_t B, T, nlayers;
     struct llama_layer_acts *layers; /* (L); layer l's output is layers[l + 1].x, or xf */
-    float *xf;                  /* (N, D) output of the last layer */
-    float *rstdf;               /* (N) */
-    float *lnf;                 /* (N, D) final norm output, lm_head input */
+    float *xf;                       /* (N, D) output of the last layer */
+    float *rstdf;                    /* (N) */
+    float *lnf;                      /* (N, D) final norm output, lm_head input */
     void *arena;
-    size_t bytes;               /* llama_act_bytes */
-    bool owned;                 /* arena allocated (and freed) here */
+    size_t bytes; /* llama_act_bytes */
+    bool owned;   /* arena allocated (and freed) here */
 };
 
 struct llama_work {
     int64_t B, T;
     int nthreads;
-    float *rope_inv_freq;       /* (hd/2) */
-    float *rope_cos;            /* (T, hd/2) */
-    float *rope_sin;            /* (T, hd/2) */
-    int32_t *targets;           /* (N) labels shifted by one position */
-    int32_t *scored;            /* (N) rows whose target counts, in order; nscored of them */
-    int32_t *scored_targets;    /* (N) their targets */
-    int32_t *scored_index;      /* (N) a row's place in scored, or -1 */
+    float *rope_inv_freq;    /* (hd/2) */
+    float *rope_cos;         /* (T, hd/2) */
+    float *rope_sin;         /* (T, hd/2) */
+    int32_t *targets;        /* (N) labels shifted by one position */
+    int32_t *scored;         /* (N) rows whose target counts, in order; nscored of them */
+    int32_t *scored_targets; /* (N) their targets */
+    int32_t *scored_index;   /* (N) a row's place in scored, or -1 */
     int64_t nscored;
-    float *losses;              /* (N) loss of each scored row */
-    float *lse;                 /* (N) log-sum-exp of each scored row's logits (evaluation) */
-    float *logits;              /* (N, V) logits of the scored rows; after a training forward,
+    float *losses;     /* (N) loss of each scored row */
+    float *lse;        /* (N) log-sum-exp of each scored row's logits (evaluation) */
+    float *logits;     /* (N, V) logits of the scored rows; after a training forward,
                                    their gradient */
-    float *lnc;                 /* (N, D) lm_head input of the scored rows, then its gradient */
-    float *dres;                /* (N, D) gradient of the residual stream between stages */
-    float *dln;                 /* (N, D) */
-    float *dqkv;                /* (N, (H + 2 KV) hd) */
-    float *datty;               /* (N, H hd) */
-    float *dgu;                 /* (N, 2F) */
-    float *dh;                  /* (N, F) */
-    float *scratch;             /* (nthreads, T, T) attention backward */
-    float *dnorm_part;          /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
+    float *lnc;        /* (N, D) lm_head input of the scored rows, then its gradient */
+    float *dres;       /* (N, D) gradient of the residual stream between stages */
+    float *dln;        /* (N, D) */
+    float *dqkv;       /* (N, (H + 2 KV) hd) */
+    float *datty;      /* (N, H hd) */
+    float *dgu;        /* (N, 2F) */
+    float *dh;         /* (N, F) */
+    float *scratch;    /* (nthreads, T, T) attention backward */
+    float *dnorm_part; /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
     void *arena;
-    size_t bytes;               /* llama_work_bytes */
-    bool owned;                 /* arena allocated (and freed) here */
+    size_t bytes; /* llama_work_bytes */
+    bool owned;   /* arena allocated (and freed) here */
 };
 
 /* A micro-batch of B right-padded sequences of T tokens. */
 struct llama_batch {
     int64_t B, T;
-    const int32_t *tokens;      /* (B, T) input ids in [0, V) */
-    const int32_t *labels;      /* (B, T) ids or -100; position t is scored against labels[t+1] */
-    const int32_t *lengths;     /* (B) real tokens per sequence (the attention mask's ones);
+    const int32_t *tokens;  /* (B, T) input ids in [0, V) */
+    const int32_t *labels;  /* (B, T) ids or -100; position t is scored against labels[t+1] */
+    const int32_t *lengths; /* (B) real tokens per sequence (the attention mask's ones);
                                    NULL: all T */
 };
 
@@ -148,8 +157,7 @@ struct llama {
 
 /* Checks that cfg is a shape this code runs (positive sizes, KV divides H, even head_dim, sizes
  * within int range for BLAS), copies it and starts nthreads - 1 threads. */
-int llama_init(struct llama *m, const struct model_config *cfg, int nthreads,
-               struct moai_err *err);
+int llama_init(struct llama *m, const struct model_config *cfg, int nthreads, struct moai_err *err);
 void llama_release(struct llama *m);
 
 /* ---- sizes (the planner calls these) ---- */
@@ -202,13 +210,13 @@ enum llama_tensor_kind {
 };
 
 struct llama_tensor {
-    char name[96];              /* "model.layers.3.self_attn.q_proj.weight" */
-    float *data;                /* into the params (or gradient, moment) arena */
-    int ndim;                   /* 1 or 2 */
+    char name[96]; /* "model.layers.3.self_attn.q_proj.weight" */
+    float *data;   /* into the params (or gradient, moment) arena */
+    int ndim;      /* 1 or 2 */
     int64_t shape[2];
     int64_t numel;
     enum llama_tensor_kind kind;
-    int64_t layer;              /* -1 outside the layers */
+    int64_t layer; /* -1 outside the layers */
 };
 
 /* Tensors of the model: 2 + 9 L, plus lm_head.weight unless tied. */
@@ -219,19 +227,23 @@ void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
 
 /* ---- the model ---- */
 
-/* Checks ids against the vocabulary, labels (-100 or an id), lengths in [0, T] and the batch
- * shape against acts/work; names the sequence and position of a bad value. */
+/* Checks ids against the vocabulary, labels (-100 or an id) and lengths (in [0, T]); names
+ * the sequence and position of a bad value. */
 int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct moai_err *err);
 /* Labels that count after the shift: labels[b][t] != -100 for t >= 1. */
 int64_t llama_batch_targets(const struct llama_batch *b);
 
-/* tokens -> a->layers[0].x (or a->xf when L = 0); also the shifted targets into w. */
+/* labels -> w->targets, shifted by one position (the last position of a sequence scores
+ * nothing). llama_embed_forward does it; a stage that runs the head without the embedding
+ * calls it before llama_head_forward. */
+void llama_set_targets(struct llama_work *w, const struct llama_batch *b);
+
+/* tokens -> a->layers[0].x (or a->xf when L = 0); also llama_set_targets. */
 void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
                          struct llama_work *w, const struct llama_batch *b);
 /* One layer: la->x -> out (the next layer's x, or acts->xf), saving la for backward. */
-void llama_layer_forward(struct llama *m, const struct llama_layer *lp,
-                         struct llama_layer_acts *la, float *out, struct llama_work *w,
-                         const struct llama_batch *b);
+void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct llama_layer_acts *la,
+                         float *out, struct llama_work *w, const struct llama_batch *b);
 /* a->xf -> final norm -> logits -> loss. Returns the sum of the token losses (double). Only
  * rows whose target counts go through lm_head (padding and masked prompts cost nothing
  * there). With backward, the logits become their gradient for a loss scaled by dloss (1 /
@@ -254,8 +266,8 @@ void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_
 
 /* Whole model: returns the loss sum. Loss only when g is NULL. Gradients accumulate into g
  * (zero it first with llama_params_zero for a fresh step). */
-double llama_forward_backward(struct llama *m, const struct llama_params *p,
-                              struct llama_params *g, struct llama_acts *a, struct llama_work *w,
+double llama_forward_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,
+                              struct llama_acts *a, struct llama_work *w,
                               const struct llama_batch *b, float dloss);
 
 #endif

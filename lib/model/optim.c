@@ -20,6 +20,9 @@
 #define OPTIM_SIMD
 #endif
 
+/* Forced inline into each target clone (see kernels.c). */
+#define OPTIM_INLINE static inline __attribute__((always_inline))
+
 static inline int64_t min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;
@@ -29,8 +32,7 @@ static inline int64_t min64(int64_t a, int64_t b)
 
 /* out = sqrt(in) for one block. GCC does not vectorize sqrtf (it may set errno), so on x86-64
  * the baseline SSE instruction is used; it is exactly rounded like sqrtf. */
-static inline __attribute__((always_inline)) void sqrt_block(float *restrict out,
-                                                            const float *restrict in)
+OPTIM_INLINE void sqrt_block(float *restrict out, const float *restrict in)
 {
 #if defined(__SSE2__)
     for (int j = 0; j < KB; j += 4)
@@ -42,11 +44,8 @@ static inline __attribute__((always_inline)) void sqrt_block(float *restrict out
 }
 
 /* The moments of one block; v_out gets the new second moments for the square root. */
-static inline __attribute__((always_inline)) void moments_block(float *restrict m,
-                                                               float *restrict v,
-                                                               float *restrict v_out,
-                                                               const float *restrict g, float b1,
-                                                               float a1, float b2, float a2)
+OPTIM_INLINE void moments_block(float *restrict m, float *restrict v, float *restrict v_out,
+                                const float *restrict g, float b1, float a1, float b2, float a2)
 {
     for (int j = 0; j < KB; j++) {
         m[j] = m[j] * b1 + a1 * g[j];
@@ -55,11 +54,8 @@ static inline __attribute__((always_inline)) void moments_block(float *restrict 
     }
 }
 
-static inline __attribute__((always_inline)) void param_block(float *restrict p,
-                                                             const float *restrict m,
-                                                             const float *restrict sq,
-                                                             float decay, float neg_step,
-                                                             float bc2_sqrt, float eps)
+OPTIM_INLINE void param_block(float *restrict p, const float *restrict m, const float *restrict sq,
+                              float decay, float neg_step, float bc2_sqrt, float eps)
 {
     for (int j = 0; j < KB; j++)
         p[j] = p[j] * decay + neg_step * (m[j] / (sq[j] / bc2_sqrt + eps));
@@ -106,8 +102,7 @@ static void adamw_task(void *arg, int64_t task, int thread)
     const struct adamw_job *j = arg;
     int64_t i0 = task * CHUNK, i1 = min64(j->n, i0 + CHUNK);
     (void) thread;
-    optim_adamw_update(j->param + i0, j->grad + i0, j->m + i0, j->v + i0, i1 - i0, j->step,
-                       j->hp);
+    optim_adamw_update(j->param + i0, j->grad + i0, j->m + i0, j->v + i0, i1 - i0, j->step, j->hp);
 }
 
 void optim_adamw_step(struct pool *pool, float *param, const float *grad, float *m, float *v,

@@ -41,7 +41,7 @@
 #include <stdint.h>
 
 struct optim_adamw {
-    double lr;                  /* this step's learning rate (schedule applied) */
+    double lr; /* this step's learning rate (schedule applied) */
     double beta1, beta2;
     double eps;
     double weight_decay;
@@ -67,8 +67,7 @@ enum optim_schedule {
 
 /* Multiplier of the base learning rate after `step` scheduler steps, warmup steps of linear
  * warmup from 0, total the training's optimizer steps. */
-double optim_lr_factor(enum optim_schedule schedule, int64_t step, int64_t warmup,
-                       int64_t total);
+double optim_lr_factor(enum optim_schedule schedule, int64_t step, int64_t warmup, int64_t total);
 
 /* The generator described above. */
 uint64_t optim_rng(uint64_t seed, uint64_t stream, uint64_t counter);

@@ -7,21 +7,22 @@
 #include <stdbool.h>
 #include <stdlib.h>
 
-/* Polls of the job counter before a worker (or the waiting caller) sleeps: about 50 us. */
-#define POOL_SPIN 20000
+/* Polls of the job counter before a worker (or the waiting caller) sleeps: about 0.2 ms (a
+ * PAUSE costs tens of cycles), longer than the serial gaps between a step's jobs. */
+#define POOL_SPIN 8000
 
 struct pool {
     int nthreads;
     pthread_t *threads;
     pthread_mutex_t mu;
-    pthread_cond_t wake;        /* workers sleep here between jobs */
-    pthread_cond_t done;        /* the caller sleeps here until the workers finish */
-    atomic_uint_fast64_t gen;   /* job number; a change tells workers a job is posted */
-    atomic_int_fast64_t next;   /* the next unclaimed task of the current job */
-    atomic_int busy;            /* workers that have not finished the current job */
-    int sleepers;               /* workers blocked on wake (under mu) */
-    bool caller_sleeping;       /* under mu */
-    bool stop;                  /* under mu */
+    pthread_cond_t wake;      /* workers sleep here between jobs */
+    pthread_cond_t done;      /* the caller sleeps here until the workers finish */
+    atomic_uint_fast64_t gen; /* job number; a change tells workers a job is posted */
+    atomic_int_fast64_t next; /* the next unclaimed task of the current job */
+    atomic_int busy;          /* workers that have not finished the current job */
+    int sleepers;             /* workers blocked on wake (under mu) */
+    bool caller_sleeping;     /* under mu */
+    bool stop;                /* under mu */
     /* The current job: written by the caller before gen is bumped. */
     void (*fn)(void *arg, int64_t task, int thread);
     void *arg;

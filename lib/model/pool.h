@@ -1,10 +1,10 @@
 /* pool.h - a fixed pool of worker threads that runs numbered tasks: the model's parallelism.
  *
- * The model and the optimizer split their work into tasks whose partition depends only on the
- * problem size, never on the thread count, so results are bit-for-bit the same whether one
- * thread or eight run them. The calling thread takes part as thread 0; workers are 1..n-1.
- * Between jobs a worker spins briefly (a job usually follows within microseconds), then sleeps
- * on a condition variable, so an idle pool costs no CPU.
+ * The model and the optimizer split their work into numbered tasks and never let two tasks
+ * write the same element, so results do not depend on which thread runs which task. The
+ * calling thread takes part as thread 0; workers are 1..n-1. Between jobs a worker spins
+ * briefly (about 0.2 ms: a job usually follows within microseconds), then sleeps on a
+ * condition variable, so an idle pool costs no CPU.
  *
  * Ownership: pool_create returns a pool the caller frees with pool_free. Thread-safety: one
  * thread at a time may call pool_run on a pool, and task functions must not call pool_run on
