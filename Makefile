@@ -68,7 +68,7 @@ deps:
 # Build and run the default recipe (the README's first command).
 run: deps
 	@$(MAKE) --no-print-directory all
-	$(BIN) --validate configs/tiny-llama.yaml
+	$(BIN) configs/tiny-llama.yaml
 
 # Build everything under ASan+UBSan, run every test, then the CLI tests on the release build.
 check: deps
