@@ -221,6 +221,23 @@ static void test_train_resume_is_bit_identical(void **state)
     }
 }
 
+static void test_train_non_finite_loss_stops(void **state)
+{
+    (void) state;
+    double losses[STEPS];
+    struct train_result res;
+    struct moai_err err = {0};
+    int64_t P = model_param_count(&fx.cfg);
+    float *good = fx.init, *bad = malloc((size_t) P * sizeof(float));
+    memcpy(bad, good, (size_t) P * sizeof(float));
+    bad[P - 1] = NAN; /* a norm weight: every logit becomes NaN */
+    fx.init = bad;
+    assert_int_equal(train(2, 1, true, false, 1 << 30, losses, &res, &err), MOAI_EIO);
+    assert_string_equal(err.msg, "the loss is not finite (nan) at step 1");
+    fx.init = good;
+    free(bad);
+}
+
 static void test_train_device_memory_is_counted(void **state)
 {
     (void) state;
@@ -246,6 +263,7 @@ int main(void)
         cmocka_unit_test(test_train_layouts_match_one_device),
         cmocka_unit_test(test_train_is_reproducible),
         cmocka_unit_test(test_train_resume_is_bit_identical),
+        cmocka_unit_test(test_train_non_finite_loss_stops),
         cmocka_unit_test(test_train_device_memory_is_counted),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
