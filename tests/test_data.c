@@ -127,6 +127,54 @@ static void test_spm_encode_matches_tool(void **state)
     spm_free(sp);
 }
 
+/* The fast offsets of spm_encode_split equal SentencePiece's own, on every sample line at
+ * many boundaries, and on texts that force the exact path (a literal U+2581, no text). */
+static void test_spm_split_offsets_exact(void **state)
+{
+    (void) state;
+    struct spm *sp = tokenizer();
+    char *text = read_file("tests/data/datasets/sample.txt", NULL);
+    static const char *extra[] = {"x \xe2\x96\x81 y => z", " leading space => b", ""};
+    int32_t a[4096], b[4096];
+    uint32_t begins[4096];
+    struct moai_err err = {0};
+    char *tl = text;
+    int checks = 0;
+    for (int line = 0;; line++) {
+        const char *s;
+        size_t len;
+        if (*tl) {
+            char *te = strchr(tl, '\n');
+            s = tl;
+            len = (size_t) (te - tl);
+            tl = te + 1;
+        } else if (line - 88 < 3) {
+            s = extra[line - 88];
+            len = strlen(s);
+        } else {
+            break;
+        }
+        size_t n1, n2, before;
+        assert_int_equal(spm_encode_offsets(sp, s, len, b, begins, 4096, &n2, &err), 0);
+        for (size_t bd = 0; bd <= len + 1; bd += 1 + bd / 4) {
+            assert_int_equal(spm_encode_split(sp, s, len, bd, a, 4096, &n1, &before, &err), 0);
+            size_t want = 0;
+            for (size_t j = 0; j < n2; j++)
+                if (begins[j] < bd)
+                    want = j + 1;
+            assert_int_equal(n1, n2);
+            assert_memory_equal(a, b, n1 * sizeof(int32_t));
+            if (before != want)
+                fail_msg("line %d boundary %zu: %zu pieces before, SentencePiece says %zu", line,
+                         bd, before, want);
+            checks++;
+        }
+    }
+    assert_true(checks > 500);
+    free(text);
+    spm_free(sp);
+}
+
 static void test_spm_bad_tokenizer(void **state)
 {
     (void) state;
@@ -649,6 +697,7 @@ int main(void)
     log_set_level(LOG_WARN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_spm_encode_matches_tool),
+        cmocka_unit_test(test_spm_split_offsets_exact),
         cmocka_unit_test(test_spm_bad_tokenizer),
         cmocka_unit_test(test_dataset_template_fill),
         cmocka_unit_test(test_dataset_template_errors),
