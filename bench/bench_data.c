@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "data/dataset.h"
 #include "data/spm.h"
@@ -24,6 +25,13 @@ static int rm_entry(const char *path, const struct stat *st, int flag, struct FT
     (void) flag;
     (void) ftw;
     return remove(path);
+}
+
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double) ts.tv_sec + (double) ts.tv_nsec * 1e-9;
 }
 
 static void die(const struct moai_err *err)
@@ -52,17 +60,22 @@ int main(void)
     for (int b = 0; b < 2; b++) {
         int64_t T = blocks[b];
         struct data_set ds;
+        double c[3];
         for (int r = 0; r < 3; r++) {
             t0 = bench_now();
+            double c0 = cpu_now();
             if (data_tokenize(&ds, &texts, sp, T, 2, &err) < 0)
                 die(&err);
             t[r] = bench_now() - t0;
+            c[r] = cpu_now() - c0;
             data_set_release(&ds);
         }
-        double med = bench_median(t, 3);
+        double med = bench_median(t, 3), cmed = bench_median(c, 3);
         snprintf(name, sizeof(name), "data: tokenize, block %" PRId64 ", 2 threads", T);
         snprintf(fig, sizeof(fig), "%.0f ex/s", (double) texts.n / med);
-        snprintf(note, sizeof(note), "median of 3, %.2f s", med);
+        /* the CPU-time rate shows what two free cores give when the machine is shared */
+        snprintf(note, sizeof(note), "median of 3, %.2f s wall; %.0f ex per CPU-second", med,
+                 (double) texts.n / cmed);
         bench_row(name, fig, ">= 20000 ex/s", note);
         /* first data_prepare stores the cache; the next three load it */
         if (data_prepare(&ds, DATASET, TOKENIZER, TEMPLATE, RESPONSE, T, -1, dir, &err) < 0)
