@@ -14,10 +14,10 @@
 #include "data/tokenize.h"
 #include "log.h"
 
-#define DATASET "datasets/debian-descriptions.jsonl.zst"
+#define DATASET   "datasets/debian-descriptions.jsonl.zst"
 #define TOKENIZER "models/tiny-llama/tokenizer.model"
-#define TEMPLATE "[SUMMARIZE] {article} [/SUMMARIZE]\n{highlights}"
-#define RESPONSE "[/SUMMARIZE]\n"
+#define TEMPLATE  "[SUMMARIZE] {article} [/SUMMARIZE]\n{highlights}"
+#define RESPONSE  "[/SUMMARIZE]\n"
 
 static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {

@@ -63,8 +63,7 @@ extern "C" struct spm *spm_load(const char *path, struct moai_err *err)
     }
     sentencepiece::util::Status st = sp->proc.Load(path);
     if (!st.ok()) {
-        moai_err_set(err, MOAI_EIO, "cannot load tokenizer '%s': %s", path,
-                     st.ToString().c_str());
+        moai_err_set(err, MOAI_EIO, "cannot load tokenizer '%s': %s", path, st.ToString().c_str());
         delete sp;
         return nullptr;
     }
@@ -87,8 +86,7 @@ static int encode_vec(const struct spm *sp, const char *text, size_t len, std::v
                       struct moai_err *err)
 {
     try {
-        sentencepiece::util::Status st =
-            sp->proc.Encode(std::string_view(text, len), out);
+        sentencepiece::util::Status st = sp->proc.Encode(std::string_view(text, len), out);
         if (!st.ok())
             return moai_err_set(err, MOAI_EIO, "cannot encode text: %s", st.ToString().c_str());
     } catch (const std::bad_alloc &) {
@@ -129,9 +127,8 @@ extern "C" int spm_encode_into(const struct spm *sp, const char *text, size_t le
     return 0;
 }
 
-extern "C" int spm_encode_offsets(const struct spm *sp, const char *text, size_t len,
-                                  int32_t *ids, uint32_t *begins, size_t cap, size_t *n,
-                                  struct moai_err *err)
+extern "C" int spm_encode_offsets(const struct spm *sp, const char *text, size_t len, int32_t *ids,
+                                  uint32_t *begins, size_t cap, size_t *n, struct moai_err *err)
 {
     sentencepiece::ImmutableSentencePieceText spt;
     try {
@@ -152,9 +149,9 @@ extern "C" int spm_encode_offsets(const struct spm *sp, const char *text, size_t
     return 0;
 }
 
-extern "C" int spm_encode_split(const struct spm *sp, const char *text, size_t len,
-                                size_t boundary, int32_t *ids, size_t cap, size_t *n,
-                                size_t *n_before, struct moai_err *err)
+extern "C" int spm_encode_split(const struct spm *sp, const char *text, size_t len, size_t boundary,
+                                int32_t *ids, size_t cap, size_t *n, size_t *n_before,
+                                struct moai_err *err)
 {
     std::vector<int> v;
     int rc = encode_vec(sp, text, len, &v, err);
@@ -183,8 +180,7 @@ extern "C" int spm_encode_split(const struct spm *sp, const char *text, size_t l
     std::vector<int32_t> exact_ids(v.size());
     std::vector<uint32_t> begins(v.size());
     size_t count;
-    rc = spm_encode_offsets(sp, text, len, exact_ids.data(), begins.data(), v.size(), &count,
-                            err);
+    rc = spm_encode_offsets(sp, text, len, exact_ids.data(), begins.data(), v.size(), &count, err);
     if (rc < 0)
         return rc;
     before = 0;
