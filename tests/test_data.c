@@ -21,8 +21,8 @@
 #include "log.h"
 
 #define TOKENIZER "models/tiny-llama/tokenizer.model"
-#define TEMPLATE "[SUMMARIZE] {article} [/SUMMARIZE]\n{highlights}"
-#define BAD_DIR "tests/data/bad/datasets"
+#define TEMPLATE  "[SUMMARIZE] {article} [/SUMMARIZE]\n{highlights}"
+#define BAD_DIR   "tests/data/bad/datasets"
 
 static char *read_file(const char *path, size_t *size)
 {
@@ -73,8 +73,8 @@ static size_t parse_ids(const char *line, int32_t *ids, size_t cap)
 }
 
 /* Loads texts from a string in memory. */
-static int load_mem(struct dataset_texts *dt, const char *data, const char *tmpl,
-                    const char *resp, struct moai_err *err)
+static int load_mem(struct dataset_texts *dt, const char *data, const char *tmpl, const char *resp,
+                    struct moai_err *err)
 {
     return dataset_load_mem(dt, "mem.jsonl", data, strlen(data), tmpl, resp, -1, err);
 }
@@ -127,6 +127,54 @@ static void test_spm_encode_matches_tool(void **state)
     spm_free(sp);
 }
 
+/* The fast offsets of spm_encode_split equal SentencePiece's own, on every sample line at
+ * many boundaries, and on texts that force the exact path (a literal U+2581, no text). */
+static void test_spm_split_offsets_exact(void **state)
+{
+    (void) state;
+    struct spm *sp = tokenizer();
+    char *text = read_file("tests/data/datasets/sample.txt", NULL);
+    static const char *extra[] = {"x \xe2\x96\x81 y => z", " leading space => b", ""};
+    int32_t a[4096], b[4096];
+    uint32_t begins[4096];
+    struct moai_err err = {0};
+    char *tl = text;
+    int checks = 0;
+    for (int line = 0;; line++) {
+        const char *s;
+        size_t len;
+        if (*tl) {
+            char *te = strchr(tl, '\n');
+            s = tl;
+            len = (size_t) (te - tl);
+            tl = te + 1;
+        } else if (line - 88 < 3) {
+            s = extra[line - 88];
+            len = strlen(s);
+        } else {
+            break;
+        }
+        size_t n1, n2, before;
+        assert_int_equal(spm_encode_offsets(sp, s, len, b, begins, 4096, &n2, &err), 0);
+        for (size_t bd = 0; bd <= len + 1; bd += 1 + bd / 4) {
+            assert_int_equal(spm_encode_split(sp, s, len, bd, a, 4096, &n1, &before, &err), 0);
+            size_t want = 0;
+            for (size_t j = 0; j < n2; j++)
+                if (begins[j] < bd)
+                    want = j + 1;
+            assert_int_equal(n1, n2);
+            assert_memory_equal(a, b, n1 * sizeof(int32_t));
+            if (before != want)
+                fail_msg("line %d boundary %zu: %zu pieces before, SentencePiece says %zu", line,
+                         bd, before, want);
+            checks++;
+        }
+    }
+    assert_true(checks > 500);
+    free(text);
+    spm_free(sp);
+}
+
 static void test_spm_bad_tokenizer(void **state)
 {
     (void) state;
@@ -147,8 +195,8 @@ static void test_spm_bad_tokenizer(void **state)
     struct data_set ds;
     struct moai_err err = {0};
     assert_int_equal(data_prepare(&ds, "tests/data/datasets/small.jsonl",
-                                  "tests/data/bad/tokenizer/not-a-model.model", TEMPLATE, NULL,
-                                  64, -1, NULL, &err),
+                                  "tests/data/bad/tokenizer/not-a-model.model", TEMPLATE, NULL, 64,
+                                  -1, NULL, &err),
                      MOAI_EIO);
     assert_non_null(strstr(err.msg, "cannot load tokenizer 'tests/data/bad/tokenizer/"));
 }
@@ -186,8 +234,9 @@ static void test_dataset_template_errors(void **state)
         {"a {} b", NULL, "template 'a {} b': empty field name '{}' at column 3"},
         {"{a}\n{b}", "Answer:",
          "response_start 'Answer:' does not occur in the literal text of template '{a}\\n{b}'"},
-        {"{a} {b}", "a", "response_start 'a' does not occur in the literal text of template "
-                         "'{a} {b}'"},
+        {"{a} {b}", "a",
+         "response_start 'a' does not occur in the literal text of template "
+         "'{a} {b}'"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         struct dataset_template t;
@@ -261,8 +310,7 @@ static void test_dataset_blank_lines_and_line_numbers(void **state)
     assert_int_equal(load_mem(&dt, bad, "{a}", NULL, &err), MOAI_EIO);
     assert_string_equal(err.msg, "mem.jsonl:4: record has no field 'a' (the template needs it)");
     /* a limit stops before a later bad line */
-    assert_int_equal(dataset_load_mem(&dt, "mem.jsonl", bad, strlen(bad), "{a}", NULL, 1, &err),
-                     0);
+    assert_int_equal(dataset_load_mem(&dt, "mem.jsonl", bad, strlen(bad), "{a}", NULL, 1, &err), 0);
     assert_int_equal(dt.n, 1);
     dataset_texts_release(&dt);
 }
@@ -281,8 +329,8 @@ static void test_dataset_bad_files(void **state)
             continue;
         char path[512], exp_path[512];
         snprintf(path, sizeof(path), "%s/%s", BAD_DIR, e->d_name);
-        snprintf(exp_path, sizeof(exp_path), "%s/%.*s.expected", BAD_DIR,
-                 (int) (dot - e->d_name), e->d_name);
+        snprintf(exp_path, sizeof(exp_path), "%s/%.*s.expected", BAD_DIR, (int) (dot - e->d_name),
+                 e->d_name);
         char *want = read_file(exp_path, NULL);
         want[strcspn(want, "\n")] = '\0';
         struct dataset_texts dt;
@@ -306,8 +354,8 @@ static void test_dataset_bad_files(void **state)
 
 /* ---- tokenization ---- */
 
-static void tokenize_mem(struct data_set *ds, const char *data, const char *tmpl,
-                         const char *resp, int64_t T)
+static void tokenize_mem(struct data_set *ds, const char *data, const char *tmpl, const char *resp,
+                         int64_t T)
 {
     struct dataset_texts dt;
     struct moai_err err = {0};
@@ -358,8 +406,8 @@ static void test_tokenize_matches_tool(void **state)
     spm_free(sp);
 }
 
-static void assert_row(const struct data_set *ds, int64_t i, const int32_t *tok,
-                       const int32_t *lab, int64_t len)
+static void assert_row(const struct data_set *ds, int64_t i, const int32_t *tok, const int32_t *lab,
+                       int64_t len)
 {
     assert_memory_equal(ds->tokens + i * ds->T, tok, sizeof(int32_t) * (size_t) ds->T);
     assert_memory_equal(ds->labels + i * ds->T, lab, sizeof(int32_t) * (size_t) ds->T);
@@ -499,7 +547,7 @@ static void test_tokcache_hit_and_miss(void **state)
     prepare(&cached, dir, 64, log, sizeof(log));
     assert_non_null(strstr(log, "Loaded 6 tokenized examples from the cache"));
     assert_same_set(&fresh, &cached);
-    assert_true(cached.masked[0] > 1); /* response_start survived the trip */
+    assert_true(cached.masked[0] > 1);          /* response_start survived the trip */
     prepare(&other, dir, 32, log, sizeof(log)); /* another block size: a miss */
     assert_null(strstr(log, "Loaded"));
     assert_int_equal(other.T, 32);
@@ -536,8 +584,8 @@ static void test_tokcache_corrupt_is_rebuilt(void **state)
         struct data_set got, direct;
         struct moai_err err = {0};
         uint64_t key;
-        assert_int_equal(tokcache_key(&key, "tests/data/datasets/small.jsonl", TOKENIZER,
-                                      TEMPLATE, "[/SUMMARIZE]\n", 64, -1, &err),
+        assert_int_equal(tokcache_key(&key, "tests/data/datasets/small.jsonl", TOKENIZER, TEMPLATE,
+                                      "[/SUMMARIZE]\n", 64, -1, &err),
                          0);
         assert_int_equal(tokcache_load(&direct, path, key, &err), MOAI_EIO);
         prepare(&got, dir, 64, log, sizeof(log));
@@ -649,6 +697,7 @@ int main(void)
     log_set_level(LOG_WARN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_spm_encode_matches_tool),
+        cmocka_unit_test(test_spm_split_offsets_exact),
         cmocka_unit_test(test_spm_bad_tokenizer),
         cmocka_unit_test(test_dataset_template_fill),
         cmocka_unit_test(test_dataset_template_errors),

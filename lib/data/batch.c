@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define GOLDEN 0x9E3779B97F4A7C15ull
+#define GOLDEN     0x9E3779B97F4A7C15ull
 #define SPLIT_SALT 0x5EEDBA7C45A11D00ull
 
 uint64_t batch_splitmix64(uint64_t *state)
@@ -52,13 +52,12 @@ int batch_init(struct batcher *b, int64_t n, int64_t batch_size, double validati
         return moai_err_set(err, MOAI_EUSAGE, "validation_fraction %g is outside [0, 1)",
                             validation_fraction);
     if (batch_size < 1)
-        return moai_err_set(err, MOAI_EUSAGE, "batch size %" PRId64 " is not positive",
-                            batch_size);
+        return moai_err_set(err, MOAI_EUSAGE, "batch size %" PRId64 " is not positive", batch_size);
     int64_t n_val = (int64_t) llround((double) n * validation_fraction);
     if (n - n_val < batch_size)
         return moai_err_set(err, MOAI_EUSAGE,
-                            "dataset has %" PRId64 " training records, fewer than one batch of %"
-                            PRId64,
+                            "dataset has %" PRId64
+                            " training records, fewer than one batch of %" PRId64,
                             n - n_val, batch_size);
     int64_t *perm = malloc(sizeof(int64_t) * (size_t) n);
     if (!perm)

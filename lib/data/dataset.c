@@ -51,8 +51,8 @@ static int add_part(struct dataset_template *t, const char *text, size_t len, in
     return 0;
 }
 
-int dataset_template_parse(struct dataset_template *t, const char *tmpl,
-                           const char *response_start, struct moai_err *err)
+int dataset_template_parse(struct dataset_template *t, const char *tmpl, const char *response_start,
+                           struct moai_err *err)
 {
     char q[128];
     size_t n = strlen(tmpl);
@@ -186,8 +186,8 @@ static int src_open(struct src *s, struct moai_err *err)
         have = (size_t) k;
         memcpy(magic, s->in, have < 4 ? have : 4);
     }
-    s->zstd = have >= 4 && magic[0] == 0x28 && magic[1] == 0xB5 && magic[2] == 0x2F &&
-              magic[3] == 0xFD;
+    s->zstd =
+        have >= 4 && magic[0] == 0x28 && magic[1] == 0xB5 && magic[2] == 0x2F && magic[3] == 0xFD;
     if (s->zstd) {
         s->zs = ZSTD_createDStream();
         if (!s->zs)

@@ -31,10 +31,10 @@
 struct dataset_template {
     int nparts;
     struct dataset_part {
-        char *text;  /* literal text (braces unescaped) or the field name */
+        char *text; /* literal text (braces unescaped) or the field name */
         size_t len;
         int is_field;
-    } *parts;
+    } * parts;
     /* response_start: the part holding it (-1 when none) and the byte offset just past its
      * end inside that literal part. */
     int resp_part;
@@ -45,19 +45,19 @@ struct dataset_template {
  * literal text (the first occurrence counts). Returns 0, or MOAI_EUSAGE with err filled:
  *     template '{article': unclosed '{' at column 1
  * Release with dataset_template_release. */
-int dataset_template_parse(struct dataset_template *t, const char *tmpl,
-                           const char *response_start, struct moai_err *err);
+int dataset_template_parse(struct dataset_template *t, const char *tmpl, const char *response_start,
+                           struct moai_err *err);
 void dataset_template_release(struct dataset_template *t);
 
 /* The filled texts of a dataset, concatenated in one buffer. */
 struct dataset_texts {
-    int64_t n;          /* records */
-    char *buf;          /* every text, each followed by a NUL */
-    size_t *off;        /* (n + 1) byte offsets of each text in buf; off[n] = used bytes */
-    size_t *resp_end;   /* (n) bytes of each text up to the end of response_start, or
+    int64_t n;        /* records */
+    char *buf;        /* every text, each followed by a NUL */
+    size_t *off;      /* (n + 1) byte offsets of each text in buf; off[n] = used bytes */
+    size_t *resp_end; /* (n) bytes of each text up to the end of response_start, or
                            SIZE_MAX when no response_start; NULL when none was given */
-    int64_t *line;      /* (n) line number of each record in its file */
-    size_t cap;         /* bytes allocated for buf */
+    int64_t *line;    /* (n) line number of each record in its file */
+    size_t cap;       /* bytes allocated for buf */
 };
 
 static inline const char *dataset_text(const struct dataset_texts *d, int64_t i)

@@ -39,14 +39,20 @@ int spm_encode(const struct spm *sp, const char *text, size_t len, int32_t **ids
 
 /* Encodes into a caller buffer of cap ids; *n receives the full count even when it exceeds
  * cap (then only the first cap ids are written). Returns 0 or a negative code. */
-int spm_encode_into(const struct spm *sp, const char *text, size_t len, int32_t *ids,
-                    size_t cap, size_t *n, struct moai_err *err);
+int spm_encode_into(const struct spm *sp, const char *text, size_t len, int32_t *ids, size_t cap,
+                    size_t *n, struct moai_err *err);
 
 /* Like spm_encode_into, and *n_before receives the number of leading pieces that start
- * before byte offset boundary of text (a piece straddling the boundary counts). */
+ * before byte offset boundary of text (a piece straddling the boundary counts). Offsets come
+ * from a per-piece table of surface lengths, checked against len, with spm_encode_offsets as
+ * the fallback, so the result always equals SentencePiece's own offsets. */
 int spm_encode_split(const struct spm *sp, const char *text, size_t len, size_t boundary,
-                     int32_t *ids, size_t cap, size_t *n, size_t *n_before,
-                     struct moai_err *err);
+                     int32_t *ids, size_t cap, size_t *n, size_t *n_before, struct moai_err *err);
+
+/* Encodes with SentencePiece's own byte offsets: begins[i] is where piece i starts in text.
+ * The exact but slower path behind spm_encode_split; exposed for tests. */
+int spm_encode_offsets(const struct spm *sp, const char *text, size_t len, int32_t *ids,
+                       uint32_t *begins, size_t cap, size_t *n, struct moai_err *err);
 
 /* Decodes n ids into a new malloc'd NUL-terminated string *text; the caller frees it.
  * Ids outside [0, vocab) are an error. Returns 0 or a negative code. */

@@ -17,8 +17,8 @@
 #include "log.h"
 #include "progress.h"
 
-#define FNV_PRIME 0x100000001b3ull
-#define HEADER_BYTES 72
+#define FNV_PRIME       0x100000001b3ull
+#define HEADER_BYTES    72
 #define BYTE_ORDER_MARK 0x01020304u
 static const char MAGIC[8] = "MOAITOK";
 
@@ -159,8 +159,7 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
         return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
     struct stat st;
     if (fstat(fileno(f), &st) < 0 || st.st_size < HEADER_BYTES) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: shorter than its %d-byte header", path,
-                          HEADER_BYTES);
+        rc = moai_err_set(err, MOAI_EIO, "%s: shorter than its %d-byte header", path, HEADER_BYTES);
         goto out;
     }
     size_t fsize = (size_t) st.st_size;
@@ -200,8 +199,8 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
     }
     if (rc < 0)
         goto out;
-    unsigned long long content = ZSTD_getFrameContentSize(file + HEADER_BYTES,
-                                                          fsize - HEADER_BYTES);
+    unsigned long long content =
+        ZSTD_getFrameContentSize(file + HEADER_BYTES, fsize - HEADER_BYTES);
     if (content != h.payload_bytes) {
         rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt", path);
         goto out;
@@ -218,12 +217,11 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
     size_t got = ZSTD_decompress(out->tokens, (size_t) h.payload_bytes, file + HEADER_BYTES,
                                  fsize - HEADER_BYTES);
     if (ZSTD_isError(got) || got != h.payload_bytes) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s",
-                          path, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
+        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s", path,
+                          ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
         goto out;
     }
-    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) !=
-        h.payload_sum) {
+    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) != h.payload_sum) {
         rc = moai_err_set(err, MOAI_EIO, "%s: payload checksum mismatch", path);
         goto out;
     }
@@ -285,8 +283,7 @@ static int write_all(int fd, const void *data, size_t size)
     return 0;
 }
 
-int tokcache_store(const struct data_set *ds, const char *path, uint64_t key,
-                   struct moai_err *err)
+int tokcache_store(const struct data_set *ds, const char *path, uint64_t key, struct moai_err *err)
 {
     static _Atomic unsigned counter;
     char dir[4096], tmp[4200];
@@ -360,9 +357,8 @@ out:
 }
 
 static int tokenize_fresh(struct data_set *out, const char *dataset_path,
-                          const char *tokenizer_path, const char *tmpl,
-                          const char *response_start, int64_t T, int64_t limit,
-                          struct moai_err *err)
+                          const char *tokenizer_path, const char *tmpl, const char *response_start,
+                          int64_t T, int64_t limit, struct moai_err *err)
 {
     struct dataset_texts texts;
     struct spm *sp = spm_load(tokenizer_path, err);
@@ -389,16 +385,15 @@ int data_prepare(struct data_set *out, const char *dataset_path, const char *tok
         return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
                             INT32_MAX);
     if (cache_dir) {
-        rc = tokcache_key(&key, dataset_path, tokenizer_path, tmpl, response_start, T, limit,
-                          err);
+        rc = tokcache_key(&key, dataset_path, tokenizer_path, tmpl, response_start, T, limit, err);
         if (rc < 0)
             return rc;
         tokcache_path(path, sizeof(path), cache_dir, key);
         struct moai_err lerr = {0};
         double t0 = progress_now();
         if (tokcache_load(out, path, key, &lerr) == 0) {
-            log_info("Loaded %" PRId64 " tokenized examples from the cache '%s' in %.2f s.",
-                     out->n, path, progress_now() - t0);
+            log_info("Loaded %" PRId64 " tokenized examples from the cache '%s' in %.2f s.", out->n,
+                     path, progress_now() - t0);
             data_set_log_stats(out);
             return 0;
         }

@@ -41,7 +41,7 @@
 #include "data/tokenize.h"
 #include "err.h"
 
-#define TOKCACHE_VERSION 1u
+#define TOKCACHE_VERSION   1u
 #define TOKCACHE_HASH_INIT 0xcbf29ce484222325ull /* FNV-1a 64 offset basis */
 
 /* Adds size bytes to a running 64-bit hash h (FNV-1a over 8-byte little-endian words, then
@@ -63,8 +63,7 @@ void tokcache_path(char *buf, size_t size, const char *cache_dir, uint64_t key);
 int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct moai_err *err);
 
 /* Stores ds under path atomically, creating the directory (and its parents). */
-int tokcache_store(const struct data_set *ds, const char *path, uint64_t key,
-                   struct moai_err *err);
+int tokcache_store(const struct data_set *ds, const char *path, uint64_t key, struct moai_err *err);
 
 /* Loads from the cache or tokenizes (2 threads) and stores. cache_dir NULL: no cache. */
 int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,

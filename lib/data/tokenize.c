@@ -17,7 +17,7 @@ struct tok_job {
     const struct dataset_texts *texts;
     const struct spm *sp;
     int64_t begin, end;
-    _Atomic int64_t done;  /* rows finished, for the progress bar */
+    _Atomic int64_t done; /* rows finished, for the progress bar */
     _Atomic int finished; /* set last by the worker */
     int64_t truncated;
     int rc;
@@ -112,9 +112,10 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
     ds->eos_id = spm_eos_id(sp);
     ds->pad_id = spm_pad_id(sp);
     if (ds->bos_id < 0 || ds->eos_id < 0 || ds->pad_id < 0)
-        return moai_err_set(err, MOAI_EUSAGE,
-                            "tokenizer has no %s id (bos %d, eos %d, pad %d)",
-                            ds->bos_id < 0 ? "BOS" : ds->eos_id < 0 ? "EOS" : "pad",
+        return moai_err_set(err, MOAI_EUSAGE, "tokenizer has no %s id (bos %d, eos %d, pad %d)",
+                            ds->bos_id < 0   ? "BOS"
+                            : ds->eos_id < 0 ? "EOS"
+                                             : "pad",
                             (int) ds->bos_id, (int) ds->eos_id, (int) ds->pad_id);
     ds->n = texts->n;
     ds->T = T;
