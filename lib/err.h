@@ -22,6 +22,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#ifdef __cplusplus
+extern "C" {
+#define MOAI_NORETURN [[noreturn]]
+#else
+#define MOAI_NORETURN _Noreturn
+#endif
+
 enum moai_errcode {
     MOAI_OK = 0,
     MOAI_EIO = -1,     /* run-time failure: I/O, bad data file, non-finite loss (exit 1) */
@@ -57,12 +64,16 @@ int moai_err_hint(struct moai_err *err, const char *fmt, ...) __attribute__((for
 int moai_err_exit_status(int code);
 
 /* Reports file and line and aborts. For invariants; plain assert() only in hot loops. */
-_Noreturn void moai_assert_fail(const char *expr, const char *file, int line);
+MOAI_NORETURN void moai_assert_fail(const char *expr, const char *file, int line);
 
 #define MOAI_ASSERT(cond)                                                                          \
     do {                                                                                           \
         if (!(cond))                                                                               \
             moai_assert_fail(#cond, __FILE__, __LINE__);                                           \
     } while (0)
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -1,10 +1,5 @@
 // spm.cc - the C interface over sentencepiece::SentencePieceProcessor (see spm.h).
-// err.h is a C header: give it C linkage and C++'s spelling of _Noreturn.
-#define _Noreturn [[noreturn]]
-extern "C" {
 #include "err.h"
-}
-#undef _Noreturn
 #include "data/spm.h"
 
 #include <sentencepiece_processor.h>
