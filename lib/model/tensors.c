@@ -206,6 +206,29 @@ int model_tensors_load(const struct model_config *cfg, const struct st_set *set,
     return 0;
 }
 
+int model_tensors_open_dir(struct model_config *cfg, struct st_set *set, const char *dir,
+                           const json_t *overrides, bool strict, struct moai_err *err)
+{
+    size_t n = strlen(dir);
+    char *path = malloc(n + sizeof("/config.json"));
+    int rc;
+
+    memset(set, 0, sizeof(*set));
+    if (!path)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    memcpy(path, dir, n);
+    memcpy(path + n, "/config.json", sizeof("/config.json"));
+    rc = model_config_load(cfg, path, overrides, err);
+    free(path);
+    if (rc < 0)
+        return rc;
+    if ((rc = st_set_open_dir(set, dir, err)) < 0)
+        return rc;
+    if ((rc = model_tensors_check(cfg, set, dir, strict, err)) < 0)
+        st_set_close(set);
+    return rc;
+}
+
 int model_tensors_save(const struct model_config *cfg, const float *arena, const char *dir,
                        enum st_dtype dtype, uint64_t max_shard_bytes, struct moai_err *err)
 {

@@ -30,9 +30,9 @@
  *   "m/model.safetensors: tensor 'lm_head.weight' has shape [16, 8], the config needs [32, 8]"
  *   "m: tensor 'model.norm.weight' is missing"
  *
+ *     if (model_tensors_open_dir(&cfg, &set, "models/tiny-llama", NULL, false, &err) < 0) ...
  *     float *arena = malloc(model_param_count(&cfg) * sizeof(float));
- *     if (st_set_open_dir(&set, dir, &err) < 0 ||
- *         model_tensors_load(&cfg, &set, arena, dir, &err) < 0) return err.code;
+ *     model_tensors_load(&cfg, &set, arena, "models/tiny-llama", &err);  st_set_close(&set);
  */
 #ifndef MOAI_TENSORS_H
 #define MOAI_TENSORS_H
@@ -77,6 +77,14 @@ int model_tensors_check(const struct model_config *cfg, const struct st_set *set
  * written. Returns 0 or MOAI_EIO. */
 int model_tensors_load(const struct model_config *cfg, const struct st_set *set, float *arena,
                        const char *dir, struct moai_err *err);
+
+/* Opens a Hugging Face model folder in one call: dir/config.json (with overrides, a JSON
+ * object or NULL) into cfg, its weights (st_set_open_dir: model.safetensors, or the index and
+ * shards with the "Loading checkpoint shards" bar) into set, then model_tensors_check. Returns
+ * 0 with set open (the caller closes it with st_set_close), or the first error with nothing
+ * left open: config errors as model_config_load, weight errors MOAI_EIO. */
+int model_tensors_open_dir(struct model_config *cfg, struct st_set *set, const char *dir,
+                           const json_t *overrides, bool strict, struct moai_err *err);
 
 /* Saves the arena's tensors under their names, in list order, as dir/model.safetensors or
  * shards and model.safetensors.index.json past max_shard_bytes (st_write_sharded; 0 for no
