@@ -16,7 +16,7 @@
  *                           of the file: row-major, little-endian, not necessarily aligned.
  *
  * What the reader checks before it trusts an offset, in this order (the first failure is the
- * error; tests/data/bad/safetensors/ holds one file per check):
+ * error; tests/data/bad/safetensors/ holds a file for each, but the 100 MiB limit):
  *   1. the file has at least 8 bytes;
  *   2. 8 + N <= the file size, and N <= ST_MAX_HEADER_BYTES (100 MiB);
  *   3. the header parses as UTF-8 JSON (jansson validates the encoding; duplicate keys are
