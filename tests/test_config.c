@@ -123,8 +123,7 @@ static void test_config_bad_files(void **state)
             continue;
         char path[512], expected[512];
         snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
-        snprintf(expected, sizeof(expected), "%s/%.*s.expected", dir, (int) (len - 5),
-                 e->d_name);
+        snprintf(expected, sizeof(expected), "%s/%.*s.expected", dir, (int) (len - 5), e->d_name);
         struct model_config cfg;
         struct moai_err err = {0};
         assert_true(model_config_load(&cfg, path, NULL, &err) < 0);

@@ -38,8 +38,8 @@ static int get_int(const json_t *root, const char *key, bool required, int64_t d
         return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be an integer", src, key);
     }
     if (*out < min)
-        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be at least %lld, not %lld", src,
-                            key, (long long) min, (long long) *out);
+        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be at least %lld, not %lld", src, key,
+                            (long long) min, (long long) *out);
     return 0;
 }
 
@@ -80,8 +80,8 @@ static int get_token_id(const json_t *root, const char *key, int64_t def, int64_
         return 0;
     }
     if (!json_is_integer(v) || json_integer_value(v) < 0)
-        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be a token id (an integer >= 0)",
-                            src, key);
+        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be a token id (an integer >= 0)", src,
+                            key);
     *out = json_integer_value(v);
     return 0;
 }
@@ -136,8 +136,7 @@ static int get_rope_scaling(struct model_config *cfg, const json_t *root, const 
     if (!rs || json_is_null(rs))
         return 0;
     if (!json_is_object(rs))
-        return moai_err_set(err, MOAI_EUSAGE, "%s: 'rope_scaling' must be an object or null",
-                            src);
+        return moai_err_set(err, MOAI_EUSAGE, "%s: 'rope_scaling' must be an object or null", src);
     type = json_object_get(rs, "rope_type");
     if (!type)
         type = json_object_get(rs, "type");
@@ -153,8 +152,8 @@ static int get_rope_scaling(struct model_config *cfg, const json_t *root, const 
     snprintf(where, sizeof(where), "%s: rope_scaling", src);
     cfg->rope_scaling.type = ROPE_SCALING_LLAMA3;
     if ((rc = get_real(rs, "factor", 8.0, true, &cfg->rope_scaling.factor, where, err)) < 0 ||
-        (rc = get_real(rs, "low_freq_factor", 1.0, true, &cfg->rope_scaling.low_freq_factor,
-                       where, err)) < 0 ||
+        (rc = get_real(rs, "low_freq_factor", 1.0, true, &cfg->rope_scaling.low_freq_factor, where,
+                       err)) < 0 ||
         (rc = get_real(rs, "high_freq_factor", 4.0, true, &cfg->rope_scaling.high_freq_factor,
                        where, err)) < 0 ||
         (rc = get_int(rs, "original_max_position_embeddings", false, 8192, 1,
@@ -164,6 +163,32 @@ static int get_rope_scaling(struct model_config *cfg, const json_t *root, const 
         return moai_err_set(err, MOAI_EUSAGE,
                             "%s: 'high_freq_factor' must exceed 'low_freq_factor'", where);
     return 0;
+}
+
+/* Does model_param_count stay within MODEL_MAX_PARAMS (computed without overflow, with the
+ * untied head, the larger count)? */
+static bool count_fits(const struct model_config *c)
+{
+    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size, L, V, q, kv, t, sum;
+    bool o = false;
+
+    o |= __builtin_mul_overflow(c->num_attention_heads, hd, &q);
+    o |= __builtin_mul_overflow(c->num_key_value_heads, hd, &kv);
+    o |= __builtin_add_overflow(q, kv, &t);
+    o |= __builtin_mul_overflow(t, 2, &t); /* q, k, v and o projections */
+    o |= __builtin_mul_overflow(t, D, &t);
+    o |= __builtin_mul_overflow(F, D, &sum);
+    o |= __builtin_mul_overflow(sum, 3, &sum); /* gate, up, down */
+    o |= __builtin_add_overflow(sum, t, &sum);
+    o |= __builtin_add_overflow(sum, D, &sum); /* the two norms */
+    o |= __builtin_add_overflow(sum, D, &sum);
+    L = c->num_hidden_layers;
+    o |= __builtin_mul_overflow(sum, L, &sum);
+    o |= __builtin_mul_overflow(c->vocab_size, D, &V);
+    o |= __builtin_add_overflow(sum, V, &sum);
+    o |= __builtin_add_overflow(sum, V, &sum);
+    o |= __builtin_add_overflow(sum, D, &sum);
+    return !o && sum <= MODEL_MAX_PARAMS;
 }
 
 int model_config_from_json(struct model_config *cfg, const json_t *root, const char *source,
@@ -180,10 +205,10 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
     if ((rc = get_architecture(cfg, root, src, err)) < 0)
         return rc;
     if ((rc = get_int(root, "hidden_size", true, 0, 1, &cfg->hidden_size, src, err)) < 0 ||
-        (rc = get_int(root, "intermediate_size", true, 0, 1, &cfg->intermediate_size, src,
-                      err)) < 0 ||
-        (rc = get_int(root, "num_hidden_layers", true, 0, 1, &cfg->num_hidden_layers, src,
-                      err)) < 0 ||
+        (rc = get_int(root, "intermediate_size", true, 0, 1, &cfg->intermediate_size, src, err)) <
+            0 ||
+        (rc = get_int(root, "num_hidden_layers", true, 0, 1, &cfg->num_hidden_layers, src, err)) <
+            0 ||
         (rc = get_int(root, "num_attention_heads", true, 0, 1, &cfg->num_attention_heads, src,
                       err)) < 0 ||
         (rc = get_int(root, "vocab_size", true, 0, 1, &cfg->vocab_size, src, err)) < 0 ||
@@ -195,8 +220,8 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
         return rc;
     if ((rc = get_real(root, "rms_norm_eps", 1e-6, true, &cfg->rms_norm_eps, src, err)) < 0 ||
         (rc = get_real(root, "rope_theta", 10000.0, true, &cfg->rope_theta, src, err)) < 0 ||
-        (rc = get_real(root, "initializer_range", 0.02, true, &cfg->initializer_range, src,
-                       err)) < 0)
+        (rc = get_real(root, "initializer_range", 0.02, true, &cfg->initializer_range, src, err)) <
+            0)
         return rc;
 
     int64_t H = cfg->num_attention_heads, D = cfg->hidden_size;
@@ -214,13 +239,17 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
     }
     if (cfg->head_dim % 2)
         return moai_err_set(err, MOAI_EUSAGE,
-                            "%s: the head dimension (%lld) must be even for rotary embeddings",
-                            src, (long long) cfg->head_dim);
+                            "%s: the head dimension (%lld) must be even for rotary embeddings", src,
+                            (long long) cfg->head_dim);
     if (H % cfg->num_key_value_heads != 0)
         return moai_err_set(err, MOAI_EUSAGE,
                             "%s: 'num_key_value_heads' (%lld) does not divide "
                             "'num_attention_heads' (%lld)",
                             src, (long long) cfg->num_key_value_heads, (long long) H);
+
+    if (!count_fits(cfg))
+        return moai_err_set(err, MOAI_EUSAGE, "%s: the sizes give more than %lld parameters", src,
+                            (long long) MODEL_MAX_PARAMS);
 
     v = json_object_get(root, "tie_word_embeddings");
     if (v && !json_is_boolean(v) && !json_is_null(v))
@@ -235,9 +264,10 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
     const char *id_keys[] = {"bos_token_id", "eos_token_id", "pad_token_id"};
     for (int i = 0; i < 3; i++)
         if (*ids[i] >= cfg->vocab_size)
-            return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' (%lld) is outside the vocabulary "
-                                "(%lld)", src, id_keys[i], (long long) *ids[i],
-                                (long long) cfg->vocab_size);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: '%s' (%lld) is outside the vocabulary "
+                                "(%lld)",
+                                src, id_keys[i], (long long) *ids[i], (long long) cfg->vocab_size);
 
     v = json_object_get(root, "hidden_act");
     if (v && !json_is_null(v) && (!json_is_string(v) || strcmp(json_string_value(v), "silu")))
@@ -246,8 +276,7 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
     for (int i = 0; i < 2; i++) {
         v = json_object_get(root, biases[i]);
         if (v && json_is_true(v))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' true is not supported", src,
-                                biases[i]);
+            return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' true is not supported", src, biases[i]);
     }
     v = json_object_get(root, "torch_dtype");
     if (v && json_is_string(v))
@@ -268,8 +297,7 @@ int model_config_load(struct model_config *cfg, const char *path, const json_t *
         if (!root) {
             FILE *f = fopen(path, "r");
             if (!f)
-                return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path,
-                                    strerror(errno));
+                return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
             fclose(f);
             return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
                                 jerr.column, jerr.text);
@@ -318,10 +346,10 @@ json_t *model_config_to_json(const struct model_config *c)
     json_t *j = json_object();
     json_object_set_new(j, "architectures", json_pack("[s]", c->architecture));
     json_object_set_new(j, "model_type", json_string(mistral ? "mistral" : "llama"));
-    json_object_set_new(j, "bos_token_id", c->bos_token_id >= 0 ? json_integer(c->bos_token_id)
-                                                                : json_null());
-    json_object_set_new(j, "eos_token_id", c->eos_token_id >= 0 ? json_integer(c->eos_token_id)
-                                                                : json_null());
+    json_object_set_new(j, "bos_token_id",
+                        c->bos_token_id >= 0 ? json_integer(c->bos_token_id) : json_null());
+    json_object_set_new(j, "eos_token_id",
+                        c->eos_token_id >= 0 ? json_integer(c->eos_token_id) : json_null());
     if (c->pad_token_id >= 0)
         json_object_set_new(j, "pad_token_id", json_integer(c->pad_token_id));
     json_object_set_new(j, "hidden_act", json_string("silu"));
@@ -335,13 +363,13 @@ json_t *model_config_to_json(const struct model_config *c)
     json_object_set_new(j, "num_key_value_heads", json_integer(c->num_key_value_heads));
     json_object_set_new(j, "rms_norm_eps", json_real(c->rms_norm_eps));
     if (c->rope_scaling.type == ROPE_SCALING_LLAMA3)
-        json_object_set_new(
-            j, "rope_scaling",
-            json_pack("{s:f, s:f, s:f, s:I, s:s}", "factor", c->rope_scaling.factor,
-                      "low_freq_factor", c->rope_scaling.low_freq_factor, "high_freq_factor",
-                      c->rope_scaling.high_freq_factor, "original_max_position_embeddings",
-                      (json_int_t) c->rope_scaling.original_max_position_embeddings,
-                      "rope_type", "llama3"));
+        json_object_set_new(j, "rope_scaling",
+                            json_pack("{s:f, s:f, s:f, s:I, s:s}", "factor", c->rope_scaling.factor,
+                                      "low_freq_factor", c->rope_scaling.low_freq_factor,
+                                      "high_freq_factor", c->rope_scaling.high_freq_factor,
+                                      "original_max_position_embeddings",
+                                      (json_int_t) c->rope_scaling.original_max_position_embeddings,
+                                      "rope_type", "llama3"));
     else
         json_object_set_new(j, "rope_scaling", json_null());
     json_object_set_new(j, "rope_theta", json_real(c->rope_theta));
@@ -349,8 +377,8 @@ json_t *model_config_to_json(const struct model_config *c)
         json_object_set_new(j, "sliding_window",
                             c->sliding_window ? json_integer(c->sliding_window) : json_null());
     json_object_set_new(j, "tie_word_embeddings", json_boolean(c->tie_word_embeddings));
-    json_object_set_new(j, "torch_dtype", json_string(c->torch_dtype[0] ? c->torch_dtype
-                                                                        : "float32"));
+    json_object_set_new(j, "torch_dtype",
+                        json_string(c->torch_dtype[0] ? c->torch_dtype : "float32"));
     json_object_set_new(j, "use_cache", json_true());
     json_object_set_new(j, "vocab_size", json_integer(c->vocab_size));
     return j;

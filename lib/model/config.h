@@ -69,6 +69,10 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
 /* Writes cfg as a Hugging Face config.json object (new reference). */
 json_t *model_config_to_json(const struct model_config *cfg);
 
+/* The largest model a config may describe (10^15 parameters): larger sizes are an error, so
+ * that every count in int64_t stays far from overflowing. */
+#define MODEL_MAX_PARAMS 1000000000000000LL
+
 /* Exact parameter count (embedding, layers, final norm, lm_head unless tied). */
 int64_t model_param_count(const struct model_config *cfg);
 

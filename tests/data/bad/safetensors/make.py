@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes the malformed safetensors files of this folder (stdlib only). Each NAME.safetensors
-has its expected error line in NAME.expected, checked by tests/test_safetensors.c."""
+has its expected error line in NAME.expected, checked by tests/test_safetensors.c.
+Run it from anywhere: python3 tests/data/bad/safetensors/make.py"""
 import json
 import os
 import struct
@@ -75,3 +76,30 @@ write("metadata-not-object", file({"__metadata__": 3, "w": ok}, b"\0" * 8),
 write("too-many-dims", file({"w": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}},
                             b"\0" * 4),
       "FILE: tensor 'w': 'shape' is not a list of at most 8 sizes")
+write("header-not-utf8", file(b'{"w\xff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+                             b"\0" * 4),
+      "FILE: header is not JSON: unable to decode byte 0xff near '\"w' (column 3)")
+write("header-trailing-garbage", file(b"{} x"),
+      "FILE: header is not JSON: end of file expected near 'x' (column 4)")
+write("gap", file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                   "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, b"\0" * 12),
+      "FILE: bytes [4, 8) of the data area belong to no tensor")
+write("trailing-bytes", file({"w": ok}, b"\0" * 12),
+      "FILE: bytes [8, 12) of the data area belong to no tensor")
+write("empty-inside", file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                            "b": {"dtype": "F32", "shape": [0], "data_offsets": [4, 4]}},
+                           b"\0" * 8),
+      "FILE: tensors 'a' and 'b' overlap")
+write("offsets-float", file({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}},
+                            b"\0" * 8), "FILE: tensor 'w': 'data_offsets' is not two integers")
+write("shape-not-list", file({"w": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}},
+                             b"\0" * 8),
+      "FILE: tensor 'w': 'shape' is not a list of at most 8 sizes")
+write("dtype-not-string", file({"w": {"dtype": 4, "shape": [2], "data_offsets": [0, 8]}},
+                               b"\0" * 8), "FILE: tensor 'w': 'dtype' is not a string")
+write("metadata-value-not-string", file({"__metadata__": {"format": 1}, "w": ok}, b"\0" * 8),
+      "FILE: '__metadata__' value 'format' is not a string")
+write("offsets-huge", file({"w": {"dtype": "F32", "shape": [2],
+                                  "data_offsets": [(1 << 63) - 8, (1 << 63) - 1]}}, b"\0" * 8),
+      "FILE: tensor 'w': data offsets [9223372036854775800, 9223372036854775807) run past the "
+      "end of the data area (8 bytes)")
