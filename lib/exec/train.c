@@ -659,8 +659,10 @@ static int replica_run(struct dev *d, void *arg)
             run->res->last_loss = loss;
             if (job->step_losses)
                 job->step_losses[step - 1] = loss;
-            if (!job->quiet &&
-                (step % r->training.log_interval == 0 || step == job->total_steps))
+            /* every log_interval steps, and the first and the last, so a run shows where
+             * its loss started and ended */
+            if (!job->quiet && (step % r->training.log_interval == 0 ||
+                                step == job->start_step + 1 || step == job->total_steps))
                 print_step(run, &s);
         }
         run->res->steps_done = step;
