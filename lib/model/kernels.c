@@ -29,10 +29,12 @@ static inline int64_t min64(int64_t a, int64_t b)
 /* exp(x): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^n by
  * building the exponent bits. n is rounded with the 1.5 * 2^23 trick so no libm call and no
  * branch remains. */
-KERN_INLINE float expf_inline(float x)
+KERN_INLINE float expf_inline(float x0)
 {
-    x = x < -87.33654f ? -87.33654f : x;
-    x = x > 88.0f ? 88.0f : x;
+    /* Clamped so that NaN never reaches the integer conversion (undefined behaviour); NaN is
+     * passed through by the select at the end. */
+    float x = x0 > -87.33654f ? x0 : -87.33654f;
+    x = x < 88.0f ? x : 88.0f;
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
@@ -47,7 +49,7 @@ KERN_INLINE float expf_inline(float x)
     int32_t bits = ((int32_t) n + 127) * (1 << 23);
     float s;
     memcpy(&s, &bits, sizeof(s));
-    return p * s;
+    return x0 != x0 ? x0 : p * s;
 }
 
 float kern_expf(float x)
