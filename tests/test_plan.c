@@ -34,20 +34,23 @@ static void test_plan_memory_by_hand(void **state)
     struct recipe r;
     struct model_config cfg;
     load(&r, &cfg, "llama2-13b", 64, "4xlarge", "parallel: {advanced: false}\n");
-    struct plan p = {.dp = 32, .pp = 1, .tp = 1, .num_micro_batches = 1, .batch_per_device = 2,
+    struct plan p = {.dp = 32,
+                     .pp = 1,
+                     .tp = 1,
+                     .num_micro_batches = 1,
+                     .batch_per_device = 2,
                      .recomputation = RECOMPUTE_NONE};
     struct mem_breakdown m;
     mem_estimate(&m, &cfg, &r, &p);
     int64_t P = 13015864320LL;
     assert_int_equal(m.params, P);
-    assert_int_equal(m.weights_bytes, 2 * P);   /* bf16 working weights */
-    assert_int_equal(m.gradients_bytes, 2 * P); /* bf16 gradients */
+    assert_int_equal(m.weights_bytes, 2 * P);    /* bf16 working weights */
+    assert_int_equal(m.gradients_bytes, 2 * P);  /* bf16 gradients */
     assert_int_equal(m.optimizer_bytes, 12 * P); /* fp32 master 4 + Adam moments 8 */
     /* Activations per layer, M = 2 x 1024 tokens, D 5120, hd 128, 40 heads, F 13824, bf16:
      * 2 [4 M D + M hd (2 H + 2 KV) + 3 M F + b H s^2] + 8 M
      * = 2 [41,943,040 + 41,943,040 + 84,934,656 + 83,886,080] + 16,384 = 505,430,016 */
-    assert_int_equal(mem_layer_activation_bytes(&cfg, 1024, 2, 1, RECOMPUTE_NONE, 2),
-                     505430016LL);
+    assert_int_equal(mem_layer_activation_bytes(&cfg, 1024, 2, 1, RECOMPUTE_NONE, 2), 505430016LL);
     /* 40 layers, plus the final norm's input/output (2 x 2 M D) and rstd (4 M) */
     assert_int_equal(m.activations_bytes, 40 * 505430016LL + 2 * 2 * 2048 * 5120 + 4 * 2048);
     /* logits and their gradient in fp32, and the bf16 logits: M V (4 + 4 + 2) */
@@ -185,18 +188,24 @@ static void test_plan_cpu_memory_is_what_execution_allocates(void **state)
     assert_int_equal(model_config_load(&cfg, "models/tiny-llama/config.json", NULL, &err), 0);
     for (int zero = 0; zero <= 2; zero++)
         for (int nmb = 1; nmb <= 2; nmb++) {
-            struct plan p = {.dp = 2, .pp = 1, .tp = 1, .num_micro_batches = nmb,
-                             .batch_per_device = 4 / nmb, .recomputation = RECOMPUTE_NONE,
+            struct plan p = {.dp = 2,
+                             .pp = 1,
+                             .tp = 1,
+                             .num_micro_batches = nmb,
+                             .batch_per_device = 4 / nmb,
+                             .recomputation = RECOMPUTE_NONE,
                              .distribute_param = zero >= 1,
                              .distribute_low_prec_param = zero == 2};
-            struct exec_layout lay = {.dp = 2, .pp = 1, .tp = 1, .num_micro_batches = nmb,
+            struct exec_layout lay = {.dp = 2,
+                                      .pp = 1,
+                                      .tp = 1,
+                                      .num_micro_batches = nmb,
                                       .batch_per_device = 4 / nmb,
                                       .distribute_param = zero >= 1,
                                       .distribute_low_prec_param = zero == 2};
             struct mem_breakdown m;
             mem_estimate(&m, &cfg, &r, &p);
-            assert_int_equal(m.total_bytes,
-                             exec_device_bytes(&cfg, &lay, 64, mem_cpu_threads(2)));
+            assert_int_equal(m.total_bytes, exec_device_bytes(&cfg, &lay, 64, mem_cpu_threads(2)));
         }
     recipe_release(&r);
 }
@@ -232,8 +241,13 @@ static void test_plan_config_line_forms(void **state)
 {
     (void) state;
     char buf[256];
-    struct plan p = {.dp = 16, .pp = 2, .tp = 1, .num_micro_batches = 4, .batch_per_device = 1,
-                     .recomputation = RECOMPUTE_NONE, .distribute_param = true};
+    struct plan p = {.dp = 16,
+                     .pp = 2,
+                     .tp = 1,
+                     .num_micro_batches = 4,
+                     .batch_per_device = 1,
+                     .recomputation = RECOMPUTE_NONE,
+                     .distribute_param = true};
     assert_string_equal(plan_config_line(buf, sizeof(buf), &p),
                         "num_stages : 2, num_micro_batches : 4, batch_per_device : 1, No TP, "
                         "recomputation : 0, distribute_param : true, "

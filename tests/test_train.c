@@ -12,8 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define NREC 64
-#define SEQ 16
+#define NREC  64
+#define SEQ   16
 #define STEPS 6
 
 struct fixture {
@@ -36,8 +36,8 @@ static int setup(void **state)
     (void) state;
     struct moai_err err = {0};
     json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:i}", "hidden_size", 32,
-                          "intermediate_size", 48, "num_hidden_layers", 2, "num_attention_heads",
-                          4, "num_key_value_heads", 2, "vocab_size", 40, "tie_word_embeddings", 1,
+                          "intermediate_size", 48, "num_hidden_layers", 2, "num_attention_heads", 4,
+                          "num_key_value_heads", 2, "vocab_size", 40, "tie_word_embeddings", 1,
                           "pad_token_id", 3);
     assert_int_equal(model_config_load(&fx.cfg, NULL, o, &err), 0);
     json_decref(o);
@@ -113,11 +113,16 @@ static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, doub
     struct train_job job = {
         .recipe = &r,
         .cfg = &fx.cfg,
-        .layout = {.dp = dp, .pp = 1, .tp = 1, .num_micro_batches = nmb,
-                   .batch_per_device = 8 / dp / nmb, .recomputation = RECOMPUTE_NONE,
-                   .distribute_param = zero2, .distribute_low_prec_param = zero3},
-        .train = {.n = NREC, .T = SEQ, .tokens = fx.tokens, .labels = fx.labels,
-                  .lengths = fx.lengths},
+        .layout = {.dp = dp,
+                   .pp = 1,
+                   .tp = 1,
+                   .num_micro_batches = nmb,
+                   .batch_per_device = 8 / dp / nmb,
+                   .recomputation = RECOMPUTE_NONE,
+                   .distribute_param = zero2,
+                   .distribute_low_prec_param = zero3},
+        .train =
+            {.n = NREC, .T = SEQ, .tokens = fx.tokens, .labels = fx.labels, .lengths = fx.lengths},
         .batch_rows = batch_rows,
         .batch_arg = &batch,
         .steps_per_epoch = 4,
@@ -146,9 +151,8 @@ static void test_train_layouts_match_one_device(void **state)
         int dp, nmb;
         bool zero2, zero3;
     } layouts[] = {
-        {2, 1, false, false}, {4, 1, false, false}, {2, 2, false, false},
-        {2, 1, true, false},  {4, 2, true, false},  {2, 1, true, true},
-        {4, 1, true, true},   {1, 2, false, false},
+        {2, 1, false, false}, {4, 1, false, false}, {2, 2, false, false}, {2, 1, true, false},
+        {4, 2, true, false},  {2, 1, true, true},   {4, 1, true, true},   {1, 2, false, false},
     };
     double ref[STEPS], got[STEPS];
     struct train_result res;
@@ -164,7 +168,9 @@ static void test_train_layouts_match_one_device(void **state)
         for (int s = 0; s < STEPS; s++) {
             double rel = fabs(got[s] - ref[s]) / fabs(ref[s]);
             if (getenv("SHOW"))
-                fprintf(stderr, "dp %d mb %d z2 %d z3 %d step %d rel %.3g loss %.6f\n", layouts[i].dp, layouts[i].nmb, layouts[i].zero2, layouts[i].zero3, s + 1, rel, got[s]);
+                fprintf(stderr, "dp %d mb %d z2 %d z3 %d step %d rel %.3g loss %.6f\n",
+                        layouts[i].dp, layouts[i].nmb, layouts[i].zero2, layouts[i].zero3, s + 1,
+                        rel, got[s]);
             if (rel > 1e-5) {
                 print_error("dp %d mb %d zero2 %d zero3 %d step %d: %.9g vs %.9g (rel %.3g)\n",
                             layouts[i].dp, layouts[i].nmb, layouts[i].zero2, layouts[i].zero3,
@@ -201,8 +207,9 @@ static void test_train_resume_is_bit_identical(void **state)
 
         extra_training = ", save_interval: 3";
         snap_out = &snap;
-        assert_int_equal(train(layouts[i].dp, 1, layouts[i].zero2, layouts[i].zero3, 1 << 30,
-                               whole, &res, &err), 0);
+        assert_int_equal(
+            train(layouts[i].dp, 1, layouts[i].zero2, layouts[i].zero3, 1 << 30, whole, &res, &err),
+            0);
         snap_out = NULL;
         extra_training = "";
         assert_int_equal(snap.steps_done, 3);
@@ -210,7 +217,8 @@ static void test_train_resume_is_bit_identical(void **state)
         snap_in = &snap;
         memset(resumed, 0, sizeof(resumed));
         assert_int_equal(train(layouts[i].dp, 1, layouts[i].zero2, layouts[i].zero3, 1 << 30,
-                               resumed, &res, &err), 0);
+                               resumed, &res, &err),
+                         0);
         snap_in = NULL;
         assert_int_equal(res.steps_done, STEPS);
         /* Steps 4..6 of the resumed run are those of the uninterrupted one, bit for bit. */
@@ -244,8 +252,12 @@ static void test_train_device_memory_is_counted(void **state)
     double losses[STEPS];
     struct train_result res;
     struct moai_err err = {0};
-    struct exec_layout lay = {.dp = 2, .pp = 1, .tp = 1, .num_micro_batches = 1,
-                              .batch_per_device = 4, .distribute_param = true,
+    struct exec_layout lay = {.dp = 2,
+                              .pp = 1,
+                              .tp = 1,
+                              .num_micro_batches = 1,
+                              .batch_per_device = 4,
+                              .distribute_param = true,
                               .distribute_low_prec_param = true};
     int64_t need = exec_device_bytes(&fx.cfg, &lay, SEQ, 1);
     assert_int_equal(train(2, 1, true, true, 1 << 30, losses, &res, &err), 0);

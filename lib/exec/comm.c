@@ -240,9 +240,9 @@ int comm_recv(struct comm *c, int src, void *buf, size_t bytes)
 struct comm_world {
     int ndev;
     struct comm_group *all;
-    int *color, *key;           /* ndev: this split's requests */
-    struct comm_group **made;   /* ndev: the group made for each device in this split */
-    struct comm_group **owned;  /* every group made, to free */
+    int *color, *key;          /* ndev: this split's requests */
+    struct comm_group **made;  /* ndev: the group made for each device in this split */
+    struct comm_group **owned; /* every group made, to free */
     int nowned, capowned;
     int failed;
 };

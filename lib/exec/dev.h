@@ -26,9 +26,9 @@ struct dev {
     int64_t capacity_bytes;
     int64_t used_bytes;
     int64_t peak_bytes;
-    int64_t oom_requested_bytes;  /* in use + asked for, at the allocation that failed */
-    struct moai_err err; /* the worker's error, when it fails */
-    int rc;              /* the worker's return code */
+    int64_t oom_requested_bytes; /* in use + asked for, at the allocation that failed */
+    struct moai_err err;         /* the worker's error, when it fails */
+    int rc;                      /* the worker's return code */
 };
 
 struct dev_set {

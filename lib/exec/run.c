@@ -57,7 +57,7 @@ static int entries_add(struct entries *e, const struct model_config *cfg, const 
     if (e->n + count > e->cap) {
         int cap = e->n + (int) count;
         struct st_write_tensor *t = realloc(e->t, (size_t) cap * sizeof(*t));
-        char (*names)[160] = t ? realloc(e->names, (size_t) cap * sizeof(*names)) : NULL;
+        char(*names)[160] = t ? realloc(e->names, (size_t) cap * sizeof(*names)) : NULL;
         if (t)
             e->t = t;
         if (!names) {
@@ -106,16 +106,17 @@ static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
                         json_pack("{s:I, s:I}", "epoch",
                                   (json_int_t) (steps_done / sv->steps_per_epoch), "index",
                                   (json_int_t) (steps_done % sv->steps_per_epoch)));
-    json_object_set_new(s, "rng", json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch",
-                                            "seed", (json_int_t) sv->r->training.seed));
+    json_object_set_new(s, "rng",
+                        json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch", "seed",
+                                  (json_int_t) sv->r->training.seed));
     json_object_set_new(s, "last_loss", json_real(sv->last_loss));
     json_object_set_new(s, "recipe", recipe_to_json(sv->r));
     return s;
 }
 
 /* The train_save_fn: a whole checkpoint into save_dir, atomically. */
-static int save(void *arg, int64_t steps_done, const float *params, const float *m,
-                const float *v, struct moai_err *err)
+static int save(void *arg, int64_t steps_done, const float *params, const float *m, const float *v,
+                struct moai_err *err)
 {
     struct saver *sv = arg;
     const struct recipe *r = sv->r;
@@ -162,8 +163,8 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
             (bf16 && entries_add(&e, sv->cfg, params, ".master") < 0))
             rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing the optimizer state");
         else
-            rc = st_write(ckpt_stage_path(&stage, "optimizer.safetensors", path, sizeof(path)),
-                          e.n, e.t, ST_F32, err);
+            rc = st_write(ckpt_stage_path(&stage, "optimizer.safetensors", path, sizeof(path)), e.n,
+                          e.t, ST_F32, err);
         entries_release(&e);
     }
     if (rc == 0)
@@ -181,8 +182,7 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     return rc;
 }
 
-int exec_load_model_config(const struct recipe *r, struct model_config *cfg,
-                           struct moai_err *err)
+int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err)
 {
     char path[4096];
     if (r->model.path)
@@ -222,8 +222,8 @@ static int records_init(struct records *rec, const struct data_set *ds, const in
         memcpy(rec->labels + i * T, ds->labels + src * T, (size_t) T * sizeof(int32_t));
         rec->lengths[i] = (int32_t) ds->lengths[src];
     }
-    rec->view = (struct train_records){.n = n, .T = T, .tokens = rec->tokens,
-                                       .labels = rec->labels, .lengths = rec->lengths};
+    rec->view = (struct train_records){
+        .n = n, .T = T, .tokens = rec->tokens, .labels = rec->labels, .lengths = rec->lengths};
     return 0;
 }
 
@@ -246,8 +246,7 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
     snprintf(path, sizeof(path), "%s/trainer_state.json", r->training.save_dir);
     json_t *state = json_load_file(path, 0, &jerr);
     if (!state)
-        return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line,
-                            jerr.text);
+        return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
     json_t *step = json_object_get(state, "step");
     if (!json_is_integer(step) || json_integer_value(step) < 0) {
         json_decref(state);
@@ -259,7 +258,8 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
     json_t *now = recipe_to_json(r), *nt = json_object_get(now, "training");
     const char *key;
     json_t *val;
-    json_object_foreach(nt, key, val) {
+    json_object_foreach(nt, key, val)
+    {
         if (!strcmp(key, "max_steps") || !strcmp(key, "epochs") || !strcmp(key, "save_interval") ||
             !strcmp(key, "log_interval") || !strcmp(key, "resume"))
             continue;
@@ -371,7 +371,9 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         log_warn("%s", pj_err.msg);
     json_decref(pj);
     struct exec_layout layout = {
-        .dp = pr.best.dp, .pp = pr.best.pp, .tp = pr.best.tp,
+        .dp = pr.best.dp,
+        .pp = pr.best.pp,
+        .tp = pr.best.tp,
         .num_micro_batches = pr.best.num_micro_batches,
         .batch_per_device = pr.best.batch_per_device,
         .recomputation = pr.best.recomputation,
@@ -381,29 +383,30 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     if (layout.pp > 1 || layout.tp > 1 || layout.recomputation != RECOMPUTE_NONE) {
         moai_err_set(err, MOAI_ENOTYET,
                      "%s: the selected plan needs %s, whose execution is not built yet", r->source,
-                     layout.pp > 1 ? "pipeline parallelism"
-                                   : layout.tp > 1 ? "tensor parallelism" : "recomputation");
+                     layout.pp > 1   ? "pipeline parallelism"
+                     : layout.tp > 1 ? "tensor parallelism"
+                                     : "recomputation");
         return moai_err_hint(err, "pin the planner to what runs: parallel: {pp: 1, tp: 1, "
                                   "recomputation: none}");
     }
 
     if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
-                           r->dataset.response_start, r->training.block_size,
-                           r->dataset.limit, r->dataset.cache_dir, err)) < 0)
+                           r->dataset.response_start, r->training.block_size, r->dataset.limit,
+                           r->dataset.cache_dir, err)) < 0)
         return rc;
     int32_t top = 0;
     for (int64_t i = 0; i < data.n * data.T; i++)
         if (data.tokens[i] > top)
             top = data.tokens[i];
     if (top >= cfg.vocab_size) {
-        rc = moai_err_set(err, MOAI_EUSAGE, "%s: the tokenizer '%s' gives id %d, outside the "
-                          "model's vocabulary of %lld", r->source, r->tokenizer, top,
-                          (long long) cfg.vocab_size);
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "%s: the tokenizer '%s' gives id %d, outside the "
+                          "model's vocabulary of %lld",
+                          r->source, r->tokenizer, top, (long long) cfg.vocab_size);
         goto out_data;
     }
-    if ((rc = batch_init(&batcher, data.n, r->training.batch_size,
-                         r->dataset.validation_fraction, r->dataset.shuffle, r->training.seed,
-                         err)) < 0)
+    if ((rc = batch_init(&batcher, data.n, r->training.batch_size, r->dataset.validation_fraction,
+                         r->dataset.shuffle, r->training.seed, err)) < 0)
         goto out_data;
     int64_t spe = batcher.steps_per_epoch;
     if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
@@ -411,8 +414,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
         goto out_batcher;
     }
-    int64_t total = r->training.max_steps != RECIPE_NONE ? r->training.max_steps
-                                                          : spe * r->training.epochs;
+    int64_t total =
+        r->training.max_steps != RECIPE_NONE ? r->training.max_steps : spe * r->training.epochs;
     if ((rc = llama_params_init(&host, &cfg, NULL, err)) < 0)
         goto out_batcher;
 
@@ -420,7 +423,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     char state_path[4096];
     snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
     bool resume = !strcmp(r->training.resume, "auto") ? file_exists(state_path)
-                  : strcmp(r->training.resume, "never") != 0;
+                                                      : strcmp(r->training.resume, "never") != 0;
     if (resume) {
         struct recipe from = *r;
         if (strcmp(r->training.resume, "auto"))
@@ -453,8 +456,12 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             goto out_params;
     }
 
-    struct saver sv = {.r = r, .cfg = &cfg, .plan = &pr, .steps_per_epoch = spe,
-                       .total_steps = total, .json = o->json};
+    struct saver sv = {.r = r,
+                       .cfg = &cfg,
+                       .plan = &pr,
+                       .steps_per_epoch = spe,
+                       .total_steps = total,
+                       .json = o->json};
     struct train_job job = {
         .recipe = r,
         .cfg = &cfg,

@@ -23,7 +23,7 @@
 #include <stdbool.h>
 
 struct exec_opts {
-    bool json;                  /* JSON Lines on standard output */
+    bool json; /* JSON Lines on standard output */
 };
 
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err);
@@ -32,7 +32,6 @@ struct model_config;
 
 /* The recipe's architecture: <model.path>/config.json with model.config over it, or
  * model.config alone. Returns 0 or MOAI_EUSAGE naming the file and key. */
-int exec_load_model_config(const struct recipe *r, struct model_config *cfg,
-                           struct moai_err *err);
+int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err);
 
 #endif

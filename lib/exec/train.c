@@ -24,17 +24,17 @@ volatile sig_atomic_t exec_stop_requested;
  * and its shard is the concatenation of those chunks.
  */
 struct unit {
-    int64_t off;    /* first float in the flat arena */
-    int64_t len;    /* floats */
-    int64_t chunk;  /* ceil(len / dp) */
-    int64_t shard;  /* first float of this unit's chunk in a rank's shard */
+    int64_t off;   /* first float in the flat arena */
+    int64_t len;   /* floats */
+    int64_t chunk; /* ceil(len / dp) */
+    int64_t shard; /* first float of this unit's chunk in a rank's shard */
 };
 
 struct layout {
     int nunits;
     struct unit *units;
-    int64_t shard_floats;   /* sum of the chunks */
-    int64_t max_padded;     /* max over units of chunk x dp: one gathered unit or bucket */
+    int64_t shard_floats; /* sum of the chunks */
+    int64_t max_padded;   /* max over units of chunk x dp: one gathered unit or bucket */
     int64_t max_chunk;
     int64_t layer_floats;
 };
@@ -103,9 +103,9 @@ struct run {
     struct comm_world *world;
     int dp, nthreads;
     bool zero2, zero3;
-    int64_t B, T;                   /* micro-batch sequences, tokens */
+    int64_t B, T;                         /* micro-batch sequences, tokens */
     float *host_params, *host_m, *host_v; /* gathered for saving */
-    double *durations;              /* device 0's step times */
+    double *durations;                    /* device 0's step times */
     int64_t ndurations;
     struct train_result *res;
     int save_rc;
@@ -120,22 +120,22 @@ struct replica {
     struct comm world, dpc;
     struct llama m;
     bool m_ready;
-    struct llama_params p;          /* full working weights (not under ZeRO-3) */
-    struct llama_params g;          /* full gradients (no sharding) */
-    float *params, *grads;          /* the arenas of p and g */
-    float *pshard;                  /* ZeRO-3: this rank's parameter shard (the master) */
-    float *gshard;                  /* ZeRO-2/3: gradient shard */
-    float *mom1, *mom2;             /* Adam moments: full or shard */
-    int64_t opt_floats;             /* floats of the moments */
-    float *bucket;                  /* ZeRO-2/3: one unit's gradient, padded */
-    float *wbuf[2];                 /* ZeRO-3: gathered units */
-    float *tmp;                     /* a chunk */
-    float *normgrad;                /* ZeRO-2/3 with tied embeddings: the final norm's gradient */
+    struct llama_params p; /* full working weights (not under ZeRO-3) */
+    struct llama_params g; /* full gradients (no sharding) */
+    float *params, *grads; /* the arenas of p and g */
+    float *pshard;         /* ZeRO-3: this rank's parameter shard (the master) */
+    float *gshard;         /* ZeRO-2/3: gradient shard */
+    float *mom1, *mom2;    /* Adam moments: full or shard */
+    int64_t opt_floats;    /* floats of the moments */
+    float *bucket;         /* ZeRO-2/3: one unit's gradient, padded */
+    float *wbuf[2];        /* ZeRO-3: gathered units */
+    float *tmp;            /* a chunk */
+    float *normgrad;       /* ZeRO-2/3 with tied embeddings: the final norm's gradient */
     struct llama_acts acts;
     struct llama_work work;
     bool acts_ready, work_ready;
     int32_t *tokens, *labels, *lengths; /* one micro-batch */
-    int64_t reserved;               /* bytes counted for the model's own arenas */
+    int64_t reserved;                   /* bytes counted for the model's own arenas */
 };
 
 static int64_t fbytes(int64_t floats)
@@ -143,8 +143,8 @@ static int64_t fbytes(int64_t floats)
     return floats * (int64_t) sizeof(float);
 }
 
-int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *plan,
-                          int64_t T, int nthreads)
+int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *plan, int64_t T,
+                          int nthreads)
 {
     struct layout lo;
     int dp = plan->dp;
@@ -154,9 +154,9 @@ int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layo
 
     if (layout_init(&lo, cfg, dp) < 0)
         return -1;
-    total += fbytes(zero3 ? lo.shard_floats : P);                    /* weights */
-    total += fbytes(zero2 ? lo.shard_floats + lo.max_padded : P);    /* gradients */
-    total += 2 * fbytes(zero2 ? lo.shard_floats : P);                /* moments */
+    total += fbytes(zero3 ? lo.shard_floats : P);                 /* weights */
+    total += fbytes(zero2 ? lo.shard_floats + lo.max_padded : P); /* gradients */
+    total += 2 * fbytes(zero2 ? lo.shard_floats : P);             /* moments */
     if (zero2)
         total += fbytes(lo.max_chunk + (cfg->tie_word_embeddings ? cfg->hidden_size * dp : 0));
     if (zero3)
@@ -435,8 +435,8 @@ static void fill_batch(struct replica *rp, const struct train_records *recs, con
         memcpy(rp->labels + i * T, recs->labels + rows[i] * T, (size_t) T * sizeof(int32_t));
         rp->lengths[i] = recs->lengths[rows[i]];
     }
-    *b = (struct llama_batch){.B = B, .T = T, .tokens = rp->tokens, .labels = rp->labels,
-                              .lengths = rp->lengths};
+    *b = (struct llama_batch){
+        .B = B, .T = T, .tokens = rp->tokens, .labels = rp->labels, .lengths = rp->lengths};
 }
 
 /* Labels that count in records rows (position t >= 1 of each, not -100). */
@@ -479,8 +479,8 @@ static double optimizer_step(struct replica *rp, int64_t step, double lr)
             rp->gshard[i] *= scale;
     }
     if (run->zero3) {
-        optim_adamw_step(rp->m.pool, rp->pshard, rp->gshard, rp->mom1, rp->mom2,
-                         lo->shard_floats, step, &hp);
+        optim_adamw_step(rp->m.pool, rp->pshard, rp->gshard, rp->mom1, rp->mom2, lo->shard_floats,
+                         step, &hp);
         return norm;
     }
     /* ZeRO-2: update the owned chunk of each unit in the full weights, then all-gather. */
@@ -524,8 +524,8 @@ static int save_checkpoint(struct replica *rp, int64_t steps_done)
     comm_barrier(&rp->world);
     if (rp->dev->id == 0 && run->job->save) {
         memset(&run->save_err, 0, sizeof(run->save_err));
-        run->save_rc = run->job->save(run->job->save_arg, steps_done, run->host_params,
-                                      run->host_m, run->host_v, &run->save_err);
+        run->save_rc = run->job->save(run->job->save_arg, steps_done, run->host_params, run->host_m,
+                                      run->host_v, &run->save_err);
     }
     comm_barrier(&rp->world);
     return run->save_rc;
@@ -644,17 +644,20 @@ static int replica_run(struct dev *d, void *arg)
             break;
         }
         enum optim_schedule sched = (enum optim_schedule) r->training.lr_schedule;
-        double lr = r->training.lr * optim_lr_factor(sched, step - 1, r->training.warmup_steps,
-                                                     job->total_steps);
+        double lr = r->training.lr *
+                    optim_lr_factor(sched, step - 1, r->training.warmup_steps, job->total_steps);
         double norm = optimizer_step(&rp, step, lr);
         comm_barrier(&rp.world);
         double dt = progress_now() - t0;
 
         if (d->id == 0) {
-            struct step_record s = {.step = step, .total_steps = job->total_steps, .loss = loss,
+            struct step_record s = {.step = step,
+                                    .total_steps = job->total_steps,
+                                    .loss = loss,
                                     .duration_s = dt,
                                     .tokens_per_s = (double) (batch * r->training.block_size) / dt,
-                                    .lr = lr, .grad_norm = norm};
+                                    .lr = lr,
+                                    .grad_norm = norm};
             run->durations[run->ndurations++] = dt;
             run->res->last_loss = loss;
             if (job->step_losses)
@@ -674,8 +677,8 @@ static int replica_run(struct dev *d, void *arg)
         if (step % job->steps_per_epoch == 0 && job->valid.n > 0 && step != job->total_steps) {
             double vl = validate(&rp);
             if (d->id == 0)
-                log_info("epoch %lld: validation loss %.6g", (long long) (step / job->steps_per_epoch),
-                         vl);
+                log_info("epoch %lld: validation loss %.6g",
+                         (long long) (step / job->steps_per_epoch), vl);
         }
     }
     if (rc == 0 && job->valid.n > 0) {
@@ -761,9 +764,9 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     if (run.ndurations > 0) {
         int64_t first = run.ndurations > 1 ? 1 : 0, n = run.ndurations - first;
         qsort(run.durations + first, (size_t) n, sizeof(double), cmp_double);
-        res->median_step_s = n % 2 ? run.durations[first + n / 2]
-                                   : 0.5 * (run.durations[first + n / 2 - 1] +
-                                            run.durations[first + n / 2]);
+        res->median_step_s =
+            n % 2 ? run.durations[first + n / 2]
+                  : 0.5 * (run.durations[first + n / 2 - 1] + run.durations[first + n / 2]);
         res->median_tokens_per_s =
             (double) (r->training.batch_size * r->training.block_size) / res->median_step_s;
     }

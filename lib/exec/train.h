@@ -38,8 +38,8 @@
 /* The parallel layout to run (the planner's choice, copied from its struct plan). */
 struct exec_layout {
     int dp, pp, tp;
-    int num_micro_batches;          /* per replica per step */
-    int64_t batch_per_device;       /* sequences per micro-batch */
+    int num_micro_batches;    /* per replica per step */
+    int64_t batch_per_device; /* sequences per micro-batch */
     enum recompute recomputation;
     bool distribute_param;          /* ZeRO-2 */
     bool distribute_low_prec_param; /* ZeRO-3 */
@@ -48,9 +48,9 @@ struct exec_layout {
 /* Tokenized records, right-padded to T tokens. */
 struct train_records {
     int64_t n, T;
-    const int32_t *tokens;      /* (n, T) */
-    const int32_t *labels;      /* (n, T), -100 where not scored */
-    const int32_t *lengths;     /* (n) real tokens (the attention mask's ones) */
+    const int32_t *tokens;  /* (n, T) */
+    const int32_t *labels;  /* (n, T), -100 where not scored */
+    const int32_t *lengths; /* (n) real tokens (the attention mask's ones) */
 };
 
 /* The rows of the global batch of step `index` of epoch `epoch`: batch_size indices into the
@@ -66,34 +66,34 @@ struct train_job {
     const struct recipe *recipe;
     const struct model_config *cfg;
     struct exec_layout layout;
-    struct train_records train;         /* the training records */
-    struct train_records valid;         /* validation records, n = 0 when none */
+    struct train_records train; /* the training records */
+    struct train_records valid; /* validation records, n = 0 when none */
     train_batch_rows_fn batch_rows;
     void *batch_arg;
     int64_t steps_per_epoch;
     int64_t total_steps;
-    int64_t start_step;                 /* optimizer steps already done (resume), else 0 */
-    const float *init_params;           /* P floats to start from */
-    const float *init_m, *init_v;       /* P floats each on resume, else NULL */
+    int64_t start_step;           /* optimizer steps already done (resume), else 0 */
+    const float *init_params;     /* P floats to start from */
+    const float *init_m, *init_v; /* P floats each on resume, else NULL */
     train_save_fn save;
     void *save_arg;
-    bool json;                          /* step objects instead of step lines */
-    bool quiet;                         /* no step lines at all (tests) */
-    double *step_losses;                /* optional: total_steps entries, [step - 1] */
+    bool json;           /* step objects instead of step lines */
+    bool quiet;          /* no step lines at all (tests) */
+    double *step_losses; /* optional: total_steps entries, [step - 1] */
 };
 
 struct train_result {
-    int64_t steps_done;                 /* optimizer steps done, including start_step */
+    int64_t steps_done; /* optimizer steps done, including start_step */
     double last_loss;
-    double valid_loss;                  /* NAN when no validation set */
-    double median_step_s;               /* over the steps run, the first excepted when > 1 */
+    double valid_loss;    /* NAN when no validation set */
+    double median_step_s; /* over the steps run, the first excepted when > 1 */
     double median_tokens_per_s;
     int ndev;
-    int64_t peak_bytes[64];             /* per device (the first 64) */
+    int64_t peak_bytes[64]; /* per device (the first 64) */
     int64_t capacity_bytes;
-    bool interrupted;                   /* stopped by SIGINT/SIGTERM after a save */
-    int oom_device;                     /* on MOAI_EOOM: the device that ran out, */
-    int64_t oom_requested_bytes;        /* what it would have held with the failed allocation */
+    bool interrupted;            /* stopped by SIGINT/SIGTERM after a save */
+    int oom_device;              /* on MOAI_EOOM: the device that ran out, */
+    int64_t oom_requested_bytes; /* what it would have held with the failed allocation */
 };
 
 /* Set by the signal handler of cmd/; the loop saves and stops at the next step boundary. */

@@ -22,7 +22,7 @@
 
 enum rope_scaling_type {
     ROPE_SCALING_NONE = 0,
-    ROPE_SCALING_LLAMA3,        /* Llama 3.1 style: factor, low/high_freq_factor, original */
+    ROPE_SCALING_LLAMA3, /* Llama 3.1 style: factor, low/high_freq_factor, original */
 };
 
 struct rope_scaling {
@@ -34,26 +34,26 @@ struct rope_scaling {
 };
 
 struct model_config {
-    char name[128];             /* the model directory's base name, or "model" */
-    char architecture[64];      /* "LlamaForCausalLM" | "MistralForCausalLM" */
-    int64_t hidden_size;        /* D */
-    int64_t intermediate_size;  /* F, the MLP width */
-    int64_t num_hidden_layers;  /* L */
-    int64_t num_attention_heads;   /* H */
-    int64_t num_key_value_heads;   /* KV, divides H */
-    int64_t head_dim;           /* hd; D / H unless given */
-    int64_t vocab_size;         /* V */
+    char name[128];              /* the model directory's base name, or "model" */
+    char architecture[64];       /* "LlamaForCausalLM" | "MistralForCausalLM" */
+    int64_t hidden_size;         /* D */
+    int64_t intermediate_size;   /* F, the MLP width */
+    int64_t num_hidden_layers;   /* L */
+    int64_t num_attention_heads; /* H */
+    int64_t num_key_value_heads; /* KV, divides H */
+    int64_t head_dim;            /* hd; D / H unless given */
+    int64_t vocab_size;          /* V */
     int64_t max_position_embeddings;
-    int64_t sliding_window;     /* Mistral's attention window, 0 when none */
+    int64_t sliding_window; /* Mistral's attention window, 0 when none */
     double rms_norm_eps;
     double rope_theta;
-    double initializer_range;   /* std of the normal init, default 0.02 */
+    double initializer_range; /* std of the normal init, default 0.02 */
     struct rope_scaling rope_scaling;
     bool tie_word_embeddings;
-    int64_t bos_token_id;       /* -1 when absent */
-    int64_t eos_token_id;       /* -1 when absent; the first when a list */
-    int64_t pad_token_id;       /* -1 when absent */
-    char torch_dtype[16];       /* "bfloat16", "float16", "float32", "" */
+    int64_t bos_token_id; /* -1 when absent */
+    int64_t eos_token_id; /* -1 when absent; the first when a list */
+    int64_t pad_token_id; /* -1 when absent */
+    char torch_dtype[16]; /* "bfloat16", "float16", "float32", "" */
 };
 
 /* Reads path (a config.json), applies overrides (a JSON object of config.json keys, may be

@@ -107,14 +107,14 @@ static void layer_forward_seconds(const struct model_config *cfg, const struct r
             + cost_gemm_seconds(M, D, Hd * hd, 1, e, f)           /* o */
             + cost_gemm_seconds(M, 2 * F, D, 1, e, f)             /* gate, up */
             + cost_gemm_seconds(M, D, F, 1, e, f);                /* down */
-    *attn = 2.0 * cost_gemm_seconds(s, s, hd, b * Hd, e, f); /* q k^T, then p v */
+    *attn = 2.0 * cost_gemm_seconds(s, s, hd, b * Hd, e, f);      /* q k^T, then p v */
     double act = (double) mem_layer_activation_bytes(cfg, (int64_t) s, (int64_t) b, p->tp,
                                                      RECOMPUTE_NONE, e);
     *rest += COST_ELEMENTWISE_PASSES / 2 * act / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
 }
 
-void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg,
-                   const struct recipe *r, const struct plan *p)
+void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, const struct recipe *r,
+                   const struct plan *p)
 {
     const struct flavor *f = &r->flavor;
     struct mem_dtypes d;
@@ -188,12 +188,11 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg,
 
     /* Adam: read and write master, moments, gradient of the device's share. */
     double share = zero2 ? (double) n / p->dp : (double) n;
-    c->optimizer_seconds =
-        share * (2.0 * (d.master + d.moments) + d.grad + d.weight) /
-        (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
+    c->optimizer_seconds = share * (2.0 * (d.master + d.moments) + d.grad + d.weight) /
+                           (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
 
-    c->step_seconds = c->compute_seconds + c->tp_comm_seconds + c->p2p_seconds +
-                      c->bubble_seconds + c->dp_exposed_seconds + c->optimizer_seconds;
+    c->step_seconds = c->compute_seconds + c->tp_comm_seconds + c->p2p_seconds + c->bubble_seconds +
+                      c->dp_exposed_seconds + c->optimizer_seconds;
     c->model_flops = cost_model_flops(cfg, r);
     double recompute_flops = p->recomputation == RECOMPUTE_FULL ? c->model_flops / 3.0 : 0.0;
     c->step_flops = c->model_flops + recompute_flops;

@@ -29,17 +29,17 @@
 struct plan;
 
 struct cost_breakdown {
-    double compute_seconds;     /* the slowest stage's products and elementwise work over
+    double compute_seconds;    /* the slowest stage's products and elementwise work over
                                    the step's micro-batches, recomputation included */
-    double tp_comm_seconds;     /* its tensor-parallel all-reduces over the step */
-    double p2p_seconds;         /* its stage-to-stage sends over the step */
-    double bubble_seconds;      /* the pipeline's pp - 1 idle ticks */
-    double dp_comm_seconds;     /* data-parallel reduction and ZeRO gathers, in full */
-    double dp_exposed_seconds;  /* the part of it not hidden behind compute */
-    double optimizer_seconds;   /* the Adam update of the device's share */
-    double step_seconds;        /* the predicted step */
-    double step_flops;          /* FLOPs executed per step on all devices, recomputation in */
-    double model_flops;         /* 6 x matmul params x tokens + attention, per step */
+    double tp_comm_seconds;    /* its tensor-parallel all-reduces over the step */
+    double p2p_seconds;        /* its stage-to-stage sends over the step */
+    double bubble_seconds;     /* the pipeline's pp - 1 idle ticks */
+    double dp_comm_seconds;    /* data-parallel reduction and ZeRO gathers, in full */
+    double dp_exposed_seconds; /* the part of it not hidden behind compute */
+    double optimizer_seconds;  /* the Adam update of the device's share */
+    double step_seconds;       /* the predicted step */
+    double step_flops;         /* FLOPs executed per step on all devices, recomputation in */
+    double model_flops;        /* 6 x matmul params x tokens + attention, per step */
 };
 
 /* Peak dense TFLOP/s of one device: the device type's figure, or for the cpu device this
@@ -66,7 +66,7 @@ double cost_allreduce_seconds(double bytes, int n, double gbps, double latency_s
 double cost_model_flops(const struct model_config *cfg, const struct recipe *r);
 
 /* The predicted step of layout p (its dp, pp, tp, micro-batching, recomputation, sharding). */
-void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg,
-                   const struct recipe *r, const struct plan *p);
+void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, const struct recipe *r,
+                   const struct plan *p);
 
 #endif

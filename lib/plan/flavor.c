@@ -45,10 +45,10 @@ static const struct {
     const char *name;
     int devices;
 } catalog[] = {
-    {"small.64gb", 1},       {"medium.128gb", 2},     {"large.256gb", 4},
-    {"xlarge.512gb", 8},     {"1.5xlarge.768gb", 12}, {"2xlarge.1024gb", 16},
-    {"3xlarge.1536gb", 24},  {"4xlarge.2048gb", 32},  {"6xlarge.3072gb", 48},
-    {"8xlarge.4096gb", 64},  {"12xlarge.6144gb", 96}, {"24xlarge.12288gb", 192},
+    {"small.64gb", 1},         {"medium.128gb", 2},     {"large.256gb", 4},
+    {"xlarge.512gb", 8},       {"1.5xlarge.768gb", 12}, {"2xlarge.1024gb", 16},
+    {"3xlarge.1536gb", 24},    {"4xlarge.2048gb", 32},  {"6xlarge.3072gb", 48},
+    {"8xlarge.4096gb", 64},    {"12xlarge.6144gb", 96}, {"24xlarge.12288gb", 192},
     {"48xlarge.24576gb", 384},
 };
 
@@ -102,7 +102,8 @@ int flavor_lookup(struct flavor *f, const char *name, struct moai_err *err)
     for (int i = 0; i < NCATALOG; i++) {
         const char *full = catalog[i].name;
         size_t stem = (size_t) (strrchr(full, '.') - full);
-        if (strcasecmp(name, full) == 0 || (strlen(name) == stem && strncasecmp(name, full, stem) == 0)) {
+        if (strcasecmp(name, full) == 0 ||
+            (strlen(name) == stem && strncasecmp(name, full, stem) == 0)) {
             memset(f, 0, sizeof(*f));
             snprintf(f->name, sizeof(f->name), "%s", full);
             snprintf(f->given, sizeof(f->given), "%s", name);
@@ -190,8 +191,8 @@ static void measure_cpu(void)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f, c, N);
     for (int r = 0; r < REPS; r++) {
         double t0 = now_seconds();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f,
-                    c, N);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, N, N, 1.0f, a, N, b, N, 0.0f, c,
+                    N);
         t[r] = now_seconds() - t0;
     }
     qsort(t, REPS, sizeof(double), cmp_double);

@@ -19,22 +19,22 @@
 #include <stdint.h>
 
 struct device_type {
-    const char *name;           /* "mi250", "h100-80gb", "cpu" */
-    int64_t memory_bytes;       /* usable memory per device; 0 for cpu (computed) */
-    double tflops;              /* dense bf16 peak, TFLOP/s; 0 for cpu (measured) */
-    double hbm_gbps;            /* device memory bandwidth, GB/s */
-    double intra_node_gbps;     /* device to device inside a node, GB/s one way */
-    double inter_node_gbps;     /* device to device across nodes, GB/s one way */
-    double fast_pair_gbps;      /* to the other die of the same package (MI250), else 0 */
+    const char *name;       /* "mi250", "h100-80gb", "cpu" */
+    int64_t memory_bytes;   /* usable memory per device; 0 for cpu (computed) */
+    double tflops;          /* dense bf16 peak, TFLOP/s; 0 for cpu (measured) */
+    double hbm_gbps;        /* device memory bandwidth, GB/s */
+    double intra_node_gbps; /* device to device inside a node, GB/s one way */
+    double inter_node_gbps; /* device to device across nodes, GB/s one way */
+    double fast_pair_gbps;  /* to the other die of the same package (MI250), else 0 */
 };
 
 struct flavor {
-    char name[64];              /* canonical catalog name, or "custom" */
-    char given[64];             /* the name as the recipe spelled it ("4xlarge"), or "custom" */
-    struct device_type device;  /* with the recipe's overrides applied */
+    char name[64];             /* canonical catalog name, or "custom" */
+    char given[64];            /* the name as the recipe spelled it ("4xlarge"), or "custom" */
+    struct device_type device; /* with the recipe's overrides applied */
     int devices;
     int devices_per_node;
-    bool custom;                /* given as a mapping */
+    bool custom; /* given as a mapping */
 };
 
 /* Looks a catalog name up, without regard to case, with or without its memory suffix.

@@ -205,14 +205,12 @@ static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg
     memset(m, 0, sizeof(*m));
     m->params = P;
     m->weights_bytes = 4 * (zero3 ? shard + 2 * max_padded : P);
-    m->gradients_bytes = 4 * (zero2 ? shard + max_padded + max_chunk +
-                                          (cfg->tie_word_embeddings ? D * dp : 0)
-                                    : P);
+    m->gradients_bytes =
+        4 * (zero2 ? shard + max_padded + max_chunk + (cfg->tie_word_embeddings ? D * dp : 0) : P);
     m->optimizer_bytes = 8 * (zero2 ? shard : P);
-    m->activations_bytes = (int64_t) llama_act_bytes(cfg, p->batch_per_device,
-                                                     r->training.block_size);
-    m->logits_bytes = (int64_t) llama_work_bytes(cfg, p->batch_per_device,
-                                                 r->training.block_size,
+    m->activations_bytes =
+        (int64_t) llama_act_bytes(cfg, p->batch_per_device, r->training.block_size);
+    m->logits_bytes = (int64_t) llama_work_bytes(cfg, p->batch_per_device, r->training.block_size,
                                                  mem_cpu_threads(p->dp * p->pp * p->tp));
     m->reserve_bytes = 0;
     m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
@@ -222,8 +220,7 @@ static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg
 void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
                const struct plan *p, int stage)
 {
-    if (is_cpu(&r->flavor) && p->pp == 1 && p->tp == 1 &&
-        p->recomputation == RECOMPUTE_NONE) {
+    if (is_cpu(&r->flavor) && p->pp == 1 && p->tp == 1 && p->recomputation == RECOMPUTE_NONE) {
         mem_cpu_exec(m, cfg, r, p);
         return;
     }
@@ -260,13 +257,11 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
 
     /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
      * `stage` (all of the warm-up forwards), never more than there are. */
-    int64_t in_flight = p->pp - stage < p->num_micro_batches ? p->pp - stage
-                                                             : p->num_micro_batches;
+    int64_t in_flight = p->pp - stage < p->num_micro_batches ? p->pp - stage : p->num_micro_batches;
     int64_t per_layer = mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act);
     m->activations_bytes = in_flight * count * per_layer;
     if (count > 0 && p->recomputation == RECOMPUTE_FULL)
-        m->activations_bytes +=
-            mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act);
+        m->activations_bytes += mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act);
     else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE)
         m->activations_bytes += (int64_t) d.act * b * mem_heads_per_device(cfg, p->tp) * s * s;
     if (stage == p->pp - 1) {
@@ -280,8 +275,8 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
                      m->activations_bytes + m->logits_bytes + m->reserve_bytes;
 }
 
-void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg,
-                  const struct recipe *r, const struct plan *p)
+void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
+                  const struct plan *p)
 {
     struct mem_breakdown cur;
     mem_stage(m, cfg, r, p, 0);
@@ -299,11 +294,8 @@ void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg,
 int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
 {
     const int64_t phases[] = {
-        m->reserve_bytes,
-        m->weights_bytes,
-        m->activations_bytes + m->logits_bytes,
-        m->gradients_bytes,
-        m->optimizer_bytes,
+        m->reserve_bytes,   m->weights_bytes,   m->activations_bytes + m->logits_bytes,
+        m->gradients_bytes, m->optimizer_bytes,
     };
     int64_t used = 0;
     for (size_t i = 0; i < sizeof(phases) / sizeof(phases[0]); i++) {

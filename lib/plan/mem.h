@@ -45,24 +45,24 @@ struct plan;
 
 /* One device's memory at the peak of a step, for its most loaded stage. */
 struct mem_breakdown {
-    int stage;                  /* the most loaded pipeline stage, 0-based */
-    int64_t params;             /* parameters of the device's tp shard of that stage */
+    int stage;      /* the most loaded pipeline stage, 0-based */
+    int64_t params; /* parameters of the device's tp shard of that stage */
     int64_t weights_bytes;
     int64_t gradients_bytes;
-    int64_t optimizer_bytes;    /* master weights + Adam moments */
+    int64_t optimizer_bytes; /* master weights + Adam moments */
     int64_t activations_bytes;
     int64_t logits_bytes;
     int64_t reserve_bytes;
-    int64_t total_bytes;        /* the sum of the six above */
+    int64_t total_bytes; /* the sum of the six above */
 };
 
 /* Bytes per element of each kind of tensor, by precision and device. */
 struct mem_dtypes {
-    int weight;                 /* working weights: 2 (bf16) or 4 */
-    int grad;                   /* gradients: like the working weights */
-    int master;                 /* fp32 master copy: 4 under bf16, 0 when the weights are fp32 */
-    int moments;                /* Adam's exp_avg and exp_avg_sq: 8 */
-    int act;                    /* activations: 2 (bf16) or 4 */
+    int weight;  /* working weights: 2 (bf16) or 4 */
+    int grad;    /* gradients: like the working weights */
+    int master;  /* fp32 master copy: 4 under bf16, 0 when the weights are fp32 */
+    int moments; /* Adam's exp_avg and exp_avg_sq: 8 */
+    int act;     /* activations: 2 (bf16) or 4 */
 };
 
 void mem_dtypes(struct mem_dtypes *d, const struct recipe *r);
@@ -112,8 +112,8 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
                const struct plan *p, int stage);
 
 /* The breakdown of the most loaded stage of layout p (ties: the earlier stage). */
-void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg,
-                  const struct recipe *r, const struct plan *p);
+void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
+                  const struct plan *p);
 
 /* What an allocator reports as requested when the layout does not fit: a step allocates in
  * the order reserve, weights, activations and logits (forward), gradients (backward),

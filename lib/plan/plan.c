@@ -44,8 +44,10 @@ int plan_check(const struct plan *p, const struct model_config *cfg, const struc
     int64_t batch = r->training.batch_size;
 
     if (p->dp * p->pp * p->tp != f->devices)
-        return moai_err_set(err, MOAI_EUSAGE, "dp %d x pp %d x tp %d is not the %d devices of "
-                            "the flavor", p->dp, p->pp, p->tp, f->devices);
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "dp %d x pp %d x tp %d is not the %d devices of "
+                            "the flavor",
+                            p->dp, p->pp, p->tp, f->devices);
     if (f->devices_per_node % p->tp != 0)
         return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the %d devices of a node",
                             p->tp, f->devices_per_node);
@@ -53,21 +55,25 @@ int plan_check(const struct plan *p, const struct model_config *cfg, const struc
         return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the %lld attention heads",
                             p->tp, (long long) cfg->num_attention_heads);
     if (cfg->intermediate_size % p->tp != 0)
-        return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the MLP width %lld",
-                            p->tp, (long long) cfg->intermediate_size);
+        return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the MLP width %lld", p->tp,
+                            (long long) cfg->intermediate_size);
     if (!tp_fits_model(cfg, p->tp))
-        return moai_err_set(err, MOAI_EUSAGE, "tp %d neither divides nor is a multiple of the "
-                            "%lld kv heads", p->tp, (long long) cfg->num_key_value_heads);
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "tp %d neither divides nor is a multiple of the "
+                            "%lld kv heads",
+                            p->tp, (long long) cfg->num_key_value_heads);
     if (p->pp > cfg->num_hidden_layers)
         return moai_err_set(err, MOAI_EUSAGE, "pp %d exceeds the %lld layers", p->pp,
                             (long long) cfg->num_hidden_layers);
     if (batch % p->dp != 0)
-        return moai_err_set(err, MOAI_EUSAGE, "dp %d does not divide the batch size %lld",
-                            p->dp, (long long) batch);
+        return moai_err_set(err, MOAI_EUSAGE, "dp %d does not divide the batch size %lld", p->dp,
+                            (long long) batch);
     if ((int64_t) p->num_micro_batches * p->batch_per_device * p->dp != batch)
-        return moai_err_set(err, MOAI_EUSAGE, "dp %d x %d micro-batches x %lld sequences is not "
-                            "the batch size %lld", p->dp, p->num_micro_batches,
-                            (long long) p->batch_per_device, (long long) batch);
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "dp %d x %d micro-batches x %lld sequences is not "
+                            "the batch size %lld",
+                            p->dp, p->num_micro_batches, (long long) p->batch_per_device,
+                            (long long) batch);
     return 0;
 }
 
@@ -195,7 +201,9 @@ static int enumerate(struct search *s)
                         if (dp == 1 && zero > 0 && r->parallel.distribute_param == RECIPE_AUTO &&
                             r->parallel.distribute_low_prec_param == RECIPE_AUTO)
                             continue;
-                        struct plan p = {.dp = dp, .pp = pp, .tp = tp,
+                        struct plan p = {.dp = dp,
+                                         .pp = pp,
+                                         .tp = tp,
                                          .num_micro_batches = (int) nmb,
                                          .batch_per_device = per / nmb,
                                          .recomputation = (enum recompute) rc,
@@ -221,39 +229,47 @@ static int explain_pins(const struct model_config *cfg, const struct recipe *r,
 
     if (tp != RECIPE_AUTO) {
         if (f->devices_per_node % tp)
-            return moai_err_set(err, MOAI_EUSAGE, "pinned tp %d does not divide the %d devices "
-                                "of a node of flavor '%s'", tp, f->devices_per_node,
-                                flavor_display_name(f));
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "pinned tp %d does not divide the %d devices "
+                                "of a node of flavor '%s'",
+                                tp, f->devices_per_node, flavor_display_name(f));
         if (cfg->num_attention_heads % tp)
-            return moai_err_set(err, MOAI_EUSAGE, "pinned tp %d does not divide the %lld "
-                                "attention heads", tp, (long long) cfg->num_attention_heads);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "pinned tp %d does not divide the %lld "
+                                "attention heads",
+                                tp, (long long) cfg->num_attention_heads);
         if (!tp_fits_model(cfg, tp))
-            return moai_err_set(err, MOAI_EUSAGE, "pinned tp %d does not fit the model (MLP "
-                                "width %lld, %lld kv heads)", tp,
-                                (long long) cfg->intermediate_size,
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "pinned tp %d does not fit the model (MLP "
+                                "width %lld, %lld kv heads)",
+                                tp, (long long) cfg->intermediate_size,
                                 (long long) cfg->num_key_value_heads);
     }
     if (pp != RECIPE_AUTO && pp > cfg->num_hidden_layers)
         return moai_err_set(err, MOAI_EUSAGE, "pinned pp %d exceeds the %lld layers", pp,
                             (long long) cfg->num_hidden_layers);
-    int prod = (tp != RECIPE_AUTO ? tp : 1) * (pp != RECIPE_AUTO ? pp : 1) *
-               (dp != RECIPE_AUTO ? dp : 1);
+    int prod =
+        (tp != RECIPE_AUTO ? tp : 1) * (pp != RECIPE_AUTO ? pp : 1) * (dp != RECIPE_AUTO ? dp : 1);
     if (N % prod)
-        return moai_err_set(err, MOAI_EUSAGE, "the pinned degrees (dp x pp x tp = %d) do not "
-                            "divide the %d devices of flavor '%s'", prod, N,
-                            flavor_display_name(f));
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "the pinned degrees (dp x pp x tp = %d) do not "
+                            "divide the %d devices of flavor '%s'",
+                            prod, N, flavor_display_name(f));
     if (dp != RECIPE_AUTO && r->training.batch_size % dp)
         return moai_err_set(err, MOAI_EUSAGE, "pinned dp %d does not divide the batch size %lld",
                             dp, (long long) r->training.batch_size);
     if (r->parallel.num_micro_batches != RECIPE_AUTO)
-        return moai_err_set(err, MOAI_EUSAGE, "no layout of flavor '%s' runs %d micro-batches "
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "no layout of flavor '%s' runs %d micro-batches "
                             "of the batch size %lld with the other pins",
                             flavor_display_name(f), r->parallel.num_micro_batches,
                             (long long) r->training.batch_size);
     if (r->parallel.distribute_low_prec_param == 1 && r->parallel.distribute_param == 0)
-        return moai_err_set(err, MOAI_EUSAGE, "distribute_low_prec_param needs "
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "distribute_low_prec_param needs "
                             "distribute_param (it shards what that shards, and the weights)");
-    return moai_err_set(err, MOAI_EUSAGE, "no layout of the %d devices of flavor '%s' satisfies "
+    return moai_err_set(err, MOAI_EUSAGE,
+                        "no layout of the %d devices of flavor '%s' satisfies "
                         "the pins (parallel.*) with the batch size %lld",
                         N, flavor_display_name(f), (long long) r->training.batch_size);
 }
@@ -295,11 +311,15 @@ static int plan_plain(struct plan_result *res, const struct model_config *cfg,
     char line[512];
 
     if (batch % f->devices)
-        return moai_err_set(err, MOAI_EUSAGE, "the batch size %lld is not divisible by the %d "
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "the batch size %lld is not divisible by the %d "
                             "devices of flavor '%s' (without advanced parallelization the batch "
-                            "is split evenly)", (long long) batch, f->devices,
-                            flavor_display_name(f));
-    struct plan p = {.dp = f->devices, .pp = 1, .tp = 1, .num_micro_batches = 1,
+                            "is split evenly)",
+                            (long long) batch, f->devices, flavor_display_name(f));
+    struct plan p = {.dp = f->devices,
+                     .pp = 1,
+                     .tp = 1,
+                     .num_micro_batches = 1,
                      .batch_per_device = batch / f->devices,
                      .recomputation = RECOMPUTE_NONE};
     plan_evaluate(&p, cfg, r);

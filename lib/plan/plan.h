@@ -49,30 +49,30 @@
 #define PLAN_RUNNERS_UP 5
 
 struct plan {
-    int dp, pp, tp;             /* dp x pp x tp == devices */
-    int num_micro_batches;      /* per replica per step */
-    int64_t batch_per_device;   /* sequences per micro-batch */
-    enum recompute recomputation;       /* RECOMPUTE_NONE, _SELECTIVE or _FULL */
-    bool distribute_param;              /* master, gradients, optimizer over dp (ZeRO-2) */
-    bool distribute_low_prec_param;     /* working weights too (ZeRO-3); implies the above */
-    struct mem_breakdown mem;   /* the most loaded device */
+    int dp, pp, tp;                 /* dp x pp x tp == devices */
+    int num_micro_batches;          /* per replica per step */
+    int64_t batch_per_device;       /* sequences per micro-batch */
+    enum recompute recomputation;   /* RECOMPUTE_NONE, _SELECTIVE or _FULL */
+    bool distribute_param;          /* master, gradients, optimizer over dp (ZeRO-2) */
+    bool distribute_low_prec_param; /* working weights too (ZeRO-3); implies the above */
+    struct mem_breakdown mem;       /* the most loaded device */
     struct cost_breakdown cost;
     double predicted_step_seconds;
-    double tokens_per_second;   /* batch_size x block_size / step */
-    double tflops_per_device;   /* model FLOPs (no recomputation) / step / devices */
+    double tokens_per_second; /* batch_size x block_size / step */
+    double tflops_per_device; /* model FLOPs (no recomputation) / step / devices */
 };
 
 struct plan_result {
-    bool advanced;              /* AP was on */
-    struct plan best;           /* the selected plan; on MOAI_EOOM the closest to fitting */
-    struct plan runners_up[PLAN_RUNNERS_UP];    /* the next fastest that fit */
+    bool advanced;    /* AP was on */
+    struct plan best; /* the selected plan; on MOAI_EOOM the closest to fitting */
+    struct plan runners_up[PLAN_RUNNERS_UP]; /* the next fastest that fit */
     int n_runners_up;
-    int64_t candidates;         /* valid layouts considered (1 with AP off) */
-    int64_t feasible;           /* those that fit */
-    double plan_ms;             /* wall time of the search */
-    int64_t param_count;        /* the model's parameters */
-    int64_t requested_bytes;    /* on MOAI_EOOM: mem_requested_bytes of best */
-    int64_t available_bytes;    /* one device's memory */
+    int64_t candidates;      /* valid layouts considered (1 with AP off) */
+    int64_t feasible;        /* those that fit */
+    double plan_ms;          /* wall time of the search */
+    int64_t param_count;     /* the model's parameters */
+    int64_t requested_bytes; /* on MOAI_EOOM: mem_requested_bytes of best */
+    int64_t available_bytes; /* one device's memory */
 };
 
 /* Plans cfg under recipe r (its flavor, batch, block size, precision, parallel.*). Returns

@@ -12,8 +12,8 @@ static double gib(int64_t bytes)
 
 static void breakdown_lines(FILE *out, const struct mem_breakdown *m, int64_t capacity)
 {
-    static const char *const names[] = {"weights", "gradients", "optimizer", "activations",
-                                        "logits", "reserve"};
+    static const char *const names[] = {"weights",     "gradients", "optimizer",
+                                        "activations", "logits",    "reserve"};
     const int64_t parts[] = {m->weights_bytes,     m->gradients_bytes, m->optimizer_bytes,
                              m->activations_bytes, m->logits_bytes,    m->reserve_bytes};
     for (int i = 0; i < 6; i++)
@@ -30,12 +30,14 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
     char line[512];
 
     fprintf(out, "recipe      %s\n", r->source);
-    fprintf(out, "model       %s (%s): %lld parameters, %lld layers, hidden %lld, %lld heads "
-            "(%lld kv), MLP %lld, vocabulary %lld%s\n", cfg->name, cfg->architecture,
-            (long long) res->param_count, (long long) cfg->num_hidden_layers,
-            (long long) cfg->hidden_size, (long long) cfg->num_attention_heads,
-            (long long) cfg->num_key_value_heads, (long long) cfg->intermediate_size,
-            (long long) cfg->vocab_size, cfg->tie_word_embeddings ? ", tied embeddings" : "");
+    fprintf(out,
+            "model       %s (%s): %lld parameters, %lld layers, hidden %lld, %lld heads "
+            "(%lld kv), MLP %lld, vocabulary %lld%s\n",
+            cfg->name, cfg->architecture, (long long) res->param_count,
+            (long long) cfg->num_hidden_layers, (long long) cfg->hidden_size,
+            (long long) cfg->num_attention_heads, (long long) cfg->num_key_value_heads,
+            (long long) cfg->intermediate_size, (long long) cfg->vocab_size,
+            cfg->tie_word_embeddings ? ", tied embeddings" : "");
     fprintf(out, "flavor      %s: %d x %s, %d per node, %.2f GiB and %.3g TFLOP/s each\n",
             flavor_display_name(f), f->devices, f->device.name, f->devices_per_node,
             gib(f->device.memory_bytes), cost_device_tflops(f));
@@ -44,19 +46,21 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
             recipe_precision_name(r->training.precision), res->advanced ? "on" : "off");
     fprintf(out, "search      %lld candidates, %lld fit, %.1f ms\n", (long long) res->candidates,
             (long long) res->feasible, res->plan_ms);
-    fprintf(out, "layout      dp %d x pp %d x tp %d; %d micro-batches of %lld; recomputation "
-            "%s; distribute_param %s; distribute_low_prec_param %s\n", p->dp, p->pp, p->tp,
-            p->num_micro_batches, (long long) p->batch_per_device,
+    fprintf(out,
+            "layout      dp %d x pp %d x tp %d; %d micro-batches of %lld; recomputation "
+            "%s; distribute_param %s; distribute_low_prec_param %s\n",
+            p->dp, p->pp, p->tp, p->num_micro_batches, (long long) p->batch_per_device,
             plan_recompute_name(p->recomputation), p->distribute_param ? "true" : "false",
             p->distribute_low_prec_param ? "true" : "false");
     fprintf(out, "            %s\n", plan_config_line(line, sizeof(line), p));
     fprintf(out, "memory      per device (stage %d, the most loaded):\n", p->mem.stage);
     breakdown_lines(out, &p->mem, f->device.memory_bytes);
-    fprintf(out, "step        %.3f s predicted: compute %.3f, bubble %.3f, tp %.3f, p2p %.3f, "
-            "dp %.3f exposed of %.3f, optimizer %.3f\n", p->predicted_step_seconds,
-            p->cost.compute_seconds, p->cost.bubble_seconds, p->cost.tp_comm_seconds,
-            p->cost.p2p_seconds, p->cost.dp_exposed_seconds, p->cost.dp_comm_seconds,
-            p->cost.optimizer_seconds);
+    fprintf(out,
+            "step        %.3f s predicted: compute %.3f, bubble %.3f, tp %.3f, p2p %.3f, "
+            "dp %.3f exposed of %.3f, optimizer %.3f\n",
+            p->predicted_step_seconds, p->cost.compute_seconds, p->cost.bubble_seconds,
+            p->cost.tp_comm_seconds, p->cost.p2p_seconds, p->cost.dp_exposed_seconds,
+            p->cost.dp_comm_seconds, p->cost.optimizer_seconds);
     fprintf(out, "throughput  %.2f tokens/s, %.1f TFLOP/s per device\n", p->tokens_per_second,
             p->tflops_per_device);
     if (res->n_runners_up > 0) {
@@ -70,8 +74,7 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
     }
 }
 
-json_t *plan_to_json(const struct plan *p, const struct model_config *cfg,
-                     const struct recipe *r)
+json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const struct recipe *r)
 {
     (void) cfg, (void) r;
     const struct mem_breakdown *m = &p->mem;
@@ -80,15 +83,14 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg,
                      "dp", p->dp, "pp", p->pp, "tp", p->tp, "num_micro_batches",
                      p->num_micro_batches, "batch_per_device", (json_int_t) p->batch_per_device,
                      "recomputation", plan_recompute_name(p->recomputation), "distribute_param",
-                     p->distribute_param, "distribute_low_prec_param",
-                     p->distribute_low_prec_param, "memory_per_device_bytes",
-                     (json_int_t) m->total_bytes, "memory_breakdown", "weights",
-                     (json_int_t) m->weights_bytes, "gradients", (json_int_t) m->gradients_bytes,
-                     "optimizer", (json_int_t) m->optimizer_bytes, "activations",
-                     (json_int_t) m->activations_bytes, "logits", (json_int_t) m->logits_bytes,
-                     "reserve", (json_int_t) m->reserve_bytes, "predicted_step_s",
-                     p->predicted_step_seconds, "predicted_tokens_per_s", p->tokens_per_second,
-                     "predicted_tflops_per_device", p->tflops_per_device);
+                     p->distribute_param, "distribute_low_prec_param", p->distribute_low_prec_param,
+                     "memory_per_device_bytes", (json_int_t) m->total_bytes, "memory_breakdown",
+                     "weights", (json_int_t) m->weights_bytes, "gradients",
+                     (json_int_t) m->gradients_bytes, "optimizer", (json_int_t) m->optimizer_bytes,
+                     "activations", (json_int_t) m->activations_bytes, "logits",
+                     (json_int_t) m->logits_bytes, "reserve", (json_int_t) m->reserve_bytes,
+                     "predicted_step_s", p->predicted_step_seconds, "predicted_tokens_per_s",
+                     p->tokens_per_second, "predicted_tflops_per_device", p->tflops_per_device);
 }
 
 json_t *plan_result_json(const struct plan_result *res, const struct model_config *cfg,

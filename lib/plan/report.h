@@ -23,8 +23,7 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
                       const struct recipe *r);
 
 /* One plan as JSON (plan.json and the "plan" member of the result object). */
-json_t *plan_to_json(const struct plan *p, const struct model_config *cfg,
-                     const struct recipe *r);
+json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const struct recipe *r);
 
 /* The --plan-only --json object of DESIGN.md section 7. status is "ok", "oom" or "error";
  * message is the error for the latter two. res and cfg may be NULL for an error found before
