@@ -70,11 +70,13 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	$(BIN) configs/tiny-llama.yaml
 
-# Build everything under ASan+UBSan, run every test, then the CLI tests on the release build.
+# Build everything under ASan+UBSan, run every test, then the CLI tests on the release build,
+# then lint the man pages and the source layout.
 check: deps
 	@$(MAKE) --no-print-directory MODE=asan test
 	@$(MAKE) --no-print-directory MODE=release all test-cli
 	@$(MAKE) --no-print-directory man-lint
+	@$(MAKE) --no-print-directory format-check && echo "sources: clang-format clean"
 	@scripts/summarize-tests.sh build/test-results
 
 # Run the unit tests and CLI tests of this MODE's build.
@@ -123,7 +125,7 @@ format:
 
 # Fail when a source file differs from its clang-format form.
 format-check:
-	clang-format --dry-run --Werror $(LIB_C) $(LIB_CC) $(wildcard lib/*.h lib/*/*.h) cmd/*.c
+	@clang-format --dry-run --Werror $(LIB_C) $(LIB_CC) $(wildcard lib/*.h lib/*/*.h) cmd/*.c
 
 # Remove every build output.
 clean:

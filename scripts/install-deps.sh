@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(
-    build-essential pkg-config clang
+    build-essential pkg-config clang clang-format
     libyaml-dev libjansson-dev libopenblas-dev
     libsentencepiece-dev sentencepiece
     libzstd-dev zstd libcmocka-dev
