@@ -902,6 +902,8 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
     int64_t H = c->num_attention_heads, KV = c->num_key_value_heads, hd = c->head_dim;
     int64_t C = qkv_cols(c);
 
+    MOAI_ASSERT(w->nthreads >= m->nthreads); /* one attention scratch per thread */
+
     /* MLP: dh = dres Wdown; dgu = swiglu'; dln = dgu [Wgate; Wup] */
     linear_backward(m, w->dh, lg->w_down, w->dres, la->h, lp->w_down, N, F, D);
     struct row_job js = {
