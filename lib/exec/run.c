@@ -361,15 +361,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             plan_oom_message(err, &pr, &cfg, r);
         return rc;
     }
-    /* plan.json in save_dir as soon as the plan is chosen (every checkpoint carries it too) */
-    json_t *pj = plan_to_json(&pr.best, &cfg, r);
-    char pj_path[4096];
-    struct moai_err pj_err = {0};
-    snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
-    if (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
-        ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
-        log_warn("%s", pj_err.msg);
-    json_decref(pj);
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
@@ -480,8 +471,26 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .save_arg = &sv,
         .json = o->json,
     };
+    /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
+     * it too): a run that fails before training leaves no output behind */
+    json_t *pj = plan_to_json(&pr.best, &cfg, r);
+    char pj_path[4096];
+    struct moai_err pj_err = {0};
+    struct stat before;
+    bool had_dir = stat(r->training.save_dir, &before) == 0;
+    snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
+    if (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
+        ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
+        log_warn("%s", pj_err.msg);
+    json_decref(pj);
     struct train_result tr;
     rc = exec_train(&job, &tr, err);
+    if (rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
+        /* failed before any checkpoint: take back what this run wrote */
+        unlink(pj_path);
+        if (!had_dir)
+            rmdir(r->training.save_dir);
+    }
     if (rc == MOAI_EOOM && tr.oom_requested_bytes) {
         log_error("%s", err->msg);
         plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);

@@ -97,4 +97,18 @@ recipe "$TMP/e.yaml" "$TMP/out-e" "max_steps: 1"
 expect_eq "too small: status" 3 $?
 grep -q '^moai-finetune: error: Error Code 4: OUT_OF_MEMORY$' "$TMP/e.err" && ok || fail "too small: report: $(cat "$TMP/e.err")"
 [ ! -e "$TMP/out-e" ] && ok || fail "too small: no output directory"
+# Malformed weights: one error line naming the file, exit 1, no output directory.
+mkdir -p "$TMP/badmodel"
+cp models/tiny-llama/config.json models/tiny-llama/tokenizer.model "$TMP/badmodel/"
+printf '\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}' >"$TMP/badmodel/model.safetensors"
+cat >"$TMP/f.yaml" <<YAML
+model: {path: $TMP/badmodel}
+dataset: {path: datasets/debian-descriptions.jsonl.zst, limit: 64, cache_dir: $TMP/cache}
+training: {batch_size: 8, block_size: 64, max_steps: 1, save_dir: $TMP/out-f}
+flavor: {device: cpu, devices: 1}
+YAML
+"$MOAI_BIN" -q "$TMP/f.yaml" >"$TMP/f.out" 2>"$TMP/f.err"
+expect_eq "bad weights: status" 1 $?
+expect_eq "bad weights: message" "moai-finetune: error: $TMP/badmodel/model.safetensors: header length 16 runs past the end of the file (16 bytes)" "$(grep -v '^\[' "$TMP/f.err")"
+[ ! -e "$TMP/out-f" ] && ok || fail "bad weights: no output directory"
 finish
