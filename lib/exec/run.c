@@ -29,7 +29,7 @@ struct saver {
     const struct model_config *cfg;
     const struct plan_result *plan;
     int64_t steps_per_epoch, total_steps;
-    double last_loss;
+    const struct train_result *progress; /* the running loop's figures (its last loss) */
     bool json, final_announced;
 };
 
@@ -109,7 +109,7 @@ static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
     json_object_set_new(s, "rng",
                         json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch", "seed",
                                   (json_int_t) sv->r->training.seed));
-    json_object_set_new(s, "last_loss", json_real(sv->last_loss));
+    json_object_set_new(s, "last_loss", json_real(sv->progress ? sv->progress->last_loss : 0.0));
     json_object_set_new(s, "recipe", recipe_to_json(sv->r));
     return s;
 }
@@ -447,7 +447,9 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             goto out_params;
     }
 
-    struct saver sv = {.r = r,
+    struct train_result tr;
+    struct saver sv = {.progress = &tr,
+                       .r = r,
                        .cfg = &cfg,
                        .plan = &pr,
                        .steps_per_epoch = spe,
@@ -483,7 +485,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
         log_warn("%s", pj_err.msg);
     json_decref(pj);
-    struct train_result tr;
     rc = exec_train(&job, &tr, err);
     if (rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
         /* failed before any checkpoint: take back what this run wrote */
