@@ -135,6 +135,12 @@ static int better(const struct plan *a, const struct plan *b)
     return a->tp < b->tp;
 }
 
+static int cmp_plans(const void *a, const void *b)
+{
+    const struct plan *x = a, *y = b;
+    return better(x, y) ? -1 : better(y, x) ? 1 : 0;
+}
+
 struct search {
     const struct model_config *cfg;
     const struct recipe *r;
@@ -433,13 +439,11 @@ int plan_search(struct plan_result *res, const struct model_config *cfg, const s
     if (log_get_level() >= LOG_DEBUG) {
         char brief[128];
         log_debug("the ten fastest candidates that fit:");
-        log_debug("  1. %s: %.3f s, %lld bytes", plan_brief(brief, sizeof(brief), &res->best),
-                  res->best.predicted_step_seconds, (long long) res->best.mem.total_bytes);
-        for (int j = 0; j < res->n_runners_up; j++)
-            log_debug("  %d. %s: %.3f s, %lld bytes", j + 2,
-                      plan_brief(brief, sizeof(brief), &res->runners_up[j]),
-                      res->runners_up[j].predicted_step_seconds,
-                      (long long) res->runners_up[j].mem.total_bytes);
+        qsort(s.all, (size_t) feasible, sizeof(*s.all), cmp_plans);
+        for (int64_t j = 0; j < feasible && j < 10; j++)
+            log_debug("  %lld. %s: %.3f s, %lld bytes", (long long) j + 1,
+                      plan_brief(brief, sizeof(brief), &s.all[j]), s.all[j].predicted_step_seconds,
+                      (long long) s.all[j].mem.total_bytes);
         /* the compaction above overwrote the rejected ones: enumerate them again */
         s.n = 0;
         if (enumerate(&s) == 0) {
