@@ -41,7 +41,7 @@ static const char usage_text[] =
     "  --json             JSON Lines on standard output\n"
     "  --set KEY=VALUE    override a recipe key by dotted path (repeatable)\n"
     "  --ap, --no-ap      switch advanced parallelization on or off\n"
-    "  --validate         check the recipe and the files it names, then exit\n"
+    "  --validate         check the recipe, the files it names and that a plan fits; exit\n"
     "  -q, --quiet        log only warnings and errors\n"
     "  -v, --verbose      log more (debug lines)\n"
     "  -h, --help         show this help and exit\n"
