@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -239,6 +240,20 @@ static void test_exec_checkpoint_swap_is_atomic(void **state)
     assert_int_equal(count_entries(path), 1);
     snprintf(path, sizeof(path), "%s/trainer_state.json", target);
     assert_non_null(strstr(slurp(path), "\"step\": 4"));
+
+    /* What the user keeps in save_dir survives saves: a file and a directory of its own. */
+    char keep[512], sub[512];
+    snprintf(keep, sizeof(keep), "%s/notes.txt", target);
+    snprintf(sub, sizeof(sub), "%s/other-run", target);
+    FILE *f = fopen(keep, "w");
+    fputs("mine", f);
+    fclose(f);
+    mkdir(sub, 0777);
+    save(target, 5);
+    assert_string_equal(slurp(keep), "mine");
+    struct stat st;
+    assert_int_equal(stat(sub, &st), 0);
+    assert_non_null(strstr(slurp(path), "\"step\": 5"));
     ckpt_remove_tree(root);
 }
 

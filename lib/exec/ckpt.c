@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,12 +79,51 @@ void ckpt_remove_tree(const char *path)
     rmdir(path);
 }
 
-/* Removes ".BASE.tmp-*" directories left in dir by killed saves. */
-static void remove_stale(const char *dir, const char *base)
+/* A file a save writes (or a temporary of one): never the user's own. */
+static bool is_checkpoint_name(const char *name)
+{
+    static const char *const names[] = {
+        "config.json",       "model.safetensors", "model.safetensors.index.json",
+        "tokenizer.model",   "plan.json",         "optimizer.safetensors",
+        "trainer_state.json"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!strcmp(name, names[i]))
+            return true;
+    size_t len = strlen(name);
+    return strstr(name, ".tmp-") ||
+           (!strncmp(name, "model-", 6) && len > 12 && !strcmp(name + len - 12, ".safetensors"));
+}
+
+/* Moves every entry of from that to does not have into to (renames on one filesystem);
+ * with users_only, only entries that are not checkpoint files. */
+static void move_missing(const char *from, const char *to, bool users_only)
+{
+    DIR *d = opendir(from);
+    struct dirent *e;
+    if (!d)
+        return;
+    while ((e = readdir(d))) {
+        char src[4096], dst[4096];
+        struct stat st;
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") ||
+            (users_only && is_checkpoint_name(e->d_name)))
+            continue;
+        snprintf(src, sizeof(src), "%s/%s", from, e->d_name);
+        snprintf(dst, sizeof(dst), "%s/%s", to, e->d_name);
+        if (lstat(dst, &st) != 0)
+            rename(src, dst);
+    }
+    closedir(d);
+}
+
+/* Removes ".BASE.tmp-*" directories left in dir by killed saves. A save killed while moving the
+ * user's own files (see ckpt_stage_commit) left them there: they go back to the target first. */
+static void remove_stale(const char *dir, const char *base, const char *target)
 {
     char prefix[512];
     DIR *d = opendir(dir);
     struct dirent *e;
+    struct stat st;
     if (!d)
         return;
     snprintf(prefix, sizeof(prefix), ".%s.tmp-", base);
@@ -91,6 +131,8 @@ static void remove_stale(const char *dir, const char *base)
         if (strncmp(e->d_name, prefix, strlen(prefix)) == 0) {
             char sub[4096];
             snprintf(sub, sizeof(sub), "%s/%s", dir, e->d_name);
+            if (stat(target, &st) == 0 && S_ISDIR(st.st_mode))
+                move_missing(sub, target, true);
             ckpt_remove_tree(sub);
         }
     }
@@ -106,7 +148,7 @@ int ckpt_stage_begin(struct ckpt_stage *s, const char *target, struct moai_err *
     split_path(target, dir, sizeof(dir), base, sizeof(base));
     if ((rc = ckpt_mkdir_parents(dir, err)) < 0)
         return rc;
-    remove_stale(dir, base);
+    remove_stale(dir, base, target);
     snprintf(s->tmp, sizeof(s->tmp), "%s/.%s.tmp-%ld", dir, base, (long) getpid());
     if (mkdir(s->tmp, 0777) < 0)
         return moai_err_set(err, MOAI_EIO, "cannot create '%s': %s", s->tmp, strerror(errno));
@@ -222,6 +264,11 @@ int ckpt_stage_commit(struct ckpt_stage *s, struct moai_err *err)
     if (stat(s->target, &st) == 0) {
         if (!S_ISDIR(st.st_mode))
             return moai_err_set(err, MOAI_EIO, "cannot save into '%s': not a directory", s->target);
+        /* save_dir may hold more than a checkpoint (other runs, logs): whatever the new
+         * checkpoint does not replace moves into it first, so the swap keeps it. */
+        move_missing(s->target, s->tmp, false);
+        if ((rc = fsync_path(s->tmp, err)) < 0)
+            return rc;
         if (renameat2(AT_FDCWD, s->tmp, AT_FDCWD, s->target, RENAME_EXCHANGE) < 0)
             return moai_err_set(err, MOAI_EIO, "cannot replace '%s': %s", s->target,
                                 strerror(errno));

@@ -5,7 +5,10 @@
  * It is written whole into a staging directory beside the target (".NAME.tmp-PID"), every file
  * flushed, and then swapped in with one renameat2(RENAME_EXCHANGE) (or a plain rename when
  * there is no previous checkpoint), so a save interrupted at any point leaves the previous
- * checkpoint intact. Stale staging directories from killed runs are removed by the next save.
+ * checkpoint intact. Entries of save_dir that the checkpoint does not write (other runs'
+ * directories, logs) are carried over into the new one before the swap, so a save never
+ * deletes them. Stale staging directories from killed runs are removed by the next save
+ * (after returning any such entries to save_dir).
  *
  *     struct ckpt_stage s;
  *     ckpt_stage_begin(&s, "outputs", &err);
