@@ -120,8 +120,11 @@ static int run_plan(const struct options *opt, const char *path, struct recipe *
     int rc;
 
     (void) path;
-    if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
+    if ((rc = exec_load_model_config(r, &cfg, err)) < 0) {
+        if (opt->json)
+            print_json_result(plan_result_json(NULL, NULL, r, "error", err->msg));
         return rc;
+    }
     rc = plan_search(&res, &cfg, r, err);
     if (rc == MOAI_EOOM)
         plan_oom_message(err, &res, &cfg, r);

@@ -71,4 +71,12 @@ assert a["status"] == "oom" and "OUT_OF_MEMORY" in a["error"], a
 assert a["requested_bytes"] > a["available_bytes"] == 68702699520
 assert b["status"] == "ok", b
 PY
+# A recipe whose architecture is inconsistent still gets its JSON object, status "error".
+"$MOAI_BIN" -q --plan-only --json --set model.config.num_attention_heads=7 configs/llama2-13b.yaml >"$TMP/json" 2>/dev/null
+expect_eq "--json config error: status" 2 $?
+python3 - "$TMP/json" <<'PY' && ok || fail "--json config error object"
+import json, sys
+(j,) = [json.loads(l) for l in open(sys.argv[1])]
+assert j["status"] == "error" and "'num_attention_heads' (7) does not divide" in j["error"], j
+PY
 finish
