@@ -141,13 +141,14 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     json_t *state = trainer_state(sv, steps_done);
     json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
     rc = ckpt_stage_write_json(&stage, "config.json", config, err);
-    if (rc == 0) {
+    if (rc == 0) { /* model.safetensors, or shards and their index past 5 GB */
         struct entries e = {0};
+        int nshards = 0;
         if (entries_add(&e, sv->cfg, params, "") < 0)
             rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing the weights");
         else
-            rc = st_write(ckpt_stage_path(&stage, "model.safetensors", path, sizeof(path)), e.n,
-                          e.t, bf16 ? ST_BF16 : ST_F32, err);
+            rc = st_write_sharded(stage.tmp, "model", e.n, e.t, bf16 ? ST_BF16 : ST_F32,
+                                  ST_DEFAULT_SHARD_BYTES, &nshards, err);
         entries_release(&e);
     }
     if (rc == 0 && r->tokenizer && file_exists(r->tokenizer))
