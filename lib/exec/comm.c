@@ -75,14 +75,18 @@ void comm_group_free(struct comm_group *g)
     free(g);
 }
 
+static const struct comm_ops thr_ops;
+
 void comm_init(struct comm *c, struct comm_group *g, int rank)
 {
+    c->ops = &thr_ops;
+    c->impl = NULL;
     c->group = g;
     c->rank = rank;
     c->size = g->n;
 }
 
-void comm_barrier(struct comm *c)
+static void thr_barrier(struct comm *c)
 {
     if (c->size > 1)
         pthread_barrier_wait(&c->group->barrier);
@@ -104,7 +108,7 @@ static int grow_scratch(struct comm *c, size_t n)
             }
         }
     }
-    comm_barrier(c);
+    thr_barrier(c);
     return g->scratch_failed ? MOAI_ENOMEM : 0;
 }
 
@@ -128,7 +132,7 @@ static void reduce_range(struct comm_group *g, size_t off, size_t lo, size_t hi)
     }
 }
 
-int comm_allreduce_sum(struct comm *c, float *buf, size_t n)
+static int thr_allreduce_sum(struct comm *c, float *buf, size_t n)
 {
     struct comm_group *g = c->group;
     size_t lo, hi;
@@ -142,13 +146,13 @@ int comm_allreduce_sum(struct comm *c, float *buf, size_t n)
     chunk(n, c->size, c->rank, &lo, &hi);
     if (hi > lo)
         reduce_range(g, 0, lo, hi);
-    comm_barrier(c);
+    thr_barrier(c);
     memcpy(buf, g->scratch, n * sizeof(float));
-    comm_barrier(c); /* nobody reuses the scratch until everyone has copied it */
+    thr_barrier(c); /* nobody reuses the scratch until everyone has copied it */
     return 0;
 }
 
-int comm_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t n)
+static int thr_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t n)
 {
     struct comm_group *g = c->group;
     int rc;
@@ -163,11 +167,11 @@ int comm_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t 
     /* Rank r reduces the slice that ends up on rank r: no second copy through others. */
     reduce_range(g, 0, (size_t) c->rank * n, (size_t) c->rank * n + n);
     memcpy(out, g->scratch + (size_t) c->rank * n, n * sizeof(float));
-    comm_barrier(c);
+    thr_barrier(c);
     return 0;
 }
 
-int comm_allgather(struct comm *c, const float *in, float *out, size_t n)
+static int thr_allgather(struct comm *c, const float *in, float *out, size_t n)
 {
     struct comm_group *g = c->group;
 
@@ -177,15 +181,15 @@ int comm_allgather(struct comm *c, const float *in, float *out, size_t n)
         return 0;
     }
     g->in[c->rank] = in;
-    comm_barrier(c);
+    thr_barrier(c);
     for (int r = 0; r < c->size; r++)
         if (g->in[r] != out + (size_t) r * n)
             memcpy(out + (size_t) r * n, g->in[r], n * sizeof(float));
-    comm_barrier(c);
+    thr_barrier(c);
     return 0;
 }
 
-double comm_allreduce_scalar(struct comm *c, double x)
+static double thr_allreduce_scalar(struct comm *c, double x)
 {
     struct comm_group *g = c->group;
     double sum = 0.0;
@@ -193,14 +197,14 @@ double comm_allreduce_scalar(struct comm *c, double x)
     if (c->size == 1)
         return x;
     g->scalars[c->rank] = x;
-    comm_barrier(c);
+    thr_barrier(c);
     for (int r = 0; r < c->size; r++)
         sum += g->scalars[r];
-    comm_barrier(c);
+    thr_barrier(c);
     return sum;
 }
 
-int comm_send(struct comm *c, int dst, const void *buf, size_t bytes)
+static int thr_send(struct comm *c, int dst, const void *buf, size_t bytes)
 {
     struct comm_group *g = c->group;
     struct comm_mailbox *m = &g->mail[(size_t) c->rank * (size_t) g->n + (size_t) dst];
@@ -220,7 +224,7 @@ int comm_send(struct comm *c, int dst, const void *buf, size_t bytes)
     return 0;
 }
 
-int comm_recv(struct comm *c, int src, void *buf, size_t bytes)
+static int thr_recv(struct comm *c, int src, void *buf, size_t bytes)
 {
     struct comm_group *g = c->group;
     struct comm_mailbox *m = &g->mail[(size_t) src * (size_t) g->n + (size_t) c->rank];
@@ -236,8 +240,111 @@ int comm_recv(struct comm *c, int src, void *buf, size_t bytes)
     return 0;
 }
 
+/* Posts the message, receives, then waits for the message to be taken: an exchange between
+ * two ranks cannot deadlock. */
+static int thr_sendrecv(struct comm *c, int dst, const void *sbuf, size_t sbytes, int src,
+                        void *rbuf, size_t rbytes)
+{
+    struct comm_group *g = c->group;
+    struct comm_mailbox *out = &g->mail[(size_t) c->rank * (size_t) g->n + (size_t) dst];
+    struct comm_mailbox *in = &g->mail[(size_t) src * (size_t) g->n + (size_t) c->rank];
+
+    pthread_mutex_lock(&g->lock);
+    while (out->buf)
+        pthread_cond_wait(&g->cond, &g->lock);
+    out->buf = sbuf;
+    out->bytes = sbytes;
+    out->taken = false;
+    pthread_cond_broadcast(&g->cond);
+    while (!in->buf || in->taken)
+        pthread_cond_wait(&g->cond, &g->lock);
+    MOAI_ASSERT(in->bytes == rbytes);
+    memcpy(rbuf, in->buf, rbytes);
+    in->taken = true;
+    pthread_cond_broadcast(&g->cond);
+    while (!out->taken)
+        pthread_cond_wait(&g->cond, &g->lock);
+    out->buf = NULL;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
+    return 0;
+}
+
+static const struct comm_ops thr_ops = {
+    .barrier = thr_barrier,
+    .allreduce_sum = thr_allreduce_sum,
+    .reduce_scatter_sum = thr_reduce_scatter_sum,
+    .allgather = thr_allgather,
+    .send = thr_send,
+    .recv = thr_recv,
+    .sendrecv = thr_sendrecv,
+    .allreduce_scalar = thr_allreduce_scalar,
+};
+
+/* ---- the interface: dispatch to the communicator's transport -------------------------- */
+
+void comm_barrier(struct comm *c)
+{
+    c->ops->barrier(c);
+}
+
+int comm_allreduce_sum(struct comm *c, float *buf, size_t n)
+{
+    return c->ops->allreduce_sum(c, buf, n);
+}
+
+int comm_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t n)
+{
+    return c->ops->reduce_scatter_sum(c, in, out, n);
+}
+
+int comm_allgather(struct comm *c, const float *in, float *out, size_t n)
+{
+    return c->ops->allgather(c, in, out, n);
+}
+
+int comm_send(struct comm *c, int dst, const void *buf, size_t bytes)
+{
+    return c->ops->send(c, dst, buf, bytes);
+}
+
+int comm_recv(struct comm *c, int src, void *buf, size_t bytes)
+{
+    return c->ops->recv(c, src, buf, bytes);
+}
+
+int comm_sendrecv(struct comm *c, int dst, const void *sbuf, size_t sbytes, int src, void *rbuf,
+                  size_t rbytes)
+{
+    return c->ops->sendrecv(c, dst, sbuf, sbytes, src, rbuf, rbytes);
+}
+
+double comm_allreduce_scalar(struct comm *c, double x)
+{
+    return c->ops->allreduce_scalar(c, x);
+}
+
+void comm_world_all(struct comm_world *w, int dev, struct comm *out)
+{
+    w->ops->all(w, dev, out);
+}
+
+int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out)
+{
+    return w->ops->split(w, dev, color, key, out);
+}
+
+void comm_world_free(struct comm_world *w)
+{
+    if (w)
+        w->ops->free(w);
+}
+
+/* ---- the shared-memory world ---------------------------------------------------------- */
+
 /* Groups split from a world are kept until the world is freed. */
-struct comm_world {
+struct thr_world {
+    struct comm_world base; /* first: a struct comm_world * points here */
     int ndev;
     struct comm_group *all;
     int *color, *key;          /* ndev: this split's requests */
@@ -247,28 +354,35 @@ struct comm_world {
     int failed;
 };
 
+static void thr_world_free(struct comm_world *base);
+static void thr_world_all(struct comm_world *base, int dev, struct comm *out);
+static int thr_world_split(struct comm_world *base, int dev, int color, int key, struct comm *out);
+
+static const struct comm_world_ops thr_world_ops = {
+    .all = thr_world_all, .split = thr_world_split, .free = thr_world_free};
+
 int comm_world_create(struct comm_world **out, int ndev, struct moai_err *err)
 {
-    struct comm_world *w = calloc(1, sizeof(*w));
+    struct thr_world *w = calloc(1, sizeof(*w));
     *out = NULL;
     if (!w)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory creating %d devices' world", ndev);
+    w->base = (struct comm_world){.ops = &thr_world_ops, .ndev = ndev, .nlocal = ndev};
     w->ndev = ndev;
     w->color = calloc((size_t) ndev, sizeof(int));
     w->key = calloc((size_t) ndev, sizeof(int));
     w->made = calloc((size_t) ndev, sizeof(*w->made));
     if (!w->color || !w->key || !w->made || comm_group_create(&w->all, ndev, err) < 0) {
-        comm_world_free(w);
+        thr_world_free(&w->base);
         return moai_err_set(err, MOAI_ENOMEM, "out of memory creating %d devices' world", ndev);
     }
-    *out = w;
+    *out = &w->base;
     return 0;
 }
 
-void comm_world_free(struct comm_world *w)
+static void thr_world_free(struct comm_world *base)
 {
-    if (!w)
-        return;
+    struct thr_world *w = (struct thr_world *) base;
     for (int i = 0; i < w->nowned; i++)
         comm_group_free(w->owned[i]);
     free(w->owned);
@@ -279,18 +393,20 @@ void comm_world_free(struct comm_world *w)
     free(w);
 }
 
-void comm_world_all(struct comm_world *w, int dev, struct comm *out)
+static void thr_world_all(struct comm_world *base, int dev, struct comm *out)
 {
+    struct thr_world *w = (struct thr_world *) base;
     comm_init(out, w->all, dev);
 }
 
-int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out)
+static int thr_world_split(struct comm_world *base, int dev, int color, int key, struct comm *out)
 {
+    struct thr_world *w = (struct thr_world *) base;
     struct comm all;
     comm_init(&all, w->all, dev);
     w->color[dev] = color;
     w->key[dev] = key;
-    comm_barrier(&all);
+    thr_barrier(&all);
     if (dev == 0) {
         /* One thread makes every group: the first device of each color in device order. */
         w->failed = 0;
@@ -327,7 +443,7 @@ int comm_world_split(struct comm_world *w, int dev, int color, int key, struct c
             w->made[d] = g;
         }
     }
-    comm_barrier(&all);
+    thr_barrier(&all);
     if (w->failed)
         return MOAI_ENOMEM;
     /* The rank: how many of the same color order before this device by (key, device). */
@@ -336,6 +452,6 @@ int comm_world_split(struct comm_world *w, int dev, int color, int key, struct c
         if (w->color[e] == color && (w->key[e] < key || (w->key[e] == key && e < dev)))
             rank++;
     comm_init(out, w->made[dev], rank);
-    comm_barrier(&all); /* the tables are reused by the next split */
+    thr_barrier(&all); /* the tables are reused by the next split */
     return 0;
 }

@@ -3,10 +3,15 @@
  * A communicator connects the `size` ranks of one group (a data-parallel group, a pipeline,
  * a tensor-parallel group). Every collective is called by every rank of the group with the
  * same count. Reductions add the ranks' values in rank order 0, 1, ..., size-1, whatever the
- * thread timing, so a run is bit-for-bit reproducible.
+ * timing, so a run is bit-for-bit reproducible, and the two transports below give the same
+ * bits.
  *
- * The implementation here is shared memory between the threads of one process (the virtual
- * devices); struct comm carries an ops table so another transport (Open MPI) can plug in.
+ * Two transports sit behind one interface (struct comm_ops, struct comm_world_ops):
+ *   - shared memory between the threads of one process, the virtual devices (this file's
+ *     comm_group_* and comm_world_create, comm.c);
+ *   - Open MPI between processes and machines (comm_world_create_mpi, comm_mpi.c), each
+ *     process running one or more of the devices.
+ * Training code sees only struct comm and struct comm_world and cannot tell them apart.
  *
  *     struct comm_group *g;  comm_group_create(&g, 4, &err);       (once, by the owner)
  *     struct comm c;         comm_init(&c, g, rank);               (in each device thread)
@@ -14,7 +19,8 @@
  *     comm_group_free(g);                                          (after the threads end)
  *
  * Thread-safety: one struct comm per rank and thread; a group is shared by its ranks.
- * Errors: calls return 0 or a negative MOAI_E* code (out of memory growing the scratch).
+ * Errors: calls return 0 or a negative MOAI_E* code (out of memory growing the scratch, a
+ * failed MPI call).
  */
 #ifndef MOAI_COMM_H
 #define MOAI_COMM_H
@@ -24,9 +30,25 @@
 #include <stddef.h>
 
 struct comm_group;
+struct comm;
+
+/* One transport's implementation of the calls below (see their comments). */
+struct comm_ops {
+    void (*barrier)(struct comm *c);
+    int (*allreduce_sum)(struct comm *c, float *buf, size_t n);
+    int (*reduce_scatter_sum)(struct comm *c, const float *in, float *out, size_t n);
+    int (*allgather)(struct comm *c, const float *in, float *out, size_t n);
+    int (*send)(struct comm *c, int dst, const void *buf, size_t bytes);
+    int (*recv)(struct comm *c, int src, void *buf, size_t bytes);
+    int (*sendrecv)(struct comm *c, int dst, const void *sbuf, size_t sbytes, int src, void *rbuf,
+                    size_t rbytes);
+    double (*allreduce_scalar)(struct comm *c, double x);
+};
 
 struct comm {
-    struct comm_group *group;
+    const struct comm_ops *ops;
+    struct comm_group *group; /* shared memory: the group; other transports: their state */
+    void *impl;               /* per-rank state of other transports */
     int rank;
     int size;
 };
@@ -35,7 +57,7 @@ struct comm {
 int comm_group_create(struct comm_group **g, int n, struct moai_err *err);
 void comm_group_free(struct comm_group *g);
 
-/* Binds c to rank of g. */
+/* Binds c to rank of g (the shared-memory transport). */
 void comm_init(struct comm *c, struct comm_group *g, int rank);
 
 /* Waits until every rank of the group has arrived. */
@@ -51,11 +73,17 @@ int comm_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t 
 /* in (n) on every rank -> out (n * size) on every rank: rank r's in at out[r*n]. */
 int comm_allgather(struct comm *c, const float *in, float *out, size_t n);
 
-/* Sends bytes from buf to rank dst, returning once dst has copied it. */
+/* Sends bytes from buf to rank dst, returning once dst has received it (a rendezvous, as a
+ * large MPI_Send). */
 int comm_send(struct comm *c, int dst, const void *buf, size_t bytes);
 
 /* Receives bytes from rank src into buf. The sizes of matching send and recv must agree. */
 int comm_recv(struct comm *c, int src, void *buf, size_t bytes);
+
+/* Sends sbuf to dst and receives rbuf from src at once, as MPI_Sendrecv: two ranks that
+ * exchange with each other this way never deadlock. */
+int comm_sendrecv(struct comm *c, int dst, const void *sbuf, size_t sbytes, int src, void *rbuf,
+                  size_t rbytes);
 
 /* Sum of one double over the ranks (losses, norms), in rank order. */
 double comm_allreduce_scalar(struct comm *c, double x);
@@ -71,6 +99,20 @@ double comm_allreduce_scalar(struct comm *c, double x);
  */
 struct comm_world;
 
+struct comm_world_ops {
+    void (*all)(struct comm_world *w, int dev, struct comm *out);
+    int (*split)(struct comm_world *w, int dev, int color, int key, struct comm *out);
+    void (*free)(struct comm_world *w);
+};
+
+/* The devices of this process are [first_dev, first_dev + nlocal) of ndev; with shared
+ * memory all of them. */
+struct comm_world {
+    const struct comm_world_ops *ops;
+    int ndev, first_dev, nlocal;
+};
+
+/* The shared-memory world of ndev device threads. */
 int comm_world_create(struct comm_world **w, int ndev, struct moai_err *err);
 void comm_world_free(struct comm_world *w);
 
