@@ -1,4 +1,4 @@
-/* test_train.c - every data-parallel layout trains to the same losses as one device. */
+/* test_train.c - every parallel layout trains to the same losses as one device. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -17,7 +17,8 @@
 #define STEPS 6
 
 struct fixture {
-    struct model_config cfg;
+    struct model_config cfg, untied;
+    float *init_untied;
     int32_t tokens[NREC * SEQ], labels[NREC * SEQ], lengths[NREC];
     float *init;
 };
@@ -35,12 +36,16 @@ static int setup(void **state)
 {
     (void) state;
     struct moai_err err = {0};
-    json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:i}", "hidden_size", 32,
-                          "intermediate_size", 48, "num_hidden_layers", 2, "num_attention_heads", 4,
-                          "num_key_value_heads", 2, "vocab_size", 40, "tie_word_embeddings", 1,
-                          "pad_token_id", 3);
-    assert_int_equal(model_config_load(&fx.cfg, NULL, o, &err), 0);
-    json_decref(o);
+    /* 4 layers (pp 4), 4 heads over 2 kv heads (tp 4 replicates kv heads), a vocabulary of
+     * 42 (tp 4: shards of 11 rows, the last with 9) */
+    for (int tied = 0; tied < 2; tied++) {
+        json_t *o = json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:b, s:i}", "hidden_size", 32,
+                              "intermediate_size", 48, "num_hidden_layers", 4,
+                              "num_attention_heads", 4, "num_key_value_heads", 2, "vocab_size", 42,
+                              "tie_word_embeddings", tied, "pad_token_id", 3);
+        assert_int_equal(model_config_load(tied ? &fx.cfg : &fx.untied, NULL, o, &err), 0);
+        json_decref(o);
+    }
     uint64_t s = 12345;
     for (int r = 0; r < NREC; r++) {
         int len = 6 + r % (SEQ - 6);
@@ -52,12 +57,16 @@ static int setup(void **state)
             fx.labels[r * SEQ + t] = t < len && !(r % 5 == 0 && t < 3) ? id : -100;
         }
     }
-    struct llama_params p;
-    assert_int_equal(llama_params_init(&p, &fx.cfg, NULL, &err), 0);
-    optim_init_params(NULL, &p, &fx.cfg, 7);
-    fx.init = malloc((size_t) p.nfloats * sizeof(float));
-    memcpy(fx.init, p.arena, (size_t) p.nfloats * sizeof(float));
-    llama_params_release(&p);
+    for (int tied = 0; tied < 2; tied++) {
+        const struct model_config *cfg = tied ? &fx.cfg : &fx.untied;
+        float **init = tied ? &fx.init : &fx.init_untied;
+        struct llama_params p;
+        assert_int_equal(llama_params_init(&p, cfg, NULL, &err), 0);
+        optim_init_params(NULL, &p, cfg, 7);
+        *init = malloc((size_t) p.nfloats * sizeof(float));
+        memcpy(*init, p.arena, (size_t) p.nfloats * sizeof(float));
+        llama_params_release(&p);
+    }
     return 0;
 }
 
@@ -65,11 +74,13 @@ static int teardown(void **state)
 {
     (void) state;
     free(fx.init);
+    free(fx.init_untied);
     return 0;
 }
 
 /* A checkpoint kept in memory by the save callback. */
 struct snapshot {
+    int64_t P; /* floats of the model saved */
     int64_t steps_done;
     float *params, *m, *v;
     int saves;
@@ -80,7 +91,7 @@ static int snapshot_save(void *arg, int64_t steps_done, const float *params, con
 {
     (void) err;
     struct snapshot *s = arg;
-    int64_t P = model_param_count(&fx.cfg);
+    int64_t P = s->P;
     if (s->saves++ > 0) /* keep the first (the mid-run) one */
         return 0;
     s->steps_done = steps_done;
@@ -96,38 +107,48 @@ static int snapshot_save(void *arg, int64_t steps_done, const float *params, con
 static struct snapshot *snap_in, *snap_out;
 static const char *extra_training = "";
 
+/* A layout of the tests: dp x pp x tp, micro-batches, recomputation, sharding, model. */
+struct lay {
+    int dp, pp, tp, nmb;
+    enum recompute rc;
+    bool zero2, zero3, untied;
+};
+
 /* Trains STEPS steps of a batch of 8 under a layout; fills losses. */
-static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, double *losses,
-                 struct train_result *res, struct moai_err *err)
+static int train_lay(const struct lay *l, int64_t capacity, double *losses,
+                     struct train_result *res, struct moai_err *err)
 {
     char text[512];
     struct recipe r;
+    int ndev = l->dp * l->pp * l->tp;
     snprintf(text, sizeof(text),
              "model: {path: m}\ndataset: {path: d}\n"
              "training: {batch_size: 8, block_size: %d, precision: fp32, lr: 1.0e-2,"
              " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5%s}\n"
              "flavor: {device: cpu, devices: %d, memory_gb: %g}\n",
-             SEQ, extra_training, dp, (double) capacity / 1073741824.0);
+             SEQ, extra_training, ndev, (double) capacity / 1073741824.0);
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, err), 0);
     int64_t batch = 8;
+    if (snap_out)
+        snap_out->P = model_param_count(l->untied ? &fx.untied : &fx.cfg);
     struct train_job job = {
         .recipe = &r,
-        .cfg = &fx.cfg,
-        .layout = {.dp = dp,
-                   .pp = 1,
-                   .tp = 1,
-                   .num_micro_batches = nmb,
-                   .batch_per_device = 8 / dp / nmb,
-                   .recomputation = RECOMPUTE_NONE,
-                   .distribute_param = zero2,
-                   .distribute_low_prec_param = zero3},
+        .cfg = l->untied ? &fx.untied : &fx.cfg,
+        .layout = {.dp = l->dp,
+                   .pp = l->pp,
+                   .tp = l->tp,
+                   .num_micro_batches = l->nmb,
+                   .batch_per_device = 8 / l->dp / l->nmb,
+                   .recomputation = l->rc,
+                   .distribute_param = l->zero2,
+                   .distribute_low_prec_param = l->zero3},
         .train =
             {.n = NREC, .T = SEQ, .tokens = fx.tokens, .labels = fx.labels, .lengths = fx.lengths},
         .batch_rows = batch_rows,
         .batch_arg = &batch,
         .steps_per_epoch = 4,
         .total_steps = STEPS,
-        .init_params = fx.init,
+        .init_params = l->untied ? fx.init_untied : fx.init,
         .quiet = true,
         .step_losses = losses,
         .save = snap_out ? snapshot_save : NULL,
@@ -142,6 +163,13 @@ static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, doub
     int rc = exec_train(&job, res, err);
     recipe_release(&r);
     return rc;
+}
+
+static int train(int dp, int nmb, bool zero2, bool zero3, int64_t capacity, double *losses,
+                 struct train_result *res, struct moai_err *err)
+{
+    struct lay l = {dp, 1, 1, nmb, RECOMPUTE_NONE, zero2, zero3, false};
+    return train_lay(&l, capacity, losses, res, err);
 }
 
 static void test_train_layouts_match_one_device(void **state)
@@ -178,6 +206,128 @@ static void test_train_layouts_match_one_device(void **state)
                 fail();
             }
         }
+    }
+}
+
+/* Losses of layout l against one device's, within 1e-5 relative at every step. */
+static void expect_same_losses(const struct lay *l, const double *ref)
+{
+    double got[STEPS], worst = 0;
+    struct train_result res;
+    struct moai_err err = {0};
+    int rc = train_lay(l, 1 << 30, got, &res, &err);
+    if (rc != 0) {
+        print_error("dp %d pp %d tp %d: %s\n", l->dp, l->pp, l->tp, err.msg);
+        fail();
+    }
+    for (int s = 0; s < STEPS; s++) {
+        double rel = fabs(got[s] - ref[s]) / fabs(ref[s]);
+        worst = rel > worst ? rel : worst;
+        if (rel > 1e-5) {
+            print_error("dp %d pp %d tp %d mb %d rc %d z2 %d z3 %d untied %d step %d: %.9g vs "
+                        "%.9g (rel %.3g)\n",
+                        l->dp, l->pp, l->tp, l->nmb, (int) l->rc, l->zero2, l->zero3, l->untied,
+                        s + 1, got[s], ref[s], rel);
+            fail();
+        }
+    }
+    if (getenv("SHOW"))
+        fprintf(stderr, "dp %d pp %d tp %d mb %d rc %d z2 %d z3 %d untied %d: worst rel %.3g\n",
+                l->dp, l->pp, l->tp, l->nmb, (int) l->rc, l->zero2, l->zero3, l->untied, worst);
+}
+
+static void test_train_model_parallel_matches_one_device(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {1, 2, 1, 1, RECOMPUTE_NONE, false, false, false},
+        {1, 2, 1, 4, RECOMPUTE_NONE, false, false, false},
+        {1, 4, 1, 4, RECOMPUTE_NONE, false, false, false},
+        {1, 4, 1, 2, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 2, 1, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 4, 2, RECOMPUTE_NONE, false, false, false}, /* kv heads replicated */
+        {2, 2, 2, 2, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 1, 2, RECOMPUTE_SELECTIVE, false, false, false},
+        {1, 1, 1, 1, RECOMPUTE_FULL, false, false, false},
+        {1, 2, 2, 2, RECOMPUTE_SELECTIVE, false, false, false},
+        {1, 2, 2, 4, RECOMPUTE_FULL, false, false, false},
+        {2, 2, 1, 2, RECOMPUTE_NONE, true, false, false},
+        {2, 1, 2, 2, RECOMPUTE_FULL, true, true, false},
+        {2, 2, 2, 1, RECOMPUTE_SELECTIVE, true, true, false},
+        {1, 2, 1, 2, RECOMPUTE_NONE, false, false, true},
+        {1, 1, 4, 1, RECOMPUTE_NONE, false, false, true},
+        {2, 2, 2, 2, RECOMPUTE_FULL, true, true, true},
+    };
+    double ref[2][STEPS];
+    struct train_result res;
+    struct moai_err err = {0};
+    for (int u = 0; u < 2; u++) {
+        struct lay one = {1, 1, 1, 1, RECOMPUTE_NONE, false, false, u == 1};
+        assert_int_equal(train_lay(&one, 1 << 30, ref[u], &res, &err), 0);
+        assert_true(ref[u][STEPS - 1] < ref[u][0]);
+    }
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++)
+        expect_same_losses(&lays[i], ref[lays[i].untied]);
+}
+
+/* Every device's measured peak is what exec/shard.h says it allocates. */
+static void test_train_model_parallel_memory_is_exact(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {1, 4, 1, 4, RECOMPUTE_NONE, false, false, false},
+        {2, 2, 2, 2, RECOMPUTE_SELECTIVE, true, true, true},
+        {1, 2, 2, 2, RECOMPUTE_FULL, true, false, false},
+    };
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+        double losses[STEPS];
+        struct train_result res;
+        struct moai_err err = {0};
+        const struct lay *l = &lays[i];
+        struct exec_layout el = {l->dp, l->pp,    l->tp,   l->nmb, 8 / l->dp / l->nmb,
+                                 l->rc, l->zero2, l->zero3};
+        assert_int_equal(train_lay(l, 1 << 30, losses, &res, &err), 0);
+        for (int d = 0; d < res.ndev; d++) {
+            struct shard s;
+            struct shard_bytes b;
+            assert_int_equal(shard_init(&s, l->untied ? &fx.untied : &fx.cfg, &el, SEQ, 1, d, &err),
+                             0);
+            shard_bytes(&s, &b);
+            shard_release(&s);
+            assert_int_equal(res.peak_bytes[d], b.total);
+        }
+    }
+}
+
+static void test_train_model_parallel_resume_is_bit_identical(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {1, 2, 2, 2, RECOMPUTE_NONE, false, false, false},
+        {2, 2, 1, 1, RECOMPUTE_NONE, true, true, false},
+        {1, 1, 4, 1, RECOMPUTE_NONE, true, false, true},
+    };
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+        double whole[STEPS], resumed[STEPS];
+        struct snapshot snap = {0};
+        struct train_result res;
+        struct moai_err err = {0};
+
+        extra_training = ", save_interval: 3";
+        snap_out = &snap;
+        assert_int_equal(train_lay(&lays[i], 1 << 30, whole, &res, &err), 0);
+        snap_out = NULL;
+        extra_training = "";
+        snap_in = &snap;
+        assert_int_equal(train_lay(&lays[i], 1 << 30, resumed, &res, &err), 0);
+        snap_in = NULL;
+        if (memcmp(resumed + 3, whole + 3, 3 * sizeof(double))) {
+            print_error("layout %zu: step 4 %.9g vs %.9g\n", i, resumed[3], whole[3]);
+            fail();
+        }
+        free(snap.params);
+        free(snap.m);
+        free(snap.v);
     }
 }
 
@@ -273,6 +423,9 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_train_layouts_match_one_device),
+        cmocka_unit_test(test_train_model_parallel_matches_one_device),
+        cmocka_unit_test(test_train_model_parallel_memory_is_exact),
+        cmocka_unit_test(test_train_model_parallel_resume_is_bit_identical),
         cmocka_unit_test(test_train_is_reproducible),
         cmocka_unit_test(test_train_resume_is_bit_identical),
         cmocka_unit_test(test_train_non_finite_loss_stops),

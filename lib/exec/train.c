@@ -1,8 +1,9 @@
-/* train.c - the data-parallel training loop on virtual devices (see train.h). */
+/* train.c - the training loop of any dp x pp x tp plan on the devices (see train.h). */
 #include "exec/train.h"
 
 #include "exec/comm.h"
 #include "exec/dev.h"
+#include "exec/shard.h"
 #include "exec/steplog.h"
 #include "log.h"
 #include "model/optim.h"
@@ -16,95 +17,15 @@
 
 volatile sig_atomic_t exec_stop_requested;
 
-/*
- * Units. The flat parameter arena (Hugging Face order) is cut into units that are sharded,
- * gathered and reduced one at a time: 0 the embedding, 1..L the layers, L+1 the final norm
- * and lm_head (the norm alone when the embedding is tied). A unit of len floats is split into
- * dp chunks of ceil(len / dp) floats (the last one padded); rank r owns chunk r of every unit,
- * and its shard is the concatenation of those chunks.
- */
-struct unit {
-    int64_t off;   /* first float in the flat arena */
-    int64_t len;   /* floats */
-    int64_t chunk; /* ceil(len / dp) */
-    int64_t shard; /* first float of this unit's chunk in a rank's shard */
-};
-
-struct layout {
-    int nunits;
-    struct unit *units;
-    int64_t shard_floats; /* sum of the chunks */
-    int64_t max_padded;   /* max over units of chunk x dp: one gathered unit or bucket */
-    int64_t max_chunk;
-    int64_t layer_floats;
-};
-
-static int64_t layer_floats(const struct model_config *c)
-{
-    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size;
-    return 2 * D + (c->num_attention_heads + 2 * c->num_key_value_heads) * hd * D +
-           D * c->num_attention_heads * hd + 3 * F * D;
-}
-
-static int layout_init(struct layout *lo, const struct model_config *c, int dp)
-{
-    int64_t V = c->vocab_size, D = c->hidden_size, L = c->num_hidden_layers;
-    lo->nunits = (int) L + 2;
-    lo->units = calloc((size_t) lo->nunits, sizeof(*lo->units));
-    if (!lo->units)
-        return MOAI_ENOMEM;
-    lo->layer_floats = layer_floats(c);
-    int64_t off = 0, shard = 0;
-    lo->max_padded = lo->max_chunk = 0;
-    for (int u = 0; u < lo->nunits; u++) {
-        struct unit *x = &lo->units[u];
-        if (u == 0)
-            x->len = V * D;
-        else if (u <= L)
-            x->len = lo->layer_floats;
-        else
-            x->len = D + (c->tie_word_embeddings ? 0 : V * D);
-        x->off = off;
-        x->chunk = (x->len + dp - 1) / dp;
-        x->shard = shard;
-        off += x->len;
-        shard += x->chunk;
-        if (x->chunk * dp > lo->max_padded)
-            lo->max_padded = x->chunk * dp;
-        if (x->chunk > lo->max_chunk)
-            lo->max_chunk = x->chunk;
-    }
-    lo->shard_floats = shard;
-    MOAI_ASSERT(off == model_param_count(c));
-    return 0;
-}
-
-/* Points a layer struct at the floats of one layer unit (Hugging Face order). */
-static void layer_view(struct llama_layer *l, float *base, const struct model_config *c)
-{
-    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size;
-    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads;
-    l->input_norm = base;
-    l->wq = l->input_norm + D;
-    l->wk = l->wq + H * hd * D;
-    l->wv = l->wk + KV * hd * D;
-    l->wo = l->wv + KV * hd * D;
-    l->post_norm = l->wo + D * H * hd;
-    l->w_gate = l->post_norm + D;
-    l->w_up = l->w_gate + F * D;
-    l->w_down = l->w_up + F * D;
-}
-
-/* What every device thread shares. */
+/* What every device thread of this process shares. */
 struct run {
     const struct train_job *job;
     const struct exec_layout *plan;
-    struct layout lo;
     struct comm_world *world;
-    int dp, nthreads;
+    int ndev, nthreads;
     bool zero2, zero3;
     int64_t B, T;                         /* micro-batch sequences, tokens */
-    float *host_params, *host_m, *host_v; /* gathered for saving */
+    float *host_params, *host_m, *host_v; /* the whole model, gathered on device 0 for saving */
     double *durations;                    /* device 0's step times */
     int64_t ndurations;
     struct train_result *res;
@@ -112,30 +33,42 @@ struct run {
     struct moai_err save_err;
 };
 
+/* One micro-batch's tokens, kept from its forward to its backward. */
+struct slot {
+    int32_t *tokens, *labels, *lengths;
+    struct llama_batch batch;
+};
+
 /* One device's state. */
-struct replica {
+struct device {
     struct run *run;
     struct dev *dev;
-    int rank;
-    struct comm world, dpc;
+    struct shard sh;
+    bool sh_ready;
+    struct comm world; /* every device */
+    struct comm dpc;   /* the data-parallel group: same stage and tp rank */
+    struct comm tpc;   /* the tensor-parallel group: same replica and stage */
+    struct comm ppc;   /* the pipeline: same replica and tp rank, ranked by stage */
+    struct comm kvc;   /* the tp ranks sharing one kv head (tp > kv heads) */
+    struct comm embc;  /* the first and last stage's embedding copies (tied, pp > 1) */
     struct llama m;
     bool m_ready;
-    struct llama_params p; /* full working weights (not under ZeRO-3) */
-    struct llama_params g; /* full gradients (no sharding) */
-    float *params, *grads; /* the arenas of p and g */
-    float *pshard;         /* ZeRO-3: this rank's parameter shard (the master) */
-    float *gshard;         /* ZeRO-2/3: gradient shard */
-    float *mom1, *mom2;    /* Adam moments: full or shard */
-    int64_t opt_floats;    /* floats of the moments */
-    float *bucket;         /* ZeRO-2/3: one unit's gradient, padded */
-    float *wbuf[2];        /* ZeRO-3: gathered units */
-    float *tmp;            /* a chunk */
-    float *normgrad;       /* ZeRO-2/3 with tied embeddings: the final norm's gradient */
-    struct llama_acts acts;
+    float *params;                     /* the units' weights (not under ZeRO-3) */
+    float *grads;                      /* the units' gradients (no sharding) */
+    float *pshard;                     /* ZeRO-3: this rank's weight shard */
+    float *gshard;                     /* ZeRO-2/3: gradient shard */
+    float *mom1, *mom2;                /* Adam moments: whole or shard */
+    int64_t opt_floats;                /* floats of each moment */
+    float *bucket, *nbuck;             /* ZeRO-2/3: one unit's gradient; the final norm's */
+    float *wbuf[2], *nbuf;             /* ZeRO-3: gathered units; the final norm */
+    float *tmp;                        /* ZeRO-2/3: a chunk */
+    struct llama_layer *lview, *gview; /* (nlayers) views of the layer units */
+    struct llama_acts *acts;           /* (in_flight) */
+    int nacts;
     struct llama_work work;
-    bool acts_ready, work_ready;
-    int32_t *tokens, *labels, *lengths; /* one micro-batch */
-    int64_t reserved;                   /* bytes counted for the model's own arenas */
+    bool work_ready;
+    struct slot *slots; /* (in_flight) */
+    int64_t reserved;   /* bytes counted for the model's own arenas */
 };
 
 static int64_t fbytes(int64_t floats)
@@ -143,300 +76,330 @@ static int64_t fbytes(int64_t floats)
     return floats * (int64_t) sizeof(float);
 }
 
-int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *plan, int64_t T,
-                          int nthreads)
+int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *layout,
+                          int64_t T, int nthreads)
 {
-    struct layout lo;
-    int dp = plan->dp;
-    int64_t P = model_param_count(cfg), total = 0;
-    bool zero2 = plan->distribute_param || plan->distribute_low_prec_param;
-    bool zero3 = plan->distribute_low_prec_param;
-
-    if (layout_init(&lo, cfg, dp) < 0)
-        return -1;
-    total += fbytes(zero3 ? lo.shard_floats : P);                 /* weights */
-    total += fbytes(zero2 ? lo.shard_floats + lo.max_padded : P); /* gradients */
-    total += 2 * fbytes(zero2 ? lo.shard_floats : P);             /* moments */
-    if (zero2)
-        total += fbytes(lo.max_chunk + (cfg->tie_word_embeddings ? cfg->hidden_size * dp : 0));
-    if (zero3)
-        total += 2 * fbytes(lo.max_padded);
-    total += (int64_t) llama_act_bytes(cfg, plan->batch_per_device, T);
-    total += (int64_t) llama_work_bytes(cfg, plan->batch_per_device, T, nthreads);
-    free(lo.units);
-    return total;
+    int64_t most = 0;
+    for (int stage = 0; stage < layout->pp; stage++) {
+        struct shard s;
+        struct shard_bytes b;
+        if (shard_init(&s, cfg, layout, T, nthreads, shard_device(layout, 0, stage, 0), NULL) < 0)
+            return -1;
+        shard_bytes(&s, &b);
+        shard_release(&s);
+        most = b.total > most ? b.total : most;
+    }
+    return most;
 }
 
-static float *alloc_floats(struct replica *rp, int64_t n, const char *what, int *rc)
+/* ---- the tensor-parallel hooks of the model ------------------------------------------- */
+
+static void tp_allreduce_hook(void *arg, float *buf, int64_t n)
 {
-    float *p = dev_alloc(rp->dev, fbytes(n), what);
-    if (!p && *rc == 0)
-        *rc = rp->dev->err.code ? rp->dev->err.code : MOAI_EOOM;
+    comm_allreduce_sum(arg, buf, (size_t) n);
+}
+
+static void tp_allgather_hook(void *arg, const float *in, float *out, int64_t n)
+{
+    comm_allgather(arg, in, out, (size_t) n);
+}
+
+/* ---- buffers -------------------------------------------------------------------------- */
+
+static float *alloc_floats(struct device *dv, int64_t n, const char *what, int *rc)
+{
+    if (*rc < 0)
+        return NULL;
+    float *p = dev_alloc(dv->dev, fbytes(n), what);
+    if (!p)
+        *rc = dv->dev->err.code ? dv->dev->err.code : MOAI_EOOM;
     return p;
 }
 
-static int replica_alloc(struct replica *rp)
+static int device_alloc(struct device *dv)
 {
-    struct run *run = rp->run;
-    const struct model_config *cfg = run->job->cfg;
-    const struct layout *lo = &run->lo;
-    int64_t P = model_param_count(cfg);
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
     struct moai_err err = {0};
     int rc = 0;
 
-    if (llama_init(&rp->m, cfg, run->nthreads, &err) < 0) {
-        rp->dev->err = err;
+    if (llama_init(&dv->m, &s->cfg, run->nthreads, &err) < 0) {
+        dv->dev->err = err;
         return err.code;
     }
-    rp->m_ready = true;
+    dv->m_ready = true;
+    struct llama_tp tp = {.size = s->lay.tp,
+                          .rank = s->tp_rank,
+                          .vocab_first = s->vocab_first,
+                          .vocab_rows = s->vocab_rows,
+                          .allreduce = tp_allreduce_hook,
+                          .allgather = tp_allgather_hook,
+                          .arg = &dv->tpc};
+    llama_set_tp(&dv->m, &tp);
+    /* the order of shard_bytes, so a device short of memory fails where the planner says */
     if (!run->zero3) {
-        rp->params = alloc_floats(rp, P, "the weights", &rc);
-        if (rp->params && llama_params_init(&rp->p, cfg, rp->params, &err) < 0)
-            rc = err.code;
+        dv->params = alloc_floats(dv, s->floats, "the weights", &rc);
     } else {
-        rp->pshard = alloc_floats(rp, lo->shard_floats, "the weight shard", &rc);
-        for (int i = 0; i < 2 && rc == 0; i++)
-            rp->wbuf[i] = alloc_floats(rp, lo->max_padded, "a gathered unit", &rc);
+        dv->pshard = alloc_floats(dv, s->shard_floats, "the weight shard", &rc);
+        for (int i = 0; i < 2; i++)
+            dv->wbuf[i] = alloc_floats(dv, s->max_padded, "a gathered unit", &rc);
+        if (s->norm_padded)
+            dv->nbuf = alloc_floats(dv, s->norm_padded, "the gathered final norm", &rc);
     }
-    if (rc == 0 && !run->zero2) {
-        rp->grads = alloc_floats(rp, P, "the gradients", &rc);
-        if (rp->grads && llama_params_init(&rp->g, cfg, rp->grads, &err) < 0)
-            rc = err.code;
-    } else if (rc == 0) {
-        rp->gshard = alloc_floats(rp, lo->shard_floats, "the gradient shard", &rc);
-        if (rc == 0)
-            rp->bucket = alloc_floats(rp, lo->max_padded, "a gradient bucket", &rc);
-        if (rc == 0)
-            rp->tmp = alloc_floats(rp, lo->max_chunk, "a reduction chunk", &rc);
-        if (rc == 0 && cfg->tie_word_embeddings)
-            rp->normgrad = alloc_floats(rp, cfg->hidden_size * run->dp, "the norm gradient", &rc);
+    if (!run->zero2) {
+        dv->grads = alloc_floats(dv, s->floats, "the gradients", &rc);
+    } else {
+        dv->gshard = alloc_floats(dv, s->shard_floats, "the gradient shard", &rc);
+        dv->bucket = alloc_floats(dv, s->max_padded, "a gradient bucket", &rc);
+        dv->tmp = alloc_floats(dv, s->max_chunk, "a reduction chunk", &rc);
+        if (s->norm_padded)
+            dv->nbuck = alloc_floats(dv, s->norm_padded, "the final norm's gradient", &rc);
     }
-    rp->opt_floats = run->zero2 ? lo->shard_floats : P;
-    if (rc == 0)
-        rp->mom1 = alloc_floats(rp, rp->opt_floats, "the Adam moments", &rc);
-    if (rc == 0)
-        rp->mom2 = alloc_floats(rp, rp->opt_floats, "the Adam moments", &rc);
-    if (rc == 0) {
-        int64_t bytes = (int64_t) llama_act_bytes(cfg, run->B, run->T) +
-                        (int64_t) llama_work_bytes(cfg, run->B, run->T, run->nthreads);
-        rc = dev_reserve(rp->dev, bytes, "the activations and workspace");
-        if (rc == 0)
-            rp->reserved = bytes;
-    }
-    if (rc == 0 && llama_acts_init(&rp->acts, cfg, run->B, run->T, &err) < 0)
-        rc = err.code;
-    rp->acts_ready = rc == 0;
-    if (rc == 0 && llama_work_init(&rp->work, cfg, run->B, run->T, run->nthreads, &err) < 0)
-        rc = err.code;
-    rp->work_ready = rc == 0;
-    if (rc == 0) {
+    dv->opt_floats = run->zero2 ? s->shard_floats : s->floats;
+    dv->mom1 = alloc_floats(dv, dv->opt_floats, "the Adam moments", &rc);
+    dv->mom2 = alloc_floats(dv, dv->opt_floats, "the Adam moments", &rc);
+    if (rc < 0)
+        return rc;
+
+    int64_t act = (int64_t) llama_acts_bytes_shape(&s->cfg, &s->shape);
+    int64_t bytes = s->in_flight * act + (int64_t) llama_work_bytes_shape(&s->cfg, &s->shape);
+    if ((rc = dev_reserve(dv->dev, bytes, "the activations and workspace")) < 0)
+        return rc;
+    dv->reserved = bytes;
+    dv->acts = calloc((size_t) s->in_flight, sizeof(*dv->acts));
+    dv->slots = calloc((size_t) s->in_flight, sizeof(*dv->slots));
+    dv->lview = calloc((size_t) (s->nlayers + 1), sizeof(*dv->lview));
+    dv->gview = calloc((size_t) (s->nlayers + 1), sizeof(*dv->gview));
+    if (!dv->acts || !dv->slots || !dv->lview || !dv->gview)
+        return moai_err_set(&dv->dev->err, MOAI_ENOMEM, "out of memory");
+    for (int i = 0; i < s->in_flight; i++) {
+        if (llama_acts_bind_shape(&dv->acts[i], &s->cfg, &s->shape, NULL, &err) < 0) {
+            dv->dev->err = err;
+            return err.code;
+        }
+        dv->nacts++;
+        struct slot *sl = &dv->slots[i];
         size_t n = (size_t) (run->B * run->T);
-        rp->tokens = malloc(n * sizeof(int32_t));
-        rp->labels = malloc(n * sizeof(int32_t));
-        rp->lengths = malloc((size_t) run->B * sizeof(int32_t));
-        if (!rp->tokens || !rp->labels || !rp->lengths)
-            rc = moai_err_set(&err, MOAI_ENOMEM, "out of memory");
+        sl->tokens = malloc(n * sizeof(int32_t));
+        sl->labels = malloc(n * sizeof(int32_t));
+        sl->lengths = malloc((size_t) run->B * sizeof(int32_t));
+        if (!sl->tokens || !sl->labels || !sl->lengths)
+            return moai_err_set(&dv->dev->err, MOAI_ENOMEM, "out of memory");
     }
-    if (rc < 0 && err.code && !rp->dev->err.code)
-        rp->dev->err = err;
-    return rc;
+    if (llama_work_bind_shape(&dv->work, &s->cfg, &s->shape, NULL, &err) < 0) {
+        dv->dev->err = err;
+        return err.code;
+    }
+    dv->work_ready = true;
+    return 0;
 }
 
-static void replica_free(struct replica *rp)
+static void device_free(struct device *dv)
 {
-    struct run *run = rp->run;
-    const struct layout *lo = &run->lo;
-    int64_t P = model_param_count(run->job->cfg);
+    const struct shard *s = &dv->sh;
+    struct dev *d = dv->dev;
 
-    free(rp->tokens);
-    free(rp->labels);
-    free(rp->lengths);
-    if (rp->work_ready)
-        llama_work_release(&rp->work);
-    if (rp->acts_ready)
-        llama_acts_release(&rp->acts);
-    if (rp->reserved)
-        dev_unreserve(rp->dev, rp->reserved);
-    dev_free(rp->dev, rp->mom1, fbytes(rp->opt_floats));
-    dev_free(rp->dev, rp->mom2, fbytes(rp->opt_floats));
-    dev_free(rp->dev, rp->normgrad, fbytes(run->job->cfg->hidden_size * run->dp));
-    dev_free(rp->dev, rp->tmp, fbytes(lo->max_chunk));
-    dev_free(rp->dev, rp->bucket, fbytes(lo->max_padded));
-    dev_free(rp->dev, rp->gshard, fbytes(lo->shard_floats));
-    llama_params_release(&rp->g); /* the pointer tables; the arenas are the device's */
-    llama_params_release(&rp->p);
-    dev_free(rp->dev, rp->grads, fbytes(P));
-    for (int i = 0; i < 2; i++)
-        dev_free(rp->dev, rp->wbuf[i], fbytes(lo->max_padded));
-    dev_free(rp->dev, rp->pshard, fbytes(lo->shard_floats));
-    dev_free(rp->dev, rp->params, fbytes(P));
-    if (rp->m_ready)
-        llama_release(&rp->m);
+    for (int i = 0; dv->slots && i < s->in_flight; i++) {
+        free(dv->slots[i].tokens);
+        free(dv->slots[i].labels);
+        free(dv->slots[i].lengths);
+    }
+    free(dv->slots);
+    for (int i = 0; i < dv->nacts; i++)
+        llama_acts_release(&dv->acts[i]);
+    free(dv->acts);
+    free(dv->lview);
+    free(dv->gview);
+    if (dv->work_ready)
+        llama_work_release(&dv->work);
+    if (dv->reserved)
+        dev_unreserve(d, dv->reserved);
+    if (dv->sh_ready) {
+        dev_free(d, dv->mom1, fbytes(dv->opt_floats));
+        dev_free(d, dv->mom2, fbytes(dv->opt_floats));
+        dev_free(d, dv->nbuck, fbytes(s->norm_padded));
+        dev_free(d, dv->tmp, fbytes(s->max_chunk));
+        dev_free(d, dv->bucket, fbytes(s->max_padded));
+        dev_free(d, dv->gshard, fbytes(s->shard_floats));
+        dev_free(d, dv->grads, fbytes(s->floats));
+        dev_free(d, dv->nbuf, fbytes(s->norm_padded));
+        for (int i = 0; i < 2; i++)
+            dev_free(d, dv->wbuf[i], fbytes(s->max_padded));
+        dev_free(d, dv->pshard, fbytes(s->shard_floats));
+        dev_free(d, dv->params, fbytes(s->floats));
+        shard_release(&dv->sh);
+    }
+    if (dv->m_ready)
+        llama_release(&dv->m);
 }
 
-/* The floats of unit u that rank r owns: [*first, *first + *n) within the unit. */
-static void owned(const struct unit *u, int r, int64_t *first, int64_t *n)
+/* The floats of unit u that data-parallel rank r owns: [*first, *first + *n) of the unit. */
+static void owned(const struct shard_unit *u, int r, int64_t *first, int64_t *n)
 {
     int64_t a = u->chunk * r, b = a + u->chunk;
-    if (a > u->len)
-        a = u->len;
-    if (b > u->len)
-        b = u->len;
+    a = a < u->len ? a : u->len;
+    b = b < u->len ? b : u->len;
     *first = a;
     *n = b - a;
 }
 
-/* Loads the starting weights and moments into this rank's buffers. */
-static void replica_load(struct replica *rp)
+/* Loads the starting weights (and moments on resume) from the whole model's arenas. */
+static int device_load(struct device *dv)
 {
-    struct run *run = rp->run;
-    const struct train_job *job = run->job;
-    const struct layout *lo = &run->lo;
-    int64_t P = model_param_count(job->cfg);
+    const struct train_job *job = dv->run->job;
+    const struct shard *s = &dv->sh;
+    bool zero2 = dv->run->zero2, zero3 = dv->run->zero3;
+    float *unit = malloc((size_t) fbytes(s->max_padded));
+    if (!unit)
+        return moai_err_set(&dv->dev->err, MOAI_ENOMEM, "out of memory");
 
-    if (!run->zero3)
-        memcpy(rp->params, job->init_params, (size_t) fbytes(P));
-    for (int u = 0; u < lo->nunits; u++) {
-        const struct unit *x = &lo->units[u];
+    for (int ui = 0; ui < s->nunits; ui++) {
+        const struct shard_unit *u = &s->units[ui];
         int64_t first, n;
-        owned(x, rp->rank, &first, &n);
-        if (run->zero3)
-            memcpy(rp->pshard + x->shard, job->init_params + x->off + first, (size_t) fbytes(n));
-        if (run->zero2 && job->init_m) {
-            memcpy(rp->mom1 + x->shard, job->init_m + x->off + first, (size_t) fbytes(n));
-            memcpy(rp->mom2 + x->shard, job->init_v + x->off + first, (size_t) fbytes(n));
+        owned(u, s->dp_rank, &first, &n);
+        shard_unit_from_full(s, ui, job->init_params, unit);
+        if (zero3)
+            memcpy(dv->pshard + u->shard, unit + first, (size_t) fbytes(n));
+        else
+            memcpy(dv->params + u->off, unit, (size_t) fbytes(u->len));
+        for (int k = 0; k < 2 && job->init_m; k++) {
+            float *mom = k ? dv->mom2 : dv->mom1;
+            shard_unit_from_full(s, ui, k ? job->init_v : job->init_m, unit);
+            if (zero2)
+                memcpy(mom + u->shard, unit + first, (size_t) fbytes(n));
+            else
+                memcpy(mom + u->off, unit, (size_t) fbytes(u->len));
         }
     }
-    if (!run->zero2 && job->init_m) {
-        memcpy(rp->mom1, job->init_m, (size_t) fbytes(P));
-        memcpy(rp->mom2, job->init_v, (size_t) fbytes(P));
-    }
+    free(unit);
+    return 0;
 }
 
-/* ZeRO-3: gathers unit u of the weights into buf. */
-static void gather_unit(struct replica *rp, int u, float *buf)
+/* ---- units in and out of the model ---------------------------------------------------- */
+
+/* The weights of unit u for the model to read: in the arena, or gathered (ZeRO-3) into buf. */
+static float *unit_weights(struct device *dv, int u, float *buf)
 {
-    const struct unit *x = &rp->run->lo.units[u];
-    comm_allgather(&rp->dpc, rp->pshard + x->shard, buf, x->chunk);
+    const struct shard_unit *x = &dv->sh.units[u];
+    if (!dv->run->zero3)
+        return dv->params + x->off;
+    comm_allgather(&dv->dpc, dv->pshard + x->shard, buf, (size_t) x->chunk);
+    return buf;
 }
 
-/* ZeRO-2/3: reduce-scatters unit u's gradient from buf (padded) and adds this rank's chunk
- * to the gradient shard. */
-static void reduce_unit(struct replica *rp, int u, const float *buf)
+/* Where unit u's gradient accumulates: the arena, or the zeroed bucket buf (ZeRO-2/3). */
+static float *unit_grads(struct device *dv, int u, float *buf)
 {
-    const struct unit *x = &rp->run->lo.units[u];
-    float *dst = rp->gshard + x->shard;
-    comm_reduce_scatter_sum(&rp->dpc, buf, rp->tmp, x->chunk);
+    const struct shard_unit *x = &dv->sh.units[u];
+    if (!dv->run->zero2)
+        return dv->grads + x->off;
+    memset(buf, 0, (size_t) fbytes(x->chunk * dv->sh.lay.dp));
+    return buf;
+}
+
+/* ZeRO-2/3: reduce-scatters unit u's gradient from buf and adds this rank's chunk to the
+ * gradient shard. */
+static void unit_reduce(struct device *dv, int u, const float *buf)
+{
+    const struct shard_unit *x = &dv->sh.units[u];
+    if (!dv->run->zero2)
+        return;
+    float *dst = dv->gshard + x->shard;
+    comm_reduce_scatter_sum(&dv->dpc, buf, dv->tmp, (size_t) x->chunk);
     for (int64_t i = 0; i < x->chunk; i++)
-        dst[i] += rp->tmp[i];
+        dst[i] += dv->tmp[i];
 }
 
-/* The weights the model reads: the full arena, or views of gathered units (ZeRO-3). */
-static void weights_view(struct replica *rp, struct llama_params *v)
+/* The unit of the stage's local layer l. */
+static int layer_unit(const struct device *dv, int64_t l)
 {
-    if (!rp->run->zero3)
-        *v = rp->p;
-    else
-        memset(v, 0, sizeof(*v));
+    return (dv->sh.has_embed ? 1 : 0) + (int) l;
 }
 
-/* Forward of one micro-batch; returns the loss sum. With backward, also its gradients:
- * accumulated into rp->g, or reduced unit by unit into the gradient shard. */
-static double micro_batch(struct replica *rp, const struct llama_batch *b, bool backward,
-                          float dloss)
+/* ---- one micro-batch through the stage ------------------------------------------------ */
+
+/* Forward of the micro-batch in slot k: the embedding (first stage) or the received input,
+ * the stage's layers, and on the last stage the head and loss. Returns the loss sum (last
+ * stage; 0 elsewhere). */
+static double stage_forward(struct device *dv, int k, bool backward, float dloss)
 {
-    struct run *run = rp->run;
-    const struct model_config *cfg = run->job->cfg;
-    const struct layout *lo = &run->lo;
-    int64_t L = cfg->num_hidden_layers, D = cfg->hidden_size;
-    bool tied = cfg->tie_word_embeddings;
-    struct llama_params pv;
-    struct llama_layer lv;
-    double loss;
+    const struct shard *s = &dv->sh;
+    struct llama_acts *a = &dv->acts[k];
+    const struct llama_batch *b = &dv->slots[k].batch;
+    struct llama_params pv = {0};
 
-    if (!run->zero2 && !run->zero3)
-        return llama_forward_backward(&rp->m, &rp->p, backward ? &rp->g : NULL, &rp->acts,
-                                      &rp->work, b, dloss);
-
-    weights_view(rp, &pv);
-    if (run->zero3) {
-        gather_unit(rp, 0, rp->wbuf[0]);
-        pv.embed = rp->wbuf[0];
+    if (s->has_embed) {
+        pv.embed = unit_weights(dv, s->embed_unit, dv->wbuf[0]);
+        llama_embed_forward(&dv->m, &pv, a, &dv->work, b);
     }
-    llama_embed_forward(&rp->m, &pv, &rp->acts, &rp->work, b);
-    for (int64_t l = 0; l < L; l++) {
-        const struct llama_layer *lp = run->zero3 ? &lv : &rp->p.layers[l];
-        float *out = l + 1 < L ? rp->acts.layers[l + 1].x : rp->acts.xf;
-        if (run->zero3) {
-            gather_unit(rp, (int) l + 1, rp->wbuf[0]);
-            layer_view(&lv, rp->wbuf[0], cfg);
-        }
-        llama_layer_forward(&rp->m, lp, &rp->acts.layers[l], out, &rp->work, b);
+    for (int64_t l = 0; l < s->nlayers; l++) {
+        float *out = l + 1 < s->nlayers ? a->layers[l + 1].x : a->xf;
+        shard_layer_view(&dv->lview[l], unit_weights(dv, layer_unit(dv, l), dv->wbuf[0]), &s->cfg);
+        llama_layer_forward(&dv->m, &dv->lview[l], &a->layers[l], out, &dv->work, b);
     }
-    if (run->zero3) {
-        gather_unit(rp, (int) L + 1, rp->wbuf[0]);
-        pv.norm = rp->wbuf[0];
-        if (tied) {
-            gather_unit(rp, 0, rp->wbuf[1]);
-            pv.lm_head = rp->wbuf[1];
-        } else {
-            pv.lm_head = rp->wbuf[0] + D;
-        }
-    }
-    loss = llama_head_forward(&rp->m, &pv, &rp->acts, &rp->work, backward, dloss);
-    if (!backward)
-        return loss;
-
-    /* Backward, one unit's gradient in the bucket at a time. */
-    struct llama_params gv;
-    memset(&gv, 0, sizeof(gv));
-    memset(rp->bucket, 0, (size_t) fbytes(lo->max_padded));
-    if (tied) {
-        memset(rp->normgrad, 0, (size_t) fbytes(D * run->dp));
-        gv.norm = rp->normgrad;
-        gv.lm_head = rp->bucket;
-    } else {
-        gv.norm = rp->bucket;
-        gv.lm_head = rp->bucket + D;
-    }
-    llama_head_backward(&rp->m, &pv, &gv, &rp->acts, &rp->work);
-    if (tied) {
-        reduce_unit(rp, (int) L + 1, rp->normgrad);
-        reduce_unit(rp, 0, rp->bucket);
-    } else {
-        reduce_unit(rp, (int) L + 1, rp->bucket);
-    }
-    for (int64_t l = L - 1; l >= 0; l--) {
-        const struct llama_layer *lp = run->zero3 ? &lv : &rp->p.layers[l];
-        struct llama_layer lg;
-        if (run->zero3) {
-            gather_unit(rp, (int) l + 1, rp->wbuf[0]);
-            layer_view(&lv, rp->wbuf[0], cfg);
-        }
-        memset(rp->bucket, 0, (size_t) fbytes(lo->units[l + 1].chunk * run->dp));
-        layer_view(&lg, rp->bucket, cfg);
-        llama_layer_backward(&rp->m, lp, &lg, &rp->acts.layers[l], &rp->work, b);
-        reduce_unit(rp, (int) l + 1, rp->bucket);
-    }
-    memset(rp->bucket, 0, (size_t) fbytes(lo->units[0].chunk * run->dp));
-    gv.embed = rp->bucket;
-    llama_embed_backward(&rp->m, &gv, &rp->work, b);
-    reduce_unit(rp, 0, rp->bucket);
-    return loss;
+    if (!s->has_head)
+        return 0.0;
+    if (!s->has_embed)
+        llama_set_targets(&dv->work, b);
+    pv.norm = unit_weights(dv, s->norm_unit, dv->nbuf);
+    pv.lm_head =
+        unit_weights(dv, s->lm_head_unit >= 0 ? s->lm_head_unit : s->embed_unit, dv->wbuf[1]);
+    return llama_head_forward(&dv->m, &pv, a, &dv->work, backward, dloss);
 }
 
-/* Copies records rows[0..B) into the micro-batch buffers. */
-static void fill_batch(struct replica *rp, const struct train_records *recs, const int64_t *rows,
-                       int64_t B, struct llama_batch *b)
+/* Backward of the micro-batch in slot k, right after its forward on the last stage, else
+ * with the gradient of the stage's output in work.dres. Leaves the gradient of the stage's
+ * input in work.dres (the first stage scatters it into the embedding). */
+static void stage_backward(struct device *dv, int k)
 {
+    const struct shard *s = &dv->sh;
+    struct llama_acts *a = &dv->acts[k];
+    const struct llama_batch *b = &dv->slots[k].batch;
+    struct llama_params pv = {0}, gv = {0};
+
+    if (s->has_head) {
+        int lm = s->lm_head_unit >= 0 ? s->lm_head_unit : s->embed_unit;
+        /* the weights gathered by the forward just before are still in place */
+        pv.norm = dv->run->zero3 ? dv->nbuf : dv->params + s->units[s->norm_unit].off;
+        pv.lm_head = dv->run->zero3 ? dv->wbuf[1] : dv->params + s->units[lm].off;
+        gv.norm = unit_grads(dv, s->norm_unit, dv->nbuck);
+        gv.lm_head = unit_grads(dv, lm, dv->bucket);
+        llama_head_backward(&dv->m, &pv, &gv, a, &dv->work);
+        unit_reduce(dv, s->norm_unit, gv.norm);
+        unit_reduce(dv, lm, gv.lm_head);
+    }
+    for (int64_t l = s->nlayers - 1; l >= 0; l--) {
+        int u = layer_unit(dv, l);
+        shard_layer_view(&dv->lview[l], unit_weights(dv, u, dv->wbuf[0]), &s->cfg);
+        float *g = unit_grads(dv, u, dv->bucket);
+        shard_layer_view(&dv->gview[l], g, &s->cfg);
+        llama_layer_backward(&dv->m, &dv->lview[l], &dv->gview[l], &a->layers[l], &dv->work, b);
+        unit_reduce(dv, u, g);
+    }
+    if (s->has_embed) {
+        gv.embed = unit_grads(dv, s->embed_unit, dv->bucket);
+        llama_embed_backward(&dv->m, &gv, &dv->work, b);
+        unit_reduce(dv, s->embed_unit, gv.embed);
+    }
+}
+
+/* Copies records rows[0..B) into slot k; labels of rows past `real` are masked. */
+static void fill_slot(struct device *dv, int k, const struct train_records *recs,
+                      const int64_t *rows, int64_t B, int64_t real)
+{
+    struct slot *sl = &dv->slots[k];
     int64_t T = recs->T;
     for (int64_t i = 0; i < B; i++) {
-        memcpy(rp->tokens + i * T, recs->tokens + rows[i] * T, (size_t) T * sizeof(int32_t));
-        memcpy(rp->labels + i * T, recs->labels + rows[i] * T, (size_t) T * sizeof(int32_t));
-        rp->lengths[i] = recs->lengths[rows[i]];
+        memcpy(sl->tokens + i * T, recs->tokens + rows[i] * T, (size_t) T * sizeof(int32_t));
+        if (i < real)
+            memcpy(sl->labels + i * T, recs->labels + rows[i] * T, (size_t) T * sizeof(int32_t));
+        else
+            for (int64_t t = 0; t < T; t++)
+                sl->labels[i * T + t] = -100;
+        sl->lengths[i] = recs->lengths[rows[i]];
     }
-    *b = (struct llama_batch){
-        .B = B, .T = T, .tokens = rp->tokens, .labels = rp->labels, .lengths = rp->lengths};
+    sl->batch = (struct llama_batch){
+        .B = B, .T = T, .tokens = sl->tokens, .labels = sl->labels, .lengths = sl->lengths};
 }
 
 /* Labels that count in records rows (position t >= 1 of each, not -100). */
@@ -451,119 +414,329 @@ static int64_t count_targets(const struct train_records *recs, const int64_t *ro
     return count;
 }
 
-/* The optimizer step after the gradients of a step are complete. Returns the norm. */
-static double optimizer_step(struct replica *rp, int64_t step, double lr)
+/* ---- the pipeline schedule ------------------------------------------------------------ */
+
+static size_t act_bytes(const struct device *dv)
 {
-    struct run *run = rp->run;
+    return (size_t) fbytes(dv->run->B * dv->run->T * dv->sh.full.hidden_size);
+}
+
+/* Where the input of micro-batch slot k arrives (not on the first stage). */
+static float *stage_input(struct device *dv, int k)
+{
+    return dv->acts[k].layers[0].x;
+}
+
+/*
+ * One step's micro-batches under 1F1B (PipeDream-Flush, as Megatron-LM schedules it): stage
+ * s first runs min(pp - s - 1, nmb) forwards, then alternates one forward and one backward,
+ * then runs the remaining backwards. Sends and receives between neighbouring stages pair up
+ * as exchanges (comm_sendrecv), so rendezvous transports never deadlock. Micro-batch i uses
+ * slot i mod in_flight: a slot is reused only after its backward. Returns the loss sum of
+ * the stage (the last stage's; 0 elsewhere).
+ */
+static double step_pipeline(struct device *dv, const int64_t *rows, float dloss)
+{
+    const struct shard *s = &dv->sh;
+    struct run *run = dv->run;
+    int pp = s->lay.pp, stage = s->stage, nmb = s->lay.num_micro_batches;
+    int nslot = (int) s->in_flight;
+    int warm = pp - stage - 1 < nmb ? pp - stage - 1 : nmb, rest = nmb - warm;
+    bool first = stage == 0, last = stage == pp - 1;
+    size_t bytes = act_bytes(dv);
+    double loss = 0.0;
+
+#define ROWS_OF(i) (rows + ((int64_t) s->dp_rank * nmb + (i)) * run->B)
+#define FILL(i)    fill_slot(dv, (i) % nslot, &run->job->train, ROWS_OF(i), run->B, run->B)
+
+    for (int i = 0; i < warm; i++) {
+        FILL(i);
+        if (!first)
+            comm_recv(&dv->ppc, stage - 1, stage_input(dv, i % nslot), bytes);
+        loss += stage_forward(dv, i % nslot, true, dloss);
+        comm_send(&dv->ppc, stage + 1, dv->acts[i % nslot].xf, bytes);
+    }
+    if (rest > 0) {
+        FILL(warm);
+        if (!first)
+            comm_recv(&dv->ppc, stage - 1, stage_input(dv, warm % nslot), bytes);
+    }
+    for (int i = 0; i < rest; i++) {
+        int f = warm + i, k = f % nslot, bk = i % nslot;
+        loss += stage_forward(dv, k, true, dloss);
+        if (!last)
+            comm_sendrecv(&dv->ppc, stage + 1, dv->acts[k].xf, bytes, stage + 1, dv->work.dres,
+                          bytes);
+        stage_backward(dv, bk);
+        if (i == rest - 1) {
+            if (!first)
+                comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes);
+        } else {
+            FILL(f + 1);
+            if (!first)
+                comm_sendrecv(&dv->ppc, stage - 1, dv->work.dres, bytes, stage - 1,
+                              stage_input(dv, (f + 1) % nslot), bytes);
+        }
+    }
+    for (int i = rest; i < nmb; i++) {
+        comm_recv(&dv->ppc, stage + 1, dv->work.dres, bytes);
+        stage_backward(dv, i % nslot);
+        if (!first)
+            comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes);
+    }
+#undef FILL
+#undef ROWS_OF
+    return loss;
+}
+
+/* ---- the optimizer step --------------------------------------------------------------- */
+
+/* Sums, over comm c, floats [a, b) of every unit's gradient that ranges() selects. Under
+ * ZeRO only the owned chunk of each unit is held, so the range is clipped to it. */
+static void sum_unit_range(struct device *dv, struct comm *c, int u, int64_t a, int64_t b)
+{
+    const struct shard_unit *x = &dv->sh.units[u];
+    if (!dv->run->zero2) {
+        comm_allreduce_sum(c, dv->grads + x->off + a, (size_t) (b - a));
+        return;
+    }
+    int64_t first, n;
+    owned(x, dv->sh.dp_rank, &first, &n);
+    int64_t lo = a > first ? a : first, hi = b < first + n ? b : first + n;
+    if (hi < lo)
+        hi = lo; /* every rank of c calls with the same count: same chunking */
+    comm_allreduce_sum(c, dv->gshard + x->shard + (lo - first), (size_t) (hi - lo));
+}
+
+/* Gradients that several devices hold partial sums of become whole: the k and v of a kv
+ * head shared by tp ranks, the tied embedding's first- and last-stage copies. */
+static void sum_replicas(struct device *dv)
+{
+    const struct shard *s = &dv->sh;
+    if (s->kv_replicated)
+        for (int u = 0; u < s->nunits; u++)
+            if (s->units[u].kind == SHARD_LAYER) {
+                int64_t a, b;
+                shard_kv_range(s, u, &a, &b);
+                sum_unit_range(dv, &dv->kvc, u, a, b);
+            }
+    if (s->full.tie_word_embeddings && s->lay.pp > 1) {
+        int u = s->has_embed ? s->embed_unit : s->has_head ? s->lm_head_unit : -1;
+        if (u >= 0)
+            sum_unit_range(dv, &dv->embc, u, 0, s->units[u].len);
+    }
+}
+
+static double sumsq(const float *x, int64_t n)
+{
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; i++)
+        acc += (double) x[i] * x[i];
+    return acc;
+}
+
+/* This device's share of the squared gradient norm: what it holds of each unit (its chunk
+ * under ZeRO; everything, on data-parallel rank 0 only, otherwise), less what another device
+ * also holds. */
+static double local_sumsq(struct device *dv)
+{
+    const struct shard *s = &dv->sh;
+    double total = 0.0;
+    if (!dv->run->zero2 && s->dp_rank != 0)
+        return 0.0;
+    for (int u = 0; u < s->nunits; u++) {
+        const struct shard_unit *x = &s->units[u];
+        int64_t first = 0, n = x->len, dup[4][2];
+        const float *g = dv->run->zero2 ? dv->gshard + x->shard : dv->grads + x->off;
+        if (dv->run->zero2)
+            owned(x, s->dp_rank, &first, &n);
+        total += sumsq(g, n);
+        int nd = shard_duplicate_ranges(s, u, dup);
+        for (int i = 0; i < nd; i++) {
+            int64_t lo = dup[i][0] > first ? dup[i][0] : first;
+            int64_t hi = dup[i][1] < first + n ? dup[i][1] : first + n;
+            if (hi > lo)
+                total -= sumsq(g + (lo - first), hi - lo);
+        }
+    }
+    return total;
+}
+
+/* The optimizer step once the step's gradients are complete. Returns the gradient norm. */
+static double optimizer_step(struct device *dv, int64_t step, double lr)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
     const struct recipe *r = run->job->recipe;
-    const struct layout *lo = &run->lo;
-    int64_t P = model_param_count(run->job->cfg);
     struct optim_adamw hp = {.lr = lr,
                              .beta1 = r->training.betas[0],
                              .beta2 = r->training.betas[1],
                              .eps = r->training.eps,
                              .weight_decay = r->training.weight_decay};
-    double norm;
 
-    if (!run->zero2) {
-        comm_allreduce_sum(&rp->dpc, rp->grads, (size_t) P);
-        norm = optim_clip_grad_norm(rp->m.pool, rp->grads, P, r->training.grad_clip);
-        optim_adamw_step(rp->m.pool, rp->params, rp->grads, rp->mom1, rp->mom2, P, step, &hp);
-        return norm;
-    }
-    double local = optim_grad_norm(rp->m.pool, rp->gshard, lo->shard_floats);
-    norm = sqrt(comm_allreduce_scalar(&rp->dpc, local * local));
+    if (!run->zero2)
+        comm_allreduce_sum(&dv->dpc, dv->grads, (size_t) s->floats);
+    sum_replicas(dv);
+    double norm = sqrt(comm_allreduce_scalar(&dv->world, local_sumsq(dv)));
+    float *g = run->zero2 ? dv->gshard : dv->grads;
+    int64_t n = run->zero2 ? s->shard_floats : s->floats;
     if (r->training.grad_clip > 0 && norm > r->training.grad_clip) {
         float scale = (float) (r->training.grad_clip / (norm + 1e-6));
-        for (int64_t i = 0; i < lo->shard_floats; i++)
-            rp->gshard[i] *= scale;
+        for (int64_t i = 0; i < n; i++)
+            g[i] *= scale;
     }
-    if (run->zero3) {
-        optim_adamw_step(rp->m.pool, rp->pshard, rp->gshard, rp->mom1, rp->mom2, lo->shard_floats,
-                         step, &hp);
+    if (!run->zero2) {
+        optim_adamw_step(dv->m.pool, dv->params, g, dv->mom1, dv->mom2, n, step, &hp);
         return norm;
     }
-    /* ZeRO-2: update the owned chunk of each unit in the full weights, then all-gather. */
-    for (int u = 0; u < lo->nunits; u++) {
-        const struct unit *x = &lo->units[u];
-        int64_t first, n;
-        owned(x, rp->rank, &first, &n);
-        if (n > 0)
-            optim_adamw_step(rp->m.pool, rp->params + x->off + first, rp->gshard + x->shard,
-                             rp->mom1 + x->shard, rp->mom2 + x->shard, n, step, &hp);
-        memset(rp->tmp, 0, (size_t) fbytes(x->chunk));
-        memcpy(rp->tmp, rp->params + x->off + first, (size_t) fbytes(n));
-        comm_allgather(&rp->dpc, rp->tmp, rp->bucket, x->chunk);
-        memcpy(rp->params + x->off, rp->bucket, (size_t) fbytes(x->len));
+    if (run->zero3) {
+        optim_adamw_step(dv->m.pool, dv->pshard, g, dv->mom1, dv->mom2, n, step, &hp);
+        return norm;
+    }
+    /* ZeRO-2: update the owned chunk of each unit in the whole weights, then all-gather */
+    for (int u = 0; u < s->nunits; u++) {
+        const struct shard_unit *x = &s->units[u];
+        int64_t first, cnt;
+        owned(x, s->dp_rank, &first, &cnt);
+        if (cnt > 0)
+            optim_adamw_step(dv->m.pool, dv->params + x->off + first, dv->gshard + x->shard,
+                             dv->mom1 + x->shard, dv->mom2 + x->shard, cnt, step, &hp);
+        memset(dv->tmp, 0, (size_t) fbytes(x->chunk));
+        memcpy(dv->tmp, dv->params + x->off + first, (size_t) fbytes(cnt));
+        comm_allgather(&dv->dpc, dv->tmp, dv->bucket, (size_t) x->chunk);
+        memcpy(dv->params + x->off, dv->bucket, (size_t) fbytes(x->len));
     }
     return norm;
 }
 
-/* Gathers weights and moments into the host buffers and lets device 0 save them. */
-static int save_checkpoint(struct replica *rp, int64_t steps_done)
-{
-    struct run *run = rp->run;
-    const struct layout *lo = &run->lo;
-    int64_t P = model_param_count(run->job->cfg);
+/* ---- checkpoints ---------------------------------------------------------------------- */
 
-    if (!run->zero3 && rp->rank == 0)
-        memcpy(run->host_params, rp->params, (size_t) fbytes(P));
-    if (!run->zero2 && rp->rank == 0) {
-        memcpy(run->host_m, rp->mom1, (size_t) fbytes(P));
-        memcpy(run->host_v, rp->mom2, (size_t) fbytes(P));
+/* The whole unit u of weights (k = 0) or a moment (1, 2) into out (max_padded floats):
+ * gathered over the data-parallel group when sharded (collective over it). */
+static void unit_whole(struct device *dv, int u, int k, float *out)
+{
+    const struct shard_unit *x = &dv->sh.units[u];
+    bool sharded = k == 0 ? dv->run->zero3 : dv->run->zero2;
+    const float *src = k == 0 ? (sharded ? dv->pshard : dv->params) : k == 1 ? dv->mom1 : dv->mom2;
+    if (!sharded) {
+        memcpy(out, src + x->off, (size_t) fbytes(x->len));
+        return;
     }
-    for (int u = 0; u < lo->nunits && run->zero2; u++) {
-        const struct unit *x = &lo->units[u];
-        int64_t first, n;
-        owned(x, rp->rank, &first, &n);
-        if (run->zero3)
-            memcpy(run->host_params + x->off + first, rp->pshard + x->shard, (size_t) fbytes(n));
-        memcpy(run->host_m + x->off + first, rp->mom1 + x->shard, (size_t) fbytes(n));
-        memcpy(run->host_v + x->off + first, rp->mom2 + x->shard, (size_t) fbytes(n));
+    int64_t first, n;
+    owned(x, dv->sh.dp_rank, &first, &n);
+    memset(dv->tmp, 0, (size_t) fbytes(x->chunk));
+    memcpy(dv->tmp, src + x->shard, (size_t) fbytes(n));
+    comm_allgather(&dv->dpc, dv->tmp, out, (size_t) x->chunk);
+}
+
+/* Weights and moments of the whole model on device 0: every device of data-parallel rank 0
+ * sends its units (gathered over its group first under ZeRO), device 0 places them in the
+ * Hugging Face order of the host arenas, then saves. */
+static int save_checkpoint(struct device *dv, int64_t steps_done)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
+    float *arr[3] = {run->host_params, run->host_m, run->host_v};
+    float *unit = malloc((size_t) fbytes(s->max_padded > 0 ? s->max_padded : 1));
+    float *tmp = NULL;
+    int rc = 0;
+
+    if (!unit)
+        rc = MOAI_ENOMEM;
+    /* ZeRO's gathers are collective over the data-parallel group: every rank runs them */
+    for (int u = 0; u < s->nunits && rc == 0; u++)
+        for (int k = 0; k < 3; k++) {
+            unit_whole(dv, u, k, unit);
+            if (s->dp_rank != 0)
+                continue;
+            if (s->dev == 0)
+                shard_unit_to_full(s, u, unit, arr[k]);
+            else if (!(s->tied_copy && u == s->lm_head_unit))
+                comm_send(&dv->world, 0, unit, (size_t) fbytes(s->units[u].len));
+        }
+    if (s->dev == 0 && rc == 0) {
+        /* the others' units, in device order */
+        for (int stage = 0; stage < s->lay.pp && rc == 0; stage++)
+            for (int t = 0; t < s->lay.tp && rc == 0; t++) {
+                int d = shard_device(&s->lay, 0, stage, t);
+                struct shard o;
+                if (d == 0)
+                    continue;
+                if (shard_init(&o, &s->full, &s->lay, run->T, run->nthreads, d, NULL) < 0) {
+                    rc = MOAI_ENOMEM;
+                    break;
+                }
+                free(tmp);
+                tmp = malloc((size_t) fbytes(o.max_padded));
+                for (int u = 0; u < o.nunits && tmp; u++) {
+                    if (o.tied_copy && u == o.lm_head_unit)
+                        continue;
+                    for (int k = 0; k < 3; k++) {
+                        comm_recv(&dv->world, d, tmp, (size_t) fbytes(o.units[u].len));
+                        shard_unit_to_full(&o, u, tmp, arr[k]);
+                    }
+                }
+                if (!tmp)
+                    rc = MOAI_ENOMEM;
+                shard_release(&o);
+            }
     }
-    comm_barrier(&rp->world);
-    if (rp->dev->id == 0 && run->job->save) {
+    free(tmp);
+    free(unit);
+    comm_barrier(&dv->world);
+    if (s->dev == 0 && run->job->save && rc == 0) {
         memset(&run->save_err, 0, sizeof(run->save_err));
         run->save_rc = run->job->save(run->job->save_arg, steps_done, run->host_params, run->host_m,
                                       run->host_v, &run->save_err);
+    } else if (s->dev == 0 && rc < 0) {
+        run->save_rc = moai_err_set(&run->save_err, rc, "out of memory gathering the checkpoint");
     }
-    comm_barrier(&rp->world);
-    return run->save_rc;
+    /* every device learns whether the save worked */
+    double failed = comm_allreduce_scalar(&dv->world, s->dev == 0 && run->save_rc < 0 ? 1 : 0);
+    return failed > 0 ? (run->save_rc < 0 ? run->save_rc : MOAI_EIO) : 0;
 }
 
-/* Validation loss over the validation records, split over the replicas. */
-static double validate(struct replica *rp)
+/* ---- validation ----------------------------------------------------------------------- */
+
+/* Validation loss over the validation records, split over the replicas, each micro-batch
+ * forward through the pipeline. */
+static double validate(struct device *dv)
 {
-    struct run *run = rp->run;
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
     const struct train_records *vr = &run->job->valid;
-    int64_t per = (vr->n + run->dp - 1) / run->dp;
-    int64_t lo = per * rp->rank, hi = lo + per < vr->n ? lo + per : vr->n;
+    int dp = s->lay.dp, pp = s->lay.pp, stage = s->stage;
+    int64_t per = (vr->n + dp - 1) / dp;
+    int64_t lo = per * s->dp_rank, hi = lo + per < vr->n ? lo + per : vr->n;
     int64_t *rows = malloc((size_t) run->B * sizeof(*rows)), count = 0;
+    size_t bytes = act_bytes(dv);
     double sum = 0;
 
     if (!rows) /* tiny; a failure here only loses the validation figure */
         per = 0;
-
-    /* Every replica runs the same number of micro-batches (ZeRO-3 gathers are collective). */
+    /* every replica runs the same number of micro-batches (ZeRO-3's gathers are collective) */
     int64_t nmb = (per + run->B - 1) / run->B;
     for (int64_t k = 0; k < nmb; k++) {
         int64_t B = 0;
         for (int64_t i = lo + k * run->B; i < hi && B < run->B; i++)
             rows[B++] = i;
         int64_t real = B;
-        while (B < run->B) /* pad with a repeated row whose labels we do not count */
+        while (B < run->B) /* pad with a repeated row whose labels do not count */
             rows[B++] = real ? rows[0] : 0;
-        struct llama_batch b;
-        fill_batch(rp, vr, rows, B, &b);
-        for (int64_t i = real; i < B; i++)
-            for (int64_t t = 0; t < vr->T; t++)
-                rp->labels[i * vr->T + t] = -100;
+        fill_slot(dv, 0, vr, rows, B, real);
         count += count_targets(vr, rows, real);
-        sum += micro_batch(rp, &b, false, 1.0f);
+        if (stage > 0)
+            comm_recv(&dv->ppc, stage - 1, stage_input(dv, 0), bytes);
+        double l = stage_forward(dv, 0, false, 1.0f);
+        if (stage < pp - 1)
+            comm_send(&dv->ppc, stage + 1, dv->acts[0].xf, bytes);
+        if (s->has_head && s->tp_rank == 0)
+            sum += l;
     }
     free(rows);
-    sum = comm_allreduce_scalar(&rp->dpc, sum);
-    double total = comm_allreduce_scalar(&rp->dpc, (double) count);
+    bool counts = s->stage == 0 && s->tp_rank == 0;
+    sum = comm_allreduce_scalar(&dv->world, sum);
+    double total = comm_allreduce_scalar(&dv->world, counts ? (double) count : 0.0);
     return total > 0 ? sum / total : NAN;
 }
 
@@ -583,39 +756,65 @@ static void print_step(const struct run *run, const struct step_record *s)
     fflush(stdout);
 }
 
-static int replica_run(struct dev *d, void *arg)
+/* The communicators of device dev: its groups in the layout, split from the world. */
+static int device_comms(struct device *dv)
+{
+    struct comm_world *w = dv->run->world;
+    const struct shard *s = &dv->sh;
+    int d = s->dev, dp = s->lay.dp, pp = s->lay.pp, tp = s->lay.tp, ndev = dp * pp * tp;
+    int rc = 0;
+
+    comm_world_all(w, d, &dv->world);
+    rc |= comm_world_split(w, d, s->stage * tp + s->tp_rank, s->dp_rank, &dv->dpc);
+    rc |= comm_world_split(w, d, s->dp_rank * pp + s->stage, s->tp_rank, &dv->tpc);
+    rc |= comm_world_split(w, d, s->dp_rank * tp + s->tp_rank, s->stage, &dv->ppc);
+    /* kv groups: same replica, stage and kv head */
+    rc |= comm_world_split(
+        w, d, (s->dp_rank * pp + s->stage) * (int) s->full.num_key_value_heads + (int) s->kv_first,
+        s->tp_rank, &dv->kvc);
+    /* the embedding's two copies: first and last stage of a replica and tp rank; the other
+     * devices each alone */
+    bool emb = s->full.tie_word_embeddings && pp > 1 && (s->has_embed || s->has_head);
+    rc |=
+        comm_world_split(w, d, emb ? s->dp_rank * tp + s->tp_rank : ndev + d, s->stage, &dv->embc);
+    return rc ? moai_err_set(&dv->dev->err, MOAI_ENOMEM, "out of memory splitting communicators")
+              : 0;
+}
+
+static int device_run(struct dev *d, void *arg)
 {
     struct run *run = arg;
     const struct train_job *job = run->job;
     const struct recipe *r = job->recipe;
-    struct replica rp;
-    int64_t batch = r->training.batch_size, nmb = run->plan->num_micro_batches;
+    struct device dv;
+    int64_t batch = r->training.batch_size;
     int64_t *rows = NULL;
     int rc;
 
-    memset(&rp, 0, sizeof(rp));
-    rp.run = run;
-    rp.dev = d;
-    rp.rank = d->id; /* pp = tp = 1: device i is data-parallel rank i */
-    comm_world_all(run->world, d->id, &rp.world);
-    if (comm_world_split(run->world, d->id, 0, d->id, &rp.dpc) < 0)
-        return moai_err_set(&d->err, MOAI_ENOMEM, "out of memory splitting communicators");
+    memset(&dv, 0, sizeof(dv));
+    dv.run = run;
+    dv.dev = d;
+    if (shard_init(&dv.sh, job->cfg, run->plan, run->T, run->nthreads, d->id, &d->err) < 0)
+        return MOAI_ENOMEM; /* before any collective: the others fail alike or wait; rare */
+    dv.sh_ready = true;
+    if ((rc = device_comms(&dv)) < 0)
+        return rc;
 
-    rc = replica_alloc(&rp);
-    /* Every device learns whether any failed, so none waits forever at a collective. */
-    double failed = comm_allreduce_scalar(&rp.world, rc < 0 ? 1.0 : 0.0);
+    rc = device_alloc(&dv);
+    /* every device learns whether any failed, so none waits forever at a collective */
+    double failed = comm_allreduce_scalar(&dv.world, rc < 0 ? 1.0 : 0.0);
     rows = malloc((size_t) batch * sizeof(*rows));
     if (failed > 0 || !rows) {
-        replica_free(&rp);
+        device_free(&dv);
         free(rows);
         return rc < 0 ? rc : 0;
     }
-    replica_load(&rp);
+    rc = device_load(&dv);
 
-    for (int64_t step = job->start_step + 1; step <= job->total_steps; step++) {
-        double stop = comm_allreduce_scalar(&rp.world, d->id == 0 && exec_stop_requested);
+    for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
+        double stop = comm_allreduce_scalar(&dv.world, d->id == 0 && exec_stop_requested);
         if (stop > 0) {
-            rc = save_checkpoint(&rp, step - 1);
+            rc = save_checkpoint(&dv, step - 1);
             if (rc == 0)
                 rc = MOAI_EINTR;
             break;
@@ -625,19 +824,16 @@ static int replica_run(struct dev *d, void *arg)
         job->batch_rows(job->batch_arg, epoch, (step - 1) % job->steps_per_epoch, rows);
         int64_t ntargets = count_targets(&job->train, rows, batch);
         float dloss = ntargets > 0 ? 1.0f / (float) ntargets : 0.0f;
-        double loss_sum = 0;
 
         if (!run->zero2)
-            llama_params_zero(&rp.m, &rp.g);
+            memset(dv.grads, 0, (size_t) fbytes(dv.sh.floats));
         else
-            memset(rp.gshard, 0, (size_t) fbytes(run->lo.shard_floats));
-        for (int64_t k = 0; k < nmb; k++) {
-            struct llama_batch b;
-            fill_batch(&rp, &job->train, rows + (rp.rank * nmb + k) * run->B, run->B, &b);
-            loss_sum += micro_batch(&rp, &b, true, dloss);
-        }
-        double loss = comm_allreduce_scalar(&rp.dpc, loss_sum) / (double) (ntargets ? ntargets : 1);
-        if (!isfinite(loss)) { /* every rank sees the same loss and stops alike */
+            memset(dv.gshard, 0, (size_t) fbytes(dv.sh.shard_floats));
+        double loss_sum = step_pipeline(&dv, rows, dloss);
+        bool counts = dv.sh.has_head && dv.sh.tp_rank == 0;
+        double loss = comm_allreduce_scalar(&dv.world, counts ? loss_sum : 0.0) /
+                      (double) (ntargets ? ntargets : 1);
+        if (!isfinite(loss)) { /* every device sees the same loss and stops alike */
             moai_err_set(&d->err, MOAI_EIO, "the loss is not finite (%g) at step %lld", loss,
                          (long long) step);
             rc = MOAI_EIO;
@@ -646,18 +842,18 @@ static int replica_run(struct dev *d, void *arg)
         enum optim_schedule sched = (enum optim_schedule) r->training.lr_schedule;
         double lr = r->training.lr *
                     optim_lr_factor(sched, step - 1, r->training.warmup_steps, job->total_steps);
-        double norm = optimizer_step(&rp, step, lr);
-        comm_barrier(&rp.world);
+        double norm = optimizer_step(&dv, step, lr);
+        comm_barrier(&dv.world);
         double dt = progress_now() - t0;
 
         if (d->id == 0) {
-            struct step_record s = {.step = step,
-                                    .total_steps = job->total_steps,
-                                    .loss = loss,
-                                    .duration_s = dt,
-                                    .tokens_per_s = (double) (batch * r->training.block_size) / dt,
-                                    .lr = lr,
-                                    .grad_norm = norm};
+            struct step_record sr = {.step = step,
+                                     .total_steps = job->total_steps,
+                                     .loss = loss,
+                                     .duration_s = dt,
+                                     .tokens_per_s = (double) (batch * r->training.block_size) / dt,
+                                     .lr = lr,
+                                     .grad_norm = norm};
             run->durations[run->ndurations++] = dt;
             run->res->last_loss = loss;
             if (job->step_losses)
@@ -666,35 +862,42 @@ static int replica_run(struct dev *d, void *arg)
              * its loss started and ended */
             if (!job->quiet && (step % r->training.log_interval == 0 ||
                                 step == job->start_step + 1 || step == job->total_steps))
-                print_step(run, &s);
+                print_step(run, &sr);
         }
-        run->res->steps_done = step;
+        if (d->id == run->world->first_dev)
+            run->res->steps_done = step;
         if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0 &&
             step != job->total_steps) {
-            if ((rc = save_checkpoint(&rp, step)) < 0)
+            if ((rc = save_checkpoint(&dv, step)) < 0)
                 break;
         }
         if (step % job->steps_per_epoch == 0 && job->valid.n > 0 && step != job->total_steps) {
-            double vl = validate(&rp);
+            double vl = validate(&dv);
             if (d->id == 0)
                 log_info("epoch %lld: validation loss %.6g",
                          (long long) (step / job->steps_per_epoch), vl);
         }
     }
     if (rc == 0 && job->valid.n > 0) {
-        double vl = validate(&rp);
+        double vl = validate(&dv);
         if (d->id == 0)
             run->res->valid_loss = vl;
     }
     if (rc == 0)
-        rc = save_checkpoint(&rp, run->res->steps_done);
+        rc = save_checkpoint(&dv, run->res->steps_done);
     if (rc == MOAI_EINTR && d->id == 0)
         moai_err_set(&d->err, MOAI_EINTR, "interrupted: checkpoint saved in '%s' after step %lld",
                      r->training.save_dir, (long long) run->res->steps_done);
-    if (rc < 0 && rc != MOAI_EINTR && rc == run->save_rc)
+    if (rc < 0 && rc != MOAI_EINTR && rc == run->save_rc && d->id == 0)
         d->err = run->save_err;
+    /* device 0 learns every device's peak (other processes' devices too) */
+    for (int i = 0; i < run->ndev; i++) {
+        double peak = comm_allreduce_scalar(&dv.world, i == d->id ? (double) d->peak_bytes : 0.0);
+        if (d->id == 0 && i < 64)
+            run->res->peak_bytes[i] = (int64_t) peak;
+    }
     free(rows);
-    replica_free(&rp);
+    device_free(&dv);
     return rc;
 }
 
@@ -715,66 +918,66 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
 
     memset(res, 0, sizeof(*res));
     res->valid_loss = NAN;
-    if (plan->pp > 1 || plan->tp > 1)
-        return moai_err_set(err, MOAI_ENOTYET,
-                            "the plan needs %s parallelism, whose execution is not built yet",
-                            plan->pp > 1 ? "pipeline" : "tensor");
-    if (plan->recomputation != RECOMPUTE_NONE)
-        return moai_err_set(err, MOAI_ENOTYET,
-                            "the plan needs %s recomputation, whose execution is not built yet",
-                            recipe_recompute_name(plan->recomputation));
-
     memset(&run, 0, sizeof(run));
     run.job = job;
     run.plan = plan;
-    run.dp = plan->dp;
+    run.ndev = ndev;
     run.zero2 = plan->distribute_param || plan->distribute_low_prec_param;
     run.zero3 = plan->distribute_low_prec_param;
     run.B = plan->batch_per_device;
     run.T = r->training.block_size;
     run.res = res;
     run.nthreads = mem_cpu_threads(ndev); /* as the planner sized the workspace */
-    if (layout_init(&run.lo, job->cfg, run.dp) < 0)
-        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-    run.host_params = malloc((size_t) fbytes(P));
-    run.host_m = malloc((size_t) fbytes(P));
-    run.host_v = malloc((size_t) fbytes(P));
+    run.world = job->world;
+    int first = run.world ? run.world->first_dev : 0;
+    int nlocal = run.world ? run.world->nlocal : ndev;
+    if (first == 0) { /* device 0 gathers the checkpoints */
+        run.host_params = malloc((size_t) fbytes(P));
+        run.host_m = malloc((size_t) fbytes(P));
+        run.host_v = malloc((size_t) fbytes(P));
+        if (!run.host_params || !run.host_m || !run.host_v) {
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the host copy of the weights");
+            goto out;
+        }
+    }
     run.durations = malloc((size_t) (job->total_steps + 1) * sizeof(double));
-    if (!run.host_params || !run.host_m || !run.host_v || !run.durations) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the host copy of the weights");
+    if (!run.durations) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         goto out;
     }
-    if ((rc = comm_world_create(&run.world, ndev, err)) < 0)
+    if (!run.world && (rc = comm_world_create(&run.world, ndev, err)) < 0)
         goto out;
-    if ((rc = dev_set_init(&ds, ndev, r->flavor.device.memory_bytes, err)) < 0)
+    if ((rc = dev_set_init(&ds, nlocal, r->flavor.device.memory_bytes, err)) < 0)
         goto out_world;
+    for (int i = 0; i < nlocal; i++)
+        ds.devs[i].id = first + i;
     res->steps_done = job->start_step;
-    rc = dev_set_run(&ds, replica_run, &run, err);
+    rc = dev_set_run(&ds, device_run, &run, err);
     res->ndev = ndev;
     res->capacity_bytes = r->flavor.device.memory_bytes;
-    for (int i = 0; i < ndev && i < 64; i++)
-        res->peak_bytes[i] = ds.devs[i].peak_bytes;
+    for (int i = 0; i < nlocal && first + i < 64 && first > 0; i++)
+        res->peak_bytes[first + i] = ds.devs[i].peak_bytes;
     res->interrupted = rc == MOAI_EINTR;
-    for (int i = 0; rc == MOAI_EOOM && i < ndev; i++)
+    for (int i = 0; rc == MOAI_EOOM && i < nlocal; i++)
         if (ds.devs[i].oom_requested_bytes) {
-            res->oom_device = i;
+            res->oom_device = first + i;
             res->oom_requested_bytes = ds.devs[i].oom_requested_bytes;
             break;
         }
     if (run.ndurations > 0) {
-        int64_t first = run.ndurations > 1 ? 1 : 0, n = run.ndurations - first;
-        qsort(run.durations + first, (size_t) n, sizeof(double), cmp_double);
+        int64_t skip = run.ndurations > 1 ? 1 : 0, n = run.ndurations - skip;
+        qsort(run.durations + skip, (size_t) n, sizeof(double), cmp_double);
         res->median_step_s =
-            n % 2 ? run.durations[first + n / 2]
-                  : 0.5 * (run.durations[first + n / 2 - 1] + run.durations[first + n / 2]);
+            n % 2 ? run.durations[skip + n / 2]
+                  : 0.5 * (run.durations[skip + n / 2 - 1] + run.durations[skip + n / 2]);
         res->median_tokens_per_s =
             (double) (r->training.batch_size * r->training.block_size) / res->median_step_s;
     }
     dev_set_release(&ds);
 out_world:
-    comm_world_free(run.world);
+    if (!job->world)
+        comm_world_free(run.world);
 out:
-    free(run.lo.units);
     free(run.host_params);
     free(run.host_m);
     free(run.host_v);

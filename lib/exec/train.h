@@ -27,6 +27,7 @@
 #define MOAI_TRAIN_H
 
 #include "err.h"
+#include "exec/shard.h"
 #include "model/config.h"
 #include "model/llama.h"
 #include "recipe.h"
@@ -34,16 +35,6 @@
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
-
-/* The parallel layout to run (the planner's choice, copied from its struct plan). */
-struct exec_layout {
-    int dp, pp, tp;
-    int num_micro_batches;    /* per replica per step */
-    int64_t batch_per_device; /* sequences per micro-batch */
-    enum recompute recomputation;
-    bool distribute_param;          /* ZeRO-2 */
-    bool distribute_low_prec_param; /* ZeRO-3 */
-};
 
 /* Tokenized records, right-padded to T tokens. */
 struct train_records {
@@ -62,6 +53,8 @@ typedef void (*train_batch_rows_fn)(void *arg, int64_t epoch, int64_t index, int
 typedef int (*train_save_fn)(void *arg, int64_t steps_done, const float *params, const float *m,
                              const float *v, struct moai_err *err);
 
+struct comm_world;
+
 struct train_job {
     const struct recipe *recipe;
     const struct model_config *cfg;
@@ -77,9 +70,10 @@ struct train_job {
     const float *init_m, *init_v; /* P floats each on resume, else NULL */
     train_save_fn save;
     void *save_arg;
-    bool json;           /* step objects instead of step lines */
-    bool quiet;          /* no step lines at all (tests) */
-    double *step_losses; /* optional: total_steps entries, [step - 1] */
+    bool json;                /* step objects instead of step lines */
+    bool quiet;               /* no step lines at all (tests) */
+    double *step_losses;      /* optional: total_steps entries, [step - 1] */
+    struct comm_world *world; /* optional: the devices' world (Open MPI); NULL: threads */
 };
 
 struct train_result {
@@ -100,12 +94,11 @@ struct train_result {
 extern volatile sig_atomic_t exec_stop_requested;
 
 /* Runs the job. Returns 0, MOAI_EINTR (stopped by a signal, checkpoint saved), MOAI_EOOM
- * (a device's memory is too small), MOAI_ENOTYET (the plan needs pipeline or tensor
- * parallelism or recomputation), MOAI_EIO (non-finite loss, a failed save). */
+ * (a device's memory is too small), MOAI_EIO (non-finite loss, a failed save). */
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err);
 
-/* The bytes one device of a data-parallel plan allocates, by the same arithmetic as
- * exec_train: for comparing with the planner's memory model. */
+/* The bytes the most loaded device of a plan allocates (exec/shard.h), by the same
+ * arithmetic as exec_train: for comparing with the planner's memory model. */
 int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *layout,
                           int64_t T, int nthreads);
 

@@ -5,6 +5,7 @@
 
 #include <cblas.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,16 +58,25 @@ static int64_t qkv_cols(const struct model_config *c)
     return (c->num_attention_heads + 2 * c->num_key_value_heads) * c->head_dim;
 }
 
+/* One layer's kept activations: everything (keep all), all but the attention probabilities
+ * (selective recomputation), or only the layer input (full recomputation); the pointers of
+ * what is not kept stay NULL. */
 static void layer_acts_layout(struct llama_layer_acts *la, struct bump *b,
-                              const struct model_config *c, int64_t B, int64_t T)
+                              const struct model_config *c, int64_t B, int64_t T,
+                              enum llama_keep keep, bool with_x)
 {
     int64_t N = B * T, D = c->hidden_size, F = c->intermediate_size;
     int64_t H = c->num_attention_heads, hd = c->head_dim;
-    la->x = bumpf(b, N * D);
+    memset(la, 0, sizeof(*la));
+    if (with_x)
+        la->x = bumpf(b, N * D);
+    if (keep == LLAMA_KEEP_INPUT)
+        return;
     la->rstd1 = bumpf(b, N);
     la->ln1 = bumpf(b, N * D);
     la->qkv = bumpf(b, N * qkv_cols(c));
-    la->probs = bumpf(b, B * H * T * T);
+    if (keep == LLAMA_KEEP_ALL)
+        la->probs = bumpf(b, B * H * T * T);
     la->atty = bumpf(b, N * H * hd);
     la->x2 = bumpf(b, N * D);
     la->rstd2 = bumpf(b, N);
@@ -76,22 +86,25 @@ static void layer_acts_layout(struct llama_layer_acts *la, struct bump *b,
 }
 
 static void acts_layout(struct llama_acts *a, struct bump *b, const struct model_config *c,
-                        int64_t B, int64_t T)
+                        const struct llama_shape *s)
 {
     struct llama_layer_acts dummy;
-    int64_t N = B * T, D = c->hidden_size;
-    for (int64_t l = 0; l < c->num_hidden_layers; l++)
-        layer_acts_layout(a->layers ? &a->layers[l] : &dummy, b, c, B, T);
+    int64_t N = s->B * s->T, D = c->hidden_size;
+    for (int64_t l = 0; l < s->nlayers; l++)
+        layer_acts_layout(a->layers ? &a->layers[l] : &dummy, b, c, s->B, s->T, s->keep, true);
     a->xf = bumpf(b, N * D);
-    a->rstdf = bumpf(b, N);
-    a->lnf = bumpf(b, N * D);
+    if (s->head) {
+        a->rstdf = bumpf(b, N);
+        a->lnf = bumpf(b, N * D);
+    }
 }
 
 static void work_layout(struct llama_work *w, struct bump *b, const struct model_config *c,
-                        int64_t B, int64_t T, int nthreads)
+                        const struct llama_shape *s)
 {
-    int64_t N = B * T, D = c->hidden_size, F = c->intermediate_size;
+    int64_t B = s->B, T = s->T, N = B * T, D = c->hidden_size, F = c->intermediate_size;
     int64_t H = c->num_attention_heads, hd = c->head_dim, V = c->vocab_size;
+    int nthreads = s->nthreads < 1 ? 1 : s->nthreads;
     w->rope_inv_freq = bumpf(b, hd / 2);
     w->rope_cos = bumpf(b, T * (hd / 2));
     w->rope_sin = bumpf(b, T * (hd / 2));
@@ -101,8 +114,12 @@ static void work_layout(struct llama_work *w, struct bump *b, const struct model
     w->scored_index = bump(b, sizeof(int32_t) * (size_t) N);
     w->losses = bumpf(b, N);
     w->lse = bumpf(b, N);
-    w->logits = bumpf(b, N * V);
-    w->lnc = bumpf(b, N * D);
+    if (s->head) {
+        w->logits = bumpf(b, N * V);
+        w->lnc = bumpf(b, N * D);
+        if (s->tp > 1)
+            w->lse_all = bumpf(b, N * s->tp);
+    }
     w->dres = bumpf(b, N * D);
     w->dln = bumpf(b, N * D);
     w->dqkv = bumpf(b, N * qkv_cols(c));
@@ -111,6 +128,28 @@ static void work_layout(struct llama_work *w, struct bump *b, const struct model
     w->dh = bumpf(b, N * F);
     w->scratch = bumpf(b, (int64_t) nthreads * T * T);
     w->dnorm_part = bumpf(b, cdiv(N, ROWS) * D);
+    /* recomputation: one layer's probabilities, or one layer's activations and its output */
+    memset(&w->re, 0, sizeof(w->re));
+    w->re_probs = NULL;
+    w->re_out = NULL;
+    if (s->keep == LLAMA_KEEP_NO_PROBS && s->nlayers > 0)
+        w->re_probs = bumpf(b, B * H * T * T);
+    if (s->keep == LLAMA_KEEP_INPUT && s->nlayers > 0) {
+        layer_acts_layout(&w->re, b, c, B, T, LLAMA_KEEP_ALL, false);
+        w->re_out = bumpf(b, N * D);
+    }
+}
+
+static struct llama_shape whole_shape(const struct model_config *cfg, int64_t B, int64_t T,
+                                      int nthreads)
+{
+    return (struct llama_shape){.B = B,
+                                .T = T,
+                                .nlayers = cfg->num_hidden_layers,
+                                .head = true,
+                                .keep = LLAMA_KEEP_ALL,
+                                .tp = 1,
+                                .nthreads = nthreads};
 }
 
 int64_t llama_param_floats(const struct model_config *cfg)
@@ -131,24 +170,47 @@ size_t llama_layer_act_bytes(const struct model_config *cfg, int64_t B, int64_t 
 {
     struct llama_layer_acts la;
     struct bump b = {NULL, 0};
-    layer_acts_layout(&la, &b, cfg, B, T);
+    layer_acts_layout(&la, &b, cfg, B, T, LLAMA_KEEP_ALL, true);
+    return bump_total(&b);
+}
+
+size_t llama_acts_bytes_shape(const struct model_config *cfg, const struct llama_shape *s)
+{
+    struct llama_acts a = {0};
+    struct bump b = {NULL, 0};
+    acts_layout(&a, &b, cfg, s);
+    return bump_total(&b);
+}
+
+size_t llama_work_bytes_shape(const struct model_config *cfg, const struct llama_shape *s)
+{
+    struct llama_work w = {0};
+    struct bump b = {NULL, 0};
+    work_layout(&w, &b, cfg, s);
     return bump_total(&b);
 }
 
 size_t llama_act_bytes(const struct model_config *cfg, int64_t B, int64_t T)
 {
-    struct llama_acts a = {0};
-    struct bump b = {NULL, 0};
-    acts_layout(&a, &b, cfg, B, T);
-    return bump_total(&b);
+    struct llama_shape s = whole_shape(cfg, B, T, 1);
+    return llama_acts_bytes_shape(cfg, &s);
 }
 
 size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, int nthreads)
 {
-    struct llama_work w = {0};
-    struct bump b = {NULL, 0};
-    work_layout(&w, &b, cfg, B, T, nthreads < 1 ? 1 : nthreads);
-    return bump_total(&b);
+    struct llama_shape s = whole_shape(cfg, B, T, nthreads);
+    return llama_work_bytes_shape(cfg, &s);
+}
+
+void llama_shard_config(struct model_config *out, const struct model_config *full, int tp)
+{
+    *out = *full;
+    if (tp <= 1)
+        return;
+    out->num_attention_heads = full->num_attention_heads / tp;
+    out->num_key_value_heads = full->num_key_value_heads >= tp ? full->num_key_value_heads / tp : 1;
+    out->intermediate_size = full->intermediate_size / tp;
+    out->vocab_size = (full->vocab_size + tp - 1) / tp;
 }
 
 /* Arenas of 2 MiB or more are aligned to 2 MiB and asked for transparent huge pages: the
@@ -352,12 +414,19 @@ int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_
 int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
                     void *arena, struct moai_err *err)
 {
-    int64_t L = cfg->num_hidden_layers;
+    struct llama_shape s = whole_shape(cfg, B, T, 1);
+    return llama_acts_bind_shape(a, cfg, &s, arena, err);
+}
+
+int llama_acts_bind_shape(struct llama_acts *a, const struct model_config *cfg,
+                          const struct llama_shape *s, void *arena, struct moai_err *err)
+{
+    int64_t L = s->nlayers;
     memset(a, 0, sizeof(*a));
-    a->B = B;
-    a->T = T;
+    a->B = s->B;
+    a->T = s->T;
     a->nlayers = L;
-    a->bytes = llama_act_bytes(cfg, B, T);
+    a->bytes = llama_acts_bytes_shape(cfg, s);
     a->layers = calloc((size_t) (L > 0 ? L : 1), sizeof(struct llama_layer_acts));
     if (!arena) {
         arena = arena_alloc(a->bytes);
@@ -369,10 +438,10 @@ int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_
         llama_acts_release(a);
         return moai_err_set(err, MOAI_ENOMEM,
                             "cannot allocate %zu bytes of activations for %lld x %lld tokens",
-                            bytes, (long long) B, (long long) T);
+                            bytes, (long long) s->B, (long long) s->T);
     }
     struct bump b = {a->arena, 0};
-    acts_layout(a, &b, cfg, B, T);
+    acts_layout(a, &b, cfg, s);
     MOAI_ASSERT(bump_total(&b) == a->bytes);
     return 0;
 }
@@ -394,27 +463,32 @@ int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_
 int llama_work_bind(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
                     int nthreads, void *arena, struct moai_err *err)
 {
+    struct llama_shape s = whole_shape(cfg, B, T, nthreads);
+    return llama_work_bind_shape(w, cfg, &s, arena, err);
+}
+
+int llama_work_bind_shape(struct llama_work *w, const struct model_config *cfg,
+                          const struct llama_shape *s, void *arena, struct moai_err *err)
+{
     memset(w, 0, sizeof(*w));
-    if (nthreads < 1)
-        nthreads = 1;
-    w->B = B;
-    w->T = T;
-    w->nthreads = nthreads;
-    w->bytes = llama_work_bytes(cfg, B, T, nthreads);
+    w->B = s->B;
+    w->T = s->T;
+    w->nthreads = s->nthreads < 1 ? 1 : s->nthreads;
+    w->bytes = llama_work_bytes_shape(cfg, s);
     if (!arena) {
         arena = arena_alloc(w->bytes);
         if (!arena)
             return moai_err_set(err, MOAI_ENOMEM,
                                 "cannot allocate %zu bytes of workspace for %lld x %lld tokens",
-                                w->bytes, (long long) B, (long long) T);
+                                w->bytes, (long long) s->B, (long long) s->T);
         w->owned = true;
     }
     w->arena = arena;
     struct bump b = {w->arena, 0};
-    work_layout(w, &b, cfg, B, T, nthreads);
+    work_layout(w, &b, cfg, s);
     MOAI_ASSERT(bump_total(&b) == w->bytes);
     rope_inv_freq(w->rope_inv_freq, cfg->head_dim, cfg->rope_theta, &cfg->rope_scaling);
-    rope_tables(w->rope_cos, w->rope_sin, w->rope_inv_freq, T, cfg->head_dim);
+    rope_tables(w->rope_cos, w->rope_sin, w->rope_inv_freq, s->T, cfg->head_dim);
     return 0;
 }
 
@@ -713,6 +787,8 @@ struct att_job {
     const struct llama_batch *batch;
     struct llama_work *w;
     struct llama_layer_acts *la;
+    float *probs; /* the layer's probabilities: kept in la, or the recomputation scratch */
+    bool rope;    /* rotate q and k first (not when recomputing from the rotated ones) */
 };
 
 static void att_forward_task(void *arg, int64_t task, int thread)
@@ -724,9 +800,11 @@ static void att_forward_task(void *arg, int64_t task, int thread)
     int64_t b = task / KV, g = task % KV;
     float *qkv = j->la->qkv + b * T * C;
     (void) thread;
-    rope_forward(qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
-    rope_forward(qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
-    attention_forward(j->la->atty + b * T * H * hd, j->la->probs + b * H * T * T, qkv,
+    if (j->rope) {
+        rope_forward(qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
+        rope_forward(qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
+    }
+    attention_forward(j->la->atty + b * T * H * hd, j->probs + b * H * T * T, qkv,
                       seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
 }
 
@@ -739,10 +817,94 @@ static void att_backward_task(void *arg, int64_t task, int thread)
     int64_t b = task / KV, g = task % KV;
     float *dqkv = j->w->dqkv + b * T * C;
     attention_backward(dqkv, j->w->scratch + (int64_t) thread * T * T, j->w->datty + b * T * H * hd,
-                       j->la->qkv + b * T * C, j->la->probs + b * H * T * T, seq_len(j->batch, b),
-                       T, H, KV, hd, g, g + 1);
+                       j->la->qkv + b * T * C, j->probs + b * H * T * T, seq_len(j->batch, b), T, H,
+                       KV, hd, g, g + 1);
     rope_backward(dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
     rope_backward(dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
+}
+
+/* ---- tensor parallelism --------------------------------------------------------------- */
+
+void llama_set_tp(struct llama *m, const struct llama_tp *tp)
+{
+    m->tp = *tp;
+}
+
+static bool tp_on(const struct llama *m)
+{
+    return m->tp.size > 1;
+}
+
+static void tp_allreduce(struct llama *m, float *buf, int64_t n)
+{
+    if (tp_on(m))
+        m->tp.allreduce(m->tp.arg, buf, n);
+}
+
+/* Vocabulary-parallel embedding: rows of tokens in [v0, v0 + rows), zeros for the others. */
+struct embed_job {
+    float *out;
+    const float *emb;
+    const int32_t *tokens;
+    int64_t N, D, v0, rows;
+};
+
+static void embed_task(void *arg, int64_t task, int thread)
+{
+    const struct embed_job *j = arg;
+    (void) thread;
+    for (int64_t n = task * ROWS; n < min64(j->N, task * ROWS + ROWS); n++) {
+        int64_t t = (int64_t) j->tokens[n] - j->v0;
+        if (t >= 0 && t < j->rows)
+            memcpy(j->out + n * j->D, j->emb + t * j->D, sizeof(float) * (size_t) j->D);
+        else
+            memset(j->out + n * j->D, 0, sizeof(float) * (size_t) j->D);
+    }
+}
+
+/* Cross-entropy over a vocabulary split by rows: each shard's logits (S, V) for its rows
+ * [v0, v0 + V). Pass 1 gives each row's local log-sum-exp; pass 2, given the global one,
+ * the losses' target terms and (training) the logits' gradient in place. */
+struct vce_job {
+    float *logits, *lse_local, *tlogit;
+    const float *lse;
+    const int32_t *targets;
+    int64_t S, V, v0;
+    float dloss;
+    bool backward;
+};
+
+static void vce_lse_task(void *arg, int64_t task, int thread)
+{
+    const struct vce_job *j = arg;
+    (void) thread;
+    for (int64_t i = task * ROWS; i < min64(j->S, task * ROWS + ROWS); i++) {
+        const float *z = j->logits + i * j->V;
+        float mx = z[0];
+        for (int64_t v = 1; v < j->V; v++)
+            mx = z[v] > mx ? z[v] : mx;
+        double sum = 0.0;
+        for (int64_t v = 0; v < j->V; v++)
+            sum += kern_expf(z[v] - mx);
+        j->lse_local[i] = mx + (float) log(sum);
+        int64_t t = (int64_t) j->targets[i] - j->v0;
+        j->tlogit[i] = t >= 0 && t < j->V ? z[t] : 0.0f;
+    }
+}
+
+static void vce_grad_task(void *arg, int64_t task, int thread)
+{
+    const struct vce_job *j = arg;
+    (void) thread;
+    for (int64_t i = task * ROWS; i < min64(j->S, task * ROWS + ROWS); i++) {
+        float *z = j->logits + i * j->V;
+        float lse = j->lse[i];
+        for (int64_t v = 0; v < j->V; v++)
+            z[v] = j->dloss * kern_expf(z[v] - lse);
+        int64_t t = (int64_t) j->targets[i] - j->v0;
+        if (t >= 0 && t < j->V)
+            z[t] -= j->dloss;
+    }
 }
 
 /* ---- stages --------------------------------------------------------------------------- */
@@ -760,19 +922,40 @@ void llama_embed_forward(struct llama *m, const struct llama_params *p, struct l
                          struct llama_work *w, const struct llama_batch *b)
 {
     int64_t N = b->B * b->T, D = m->cfg.hidden_size;
+    float *out = a->nlayers ? a->layers[0].x : a->xf;
     MOAI_ASSERT(a->B == b->B && a->T == b->T);
     llama_set_targets(w, b);
-    struct row_job j = {.op = ROW_EMBED,
-                        .N = N,
-                        .D = D,
-                        .out = a->nlayers ? a->layers[0].x : a->xf,
-                        .in = p->embed,
-                        .ids = b->tokens};
+    if (tp_on(m)) {
+        struct embed_job j = {out, p->embed, b->tokens, N, D, m->tp.vocab_first, m->tp.vocab_rows};
+        pool_run(m->pool, cdiv(N, ROWS), embed_task, &j);
+        tp_allreduce(m, out, N * D);
+        return;
+    }
+    struct row_job j = {
+        .op = ROW_EMBED, .N = N, .D = D, .out = out, .in = p->embed, .ids = b->tokens};
     rows_run(m, &j);
 }
 
-void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct llama_layer_acts *la,
-                         float *out, struct llama_work *w, const struct llama_batch *b)
+/* out = out + inp W^T, where under tensor parallelism inp W^T is this shard's partial sum,
+ * all-reduced (in w->dln, free during forward) before it is added. */
+static void linear_forward_rowpar(struct llama *m, float *out, const float *inp, const float *W,
+                                  struct llama_work *w, int64_t N, int64_t C, int64_t OC)
+{
+    if (!tp_on(m)) {
+        linear_forward(m, out, inp, W, true, N, C, OC);
+        return;
+    }
+    linear_forward(m, w->dln, inp, W, false, N, C, OC);
+    tp_allreduce(m, w->dln, N * OC);
+    for (int64_t i = 0; i < N * OC; i++)
+        out[i] += w->dln[i];
+}
+
+/* The layer's forward on activations la that keep everything but perhaps the probabilities
+ * (then written to the recomputation scratch). */
+static void layer_forward(struct llama *m, const struct llama_layer *lp,
+                          struct llama_layer_acts *la, float *out, struct llama_work *w,
+                          const struct llama_batch *b)
 {
     const struct model_config *c = &m->cfg;
     int64_t N = b->B * b->T, D = c->hidden_size, F = c->intermediate_size;
@@ -800,10 +983,11 @@ void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct l
         gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wv, D, 0.0f,
              la->qkv + (H + KV) * hd, C);
     }
-    struct att_job ja = {c, b, w, la};
+    struct att_job ja = {c, b, w, la, la->probs ? la->probs : w->re_probs, true};
+    MOAI_ASSERT(ja.probs);
     pool_run(m->pool, b->B * KV, att_forward_task, &ja);
     /* x2 += atty Wo^T */
-    linear_forward(m, la->x2, la->atty, lp->wo, true, N, H * hd, D);
+    linear_forward_rowpar(m, la->x2, la->atty, lp->wo, w, N, H * hd, D);
     /* ln2 = rmsnorm(x2); out = x2 */
     struct row_job jn2 = {.op = ROW_RMSNORM,
                           .N = N,
@@ -824,7 +1008,32 @@ void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct l
     }
     struct row_job js = {.op = ROW_SWIGLU, .N = N, .D = F, .out = la->h, .in = la->gu};
     rows_run(m, &js);
-    linear_forward(m, out, la->h, lp->w_down, true, N, F, D);
+    linear_forward_rowpar(m, out, la->h, lp->w_down, w, N, F, D);
+}
+
+/* Full recomputation: the layer kept only its input; run it again in the workspace's
+ * one-layer scratch, its output going to a scratch of its own. */
+static struct llama_layer_acts *layer_recompute(struct llama *m, const struct llama_layer *lp,
+                                                struct llama_layer_acts *la, struct llama_work *w,
+                                                const struct llama_batch *b)
+{
+    MOAI_ASSERT(w->re_out);
+    w->re.x = la->x;
+    layer_forward(m, lp, &w->re, w->re_out, w, b);
+    return &w->re;
+}
+
+void llama_layer_forward(struct llama *m, const struct llama_layer *lp, struct llama_layer_acts *la,
+                         float *out, struct llama_work *w, const struct llama_batch *b)
+{
+    if (la->ln1) {
+        layer_forward(m, lp, la, out, w, b);
+        return;
+    }
+    /* only the input kept: run in the scratch, keep the output */
+    MOAI_ASSERT(w->re_out);
+    w->re.x = la->x;
+    layer_forward(m, lp, &w->re, out, w, b);
 }
 
 double llama_head_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,
@@ -858,6 +1067,39 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
     struct row_job jg = {
         .op = ROW_GATHER, .N = S, .D = D, .out = w->lnc, .in = a->lnf, .ids = w->scored};
     rows_run(m, &jg);
+    double sum = 0.0;
+    if (tp_on(m)) {
+        /* this shard's logits over its real rows; the log-sum-exp joined over the shards in
+         * rank order, the target's logit summed from the shard that holds it */
+        int64_t Vr = m->tp.vocab_rows, tp = m->tp.size;
+        linear_forward(m, w->logits, w->lnc, p->lm_head, false, S, D, Vr);
+        struct vce_job j = {.logits = w->logits,
+                            .lse_local = w->lse,
+                            .tlogit = w->losses,
+                            .lse = w->lse,
+                            .targets = w->scored_targets,
+                            .S = S,
+                            .V = Vr,
+                            .v0 = m->tp.vocab_first,
+                            .dloss = dloss};
+        pool_run(m->pool, cdiv(S, ROWS), vce_lse_task, &j);
+        m->tp.allgather(m->tp.arg, w->lse, w->lse_all, S);
+        tp_allreduce(m, w->losses, S);
+        for (int64_t i = 0; i < S; i++) {
+            float mx = w->lse_all[i];
+            for (int64_t r = 1; r < tp; r++)
+                mx = w->lse_all[r * S + i] > mx ? w->lse_all[r * S + i] : mx;
+            double e = 0.0;
+            for (int64_t r = 0; r < tp; r++)
+                e += exp((double) w->lse_all[r * S + i] - mx);
+            w->lse[i] = mx + (float) log(e);
+            w->losses[i] = w->lse[i] - w->losses[i];
+            sum += w->losses[i];
+        }
+        if (backward)
+            pool_run(m->pool, cdiv(S, ROWS), vce_grad_task, &j);
+        return sum;
+    }
     linear_forward(m, w->logits, w->lnc, p->lm_head, false, S, D, V);
     struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD,
                          .N = S,
@@ -868,7 +1110,6 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
                          .aux = w->losses,
                          .ids = w->scored_targets};
     rows_run(m, &jc);
-    double sum = 0.0;
     for (int64_t i = 0; i < S; i++)
         sum += w->losses[i];
     return sum;
@@ -878,12 +1119,14 @@ void llama_head_backward(struct llama *m, const struct llama_params *p, struct l
                          struct llama_acts *a, struct llama_work *w)
 {
     const struct model_config *c = &m->cfg;
-    int64_t N = a->B * a->T, D = c->hidden_size, V = c->vocab_size, S = w->nscored;
+    int64_t N = a->B * a->T, D = c->hidden_size, S = w->nscored;
+    int64_t V = tp_on(m) ? m->tp.vocab_rows : c->vocab_size;
 
     /* dW += dlogits^T lnc first, then lnc (no longer needed) takes dlnc = dlogits W */
     if (S > 0) {
         gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
         gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
+        tp_allreduce(m, w->lnc, S * D);
     }
     struct row_job js = {
         .op = ROW_SCATTER, .N = N, .D = D, .out = w->dln, .in = w->lnc, .ids = w->scored_index};
@@ -903,6 +1146,15 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
     int64_t C = qkv_cols(c);
 
     MOAI_ASSERT(w->nthreads >= m->nthreads); /* one attention scratch per thread */
+    if (!la->ln1)                            /* full recomputation */
+        la = layer_recompute(m, lp, la, w, b);
+    float *probs = la->probs;
+    if (!probs) { /* selective recomputation: the probabilities again from q and k */
+        struct att_job jr = {c, b, w, la, w->re_probs, false};
+        MOAI_ASSERT(jr.probs);
+        pool_run(m->pool, b->B * KV, att_forward_task, &jr);
+        probs = w->re_probs;
+    }
 
     /* MLP: dh = dres Wdown; dgu = swiglu'; dln = dgu [Wgate; Wup] */
     linear_backward(m, w->dh, lg->w_down, w->dres, la->h, lp->w_down, N, F, D);
@@ -917,12 +1169,13 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
         gemm(m, true, false, F, D, N, 1.0f, w->dgu, 2 * F, la->ln2, D, 1.0f, lg->w_gate, D);
         gemm(m, true, false, F, D, N, 1.0f, w->dgu + F, 2 * F, la->ln2, D, 1.0f, lg->w_up, D);
     }
+    tp_allreduce(m, w->dln, N * D);
     rmsnorm_backward_par(m, w, w->dres, lg->post_norm, w->dln, la->x2, lp->post_norm, la->rstd2, N,
                          D);
 
     /* attention: datty = dres Wo; dqkv by (sequence, kv head); dln = dqkv [Wq; Wk; Wv] */
     linear_backward(m, w->datty, lg->wo, w->dres, la->atty, lp->wo, N, H * hd, D);
-    struct att_job ja = {c, b, w, la};
+    struct att_job ja = {c, b, w, la, probs, false};
     pool_run(m->pool, b->B * KV, att_backward_task, &ja);
     if (lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D &&
         lg->wk == lg->wq + H * hd * D && lg->wv == lg->wk + KV * hd * D) {
@@ -938,6 +1191,7 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
                  D);
         }
     }
+    tp_allreduce(m, w->dln, N * D);
     rmsnorm_backward_par(m, w, w->dres, lg->input_norm, w->dln, la->x, lp->input_norm, la->rstd1, N,
                          D);
 }
@@ -945,8 +1199,20 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
 void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_work *w,
                           const struct llama_batch *b)
 {
-    embedding_backward(g->embed, w->dres, b->tokens, m->cfg.pad_token_id, b->B * b->T,
-                       m->cfg.hidden_size);
+    int64_t N = b->B * b->T, D = m->cfg.hidden_size;
+    if (!tp_on(m)) {
+        embedding_backward(g->embed, w->dres, b->tokens, m->cfg.pad_token_id, N, D);
+        return;
+    }
+    for (int64_t n = 0; n < N; n++) {
+        int64_t t = (int64_t) b->tokens[n] - m->tp.vocab_first;
+        if (b->tokens[n] == m->cfg.pad_token_id || t < 0 || t >= m->tp.vocab_rows)
+            continue;
+        float *row = g->embed + t * D;
+        const float *d = w->dres + n * D;
+        for (int64_t i = 0; i < D; i++)
+            row[i] += d[i];
+    }
 }
 
 double llama_forward_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,

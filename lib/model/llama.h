@@ -134,6 +134,10 @@ struct llama_work {
     float *dh;         /* (N, F) */
     float *scratch;    /* (nthreads, T, T) attention backward */
     float *dnorm_part; /* (ceil(N / 64), D) per-chunk RMSNorm weight gradients */
+    float *lse_all;    /* (tp, N) every shard's log-sum-exp (vocabulary-parallel head) */
+    float *re_probs;   /* (B, H, T, T) selective recomputation: one layer's probabilities */
+    struct llama_layer_acts re; /* full recomputation: one layer's activations (x borrowed) */
+    float *re_out;              /* (N, D) full recomputation: that layer's output */
     void *arena;
     size_t bytes; /* llama_work_bytes */
     bool owned;   /* arena allocated (and freed) here */
@@ -148,12 +152,62 @@ struct llama_batch {
                                    NULL: all T */
 };
 
-/* The model instance: configuration and thread pool. */
+/* Which activations a layer keeps for backward (the plan's recomputation): all of them; all
+ * but the attention probabilities, recomputed from q and k in backward (selective); only the
+ * layer's input, the whole layer run again in backward (full). Recomputation needs one
+ * layer's worth of scratch in the workspace. */
+enum llama_keep {
+    LLAMA_KEEP_ALL,
+    LLAMA_KEEP_NO_PROBS,
+    LLAMA_KEEP_INPUT,
+};
+
+/* What one device runs: a micro-batch of B x T tokens through nlayers layers (a pipeline
+ * stage), with or without the final norm, lm_head and loss, of a model sharded over tp
+ * devices (configuration from llama_shard_config), on nthreads threads. */
+struct llama_shape {
+    int64_t B, T;
+    int64_t nlayers;
+    bool head;
+    enum llama_keep keep;
+    int tp;
+    int nthreads;
+};
+
+/*
+ * Tensor parallelism (Megatron-LM's layout). Each of tp devices holds, of every layer, the
+ * query heads [r H/tp, (r+1) H/tp), their kv heads (KV/tp of them, or the one they share when
+ * tp > KV, replicated), the MLP columns [r F/tp, (r+1) F/tp) of gate and up and the same rows
+ * of down's input, the norms whole; and rows [vocab_first, vocab_first + vocab_rows) of the
+ * embedding and lm_head (ceil(V/tp) rows allocated, the last shard's tail unused). The model
+ * calls allreduce where partial sums meet: after o_proj and down_proj in forward, on the
+ * gradients of the two norm outputs in backward, on the embedding's output and the lm_head
+ * input's gradient; allgather joins the shards' log-sum-exps of the cross-entropy. Every
+ * device of a tp group computes the same residual stream, loss and norm gradients.
+ */
+struct llama_tp {
+    int size, rank;
+    int64_t vocab_first, vocab_rows;
+    void (*allreduce)(void *arg, float *buf, int64_t n);
+    void (*allgather)(void *arg, const float *in, float *out, int64_t n); /* out: size x n */
+    void *arg;
+};
+
+/* The model instance: configuration (of one tensor-parallel shard) and thread pool. */
 struct llama {
     struct model_config cfg;
     struct pool *pool;
     int nthreads;
+    struct llama_tp tp; /* size 0 or 1: the whole model */
 };
+
+/* The configuration of one of tp shards of full: heads, kv heads (at least 1), MLP width
+ * and vocabulary (rounded up) divided; the caller checks tp divides heads and width and
+ * divides or is a multiple of the kv heads. */
+void llama_shard_config(struct model_config *out, const struct model_config *full, int tp);
+
+/* Makes m one shard of a tensor-parallel group (m's configuration is the shard's). */
+void llama_set_tp(struct llama *m, const struct llama_tp *tp);
 
 /* Checks that cfg is a shape this code runs (positive sizes, KV divides H, even head_dim, sizes
  * within int range for BLAS), copies it and starts nthreads - 1 threads. */
@@ -172,6 +226,9 @@ size_t llama_act_bytes(const struct model_config *cfg, int64_t B, int64_t T);
 size_t llama_layer_act_bytes(const struct model_config *cfg, int64_t B, int64_t T);
 /* Workspace for B x T tokens and nthreads threads; its logits part is B T V floats. */
 size_t llama_work_bytes(const struct model_config *cfg, int64_t B, int64_t T, int nthreads);
+/* The same two for what one device runs (the two above: the whole model, keeping all). */
+size_t llama_acts_bytes_shape(const struct model_config *cfg, const struct llama_shape *s);
+size_t llama_work_bytes_shape(const struct model_config *cfg, const struct llama_shape *s);
 
 /* ---- buffers ---- */
 
@@ -190,6 +247,9 @@ int llama_acts_init(struct llama_acts *a, const struct model_config *cfg, int64_
 /* The same cut from arena (llama_act_bytes, 64-byte aligned, caller-owned; NULL: own). */
 int llama_acts_bind(struct llama_acts *a, const struct model_config *cfg, int64_t B, int64_t T,
                     void *arena, struct moai_err *err);
+/* Activations of a shape: s->nlayers layers, keeping what s->keep says. */
+int llama_acts_bind_shape(struct llama_acts *a, const struct model_config *cfg,
+                          const struct llama_shape *s, void *arena, struct moai_err *err);
 void llama_acts_release(struct llama_acts *a);
 
 /* The workspace (llama_work_bytes) in an arena of its own; also fills the rotary tables for
@@ -199,6 +259,8 @@ int llama_work_init(struct llama_work *w, const struct model_config *cfg, int64_
 /* The same cut from arena (llama_work_bytes, 64-byte aligned, caller-owned; NULL: own). */
 int llama_work_bind(struct llama_work *w, const struct model_config *cfg, int64_t B, int64_t T,
                     int nthreads, void *arena, struct moai_err *err);
+int llama_work_bind_shape(struct llama_work *w, const struct model_config *cfg,
+                          const struct llama_shape *s, void *arena, struct moai_err *err);
 void llama_work_release(struct llama_work *w);
 
 /* ---- tensors by name (loading, saving, initialization) ---- */

@@ -1,0 +1,268 @@
+/* shard.c - one device's units of parameters and its exact memory (see shard.h). */
+#include "exec/shard.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static int64_t div_up(int64_t a, int64_t b)
+{
+    return (a + b - 1) / b;
+}
+
+int shard_device(const struct exec_layout *lay, int dp_rank, int stage, int tp_rank)
+{
+    return (dp_rank * lay->pp + stage) * lay->tp + tp_rank;
+}
+
+enum llama_keep shard_keep(enum recompute rc)
+{
+    return rc == RECOMPUTE_FULL        ? LLAMA_KEEP_INPUT
+           : rc == RECOMPUTE_SELECTIVE ? LLAMA_KEEP_NO_PROBS
+                                       : LLAMA_KEEP_ALL;
+}
+
+/* Layers [*first, *first + *count) of a stage: L / pp each, the L % pp extra layers going to
+ * stages 1, 2, ... (the planner's mem_stage_layers; the first stage holds the embedding and
+ * the most activations under 1F1B). */
+static void stage_layers(int64_t L, int pp, int stage, int64_t *first, int64_t *count)
+{
+    int64_t base = L / pp, rem = L % pp;
+    int64_t before = stage < 1 ? 0 : (stage - 1 < rem ? stage - 1 : rem);
+    *first = stage * base + before;
+    *count = base + (stage >= 1 && stage <= rem);
+}
+
+static void add_unit(struct shard *s, enum shard_unit_kind kind, int64_t layer, int64_t len)
+{
+    struct shard_unit *u = &s->units[s->nunits++];
+    int dp = s->lay.dp;
+    u->kind = kind;
+    u->layer = layer;
+    u->off = s->floats;
+    u->len = len;
+    u->chunk = div_up(len, dp);
+    u->shard = s->shard_floats;
+    s->floats += len;
+    s->shard_floats += u->chunk;
+    if (u->chunk * dp > s->max_padded)
+        s->max_padded = u->chunk * dp;
+    if (u->chunk > s->max_chunk)
+        s->max_chunk = u->chunk;
+}
+
+int shard_init(struct shard *s, const struct model_config *full, const struct exec_layout *lay,
+               int64_t T, int nthreads, int dev, struct moai_err *err)
+{
+    int tp = lay->tp, pp = lay->pp;
+    memset(s, 0, sizeof(*s));
+    s->lay = *lay;
+    s->dev = dev;
+    s->tp_rank = dev % tp;
+    s->stage = dev / tp % pp;
+    s->dp_rank = dev / tp / pp;
+    s->full = *full;
+    llama_shard_config(&s->cfg, full, tp);
+    stage_layers(full->num_hidden_layers, pp, s->stage, &s->first_layer, &s->nlayers);
+    s->has_embed = s->stage == 0;
+    s->has_head = s->stage == pp - 1;
+    s->tied_copy = full->tie_word_embeddings && pp > 1 && s->has_head;
+
+    int64_t Vs = s->cfg.vocab_size, D = full->hidden_size;
+    s->vocab_first = s->tp_rank * Vs;
+    s->vocab_rows = full->vocab_size - s->vocab_first < Vs ? full->vocab_size - s->vocab_first : Vs;
+    if (s->vocab_rows < 0)
+        s->vocab_rows = 0;
+    int64_t H = full->num_attention_heads, KV = full->num_key_value_heads;
+    int64_t Hd = s->cfg.num_attention_heads;
+    s->kv_first = s->tp_rank * Hd / (H / KV);
+    s->kv_replicated = tp > KV;
+
+    s->units = calloc((size_t) (s->nlayers + 3), sizeof(*s->units));
+    if (!s->units)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    s->embed_unit = s->norm_unit = s->lm_head_unit = -1;
+    if (s->has_embed) {
+        s->embed_unit = s->nunits;
+        add_unit(s, SHARD_EMBED, -1, Vs * D);
+    }
+    for (int64_t l = 0; l < s->nlayers; l++)
+        add_unit(s, SHARD_LAYER, s->first_layer + l, model_layer_param_count(&s->cfg));
+    if (s->has_head) {
+        s->norm_unit = s->nunits;
+        add_unit(s, SHARD_NORM, -1, D);
+        s->norm_padded = s->units[s->norm_unit].chunk * lay->dp;
+        if (!full->tie_word_embeddings || pp > 1) {
+            s->lm_head_unit = s->nunits;
+            add_unit(s, SHARD_LMHEAD, -1, Vs * D);
+        }
+    }
+    int64_t nmb = lay->num_micro_batches;
+    s->in_flight = pp - s->stage < nmb ? pp - s->stage : nmb;
+    s->shape = (struct llama_shape){.B = lay->batch_per_device,
+                                    .T = T,
+                                    .nlayers = s->nlayers,
+                                    .head = s->has_head,
+                                    .keep = shard_keep(lay->recomputation),
+                                    .tp = tp,
+                                    .nthreads = nthreads};
+    return 0;
+}
+
+void shard_release(struct shard *s)
+{
+    free(s->units);
+    s->units = NULL;
+}
+
+void shard_bytes(const struct shard *s, struct shard_bytes *b)
+{
+    bool zero2 = s->lay.distribute_param || s->lay.distribute_low_prec_param;
+    bool zero3 = s->lay.distribute_low_prec_param;
+    int64_t f = sizeof(float);
+
+    b->weights = f * (zero3 ? s->shard_floats + 2 * s->max_padded + s->norm_padded : s->floats);
+    b->gradients =
+        f * (zero2 ? s->shard_floats + s->max_padded + s->max_chunk + s->norm_padded : s->floats);
+    b->optimizer = 2 * f * (zero2 ? s->shard_floats : s->floats);
+    b->activations = s->in_flight * (int64_t) llama_acts_bytes_shape(&s->cfg, &s->shape);
+    b->workspace = (int64_t) llama_work_bytes_shape(&s->cfg, &s->shape);
+    b->total = b->weights + b->gradients + b->optimizer + b->activations + b->workspace;
+}
+
+void shard_layer_view(struct llama_layer *l, float *base, const struct model_config *c)
+{
+    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size;
+    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads;
+    l->input_norm = base;
+    l->wq = l->input_norm + D;
+    l->wk = l->wq + H * hd * D;
+    l->wv = l->wk + KV * hd * D;
+    l->wo = l->wv + KV * hd * D;
+    l->post_norm = l->wo + D * H * hd;
+    l->w_gate = l->post_norm + D;
+    l->w_up = l->w_gate + F * D;
+    l->w_down = l->w_up + F * D;
+}
+
+/* Copies rows x cols floats between a matrix of leading dimension ld_full and one of ld_part,
+ * towards the part (to_full false) or the whole (to_full true). */
+static void copy_block(float *full, int64_t ld_full, float *part, int64_t ld_part, int64_t rows,
+                       int64_t cols, bool to_full)
+{
+    for (int64_t i = 0; i < rows; i++) {
+        float *a = full + i * ld_full, *b = part + i * ld_part;
+        if (to_full)
+            memcpy(a, b, sizeof(float) * (size_t) cols);
+        else
+            memcpy(b, a, sizeof(float) * (size_t) cols);
+    }
+}
+
+/* Offsets in the whole model's arena: the embedding, layer l, the final norm, lm_head. */
+static int64_t full_layer_off(const struct model_config *c, int64_t l)
+{
+    return c->vocab_size * c->hidden_size + l * model_layer_param_count(c);
+}
+
+static void unit_copy(const struct shard *s, int ui, float *full, float *part, bool to_full)
+{
+    const struct shard_unit *u = &s->units[ui];
+    const struct model_config *fc = &s->full, *sc = &s->cfg;
+    int64_t D = fc->hidden_size, L = fc->num_hidden_layers;
+
+    switch (u->kind) {
+    case SHARD_EMBED:
+    case SHARD_LMHEAD: {
+        int64_t off =
+            u->kind == SHARD_LMHEAD && !fc->tie_word_embeddings ? full_layer_off(fc, L) + D : 0;
+        float *src = full + off + s->vocab_first * D;
+        if (!to_full)
+            memset(part + s->vocab_rows * D, 0,
+                   sizeof(float) * (size_t) (u->len - s->vocab_rows * D));
+        copy_block(src, D, part, D, s->vocab_rows, D, to_full);
+        break;
+    }
+    case SHARD_NORM:
+        copy_block(full + full_layer_off(fc, L), D, part, D, 1, D, to_full);
+        break;
+    case SHARD_LAYER: {
+        struct llama_layer f, p;
+        int64_t hd = fc->head_dim, H = fc->num_attention_heads, F = fc->intermediate_size;
+        int64_t Hd = sc->num_attention_heads, KVd = sc->num_key_value_heads;
+        int64_t Fd = sc->intermediate_size, r = s->tp_rank;
+        shard_layer_view(&f, full + full_layer_off(fc, u->layer), fc);
+        shard_layer_view(&p, part, sc);
+        copy_block(f.input_norm, D, p.input_norm, D, 1, D, to_full);
+        copy_block(f.wq + r * Hd * hd * D, D, p.wq, D, Hd * hd, D, to_full);
+        copy_block(f.wk + s->kv_first * hd * D, D, p.wk, D, KVd * hd, D, to_full);
+        copy_block(f.wv + s->kv_first * hd * D, D, p.wv, D, KVd * hd, D, to_full);
+        copy_block(f.wo + r * Hd * hd, H * hd, p.wo, Hd * hd, D, Hd * hd, to_full);
+        copy_block(f.post_norm, D, p.post_norm, D, 1, D, to_full);
+        copy_block(f.w_gate + r * Fd * D, D, p.w_gate, D, Fd, D, to_full);
+        copy_block(f.w_up + r * Fd * D, D, p.w_up, D, Fd, D, to_full);
+        copy_block(f.w_down + r * Fd, F, p.w_down, Fd, D, Fd, to_full);
+        break;
+    }
+    }
+}
+
+void shard_unit_from_full(const struct shard *s, int u, const float *full, float *dst)
+{
+    unit_copy(s, u, (float *) full, dst, false);
+}
+
+void shard_unit_to_full(const struct shard *s, int u, const float *src, float *full)
+{
+    unit_copy(s, u, full, (float *) src, true);
+}
+
+void shard_kv_range(const struct shard *s, int u, int64_t *start, int64_t *end)
+{
+    const struct model_config *c = &s->cfg;
+    int64_t D = c->hidden_size, hd = c->head_dim;
+    (void) u; /* every layer unit has the same layout */
+    *start = D + c->num_attention_heads * hd * D;
+    *end = *start + 2 * c->num_key_value_heads * hd * D;
+}
+
+int shard_duplicate_ranges(const struct shard *s, int ui, int64_t ranges[4][2])
+{
+    const struct shard_unit *u = &s->units[ui];
+    int64_t D = s->full.hidden_size;
+    int n = 0;
+
+    switch (u->kind) {
+    case SHARD_EMBED:
+        break;
+    case SHARD_NORM:
+        if (s->tp_rank != 0) {
+            ranges[n][0] = 0;
+            ranges[n++][1] = u->len;
+        }
+        break;
+    case SHARD_LMHEAD:
+        if (s->tied_copy) {
+            ranges[n][0] = 0;
+            ranges[n++][1] = u->len;
+        }
+        break;
+    case SHARD_LAYER: {
+        int64_t kv0, kv1;
+        shard_kv_range(s, ui, &kv0, &kv1);
+        if (s->tp_rank != 0) {
+            int64_t post = kv1 + D * s->cfg.num_attention_heads * s->cfg.head_dim;
+            ranges[n][0] = 0;
+            ranges[n++][1] = D;
+            ranges[n][0] = post;
+            ranges[n++][1] = post + D;
+        }
+        int sharing = s->lay.tp / (int) s->full.num_key_value_heads;
+        if (s->kv_replicated && s->tp_rank % sharing != 0) {
+            ranges[n][0] = kv0;
+            ranges[n++][1] = kv1;
+        }
+        break;
+    }
+    }
+    return n;
+}
