@@ -372,16 +372,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .distribute_param = pr.best.distribute_param,
         .distribute_low_prec_param = pr.best.distribute_low_prec_param,
     };
-    if (layout.pp > 1 || layout.tp > 1 || layout.recomputation != RECOMPUTE_NONE) {
-        moai_err_set(err, MOAI_ENOTYET,
-                     "%s: the selected plan needs %s, whose execution is not built yet", r->source,
-                     layout.pp > 1   ? "pipeline parallelism"
-                     : layout.tp > 1 ? "tensor parallelism"
-                                     : "recomputation");
-        return moai_err_hint(err, "pin the planner to what runs: parallel: {pp: 1, tp: 1, "
-                                  "recomputation: none}");
-    }
-
     if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
                            r->dataset.response_start, r->training.block_size, r->dataset.limit,
                            r->dataset.cache_dir, err)) < 0)
@@ -497,10 +487,16 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         log_error("%s", err->msg);
         plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
     }
-    for (int i = 0; i < tr.ndev && i < 64; i++)
-        log_info("device %d: peak memory %lld bytes, planned %lld (measured/predicted %.3f)", i,
-                 (long long) tr.peak_bytes[i], (long long) pr.best.mem.total_bytes,
-                 (double) tr.peak_bytes[i] / (double) pr.best.mem.total_bytes);
+    for (int i = 0; i < tr.ndev && i < 64 && tr.peak_bytes[i] > 0; i++) {
+        /* each device against the planner's figure for its own pipeline stage */
+        struct mem_breakdown mb;
+        int stage = i / pr.best.tp % pr.best.pp;
+        mem_stage(&mb, &cfg, r, &pr.best, stage);
+        log_info("device %d (stage %d, tp rank %d): peak memory %lld bytes, planned %lld "
+                 "(measured/predicted %.3f)",
+                 i, stage, i % pr.best.tp, (long long) tr.peak_bytes[i], (long long) mb.total_bytes,
+                 (double) tr.peak_bytes[i] / (double) mb.total_bytes);
+    }
     if (rc == 0) {
         if (!isnan(tr.valid_loss))
             log_info("validation loss %.6g", tr.valid_loss);

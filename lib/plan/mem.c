@@ -1,6 +1,7 @@
 /* mem.c - the memory model of one device for a parallel layout (see mem.h). */
 #include "plan/mem.h"
 
+#include "exec/shard.h"
 #include "model/llama.h"
 #include "plan/plan.h"
 
@@ -175,53 +176,50 @@ int mem_cpu_threads(int ndev)
 }
 
 /*
- * The cpu device runs data-parallel plans in fp32 with the executor's exact arenas
- * (exec/train.c): the parameters cut into units (the embedding, each layer, the final norm
- * with lm_head), each unit sharded into dp chunks of ceil(len / dp) floats; a ZeRO-3 device
- * holds its shard and two gathered units, a ZeRO-2 device its gradient shard, one unit's
- * gradient bucket and a chunk for the reduction (plus the final norm's gradient when the
- * embedding is tied); the model's activations and workspace are the sizes llama.h gives.
- * A test checks this against exec_device_bytes and the measured peaks.
+ * The cpu device runs every plan in fp32 with the executor's exact arenas: exec/shard.h
+ * counts what one device of a stage allocates (its units of weights, gradients and moments,
+ * sharded and gathered as ZeRO does, the kept activations of the micro-batches in flight,
+ * the model's workspace), by the arithmetic the executor allocates with. So the prediction is
+ * the measurement; tests check both against the measured peaks.
  */
 static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg,
-                         const struct recipe *r, const struct plan *p)
+                         const struct recipe *r, const struct plan *p, int stage)
 {
-    int64_t V = cfg->vocab_size, D = cfg->hidden_size, L = cfg->num_hidden_layers;
-    int64_t P = model_param_count(cfg), dp = p->dp;
-    int64_t lens[3] = {V * D, model_layer_param_count(cfg),
-                       D + (cfg->tie_word_embeddings ? 0 : V * D)};
-    int64_t counts[3] = {1, L, 1}, shard = 0, max_padded = 0, max_chunk = 0;
-    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
-    bool zero3 = p->distribute_low_prec_param;
+    struct exec_layout lay = {.dp = p->dp,
+                              .pp = p->pp,
+                              .tp = p->tp,
+                              .num_micro_batches = p->num_micro_batches,
+                              .batch_per_device = p->batch_per_device,
+                              .recomputation = p->recomputation,
+                              .distribute_param = p->distribute_param,
+                              .distribute_low_prec_param = p->distribute_low_prec_param};
+    struct shard s;
+    struct shard_bytes b;
 
-    for (int u = 0; u < 3; u++) {
-        int64_t chunk = div_up(lens[u], dp);
-        shard += counts[u] * chunk;
-        if (chunk * dp > max_padded)
-            max_padded = chunk * dp;
-        if (chunk > max_chunk)
-            max_chunk = chunk;
-    }
     memset(m, 0, sizeof(*m));
-    m->params = P;
-    m->weights_bytes = 4 * (zero3 ? shard + 2 * max_padded : P);
-    m->gradients_bytes =
-        4 * (zero2 ? shard + max_padded + max_chunk + (cfg->tie_word_embeddings ? D * dp : 0) : P);
-    m->optimizer_bytes = 8 * (zero2 ? shard : P);
-    m->activations_bytes =
-        (int64_t) llama_act_bytes(cfg, p->batch_per_device, r->training.block_size);
-    m->logits_bytes = (int64_t) llama_work_bytes(cfg, p->batch_per_device, r->training.block_size,
-                                                 mem_cpu_threads(p->dp * p->pp * p->tp));
+    m->stage = stage;
+    if (shard_init(&s, cfg, &lay, r->training.block_size, mem_cpu_threads(p->dp * p->pp * p->tp),
+                   shard_device(&lay, 0, stage, 0), NULL) < 0) {
+        m->total_bytes = INT64_MAX; /* out of host memory for a table: cannot plan it */
+        return;
+    }
+    shard_bytes(&s, &b);
+    m->params = s.floats;
+    shard_release(&s);
+    m->weights_bytes = b.weights;
+    m->gradients_bytes = b.gradients;
+    m->optimizer_bytes = b.optimizer;
+    m->activations_bytes = b.activations;
+    m->logits_bytes = b.workspace;
     m->reserve_bytes = 0;
-    m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
-                     m->activations_bytes + m->logits_bytes;
+    m->total_bytes = b.total;
 }
 
 void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
                const struct plan *p, int stage)
 {
-    if (is_cpu(&r->flavor) && p->pp == 1 && p->tp == 1 && p->recomputation == RECOMPUTE_NONE) {
-        mem_cpu_exec(m, cfg, r, p);
+    if (is_cpu(&r->flavor)) {
+        mem_cpu_exec(m, cfg, r, p, stage);
         return;
     }
     struct mem_dtypes d;
@@ -283,7 +281,7 @@ void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const
     for (int st = 1; st < p->pp; st++) {
         /* Stages 1 .. pp-2 differ only by one layer and fewer micro-batches in flight: the
          * heaviest middle stage is the first holding an extra layer, stage 1. */
-        if (st > 1 && st < p->pp - 1)
+        if (st > 1 && st < p->pp - 1 && !is_cpu(&r->flavor))
             continue;
         mem_stage(&cur, cfg, r, p, st);
         if (cur.total_bytes > m->total_bytes)

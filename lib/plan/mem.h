@@ -18,8 +18,9 @@
  *   logits       on the last stage: one micro-batch's logits and their gradient, fp32;
  *   reserve      a fixed workspace reserve (mem_reserve_bytes).
  *
- * On the cpu device every tensor is fp32 (the executor's arenas are fp32): 4 + 4 + 8 bytes
- * per parameter and 4-byte activations whatever the recipe's precision.
+ * On the cpu device the executor's own arithmetic (exec/shard.h) gives the figure: every
+ * tensor fp32 whatever the recipe's precision, the arenas it allocates, no reserve; so the
+ * prediction equals the measured peak of every device, for every layout.
  *
  * Stages get contiguous, balanced layer ranges (mem_stage_layers); the embedding counts
  * toward the first stage, the final norm and lm_head toward the last, a tied embedding
