@@ -582,11 +582,29 @@ static double model_loss(void *p)
     return llama_forward_backward(&f->m, &f->p, NULL, &f->a, &f->w, &f->b, f->dloss) * f->dloss;
 }
 
-static void model_grad_check(bool tied)
+/* Rebinds the fixture's activations and workspace to keep what `keep` says. */
+static void model_keep(struct model_fixture *f, enum llama_keep keep)
+{
+    struct moai_err err = {0};
+    struct llama_shape s = {.B = f->b.B,
+                            .T = f->b.T,
+                            .nlayers = f->cfg.num_hidden_layers,
+                            .head = true,
+                            .keep = keep,
+                            .tp = 1,
+                            .nthreads = f->m.nthreads};
+    llama_acts_release(&f->a);
+    llama_work_release(&f->w);
+    assert_int_equal(llama_acts_bind_shape(&f->a, &f->cfg, &s, NULL, &err), 0);
+    assert_int_equal(llama_work_bind_shape(&f->w, &f->cfg, &s, NULL, &err), 0);
+}
+
+static void model_grad_check_keep(bool tied, enum llama_keep keep)
 {
     struct model_fixture f;
     struct model_config cfg = tiny_config(tied);
     model_setup(&f, &cfg, 2, 9, 1, 11);
+    model_keep(&f, keep);
     llama_params_zero(&f.m, &f.g);
     llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
     /* every tensor, a spread of its entries: tolerance 1e-2 relative, 2e-4 absolute (the
@@ -600,10 +618,44 @@ static void model_grad_check(bool tied)
     model_teardown(&f);
 }
 
+static void model_grad_check(bool tied)
+{
+    model_grad_check_keep(tied, LLAMA_KEEP_ALL);
+}
+
 static void test_llama_model_grad_untied(void **state)
 {
     (void) state;
     model_grad_check(false);
+}
+
+/* Recomputation: the finite-difference check through the recomputing backwards, and the same
+ * loss and gradients as keeping everything, bit for bit (the same operations run again), in
+ * less memory. */
+static void test_llama_recomputation(void **state)
+{
+    (void) state;
+    model_grad_check_keep(false, LLAMA_KEEP_NO_PROBS);
+    model_grad_check_keep(true, LLAMA_KEEP_INPUT);
+
+    struct model_config cfg = tiny_config(false);
+    struct model_fixture f;
+    model_setup(&f, &cfg, 3, 12, 2, 9);
+    llama_params_zero(&f.m, &f.g);
+    double l0 = llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
+    size_t all = f.a.bytes;
+    float *g0 = falloc(f.g.nfloats);
+    memcpy(g0, f.g.arena, llama_param_bytes(&cfg));
+    for (int k = LLAMA_KEEP_NO_PROBS; k <= LLAMA_KEEP_INPUT; k++) {
+        model_keep(&f, (enum llama_keep) k);
+        assert_true(f.a.bytes < all);
+        llama_params_zero(&f.m, &f.g);
+        double l1 = llama_forward_backward(&f.m, &f.p, &f.g, &f.a, &f.w, &f.b, f.dloss);
+        assert_true(l0 == l1);
+        assert_memory_equal(g0, f.g.arena, llama_param_bytes(&cfg));
+    }
+    free(g0);
+    model_teardown(&f);
 }
 
 static void test_llama_model_grad_tied(void **state)
@@ -1136,6 +1188,7 @@ int main(void)
         cmocka_unit_test(test_llama_expf_accuracy),
         cmocka_unit_test(test_llama_model_grad_untied),
         cmocka_unit_test(test_llama_model_grad_tied),
+        cmocka_unit_test(test_llama_recomputation),
         cmocka_unit_test(test_llama_threads_same_result),
         cmocka_unit_test(test_llama_padding_invariance),
         cmocka_unit_test(test_llama_stages_match_whole),
