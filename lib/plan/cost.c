@@ -41,6 +41,14 @@
  * DeepSpeed overlap bucketed reductions with the remaining backward; about half is typical. */
 #define COST_DP_OVERLAP 0.5
 
+/* The cpu device's devices are threads sharing the machine's cores. When they outnumber the
+ * cores, a collective waits until every member thread has been scheduled again: about a
+ * scheduler time slice per collective, not the microseconds of a link. Measured with
+ * bench_parallel (make bench) on 4 devices over 2 cores: the tp 2 and tp 4 plans of the
+ * tiny model took 0.13 s more per step than their compute over their ~20 tensor-parallel
+ * collectives, 6 ms each; 3 ms is taken (half of it overlaps other devices' work). */
+#define COST_CPU_SYNC_SECONDS 3e-3
+
 /* Elementwise work of a layer (norms, rotary, softmax, SwiGLU, residuals) streams its saved
  * activations about this many times over forward and backward. */
 #define COST_ELEMENTWISE_PASSES 4.0
@@ -48,6 +56,14 @@
 static bool is_cpu(const struct flavor *f)
 {
     return strcmp(f->device.name, "cpu") == 0;
+}
+
+/* Cores per device when the cpu flavor's devices outnumber this machine's cores (they share
+ * them), else 0. */
+static double cpu_shared(const struct flavor *f)
+{
+    int cores = mem_cpu_threads(1);
+    return is_cpu(f) && f->devices > cores ? (double) cores / f->devices : 0.0;
 }
 
 double cost_device_tflops(const struct flavor *f)
@@ -145,7 +161,11 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     double V = (double) mem_vocab_per_device(cfg, p->tp), D = (double) cfg->hidden_size;
     double head = 3.0 * cost_gemm_seconds(M, V, D, 1, e, f);
     double tick_compute = (double) most * (3.0 * fwd + recompute) + (p->pp == 1 ? head : 0.0);
-    if (p->pp > 1 && head > 0) /* the last stage's lm_head makes it the slowest, roughly */
+    double shared = cpu_shared(f);
+    if (p->pp > 1 && shared > 0) /* a waiting stage lends its core: the average stage */
+        tick_compute =
+            (double) cfg->num_hidden_layers / p->pp * (3.0 * fwd + recompute) + head / p->pp;
+    else if (p->pp > 1 && head > 0) /* the last stage's lm_head makes it the slowest, roughly */
         tick_compute += head / 2;
 
     /* Tensor parallel: 2 all-reduces of the layer output in the forward, 2 in the backward. */
@@ -153,6 +173,8 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     double tp_tick = 4.0 * (double) most *
                      cost_allreduce_seconds(act_bytes, p->tp, f->device.intra_node_gbps,
                                             COST_INTRA_LATENCY_SECONDS);
+    if (shared > 0 && p->tp > 1) /* and the embedding's, the loss's (3) and lm_head's */
+        tp_tick += (4.0 * (double) most + 4.0) * COST_CPU_SYNC_SECONDS;
     /* Stage to stage: one activation forward, its gradient backward, per micro-batch. */
     bool stages_cross_nodes = p->dp * p->tp >= f->devices_per_node;
     double p2p_gbps = stages_cross_nodes ? f->device.inter_node_gbps : f->device.intra_node_gbps;
@@ -162,7 +184,8 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     c->compute_seconds = tick_compute * p->num_micro_batches;
     c->tp_comm_seconds = tp_tick * p->num_micro_batches;
     c->p2p_seconds = p2p_tick * p->num_micro_batches;
-    c->bubble_seconds = tick * (p->pp - 1);
+    /* the bubble; on shared cores the idle stages' cores go to the busy ones */
+    c->bubble_seconds = tick * (p->pp - 1) * (shared > 0 ? shared : 1.0);
 
     /* Data parallel: the stage's gradients reduced over dp over the slowest link crossed. */
     int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
