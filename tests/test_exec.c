@@ -320,6 +320,48 @@ static void test_exec_world_split(void **state)
     comm_world_free(sc.w);
 }
 
+struct chain_case {
+    struct comm_group *g;
+    int got[N][16];
+};
+
+/* A pipeline of N ranks passing 16 messages forward and 16 back, each exchange with a
+ * neighbour done as one comm_sendrecv: rank r sends its forward message to r + 1 while it
+ * receives r + 1's backward message, which with two blocking sends would deadlock. */
+static int chain_worker(struct dev *d, void *arg)
+{
+    struct chain_case *cc = arg;
+    struct comm c;
+    int r = d->id;
+    comm_init(&c, cc->g, r);
+    for (int i = 0; i < 16; i++) {
+        int fwd = r * 100 + i, bwd = -1;
+        if (r + 1 < N)
+            comm_sendrecv(&c, r + 1, &fwd, sizeof(fwd), r + 1, &bwd, sizeof(bwd));
+        int from_prev = -1;
+        if (r > 0)
+            comm_sendrecv(&c, r - 1, &fwd, sizeof(fwd), r - 1, &from_prev, sizeof(from_prev));
+        cc->got[r][i] = r + 1 < N ? bwd : from_prev;
+    }
+    return 0;
+}
+
+static void test_exec_sendrecv_exchanges(void **state)
+{
+    (void) state;
+    struct chain_case cc;
+    struct dev_set ds;
+    struct moai_err err = {0};
+    assert_int_equal(comm_group_create(&cc.g, N, &err), 0);
+    assert_int_equal(dev_set_init(&ds, N, 1 << 20, &err), 0);
+    assert_int_equal(dev_set_run(&ds, chain_worker, &cc, &err), 0);
+    for (int r = 0; r < N; r++)
+        for (int i = 0; i < 16; i++)
+            assert_int_equal(cc.got[r][i], (r + 1 < N ? r + 1 : r - 1) * 100 + i);
+    dev_set_release(&ds);
+    comm_group_free(cc.g);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -329,6 +371,7 @@ int main(void)
         cmocka_unit_test(test_exec_checkpoint_swap_is_atomic),
         cmocka_unit_test(test_exec_step_line_format),
         cmocka_unit_test(test_exec_world_split),
+        cmocka_unit_test(test_exec_sendrecv_exchanges),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
