@@ -6,6 +6,7 @@
 
 #include "exec/train.h"
 #include "model/optim.h"
+#include "plan/mem.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -290,7 +291,8 @@ static void test_train_model_parallel_memory_is_exact(void **state)
         for (int d = 0; d < res.ndev; d++) {
             struct shard s;
             struct shard_bytes b;
-            assert_int_equal(shard_init(&s, l->untied ? &fx.untied : &fx.cfg, &el, SEQ, 1, d, &err),
+            assert_int_equal(shard_init(&s, l->untied ? &fx.untied : &fx.cfg, &el, SEQ,
+                                        mem_cpu_threads(res.ndev), d, &err),
                              0);
             shard_bytes(&s, &b);
             shard_release(&s);
@@ -409,7 +411,7 @@ static void test_train_device_memory_is_counted(void **state)
                               .batch_per_device = 4,
                               .distribute_param = true,
                               .distribute_low_prec_param = true};
-    int64_t need = exec_device_bytes(&fx.cfg, &lay, SEQ, 1);
+    int64_t need = exec_device_bytes(&fx.cfg, &lay, SEQ, mem_cpu_threads(2));
     assert_int_equal(train(2, 1, true, true, 1 << 30, losses, &res, &err), 0);
     assert_int_equal(res.peak_bytes[0], need);
     assert_int_equal(res.peak_bytes[1], need);
