@@ -1,12 +1,20 @@
-/* train.h - the training loop of a plan on virtual devices.
+/* train.h - the training loop of any parallel plan on the devices.
  *
- * exec_train runs a data-parallel plan (pp = tp = 1) of dp replicas on dp device threads:
- * every step each replica runs its num_micro_batches micro-batches of batch_per_device
- * sequences (gradient accumulation), the gradients are all-reduced (or reduce-scattered unit
- * by unit under distribute_param), clipped to the global norm, and AdamW updates the
+ * exec_train runs a dp x pp x tp plan (exec/shard.h numbers the devices and cuts the model):
+ * every step each of the dp replicas runs its num_micro_batches micro-batches of
+ * batch_per_device sequences through its pp pipeline stages under a 1F1B schedule, each stage
+ * split over tp devices Megatron style (the model's tensor-parallel hooks, llama.h), keeping
+ * the activations the recomputation mode says. The gradients are all-reduced over the
+ * replicas (or reduce-scattered unit by unit under distribute_param), the partial sums of
+ * replicated weights joined (k and v of a kv head shared by tp ranks, a tied embedding's two
+ * copies on the first and last stage), clipped to the global norm, and AdamW updates the
  * parameters (each replica its shard under distribute_param, then an all-gather). Under
  * distribute_low_prec_param the working weights are sharded too and each unit (the
- * embedding, a layer, the final norm and lm_head) is gathered just before it runs.
+ * embedding, a layer, the final norm, lm_head) is gathered just before it runs.
+ *
+ * The devices are threads of this process, or under Open MPI (job.world) the devices
+ * [first_dev, first_dev + nlocal) of the world; everything between devices, checkpoints
+ * included, goes through the communicator, so both give the same results.
  *
  * The loss of a step is the mean over the unmasked tokens of the whole global batch: every
  * micro-batch's backward is scaled by 1 / (counted tokens of the step), so the gradients are
@@ -15,7 +23,8 @@
  *
  * Memory: every buffer a device holds is counted against the flavor's memory per device
  * (exec/dev.h): parameters, gradients, optimizer moments, activations and workspace (the
- * model's size functions), gathered units and gradient buckets. A plan that does not fit fails
+ * model's size functions), gathered units and gradient buckets, exactly what shard_bytes
+ * counts. A plan that does not fit fails
  * with MOAI_EOOM before the first step; train_result.peak_bytes records each device's peak.
  *
  *     struct train_job job = {.recipe = &r, .cfg = &cfg, .layout = {...}, .train = recs, ...};
