@@ -28,13 +28,19 @@ void plan_evaluate(struct plan *p, const struct model_config *cfg, const struct 
                                : 0;
 }
 
-/* tp may shard the model: it divides the heads and the MLP width, and divides the kv heads or
- * is a multiple of them (kv heads replicated). */
+/* Every one of tp vocabulary shards of ceil(V / tp) rows holds at least one real row. */
+static bool tp_fits_vocab(const struct model_config *cfg, int tp)
+{
+    return (int64_t) (tp - 1) * ((cfg->vocab_size + tp - 1) / tp) < cfg->vocab_size;
+}
+
+/* tp may shard the model: it divides the heads and the MLP width, divides the kv heads or
+ * is a multiple of them (kv heads replicated), and leaves no vocabulary shard empty. */
 static bool tp_fits_model(const struct model_config *cfg, int tp)
 {
     int64_t kv = cfg->num_key_value_heads;
     return cfg->num_attention_heads % tp == 0 && cfg->intermediate_size % tp == 0 &&
-           (kv % tp == 0 || tp % kv == 0);
+           (kv % tp == 0 || tp % kv == 0) && tp_fits_vocab(cfg, tp);
 }
 
 int plan_check(const struct plan *p, const struct model_config *cfg, const struct recipe *r,
@@ -57,6 +63,10 @@ int plan_check(const struct plan *p, const struct model_config *cfg, const struc
     if (cfg->intermediate_size % p->tp != 0)
         return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the MLP width %lld", p->tp,
                             (long long) cfg->intermediate_size);
+    if (!tp_fits_vocab(cfg, p->tp))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "tp %d leaves a shard of the %lld-token vocabulary empty", p->tp,
+                            (long long) cfg->vocab_size);
     if (!tp_fits_model(cfg, p->tp))
         return moai_err_set(err, MOAI_EUSAGE,
                             "tp %d neither divides nor is a multiple of the "
