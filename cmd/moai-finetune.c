@@ -1,6 +1,7 @@
 /* moai-finetune.c - the command line: options, the loop over recipes, exit statuses. */
 #include "err.h"
 #include "log.h"
+#include "exec/comm.h"
 #include "exec/run.h"
 #include "exec/train.h"
 #include "model/config.h"
@@ -27,6 +28,7 @@ enum mode {
 struct options {
     enum mode mode;
     bool json;
+    bool mpi; /* started by mpirun */
     struct recipe_overrides ov;
     const char **sets;
 };
@@ -156,7 +158,7 @@ static void on_signal(int sig)
 static int run_train(const struct options *opt, const char *path, struct recipe *r,
                      struct moai_err *err)
 {
-    struct exec_opts o = {.json = opt->json};
+    struct exec_opts o = {.json = opt->json, .mpi = opt->mpi};
     struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
     int rc;
 
@@ -235,21 +237,27 @@ int main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "+qvhV", longopts, NULL)) != -1) {
         switch (c) {
         case OPT_PLAN:
-            if (opt.mode == MODE_VALIDATE)
-                return usage_error("%s cannot be combined with --validate", "--plan-only");
+            if (opt.mode == MODE_VALIDATE) {
+                status = usage_error("%s cannot be combined with --validate", "--plan-only");
+                goto out;
+            }
             opt.mode = MODE_PLAN;
             break;
         case OPT_VALIDATE:
-            if (opt.mode == MODE_PLAN)
-                return usage_error("%s cannot be combined with --plan-only", "--validate");
+            if (opt.mode == MODE_PLAN) {
+                status = usage_error("%s cannot be combined with --plan-only", "--validate");
+                goto out;
+            }
             opt.mode = MODE_VALIDATE;
             break;
         case OPT_JSON:
             opt.json = true;
             break;
         case OPT_SET:
-            if (!strchr(optarg, '=') || optarg[0] == '=')
-                return usage_error("--set '%s': expected KEY=VALUE", optarg);
+            if (!strchr(optarg, '=') || optarg[0] == '=') {
+                status = usage_error("--set '%s': expected KEY=VALUE", optarg);
+                goto out;
+            }
             opt.sets[opt.ov.nsets++] = optarg;
             break;
         case OPT_AP:
@@ -284,11 +292,31 @@ int main(int argc, char **argv)
         free(opt.sets);
         return usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
     }
+    /* Under mpirun every rank runs the recipes; rank 0 alone speaks (results and logs; errors
+     * come from every rank), and each recipe's devices are shared out over the ranks. */
+    opt.mpi = comm_mpi_launched();
+    if (opt.mpi) {
+        struct moai_err err = {0};
+        if (comm_mpi_init(&err) < 0) {
+            fprintf(stderr, "moai-finetune: error: %s\n", err.msg);
+            free(opt.sets);
+            return 1;
+        }
+        if (comm_mpi_rank() > 0) {
+            if (log_get_level() > LOG_WARN)
+                log_set_level(LOG_WARN);
+            if (!freopen("/dev/null", "w", stdout))
+                log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());
+        }
+    }
     for (int i = optind; i < argc; i++) {
         int s = run_recipe(&opt, argv[i]);
         if (s > status)
             status = s;
     }
+    if (opt.mpi)
+        comm_mpi_finalize();
+out:
     free(opt.sets);
     return status;
 }

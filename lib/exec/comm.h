@@ -27,6 +27,7 @@
 
 #include "err.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 struct comm_group;
@@ -122,5 +123,32 @@ void comm_world_all(struct comm_world *w, int dev, struct comm *out);
 /* Splits the world: out becomes dev's rank in the group of its color. Returns 0 or
  * MOAI_ENOMEM (on every device alike). */
 int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out);
+
+/*
+ * Open MPI (comm_mpi.c). Under `mpirun -n W` a run's ndev devices are shared out over the W
+ * processes in order (ndev must be a multiple of W): process p runs devices
+ * [p ndev / W, (p + 1) ndev / W) as threads, and every communicator between devices goes
+ * through MPI with the shared-memory transport's summation order, so results are the same
+ * bits. MPI runs with MPI_THREAD_MULTIPLE; a failed MPI call ends the job.
+ *
+ *     if (comm_mpi_launched()) comm_mpi_init(&err);                  (once, in main)
+ *     comm_world_create_mpi(&w, ndev, &err);  ... w->first_dev, w->nlocal ...
+ *     comm_mpi_finalize();                                          (at exit)
+ */
+
+/* True when this process was started by mpirun (from its environment; MPI not touched). */
+bool comm_mpi_launched(void);
+/* Initializes MPI with MPI_THREAD_MULTIPLE (once; later calls return 0). Returns 0 or
+ * MOAI_EIO when MPI cannot start or lacks the thread support. */
+int comm_mpi_init(struct moai_err *err);
+void comm_mpi_finalize(void);
+/* This process's rank and the number of processes (MPI initialized). */
+int comm_mpi_rank(void);
+int comm_mpi_size(void);
+
+/* The world of ndev devices over the MPI processes. Returns 0, or MOAI_EUSAGE when ndev is not
+ * a multiple of the process count ("16 devices cannot be shared out over 3 MPI ranks ..."),
+ * or MOAI_ENOMEM. */
+int comm_world_create_mpi(struct comm_world **w, int ndev, struct moai_err *err);
 
 #endif

@@ -5,6 +5,7 @@
 #include "data/tokcache.h"
 #include "data/tokenize.h"
 #include "exec/ckpt.h"
+#include "exec/comm.h"
 #include "exec/train.h"
 #include "log.h"
 #include "model/config.h"
@@ -362,6 +363,11 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             plan_oom_message(err, &pr, &cfg, r);
         return rc;
     }
+    /* under mpirun the devices are shared out over the ranks: checked before any work */
+    struct comm_world *world = NULL;
+    if (o->mpi && (rc = comm_world_create_mpi(&world, r->flavor.devices, err)) < 0)
+        return rc;
+    bool writer = !world || world->first_dev == 0; /* the rank that holds device 0 */
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
@@ -374,8 +380,10 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     };
     if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
                            r->dataset.response_start, r->training.block_size, r->dataset.limit,
-                           r->dataset.cache_dir, err)) < 0)
+                           r->dataset.cache_dir, err)) < 0) {
+        comm_world_free(world);
         return rc;
+    }
     int32_t top = 0;
     for (int64_t i = 0; i < data.n * data.T; i++)
         if (data.tokens[i] > top)
@@ -463,6 +471,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .save = save,
         .save_arg = &sv,
         .json = o->json,
+        .world = world,
     };
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
      * it too): a run that fails before training leaves no output behind */
@@ -472,12 +481,12 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct stat before;
     bool had_dir = stat(r->training.save_dir, &before) == 0;
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
-    if (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
-        ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
+    if (writer && (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
+                   ckpt_write_json_file(pj_path, pj, &pj_err) < 0))
         log_warn("%s", pj_err.msg);
     json_decref(pj);
     rc = exec_train(&job, &tr, err);
-    if (rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
+    if (writer && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
         /* failed before any checkpoint: take back what this run wrote */
         unlink(pj_path);
         if (!had_dir)
@@ -514,5 +523,6 @@ out_batcher:
     batch_release(&batcher);
 out_data:
     data_set_release(&data);
+    comm_world_free(world);
     return rc;
 }

@@ -24,6 +24,7 @@
 
 struct exec_opts {
     bool json; /* JSON Lines on standard output */
+    bool mpi;  /* started by mpirun (MPI initialized): the devices are shared out over ranks */
 };
 
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err);

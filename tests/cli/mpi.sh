@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Open MPI: the same recipe under `mpirun` with 2 and 4 ranks gives the thread run's losses
+# bit for bit and the same checkpoint; a device count that the ranks cannot share is an error.
+. tests/cli/lib.inc
+
+# As root Open MPI wants these; the leak checker of a sanitized binary gets Open MPI's own
+# allocations suppressed (their libraries only).
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export LSAN_OPTIONS="suppressions=$PWD/tests/lsan-mpi.supp:fast_unwind_on_malloc=0:print_suppressions=0"
+mpi() { mpirun --oversubscribe -n "$@"; }
+
+cat >"$TMP/r.yaml" <<YAML
+model:
+  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+           num_key_value_heads: 2, vocab_size: 8000, tie_word_embeddings: true,
+           bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}
+  init: random
+tokenizer: models/tiny-llama/tokenizer.model
+dataset:
+  path: datasets/debian-descriptions.jsonl.zst
+  limit: 64
+  cache_dir: $TMP/cache
+training:
+  batch_size: 8
+  block_size: 64
+  lr: 1.0e-3
+  precision: fp32
+  max_steps: 5
+  log_interval: 1
+flavor: {device: cpu, devices: 4, memory_gb: 1}
+parallel: {dp: 1, pp: 2, tp: 2, num_micro_batches: 2, distribute_param: true}
+YAML
+losses() { sed -n 's/^\[Step \([0-9]*\)\/5\] | Loss: \([^ ]*\) .*/\1 \2/p' "$1"; }
+
+"$MOAI_BIN" -q --set "training.save_dir=$TMP/threads" "$TMP/r.yaml" >"$TMP/t.out" 2>"$TMP/t.err"
+expect_eq "threads: status" 0 $?
+for n in 2 4; do
+    mpi $n "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi$n" "$TMP/r.yaml" >"$TMP/m$n.out" 2>"$TMP/m$n.err"
+    expect_eq "mpirun -n $n: status" 0 $?
+    expect_eq "mpirun -n $n: the thread run's losses" "$(losses "$TMP/t.out")" "$(losses "$TMP/m$n.out")"
+    expect_eq "mpirun -n $n: one set of step lines" 5 "$(grep -c '^\[Step' "$TMP/m$n.out")"
+    cmp -s "$TMP/threads/model.safetensors" "$TMP/mpi$n/model.safetensors" && ok ||
+        fail "mpirun -n $n: the checkpoint differs from the thread run's"
+done
+
+mpi 3 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi3" "$TMP/r.yaml" >/dev/null 2>"$TMP/m3.err"
+expect_eq "mpirun -n 3: status" 2 $?
+grep -q "4 devices cannot be shared out over 3 MPI ranks" "$TMP/m3.err" && ok ||
+    fail "mpirun -n 3: message: $(head -c 300 "$TMP/m3.err")"
+finish
