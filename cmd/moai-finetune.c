@@ -292,8 +292,9 @@ int main(int argc, char **argv)
         free(opt.sets);
         return usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
     }
-    /* Under mpirun every rank runs the recipes; rank 0 alone speaks (results and logs; errors
-     * come from every rank), and each recipe's devices are shared out over the ranks. */
+    /* Under mpirun every rank runs the recipes; rank 0 alone speaks (results, logs and
+     * warnings: the ranks do the same work; errors come from every rank), and each recipe's
+     * devices are shared out over the ranks. */
     opt.mpi = comm_mpi_launched();
     if (opt.mpi) {
         struct moai_err err = {0};
@@ -303,8 +304,7 @@ int main(int argc, char **argv)
             return 1;
         }
         if (comm_mpi_rank() > 0) {
-            if (log_get_level() > LOG_WARN)
-                log_set_level(LOG_WARN);
+            log_set_level(LOG_ERROR);
             if (!freopen("/dev/null", "w", stdout))
                 log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());
         }
