@@ -52,8 +52,16 @@ static const char usage_text[] =
     "Exit status: 0 success, 1 run-time failure, 2 usage or recipe error, 3 out of memory,\n"
     "130 interrupted after a checkpoint was saved. See moai-finetune(1) and moai-recipe(5).\n";
 
+/* This process's MPI rank under mpirun, else 0. */
+static int mpi_rank;
+
 static void print_error(const struct moai_err *err)
 {
+    if (mpi_rank > 0) { /* rank 0 has the whole report; the others say theirs in one line */
+        fprintf(stderr, "moai-finetune: rank %d: error: %.*s\n", mpi_rank,
+                (int) strcspn(err->msg, "\n"), err->msg);
+        return;
+    }
     fprintf(stderr, "moai-finetune: error: %s\n", err->msg);
     if (err->hint[0])
         fprintf(stderr, "hint: %s\n", err->hint);
@@ -303,7 +311,8 @@ int main(int argc, char **argv)
             free(opt.sets);
             return 1;
         }
-        if (comm_mpi_rank() > 0) {
+        mpi_rank = comm_mpi_rank();
+        if (mpi_rank > 0) {
             log_set_level(LOG_ERROR);
             if (!freopen("/dev/null", "w", stdout))
                 log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());

@@ -31,6 +31,7 @@ struct run {
     struct train_result *res;
     int save_rc;
     struct moai_err save_err;
+    int local_failed; /* a device of this process failed to set up */
 };
 
 /* One micro-batch's tokens, kept from its forward to its backward. */
@@ -781,6 +782,36 @@ static int device_comms(struct device *dv)
               : 0;
 }
 
+/* A device whose own buffers fit learns, on device 0, which device ran out of memory and
+ * what it asked for (in this process or another), for the OUT_OF_MEMORY report; the others
+ * fail quietly. Collective over the world, like the check before it. */
+static int alloc_failed_elsewhere(struct device *dv)
+{
+    struct run *run = dv->run;
+    struct dev *d = dv->dev;
+    bool oom = d->err.code == MOAI_EOOM;
+    double any_oom = comm_allreduce_scalar(&dv->world, oom ? 1.0 : 0.0);
+    int first = -1;
+    for (int i = 0; i < run->ndev && any_oom > 0; i++) {
+        double asked = comm_allreduce_scalar(
+            &dv->world, i == d->id && oom ? (double) d->oom_requested_bytes : 0);
+        if (asked > 0 && first < 0) {
+            first = i;
+            if (d->id == 0) {
+                run->res->oom_device = i;
+                run->res->oom_requested_bytes = (int64_t) asked;
+            }
+        }
+    }
+    if (d->err.code < 0)
+        return d->err.code;
+    if (__atomic_load_n(&run->local_failed, __ATOMIC_SEQ_CST)) /* it reports the failure */
+        return 0;
+    if (first >= 0)
+        return moai_err_set(&d->err, MOAI_EOOM, "device %d ran out of memory", first);
+    return moai_err_set(&d->err, MOAI_EIO, "another device failed to set up");
+}
+
 static int device_run(struct dev *d, void *arg)
 {
     struct run *run = arg;
@@ -801,13 +832,18 @@ static int device_run(struct dev *d, void *arg)
         return rc;
 
     rc = device_alloc(&dv);
+    rows = malloc((size_t) batch * sizeof(*rows));
+    if (rc == 0 && !rows)
+        rc = moai_err_set(&d->err, MOAI_ENOMEM, "out of memory");
+    if (rc < 0)
+        __atomic_store_n(&run->local_failed, 1, __ATOMIC_SEQ_CST); /* read after the collective */
     /* every device learns whether any failed, so none waits forever at a collective */
     double failed = comm_allreduce_scalar(&dv.world, rc < 0 ? 1.0 : 0.0);
-    rows = malloc((size_t) batch * sizeof(*rows));
-    if (failed > 0 || !rows) {
+    if (failed > 0) {
+        rc = alloc_failed_elsewhere(&dv);
         device_free(&dv);
         free(rows);
-        return rc < 0 ? rc : 0;
+        return rc;
     }
     rc = device_load(&dv);
 
@@ -958,7 +994,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     for (int i = 0; i < nlocal && first + i < 64 && first > 0; i++)
         res->peak_bytes[first + i] = ds.devs[i].peak_bytes;
     res->interrupted = rc == MOAI_EINTR;
-    for (int i = 0; rc == MOAI_EOOM && i < nlocal; i++)
+    for (int i = 0; rc == MOAI_EOOM && i < nlocal && !res->oom_requested_bytes; i++)
         if (ds.devs[i].oom_requested_bytes) {
             res->oom_device = first + i;
             res->oom_requested_bytes = ds.devs[i].oom_requested_bytes;

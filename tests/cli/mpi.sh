@@ -47,4 +47,10 @@ mpi 3 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi3" "$TMP/r.yaml" >/dev/nul
 expect_eq "mpirun -n 3: status" 2 $?
 grep -q "4 devices cannot be shared out over 3 MPI ranks" "$TMP/m3.err" && ok ||
     fail "mpirun -n 3: message: $(head -c 300 "$TMP/m3.err")"
+# Devices too small for the pinned plan: rank 0 prints the OUT_OF_MEMORY report, exit 3.
+mpi 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi-oom" \
+    --set 'flavor={device: cpu, devices: 4, memory_gb: 0.001}' "$TMP/r.yaml" >/dev/null 2>"$TMP/oom.err"
+expect_eq "mpirun, too small: status" 3 $?
+expect_eq "mpirun, too small: one report" 1 "$(grep -c '^moai-finetune: error: Error Code 4: OUT_OF_MEMORY$' "$TMP/oom.err")"
+[ ! -e "$TMP/mpi-oom" ] && ok || fail "mpirun, too small: no output directory"
 finish
