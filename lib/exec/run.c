@@ -313,24 +313,30 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
     return rc;
 }
 
-static void print_final(const struct recipe *r, const struct exec_opts *o,
-                        const struct train_result *tr, const struct plan_result *pr)
+static void print_final(const struct recipe *r, const struct model_config *cfg,
+                        const struct exec_opts *o, const struct train_result *tr,
+                        const struct plan_result *pr)
 {
     if (!o->json) {
         printf("Model saved in '%s'\n", r->training.save_dir);
         fflush(stdout);
         return;
     }
-    json_t *peaks = json_array();
-    for (int i = 0; i < tr->ndev && i < 64; i++)
+    json_t *peaks = json_array(), *predicted = json_array();
+    for (int i = 0; i < tr->ndev && i < 64; i++) {
+        struct mem_breakdown mb; /* each device's stage */
+        mem_stage(&mb, cfg, r, &pr->best, i / pr->best.tp % pr->best.pp);
         json_array_append_new(peaks, json_integer(tr->peak_bytes[i]));
-    json_t *j = json_pack("{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o}", "status", "done",
-                          "recipe", r->source, "save_dir", r->training.save_dir, "steps",
-                          (json_int_t) tr->steps_done, "loss", tr->last_loss, "validation_loss",
-                          isnan(tr->valid_loss) ? json_null() : json_real(tr->valid_loss),
-                          "median_step_s", tr->median_step_s, "median_tokens_per_s",
-                          tr->median_tokens_per_s, "predicted_bytes_per_device",
-                          (json_int_t) pr->best.mem.total_bytes, "peak_bytes", peaks);
+        json_array_append_new(predicted, json_integer(mb.total_bytes));
+    }
+    json_t *j =
+        json_pack("{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o, s:o}", "status", "done",
+                  "recipe", r->source, "save_dir", r->training.save_dir, "steps",
+                  (json_int_t) tr->steps_done, "loss", tr->last_loss, "validation_loss",
+                  isnan(tr->valid_loss) ? json_null() : json_real(tr->valid_loss), "median_step_s",
+                  tr->median_step_s, "median_tokens_per_s", tr->median_tokens_per_s,
+                  "predicted_bytes_per_device", (json_int_t) pr->best.mem.total_bytes, "peak_bytes",
+                  peaks, "predicted_bytes", predicted);
     char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
     if (text)
         puts(text);
@@ -511,7 +517,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             log_info("validation loss %.6g", tr.valid_loss);
         log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s)", tr.median_step_s,
                  tr.median_tokens_per_s, pr.best.predicted_step_seconds);
-        print_final(r, o, &tr, &pr);
+        print_final(r, &cfg, o, &tr, &pr);
     }
 out_params:
     free(m);
