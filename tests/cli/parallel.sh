@@ -63,6 +63,12 @@ python3 -c 'import json,sys; p = json.load(open(sys.argv[1])); assert p["pp"] * 
 for f in model.safetensors optimizer.safetensors trainer_state.json; do
     [ -s "$TMP/out-mp/$f" ] && ok || fail "model-parallel: checkpoint lacks $f"
 done
+python3 - "$TMP/mp.out" <<'PY' && ok || fail "model-parallel: final object: peaks differ from predictions"
+import json, sys
+f = [json.loads(l) for l in open(sys.argv[1])][-1]
+assert f["status"] == "done" and len(f["peak_bytes"]) == 4, f
+assert f["peak_bytes"] == f["predicted_bytes"], f
+PY
 expect_eq "model-parallel: 4 devices measured as predicted" 4 \
     "$(grep -c 'peak memory .* (measured/predicted 1.000)$' "$TMP/mp.err")"
 
