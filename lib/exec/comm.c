@@ -334,6 +334,16 @@ int comm_world_split(struct comm_world *w, int dev, int color, int key, struct c
     return w->ops->split(w, dev, color, key, out);
 }
 
+bool comm_world_agree(struct comm_world *w, bool ok)
+{
+    return w->ops->agree(w, ok);
+}
+
+void comm_world_bcast(struct comm_world *w, void *buf, size_t bytes)
+{
+    w->ops->bcast(w, buf, bytes);
+}
+
 void comm_world_free(struct comm_world *w)
 {
     if (w)
@@ -358,8 +368,26 @@ static void thr_world_free(struct comm_world *base);
 static void thr_world_all(struct comm_world *base, int dev, struct comm *out);
 static int thr_world_split(struct comm_world *base, int dev, int color, int key, struct comm *out);
 
-static const struct comm_world_ops thr_world_ops = {
-    .all = thr_world_all, .split = thr_world_split, .free = thr_world_free};
+/* One process: it agrees with itself. */
+static bool thr_world_agree(struct comm_world *base, bool ok)
+{
+    (void) base;
+    return ok;
+}
+
+/* One process: it holds process 0's data already. */
+static void thr_world_bcast(struct comm_world *base, void *buf, size_t bytes)
+{
+    (void) base;
+    (void) buf;
+    (void) bytes;
+}
+
+static const struct comm_world_ops thr_world_ops = {.all = thr_world_all,
+                                                    .split = thr_world_split,
+                                                    .agree = thr_world_agree,
+                                                    .bcast = thr_world_bcast,
+                                                    .free = thr_world_free};
 
 int comm_world_create(struct comm_world **out, int ndev, struct moai_err *err)
 {

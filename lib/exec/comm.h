@@ -103,6 +103,8 @@ struct comm_world;
 struct comm_world_ops {
     void (*all)(struct comm_world *w, int dev, struct comm *out);
     int (*split)(struct comm_world *w, int dev, int color, int key, struct comm *out);
+    bool (*agree)(struct comm_world *w, bool ok);
+    void (*bcast)(struct comm_world *w, void *buf, size_t bytes);
     void (*free)(struct comm_world *w);
 };
 
@@ -123,6 +125,14 @@ void comm_world_all(struct comm_world *w, int dev, struct comm *out);
 /* Splits the world: out becomes dev's rank in the group of its color. Returns 0 or
  * MOAI_ENOMEM (on every device alike). */
 int comm_world_split(struct comm_world *w, int dev, int color, int key, struct comm *out);
+
+/* Whether every process of the world says ok: called once by each process (not by device
+ * threads) at the same point, e.g. after loading, so that a process that failed alone does
+ * not leave the others waiting at their first collective. One process: ok. */
+bool comm_world_agree(struct comm_world *w, bool ok);
+
+/* buf (bytes) of process 0 on every process; called by every process at the same point. */
+void comm_world_bcast(struct comm_world *w, void *buf, size_t bytes);
 
 /*
  * Open MPI (comm_mpi.c). Under `mpirun -n W` a run's ndev devices are shared out over the W

@@ -489,8 +489,31 @@ static void mpi_world_free(struct comm_world *base)
     free(w);
 }
 
-static const struct comm_world_ops mpi_world_ops = {
-    .all = mpi_world_all, .split = mpi_world_split, .free = mpi_world_free};
+static bool mpi_world_agree(struct comm_world *base, bool ok)
+{
+    int mine = ok, all = 0;
+    (void) base;
+    MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    return all != 0;
+}
+
+static void mpi_world_bcast(struct comm_world *base, void *buf, size_t bytes)
+{
+    char *p = buf;
+    (void) base;
+    while (bytes > 0) {
+        size_t n = bytes < PIECE ? bytes : PIECE;
+        MPI_Bcast(p, (int) n, MPI_BYTE, 0, MPI_COMM_WORLD);
+        p += n;
+        bytes -= n;
+    }
+}
+
+static const struct comm_world_ops mpi_world_ops = {.all = mpi_world_all,
+                                                    .split = mpi_world_split,
+                                                    .agree = mpi_world_agree,
+                                                    .bcast = mpi_world_bcast,
+                                                    .free = mpi_world_free};
 
 int comm_world_create_mpi(struct comm_world **out, int ndev, struct moai_err *err)
 {

@@ -374,6 +374,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     if (o->mpi && (rc = comm_world_create_mpi(&world, r->flavor.devices, err)) < 0)
         return rc;
     bool writer = !world || world->first_dev == 0; /* the rank that holds device 0 */
+    bool agreed = false;
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
@@ -386,10 +387,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     };
     if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
                            r->dataset.response_start, r->training.block_size, r->dataset.limit,
-                           r->dataset.cache_dir, err)) < 0) {
-        comm_world_free(world);
-        return rc;
-    }
+                           r->dataset.cache_dir, err)) < 0)
+        goto out_world;
     int32_t top = 0;
     for (int64_t i = 0; i < data.n * data.T; i++)
         if (data.tokens[i] > top)
@@ -434,12 +433,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             goto out_params;
         log_info("resuming from '%s' after step %lld of %lld", from.training.save_dir,
                  (long long) start, (long long) total);
-        if (start >= total) {
-            log_info("nothing to do: the checkpoint is at step %lld of %lld", (long long) start,
-                     (long long) total);
-            rc = 0;
-            goto out_params;
-        }
     } else if (r->model.init == MODEL_INIT_RANDOM) {
         optim_init_params(NULL, &host, &cfg, r->training.seed);
     } else {
@@ -450,6 +443,40 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         st_set_close(&set);
         if (rc < 0)
             goto out_params;
+    }
+
+    /* Under MPI every process has loaded what it needs, or none trains; then all start from
+     * process 0's weights and step (it alone writes save_dir, so only it surely sees a
+     * checkpoint there). */
+    if (world) {
+        agreed = true;
+        if (!comm_world_agree(world, true)) {
+            rc = moai_err_set(err, MOAI_EIO, "another MPI rank failed before training");
+            goto out_params;
+        }
+        int64_t head[2] = {start, m != NULL};
+        comm_world_bcast(world, head, sizeof(head));
+        start = head[0];
+        if (head[1] && !m) {
+            m = calloc((size_t) host.nfloats, sizeof(float));
+            v = calloc((size_t) host.nfloats, sizeof(float));
+        }
+        if (!comm_world_agree(world, !head[1] || (m && v))) {
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the optimizer state");
+            goto out_params;
+        }
+        size_t bytes = sizeof(float) * (size_t) host.nfloats;
+        comm_world_bcast(world, host.arena, bytes);
+        if (head[1]) {
+            comm_world_bcast(world, m, bytes);
+            comm_world_bcast(world, v, bytes);
+        }
+    }
+    if (start >= total) {
+        log_info("nothing to do: the checkpoint is at step %lld of %lld", (long long) start,
+                 (long long) total);
+        rc = 0;
+        goto out_params;
     }
 
     struct train_result tr;
@@ -529,6 +556,9 @@ out_batcher:
     batch_release(&batcher);
 out_data:
     data_set_release(&data);
+out_world:
+    if (world && !agreed) /* tell the others this process stops here */
+        comm_world_agree(world, rc == 0);
     comm_world_free(world);
     return rc;
 }

@@ -43,6 +43,18 @@ for n in 2 4; do
         fail "mpirun -n $n: the checkpoint differs from the thread run's"
 done
 
+# Stopped after 3 steps and resumed under mpirun: steps 4 and 5 are the thread run's.
+mpi 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi-r" --set training.max_steps=3 \
+    --set training.warmup_steps=0 "$TMP/r.yaml" >/dev/null 2>&1
+expect_eq "mpirun, 3 steps: status" 0 $?
+mpi 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi-r" --set training.warmup_steps=0 \
+    "$TMP/r.yaml" >"$TMP/mr.out" 2>"$TMP/mr.err"
+expect_eq "mpirun, resumed: status" 0 $?
+"$MOAI_BIN" -q --set "training.save_dir=$TMP/threads-r" --set training.warmup_steps=0 "$TMP/r.yaml" \
+    >"$TMP/tr.out" 2>/dev/null
+expect_eq "mpirun, resumed: steps 4 and 5 as the thread run's" \
+    "$(losses "$TMP/tr.out" | grep -E '^[45] ')" "$(losses "$TMP/mr.out")"
+
 mpi 3 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi3" "$TMP/r.yaml" >/dev/null 2>"$TMP/m3.err"
 expect_eq "mpirun -n 3: status" 2 $?
 grep -q "4 devices cannot be shared out over 3 MPI ranks" "$TMP/m3.err" && ok ||
