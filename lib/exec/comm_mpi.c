@@ -227,6 +227,10 @@ static void sum_in_order(float *dst, float *const *slices, int size, size_t cnt)
             dst[i] += slices[r][i];
 }
 
+/* Floats of one block of a collective: its messages stay under MPI's int count of bytes.
+ * Every element is added in rank order whatever the blocks, so blocking changes no bit. */
+#define BLOCK ((size_t) 1 << 28)
+
 static int mpi_reduce_scatter_sum(struct comm *c, const float *in, float *out, size_t n)
 {
     struct mpi_member *m = member(c);
@@ -235,16 +239,20 @@ static int mpi_reduce_scatter_sum(struct comm *c, const float *in, float *out, s
         memcpy(out, in, n * sizeof(float));
         return 0;
     }
-    if (grow(m, n * (size_t) size) < 0)
+    size_t blk = n < BLOCK ? n : BLOCK;
+    if (grow(m, blk * (size_t) size) < 0)
         return MOAI_ENOMEM;
     const float **send = table(size, sizeof(*send));
     float **recv = table(size, sizeof(*recv));
-    for (int j = 0; j < size; j++) {
-        send[j] = in + (size_t) j * n;
-        recv[j] = j == me ? (float *) in + (size_t) me * n : m->tmp + (size_t) j * n;
+    for (size_t i0 = 0; i0 < n; i0 += blk) {
+        size_t cnt = n - i0 < blk ? n - i0 : blk;
+        for (int j = 0; j < size; j++) {
+            send[j] = in + (size_t) j * n + i0;
+            recv[j] = j == me ? (float *) in + (size_t) me * n + i0 : m->tmp + (size_t) j * blk;
+        }
+        exchange(c, send, recv, cnt);
+        sum_in_order(out + i0, recv, size, cnt);
     }
-    exchange(c, send, recv, n);
-    sum_in_order(out, recv, size, n);
     free(send);
     free(recv);
     return 0;
@@ -260,14 +268,26 @@ static void share(size_t n, int size, int r, size_t *lo, size_t *cnt)
     *cnt = b - a;
 }
 
+static int allreduce_block(struct comm *c, float *buf, size_t n);
+
 static int mpi_allreduce_sum(struct comm *c, float *buf, size_t n)
+{
+    if (c->size == 1)
+        return 0;
+    for (size_t i0 = 0; i0 < n; i0 += BLOCK) {
+        int rc = allreduce_block(c, buf + i0, n - i0 < BLOCK ? n - i0 : BLOCK);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* One block: rank j reduces share j of every rank's block, then all gather the shares. */
+static int allreduce_block(struct comm *c, float *buf, size_t n)
 {
     struct mpi_member *m = member(c);
     int size = c->size, me = c->rank, nreq = 0;
-    if (size == 1)
-        return 0;
     size_t per = (n + (size_t) size - 1) / (size_t) size, lo, cnt;
-    MOAI_ASSERT(per * sizeof(float) <= (size_t) INT_MAX);
     if (grow(m, per * (size_t) (size + 1)) < 0)
         return MOAI_ENOMEM;
     share(n, size, me, &lo, &cnt);
@@ -314,11 +334,13 @@ static int mpi_allgather(struct comm *c, const float *in, float *out, size_t n)
         return 0;
     const float **send = table(size, sizeof(*send));
     float **recv = table(size, sizeof(*recv));
-    for (int j = 0; j < size; j++) {
-        send[j] = out + (size_t) me * n;
-        recv[j] = out + (size_t) j * n;
+    for (size_t i0 = 0; i0 < n; i0 += BLOCK) {
+        for (int j = 0; j < size; j++) {
+            send[j] = out + (size_t) me * n + i0;
+            recv[j] = out + (size_t) j * n + i0;
+        }
+        exchange(c, send, recv, n - i0 < BLOCK ? n - i0 : BLOCK);
     }
-    exchange(c, send, recv, n);
     free(send);
     free(recv);
     return 0;
