@@ -559,6 +559,35 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *lse
     }
 }
 
+/* Vocabulary-parallel cross-entropy, one shard of rows [v0, v0 + V): each row's log-sum-exp
+ * over the shard, and the logit of its target when the shard holds it (else 0). */
+KERN_SIMD
+void crossentropy_shard_lse(float *lse, float *tlogit, const float *logits, const int32_t *targets,
+                            int64_t v0, int64_t N, int64_t V)
+{
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = logits + n * V;
+        float m = row_max(x, V);
+        lse[n] = m + logf(row_exp_sum(x, m, V));
+        int64_t t = (int64_t) targets[n] - v0;
+        tlogit[n] = targets[n] != KERN_IGNORE_INDEX && t >= 0 && t < V ? x[t] : 0.0f;
+    }
+}
+
+KERN_SIMD
+void crossentropy_shard_backward(float *logits, const float *lse, const int32_t *targets,
+                                 int64_t v0, float dloss, int64_t N, int64_t V)
+{
+    for (int64_t n = 0; n < N; n++) {
+        float *x = logits + n * V;
+        row_exp_inplace(x, lse[n], V);
+        row_scale(x, dloss, V);
+        int64_t t = (int64_t) targets[n] - v0;
+        if (targets[n] != KERN_IGNORE_INDEX && t >= 0 && t < V)
+            x[t] -= dloss;
+    }
+}
+
 KERN_SIMD
 void crossentropy_fused(float *losses, float *logits, const int32_t *targets, float dloss,
                         int64_t N, int64_t V)

@@ -106,4 +106,14 @@ void crossentropy_backward(float *dlogits, const float *logits, const float *lse
 void crossentropy_fused(float *losses, float *logits, const int32_t *targets, float dloss,
                         int64_t N, int64_t V);
 
+/* Vocabulary-parallel cross-entropy on the shard of vocabulary rows [v0, v0 + V) (logits
+ * (N, V) of that shard): lse (N) the shard's log-sum-exp per row, tlogit (N) the target's
+ * logit where the shard holds it, else 0. Joining the shards' lse gives the whole one. */
+void crossentropy_shard_lse(float *lse, float *tlogit, const float *logits, const int32_t *targets,
+                            int64_t v0, int64_t N, int64_t V);
+/* logits (N, V) replaced by dloss * (softmax - onehot) given the whole log-sum-exp lse (N);
+ * rows whose target is KERN_IGNORE_INDEX are never passed (only scored rows reach lm_head). */
+void crossentropy_shard_backward(float *logits, const float *lse, const int32_t *targets,
+                                 int64_t v0, float dloss, int64_t N, int64_t V);
+
 #endif

@@ -877,34 +877,19 @@ struct vce_job {
 static void vce_lse_task(void *arg, int64_t task, int thread)
 {
     const struct vce_job *j = arg;
+    int64_t i0 = task * ROWS, n = min64(j->S, i0 + ROWS) - i0;
     (void) thread;
-    for (int64_t i = task * ROWS; i < min64(j->S, task * ROWS + ROWS); i++) {
-        const float *z = j->logits + i * j->V;
-        float mx = z[0];
-        for (int64_t v = 1; v < j->V; v++)
-            mx = z[v] > mx ? z[v] : mx;
-        double sum = 0.0;
-        for (int64_t v = 0; v < j->V; v++)
-            sum += kern_expf(z[v] - mx);
-        j->lse_local[i] = mx + (float) log(sum);
-        int64_t t = (int64_t) j->targets[i] - j->v0;
-        j->tlogit[i] = t >= 0 && t < j->V ? z[t] : 0.0f;
-    }
+    crossentropy_shard_lse(j->lse_local + i0, j->tlogit + i0, j->logits + i0 * j->V,
+                           j->targets + i0, j->v0, n, j->V);
 }
 
 static void vce_grad_task(void *arg, int64_t task, int thread)
 {
     const struct vce_job *j = arg;
+    int64_t i0 = task * ROWS, n = min64(j->S, i0 + ROWS) - i0;
     (void) thread;
-    for (int64_t i = task * ROWS; i < min64(j->S, task * ROWS + ROWS); i++) {
-        float *z = j->logits + i * j->V;
-        float lse = j->lse[i];
-        for (int64_t v = 0; v < j->V; v++)
-            z[v] = j->dloss * kern_expf(z[v] - lse);
-        int64_t t = (int64_t) j->targets[i] - j->v0;
-        if (t >= 0 && t < j->V)
-            z[t] -= j->dloss;
-    }
+    crossentropy_shard_backward(j->logits + i0 * j->V, j->lse + i0, j->targets + i0, j->v0,
+                                j->dloss, n, j->V);
 }
 
 /* ---- stages --------------------------------------------------------------------------- */

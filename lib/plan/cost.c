@@ -42,12 +42,11 @@
 #define COST_DP_OVERLAP 0.5
 
 /* The cpu device's devices are threads sharing the machine's cores. When they outnumber the
- * cores, a collective waits until every member thread has been scheduled again: about a
- * scheduler time slice per collective, not the microseconds of a link. Measured with
- * bench_parallel (make bench) on 4 devices over 2 cores: the tp 2 and tp 4 plans of the
- * tiny model took 0.13 s more per step than their compute over their ~20 tensor-parallel
- * collectives, 6 ms each; 3 ms is taken (half of it overlaps other devices' work). */
-#define COST_CPU_SYNC_SECONDS 3e-3
+ * cores, a collective waits until every member thread has been scheduled again, not the
+ * microseconds of a link. Measured with bench_parallel (make bench) on 4 devices over 2
+ * cores: the tp 2 and tp 4 plans of the tiny model took 0-20 ms per step more than their
+ * compute over their ~20 tensor-parallel collectives per micro-batch; 0.5 ms each. */
+#define COST_CPU_SYNC_SECONDS 5e-4
 
 /* Elementwise work of a layer (norms, rotary, softmax, SwiGLU, residuals) streams its saved
  * activations about this many times over forward and backward. */
