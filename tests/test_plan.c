@@ -125,7 +125,8 @@ static void test_plan_pins(void **state)
 
     load(&r, &cfg, "llama3-8b", 256, "4xlarge", "parallel: {tp: 3}\n");
     assert_int_equal(plan_search(&res, &cfg, &r, &err), MOAI_EUSAGE);
-    assert_string_equal(err.msg, "pinned tp 3 does not divide the 8 devices of a node of flavor "
+    assert_string_equal(err.msg, "t.yaml: pinned tp 3 does not divide the 8 devices of a node of "
+                                 "flavor "
                                  "'4xlarge'");
     recipe_release(&r);
     load(&r, &cfg, "llama3-8b", 256, "4xlarge", "parallel: {dp: 5}\n");

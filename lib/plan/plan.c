@@ -254,6 +254,10 @@ static int explain_pins(const struct model_config *cfg, const struct recipe *r,
                                 "pinned tp %d does not divide the %lld "
                                 "attention heads",
                                 tp, (long long) cfg->num_attention_heads);
+        if (!tp_fits_vocab(cfg, tp))
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "pinned tp %d leaves a shard of the %lld-token vocabulary empty",
+                                tp, (long long) cfg->vocab_size);
         if (!tp_fits_model(cfg, tp))
             return moai_err_set(err, MOAI_EUSAGE,
                                 "pinned tp %d does not fit the model (MLP "
@@ -375,9 +379,13 @@ int plan_search(struct plan_result *res, const struct model_config *cfg, const s
         free(s.all);
         return moai_err_set(err, rc, "out of memory enumerating layouts");
     }
-    if (s.n == 0) {
+    if (s.n == 0) { /* the pins rule every layout out: say which, naming the recipe */
         free(s.all);
-        return explain_pins(cfg, r, err);
+        rc = explain_pins(cfg, r, err);
+        char msg[sizeof(err->msg)];
+        snprintf(msg, sizeof(msg), "%s: %s", r->source, err->msg);
+        memcpy(err->msg, msg, sizeof(msg));
+        return rc;
     }
     res->candidates = s.n;
     log_info("The number of candidates is %lld.", (long long) s.n);
