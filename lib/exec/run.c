@@ -364,17 +364,31 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                             "(%lld), which this attention does not implement",
                             r->source, (long long) r->training.block_size,
                             (long long) cfg.sliding_window);
-    if ((rc = plan_search(&pr, &cfg, r, err)) < 0) {
-        if (rc == MOAI_EOOM)
-            plan_oom_message(err, &pr, &cfg, r);
-        return rc;
-    }
     /* under mpirun the devices are shared out over the ranks: checked before any work */
     struct comm_world *world = NULL;
     if (o->mpi && (rc = comm_world_create_mpi(&world, r->flavor.devices, err)) < 0)
         return rc;
     bool writer = !world || world->first_dev == 0; /* the rank that holds device 0 */
     bool agreed = false;
+    rc = plan_search(&pr, &cfg, r, err);
+    if (rc == MOAI_EOOM)
+        plan_oom_message(err, &pr, &cfg, r);
+    if (world) {
+        /* Rank 0's plan is the plan: machines measure their own cpu speed and memory, and
+         * every rank must run the same layout. */
+        int64_t rc0 = rc;
+        comm_world_bcast(world, &rc0, sizeof(rc0));
+        if (rc0 < 0 && rc == 0)
+            rc = moai_err_set(err, (int) rc0, "%s: rank 0 found no plan", r->source);
+        if (rc0 == 0) {
+            comm_world_bcast(world, &pr.best, sizeof(pr.best));
+            rc = 0;
+        }
+    }
+    if (rc < 0) {
+        comm_world_free(world);
+        return rc;
+    }
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
