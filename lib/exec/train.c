@@ -422,6 +422,14 @@ static size_t act_bytes(const struct device *dv)
     return (size_t) fbytes(dv->run->B * dv->run->T * dv->sh.full.hidden_size);
 }
 
+/* Micro-batch i of this replica's share of the step's rows into its slot. */
+static void fill_micro_batch(struct device *dv, const int64_t *rows, int i)
+{
+    const struct shard *s = &dv->sh;
+    int64_t B = dv->run->B, first = ((int64_t) s->dp_rank * s->lay.num_micro_batches + i) * B;
+    fill_slot(dv, i % (int) s->in_flight, &dv->run->job->train, rows + first, B, B);
+}
+
 /* Where the input of micro-batch slot k arrives (not on the first stage). */
 static float *stage_input(struct device *dv, int k)
 {
@@ -439,7 +447,6 @@ static float *stage_input(struct device *dv, int k)
 static double step_pipeline(struct device *dv, const int64_t *rows, float dloss)
 {
     const struct shard *s = &dv->sh;
-    struct run *run = dv->run;
     int pp = s->lay.pp, stage = s->stage, nmb = s->lay.num_micro_batches;
     int nslot = (int) s->in_flight;
     int warm = pp - stage - 1 < nmb ? pp - stage - 1 : nmb, rest = nmb - warm;
@@ -447,18 +454,15 @@ static double step_pipeline(struct device *dv, const int64_t *rows, float dloss)
     size_t bytes = act_bytes(dv);
     double loss = 0.0;
 
-#define ROWS_OF(i) (rows + ((int64_t) s->dp_rank * nmb + (i)) * run->B)
-#define FILL(i)    fill_slot(dv, (i) % nslot, &run->job->train, ROWS_OF(i), run->B, run->B)
-
     for (int i = 0; i < warm; i++) {
-        FILL(i);
+        fill_micro_batch(dv, rows, i);
         if (!first)
             comm_recv(&dv->ppc, stage - 1, stage_input(dv, i % nslot), bytes);
         loss += stage_forward(dv, i % nslot, true, dloss);
         comm_send(&dv->ppc, stage + 1, dv->acts[i % nslot].xf, bytes);
     }
     if (rest > 0) {
-        FILL(warm);
+        fill_micro_batch(dv, rows, warm);
         if (!first)
             comm_recv(&dv->ppc, stage - 1, stage_input(dv, warm % nslot), bytes);
     }
@@ -473,7 +477,7 @@ static double step_pipeline(struct device *dv, const int64_t *rows, float dloss)
             if (!first)
                 comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes);
         } else {
-            FILL(f + 1);
+            fill_micro_batch(dv, rows, f + 1);
             if (!first)
                 comm_sendrecv(&dv->ppc, stage - 1, dv->work.dres, bytes, stage - 1,
                               stage_input(dv, (f + 1) % nslot), bytes);
@@ -485,8 +489,6 @@ static double step_pipeline(struct device *dv, const int64_t *rows, float dloss)
         if (!first)
             comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes);
     }
-#undef FILL
-#undef ROWS_OF
     return loss;
 }
 
