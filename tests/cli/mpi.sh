@@ -9,27 +9,15 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export LSAN_OPTIONS="suppressions=$PWD/tests/lsan-mpi.supp:fast_unwind_on_malloc=0:print_suppressions=0"
 mpi() { mpirun --oversubscribe -n "$@"; }
 
-cat >"$TMP/r.yaml" <<YAML
-model:
-  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
-           num_key_value_heads: 2, vocab_size: 8000, tie_word_embeddings: true,
-           bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}
-  init: random
-tokenizer: models/tiny-llama/tokenizer.model
-dataset:
-  path: datasets/debian-descriptions.jsonl.zst
-  limit: 64
-  cache_dir: $TMP/cache
-training:
-  batch_size: 8
-  block_size: 64
-  lr: 1.0e-3
-  precision: fp32
+{
+    tiny_recipe
+    cat <<YAML
   max_steps: 5
   log_interval: 1
 flavor: {device: cpu, devices: 4, memory_gb: 1}
 parallel: {dp: 1, pp: 2, tp: 2, num_micro_batches: 2, distribute_param: true}
 YAML
+} >"$TMP/r.yaml"
 losses() { sed -n 's/^\[Step \([0-9]*\)\/5\] | Loss: \([^ ]*\) .*/\1 \2/p' "$1"; }
 
 "$MOAI_BIN" -q --set "training.save_dir=$TMP/threads" "$TMP/r.yaml" >"$TMP/t.out" 2>"$TMP/t.err"

@@ -5,28 +5,16 @@
 . tests/cli/lib.inc
 
 recipe() { # recipe FILE SAVE_DIR [EXTRA TRAINING KEYS]
-    cat >"$1" <<YAML
-model:
-  config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
-           num_key_value_heads: 2, vocab_size: 8000, tie_word_embeddings: true,
-           bos_token_id: 1, eos_token_id: 2, pad_token_id: 3}
-  init: random
-tokenizer: models/tiny-llama/tokenizer.model
-dataset:
-  path: datasets/debian-descriptions.jsonl.zst
-  limit: 64
-  cache_dir: $TMP/cache
-training:
-  batch_size: 8
-  block_size: 64
-  lr: 1.0e-3
-  precision: fp32
+    {
+        tiny_recipe
+        cat <<YAML
   log_interval: 1
   save_dir: $2
   $3
 flavor: {device: cpu, devices: 2, memory_gb: 1}
 parallel: {pp: 1, tp: 1, recomputation: none}
 YAML
+    } >"$1"
 }
 
 # A whole run: step lines, final lines, checkpoint.
