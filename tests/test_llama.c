@@ -683,10 +683,12 @@ static void test_llama_threads_same_result(void **state)
     llama_params_zero(&f3.m, &f3.g);
     double l1 = llama_forward_backward(&f1.m, &f1.p, &f1.g, &f1.a, &f1.w, &f1.b, f1.dloss);
     double l3 = llama_forward_backward(&f3.m, &f3.p, &f3.g, &f3.a, &f3.w, &f3.b, f3.dloss);
-    /* 1 and 3 threads agree to rounding (here, bit for bit; see llama.h), and a rerun with
-     * the same threads is bit for bit */
-    assert_true(fabs(l1 - l3) <= 1e-6 * fabs(l1));
-    assert_true(rel_err(f3.g.arena, f1.g.arena, f1.g.nfloats) <= 1e-6);
+    /* 1 and 3 threads agree to rounding (see llama.h: an OpenBLAS kernel may sum a block of
+     * rows in another order than the whole; fp32 sums of K <= 301 terms differ by up to about
+     * K * 2^-24 relative, measured 2e-6 on the Haswell kernels), and a rerun with the same
+     * threads is bit for bit */
+    assert_true(fabs(l1 - l3) <= 1e-5 * fabs(l1));
+    assert_true(rel_err(f3.g.arena, f1.g.arena, f1.g.nfloats) <= 1e-5);
     float *g3 = falloc(f3.g.nfloats);
     memcpy(g3, f3.g.arena, llama_param_bytes(&cfg));
     llama_params_zero(&f3.m, &f3.g);

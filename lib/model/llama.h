@@ -34,9 +34,10 @@
  * it. Row-wise kernels, attention and every reduction are cut into tasks by problem size only
  * and reduced in a fixed order; a matrix product is cut into one block of rows or columns per
  * thread, each a single sgemm over the whole K. So a run is bit-for-bit reproducible for a
- * given nthreads, and other thread counts agree to rounding (bit for bit where OpenBLAS sums
- * a block's elements as it sums the whole's, as it does here). One thread at a time may use a
- * struct llama.
+ * given nthreads, and other thread counts agree to rounding only: OpenBLAS kernels (which
+ * differ by cpu: Haswell, Zen, SkylakeX...) may sum a block of rows in another order than the
+ * whole, so results differ in the last bits (a relative 2e-6 on the Haswell kernels). One
+ * thread at a time may use a struct llama.
  *
  * Errors: llama_init, the _init functions and llama_batch_check return 0 or a negative MOAI_E*
  * and fill err. Forward and backward trust a checked batch.
