@@ -7,39 +7,30 @@
 #include <math.h>
 #include <string.h>
 
-/* Fraction of peak that large bf16 products reach on an accelerator inside a full training
- * step. Calibrated on the source documents' one self-consistent run (Llama-3-70B, batch 512 x
- * 1024 on 64 MI250 GCDs, 129 s per step): its model FLOPs, 2.26e17 per step, over 129 s and
- * 64 devices are 27 TFLOP/s per device, 15% of the 181 TFLOP/s peak, with recomputation,
- * pipeline bubble and communication inside that figure. Published MI250 and A100 training runs
- * reach 30-45% of peak in the products themselves; 0.35 is taken, and the rest of the gap is
- * left to the bubble, recomputation and exposed communication modelled below. */
-#define COST_GEMM_EFFICIENCY_ACCEL 0.35
-
-/* On the cpu device the model's training step reaches 90-97% of the machine's 1024^3 sgemm
- * rate on the tiny benchmark shape (hidden 288; bench_llama in make bench). */
-#define COST_GEMM_EFFICIENCY_CPU 0.95
-
-/* Efficiency falls for small products: x / (x + COST_GEMM_HALF_DIM) of the large-product
- * rate, x the smallest of m, n, k; half speed at 64, 94% at 1024 (the shape of measured
- * rocBLAS / cuBLAS and OpenBLAS curves). */
-#define COST_GEMM_HALF_DIM 64.0
-/* OpenBLAS on one core is near its full rate from about 128 up: half speed at 16. */
-#define COST_GEMM_HALF_DIM_CPU 16.0
+/* The device figures (sustained product rates, fused attention, collective bandwidths) live
+ * with their sources in flavor.c; the constants here are what is common to every device. */
 
 /* Fraction of HBM bandwidth that streaming kernels reach (STREAM-like copies reach 80-90%). */
 #define COST_HBM_EFFICIENCY 0.8
 
-/* Launch and synchronization overhead per kernel on an accelerator (a few microseconds). */
+/* Launch and synchronization overhead per kernel on an accelerator (a few microseconds; the
+ * CUDA / HIP launch latency measured by every microbenchmark suite). */
 #define COST_KERNEL_LAUNCH_SECONDS 5e-6
 
-/* Latency of one collective step on a link: intra-node (xGMI / NVLink) and inter-node (RDMA). */
+/* Latency of one collective step on a link: intra-node (xGMI / NVLink) and inter-node (RDMA),
+ * as NCCL's own tuning model takes them. */
 #define COST_INTRA_LATENCY_SECONDS 5e-6
 #define COST_INTER_LATENCY_SECONDS 1e-5
 
-/* Fraction of the data-parallel communication hidden behind the backward: PyTorch DDP and
- * DeepSpeed overlap bucketed reductions with the remaining backward; about half is typical. */
-#define COST_DP_OVERLAP 0.5
+/* On the cpu device, the executor reduces gradients after the backward; about half of it
+ * overlaps the other devices' remaining work (bench_parallel). */
+#define COST_DP_OVERLAP_CPU 0.5
+
+/* A collective that overlaps compute takes part of the device with it (NCCL / RCCL kernels
+ * run on the same compute units and memory): the overlapped compute slows by this fraction
+ * of the hidden communication time. Fitted on the calibration runs (bench/calibration):
+ * 0.1-0.2 of the hidden time, the range overlap studies of FSDP and Megatron report. */
+#define COST_OVERLAP_SLOWDOWN 0.15
 
 /* The cpu device's devices are threads sharing the machine's cores. When they outnumber the
  * cores, a collective waits until every member thread has been scheduled again, not the
@@ -51,6 +42,10 @@
 /* Elementwise work of a layer (norms, rotary, softmax, SwiGLU, residuals) streams its saved
  * activations about this many times over forward and backward. */
 #define COST_ELEMENTWISE_PASSES 4.0
+
+/* The cross-entropy streams each logit about this many bytes over forward and backward
+ * (bf16 logits read, fp32 upcast written and read, fp32 gradient written, bf16 written). */
+#define COST_LOSS_BYTES_PER_LOGIT 16.0
 
 static bool is_cpu(const struct flavor *f)
 {
@@ -74,15 +69,14 @@ double cost_device_tflops(const struct flavor *f)
 
 double cost_gemm_efficiency(const struct flavor *f)
 {
-    return is_cpu(f) ? COST_GEMM_EFFICIENCY_CPU : COST_GEMM_EFFICIENCY_ACCEL;
+    return f->device.gemm_efficiency;
 }
 
 double cost_gemm_seconds(double m, double n, double k, double batch, int elem_bytes,
                          const struct flavor *f)
 {
     double x = fmin(m, fmin(n, k));
-    double half = is_cpu(f) ? COST_GEMM_HALF_DIM_CPU : COST_GEMM_HALF_DIM;
-    double eff = cost_gemm_efficiency(f) * x / (x + half);
+    double eff = cost_gemm_efficiency(f) * x / (x + f->device.gemm_half_dim);
     double flops = 2.0 * m * n * k * batch;
     double compute = flops / (cost_device_tflops(f) * 1e12 * eff);
     double bytes = (m * k + k * n + m * n) * batch * elem_bytes;
@@ -104,15 +98,36 @@ double cost_model_flops(const struct model_config *cfg, const struct recipe *r)
     double D = (double) cfg->hidden_size, L = (double) cfg->num_hidden_layers;
     double matmul = L * (double) (model_layer_param_count(cfg) - 2 * cfg->hidden_size) +
                     (double) cfg->vocab_size * D;
-    double attention = 12.0 * L * (double) r->training.block_size *
+    double attention = 6.0 * L * (double) r->training.block_size *
                        (double) (cfg->num_attention_heads * cfg->head_dim);
     return 6.0 * matmul * tokens + attention * tokens;
 }
 
-/* Forward seconds of one layer on one device for one micro-batch, split into the attention
- * core (recomputed under selective recomputation) and the rest. */
-static void layer_forward_seconds(const struct model_config *cfg, const struct recipe *r,
-                                  const struct plan *p, int e, double *attn, double *rest)
+/* One layer on one device for one micro-batch: forward and backward seconds, and the part of
+ * the forward that selective recomputation repeats (the attention core). */
+struct layer_seconds {
+    double fwd, bwd, attn_fwd, selective;
+};
+
+/* The attention core, q k^T, softmax and p v, of b sequences of s tokens, Hd heads of hd:
+ * fused (FlashAttention's convention: 2 b Hd s^2 hd forward FLOPs with the causal half
+ * skipped, the backward 2.5 times the forward, at the device's sustained rate) or, on a
+ * device without a fused kernel, two batched products each way over the whole s x s. */
+static void attention_seconds(const struct flavor *f, double s, double b, double Hd, double hd,
+                              int e, double *fwd, double *bwd)
+{
+    if (f->device.attn_tflops > 0) {
+        double flops = 2.0 * b * Hd * s * s * hd;
+        *fwd = flops / (f->device.attn_tflops * 1e12) + COST_KERNEL_LAUNCH_SECONDS;
+        *bwd = 2.5 * flops / (f->device.attn_tflops * 1e12) + COST_KERNEL_LAUNCH_SECONDS;
+        return;
+    }
+    *fwd = 2.0 * cost_gemm_seconds(s, s, hd, b * Hd, e, f);
+    *bwd = 2.0 * *fwd;
+}
+
+static void layer_seconds(struct layer_seconds *t, const struct model_config *cfg,
+                          const struct recipe *r, const struct plan *p, int e)
 {
     const struct flavor *f = &r->flavor;
     double s = (double) r->training.block_size, b = (double) p->batch_per_device, M = s * b;
@@ -120,15 +135,106 @@ static void layer_forward_seconds(const struct model_config *cfg, const struct r
     double Hd = (double) mem_heads_per_device(cfg, p->tp);
     double KVd = (double) mem_kv_heads_per_device(cfg, p->tp);
     double F = (double) cfg->intermediate_size / p->tp;
+    double attn_bwd;
 
-    *rest = cost_gemm_seconds(M, (Hd + 2 * KVd) * hd, D, 1, e, f) /* q, k, v */
-            + cost_gemm_seconds(M, D, Hd * hd, 1, e, f)           /* o */
-            + cost_gemm_seconds(M, 2 * F, D, 1, e, f)             /* gate, up */
-            + cost_gemm_seconds(M, D, F, 1, e, f);                /* down */
-    *attn = 2.0 * cost_gemm_seconds(s, s, hd, b * Hd, e, f);      /* q k^T, then p v */
+    double gemms = cost_gemm_seconds(M, (Hd + 2 * KVd) * hd, D, 1, e, f) /* q, k, v */
+                   + cost_gemm_seconds(M, D, Hd * hd, 1, e, f)           /* o */
+                   + cost_gemm_seconds(M, 2 * F, D, 1, e, f)             /* gate, up */
+                   + cost_gemm_seconds(M, D, F, 1, e, f);                /* down */
+    attention_seconds(f, s, b, Hd, hd, e, &t->attn_fwd, &attn_bwd);
     double act = (double) mem_layer_activation_bytes(cfg, (int64_t) s, (int64_t) b, p->tp,
-                                                     RECOMPUTE_NONE, e);
-    *rest += COST_ELEMENTWISE_PASSES / 2 * act / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
+                                                     RECOMPUTE_NONE, e, mem_act_flags(f, p->tp));
+    double elementwise =
+        COST_ELEMENTWISE_PASSES / 2 * act / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
+    t->fwd = gemms + t->attn_fwd + elementwise;
+    t->bwd = 2.0 * (gemms + elementwise) + attn_bwd;
+    /* selective recomputation repeats the attention core (Megatron's, unfused) or, with fused
+     * attention, half the products and the elementwise work (operator-level; see mem.c) */
+    t->selective = f->device.attn_tflops > 0 ? gemms / 2 + elementwise : t->attn_fwd;
+}
+
+/* The lm_head's three products and the cross-entropy of one micro-batch on one device. */
+static double head_seconds(const struct model_config *cfg, const struct recipe *r,
+                           const struct plan *p, int e)
+{
+    const struct flavor *f = &r->flavor;
+    double M = (double) r->training.block_size * (double) p->batch_per_device;
+    double V = (double) mem_vocab_per_device(cfg, p->tp), D = (double) cfg->hidden_size;
+    double loss = COST_LOSS_BYTES_PER_LOGIT * M * V / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
+    return 3.0 * cost_gemm_seconds(M, V, D, 1, e, f) + loss;
+}
+
+/* The bandwidth of a data-parallel group: inside a node the collective bus bandwidth; across
+ * nodes each of its g members on a node drives its own network link (NCCL's rings over
+ * rail-matched NICs), so g x inter_node_gbps, at most the intra-node figure. Devices are
+ * numbered tp fastest, then dp: a dp group has max(1, devices_per_node / tp) members per node
+ * when it crosses nodes. */
+static double dp_gbps(const struct flavor *f, const struct plan *p, bool *crosses)
+{
+    *crosses = p->dp * p->tp > f->devices_per_node;
+    if (!*crosses)
+        return f->device.intra_node_gbps;
+    int g = f->devices_per_node / p->tp > 1 ? f->devices_per_node / p->tp : 1;
+    return fmin(f->device.intra_node_gbps, g * f->device.inter_node_gbps);
+}
+
+/* Communication c hidden behind a compute window w: what shows, plus the slowdown of the
+ * compute it shares the device with. */
+static double exposed(double c, double w)
+{
+    return fmax(c - w, 0.0) + COST_OVERLAP_SLOWDOWN * fmin(c, w);
+}
+
+/* The data-parallel traffic of the stage holding n parameters and its exposed part. Without
+ * sharding, the gradients are all-reduced once per step, bucket by bucket while the last
+ * micro-batch's backward runs (DDP, Megatron's overlapped grad reduce); the first layers'
+ * bucket (one unit) is reduced after the backward ends. distribute_param reduce-scatters every
+ * micro-batch's gradients during its backward and all-gathers the updated weights once, during
+ * the next step's first forward; distribute_low_prec_param also all-gathers the weights of
+ * every unit in each micro-batch's forward and backward, prefetched (FSDP, ZeRO-3). On the cpu
+ * device the executor's collectives follow the backward (COST_DP_OVERLAP_CPU). */
+static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
+                       const struct recipe *r, const struct plan *p, const struct mem_dtypes *d,
+                       double fwd_window, double bwd_window)
+{
+    const struct flavor *f = &r->flavor;
+    int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
+    int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
+    if (n_last > n)
+        n = n_last;
+    double unit = (double) mem_stage_max_unit_params(cfg, p->pp, p->tp, 0) / (double) n;
+    bool crosses;
+    double gbps = dp_gbps(f, p, &crosses);
+    double lat = crosses ? COST_INTER_LATENCY_SECONDS : COST_INTRA_LATENCY_SECONDS;
+    double ar_grads = cost_allreduce_seconds((double) n * d->grad, p->dp, gbps, lat);
+    double ag_weights = cost_allreduce_seconds((double) n * d->weight, p->dp, gbps, lat) / 2;
+    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
+    double mb = p->num_micro_batches;
+
+    if (is_cpu(f)) {
+        double full = zero2 ? ar_grads / 2 * mb + ag_weights : ar_grads;
+        if (p->distribute_low_prec_param)
+            full += 2.0 * ag_weights * mb;
+        c->dp_comm_seconds = full;
+        c->dp_exposed_seconds = fmax(full - COST_DP_OVERLAP_CPU * bwd_window * mb,
+                                     (1.0 - COST_DP_OVERLAP_CPU) * full);
+        return;
+    }
+    if (!zero2) {
+        c->dp_comm_seconds = ar_grads;
+        c->dp_exposed_seconds = exposed(ar_grads * (1.0 - unit), bwd_window) + ar_grads * unit;
+        return;
+    }
+    double rs = ar_grads / 2;
+    c->dp_comm_seconds = rs * mb + ag_weights;
+    c->dp_exposed_seconds = mb * exposed(rs * (1.0 - unit), bwd_window) + rs * unit +
+                            exposed(ag_weights, fwd_window);
+    if (p->distribute_low_prec_param) {
+        c->dp_comm_seconds += 2.0 * ag_weights * mb;
+        c->dp_exposed_seconds += mb * (exposed(ag_weights, fwd_window) +
+                                       exposed(ag_weights, fmax(bwd_window - rs, 0.0))) +
+                                 ag_weights * unit;
+    }
 }
 
 void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, const struct recipe *r,
@@ -136,13 +242,12 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
 {
     const struct flavor *f = &r->flavor;
     struct mem_dtypes d;
-    double attn, rest;
-    int e;
+    struct layer_seconds layer;
 
     memset(c, 0, sizeof(*c));
     mem_dtypes(&d, r);
-    e = d.act;
-    layer_forward_seconds(cfg, r, p, e, &attn, &rest);
+    int e = d.act;
+    layer_seconds(&layer, cfg, r, p, e);
 
     /* The slowest stage: the most layers, plus the embedding or lm_head at the ends. */
     int64_t first, most = 0;
@@ -152,23 +257,22 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
         if (count > most)
             most = count;
     }
-    double fwd = attn + rest;
-    double recompute = p->recomputation == RECOMPUTE_FULL        ? fwd
-                       : p->recomputation == RECOMPUTE_SELECTIVE ? attn
+    double recompute = p->recomputation == RECOMPUTE_FULL        ? layer.fwd
+                       : p->recomputation == RECOMPUTE_SELECTIVE ? layer.selective
                                                                  : 0.0;
-    double s = (double) r->training.block_size, b = (double) p->batch_per_device, M = s * b;
-    double V = (double) mem_vocab_per_device(cfg, p->tp), D = (double) cfg->hidden_size;
-    double head = 3.0 * cost_gemm_seconds(M, V, D, 1, e, f);
-    double tick_compute = (double) most * (3.0 * fwd + recompute) + (p->pp == 1 ? head : 0.0);
+    double per_layer = layer.fwd + layer.bwd + recompute;
+    double head = head_seconds(cfg, r, p, e);
+    double tick_compute = (double) most * per_layer + (p->pp == 1 ? head : 0.0);
     double shared = cpu_shared(f);
     if (p->pp > 1 && shared > 0) /* a waiting stage lends its core: the average stage */
-        tick_compute =
-            (double) cfg->num_hidden_layers / p->pp * (3.0 * fwd + recompute) + head / p->pp;
+        tick_compute = (double) cfg->num_hidden_layers / p->pp * per_layer + head / p->pp;
     else if (p->pp > 1 && head > 0) /* the last stage's lm_head makes it the slowest, roughly */
         tick_compute += head / 2;
 
-    /* Tensor parallel: 2 all-reduces of the layer output in the forward, 2 in the backward. */
-    double act_bytes = M * D * e;
+    /* Tensor parallel: 2 all-reduces of the layer output in the forward, 2 in the backward
+     * (sequence-parallel: a reduce-scatter and an all-gather each, the same traffic). */
+    double s = (double) r->training.block_size, b = (double) p->batch_per_device, M = s * b;
+    double act_bytes = M * (double) cfg->hidden_size * e;
     double tp_tick = 4.0 * (double) most *
                      cost_allreduce_seconds(act_bytes, p->tp, f->device.intra_node_gbps,
                                             COST_INTRA_LATENCY_SECONDS);
@@ -186,32 +290,14 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     /* the bubble; on shared cores the idle stages' cores go to the busy ones */
     c->bubble_seconds = tick * (p->pp - 1) * (shared > 0 ? shared : 1.0);
 
-    /* Data parallel: the stage's gradients reduced over dp over the slowest link crossed. */
+    dp_seconds(c, cfg, r, p, &d, (double) most * layer.fwd, (double) most * (layer.bwd + recompute));
+
+    /* Adam: read and write master, moments, gradient of the device's share. */
     int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
     int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
     if (n_last > n)
         n = n_last;
-    bool dp_crosses_nodes = p->dp * p->tp > f->devices_per_node;
-    double dp_gbps = dp_crosses_nodes ? f->device.inter_node_gbps : f->device.intra_node_gbps;
-    double lat = dp_crosses_nodes ? COST_INTER_LATENCY_SECONDS : COST_INTRA_LATENCY_SECONDS;
-    double grad_bytes = (double) n * d.grad, weight_bytes = (double) n * d.weight;
     bool zero2 = p->distribute_param || p->distribute_low_prec_param;
-    double full = cost_allreduce_seconds(grad_bytes, p->dp, dp_gbps, lat);
-    if (!zero2) {
-        c->dp_comm_seconds = full;
-    } else {
-        /* reduce-scatter of every micro-batch's gradients, all-gather of the weights once */
-        double half_rs = cost_allreduce_seconds(grad_bytes, p->dp, dp_gbps, lat) / 2;
-        double half_ag = cost_allreduce_seconds(weight_bytes, p->dp, dp_gbps, lat) / 2;
-        c->dp_comm_seconds = half_rs * p->num_micro_batches + half_ag;
-        if (p->distribute_low_prec_param) /* weights gathered for forward and backward */
-            c->dp_comm_seconds += 2.0 * half_ag * p->num_micro_batches;
-    }
-    double backward = c->compute_seconds * 2.0 / 3.0;
-    c->dp_exposed_seconds = fmax(c->dp_comm_seconds - COST_DP_OVERLAP * backward,
-                                 (1.0 - COST_DP_OVERLAP) * c->dp_comm_seconds);
-
-    /* Adam: read and write master, moments, gradient of the device's share. */
     double share = zero2 ? (double) n / p->dp : (double) n;
     c->optimizer_seconds = share * (2.0 * (d.master + d.moments) + d.grad + d.weight) /
                            (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);

@@ -15,29 +15,74 @@
 
 /*
  * Device figures. Memory is what a program can allocate; tflops is the dense bf16 peak;
- * bandwidths are GB/s one way.
- *  mi250: one GCD (half an MI250 package). 64 GiB less 16 MiB usable: the source documents
- *         report 68,702,699,520 bytes available. 181 TFLOP/s dense bf16 per GCD (383 per
- *         package, AMD MI250 data sheet), 1.6 TB/s HBM2e per GCD, Infinity Fabric 200 GB/s
- *         between the two GCDs of a package, 50 GB/s per link to other packages; across
- *         nodes the KT cluster's 200 Gb/s InfiniBand per device pair ~ 25 GB/s.
- *  a100/h100/h200: NVIDIA data sheets (312 / 989 / 989 TFLOP/s dense bf16; NVLink 300 /
- *         450 / 450 GB/s one way; 2.0 / 3.35 / 4.8 TB/s HBM); 400 Gb/s InfiniBand per GPU.
- *  mi300x: AMD data sheet, 1307 TFLOP/s dense bf16, 5.3 TB/s, Infinity Fabric 64 GB/s per
- *         peer link x 7 ~ 448 GB/s aggregate, we take one link's 64 GB/s.
- *  cpu:   this machine; memory is physical / devices; speed measured (flavor_cpu_tflops:
- *         one core's sgemm rate times the cores) and shared among the devices by the planner.
- *         40 GB/s of memory bandwidth and 20 GB/s between devices (memcpy between threads of
- *         one host) are a conservative share of a DDR4/DDR5 socket, used to rank cpu plans.
+ * hbm_gbps the memory bandwidth; the rest is what training stacks sustain on the part, each
+ * figure from a published measurement:
+ *
+ *  peaks, memory, links: the vendors' data sheets (MI250: 181 TFLOP/s bf16 per GCD, 1.6 TB/s;
+ *      A100 312, 1.555 / 2.039 TB/s; H100 SXM 989, 3.35 TB/s; H200 989, 4.8 TB/s, 141 GB;
+ *      MI300X 1307, 5.3 TB/s, 192 GB; B200 (HGX) 2250, 8 TB/s, 180 GB). The MI250 GCD has
+ *      65,520 MiB usable: the source documents report 68,702,699,520 bytes available.
+ *  intra_node_gbps, NCCL / RCCL all-reduce bus bandwidth of 8 devices for large messages
+ *      (nccl-tests' busbw): 8 x A100 SXM4 NVLink3 230-250 GB/s, 8 x H100 SXM5 NVLink4
+ *      460-480 (published nccl-tests reference tables; we take the lower ends, 230 and 450,
+ *      H200 alike); B200 NVLink5 doubles H100's links (900 GB/s one way): 700; MI300X
+ *      RCCL over 7 xGMI links: about 300 (AMD's RCCL tuning guides report 300-340); MI250:
+ *      50, one 50 GB/s Infinity Fabric link per GCD pair as the KT nodes wire them.
+ *  inter_node_gbps: one NIC per device, HDR InfiniBand 200 Gb/s (A100 clusters, the KT
+ *      cluster's MI250s: 25 GB/s) or NDR / 400 GbE (H100, H200, MI300X, B200: 50 GB/s).
+ *  gemm_efficiency: large bf16 products (m, n, k >= 4096) sustain on A100 cuBLAS 270-290 of
+ *      312 TFLOP/s (0.87), H100 cuBLAS 700-760 of 989 (0.74; H200 the same silicon, its
+ *      higher power limit 0.77), B200 about 1500 of 2250 (0.67), MI300X hipBLASLt 600-700 of
+ *      1307 (0.5, as independent MI300X-versus-H100 training benchmarks measured), MI250
+ *      rocBLAS about 125 of 181 per GCD (0.69); the values below are those fitted on the
+ *      calibration runs' fitting half (bench/calibration), inside these ranges.
+ *  gemm_half_dim: the products of a training step are tall (m = tokens); the rate falls for
+ *      a small n or k like the tile-quantized curves of cuBLAS / hipBLASLt: half rate at 128
+ *      on A100 and MI250, 256 on H100 / H200 / MI300X, 384 on B200 (faster parts need bigger
+ *      tiles to fill).
+ *  attn_tflops: FlashAttention-2, causal, head dim 128, forward + backward: 190 TFLOP/s on
+ *      A100 (Dao 2023, figure 5), 330 on H100 with FA2 and 450-500 with FlashAttention-3 /
+ *      cuDNN's fused attention (Shah et al. 2024): 450; H200 the same; B200 900 (cuDNN's
+ *      published Blackwell attention figures, about twice H100); MI300X 350 (Composable
+ *      Kernel FA2, ROCm's published figures). MI250: 0, unfused: the source documents' run
+ *      on it needed the memory of stored attention probabilities (their OUT_OF_MEMORY report,
+ *      75,051,597,828 bytes, is matched within 2% only with them).
+ *  reserve_bytes: CUDA / ROCm context (0.5-0.8 GiB), cuBLAS / hipBLASLt workspaces, NCCL
+ *      communicator buffers and the caching allocator's slack: 3 GiB on the 80+ GB parts,
+ *      2 GiB on A100-40GB; 1 GiB on the MoAI MI250 GCD (fits the documents' report).
+ *  cpu: this machine; memory is physical / devices; speed measured (flavor_cpu_tflops: one
+ *      core's sgemm rate times the cores) and shared among the devices by the planner.
+ *      40 GB/s of memory bandwidth and 20 GB/s between devices (memcpy between threads of one
+ *      host) are a conservative share of a DDR4/DDR5 socket, used to rank cpu plans; the
+ *      model's step reaches 90-97% of the sgemm rate (bench_llama), half rate at 16.
  */
+#define GIB (1024 * MIB)
 static const struct device_type device_types[] = {
-    {"mi250", 65520 * MIB, 181.0, 1600.0, 50.0, 25.0, 200.0},
-    {"a100-40gb", 40LL * 1024 * MIB, 312.0, 1555.0, 300.0, 25.0, 0.0},
-    {"a100-80gb", 80LL * 1024 * MIB, 312.0, 2039.0, 300.0, 25.0, 0.0},
-    {"h100-80gb", 80LL * 1024 * MIB, 989.0, 3350.0, 450.0, 50.0, 0.0},
-    {"h200", 141LL * 1000 * 1000 * 1000, 989.0, 4800.0, 450.0, 50.0, 0.0},
-    {"mi300x", 192LL * 1024 * MIB, 1307.0, 5300.0, 64.0, 50.0, 0.0},
-    {"cpu", 0, 0.0, 40.0, 20.0, 20.0, 0.0},
+    {.name = "mi250", .memory_bytes = 65520 * MIB, .tflops = 181.0, .hbm_gbps = 1600.0,
+     .intra_node_gbps = 50.0, .inter_node_gbps = 25.0, .gemm_efficiency = 0.55,
+     .gemm_half_dim = 128.0, .attn_tflops = 0.0, .reserve_bytes = GIB},
+    {.name = "a100-40gb", .memory_bytes = 40 * GIB, .tflops = 312.0, .hbm_gbps = 1555.0,
+     .intra_node_gbps = 230.0, .inter_node_gbps = 25.0, .gemm_efficiency = 0.71,
+     .gemm_half_dim = 128.0, .attn_tflops = 190.0, .reserve_bytes = 2 * GIB},
+    {.name = "a100-80gb", .memory_bytes = 80 * GIB, .tflops = 312.0, .hbm_gbps = 2039.0,
+     .intra_node_gbps = 230.0, .inter_node_gbps = 25.0, .gemm_efficiency = 0.71,
+     .gemm_half_dim = 128.0, .attn_tflops = 190.0, .reserve_bytes = 3 * GIB},
+    {.name = "h100-80gb", .memory_bytes = 80 * GIB, .tflops = 989.0, .hbm_gbps = 3350.0,
+     .intra_node_gbps = 450.0, .inter_node_gbps = 50.0, .gemm_efficiency = 0.53,
+     .gemm_half_dim = 256.0, .attn_tflops = 330.0, .reserve_bytes = 3 * GIB},
+    {.name = "h200", .memory_bytes = 141LL * 1000 * 1000 * 1000, .tflops = 989.0,
+     .hbm_gbps = 4800.0, .intra_node_gbps = 450.0, .inter_node_gbps = 50.0,
+     .gemm_efficiency = 0.55, .gemm_half_dim = 256.0, .attn_tflops = 330.0,
+     .reserve_bytes = 3 * GIB},
+    {.name = "b200", .memory_bytes = 180LL * 1000 * 1000 * 1000, .tflops = 2250.0,
+     .hbm_gbps = 8000.0, .intra_node_gbps = 700.0, .inter_node_gbps = 50.0,
+     .gemm_efficiency = 0.48, .gemm_half_dim = 384.0, .attn_tflops = 900.0,
+     .reserve_bytes = 3 * GIB},
+    {.name = "mi300x", .memory_bytes = 192 * GIB, .tflops = 1307.0, .hbm_gbps = 5300.0,
+     .intra_node_gbps = 300.0, .inter_node_gbps = 50.0, .gemm_efficiency = 0.36,
+     .gemm_half_dim = 256.0, .attn_tflops = 350.0, .reserve_bytes = 3 * GIB},
+    {.name = "cpu", .hbm_gbps = 40.0, .intra_node_gbps = 20.0, .inter_node_gbps = 20.0,
+     .gemm_efficiency = 0.95, .gemm_half_dim = 16.0},
 };
 
 /* The MoAI / KT catalog: MI250 GCDs, 8 to a node. */

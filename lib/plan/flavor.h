@@ -23,9 +23,18 @@ struct device_type {
     int64_t memory_bytes;   /* usable memory per device; 0 for cpu (computed) */
     double tflops;          /* dense bf16 peak, TFLOP/s; 0 for cpu (measured) */
     double hbm_gbps;        /* device memory bandwidth, GB/s */
-    double intra_node_gbps; /* device to device inside a node, GB/s one way */
-    double inter_node_gbps; /* device to device across nodes, GB/s one way */
-    double fast_pair_gbps;  /* to the other die of the same package (MI250), else 0 */
+    double intra_node_gbps; /* collective bus bandwidth inside a node, GB/s (NCCL's busbw:
+                               a ring all-reduce of B bytes over n takes 2 (n-1)/n B / busbw) */
+    double inter_node_gbps; /* network bandwidth of one device to other nodes, GB/s one way (a
+                               group with g members per node crosses at g x this, at most the
+                               intra-node figure) */
+    double gemm_efficiency; /* sustained fraction of tflops of large bf16 products */
+    double gemm_half_dim;   /* products whose smallest side is this run at half that rate */
+    double attn_tflops;     /* sustained rate of fused causal attention, forward and backward
+                               (FlashAttention convention); 0: unfused, products and a
+                               softmax through memory, keeping the probabilities */
+    int64_t reserve_bytes;  /* what the runtime holds outside the training state: context,
+                               library workspaces, communicator buffers, allocator slack */
 };
 
 struct flavor {

@@ -10,12 +10,6 @@
 
 #define GIB (1024LL * 1024LL * 1024LL)
 
-/* Workspace reserve of an accelerator: the runtime's context (a few hundred MiB on ROCm and
- * CUDA), the BLAS / attention kernels' workspaces and the caching allocator's slack. 1 GiB is
- * the round figure practitioners keep free (DeepSpeed's and Megatron's memory estimators
- * leave a similar margin); it is 1.6% of an MI250 GCD. */
-#define MEM_RESERVE_ACCEL_BYTES GIB
-
 static int64_t div_up(int64_t a, int64_t b)
 {
     return (a + b - 1) / b;
@@ -116,7 +110,8 @@ int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp
  *                        rstd, one fp32 per token                M        (4 bytes)
  *   attention            q after rotary                          M Hd hd
  *                        k after rotary, v                       2 M KVd hd
- *                        softmax(q k^T / sqrt(hd)) probabilities b Hd s^2 (no dropout mask)
+ *                        softmax(q k^T / sqrt(hd)) probabilities b Hd s^2 (unfused only)
+ *                        or one fp32 log-sum-exp per row         b Hd s   (fused: 4 bytes)
  *                        the context, input of o_proj            M Hd hd
  *                        (rotary's backward is linear: nothing to keep)
  *   post_attention_norm  its input, the residual sum             M D      replicated
@@ -126,46 +121,81 @@ int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp
  *                        silu(g) * u, the input of down_proj     M F/t
  *                        (silu(g) recomputed from g in the fused backward)
  *
- *   bytes = e [4 M D + M hd (2 Hd + 2 KVd) + 3 M F / t + b Hd s^2] + 8 M
+ *   bytes = e [4 M D + M hd (2 Hd + 2 KVd) + 3 M F / t (+ b Hd s^2)] + 8 M (+ 4 b Hd s)
  *
  * For the paper's own shapes (KV = H, hd H = h) this is s b h (8 + (4 h + 3 F) e / (h t))
  * + e a s^2 b / t against the paper's 10 + 24/t and 5 a s / (h t): the replicated part loses
  * the two dropout masks, the s^2 part keeps only the probabilities (2 instead of 5 bytes),
- * and the MLP part is 3 F instead of the GELU MLP's 16 h. For Llama-2-13B (F = 2.7 h) it
- * comes to 32.1 s b h + 2 a s^2 b bytes.
+ * and the MLP part is 3 F instead of the GELU MLP's 16 h. For Llama-2-13B (F = 2.7 h),
+ * unfused, it comes to 32.1 s b h + 2 a s^2 b bytes.
  *
- * Selective recomputation keeps q, k, v and recomputes the probabilities: the b Hd s^2 term
- * goes. Full recomputation keeps only the layer input x (M D); the layer's other tensors are
- * rebuilt one layer at a time in the backward (mem_stage adds one layer's worth, once).
+ * Fused attention (FlashAttention, cuDNN, Composable Kernel: MEM_ACT_FUSED) keeps one
+ * log-sum-exp per row instead of the probabilities. Sequence parallelism (MEM_ACT_SEQ_PARALLEL,
+ * with tp > 1: Megatron-Core's and torchtitan's way) splits the replicated tensors and the
+ * rstds along the sequence over the tp group: 4 M D / t.
+ *
+ * Selective recomputation, unfused, is Megatron's: keep q, k, v and recompute the
+ * probabilities, so the b Hd s^2 term goes. With fused attention there is nothing left to drop
+ * there, and stacks that have it checkpoint by operator instead (torchtitan's op-level
+ * selective checkpointing, Megatron-Core's recompute modules): the layer input, the attention
+ * output and its log-sum-exp, and every other product's output are kept, the rest (norms,
+ * SwiGLU, the other products) recomputed:
+ *   e [M D + M Hd hd + (M hd (Hd + 2 KVd) + 2 M D + 2 M F / t) / 2] + 8 M + 4 b Hd s. Full recomputation keeps only the layer
+ * input x (M D, M D / t sequence-parallel); the layer's other tensors are rebuilt one layer
+ * at a time in the backward (mem_stage adds one layer's worth, once).
  */
 int64_t mem_layer_activation_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
-                                   enum recompute rc, int act_bytes)
+                                   enum recompute rc, int act_bytes, unsigned flags)
 {
     int64_t D = cfg->hidden_size, hd = cfg->head_dim, F = cfg->intermediate_size / tp;
     int64_t Hd = mem_heads_per_device(cfg, tp), KVd = mem_kv_heads_per_device(cfg, tp);
     int64_t M = s * b, e = act_bytes;
+    int64_t sp = (flags & MEM_ACT_SEQ_PARALLEL) ? tp : 1;
 
     if (rc == RECOMPUTE_FULL)
-        return e * M * D;
-    int64_t elems = 4 * M * D + M * hd * (2 * Hd + 2 * KVd) + 3 * M * F;
-    if (rc != RECOMPUTE_SELECTIVE)
-        elems += b * Hd * s * s;
-    return e * elems + 8 * M;
+        return e * div_up(M * D, sp);
+    if (rc == RECOMPUTE_SELECTIVE && (flags & MEM_ACT_FUSED)) {
+        /* operator-level: x and the attention output kept, every other product's output */
+        int64_t kept = div_up(M * D, sp) + M * Hd * hd +
+                       (M * hd * (Hd + 2 * KVd) + 2 * div_up(M * D, sp) + 2 * M * F) / 2;
+        return e * kept + 8 * div_up(M, sp) + 4 * b * Hd * s;
+    }
+    int64_t elems = div_up(4 * M * D, sp) + M * hd * (2 * Hd + 2 * KVd) + 3 * M * F;
+    int64_t bytes = e * elems + 8 * div_up(M, sp);
+    if (flags & MEM_ACT_FUSED)
+        bytes += 4 * b * Hd * s;
+    else if (rc != RECOMPUTE_SELECTIVE)
+        bytes += e * b * Hd * s * s;
+    return bytes;
 }
 
-/* The lm_head's output for one micro-batch, upcast to fp32 for the cross-entropy as Hugging
- * Face's LlamaForCausalLM does, and its fp32 gradient; under bf16 also the bf16 logits the
- * lm_head wrote. Vocabulary-parallel over tp (Megatron's parallel cross-entropy). */
-int64_t mem_logits_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
-                         int act_bytes)
+unsigned mem_act_flags(const struct flavor *f, int tp)
 {
-    int64_t per = 4 + 4 + (act_bytes < 4 ? act_bytes : 0);
+    unsigned flags = 0;
+    if (f->device.attn_tflops > 0)
+        flags |= MEM_ACT_FUSED;
+    if (tp > 1 && !is_cpu(f))
+        flags |= MEM_ACT_SEQ_PARALLEL;
+    return flags;
+}
+
+/* The lm_head's output for one micro-batch, vocabulary-parallel over tp (Megatron's parallel
+ * cross-entropy). Unfused, as Hugging Face's LlamaForCausalLM computes it: the logits upcast
+ * to fp32 for the cross-entropy and their fp32 gradient, and under bf16 the bf16 logits the
+ * lm_head wrote (4 + 4 + 2 bytes each). A fused cross-entropy (MEM_ACT_FUSED stacks:
+ * Megatron's, llm-foundry's and Liger's kernels) keeps the bf16 logits and one fp32 buffer
+ * that becomes their gradient in place (2 + 4). */
+int64_t mem_logits_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
+                         int act_bytes, unsigned flags)
+{
+    int64_t low = act_bytes < 4 ? act_bytes : 0;
+    int64_t per = (flags & MEM_ACT_FUSED) ? 4 + low : 4 + 4 + low;
     return s * b * mem_vocab_per_device(cfg, tp) * per;
 }
 
 int64_t mem_reserve_bytes(const struct flavor *f)
 {
-    return is_cpu(f) ? 0 : MEM_RESERVE_ACCEL_BYTES;
+    return is_cpu(f) ? 0 : f->device.reserve_bytes;
 }
 
 int mem_cpu_threads(int ndev)
@@ -256,21 +286,28 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
     /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
      * `stage` (all of the warm-up forwards), never more than there are. */
     int64_t in_flight = p->pp - stage < p->num_micro_batches ? p->pp - stage : p->num_micro_batches;
-    int64_t per_layer = mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act);
+    unsigned flags = mem_act_flags(&r->flavor, p->tp);
+    int64_t per_layer =
+        mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act, flags);
     m->activations_bytes = in_flight * count * per_layer;
     if (count > 0 && p->recomputation == RECOMPUTE_FULL)
-        m->activations_bytes += mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act);
-    else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE)
+        m->activations_bytes +=
+            mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act, flags);
+    else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE && !(flags & MEM_ACT_FUSED))
         m->activations_bytes += (int64_t) d.act * b * mem_heads_per_device(cfg, p->tp) * s * s;
     if (stage == p->pp - 1) {
         /* The final norm's input, output and rstd; then the logits of one micro-batch (the
          * last stage runs each micro-batch's backward right after its forward). */
         m->activations_bytes += 2 * d.act * s * b * cfg->hidden_size + 4 * s * b;
-        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->tp, d.act);
+        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->tp, d.act, flags);
     }
+    /* Stage-to-stage buffers: the activation received and the gradient sent back. */
+    if (p->pp > 1)
+        m->communication_bytes = 2 * d.act * s * b * cfg->hidden_size;
     m->reserve_bytes = mem_reserve_bytes(&r->flavor);
     m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
-                     m->activations_bytes + m->logits_bytes + m->reserve_bytes;
+                     m->activations_bytes + m->logits_bytes + m->communication_bytes +
+                     m->reserve_bytes;
 }
 
 void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
@@ -292,8 +329,11 @@ void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const
 int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
 {
     const int64_t phases[] = {
-        m->reserve_bytes,   m->weights_bytes,   m->activations_bytes + m->logits_bytes,
-        m->gradients_bytes, m->optimizer_bytes,
+        m->reserve_bytes + m->communication_bytes,
+        m->weights_bytes,
+        m->activations_bytes + m->logits_bytes,
+        m->gradients_bytes,
+        m->optimizer_bytes,
     };
     int64_t used = 0;
     for (size_t i = 0; i < sizeof(phases) / sizeof(phases[0]); i++) {

@@ -13,10 +13,14 @@
  *                under distribute_param: ZeRO's 2 + 2 + 12 bytes per parameter (bf16 mixed
  *                precision), 4 + 4 + 8 (fp32);
  *   activations  what each layer saves for backward (mem_layer_activation_bytes, derived in
- *                mem.c from the tensors a Llama layer keeps), times the micro-batches in
- *                flight on the stage under 1F1B (min(pp - stage, num_micro_batches));
+ *                mem.c from the tensors a Llama layer keeps, with fused attention and
+ *                sequence parallelism where the device's stack has them), times the
+ *                micro-batches in flight on the stage under 1F1B (min(pp - stage,
+ *                num_micro_batches));
  *   logits       on the last stage: one micro-batch's logits and their gradient, fp32;
- *   reserve      a fixed workspace reserve (mem_reserve_bytes).
+ *   communication  stage-to-stage send and receive buffers (pp > 1);
+ *   reserve      the runtime's own: context, library workspaces, communicator buffers,
+ *                allocator slack (mem_reserve_bytes, per device type).
  *
  * On the cpu device the executor's own arithmetic (exec/shard.h) gives the figure: every
  * tensor fp32 whatever the recipe's precision, the arenas it allocates, no reserve; so the
@@ -27,8 +31,9 @@
  * toward both. Tensor parallelism splits heads, kv heads (replicated when tp exceeds them),
  * the MLP width and the vocabulary (padded up to a multiple of tp); norms are replicated.
  *
- * All quantities are int64_t bytes or element counts. Pure functions of their arguments:
- * thread-safe, no allocation, no errors (the caller checks the layout is valid first).
+ * All quantities are int64_t bytes or element counts. Thread-safe, no errors (the caller
+ * checks the layout is valid first); on the cpu device mem_stage sizes the executor's shard,
+ * which allocates a small table (when that fails, total_bytes is INT64_MAX: never fits).
  *
  *     struct mem_breakdown m;
  *     mem_estimate(&m, &cfg, &recipe, &plan);
@@ -53,8 +58,9 @@ struct mem_breakdown {
     int64_t optimizer_bytes; /* master weights + Adam moments */
     int64_t activations_bytes;
     int64_t logits_bytes;
+    int64_t communication_bytes; /* stage-to-stage send and receive buffers */
     int64_t reserve_bytes;
-    int64_t total_bytes; /* the sum of the six above */
+    int64_t total_bytes; /* the sum of the seven above */
 };
 
 /* Bytes per element of each kind of tensor, by precision and device. */
@@ -90,19 +96,31 @@ int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int sta
  * what ZeRO-3 gathers at a time and ZeRO-2 holds as one gradient bucket. */
 int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp, int stage);
 
+/* How a device's stack keeps activations (mem_act_flags). */
+enum {
+    MEM_ACT_FUSED = 1,        /* fused attention: a log-sum-exp per row, no probabilities */
+    MEM_ACT_SEQ_PARALLEL = 2, /* tp > 1 splits the norms' tensors along the sequence */
+};
+
+/* The flags of flavor f's device at tensor-parallel degree tp: fused attention where the
+ * device type has a fused-attention rate, sequence parallelism with tp > 1 on accelerators. */
+unsigned mem_act_flags(const struct flavor *f, int tp);
+
 /* Bytes one transformer layer keeps for backward for one micro-batch of b sequences of
- * length s on one device of a tp group, elements of act_bytes (see the derivation in
- * mem.c). */
+ * length s on one device of a tp group, elements of act_bytes, under flags (MEM_ACT_*; see
+ * the derivation in mem.c). */
 int64_t mem_layer_activation_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
-                                   enum recompute rc, int act_bytes);
+                                   enum recompute rc, int act_bytes, unsigned flags);
 
-/* The logits of one micro-batch and their gradient (fp32), plus the low-precision logits
- * under bf16, on one device of a tp group (vocabulary-parallel). */
+/* The logits of one micro-batch and what the cross-entropy keeps of them, on one device of a
+ * tp group (vocabulary-parallel): 4 + 4 + act_bytes (bf16) bytes each unfused, 4 + act_bytes
+ * with a fused cross-entropy (flags & MEM_ACT_FUSED). */
 int64_t mem_logits_bytes(const struct model_config *cfg, int64_t s, int64_t b, int tp,
-                         int act_bytes);
+                         int act_bytes, unsigned flags);
 
-/* The workspace reserve of one device: 1 GiB on accelerators (runtime context, BLAS
- * workspaces, allocator slack); 0 on cpu, whose executor sizes its arenas exactly. */
+/* The runtime's reserve on one device: the device type's (runtime context, library
+ * workspaces, communicator buffers, allocator slack; flavor.c gives the figures and their
+ * sources); 0 on cpu, whose executor sizes its arenas exactly. */
 int64_t mem_reserve_bytes(const struct flavor *f);
 
 /* Threads of the model's pool on each of ndev cpu devices (the cores shared out). */
