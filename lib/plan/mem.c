@@ -282,6 +282,11 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
         m->gradients_bytes = d.grad * n;
 
     m->optimizer_bytes = (int64_t) (d.master + d.moments) * (zero2 ? div_up(n, dp) : n);
+    m->master_bytes = (int64_t) d.master * (zero2 ? div_up(n, dp) : n);
+    if (zero3 && dp > 1)
+        m->gathered_bytes += d.weight * (unit * 2 < n ? unit * 2 : n);
+    if (zero2 && dp > 1)
+        m->gathered_bytes += d.grad * unit;
 
     /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
      * `stage` (all of the warm-up forwards), never more than there are. */

@@ -56,6 +56,8 @@ struct mem_breakdown {
     int64_t weights_bytes;
     int64_t gradients_bytes;
     int64_t optimizer_bytes; /* master weights + Adam moments */
+    int64_t master_bytes;    /* of which fp32 master weights */
+    int64_t gathered_bytes;  /* of weights and gradients: the units ZeRO gathers in flight */
     int64_t activations_bytes;
     int64_t logits_bytes;
     int64_t communication_bytes; /* stage-to-stage send and receive buffers */

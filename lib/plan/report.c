@@ -13,10 +13,12 @@ static double gib(int64_t bytes)
 static void breakdown_lines(FILE *out, const struct mem_breakdown *m, int64_t capacity)
 {
     static const char *const names[] = {"weights",     "gradients", "optimizer",
-                                        "activations", "logits",    "reserve"};
-    const int64_t parts[] = {m->weights_bytes,     m->gradients_bytes, m->optimizer_bytes,
-                             m->activations_bytes, m->logits_bytes,    m->reserve_bytes};
-    for (int i = 0; i < 6; i++)
+                                        "activations", "logits",    "communication",
+                                        "reserve"};
+    const int64_t parts[] = {m->weights_bytes,       m->gradients_bytes, m->optimizer_bytes,
+                             m->activations_bytes,   m->logits_bytes,
+                             m->communication_bytes, m->reserve_bytes};
+    for (int i = 0; i < 7; i++)
         fprintf(out, "    %-12s %10.2f GiB\n", names[i], gib(parts[i]));
     fprintf(out, "    %-12s %10.2f GiB of %.2f GiB (%.0f%%)\n", "total", gib(m->total_bytes),
             gib(capacity), 100.0 * (double) m->total_bytes / (double) capacity);
@@ -79,7 +81,7 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const
     (void) cfg, (void) r;
     const struct mem_breakdown *m = &p->mem;
     return json_pack("{s:i, s:i, s:i, s:i, s:I, s:s, s:b, s:b, s:I, s:{s:I, s:I, s:I, s:I, s:I, "
-                     "s:I}, s:f, s:f, s:f}",
+                     "s:I, s:I, s:I, s:I}, s:f, s:f, s:f}",
                      "dp", p->dp, "pp", p->pp, "tp", p->tp, "num_micro_batches",
                      p->num_micro_batches, "batch_per_device", (json_int_t) p->batch_per_device,
                      "recomputation", plan_recompute_name(p->recomputation), "distribute_param",
@@ -88,7 +90,10 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const
                      "weights", (json_int_t) m->weights_bytes, "gradients",
                      (json_int_t) m->gradients_bytes, "optimizer", (json_int_t) m->optimizer_bytes,
                      "activations", (json_int_t) m->activations_bytes, "logits",
-                     (json_int_t) m->logits_bytes, "reserve", (json_int_t) m->reserve_bytes,
+                     (json_int_t) m->logits_bytes, "communication",
+                     (json_int_t) m->communication_bytes, "reserve", (json_int_t) m->reserve_bytes,
+                     "master_weights", (json_int_t) m->master_bytes, "gathered_in_flight",
+                     (json_int_t) m->gathered_bytes,
                      "predicted_step_s", p->predicted_step_seconds, "predicted_tokens_per_s",
                      p->tokens_per_second, "predicted_tflops_per_device", p->tflops_per_device);
 }
