@@ -62,17 +62,19 @@ int main(int argc, char **argv)
         bench_row("calibration", "error", "", err.msg);
         return 1;
     }
-    printf("%-40s %-10s %5s %9s %9s %6s %6s %7s %7s  %s\n", "run", "device", "devs", "published",
-           "predicted", "ratio", "choice", "mem GiB", "peak", "planner's choice");
+    printf("%-40s %-10s %5s %9s %9s %6s %6s %7s %7s  %-40s %s\n", "run", "device", "devs",
+           "published", "predicted", "ratio", "choice", "mem GiB", "peak",
+           "published layout (as planned)", "planner's choice");
     for (size_t i = 0; i < json_array_size(runs); i++) {
         struct calib_result c;
         if (calib_run_eval(&c, json_array_get(runs, i)) < 0) {
             printf("%-40.40s %-10s skipped: %s\n", c.id, c.device, c.skipped);
             continue;
         }
-        printf("%-40.40s %-10s %5d %9.0f %9.0f %6.3f %6.3f %7.1f %7.1f  %s%s\n", c.id, c.device,
-               c.devices, c.published_tps, c.predicted_tps, c.predicted_tps / c.published_tps,
-               c.choice_tps / c.predicted_tps, c.predicted_gib, c.published_gib, c.choice,
+        printf("%-40.40s %-10s %5d %9.0f %9.0f %6.3f %6.3f %7.1f %7.1f  %-40s %s%s\n", c.id,
+               c.device, c.devices, c.published_tps, c.predicted_tps,
+               c.predicted_tps / c.published_tps, c.choice_tps / c.predicted_tps, c.predicted_gib,
+               c.published_gib, c.layout, c.choice,
                c.published_fits ? "" : "  (published layout predicted OOM)");
         tally_add(strcmp(c.split, "holdout") ? &fit : &holdout, &c);
     }

@@ -4,7 +4,8 @@
  * node), the global batch, micro-batch and sequence length, the layout it ran (tp, pp, dp,
  * recomputation, sharding) and its published throughput per device, sometimes its peak
  * memory. calib_run_eval plans the same recipe twice: at the published layout (pinned, as a
- * user would pin it in parallel.*) and free (the planner's own choice), and returns the
+ * user would pin it in parallel.*, with the fields a source leaves out, such as the
+ * micro-batch, left to the planner) and free (the planner's own choice), and returns the
  * predicted throughput of both, the predicted memory and whether the published layout was
  * predicted to fit. bench_calibration prints the table; tests/test_calibration.c checks the
  * targets of the calibration (issue 11) so that a change of the models that breaks them fails.
@@ -12,9 +13,17 @@
  * GPT-shaped runs (arch "gpt": GELU MLP of width 4h, learned positions, biases) are planned as
  * the Llama of the same width whose SwiGLU MLP has the GELU MLP's parameters and FLOPs,
  * 3 D F = 2 D (4 D): F = 8 D / 3 rounded up to a multiple of 128. Sharding "fsdp" / "zero3"
- * is distribute_low_prec_param, "zero1" / "zero2" distribute_param. Runs the planner cannot
- * express (context parallelism, fp8, a device type outside the catalog) are skipped with a
- * reason.
+ * is distribute_low_prec_param, "zero2" distribute_param. Runs the planner cannot express
+ * (context parallelism, fp8, ZeRO-1's sharding of the optimizer state alone, a device type
+ * outside the catalog) are skipped with a reason, and so is a run with an "exclude" reason. fp16 runs count as bf16 (the same
+ * tensor-core rate and bytes). Where a source publishes TFLOP/s rather than tokens/s, its own
+ * FLOP count per token converts it ("flop_formula", calib_tokens_from_tflops).
+ *
+ * Memory is the planner's for its own stack, whose cross-entropy is fused (the executor's
+ * way: bf16 logits and one fp32 buffer that becomes their gradient, 6 bytes a logit). A run
+ * whose stack keeps PyTorch's unfused loss ("loss": "unfused" in the table: the fp32 upcast,
+ * the saved log-softmax and its gradient beside the bf16 logits, 14 bytes a logit when the
+ * backward starts) is compared with that difference added.
  *
  *     json_t *runs = calib_load("bench/calibration/runs.json", &err);
  *     struct calib_result c;
@@ -45,6 +54,7 @@ struct calib_result {
     double predicted_gib;     /* the published layout's most loaded device */
     double published_gib;     /* 0 when not published */
     char choice[128];         /* plan_brief of the choice */
+    char layout[128];         /* plan_brief of the published layout as planned */
 };
 
 static int calib_int(const json_t *o, const char *key, int def)
@@ -63,6 +73,27 @@ static double calib_num(const json_t *o, const char *key)
 {
     const json_t *v = json_object_get(o, key);
     return json_is_number(v) ? json_number_value(v) : 0.0;
+}
+
+/* Tokens/s per device from a published TFLOP/s per device and the source's own FLOP count
+ * per token ("flop_formula"): Megatron-Core r0.8's num_floating_point_operations,
+ * 12 L h^2 ((1 + g/a + s/h) + ffn/h (x 3/2 gated) + V / 2Lh), and Megatron-LM 2021's
+ * 96 L h^2 (1 + s/6h + V/16Lh), which counts full recomputation. 0 when neither. */
+static double calib_tokens_from_tflops(const json_t *run, const json_t *pub)
+{
+    const json_t *m = json_object_get(run, "model");
+    const char *formula = calib_str(pub, "flop_formula", "");
+    double tflops = calib_num(pub, "tflops_per_device");
+    double L = calib_int(m, "layers", 0), h = calib_int(m, "hidden_size", 0);
+    double a = calib_int(m, "heads", 1), g = calib_int(m, "kv_heads", calib_int(m, "heads", 1));
+    double ffn = calib_int(m, "intermediate_size", 0), V = calib_int(m, "vocab_size", 0);
+    double s = calib_int(run, "seq_len", 0), per_token = 0;
+    double gated = !strcmp(calib_str(m, "arch", "llama"), "gpt") ? 1.0 : 1.5;
+    if (!strcmp(formula, "megatron-core")) /* heads x head_dim = hidden */
+        per_token = 12 * L * h * h * ((1 + g / a + s / h) + ffn / h * gated + V / (2 * L * h));
+    else if (!strcmp(formula, "megatron-2021"))
+        per_token = 96 * L * h * h * (1 + s / (6 * h) + V / (16 * L * h));
+    return per_token > 0 && tflops > 0 ? tflops * 1e12 / per_token : 0.0;
 }
 
 /* The Llama config of the run's model (config.json keys). */
@@ -128,24 +159,43 @@ static int calib_recipe(struct recipe *r, const json_t *run, const char *device,
     return recipe_load_string(r, text, (size_t) n, calib_str(run, "id", "run"), NULL, err);
 }
 
-/* The published layout as a plan (its num_micro_batches from the global and micro batch). */
-static void calib_layout(struct plan *p, const json_t *run)
+/* Pins the published layout in the recipe's parallel.* as a user would: tp, pp, dp, the
+ * micro-batches (from the global and micro batch), recomputation and sharding, each where the
+ * source publishes it; what it leaves out stays the planner's to choose. */
+static void calib_pins(struct recipe *r, const json_t *run)
 {
-    const char *rc = calib_str(run, "recomputation", "none");
-    const char *sh = calib_str(run, "sharding", "none");
-    memset(p, 0, sizeof(*p));
-    p->tp = calib_int(run, "tp", 1);
-    p->pp = calib_int(run, "pp", 1);
-    p->dp = calib_int(run, "dp", calib_int(run, "devices", 1) / (p->tp * p->pp));
-    p->batch_per_device = calib_int(run, "micro_batch", 1);
-    p->num_micro_batches =
-        (int) (calib_int(run, "global_batch", 0) / (p->dp * (int) p->batch_per_device));
-    p->recomputation = !strcmp(rc, "full")        ? RECOMPUTE_FULL
-                       : !strcmp(rc, "selective") ? RECOMPUTE_SELECTIVE
-                                                  : RECOMPUTE_NONE;
-    p->distribute_low_prec_param = !strcmp(sh, "fsdp") || !strcmp(sh, "zero3");
-    p->distribute_param = p->distribute_low_prec_param || !strcmp(sh, "zero1") ||
-                          !strcmp(sh, "zero2");
+    const json_t *mb = json_object_get(run, "micro_batch");
+    const char *rc = calib_str(run, "recomputation", NULL);
+    const char *sh = calib_str(run, "sharding", NULL);
+    int tp = calib_int(run, "tp", 1), pp = calib_int(run, "pp", 1);
+    int dp = calib_int(run, "dp", calib_int(run, "devices", 1) / (tp * pp));
+
+    r->parallel.tp = tp;
+    r->parallel.pp = pp;
+    r->parallel.dp = dp;
+    if (json_is_integer(mb) && json_integer_value(mb) > 0)
+        r->parallel.num_micro_batches =
+            (int) (calib_int(run, "global_batch", 0) / (dp * (int) json_integer_value(mb)));
+    if (rc)
+        r->parallel.recomputation = !strcmp(rc, "full")        ? RECOMPUTE_FULL
+                                    : !strcmp(rc, "selective") ? RECOMPUTE_SELECTIVE
+                                                               : RECOMPUTE_NONE;
+    if (sh) {
+        bool z3 = !strcmp(sh, "fsdp") || !strcmp(sh, "zero3");
+        r->parallel.distribute_low_prec_param = z3;
+        r->parallel.distribute_param = z3 || !strcmp(sh, "zero2");
+    }
+}
+
+/* plan_search without its log lines. */
+static int calib_search(struct plan_result *res, const struct model_config *cfg,
+                        const struct recipe *r, struct moai_err *err)
+{
+    enum log_level level = log_get_level();
+    log_set_level(LOG_ERROR);
+    int rc = plan_search(res, cfg, r, err);
+    log_set_level(level);
+    return rc;
 }
 
 /* Plans one run (see the top of this file). Returns 0, or -1 with c->skipped saying why. */
@@ -154,7 +204,6 @@ static int calib_run_eval(struct calib_result *c, const json_t *run)
     struct moai_err err = {0};
     struct model_config cfg;
     struct recipe r;
-    struct plan p;
     struct plan_result res;
     const char *device = calib_str(run, "device", "");
     int seq = calib_int(run, "seq_len", 0);
@@ -166,14 +215,28 @@ static int calib_run_eval(struct calib_result *c, const json_t *run)
     c->devices = calib_int(run, "devices", 0);
     const json_t *pub = json_object_get(run, "published");
     c->published_tps = calib_num(pub, "tokens_per_s_per_device");
+    if (c->published_tps <= 0)
+        c->published_tps = calib_tokens_from_tflops(run, pub);
     c->published_gib = calib_num(run, "peak_memory_gib");
     if (calib_int(run, "cp", 1) > 1) {
         snprintf(c->skipped, sizeof(c->skipped), "context parallelism");
         return -1;
     }
-    if (strcmp(calib_str(run, "precision", "bf16"), "bf16")) {
+    if (json_is_string(json_object_get(run, "exclude"))) {
+        snprintf(c->skipped, sizeof(c->skipped), "excluded: %.140s",
+                 calib_str(run, "exclude", ""));
+        return -1;
+    }
+    const char *precision = calib_str(run, "precision", "bf16");
+    if (strcmp(precision, "bf16") && strcmp(precision, "fp16")) {
         snprintf(c->skipped, sizeof(c->skipped), "precision %s",
                  calib_str(run, "precision", "?"));
+        return -1;
+    }
+    if (!strcmp(calib_str(run, "sharding", ""), "zero1")) {
+        /* Megatron's distributed optimizer: full gradients, one reduce-scatter per step */
+        snprintf(c->skipped, sizeof(c->skipped),
+                 "sharding zero1 (optimizer state only) is not among the planner's layouts");
         return -1;
     }
     if (c->published_tps <= 0) {
@@ -189,25 +252,24 @@ static int calib_run_eval(struct calib_result *c, const json_t *run)
         snprintf(c->skipped, sizeof(c->skipped), "%.150s", err.msg);
         return -1;
     }
-    calib_layout(&p, run);
-    if (plan_check(&p, &cfg, &r, &err) < 0) {
+    struct recipe pinned = r;
+    calib_pins(&pinned, run);
+    int rc = calib_search(&res, &cfg, &pinned, &err);
+    plan_brief(c->layout, sizeof(c->layout), &res.best);
+    if (rc < 0 && rc != MOAI_EOOM) {
         snprintf(c->skipped, sizeof(c->skipped), "layout: %.140s", err.msg);
         recipe_release(&r);
         return -1;
     }
-    plan_evaluate(&p, &cfg, &r);
-    c->predicted_tps = p.tokens_per_second / c->devices;
-    int64_t total = p.mem.total_bytes;
-    if (!strcmp(calib_str(run, "loss", "fused"), "unfused") && p.mem.stage == p.pp - 1)
-        total += p.mem.logits_bytes * (CALIB_UNFUSED_LOSS_BYTES - 6) / 6;
+    const struct plan *p = &res.best;
+    c->predicted_tps = p->tokens_per_second / c->devices;
+    int64_t total = p->mem.total_bytes;
+    if (!strcmp(calib_str(run, "loss", "fused"), "unfused") && p->mem.stage == p->pp - 1)
+        total += p->mem.logits_bytes * (CALIB_UNFUSED_LOSS_BYTES - 6) / 6;
     c->predicted_gib = (double) total / 1073741824.0;
-    c->published_fits = total <= r.flavor.device.memory_bytes;
+    c->published_fits = rc == 0 && total <= r.flavor.device.memory_bytes;
 
-    enum log_level level = log_get_level();
-    log_set_level(LOG_ERROR);
-    int rc = plan_search(&res, &cfg, &r, &err);
-    log_set_level(level);
-    if (rc == 0) {
+    if (calib_search(&res, &cfg, &r, &err) == 0) {
         c->choice_tps = res.best.tokens_per_second / c->devices;
         plan_brief(c->choice, sizeof(c->choice), &res.best);
     } else {

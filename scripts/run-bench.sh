@@ -18,4 +18,32 @@ note = "median of 11 steps of %.3f s; 2 cpu devices, batch 16 x 256; peak %d byt
     j["median_step_s"], j["peak_bytes"][0], j["predicted_bytes_per_device"])
 print("%-44s %14s %14s %s" % ("train: configs/tiny-llama.yaml (make run)", fig, "-", note))
 PY
+
+# The whole process against the planner's prediction (VmHWM at the end of the run): the
+# default recipe above, and a 111M-parameter model on 4 cpu devices as pp 2 x tp 2.
+cat >"$out/m111.yaml" <<YAML
+model:
+  init: random
+  config: {hidden_size: 1024, intermediate_size: 2816, num_hidden_layers: 8,
+           num_attention_heads: 16, num_key_value_heads: 8, vocab_size: 8000,
+           max_position_embeddings: 512}
+tokenizer: models/tiny-llama/tokenizer.model
+dataset:
+  path: datasets/debian-descriptions.jsonl.zst
+  template: "[SUMMARIZE] {article} [/SUMMARIZE]\n{highlights}"
+  limit: 2000
+training: {batch_size: 4, block_size: 64, max_steps: 1, precision: fp32, save_dir: $out/m111}
+flavor: {device: cpu, devices: 4}
+parallel: {pp: 2, tp: 2}
+YAML
+build/moai-finetune -q --json "$out/m111.yaml" 2>/dev/null | tail -n 1 >"$out/m111.json"
+python3 - "$out/final.json" "$out/m111.json" <<'PY' || echo "process memory: no result"
+import json, sys
+for path, name in zip(sys.argv[1:], ["default recipe, 2 devices", "111M, pp 2 x tp 2"]):
+    j = json.load(open(path))
+    q = j["process_peak_bytes"] / j["process_predicted_bytes"]
+    print("%-44s %14s %14s %s" % ("process memory: " + name, "%.3f" % q, "0.9-1.1",
+          "peak resident %d bytes (VmHWM), predicted %d" % (j["process_peak_bytes"],
+                                                             j["process_predicted_bytes"])))
+PY
 rm -rf "$out"

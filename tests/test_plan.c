@@ -51,7 +51,8 @@ static void test_plan_memory_by_hand(void **state)
      * 2 [4 M D + M hd (2 H + 2 KV) + 3 M F + b H s^2] + 8 M
      * = 2 [41,943,040 + 41,943,040 + 84,934,656 + 83,886,080] + 16,384 = 505,430,016 */
     assert_int_equal(mem_act_flags(&r.flavor, 1), 0); /* MI250: unfused attention */
-    assert_int_equal(mem_layer_activation_bytes(&cfg, 1024, 2, 1, RECOMPUTE_NONE, 2, 0), 505430016LL);
+    assert_int_equal(mem_layer_activation_bytes(&cfg, 1024, 2, 1, RECOMPUTE_NONE, 2, 0),
+                     505430016LL);
     /* 40 layers, plus the final norm's input/output (2 x 2 M D) and rstd (4 M) */
     assert_int_equal(m.activations_bytes, 40 * 505430016LL + 2 * 2 * 2048 * 5120 + 4 * 2048);
     /* logits and their gradient in fp32, and the bf16 logits: M V (4 + 4 + 2) */

@@ -315,7 +315,7 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
 
 static void print_final(const struct recipe *r, const struct model_config *cfg,
                         const struct exec_opts *o, const struct train_result *tr,
-                        const struct plan_result *pr)
+                        const struct plan_result *pr, const struct mem_process *pm)
 {
     if (!o->json) {
         printf("Model saved in '%s'\n", r->training.save_dir);
@@ -329,20 +329,60 @@ static void print_final(const struct recipe *r, const struct model_config *cfg,
         json_array_append_new(peaks, json_integer(tr->peak_bytes[i]));
         json_array_append_new(predicted, json_integer(mb.total_bytes));
     }
-    json_t *j =
-        json_pack("{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o, s:o}", "status", "done",
-                  "recipe", r->source, "save_dir", r->training.save_dir, "steps",
-                  (json_int_t) tr->steps_done, "loss", tr->last_loss, "validation_loss",
-                  isnan(tr->valid_loss) ? json_null() : json_real(tr->valid_loss), "median_step_s",
-                  tr->median_step_s, "median_tokens_per_s", tr->median_tokens_per_s,
-                  "predicted_bytes_per_device", (json_int_t) pr->best.mem.total_bytes, "peak_bytes",
-                  peaks, "predicted_bytes", predicted);
+    json_t *j = json_pack(
+        "{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o, s:o, s:I, s:I}", "status", "done",
+        "recipe", r->source, "save_dir", r->training.save_dir, "steps", (json_int_t) tr->steps_done,
+        "loss", tr->last_loss, "validation_loss",
+        isnan(tr->valid_loss) ? json_null() : json_real(tr->valid_loss), "median_step_s",
+        tr->median_step_s, "median_tokens_per_s", tr->median_tokens_per_s,
+        "predicted_bytes_per_device", (json_int_t) pr->best.mem.total_bytes, "peak_bytes", peaks,
+        "predicted_bytes", predicted, "process_predicted_bytes", (json_int_t) pm->total_bytes,
+        "process_peak_bytes", (json_int_t) mem_process_peak_bytes());
     char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
     if (text)
         puts(text);
     free(text);
     json_decref(j);
     fflush(stdout);
+}
+
+/* The whole process's predicted peak (plan/mem.h) once the data set is known; on the cpu
+ * device a prediction past this machine's memory stops the run before it loads the weights,
+ * rather than the kernel killing it later. */
+static int check_process_memory(struct mem_process *pm, const struct model_config *cfg,
+                                const struct recipe *r, const struct plan *p,
+                                const struct comm_world *world, const struct data_set *data,
+                                const struct batcher *b, bool resume, int64_t runtime_bytes,
+                                struct moai_err *err)
+{
+    int ndev = p->dp * p->pp * p->tp;
+    struct mem_process_in in = {.first_device = world ? world->first_dev : 0,
+                                .devices = world ? world->nlocal : ndev,
+                                .examples = data->n,
+                                .valid_examples = b->n_val,
+                                .resume = resume,
+                                .runtime_bytes = runtime_bytes};
+    mem_process(pm, cfg, r, p, &in);
+    if (strcmp(r->flavor.device.name, "cpu"))
+        return 0;
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    int64_t physical = pages > 0 && page > 0 ? (int64_t) pages * page : 0;
+    log_info("process: %lld bytes predicted (devices %lld, threads %lld, host copies %lld, "
+             "checkpoint buffers %lld, data %lld, runtime %lld)",
+             (long long) pm->total_bytes, (long long) pm->devices_bytes,
+             (long long) pm->threads_bytes, (long long) pm->host_bytes,
+             (long long) pm->checkpoint_bytes, (long long) pm->data_bytes,
+             (long long) pm->runtime_bytes);
+    if (physical > 0 && pm->total_bytes > physical)
+        return moai_err_set(err, MOAI_EOOM,
+                            "%s: the process would need %.2f GiB (its devices %.2f GiB, host "
+                            "copies of the model %.2f GiB, checkpoint buffers %.2f GiB, data "
+                            "%.2f GiB), more than this machine's %.2f GiB",
+                            r->source, pm->total_bytes / 1073741824.0,
+                            pm->devices_bytes / 1073741824.0, pm->host_bytes / 1073741824.0,
+                            pm->checkpoint_bytes / 1073741824.0, pm->data_bytes / 1073741824.0,
+                            physical / 1073741824.0);
+    return 0;
 }
 
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
@@ -354,6 +394,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct records train = {0}, valid = {0};
     struct llama_params host = {0};
     float *m = NULL, *v = NULL;
+    int64_t runtime_bytes = mem_process_runtime_bytes();
     int rc;
 
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
@@ -418,6 +459,14 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                          r->dataset.shuffle, r->training.seed, err)) < 0)
         goto out_data;
     int64_t spe = batcher.steps_per_epoch;
+    char state_path[4096];
+    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
+    bool resume = !strcmp(r->training.resume, "auto") ? file_exists(state_path)
+                                                      : strcmp(r->training.resume, "never") != 0;
+    struct mem_process pm;
+    if ((rc = check_process_memory(&pm, &cfg, r, &pr.best, world, &data, &batcher, resume,
+                                   runtime_bytes, err)) < 0)
+        goto out_batcher;
     if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
         (rc = records_init(&valid, &data, batcher.val, batcher.n_val)) < 0) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
@@ -429,10 +478,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_batcher;
 
     int64_t start = 0;
-    char state_path[4096];
-    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
-    bool resume = !strcmp(r->training.resume, "auto") ? file_exists(state_path)
-                                                      : strcmp(r->training.resume, "never") != 0;
     if (resume) {
         struct recipe from = *r;
         if (strcmp(r->training.resume, "auto"))
@@ -558,7 +603,14 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
             log_info("validation loss %.6g", tr.valid_loss);
         log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s)", tr.median_step_s,
                  tr.median_tokens_per_s, pr.best.predicted_step_seconds);
-        print_final(r, &cfg, o, &tr, &pr);
+        if (r->flavor.device.memory_bytes > 0 && !strcmp(r->flavor.device.name, "cpu")) {
+            int64_t peak = mem_process_peak_bytes();
+            log_info("process: peak resident %lld bytes, predicted %lld (measured/predicted "
+                     "%.3f)",
+                     (long long) peak, (long long) pm.total_bytes,
+                     (double) peak / (double) pm.total_bytes);
+        }
+        print_final(r, &cfg, o, &tr, &pr, &pm);
     }
 out_params:
     free(m);

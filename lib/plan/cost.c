@@ -160,7 +160,8 @@ static double head_seconds(const struct model_config *cfg, const struct recipe *
     const struct flavor *f = &r->flavor;
     double M = (double) r->training.block_size * (double) p->batch_per_device;
     double V = (double) mem_vocab_per_device(cfg, p->tp), D = (double) cfg->hidden_size;
-    double loss = COST_LOSS_BYTES_PER_LOGIT * M * V / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
+    double loss =
+        COST_LOSS_BYTES_PER_LOGIT * M * V / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
     return 3.0 * cost_gemm_seconds(M, V, D, 1, e, f) + loss;
 }
 
@@ -216,8 +217,8 @@ static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
         if (p->distribute_low_prec_param)
             full += 2.0 * ag_weights * mb;
         c->dp_comm_seconds = full;
-        c->dp_exposed_seconds = fmax(full - COST_DP_OVERLAP_CPU * bwd_window * mb,
-                                     (1.0 - COST_DP_OVERLAP_CPU) * full);
+        c->dp_exposed_seconds =
+            fmax(full - COST_DP_OVERLAP_CPU * bwd_window * mb, (1.0 - COST_DP_OVERLAP_CPU) * full);
         return;
     }
     if (!zero2) {
@@ -227,8 +228,8 @@ static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
     }
     double rs = ar_grads / 2;
     c->dp_comm_seconds = rs * mb + ag_weights;
-    c->dp_exposed_seconds = mb * exposed(rs * (1.0 - unit), bwd_window) + rs * unit +
-                            exposed(ag_weights, fwd_window);
+    c->dp_exposed_seconds =
+        mb * exposed(rs * (1.0 - unit), bwd_window) + rs * unit + exposed(ag_weights, fwd_window);
     if (p->distribute_low_prec_param) {
         c->dp_comm_seconds += 2.0 * ag_weights * mb;
         c->dp_exposed_seconds += mb * (exposed(ag_weights, fwd_window) +
@@ -290,7 +291,8 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     /* the bubble; on shared cores the idle stages' cores go to the busy ones */
     c->bubble_seconds = tick * (p->pp - 1) * (shared > 0 ? shared : 1.0);
 
-    dp_seconds(c, cfg, r, p, &d, (double) most * layer.fwd, (double) most * (layer.bwd + recompute));
+    dp_seconds(c, cfg, r, p, &d, (double) most * layer.fwd,
+               (double) most * (layer.bwd + recompute));
 
     /* Adam: read and write master, moments, gradient of the device's share. */
     int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);

@@ -6,6 +6,7 @@
 #include "plan/plan.h"
 
 #include <sched.h>
+#include <stdio.h>
 #include <string.h>
 
 #define GIB (1024LL * 1024LL * 1024LL)
@@ -347,4 +348,62 @@ int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
             return used;
     }
     return used;
+}
+
+/* A worker thread's resident share: the pages of its stack it touches and OpenBLAS's
+ * per-thread packing buffers for sgemm panels (GEMM_P x GEMM_Q floats of A and GEMM_Q x GEMM_R
+ * of B for the Haswell / SkylakeX / Zen kernels: about 1.5 MiB), measured with VmHWM over 1 to
+ * 4 cpu devices (bench_process in make bench). */
+#define MEM_THREAD_BYTES (2LL * 1024 * 1024)
+
+void mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
+                 const struct plan *p, const struct mem_process_in *in)
+{
+    int64_t P = model_param_count(cfg), T = r->training.block_size;
+    int ndev = p->dp * p->pp * p->tp;
+
+    memset(pm, 0, sizeof(*pm));
+    pm->runtime_bytes = in->runtime_bytes;
+    for (int d = in->first_device; d < in->first_device + in->devices; d++) {
+        struct mem_breakdown m;
+        mem_stage(&m, cfg, r, p, d / p->tp % p->pp);
+        pm->devices_bytes += m.total_bytes;
+    }
+    pm->threads_bytes = (int64_t) in->devices * mem_cpu_threads(ndev) * MEM_THREAD_BYTES;
+    pm->host_bytes = 4 * P * (in->resume ? 3 : 1);
+    if (in->first_device == 0)
+        pm->checkpoint_bytes = 3 * 4 * P;
+    /* tokens and labels (int32) and a length per example: the tokenized set, the loop's copy
+     * of it and of the held-out examples */
+    int64_t per = 2 * 4 * T + 4;
+    pm->data_bytes = per * (2 * in->examples + in->valid_examples);
+    pm->total_bytes = pm->runtime_bytes + pm->devices_bytes + pm->threads_bytes + pm->host_bytes +
+                      pm->checkpoint_bytes + pm->data_bytes;
+}
+
+static int64_t status_kib(const char *key)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long long kib = 0;
+    size_t n = strlen(key);
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof(line), f))
+        if (!strncmp(line, key, n) && line[n] == ':') {
+            sscanf(line + n + 1, "%lld", &kib);
+            break;
+        }
+    fclose(f);
+    return (int64_t) kib * 1024;
+}
+
+int64_t mem_process_runtime_bytes(void)
+{
+    return status_kib("VmRSS");
+}
+
+int64_t mem_process_peak_bytes(void)
+{
+    return status_kib("VmHWM");
 }

@@ -136,6 +136,42 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
 void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
                   const struct plan *p);
 
+/*
+ * The whole process on the cpu device. Beside the devices' arenas (mem_stage, exact) a run
+ * holds what the executor keeps on the host (lib/exec/run.c, train.c): the fp32 model the
+ * devices start from, the moments a resumed run reads, the gathered model, moments and master
+ * copy the process of device 0 saves from (touched at the first save), the tokenized examples
+ * and the training loop's copy of them, the worker threads (stacks and OpenBLAS packing
+ * buffers), and the program with its libraries before it loads anything (runtime_bytes,
+ * measured: mem_process_runtime_bytes). The peak is that sum; loading the weights adds their
+ * mapped file for a moment, less than the devices' arenas that come after it.
+ */
+struct mem_process_in {
+    int first_device, devices; /* the devices this process runs (all, without MPI) */
+    int64_t examples;          /* tokenized examples (0 when not yet known: --plan-only) */
+    int64_t valid_examples;    /* of which held out for validation */
+    bool resume;               /* moments read from a checkpoint */
+    int64_t runtime_bytes;     /* mem_process_runtime_bytes() */
+};
+
+struct mem_process {
+    int64_t runtime_bytes;    /* the program and its libraries */
+    int64_t devices_bytes;    /* the arenas of the process's devices */
+    int64_t threads_bytes;    /* their worker threads */
+    int64_t host_bytes;       /* host copies of the model (and moments when resuming) */
+    int64_t checkpoint_bytes; /* the gathered model, moments and master for saving */
+    int64_t data_bytes;       /* tokenized examples and the loop's copies */
+    int64_t total_bytes;      /* the sum: the process's predicted peak resident size */
+};
+
+void mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
+                 const struct plan *p, const struct mem_process_in *in);
+
+/* This process's resident size now (VmRSS), and its peak so far (VmHWM), in bytes; 0 where
+ * /proc cannot tell. */
+int64_t mem_process_runtime_bytes(void);
+int64_t mem_process_peak_bytes(void);
+
 /* What an allocator reports as requested when the layout does not fit: a step allocates in
  * the order reserve, weights, activations and logits (forward), gradients (backward),
  * optimizer state (the first optimizer step, as PyTorch's AdamW and the source documents'

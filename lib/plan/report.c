@@ -4,6 +4,7 @@
 #include "log.h"
 
 #include <string.h>
+#include <unistd.h>
 
 static double gib(int64_t bytes)
 {
@@ -12,16 +13,24 @@ static double gib(int64_t bytes)
 
 static void breakdown_lines(FILE *out, const struct mem_breakdown *m, int64_t capacity)
 {
-    static const char *const names[] = {"weights",     "gradients", "optimizer",
-                                        "activations", "logits",    "communication",
-                                        "reserve"};
-    const int64_t parts[] = {m->weights_bytes,       m->gradients_bytes, m->optimizer_bytes,
-                             m->activations_bytes,   m->logits_bytes,
-                             m->communication_bytes, m->reserve_bytes};
+    static const char *const names[] = {"weights", "gradients",     "optimizer", "activations",
+                                        "logits",  "communication", "reserve"};
+    const int64_t parts[] = {m->weights_bytes,     m->gradients_bytes, m->optimizer_bytes,
+                             m->activations_bytes, m->logits_bytes,    m->communication_bytes,
+                             m->reserve_bytes};
     for (int i = 0; i < 7; i++)
         fprintf(out, "    %-12s %10.2f GiB\n", names[i], gib(parts[i]));
     fprintf(out, "    %-12s %10.2f GiB of %.2f GiB (%.0f%%)\n", "total", gib(m->total_bytes),
             gib(capacity), 100.0 * (double) m->total_bytes / (double) capacity);
+}
+
+/* The whole process on the cpu device, without the data set (not read when planning). */
+static void cpu_process(struct mem_process *pm, const struct model_config *cfg,
+                        const struct recipe *r, const struct plan *p)
+{
+    struct mem_process_in in = {.devices = p->dp * p->pp * p->tp,
+                                .runtime_bytes = mem_process_runtime_bytes()};
+    mem_process(pm, cfg, r, p, &in);
 }
 
 void plan_report_text(FILE *out, const struct plan_result *res, const struct model_config *cfg,
@@ -65,6 +74,17 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
             p->cost.dp_comm_seconds, p->cost.optimizer_seconds);
     fprintf(out, "throughput  %.2f tokens/s, %.1f TFLOP/s per device\n", p->tokens_per_second,
             p->tflops_per_device);
+    if (!strcmp(f->device.name, "cpu")) {
+        struct mem_process pm;
+        long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+        cpu_process(&pm, cfg, r, p);
+        fprintf(out,
+                "process     %.2f GiB of this machine's %.2f GiB before the data set: devices "
+                "%.2f, host copies %.2f, checkpoint buffers %.2f, threads %.2f, runtime %.2f\n",
+                gib(pm.total_bytes), gib((int64_t) pages * page), gib(pm.devices_bytes),
+                gib(pm.host_bytes), gib(pm.checkpoint_bytes), gib(pm.threads_bytes),
+                gib(pm.runtime_bytes));
+    }
     if (res->n_runners_up > 0) {
         fprintf(out, "runners-up\n");
         for (int i = 0; i < res->n_runners_up; i++) {
@@ -80,22 +100,21 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const
 {
     (void) cfg, (void) r;
     const struct mem_breakdown *m = &p->mem;
-    return json_pack("{s:i, s:i, s:i, s:i, s:I, s:s, s:b, s:b, s:I, s:{s:I, s:I, s:I, s:I, s:I, "
-                     "s:I, s:I, s:I, s:I}, s:f, s:f, s:f}",
-                     "dp", p->dp, "pp", p->pp, "tp", p->tp, "num_micro_batches",
-                     p->num_micro_batches, "batch_per_device", (json_int_t) p->batch_per_device,
-                     "recomputation", plan_recompute_name(p->recomputation), "distribute_param",
-                     p->distribute_param, "distribute_low_prec_param", p->distribute_low_prec_param,
-                     "memory_per_device_bytes", (json_int_t) m->total_bytes, "memory_breakdown",
-                     "weights", (json_int_t) m->weights_bytes, "gradients",
-                     (json_int_t) m->gradients_bytes, "optimizer", (json_int_t) m->optimizer_bytes,
-                     "activations", (json_int_t) m->activations_bytes, "logits",
-                     (json_int_t) m->logits_bytes, "communication",
-                     (json_int_t) m->communication_bytes, "reserve", (json_int_t) m->reserve_bytes,
-                     "master_weights", (json_int_t) m->master_bytes, "gathered_in_flight",
-                     (json_int_t) m->gathered_bytes,
-                     "predicted_step_s", p->predicted_step_seconds, "predicted_tokens_per_s",
-                     p->tokens_per_second, "predicted_tflops_per_device", p->tflops_per_device);
+    return json_pack(
+        "{s:i, s:i, s:i, s:i, s:I, s:s, s:b, s:b, s:I, s:{s:I, s:I, s:I, s:I, s:I, "
+        "s:I, s:I, s:I, s:I}, s:f, s:f, s:f}",
+        "dp", p->dp, "pp", p->pp, "tp", p->tp, "num_micro_batches", p->num_micro_batches,
+        "batch_per_device", (json_int_t) p->batch_per_device, "recomputation",
+        plan_recompute_name(p->recomputation), "distribute_param", p->distribute_param,
+        "distribute_low_prec_param", p->distribute_low_prec_param, "memory_per_device_bytes",
+        (json_int_t) m->total_bytes, "memory_breakdown", "weights", (json_int_t) m->weights_bytes,
+        "gradients", (json_int_t) m->gradients_bytes, "optimizer", (json_int_t) m->optimizer_bytes,
+        "activations", (json_int_t) m->activations_bytes, "logits", (json_int_t) m->logits_bytes,
+        "communication", (json_int_t) m->communication_bytes, "reserve",
+        (json_int_t) m->reserve_bytes, "master_weights", (json_int_t) m->master_bytes,
+        "gathered_in_flight", (json_int_t) m->gathered_bytes, "predicted_step_s",
+        p->predicted_step_seconds, "predicted_tokens_per_s", p->tokens_per_second,
+        "predicted_tflops_per_device", p->tflops_per_device);
 }
 
 json_t *plan_result_json(const struct plan_result *res, const struct model_config *cfg,
@@ -135,6 +154,11 @@ json_t *plan_result_json(const struct plan_result *res, const struct model_confi
         for (int i = 0; i < res->n_runners_up; i++)
             json_array_append_new(ru, plan_to_json(&res->runners_up[i], cfg, r));
         json_object_set_new(j, "runners_up", ru);
+        if (!strcmp(f->device.name, "cpu")) {
+            struct mem_process pm;
+            cpu_process(&pm, cfg, r, &res->best);
+            json_object_set_new(j, "process_bytes_before_data", json_integer(pm.total_bytes));
+        }
     } else if (!strcmp(status, "oom")) {
         json_object_set_new(j, "requested_bytes", json_integer(res->requested_bytes));
         json_object_set_new(j, "available_bytes", json_integer(res->available_bytes));

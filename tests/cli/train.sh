@@ -67,6 +67,16 @@ for l in lines[:2]:
     assert set(l) >= {"step", "total_steps", "loss", "duration_s", "tokens_per_s", "lr"}, l
 assert lines[2]["status"] == "done", lines[2]
 PY
+# the whole process's peak resident size beside its prediction (not under ASan, whose shadow
+# memory the prediction does not count)
+if [ "${MOAI_MODE:-release}" = release ]; then
+    python3 - "$TMP/c.out" <<'PY' && ok || fail "--json: process peak within 10% of its prediction"
+import json, sys
+j = [json.loads(l) for l in open(sys.argv[1])][-1]
+q = j["process_peak_bytes"] / j["process_predicted_bytes"]
+assert 0.8 <= q <= 1.1, (j["process_peak_bytes"], j["process_predicted_bytes"])
+PY
+fi
 
 # SIGINT saves and exits 130; the run then resumes to the end.
 recipe "$TMP/d.yaml" "$TMP/out-d" "max_steps: 400"
