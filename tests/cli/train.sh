@@ -78,6 +78,27 @@ assert 0.8 <= q <= 1.1, (j["process_peak_bytes"], j["process_predicted_bytes"])
 PY
 fi
 
+# A process that would not fit this machine stops before it loads anything, whatever the devices'
+# own budgets say (a one-layer model whose vocabulary is sized from this machine's memory so
+# that the host copies and checkpoint buffers alone, 16 bytes a parameter, exceed it).
+mem_kib=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+vocab=$((mem_kib * 1024 / 16 / 64 + 1000))
+cat >"$TMP/big.yaml" <<YAML
+model:
+  init: random
+  config: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 4,
+           num_key_value_heads: 4, vocab_size: $vocab, tie_word_embeddings: true}
+tokenizer: models/tiny-llama/tokenizer.model
+dataset: {path: datasets/debian-descriptions.jsonl.zst, limit: 16, cache_dir: $TMP/cache}
+training: {batch_size: 2, block_size: 32, max_steps: 1, precision: fp32, save_dir: $TMP/out-big}
+flavor: {device: cpu, devices: 1, memory_gb: 100000}
+YAML
+"$MOAI_BIN" -q "$TMP/big.yaml" >/dev/null 2>"$TMP/big.err"
+expect_eq "process too big: status" 3 $?
+grep -q "the process would need .* more than this machine's" "$TMP/big.err" && ok ||
+    fail "process too big: message: $(cat "$TMP/big.err")"
+[ ! -e "$TMP/out-big" ] && ok || fail "process too big: save_dir created"
+
 # SIGINT saves and exits 130; the run then resumes to the end.
 recipe "$TMP/d.yaml" "$TMP/out-d" "max_steps: 400"
 "$MOAI_BIN" -q "$TMP/d.yaml" >"$TMP/d.out" 2>"$TMP/d.err" &
