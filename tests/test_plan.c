@@ -124,14 +124,14 @@ static void test_plan_memory_fused_stack(void **state)
     int64_t none = 2 * (4 * M * D + M * hd * 4 * H + 3 * M * F) + 8 * M + 4 * b * H * s;
     assert_int_equal(mem_layer_activation_bytes(&cfg, s, b, 1, RECOMPUTE_NONE, 2, MEM_ACT_FUSED),
                      none);
-    int64_t sp2 = 2 * (4 * M * D / 2 + M * hd * 2 * H + 3 * M * F / 2) + 8 * M / 2 +
-                  4 * b * (H / 2) * s;
+    int64_t sp2 =
+        2 * (4 * M * D / 2 + M * hd * 2 * H + 3 * M * F / 2) + 8 * M / 2 + 4 * b * (H / 2) * s;
     assert_int_equal(mem_layer_activation_bytes(&cfg, s, b, 2, RECOMPUTE_NONE, 2,
                                                 MEM_ACT_FUSED | MEM_ACT_SEQ_PARALLEL),
                      sp2);
     /* selective, operator-level: x, the attention output, half of the products' outputs */
-    int64_t sel = 2 * (M * D + M * H * hd + (M * hd * 3 * H + 2 * M * D + 2 * M * F) / 2) +
-                  8 * M + 4 * b * H * s;
+    int64_t sel = 2 * (M * D + M * H * hd + (M * hd * 3 * H + 2 * M * D + 2 * M * F) / 2) + 8 * M +
+                  4 * b * H * s;
     assert_int_equal(
         mem_layer_activation_bytes(&cfg, s, b, 1, RECOMPUTE_SELECTIVE, 2, MEM_ACT_FUSED), sel);
     assert_int_equal(mem_logits_bytes(&cfg, s, b, 1, 2, MEM_ACT_FUSED), M * 32000 * 6);

@@ -102,7 +102,7 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const
     const struct mem_breakdown *m = &p->mem;
     return json_pack(
         "{s:i, s:i, s:i, s:i, s:I, s:s, s:b, s:b, s:I, s:{s:I, s:I, s:I, s:I, s:I, "
-        "s:I, s:I, s:I, s:I}, s:f, s:f, s:f}",
+        "s:I, s:I}, s:{s:I, s:I}, s:f, s:f, s:f}",
         "dp", p->dp, "pp", p->pp, "tp", p->tp, "num_micro_batches", p->num_micro_batches,
         "batch_per_device", (json_int_t) p->batch_per_device, "recomputation",
         plan_recompute_name(p->recomputation), "distribute_param", p->distribute_param,
@@ -111,10 +111,10 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const
         "gradients", (json_int_t) m->gradients_bytes, "optimizer", (json_int_t) m->optimizer_bytes,
         "activations", (json_int_t) m->activations_bytes, "logits", (json_int_t) m->logits_bytes,
         "communication", (json_int_t) m->communication_bytes, "reserve",
-        (json_int_t) m->reserve_bytes, "master_weights", (json_int_t) m->master_bytes,
-        "gathered_in_flight", (json_int_t) m->gathered_bytes, "predicted_step_s",
-        p->predicted_step_seconds, "predicted_tokens_per_s", p->tokens_per_second,
-        "predicted_tflops_per_device", p->tflops_per_device);
+        (json_int_t) m->reserve_bytes, "memory_detail", "master_weights",
+        (json_int_t) m->master_bytes, "gathered_in_flight", (json_int_t) m->gathered_bytes,
+        "predicted_step_s", p->predicted_step_seconds, "predicted_tokens_per_s",
+        p->tokens_per_second, "predicted_tflops_per_device", p->tflops_per_device);
 }
 
 json_t *plan_result_json(const struct plan_result *res, const struct model_config *cfg,
