@@ -292,7 +292,7 @@ static void test_optim_init_params(void **state)
     for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
         struct llama_tensor t;
         llama_tensor_at(&t, &a, &cfg, k);
-        if (t.kind == LLAMA_TENSOR_NORM) {
+        if (t.kind == MODEL_TENSOR_NORM) {
             for (int64_t i = 0; i < t.numel; i++)
                 assert_true(t.data[i] == 1.0f);
             continue;
@@ -309,7 +309,7 @@ static void test_optim_init_params(void **state)
         /* any slice is the stream's own elements: a shard initializes alone */
         float slice[7];
         optim_init_normal(slice, 101, 7, 0.02, 1234, (uint64_t) k);
-        if (t.kind != LLAMA_TENSOR_EMBEDDING)
+        if (t.kind != MODEL_TENSOR_EMBEDDING)
             assert_memory_equal(slice, t.data + 101, sizeof(slice));
     }
     /* the pad token's embedding row is zero, its neighbours are not */

@@ -131,17 +131,43 @@ void shard_bytes(const struct shard *s, struct shard_bytes *b)
 
 void shard_layer_view(struct llama_layer *l, float *base, const struct model_config *c)
 {
-    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size;
-    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads;
-    l->input_norm = base;
-    l->wq = l->input_norm + D;
-    l->wk = l->wq + H * hd * D;
-    l->wv = l->wk + KV * hd * D;
-    l->wo = l->wv + KV * hd * D;
-    l->post_norm = l->wo + D * H * hd;
-    l->w_gate = l->post_norm + D;
-    l->w_up = l->w_gate + F * D;
-    l->w_down = l->w_up + F * D;
+    llama_layer_bind(l, base, c);
+}
+
+/* Where this device's part of dimension d starts in the whole, and its size: tensor
+ * parallelism splits the query heads, the kv heads (one kept whole when they are replicated)
+ * and the MLP width; the hidden size is whole everywhere. */
+static void dim_split(const struct shard *s, enum model_dim d, int64_t *start, int64_t *count)
+{
+    *count = model_dim(&s->cfg, d);
+    switch (d) {
+    case MODEL_DIM_Q:
+    case MODEL_DIM_F:
+        *start = s->tp_rank * *count;
+        return;
+    case MODEL_DIM_KV:
+        *start = s->kv_first * s->full.head_dim;
+        return;
+    case MODEL_DIM_NONE:
+    case MODEL_DIM_D:
+    case MODEL_DIM_V:
+        break;
+    }
+    *start = 0;
+}
+
+/* Is tensor k of a layer held whole by every device of a tp group (no dimension split)? */
+static bool replicated_over_tp(int k)
+{
+    enum model_dim r = model_layer_tensors[k].rows, c = model_layer_tensors[k].cols;
+    return (r == MODEL_DIM_D || r == MODEL_DIM_NONE) && (c == MODEL_DIM_D || c == MODEL_DIM_NONE);
+}
+
+/* Is tensor k of a layer split by kv heads? */
+static bool split_by_kv(int k)
+{
+    return model_layer_tensors[k].rows == MODEL_DIM_KV ||
+           model_layer_tensors[k].cols == MODEL_DIM_KV;
 }
 
 /* Copies rows x cols floats between a matrix of leading dimension ld_full and one of ld_part,
@@ -186,21 +212,21 @@ static void unit_copy(const struct shard *s, int ui, float *full, float *part, b
         copy_block(full + full_layer_off(fc, L), D, part, D, 1, D, to_full);
         break;
     case SHARD_LAYER: {
-        struct llama_layer f, p;
-        int64_t hd = fc->head_dim, H = fc->num_attention_heads, F = fc->intermediate_size;
-        int64_t Hd = sc->num_attention_heads, KVd = sc->num_key_value_heads;
-        int64_t Fd = sc->intermediate_size, r = s->tp_rank;
-        shard_layer_view(&f, full + full_layer_off(fc, u->layer), fc);
-        shard_layer_view(&p, part, sc);
-        copy_block(f.input_norm, D, p.input_norm, D, 1, D, to_full);
-        copy_block(f.wq + r * Hd * hd * D, D, p.wq, D, Hd * hd, D, to_full);
-        copy_block(f.wk + s->kv_first * hd * D, D, p.wk, D, KVd * hd, D, to_full);
-        copy_block(f.wv + s->kv_first * hd * D, D, p.wv, D, KVd * hd, D, to_full);
-        copy_block(f.wo + r * Hd * hd, H * hd, p.wo, Hd * hd, D, Hd * hd, to_full);
-        copy_block(f.post_norm, D, p.post_norm, D, 1, D, to_full);
-        copy_block(f.w_gate + r * Fd * D, D, p.w_gate, D, Fd, D, to_full);
-        copy_block(f.w_up + r * Fd * D, D, p.w_up, D, Fd, D, to_full);
-        copy_block(f.w_down + r * Fd, F, p.w_down, Fd, D, Fd, to_full);
+        float *fk = full + full_layer_off(fc, u->layer), *pk = part;
+        for (int k = 0; k < MODEL_LAYER_NTENSORS; k++) {
+            const struct model_layer_tensor_desc *t = &model_layer_tensors[k];
+            int64_t r0, rn, c0, cn;
+            dim_split(s, t->rows, &r0, &rn);
+            if (t->cols == MODEL_DIM_NONE) {
+                copy_block(fk + r0, rn, pk, rn, 1, rn, to_full);
+            } else {
+                int64_t ld = model_dim(fc, t->cols);
+                dim_split(s, t->cols, &c0, &cn);
+                copy_block(fk + r0 * ld + c0, ld, pk, cn, rn, cn, to_full);
+            }
+            fk += model_layer_tensor_numel(fc, k);
+            pk += model_layer_tensor_numel(sc, k);
+        }
         break;
     }
     }
@@ -218,17 +244,36 @@ void shard_unit_to_full(const struct shard *s, int u, const float *src, float *f
 
 void shard_kv_range(const struct shard *s, int u, int64_t *start, int64_t *end)
 {
-    const struct model_config *c = &s->cfg;
-    int64_t D = c->hidden_size, hd = c->head_dim;
+    int64_t at = 0;
     (void) u; /* every layer unit has the same layout */
-    *start = D + c->num_attention_heads * hd * D;
-    *end = *start + 2 * c->num_key_value_heads * hd * D;
+    *start = *end = -1;
+    for (int k = 0; k < MODEL_LAYER_NTENSORS; k++) {
+        int64_t n = model_layer_tensor_numel(&s->cfg, k);
+        if (split_by_kv(k)) {
+            if (*start < 0)
+                *start = at;
+            *end = at + n;
+        }
+        at += n;
+    }
+}
+
+/* Appends [a, b) to ranges, merged with the last one when they touch. */
+static int add_range(int64_t ranges[4][2], int n, int64_t a, int64_t b)
+{
+    if (n > 0 && ranges[n - 1][1] == a) {
+        ranges[n - 1][1] = b;
+        return n;
+    }
+    MOAI_ASSERT(n < 4);
+    ranges[n][0] = a;
+    ranges[n][1] = b;
+    return n + 1;
 }
 
 int shard_duplicate_ranges(const struct shard *s, int ui, int64_t ranges[4][2])
 {
     const struct shard_unit *u = &s->units[ui];
-    int64_t D = s->full.hidden_size;
     int n = 0;
 
     switch (u->kind) {
@@ -247,19 +292,19 @@ int shard_duplicate_ranges(const struct shard *s, int ui, int64_t ranges[4][2])
         }
         break;
     case SHARD_LAYER: {
-        int64_t kv0, kv1;
-        shard_kv_range(s, ui, &kv0, &kv1);
-        if (s->tp_rank != 0) {
-            int64_t post = kv1 + D * s->cfg.num_attention_heads * s->cfg.head_dim;
-            ranges[n][0] = 0;
-            ranges[n++][1] = D;
-            ranges[n][0] = post;
-            ranges[n++][1] = post + D;
-        }
+        /* what another device of the tp group holds too: the tensors no dimension of which
+         * is split (the norms) past rank 0, and the kv projections past the first rank that
+         * shares a replicated kv head */
         int sharing = s->lay.tp / (int) s->full.num_key_value_heads;
-        if (s->kv_replicated && s->tp_rank % sharing != 0) {
-            ranges[n][0] = kv0;
-            ranges[n++][1] = kv1;
+        bool dup[2] = {s->tp_rank != 0, s->kv_replicated && s->tp_rank % sharing != 0};
+        for (int pass = 0; pass < 2; pass++) { /* the norms first, then k and v */
+            int64_t at = 0;
+            for (int k = 0; k < MODEL_LAYER_NTENSORS; k++) {
+                int64_t len = model_layer_tensor_numel(&s->cfg, k);
+                if (dup[pass] && (pass == 0 ? replicated_over_tp(k) : split_by_kv(k)))
+                    n = add_range(ranges, n, at, at + len);
+                at += len;
+            }
         }
         break;
     }

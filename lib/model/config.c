@@ -165,29 +165,78 @@ static int get_rope_scaling(struct model_config *cfg, const json_t *root, const 
     return 0;
 }
 
+const struct model_layer_tensor_desc model_layer_tensors[MODEL_LAYER_NTENSORS] = {
+#define MODEL_LAYER_DESC(field, name, kind, rows, cols)                                            \
+    {name, MODEL_TENSOR_##kind, MODEL_DIM_##rows, MODEL_DIM_##cols},
+    MODEL_LAYER_TENSORS(MODEL_LAYER_DESC)
+#undef MODEL_LAYER_DESC
+};
+
+/* Dimension d of c into *out; false when it overflows. */
+static bool dim_checked(const struct model_config *c, enum model_dim d, int64_t *out)
+{
+    switch (d) {
+    case MODEL_DIM_D:
+        *out = c->hidden_size;
+        return true;
+    case MODEL_DIM_Q:
+        return !__builtin_mul_overflow(c->num_attention_heads, c->head_dim, out);
+    case MODEL_DIM_KV:
+        return !__builtin_mul_overflow(c->num_key_value_heads, c->head_dim, out);
+    case MODEL_DIM_F:
+        *out = c->intermediate_size;
+        return true;
+    case MODEL_DIM_V:
+        *out = c->vocab_size;
+        return true;
+    case MODEL_DIM_NONE:
+        break;
+    }
+    *out = 0;
+    return true;
+}
+
+int64_t model_dim(const struct model_config *c, enum model_dim d)
+{
+    int64_t n;
+    dim_checked(c, d, &n);
+    return n;
+}
+
+int64_t model_layer_tensor_numel(const struct model_config *c, int k)
+{
+    const struct model_layer_tensor_desc *t = &model_layer_tensors[k];
+    int64_t cols = model_dim(c, t->cols);
+    return model_dim(c, t->rows) * (cols ? cols : 1);
+}
+
+/* The parameters of a layer into *out, false when a product or the sum overflows. */
+static bool layer_count_checked(const struct model_config *c, int64_t *out)
+{
+    int64_t sum = 0;
+    for (int k = 0; k < MODEL_LAYER_NTENSORS; k++) {
+        int64_t rows, cols, n;
+        const struct model_layer_tensor_desc *t = &model_layer_tensors[k];
+        if (!dim_checked(c, t->rows, &rows) || !dim_checked(c, t->cols, &cols) ||
+            __builtin_mul_overflow(rows, cols ? cols : 1, &n) ||
+            __builtin_add_overflow(sum, n, &sum))
+            return false;
+    }
+    *out = sum;
+    return true;
+}
+
 /* Does model_param_count stay within MODEL_MAX_PARAMS (computed without overflow, with the
  * untied head, the larger count)? */
 static bool count_fits(const struct model_config *c)
 {
-    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size, L, V, q, kv, t, sum;
-    bool o = false;
-
-    o |= __builtin_mul_overflow(c->num_attention_heads, hd, &q);
-    o |= __builtin_mul_overflow(c->num_key_value_heads, hd, &kv);
-    o |= __builtin_add_overflow(q, kv, &t);
-    o |= __builtin_mul_overflow(t, 2, &t); /* q, k, v and o projections */
-    o |= __builtin_mul_overflow(t, D, &t);
-    o |= __builtin_mul_overflow(F, D, &sum);
-    o |= __builtin_mul_overflow(sum, 3, &sum); /* gate, up, down */
-    o |= __builtin_add_overflow(sum, t, &sum);
-    o |= __builtin_add_overflow(sum, D, &sum); /* the two norms */
-    o |= __builtin_add_overflow(sum, D, &sum);
-    L = c->num_hidden_layers;
-    o |= __builtin_mul_overflow(sum, L, &sum);
-    o |= __builtin_mul_overflow(c->vocab_size, D, &V);
-    o |= __builtin_add_overflow(sum, V, &sum);
-    o |= __builtin_add_overflow(sum, V, &sum);
-    o |= __builtin_add_overflow(sum, D, &sum);
+    int64_t sum, V;
+    bool o = !layer_count_checked(c, &sum);
+    o |= __builtin_mul_overflow(sum, c->num_hidden_layers, &sum);
+    o |= __builtin_mul_overflow(c->vocab_size, c->hidden_size, &V);
+    o |= __builtin_add_overflow(sum, V, &sum);              /* the embedding */
+    o |= __builtin_add_overflow(sum, V, &sum);              /* lm_head */
+    o |= __builtin_add_overflow(sum, c->hidden_size, &sum); /* the final norm */
     return !o && sum <= MODEL_MAX_PARAMS;
 }
 
@@ -328,9 +377,10 @@ int model_config_load(struct model_config *cfg, const char *path, const json_t *
 
 int64_t model_layer_param_count(const struct model_config *c)
 {
-    int64_t D = c->hidden_size, hd = c->head_dim, F = c->intermediate_size;
-    int64_t H = c->num_attention_heads, KV = c->num_key_value_heads;
-    return 2 * D + (H + 2 * KV) * hd * D + D * H * hd + 3 * F * D;
+    int64_t n = 0;
+    for (int k = 0; k < MODEL_LAYER_NTENSORS; k++)
+        n += model_layer_tensor_numel(c, k);
+    return n;
 }
 
 int64_t model_param_count(const struct model_config *c)

@@ -15,6 +15,7 @@
 #define MOAI_MODEL_CONFIG_H
 
 #include "err.h"
+#include "model/layout.h"
 
 #include <jansson.h>
 #include <stdbool.h>
@@ -76,7 +77,15 @@ json_t *model_config_to_json(const struct model_config *cfg);
 /* Exact parameter count (embedding, layers, final norm, lm_head unless tied). */
 int64_t model_param_count(const struct model_config *cfg);
 
-/* Parameters of one transformer layer. */
+/* Parameters of one transformer layer: the sum over the layer's tensor table (layout.h).
+ * With a config of per-device dimensions (llama_shard_config), those of a tensor-parallel
+ * shard. */
 int64_t model_layer_param_count(const struct model_config *cfg);
+
+/* The size of dimension d (layout.h) in cfg: 0 for MODEL_DIM_NONE. */
+int64_t model_dim(const struct model_config *cfg, enum model_dim d);
+
+/* Elements of the layer tensor k (an index of model_layer_tensors) under cfg. */
+int64_t model_layer_tensor_numel(const struct model_config *cfg, int k);
 
 #endif

@@ -509,26 +509,6 @@ void swiglu_backward(float *dgu, const float *dh, const float *gu, int64_t N, in
     }
 }
 
-/* ---- linear layers ------------------------------------------------------------------ */
-
-void matmul_forward(float *out, const float *inp, const float *weight, bool accumulate, int64_t N,
-                    int64_t C, int64_t OC)
-{
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) N, (int) OC, (int) C, 1.0f, inp,
-                (int) C, weight, (int) C, accumulate ? 1.0f : 0.0f, out, (int) OC);
-}
-
-void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                     const float *weight, int64_t N, int64_t C, int64_t OC)
-{
-    if (dinp)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) N, (int) C, (int) OC, 1.0f,
-                    dout, (int) OC, weight, (int) C, 0.0f, dinp, (int) C);
-    if (dweight)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) OC, (int) C, (int) N, 1.0f, dout,
-                    (int) OC, inp, (int) C, 1.0f, dweight, (int) C);
-}
-
 /* ---- cross-entropy ------------------------------------------------------------------ */
 
 KERN_SIMD
@@ -541,21 +521,6 @@ void crossentropy_forward(float *losses, float *lse, const float *logits, const 
         float l = m + logf(row_exp_sum(x, m, V));
         lse[n] = l;
         losses[n] = targets[n] == KERN_IGNORE_INDEX ? 0.0f : l - x[targets[n]];
-    }
-}
-
-KERN_SIMD
-void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
-                           const int32_t *targets, float dloss, int64_t N, int64_t V)
-{
-    for (int64_t n = 0; n < N; n++) {
-        float *d = dlogits + n * V;
-        if (targets[n] == KERN_IGNORE_INDEX) {
-            memset(d, 0, sizeof(float) * (size_t) V);
-            continue;
-        }
-        exp_scaled_row(d, logits + n * V, lse[n], dloss, V);
-        d[targets[n]] -= dloss;
     }
 }
 

@@ -7,7 +7,8 @@
  * kernels ACCUMULATE (+=) into weight gradients; what they do to input gradients is stated
  * per kernel. The kernels are serial and reentrant: the model (llama.c) runs them on row
  * ranges, sequences or head ranges in parallel, so every kernel works on any such slice.
- * Matrix products go through cblas_sgemm with OpenBLAS as configured by the caller.
+ * Matrix products are the model's own (llama.c cuts them over its thread pool and calls
+ * cblas_sgemm), not kernels of this file.
  *
  * Exponentials use kern_expf: a Cephes-style polynomial with relative error below 3e-7 on
  * [-87.3, 88], clamped outside (exp(-inf..-87.3) ~ 1e-38, exp(88..inf) = exp(88)), written so
@@ -15,7 +16,7 @@
  * baseline and picked at load time.
  *
  *     rmsnorm_forward(ln, rstd, x, w, 1e-5f, N, D);
- *     matmul_forward(y, ln, W, false, N, D, OC);
+ *     swiglu_forward(h, gu, N, F);
  *     rmsnorm_backward(dx, dw, dln, x, w, rstd, N, D);
  */
 #ifndef MOAI_MODEL_KERNELS_H
@@ -81,14 +82,6 @@ void swiglu_forward(float *h, const float *gu, int64_t N, int64_t F);
 /* dh (N, F) -> dgu (N, 2F), overwritten. */
 void swiglu_backward(float *dgu, const float *dh, const float *gu, int64_t N, int64_t F);
 
-/* out (N, OC) = inp (N, C) . weight (OC, C)^T, added to out when accumulate. */
-void matmul_forward(float *out, const float *inp, const float *weight, bool accumulate, int64_t N,
-                    int64_t C, int64_t OC);
-/* dout (N, OC) -> dinp (N, C) overwritten (skipped when NULL), dweight (OC, C) += (skipped
- * when NULL). */
-void matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                     const float *weight, int64_t N, int64_t C, int64_t OC);
-
 /* Label value that takes no part in the loss (PyTorch's ignore_index). */
 #define KERN_IGNORE_INDEX (-100)
 
@@ -96,13 +89,9 @@ void matmul_backward(float *dinp, float *dweight, const float *dout, const float
  * KERN_IGNORE_INDEX), lse (N) saved for backward. */
 void crossentropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets,
                           int64_t N, int64_t V);
-/* dlogits (N, V) = dloss * (softmax - onehot), 0 on ignored rows; overwrites; must not
- * overlap logits (crossentropy_fused works in place). dloss is the gradient of the total loss w.r.t. each row's loss (1/count for a
- * mean). */
-void crossentropy_backward(float *dlogits, const float *logits, const float *lse,
-                           const int32_t *targets, float dloss, int64_t N, int64_t V);
 /* Both at once for training: losses (N) as crossentropy_forward, and logits (N, V) replaced
- * in place by the gradient of crossentropy_backward. One exponential per element. */
+ * in place by dloss * (softmax - onehot) (0 on ignored rows), dloss being the gradient of the
+ * total loss w.r.t. each row's loss (1/count for a mean). One exponential per element. */
 void crossentropy_fused(float *losses, float *logits, const int32_t *targets, float dloss,
                         int64_t N, int64_t V);
 

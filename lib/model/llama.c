@@ -2,6 +2,7 @@
 #include "model/llama.h"
 
 #include "model/kernels.h"
+#include "model/tensors.h"
 
 #include <cblas.h>
 #include <limits.h>
@@ -154,11 +155,7 @@ static struct llama_shape whole_shape(const struct model_config *cfg, int64_t B,
 
 int64_t llama_param_floats(const struct model_config *cfg)
 {
-    int64_t D = cfg->hidden_size, F = cfg->intermediate_size, V = cfg->vocab_size;
-    int64_t qd = cfg->num_attention_heads * cfg->head_dim;
-    int64_t kvd = cfg->num_key_value_heads * cfg->head_dim;
-    int64_t layer = 2 * D + qd * D + 2 * kvd * D + D * qd + 3 * F * D;
-    return V * D + cfg->num_hidden_layers * layer + D + (cfg->tie_word_embeddings ? 0 : V * D);
+    return model_param_count(cfg);
 }
 
 size_t llama_param_bytes(const struct model_config *cfg)
@@ -231,12 +228,23 @@ static void *arena_alloc(size_t bytes)
 
 /* ---- parameters ----------------------------------------------------------------------- */
 
+void llama_layer_bind(struct llama_layer *l, float *base, const struct model_config *cfg)
+{
+    float **field[MODEL_LAYER_NTENSORS] = {
+#define LLAMA_LAYER_ADDR(f, name, kind, rows, cols) &l->f,
+        MODEL_LAYER_TENSORS(LLAMA_LAYER_ADDR)
+#undef LLAMA_LAYER_ADDR
+    };
+    for (int k = 0; k < MODEL_LAYER_NTENSORS; k++) {
+        *field[k] = base;
+        base += model_layer_tensor_numel(cfg, k);
+    }
+}
+
 int llama_params_init(struct llama_params *p, const struct model_config *cfg, float *arena,
                       struct moai_err *err)
 {
-    int64_t L = cfg->num_hidden_layers, D = cfg->hidden_size, F = cfg->intermediate_size;
-    int64_t H = cfg->num_attention_heads, KV = cfg->num_key_value_heads, hd = cfg->head_dim;
-    int64_t V = cfg->vocab_size;
+    int64_t L = cfg->num_hidden_layers, D = cfg->hidden_size, V = cfg->vocab_size;
     size_t bytes = llama_param_bytes(cfg);
 
     memset(p, 0, sizeof(*p));
@@ -262,25 +270,8 @@ int llama_params_init(struct llama_params *p, const struct model_config *cfg, fl
     p->embed = q;
     q += V * D;
     for (int64_t l = 0; l < L; l++) {
-        struct llama_layer *ly = &p->layers[l];
-        ly->input_norm = q;
-        q += D;
-        ly->wq = q;
-        q += H * hd * D;
-        ly->wk = q;
-        q += KV * hd * D;
-        ly->wv = q;
-        q += KV * hd * D;
-        ly->wo = q;
-        q += D * H * hd;
-        ly->post_norm = q;
-        q += D;
-        ly->w_gate = q;
-        q += F * D;
-        ly->w_up = q;
-        q += F * D;
-        ly->w_down = q;
-        q += D * F;
+        llama_layer_bind(&p->layers[l], q, cfg);
+        q += model_layer_param_count(cfg);
     }
     p->norm = q;
     q += D;
@@ -304,103 +295,23 @@ void llama_params_release(struct llama_params *p)
 
 int64_t llama_tensor_count(const struct model_config *cfg)
 {
-    return 2 + 9 * cfg->num_hidden_layers + (cfg->tie_word_embeddings ? 0 : 1);
-}
-
-/* The per-layer tensors in order: name suffix, kind, where the pointer lives, and shape. */
-enum dim {
-    DIM_NONE,
-    DIM_D,  /* hidden_size */
-    DIM_Q,  /* H hd */
-    DIM_KV, /* KV hd */
-    DIM_F,  /* intermediate_size */
-};
-
-static const struct {
-    const char *name;
-    enum llama_tensor_kind kind;
-    size_t offset;
-    enum dim rows, cols;
-} layer_tensors[9] = {
-    {"input_layernorm.weight", LLAMA_TENSOR_NORM, offsetof(struct llama_layer, input_norm), DIM_D,
-     DIM_NONE},
-    {"self_attn.q_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wq), DIM_Q,
-     DIM_D},
-    {"self_attn.k_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wk), DIM_KV,
-     DIM_D},
-    {"self_attn.v_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wv), DIM_KV,
-     DIM_D},
-    {"self_attn.o_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, wo), DIM_D,
-     DIM_Q},
-    {"post_attention_layernorm.weight", LLAMA_TENSOR_NORM, offsetof(struct llama_layer, post_norm),
-     DIM_D, DIM_NONE},
-    {"mlp.gate_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_gate), DIM_F,
-     DIM_D},
-    {"mlp.up_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_up), DIM_F, DIM_D},
-    {"mlp.down_proj.weight", LLAMA_TENSOR_LINEAR, offsetof(struct llama_layer, w_down), DIM_D,
-     DIM_F},
-};
-
-static int64_t dim_size(const struct model_config *c, enum dim d)
-{
-    switch (d) {
-    case DIM_D:
-        return c->hidden_size;
-    case DIM_Q:
-        return c->num_attention_heads * c->head_dim;
-    case DIM_KV:
-        return c->num_key_value_heads * c->head_dim;
-    case DIM_F:
-        return c->intermediate_size;
-    case DIM_NONE:
-        break;
-    }
-    return 0;
-}
-
-static void tensor_set(struct llama_tensor *t, float *data, enum llama_tensor_kind kind,
-                       int64_t rows, int64_t cols)
-{
-    t->data = data;
-    t->kind = kind;
-    t->ndim = cols ? 2 : 1;
-    t->shape[0] = rows;
-    t->shape[1] = cols;
-    t->numel = cols ? rows * cols : rows;
+    return model_tensor_count(cfg);
 }
 
 void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
                      const struct model_config *cfg, int64_t index)
 {
-    int64_t L = cfg->num_hidden_layers, D = cfg->hidden_size, V = cfg->vocab_size;
-
-    MOAI_ASSERT(index >= 0 && index < llama_tensor_count(cfg));
+    struct model_tensor mt;
+    model_tensor_at(&mt, cfg, index);
     memset(t, 0, sizeof(*t));
-    t->layer = -1;
-    if (index == 0) {
-        snprintf(t->name, sizeof(t->name), "model.embed_tokens.weight");
-        tensor_set(t, p ? p->embed : NULL, LLAMA_TENSOR_EMBEDDING, V, D);
-        return;
-    }
-    if (index <= 9 * L) {
-        int64_t l = (index - 1) / 9, k = (index - 1) % 9;
-        float *data = NULL;
-        if (p)
-            memcpy(&data, (const char *) &p->layers[l] + layer_tensors[k].offset, sizeof(data));
-        snprintf(t->name, sizeof(t->name), "model.layers.%lld.%s", (long long) l,
-                 layer_tensors[k].name);
-        tensor_set(t, data, layer_tensors[k].kind, dim_size(cfg, layer_tensors[k].rows),
-                   dim_size(cfg, layer_tensors[k].cols));
-        t->layer = l;
-        return;
-    }
-    if (index == 9 * L + 1) {
-        snprintf(t->name, sizeof(t->name), "model.norm.weight");
-        tensor_set(t, p ? p->norm : NULL, LLAMA_TENSOR_NORM, D, 0);
-        return;
-    }
-    snprintf(t->name, sizeof(t->name), "lm_head.weight");
-    tensor_set(t, p ? p->lm_head : NULL, LLAMA_TENSOR_LINEAR, V, D);
+    snprintf(t->name, sizeof(t->name), "%s", mt.name);
+    t->data = p ? p->arena + mt.offset : NULL;
+    t->ndim = mt.ndim;
+    t->shape[0] = mt.shape[0];
+    t->shape[1] = mt.shape[1];
+    t->numel = mt.numel;
+    t->kind = mt.kind;
+    t->layer = mt.layer;
 }
 
 /* ---- activations and workspace -------------------------------------------------------- */
@@ -960,14 +871,8 @@ static void layer_forward(struct llama *m, const struct llama_layer *lp,
                          .w = lp->input_norm};
     rows_run(m, &jn);
     /* qkv = ln1 [Wq; Wk; Wv]^T */
-    if (lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D) {
-        linear_forward(m, la->qkv, la->ln1, lp->wq, false, N, D, C);
-    } else {
-        gemm(m, false, true, N, H * hd, D, 1.0f, la->ln1, D, lp->wq, D, 0.0f, la->qkv, C);
-        gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wk, D, 0.0f, la->qkv + H * hd, C);
-        gemm(m, false, true, N, KV * hd, D, 1.0f, la->ln1, D, lp->wv, D, 0.0f,
-             la->qkv + (H + KV) * hd, C);
-    }
+    MOAI_ASSERT(lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D);
+    linear_forward(m, la->qkv, la->ln1, lp->wq, false, N, D, C);
     struct att_job ja = {c, b, w, la, la->probs ? la->probs : w->re_probs, true};
     MOAI_ASSERT(ja.probs);
     pool_run(m->pool, b->B * KV, att_forward_task, &ja);
@@ -985,12 +890,8 @@ static void layer_forward(struct llama *m, const struct llama_layer *lp,
                           .w = lp->post_norm};
     rows_run(m, &jn2);
     /* gu = ln2 [Wgate; Wup]^T; h = silu(gate) * up; out += h Wdown^T */
-    if (lp->w_up == lp->w_gate + F * D) {
-        linear_forward(m, la->gu, la->ln2, lp->w_gate, false, N, D, 2 * F);
-    } else {
-        gemm(m, false, true, N, F, D, 1.0f, la->ln2, D, lp->w_gate, D, 0.0f, la->gu, 2 * F);
-        gemm(m, false, true, N, F, D, 1.0f, la->ln2, D, lp->w_up, D, 0.0f, la->gu + F, 2 * F);
-    }
+    MOAI_ASSERT(lp->w_up == lp->w_gate + F * D);
+    linear_forward(m, la->gu, la->ln2, lp->w_gate, false, N, D, 2 * F);
     struct row_job js = {.op = ROW_SWIGLU, .N = N, .D = F, .out = la->h, .in = la->gu};
     rows_run(m, &js);
     linear_forward_rowpar(m, out, la->h, lp->w_down, w, N, F, D);
@@ -1146,14 +1047,8 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
     struct row_job js = {
         .op = ROW_SWIGLU_BACK, .N = N, .D = F, .out = w->dgu, .in = w->dh, .in2 = la->gu};
     rows_run(m, &js);
-    if (lp->w_up == lp->w_gate + F * D && lg->w_up == lg->w_gate + F * D) {
-        linear_backward(m, w->dln, lg->w_gate, w->dgu, la->ln2, lp->w_gate, N, D, 2 * F);
-    } else {
-        gemm(m, false, false, N, D, F, 1.0f, w->dgu, 2 * F, lp->w_gate, D, 0.0f, w->dln, D);
-        gemm(m, false, false, N, D, F, 1.0f, w->dgu + F, 2 * F, lp->w_up, D, 1.0f, w->dln, D);
-        gemm(m, true, false, F, D, N, 1.0f, w->dgu, 2 * F, la->ln2, D, 1.0f, lg->w_gate, D);
-        gemm(m, true, false, F, D, N, 1.0f, w->dgu + F, 2 * F, la->ln2, D, 1.0f, lg->w_up, D);
-    }
+    MOAI_ASSERT(lp->w_up == lp->w_gate + F * D && lg->w_up == lg->w_gate + F * D);
+    linear_backward(m, w->dln, lg->w_gate, w->dgu, la->ln2, lp->w_gate, N, D, 2 * F);
     tp_allreduce(m, w->dln, N * D);
     rmsnorm_backward_par(m, w, w->dres, lg->post_norm, w->dln, la->x2, lp->post_norm, la->rstd2, N,
                          D);
@@ -1162,20 +1057,9 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
     linear_backward(m, w->datty, lg->wo, w->dres, la->atty, lp->wo, N, H * hd, D);
     struct att_job ja = {c, b, w, la, probs, false};
     pool_run(m->pool, b->B * KV, att_backward_task, &ja);
-    if (lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D &&
-        lg->wk == lg->wq + H * hd * D && lg->wv == lg->wk + KV * hd * D) {
-        linear_backward(m, w->dln, lg->wq, w->dqkv, la->ln1, lp->wq, N, D, C);
-    } else {
-        const float *Ws[3] = {lp->wq, lp->wk, lp->wv};
-        float *dWs[3] = {lg->wq, lg->wk, lg->wv};
-        int64_t col[3] = {0, H * hd, (H + KV) * hd}, rows[3] = {H * hd, KV * hd, KV * hd};
-        for (int i = 0; i < 3; i++) {
-            gemm(m, false, false, N, D, rows[i], 1.0f, w->dqkv + col[i], C, Ws[i], D,
-                 i ? 1.0f : 0.0f, w->dln, D);
-            gemm(m, true, false, rows[i], D, N, 1.0f, w->dqkv + col[i], C, la->ln1, D, 1.0f, dWs[i],
-                 D);
-        }
-    }
+    MOAI_ASSERT(lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D &&
+                lg->wk == lg->wq + H * hd * D && lg->wv == lg->wk + KV * hd * D);
+    linear_backward(m, w->dln, lg->wq, w->dqkv, la->ln1, lp->wq, N, D, C);
     tp_allreduce(m, w->dln, N * D);
     rmsnorm_backward_par(m, w, w->dres, lg->input_norm, w->dln, la->x, lp->input_norm, la->rstd1, N,
                          D);

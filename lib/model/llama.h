@@ -58,20 +58,21 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* One transformer layer's tensors, Hugging Face order, (out, in) row-major. In an arena made by
- * llama_params_init, wq/wk/wv are adjacent (one ((H + 2 KV) hd, D) matrix) and so are
+/* One transformer layer's tensors, (out, in) row-major, one field per line of the table in
+ * model/layout.h (Hugging Face order: input_norm (D), wq (H hd, D), wk and wv (KV hd, D),
+ * wo (D, H hd), post_norm (D), w_gate and w_up (F, D), w_down (D, F)). Bound by
+ * llama_layer_bind: wq/wk/wv are adjacent (one ((H + 2 KV) hd, D) matrix) and so are
  * w_gate/w_up (one (2F, D) matrix); the model multiplies them as such. */
 struct llama_layer {
-    float *input_norm; /* (D)        model.layers.i.input_layernorm.weight */
-    float *wq;         /* (H hd, D)  self_attn.q_proj.weight */
-    float *wk;         /* (KV hd, D) self_attn.k_proj.weight */
-    float *wv;         /* (KV hd, D) self_attn.v_proj.weight */
-    float *wo;         /* (D, H hd)  self_attn.o_proj.weight */
-    float *post_norm;  /* (D)        post_attention_layernorm.weight */
-    float *w_gate;     /* (F, D)     mlp.gate_proj.weight */
-    float *w_up;       /* (F, D)     mlp.up_proj.weight */
-    float *w_down;     /* (D, F)     mlp.down_proj.weight */
+#define LLAMA_LAYER_FIELD(field, name, kind, rows, cols) float *field;
+    MODEL_LAYER_TENSORS(LLAMA_LAYER_FIELD)
+#undef LLAMA_LAYER_FIELD
 };
+
+/* Points l's tensors into base, one after the other in the table's order, at cfg's sizes
+ * (a whole layer, or a tensor-parallel shard's with a shard config); model_layer_param_count
+ * floats. */
+void llama_layer_bind(struct llama_layer *l, float *base, const struct model_config *cfg);
 
 /* Parameters (or their gradients, or an AdamW moment): pointers into one arena. */
 struct llama_params {
@@ -266,25 +267,20 @@ void llama_work_release(struct llama_work *w);
 
 /* ---- tensors by name (loading, saving, initialization) ---- */
 
-enum llama_tensor_kind {
-    LLAMA_TENSOR_EMBEDDING,
-    LLAMA_TENSOR_LINEAR,
-    LLAMA_TENSOR_NORM,
-};
-
 struct llama_tensor {
     char name[96]; /* "model.layers.3.self_attn.q_proj.weight" */
     float *data;   /* into the params (or gradient, moment) arena */
     int ndim;      /* 1 or 2 */
     int64_t shape[2];
     int64_t numel;
-    enum llama_tensor_kind kind;
+    enum model_tensor_kind kind;
     int64_t layer; /* -1 outside the layers */
 };
 
-/* Tensors of the model: 2 + 9 L, plus lm_head.weight unless tied. */
+/* Tensors of the model (model_tensor_count, tensors.h). */
 int64_t llama_tensor_count(const struct model_config *cfg);
-/* The index-th tensor in Hugging Face order (the arena's order). */
+/* The index-th tensor in Hugging Face order (the arena's order: model_tensor_at), pointing
+ * into p's arena (data NULL when p is NULL). */
 void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
                      const struct model_config *cfg, int64_t index);
 

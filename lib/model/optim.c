@@ -265,14 +265,14 @@ static void init_task(void *arg, int64_t task, int thread)
     const struct llama_tensor *t = &j->t;
     int64_t i0 = task * CHUNK, i1 = min64(t->numel, i0 + CHUNK);
     (void) thread;
-    if (t->kind == LLAMA_TENSOR_NORM) {
+    if (t->kind == MODEL_TENSOR_NORM) {
         for (int64_t i = i0; i < i1; i++)
             t->data[i] = 1.0f;
         return;
     }
     optim_init_normal(t->data + i0, i0, i1 - i0, j->cfg->initializer_range, j->seed, j->stream);
     int64_t pad = j->cfg->pad_token_id;
-    if (t->kind == LLAMA_TENSOR_EMBEDDING && pad >= 0 && pad < t->shape[0]) {
+    if (t->kind == MODEL_TENSOR_EMBEDDING && pad >= 0 && pad < t->shape[0]) {
         int64_t r0 = pad * t->shape[1], r1 = r0 + t->shape[1];
         for (int64_t i = r0 > i0 ? r0 : i0; i < min64(r1, i1); i++)
             t->data[i] = 0.0f;

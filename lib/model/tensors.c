@@ -7,43 +7,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum dim { DIM_NONE, DIM_D, DIM_Q, DIM_KV, DIM_F };
+#define NT MODEL_LAYER_NTENSORS
 
-/* The tensors of one layer, in arena order. */
-static const struct {
-    const char *name;
-    enum dim rows, cols;
-} layer_tensors[9] = {
-    {"input_layernorm.weight", DIM_D, DIM_NONE},
-    {"self_attn.q_proj.weight", DIM_Q, DIM_D},
-    {"self_attn.k_proj.weight", DIM_KV, DIM_D},
-    {"self_attn.v_proj.weight", DIM_KV, DIM_D},
-    {"self_attn.o_proj.weight", DIM_D, DIM_Q},
-    {"post_attention_layernorm.weight", DIM_D, DIM_NONE},
-    {"mlp.gate_proj.weight", DIM_F, DIM_D},
-    {"mlp.up_proj.weight", DIM_F, DIM_D},
-    {"mlp.down_proj.weight", DIM_D, DIM_F},
-};
-
-static int64_t dim_size(const struct model_config *c, enum dim d)
+static void set_shape(struct model_tensor *t, enum model_tensor_kind kind, int64_t rows,
+                      int64_t cols, int64_t offset)
 {
-    switch (d) {
-    case DIM_D:
-        return c->hidden_size;
-    case DIM_Q:
-        return c->num_attention_heads * c->head_dim;
-    case DIM_KV:
-        return c->num_key_value_heads * c->head_dim;
-    case DIM_F:
-        return c->intermediate_size;
-    case DIM_NONE:
-        break;
-    }
-    return 0;
-}
-
-static void set_shape(struct model_tensor *t, int64_t rows, int64_t cols, int64_t offset)
-{
+    t->kind = kind;
     t->ndim = cols ? 2 : 1;
     t->shape[0] = rows;
     t->shape[1] = cols;
@@ -53,7 +22,7 @@ static void set_shape(struct model_tensor *t, int64_t rows, int64_t cols, int64_
 
 int64_t model_tensor_count(const struct model_config *cfg)
 {
-    return 2 + 9 * cfg->num_hidden_layers + (cfg->tie_word_embeddings ? 0 : 1);
+    return 2 + NT * cfg->num_hidden_layers + (cfg->tie_word_embeddings ? 0 : 1);
 }
 
 void model_tensor_at(struct model_tensor *t, const struct model_config *cfg, int64_t index)
@@ -66,25 +35,23 @@ void model_tensor_at(struct model_tensor *t, const struct model_config *cfg, int
     t->layer = -1;
     if (index == 0) {
         snprintf(t->name, sizeof(t->name), "model.embed_tokens.weight");
-        set_shape(t, V, D, 0);
-    } else if (index <= 9 * L) {
-        int64_t l = (index - 1) / 9, k = (index - 1) % 9;
+        set_shape(t, MODEL_TENSOR_EMBEDDING, V, D, 0);
+    } else if (index <= NT * L) {
+        int64_t l = (index - 1) / NT;
+        int k = (int) ((index - 1) % NT);
+        const struct model_layer_tensor_desc *d = &model_layer_tensors[k];
         int64_t offset = layers_start + l * layer_size;
-        for (int64_t j = 0; j < k; j++) {
-            int64_t cols = dim_size(cfg, layer_tensors[j].cols);
-            offset += dim_size(cfg, layer_tensors[j].rows) * (cols ? cols : 1);
-        }
-        snprintf(t->name, sizeof(t->name), "model.layers.%lld.%s", (long long) l,
-                 layer_tensors[k].name);
-        set_shape(t, dim_size(cfg, layer_tensors[k].rows), dim_size(cfg, layer_tensors[k].cols),
-                  offset);
+        for (int j = 0; j < k; j++)
+            offset += model_layer_tensor_numel(cfg, j);
+        snprintf(t->name, sizeof(t->name), "model.layers.%lld.%s", (long long) l, d->name);
+        set_shape(t, d->kind, model_dim(cfg, d->rows), model_dim(cfg, d->cols), offset);
         t->layer = l;
-    } else if (index == 9 * L + 1) {
+    } else if (index == NT * L + 1) {
         snprintf(t->name, sizeof(t->name), "model.norm.weight");
-        set_shape(t, D, 0, layers_start + L * layer_size);
+        set_shape(t, MODEL_TENSOR_NORM, D, 0, layers_start + L * layer_size);
     } else {
         snprintf(t->name, sizeof(t->name), "lm_head.weight");
-        set_shape(t, V, D, layers_start + L * layer_size + D);
+        set_shape(t, MODEL_TENSOR_LINEAR, V, D, layers_start + L * layer_size + D);
     }
 }
 
@@ -97,9 +64,9 @@ static int64_t tensor_index(const struct model_config *cfg, const char *name)
     if (!strcmp(name, "model.embed_tokens.weight"))
         return 0;
     if (!strcmp(name, "model.norm.weight"))
-        return 9 * L + 1;
+        return NT * L + 1;
     if (!strcmp(name, "lm_head.weight"))
-        return cfg->tie_word_embeddings ? -1 : 9 * L + 2;
+        return cfg->tie_word_embeddings ? -1 : NT * L + 2;
     if (strncmp(name, prefix, sizeof(prefix) - 1))
         return -1;
     /* model.layers.<l>.<suffix>, l in canonical decimal */
@@ -114,9 +81,9 @@ static int64_t tensor_index(const struct model_config *cfg, const char *name)
     }
     if (*p++ != '.')
         return -1;
-    for (int k = 0; k < 9; k++)
-        if (!strcmp(p, layer_tensors[k].name))
-            return 1 + 9 * l + k;
+    for (int k = 0; k < NT; k++)
+        if (!strcmp(p, model_layer_tensors[k].name))
+            return 1 + NT * l + k;
     return -1;
 }
 

@@ -5,15 +5,10 @@
  * gaps, so a tensor's offset is the sum of the sizes before it):
  *
  *   model.embed_tokens.weight                          (V, D)
- *   for each layer i in 0 .. L-1:
+ *   for each layer i in 0 .. L-1, the layer table of model/layout.h:
  *     model.layers.i.input_layernorm.weight            (D)
  *     model.layers.i.self_attn.q_proj.weight           (H x hd, D)
- *     model.layers.i.self_attn.k_proj.weight           (KV x hd, D)
- *     model.layers.i.self_attn.v_proj.weight           (KV x hd, D)
- *     model.layers.i.self_attn.o_proj.weight           (D, H x hd)
- *     model.layers.i.post_attention_layernorm.weight   (D)
- *     model.layers.i.mlp.gate_proj.weight              (F, D)
- *     model.layers.i.mlp.up_proj.weight                (F, D)
+ *     ...
  *     model.layers.i.mlp.down_proj.weight              (D, F)
  *   model.norm.weight                                  (D)
  *   lm_head.weight                                     (V, D), unless tie_word_embeddings
@@ -50,10 +45,12 @@ struct model_tensor {
     int64_t shape[2]; /* shape[1] is 0 when ndim == 1 */
     int64_t numel;
     int64_t offset; /* floats from the start of the arena */
-    int64_t layer;  /* the layer, or -1 */
+    enum model_tensor_kind kind;
+    int64_t layer; /* the layer, or -1 */
 };
 
-/* Tensors of the config: 2 + 9 L, plus 1 unless the embeddings are tied. */
+/* Tensors of the config: 2 + MODEL_LAYER_NTENSORS x L, plus 1 unless the embeddings are
+ * tied. */
 int64_t model_tensor_count(const struct model_config *cfg);
 
 /* Fills t with the index-th tensor of the list (0 <= index < model_tensor_count; otherwise an

@@ -39,29 +39,35 @@ void mem_stage_layers(int64_t layers, int pp, int stage, int64_t *first, int64_t
     *count = base + (stage >= 1 && stage <= rem);
 }
 
+/* The per-device dimensions are the executor's (llama_shard_config): one rule for both. */
 int64_t mem_heads_per_device(const struct model_config *cfg, int tp)
 {
-    return cfg->num_attention_heads / tp;
+    struct model_config sc;
+    llama_shard_config(&sc, cfg, tp);
+    return sc.num_attention_heads;
 }
 
 int64_t mem_kv_heads_per_device(const struct model_config *cfg, int tp)
 {
-    return cfg->num_key_value_heads >= tp ? cfg->num_key_value_heads / tp : 1;
+    struct model_config sc;
+    llama_shard_config(&sc, cfg, tp);
+    return sc.num_key_value_heads;
 }
 
 int64_t mem_vocab_per_device(const struct model_config *cfg, int tp)
 {
-    return (cfg->vocab_size + tp - 1) / tp;
+    struct model_config sc;
+    llama_shard_config(&sc, cfg, tp);
+    return sc.vocab_size;
 }
 
-/* Llama / Mistral layer: two RMSNorm weights (D each, replicated over tp), q (D x H hd),
- * k and v (D x KV hd each), o (H hd x D), gate and up (D x F each), down (F x D); no biases.
- * tp splits the heads, kv heads and F (Megatron column / row parallel). */
+/* A layer's parameters on one device of a tp group: the layer table (model/layout.h) at the
+ * shard's dimensions; norms replicated. */
 int64_t mem_layer_params(const struct model_config *cfg, int tp)
 {
-    int64_t D = cfg->hidden_size, hd = cfg->head_dim, F = cfg->intermediate_size / tp;
-    int64_t Hd = mem_heads_per_device(cfg, tp), KVd = mem_kv_heads_per_device(cfg, tp);
-    return 2 * D + D * hd * (Hd + 2 * KVd) + Hd * hd * D + 3 * D * F;
+    struct model_config sc;
+    llama_shard_config(&sc, cfg, tp);
+    return model_layer_param_count(&sc);
 }
 
 int64_t mem_embedding_params(const struct model_config *cfg, int tp)
