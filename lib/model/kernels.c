@@ -1,35 +1,16 @@
 /* kernels.c - fp32 forward/backward kernels of the Llama layers (see kernels.h). */
 #include "model/kernels.h"
 
+#include "model/simd.h"
+
 #include <cblas.h>
 #include <math.h>
 #include <string.h>
 
-/* Elementwise loops are written as blocks of KB lanes with a fixed-count inner loop, which
- * GCC vectorizes even at -O2 (its cheap cost model refuses loops that need an epilogue), with
- * a scalar tail. KB = 16 fills one AVX-512 register, two AVX2 or four SSE ones. */
-#define KB 16
-
-/* Hot kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KERN_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define KERN_SIMD
-#endif
-
-/* Helpers are forced inline: GCC does not inline a plain function into a target clone (their
- * targets differ), and a call would leave the helper's loop on the baseline ISA. */
-#define KERN_INLINE static inline __attribute__((always_inline))
-
-static inline int64_t min64(int64_t a, int64_t b)
-{
-    return a < b ? a : b;
-}
-
 /* exp(x): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf polynomial, 2^n by
  * building the exponent bits. n is rounded with the 1.5 * 2^23 trick so no libm call and no
  * branch remains. */
-KERN_INLINE float expf_inline(float x0)
+SIMD_INLINE float expf_inline(float x0)
 {
     /* Clamped so that NaN never reaches the integer conversion (undefined behaviour); NaN is
      * passed through by the select at the end. */
@@ -57,17 +38,17 @@ float kern_expf(float x)
     return expf_inline(x);
 }
 
-KERN_INLINE float row_max(const float *x, int64_t n)
+SIMD_INLINE float row_max(const float *x, int64_t n)
 {
-    float m[KB];
+    float m[SIMD_KB];
     int64_t i = 0;
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         m[j] = -INFINITY;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
     float r = -INFINITY;
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         r = m[j] > r ? m[j] : r;
     for (; i < n; i++)
         r = x[i] > r ? x[i] : r;
@@ -75,12 +56,12 @@ KERN_INLINE float row_max(const float *x, int64_t n)
 }
 
 /* x[i] = exp(x[i] - shift), in place; returns the sum. */
-KERN_INLINE float row_exp_inplace(float *x, float shift, int64_t n)
+SIMD_INLINE float row_exp_inplace(float *x, float shift, int64_t n)
 {
-    float acc[KB] = {0};
+    float acc[SIMD_KB] = {0};
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++) {
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++) {
             float e = expf_inline(x[i + j] - shift);
             x[i + j] = e;
             acc[j] += e;
@@ -90,65 +71,65 @@ KERN_INLINE float row_exp_inplace(float *x, float shift, int64_t n)
         x[i] = expf_inline(x[i] - shift);
         s += x[i];
     }
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         s += acc[j];
     return s;
 }
 
 /* sum of exp(x[i] - shift) */
-KERN_INLINE float row_exp_sum(const float *x, float shift, int64_t n)
+SIMD_INLINE float row_exp_sum(const float *x, float shift, int64_t n)
 {
-    float acc[KB] = {0};
+    float acc[SIMD_KB] = {0};
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             acc[j] += expf_inline(x[i + j] - shift);
     float s = 0.0f;
     for (; i < n; i++)
         s += expf_inline(x[i] - shift);
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         s += acc[j];
     return s;
 }
 
-KERN_INLINE void row_scale(float *x, float a, int64_t n)
+SIMD_INLINE void row_scale(float *x, float a, int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             x[i + j] *= a;
     for (; i < n; i++)
         x[i] *= a;
 }
 
-KERN_INLINE float row_dot(const float *x, const float *y, int64_t n)
+SIMD_INLINE float row_dot(const float *x, const float *y, int64_t n)
 {
-    float acc[KB] = {0};
+    float acc[SIMD_KB] = {0};
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             acc[j] += x[i + j] * y[i + j];
     float s = 0.0f;
     for (; i < n; i++)
         s += x[i] * y[i];
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         s += acc[j];
     return s;
 }
 
 /* d[i] += g[i] */
-KERN_INLINE void add_row(float *restrict d, const float *restrict g, int64_t n)
+SIMD_INLINE void add_row(float *restrict d, const float *restrict g, int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             d[i + j] += g[i + j];
     for (; i < n; i++)
         d[i] += g[i];
 }
 
 /* Rotates the pairs (lo[i], hi[i]) by the angles of c, s: sign 1 forward, -1 backward. */
-KERN_INLINE void rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
+SIMD_INLINE void rotate_pairs(float *restrict lo, float *restrict hi, const float *restrict c,
                               const float *restrict s, float sign, int64_t n)
 {
     int64_t i = 0;
@@ -166,42 +147,42 @@ KERN_INLINE void rotate_pairs(float *restrict lo, float *restrict hi, const floa
 }
 
 /* sum of a[i] b[i] c[i] */
-KERN_INLINE float dot3(const float *restrict a, const float *restrict b, const float *restrict c,
+SIMD_INLINE float dot3(const float *restrict a, const float *restrict b, const float *restrict c,
                        int64_t n)
 {
-    float acc[KB] = {0};
+    float acc[SIMD_KB] = {0};
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             acc[j] += a[i + j] * b[i + j] * c[i + j];
     float s = 0.0f;
     for (; i < n; i++)
         s += a[i] * b[i] * c[i];
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         s += acc[j];
     return s;
 }
 
 /* y = w * (x * r) */
-KERN_INLINE void rms_scale_row(float *restrict y, const float *restrict x, const float *restrict w,
+SIMD_INLINE void rms_scale_row(float *restrict y, const float *restrict x, const float *restrict w,
                                float r, int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             y[i + j] = w[i + j] * (x[i + j] * r);
     for (; i < n; i++)
         y[i] = w[i] * (x[i] * r);
 }
 
 /* dx += r (w dy - x c); dw += dy (x r) */
-KERN_INLINE void rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
+SIMD_INLINE void rms_back_row(float *restrict dx, float *restrict dw, const float *restrict dy,
                               const float *restrict x, const float *restrict w, float r, float c,
                               int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++) {
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++) {
             dx[i + j] += r * (w[i + j] * dy[i + j] - x[i + j] * c);
             dw[i + j] += dy[i + j] * (x[i + j] * r);
         }
@@ -212,24 +193,24 @@ KERN_INLINE void rms_back_row(float *restrict dx, float *restrict dw, const floa
 }
 
 /* s = p (s - dot) scale: softmax backward of one row, dP in s on entry */
-KERN_INLINE void softmax_back_row(float *restrict s, const float *restrict p, float dot,
+SIMD_INLINE void softmax_back_row(float *restrict s, const float *restrict p, float dot,
                                   float scale, int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             s[i + j] = p[i + j] * (s[i + j] - dot) * scale;
     for (; i < n; i++)
         s[i] = p[i] * (s[i] - dot) * scale;
 }
 
 /* d = exp(x - shift) a */
-KERN_INLINE void exp_scaled_row(float *restrict d, const float *restrict x, float shift, float a,
+SIMD_INLINE void exp_scaled_row(float *restrict d, const float *restrict x, float shift, float a,
                                 int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             d[i + j] = expf_inline(x[i + j] - shift) * a;
     for (; i < n; i++)
         d[i] = expf_inline(x[i] - shift) * a;
@@ -243,7 +224,7 @@ void embedding_forward(float *out, const int32_t *tokens, const float *emb, int6
         memcpy(out + n * D, emb + (int64_t) tokens[n] * D, sizeof(float) * (size_t) D);
 }
 
-KERN_SIMD
+SIMD_CLONES
 void embedding_backward(float *demb, const float *dout, const int32_t *tokens, int64_t pad_id,
                         int64_t N, int64_t D)
 {
@@ -256,7 +237,7 @@ void embedding_backward(float *demb, const float *dout, const int32_t *tokens, i
 
 /* ---- RMSNorm ------------------------------------------------------------------------ */
 
-KERN_SIMD
+SIMD_CLONES
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, float eps,
                      int64_t N, int64_t D)
 {
@@ -268,7 +249,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *wei
     }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                       const float *weight, const float *rstd, int64_t N, int64_t D)
 {
@@ -323,7 +304,7 @@ void rope_tables(float *cos_t, float *sin_t, const float *inv_freq, int64_t T, i
         }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
                   int64_t hd, int64_t ld)
 {
@@ -335,7 +316,7 @@ void rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t T, i
         }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
                    int64_t hd, int64_t ld)
 {
@@ -350,12 +331,12 @@ void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T,
 /* ---- attention ---------------------------------------------------------------------- */
 
 /* Softmax of row[0, n) in place, then zeros up to kend. The masked keys past n are set to
- * -inf first so that whole blocks of KB lanes run vectorized (capacity: the row holds cap
+ * -inf first so that whole blocks of SIMD_KB lanes run vectorized (capacity: the row holds cap
  * floats); their exponentials (~1e-38 after the clamp) are far below the rounding of a sum of
  * at least 1, and are zeroed afterwards. */
-KERN_INLINE void softmax_row(float *row, int64_t n, int64_t kend, int64_t cap)
+SIMD_INLINE void softmax_row(float *row, int64_t n, int64_t kend, int64_t cap)
 {
-    int64_t nv = (n + KB - 1) / KB * KB;
+    int64_t nv = (n + SIMD_KB - 1) / SIMD_KB * SIMD_KB;
     if (nv > cap)
         nv = n;
     for (int64_t i = n; i < nv; i++)
@@ -373,7 +354,7 @@ static inline int64_t att_keys(int64_t len, int64_t T)
     return len < 1 ? 1 : (len > T ? T : len);
 }
 
-KERN_SIMD
+SIMD_CLONES
 void attention_forward(float *out, float *probs, const float *qkv, int64_t len, int64_t T,
                        int64_t H, int64_t KV, int64_t hd, int64_t kv0, int64_t kv1)
 {
@@ -387,12 +368,12 @@ void attention_forward(float *out, float *probs, const float *qkv, int64_t len, 
             const float *q = qkv + h * hd;
             float *p = probs + h * T * T, *o = out + h * hd;
             for (int64_t r0 = 0; r0 < T; r0 += KERN_ATT_BLOCK) {
-                int64_t r1 = min64(T, r0 + KERN_ATT_BLOCK), kend = min64(r1, nkeys);
+                int64_t r1 = simd_min64(T, r0 + KERN_ATT_BLOCK), kend = simd_min64(r1, nkeys);
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
                             (int) hd, scale, q + r0 * C, (int) C, k, (int) C, 0.0f, p + r0 * T,
                             (int) T);
                 for (int64_t t = r0; t < r1; t++)
-                    softmax_row(p + t * T, min64(t + 1, nkeys), kend, T);
+                    softmax_row(p + t * T, simd_min64(t + 1, nkeys), kend, T);
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
                             (int) kend, 1.0f, p + r0 * T, (int) T, v, (int) C, 0.0f, o + r0 * ldo,
                             (int) ldo);
@@ -401,7 +382,7 @@ void attention_forward(float *out, float *probs, const float *qkv, int64_t len, 
     }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *probs, int64_t len, int64_t T, int64_t H, int64_t KV,
                         int64_t hd, int64_t kv0, int64_t kv1)
@@ -422,7 +403,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
             const float *q = qkv + h * hd, *p = probs + h * T * T, *dO = dout + h * hd;
             float *dq = dqkv + h * hd;
             for (int64_t r0 = 0; r0 < T; r0 += KERN_ATT_BLOCK) {
-                int64_t r1 = min64(T, r0 + KERN_ATT_BLOCK), kend = min64(r1, nkeys);
+                int64_t r1 = simd_min64(T, r0 + KERN_ATT_BLOCK), kend = simd_min64(r1, nkeys);
                 /* dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale */
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
                             (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f, ds + r0 * T,
@@ -430,7 +411,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
                 for (int64_t t = r0; t < r1; t++) {
                     const float *prow = p + t * T;
                     float *srow = ds + t * T;
-                    int64_t n = min64(t + 1, nkeys);
+                    int64_t n = simd_min64(t + 1, nkeys);
                     softmax_back_row(srow, prow, row_dot(prow, srow, n), scale, n);
                     if (kend > n)
                         memset(srow + n, 0, sizeof(float) * (size_t) (kend - n));
@@ -442,7 +423,7 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
             }
             /* dK += dS^T Q and dV += P^T dO by key blocks; rows before a block are masked */
             for (int64_t c0 = 0; c0 < nkeys; c0 += KERN_ATT_BLOCK) {
-                int64_t c1 = min64(c0 + KERN_ATT_BLOCK, nkeys);
+                int64_t c1 = simd_min64(c0 + KERN_ATT_BLOCK, nkeys);
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
                             (int) (T - c0), 1.0f, ds + c0 * T + c0, (int) T, q + c0 * C, (int) C,
                             1.0f, dk + c0 * C, (int) C);
@@ -458,23 +439,23 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
 
 /* e[j] = exp(-g[j]) for one block: kept apart from the divisions that use it, so the clamps
  * inside the exponential stay selects and the block vectorizes. */
-KERN_INLINE void exp_neg_block(float *restrict e, const float *restrict g)
+SIMD_INLINE void exp_neg_block(float *restrict e, const float *restrict g)
 {
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         e[j] = expf_inline(-g[j]);
 }
 
-KERN_SIMD
+SIMD_CLONES
 void swiglu_forward(float *h, const float *gu, int64_t N, int64_t F)
 {
     for (int64_t n = 0; n < N; n++) {
         const float *restrict g = gu + n * 2 * F, *restrict u = g + F;
         float *restrict y = h + n * F;
-        float e[KB];
+        float e[SIMD_KB];
         int64_t i = 0;
-        for (; i + KB <= F; i += KB) {
+        for (; i + SIMD_KB <= F; i += SIMD_KB) {
             exp_neg_block(e, g + i);
-            for (int j = 0; j < KB; j++)
+            for (int j = 0; j < SIMD_KB; j++)
                 y[i + j] = g[i + j] / (1.0f + e[j]) * u[i + j];
         }
         for (; i < F; i++)
@@ -482,18 +463,18 @@ void swiglu_forward(float *h, const float *gu, int64_t N, int64_t F)
     }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void swiglu_backward(float *dgu, const float *dh, const float *gu, int64_t N, int64_t F)
 {
     for (int64_t n = 0; n < N; n++) {
         const float *restrict g = gu + n * 2 * F, *restrict u = g + F;
         const float *restrict dy = dh + n * F;
         float *restrict dg = dgu + n * 2 * F, *restrict du = dg + F;
-        float e[KB];
+        float e[SIMD_KB];
         int64_t i = 0;
-        for (; i + KB <= F; i += KB) {
+        for (; i + SIMD_KB <= F; i += SIMD_KB) {
             exp_neg_block(e, g + i);
-            for (int j = 0; j < KB; j++) {
+            for (int j = 0; j < SIMD_KB; j++) {
                 float x = g[i + j];
                 float s = 1.0f / (1.0f + e[j]);
                 du[i + j] = dy[i + j] * (x * s);
@@ -511,7 +492,7 @@ void swiglu_backward(float *dgu, const float *dh, const float *gu, int64_t N, in
 
 /* ---- cross-entropy ------------------------------------------------------------------ */
 
-KERN_SIMD
+SIMD_CLONES
 void crossentropy_forward(float *losses, float *lse, const float *logits, const int32_t *targets,
                           int64_t N, int64_t V)
 {
@@ -526,7 +507,7 @@ void crossentropy_forward(float *losses, float *lse, const float *logits, const 
 
 /* Vocabulary-parallel cross-entropy, one shard of rows [v0, v0 + V): each row's log-sum-exp
  * over the shard, and the logit of its target when the shard holds it (else 0). */
-KERN_SIMD
+SIMD_CLONES
 void crossentropy_shard_lse(float *lse, float *tlogit, const float *logits, const int32_t *targets,
                             int64_t v0, int64_t N, int64_t V)
 {
@@ -539,7 +520,7 @@ void crossentropy_shard_lse(float *lse, float *tlogit, const float *logits, cons
     }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void crossentropy_shard_backward(float *logits, const float *lse, const int32_t *targets,
                                  int64_t v0, float dloss, int64_t N, int64_t V)
 {
@@ -553,7 +534,7 @@ void crossentropy_shard_backward(float *logits, const float *lse, const int32_t 
     }
 }
 
-KERN_SIMD
+SIMD_CLONES
 void crossentropy_fused(float *losses, float *logits, const int32_t *targets, float dloss,
                         int64_t N, int64_t V)
 {

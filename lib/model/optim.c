@@ -1,67 +1,53 @@
 /* optim.c - AdamW, clipping, schedules, random init and bf16 conversion (see optim.h). */
 #include "model/optim.h"
 
+#include "model/simd.h"
+
 #include <math.h>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #include <string.h>
 
-#define KB 16
 /* Elements per task of the parallel loops: fixed, so results do not depend on threads. */
 #define CHUNK ((int64_t) 1 << 16)
 /* The norm's partial sums: at most this many, added in order. */
 #define NORM_PARTS 256
 
-/* Built for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define OPTIM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define OPTIM_SIMD
-#endif
-
-/* Forced inline into each target clone (see kernels.c). */
-#define OPTIM_INLINE static inline __attribute__((always_inline))
-
-static inline int64_t min64(int64_t a, int64_t b)
-{
-    return a < b ? a : b;
-}
-
 /* ---- AdamW ----------------------------------------------------------------------------- */
 
 /* out = sqrt(in) for one block. GCC does not vectorize sqrtf (it may set errno), so on x86-64
  * the baseline SSE instruction is used; it is exactly rounded like sqrtf. */
-OPTIM_INLINE void sqrt_block(float *restrict out, const float *restrict in)
+SIMD_INLINE void sqrt_block(float *restrict out, const float *restrict in)
 {
 #if defined(__SSE2__)
-    for (int j = 0; j < KB; j += 4)
+    for (int j = 0; j < SIMD_KB; j += 4)
         _mm_storeu_ps(out + j, _mm_sqrt_ps(_mm_loadu_ps(in + j)));
 #else
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         out[j] = sqrtf(in[j]);
 #endif
 }
 
 /* The moments of one block; v_out gets the new second moments for the square root. */
-OPTIM_INLINE void moments_block(float *restrict m, float *restrict v, float *restrict v_out,
-                                const float *restrict g, float b1, float a1, float b2, float a2)
+SIMD_INLINE void moments_block(float *restrict m, float *restrict v, float *restrict v_out,
+                               const float *restrict g, float b1, float a1, float b2, float a2)
 {
-    for (int j = 0; j < KB; j++) {
+    for (int j = 0; j < SIMD_KB; j++) {
         m[j] = m[j] * b1 + a1 * g[j];
         v[j] = v[j] * b2 + a2 * g[j] * g[j];
         v_out[j] = v[j];
     }
 }
 
-OPTIM_INLINE void param_block(float *restrict p, const float *restrict m, const float *restrict sq,
-                              float decay, float neg_step, float bc2_sqrt, float eps)
+SIMD_INLINE void param_block(float *restrict p, const float *restrict m, const float *restrict sq,
+                             float decay, float neg_step, float bc2_sqrt, float eps)
 {
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         p[j] = p[j] * decay + neg_step * (m[j] / (sq[j] / bc2_sqrt + eps));
 }
 
-OPTIM_SIMD
+SIMD_CLONES
 void optim_adamw_update(float *param, const float *grad, float *m, float *v, int64_t n,
                         int64_t step, const struct optim_adamw *hp)
 {
@@ -76,8 +62,8 @@ void optim_adamw_update(float *param, const float *grad, float *m, float *v, int
     const float eps = (float) hp->eps;
 
     int64_t i = 0;
-    for (; i + KB <= n; i += KB) {
-        float vb[KB], sb[KB];
+    for (; i + SIMD_KB <= n; i += SIMD_KB) {
+        float vb[SIMD_KB], sb[SIMD_KB];
         moments_block(m + i, v + i, vb, grad + i, b1, a1, b2, a2);
         sqrt_block(sb, vb);
         param_block(param + i, m + i, sb, decay, neg_step, bc2_sqrt, eps);
@@ -100,7 +86,7 @@ struct adamw_job {
 static void adamw_task(void *arg, int64_t task, int thread)
 {
     const struct adamw_job *j = arg;
-    int64_t i0 = task * CHUNK, i1 = min64(j->n, i0 + CHUNK);
+    int64_t i0 = task * CHUNK, i1 = simd_min64(j->n, i0 + CHUNK);
     (void) thread;
     optim_adamw_update(j->param + i0, j->grad + i0, j->m + i0, j->v + i0, i1 - i0, j->step, j->hp);
 }
@@ -114,18 +100,18 @@ void optim_adamw_step(struct pool *pool, float *param, const float *grad, float 
 
 /* ---- clipping --------------------------------------------------------------------------- */
 
-OPTIM_SIMD
+SIMD_CLONES
 static double sum_squares(const float *x, int64_t n)
 {
-    double acc[KB] = {0};
+    double acc[SIMD_KB] = {0};
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             acc[j] += (double) x[i + j] * (double) x[i + j];
     double s = 0.0;
     for (; i < n; i++)
         s += (double) x[i] * (double) x[i];
-    for (int j = 0; j < KB; j++)
+    for (int j = 0; j < SIMD_KB; j++)
         s += acc[j];
     return s;
 }
@@ -141,17 +127,17 @@ struct norm_job {
 static void norm_task(void *arg, int64_t task, int thread)
 {
     struct norm_job *j = arg;
-    int64_t i0 = task * j->chunk, i1 = min64(j->n, i0 + j->chunk);
+    int64_t i0 = task * j->chunk, i1 = simd_min64(j->n, i0 + j->chunk);
     (void) thread;
     j->parts[task] = i0 < i1 ? sum_squares(j->x + i0, i1 - i0) : 0.0;
 }
 
-OPTIM_SIMD
+SIMD_CLONES
 static void scale_floats(float *x, float a, int64_t n)
 {
     int64_t i = 0;
-    for (; i + KB <= n; i += KB)
-        for (int j = 0; j < KB; j++)
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
             x[i + j] *= a;
     for (; i < n; i++)
         x[i] *= a;
@@ -160,7 +146,7 @@ static void scale_floats(float *x, float a, int64_t n)
 static void scale_task(void *arg, int64_t task, int thread)
 {
     struct norm_job *j = arg;
-    int64_t i0 = task * j->chunk, i1 = min64(j->n, i0 + j->chunk);
+    int64_t i0 = task * j->chunk, i1 = simd_min64(j->n, i0 + j->chunk);
     (void) thread;
     if (i0 < i1)
         scale_floats(j->y + i0, j->scale, i1 - i0);
@@ -169,8 +155,8 @@ static void scale_task(void *arg, int64_t task, int thread)
 static int64_t norm_chunk(int64_t n)
 {
     int64_t c = (n + NORM_PARTS - 1) / NORM_PARTS;
-    c = (c + KB - 1) / KB * KB;
-    return c > 0 ? c : KB;
+    c = (c + SIMD_KB - 1) / SIMD_KB * SIMD_KB;
+    return c > 0 ? c : SIMD_KB;
 }
 
 double optim_grad_norm(struct pool *pool, const float *grad, int64_t n)
@@ -263,7 +249,7 @@ static void init_task(void *arg, int64_t task, int thread)
 {
     const struct init_job *j = arg;
     const struct llama_tensor *t = &j->t;
-    int64_t i0 = task * CHUNK, i1 = min64(t->numel, i0 + CHUNK);
+    int64_t i0 = task * CHUNK, i1 = simd_min64(t->numel, i0 + CHUNK);
     (void) thread;
     if (t->kind == MODEL_TENSOR_NORM) {
         for (int64_t i = i0; i < i1; i++)
@@ -274,7 +260,7 @@ static void init_task(void *arg, int64_t task, int thread)
     int64_t pad = j->cfg->pad_token_id;
     if (t->kind == MODEL_TENSOR_EMBEDDING && pad >= 0 && pad < t->shape[0]) {
         int64_t r0 = pad * t->shape[1], r1 = r0 + t->shape[1];
-        for (int64_t i = r0 > i0 ? r0 : i0; i < min64(r1, i1); i++)
+        for (int64_t i = r0 > i0 ? r0 : i0; i < simd_min64(r1, i1); i++)
             t->data[i] = 0.0f;
     }
 }
