@@ -356,84 +356,70 @@ static int plan_plain(struct plan_result *res, const struct model_config *cfg,
     return 0;
 }
 
-int plan_search(struct plan_result *res, const struct model_config *cfg, const struct recipe *r,
-                struct moai_err *err)
+/* Sizes every candidate (the platform's "compile"). */
+static void size_all(struct search *s)
 {
-    const struct flavor *f = &r->flavor;
-    int64_t capacity = f->device.memory_bytes;
-    struct search s = {.cfg = cfg, .r = r};
-    char line[512];
-    double t0 = progress_now();
-    int rc;
-
-    memset(res, 0, sizeof(*res));
-    res->advanced = r->parallel.advanced;
-    res->param_count = model_param_count(cfg);
-    res->available_bytes = capacity;
-    if (!r->parallel.advanced) {
-        rc = plan_plain(res, cfg, r, err);
-        res->plan_ms = (progress_now() - t0) * 1e3;
-        return rc;
-    }
-    if ((rc = enumerate(&s)) < 0) {
-        free(s.all);
-        return moai_err_set(err, rc, "out of memory enumerating layouts");
-    }
-    if (s.n == 0) { /* the pins rule every layout out: say which, naming the recipe */
-        free(s.all);
-        rc = explain_pins(cfg, r, err);
-        char msg[sizeof(err->msg)];
-        snprintf(msg, sizeof(msg), "%s: %s", r->source, err->msg);
-        memcpy(err->msg, msg, sizeof(msg));
-        return rc;
-    }
-    res->candidates = s.n;
-    log_info("The number of candidates is %lld.", (long long) s.n);
+    log_info("The number of candidates is %lld.", (long long) s->n);
     log_info("Parallel Graph Compile start...");
     double t1 = progress_now();
-    for (int64_t i = 0; i < s.n; i++)
-        mem_estimate(&s.all[i].mem, cfg, r, &s.all[i]);
+    for (int64_t i = 0; i < s->n; i++)
+        mem_estimate(&s->all[i].mem, s->cfg, s->r, &s->all[i]);
     log_info("Elapsed Time to compile all candidates = %.0f [ms]", (progress_now() - t1) * 1e3);
     log_info("Parallel Graph Compile finished.");
+}
 
-    int64_t feasible = 0;
-    const struct plan *closest = &s.all[0];
-    for (int64_t i = 0; i < s.n; i++) {
-        if (s.all[i].mem.total_bytes < closest->mem.total_bytes)
-            closest = &s.all[i];
-        if (s.all[i].mem.total_bytes <= capacity)
-            s.all[feasible++] = s.all[i]; /* compact: fitting plans first (closest copied) */
-    }
-    res->feasible = feasible;
+/* Moves the candidates that fit capacity to the front; returns their count and, in *closest,
+ * the one that needs the least memory (copied before the compaction overwrites it). */
+static int64_t keep_feasible(struct search *s, int64_t capacity, struct plan *closest)
+{
+    int64_t feasible = 0, least = 0;
+    for (int64_t i = 1; i < s->n; i++)
+        if (s->all[i].mem.total_bytes < s->all[least].mem.total_bytes)
+            least = i;
+    *closest = s->all[least];
+    for (int64_t i = 0; i < s->n; i++)
+        if (s->all[i].mem.total_bytes <= capacity)
+            s->all[feasible++] = s->all[i];
     log_info("The number of possible candidates is %lld.", (long long) feasible);
-    if (feasible == 0) {
-        res->best = *closest;
-        plan_evaluate(&res->best, cfg, r);
-        res->requested_bytes = mem_requested_bytes(&res->best.mem, capacity);
-        if (log_get_level() >= LOG_DEBUG) {
-            for (int64_t i = 0; i < s.n; i++)
-                mem_estimate(&s.all[i].mem, cfg, r, &s.all[i]);
-            log_rejected(&s, capacity);
-        }
-        free(s.all);
-        res->plan_ms = (progress_now() - t0) * 1e3;
-        return MOAI_EOOM;
-    }
+    return feasible;
+}
 
+/* Nothing fits: res reports the closest plan; at debug level the rejected ones. */
+static int report_none_fits(struct plan_result *res, struct search *s, const struct plan *closest,
+                            int64_t capacity)
+{
+    res->best = *closest;
+    plan_evaluate(&res->best, s->cfg, s->r);
+    res->requested_bytes = mem_requested_bytes(&res->best.mem, capacity);
+    if (log_get_level() >= LOG_DEBUG) {
+        for (int64_t i = 0; i < s->n; i++) /* the compaction overwrote them: size again */
+            mem_estimate(&s->all[i].mem, s->cfg, s->r, &s->all[i]);
+        log_rejected(s, capacity);
+    }
+    return MOAI_EOOM;
+}
+
+/* Costs the feasible candidates and returns the index of the fastest (ties: better()). */
+static int64_t select_best(struct search *s, int64_t feasible)
+{
     log_info("SelectBestGraphFromCandidates start...");
     double t2 = progress_now();
     int64_t best = 0;
     for (int64_t i = 0; i < feasible; i++) {
-        plan_evaluate(&s.all[i], cfg, r);
-        if (i && better(&s.all[i], &s.all[best]))
+        plan_evaluate(&s->all[i], s->cfg, s->r);
+        if (i && better(&s->all[i], &s->all[best]))
             best = i;
     }
     log_info("Elapsed Time to compute cost for survived candidates = %.0f [ms]",
              (progress_now() - t2) * 1e3);
     log_info("SelectBestGraphFromCandidates finished.");
-    res->best = s.all[best];
+    return best;
+}
 
-    /* The runners-up: the next fastest. */
+/* The next PLAN_RUNNERS_UP fastest after the best, distinct. */
+static void pick_runners_up(struct plan_result *res, const struct search *s, int64_t feasible,
+                            int64_t best)
+{
     for (int k = 0; k < PLAN_RUNNERS_UP; k++) {
         int64_t pick = -1;
         for (int64_t i = 0; i < feasible; i++) {
@@ -441,36 +427,91 @@ int plan_search(struct plan_result *res, const struct model_config *cfg, const s
                 continue;
             bool taken = false;
             for (int j = 0; j < res->n_runners_up; j++)
-                taken |= !memcmp(&res->runners_up[j], &s.all[i], sizeof(struct plan));
+                taken |= !memcmp(&res->runners_up[j], &s->all[i], sizeof(struct plan));
             if (taken)
                 continue;
-            if (pick < 0 || better(&s.all[i], &s.all[pick]))
+            if (pick < 0 || better(&s->all[i], &s->all[pick]))
                 pick = i;
         }
         if (pick < 0)
             break;
-        res->runners_up[res->n_runners_up++] = s.all[pick];
+        res->runners_up[res->n_runners_up++] = s->all[pick];
     }
+}
+
+/* Debug level: the ten fastest that fit, and the rejected ones closest to fitting. */
+static void log_candidates(struct search *s, int64_t feasible, int64_t capacity)
+{
+    char brief[128];
+    log_debug("the ten fastest candidates that fit:");
+    qsort(s->all, (size_t) feasible, sizeof(*s->all), cmp_plans);
+    for (int64_t j = 0; j < feasible && j < 10; j++)
+        log_debug("  %lld. %s: %.3f s, %lld bytes", (long long) j + 1,
+                  plan_brief(brief, sizeof(brief), &s->all[j]), s->all[j].predicted_step_seconds,
+                  (long long) s->all[j].mem.total_bytes);
+    /* the compaction overwrote the rejected ones: enumerate them again */
+    s->n = 0;
+    if (enumerate(s) == 0) {
+        for (int64_t i = 0; i < s->n; i++)
+            mem_estimate(&s->all[i].mem, s->cfg, s->r, &s->all[i]);
+        log_rejected(s, capacity);
+    }
+}
+
+/* The pins rule every layout out: say which, naming the recipe. */
+static int no_candidates(const struct model_config *cfg, const struct recipe *r,
+                         struct moai_err *err)
+{
+    int rc = explain_pins(cfg, r, err);
+    char msg[sizeof(err->msg)];
+    snprintf(msg, sizeof(msg), "%s: %s", r->source, err->msg);
+    memcpy(err->msg, msg, sizeof(msg));
+    return rc;
+}
+
+int plan_search(struct plan_result *res, const struct model_config *cfg, const struct recipe *r,
+                struct moai_err *err)
+{
+    int64_t capacity = r->flavor.device.memory_bytes;
+    struct search s = {.cfg = cfg, .r = r};
+    struct plan closest;
+    char line[512];
+    double t0 = progress_now();
+    int rc = 0;
+
+    memset(res, 0, sizeof(*res));
+    res->advanced = r->parallel.advanced;
+    res->param_count = model_param_count(cfg);
+    res->available_bytes = capacity;
+    if (!r->parallel.advanced) {
+        rc = plan_plain(res, cfg, r, err);
+        goto out;
+    }
+    if ((rc = enumerate(&s)) < 0) {
+        rc = moai_err_set(err, rc, "out of memory enumerating layouts");
+        goto out;
+    }
+    if (s.n == 0) {
+        rc = no_candidates(cfg, r, err);
+        goto out;
+    }
+    res->candidates = s.n;
+    size_all(&s);
+    res->feasible = keep_feasible(&s, capacity, &closest);
+    if (res->feasible == 0) {
+        rc = report_none_fits(res, &s, &closest, capacity);
+        goto out;
+    }
+    int64_t best = select_best(&s, res->feasible);
+    res->best = s.all[best];
+    pick_runners_up(res, &s, res->feasible, best);
     log_info("Configuration for parallelism is selected.");
     log_info("%s", plan_config_line(line, sizeof(line), &res->best));
     log_info("%s", plan_summary_line(line, sizeof(line), &res->best, capacity));
-    if (log_get_level() >= LOG_DEBUG) {
-        char brief[128];
-        log_debug("the ten fastest candidates that fit:");
-        qsort(s.all, (size_t) feasible, sizeof(*s.all), cmp_plans);
-        for (int64_t j = 0; j < feasible && j < 10; j++)
-            log_debug("  %lld. %s: %.3f s, %lld bytes", (long long) j + 1,
-                      plan_brief(brief, sizeof(brief), &s.all[j]), s.all[j].predicted_step_seconds,
-                      (long long) s.all[j].mem.total_bytes);
-        /* the compaction above overwrote the rejected ones: enumerate them again */
-        s.n = 0;
-        if (enumerate(&s) == 0) {
-            for (int64_t i = 0; i < s.n; i++)
-                mem_estimate(&s.all[i].mem, cfg, r, &s.all[i]);
-            log_rejected(&s, capacity);
-        }
-    }
+    if (log_get_level() >= LOG_DEBUG)
+        log_candidates(&s, res->feasible, capacity);
+out:
     free(s.all);
     res->plan_ms = (progress_now() - t0) * 1e3;
-    return 0;
+    return rc;
 }
