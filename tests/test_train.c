@@ -416,7 +416,7 @@ static void test_train_device_memory_is_counted(void **state)
     assert_int_equal(res.peak_bytes[0], need);
     assert_int_equal(res.peak_bytes[1], need);
 
-    /* A device one byte short of it fails cleanly with the out-of-memory error. */
+    /* A device 1 KiB short of it fails cleanly with the out-of-memory error. */
     assert_int_equal(train(2, 1, true, true, need - 1024, losses, &res, &err), MOAI_EOOM);
     assert_non_null(strstr(err.msg, "out of memory"));
 }
