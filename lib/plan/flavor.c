@@ -161,28 +161,32 @@ const char *flavor_catalog_name(int i)
     return i >= 0 && i < NCATALOG ? catalog[i].name : NULL;
 }
 
+/* The two name lists, built once (pthread_once) so that concurrent callers see them whole. */
+static char catalog_names[512], device_names[256];
+static pthread_once_t names_once = PTHREAD_ONCE_INIT;
+
+static void build_names(void)
+{
+    size_t len = 0;
+    for (int i = 0; i < NCATALOG; i++)
+        len += (size_t) snprintf(catalog_names + len, sizeof(catalog_names) - len, "%s%s",
+                                 i ? ", " : "", catalog[i].name);
+    len = 0;
+    for (int i = 0; i < NDEVICES; i++)
+        len += (size_t) snprintf(device_names + len, sizeof(device_names) - len, "%s%s",
+                                 i ? ", " : "", device_types[i].name);
+}
+
 const char *flavor_catalog_names(void)
 {
-    static char names[512];
-    if (!names[0]) {
-        size_t len = 0;
-        for (int i = 0; i < NCATALOG; i++)
-            len += (size_t) snprintf(names + len, sizeof(names) - len, "%s%s", i ? ", " : "",
-                                     catalog[i].name);
-    }
-    return names;
+    pthread_once(&names_once, build_names);
+    return catalog_names;
 }
 
 const char *flavor_device_names(void)
 {
-    static char names[256];
-    if (!names[0]) {
-        size_t len = 0;
-        for (int i = 0; i < NDEVICES; i++)
-            len += (size_t) snprintf(names + len, sizeof(names) - len, "%s%s", i ? ", " : "",
-                                     device_types[i].name);
-    }
-    return names;
+    pthread_once(&names_once, build_names);
+    return device_names;
 }
 
 const struct device_type *flavor_device_type(const char *name)

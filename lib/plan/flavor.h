@@ -2,13 +2,17 @@
  *
  * A flavor is a device type, a device count and how many devices share a node. The catalog
  * holds the MoAI / KT flavors (MI250 GCDs, 65,520 MiB usable each, 8 to a node) and the
- * device types a custom mapping may name. Figures are per device; bandwidths are one way.
+ * device types a custom mapping may name. Figures are per device (see flavor.c for each and
+ * its source): memory, the dense bf16 peak, memory bandwidth, the collective bus bandwidth
+ * inside a node and one device's network link across nodes, the sustained product and fused
+ * attention rates, the runtime's reserve.
  *
  *     struct flavor f;
  *     if (flavor_lookup(&f, "4xLarge.2048GB", &err) < 0) ...   (case-insensitive)
  *     f.devices == 32, f.devices_per_node == 8
  *
- * Thread-safe (the tables are constant); errors through struct moai_err.
+ * Thread-safe: the tables are constant, the name lists and the cpu's measured speed are built
+ * once under pthread_once. Errors through struct moai_err.
  */
 #ifndef MOAI_FLAVOR_H
 #define MOAI_FLAVOR_H
