@@ -18,7 +18,7 @@
 #define MOAI_RECIPE_H
 
 #include "err.h"
-#include "plan/flavor.h"
+#include "flavor.h"
 
 #include <jansson.h>
 #include <stdbool.h>

@@ -242,7 +242,7 @@ static void test_plan_cpu_memory_by_hand(void **state)
         assert_int_equal(m.optimizer_bytes, 8 * P);
         assert_int_equal(m.activations_bytes, (int64_t) llama_act_bytes(&cfg, B, 64));
         assert_int_equal(m.logits_bytes,
-                         (int64_t) llama_work_bytes(&cfg, B, 64, mem_cpu_threads(2)));
+                         (int64_t) llama_work_bytes(&cfg, B, 64, shard_cpu_threads(2)));
         assert_int_equal(m.total_bytes, 16 * P + m.activations_bytes + m.logits_bytes);
     }
     recipe_release(&r);

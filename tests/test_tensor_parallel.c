@@ -9,7 +9,7 @@
 
 #include "exec/comm.h"
 #include "exec/dev.h"
-#include "exec/shard.h"
+#include "layout/shard.h"
 #include "model/llama.h"
 #include "model/optim.h"
 
@@ -145,7 +145,7 @@ static void check_tp(bool tied, int tp, enum llama_keep keep)
     tc.params = p.arena;
 
     /* tp shards on tp device threads */
-    struct exec_layout lay = {.dp = 1,
+    struct layout lay = {.dp = 1,
                               .pp = 1,
                               .tp = tp,
                               .num_micro_batches = 1,

@@ -271,7 +271,7 @@ static void test_train_model_parallel_matches_one_device(void **state)
         expect_same_losses(&lays[i], ref[lays[i].untied]);
 }
 
-/* Every device's measured peak is what exec/shard.h says it allocates. */
+/* Every device's measured peak is what layout/shard.h says it allocates. */
 static void test_train_model_parallel_memory_is_exact(void **state)
 {
     (void) state;
@@ -285,14 +285,14 @@ static void test_train_model_parallel_memory_is_exact(void **state)
         struct train_result res;
         struct moai_err err = {0};
         const struct lay *l = &lays[i];
-        struct exec_layout el = {l->dp, l->pp,    l->tp,   l->nmb, 8 / l->dp / l->nmb,
+        struct layout el = {l->dp, l->pp,    l->tp,   l->nmb, 8 / l->dp / l->nmb,
                                  l->rc, l->zero2, l->zero3};
         assert_int_equal(train_lay(l, 1 << 30, losses, &res, &err), 0);
         for (int d = 0; d < res.ndev; d++) {
             struct shard s;
             struct shard_bytes b;
             assert_int_equal(shard_init(&s, l->untied ? &fx.untied : &fx.cfg, &el, SEQ,
-                                        mem_cpu_threads(res.ndev), d, &err),
+                                        shard_cpu_threads(res.ndev), d, &err),
                              0);
             shard_bytes(&s, &b);
             shard_release(&s);
@@ -404,14 +404,14 @@ static void test_train_device_memory_is_counted(void **state)
     double losses[STEPS];
     struct train_result res;
     struct moai_err err = {0};
-    struct exec_layout lay = {.dp = 2,
+    struct layout lay = {.dp = 2,
                               .pp = 1,
                               .tp = 1,
                               .num_micro_batches = 1,
                               .batch_per_device = 4,
                               .distribute_param = true,
                               .distribute_low_prec_param = true};
-    int64_t need = exec_device_bytes(&fx.cfg, &lay, SEQ, mem_cpu_threads(2));
+    int64_t need = exec_device_bytes(&fx.cfg, &lay, SEQ, shard_cpu_threads(2));
     assert_int_equal(train(2, 1, true, true, 1 << 30, losses, &res, &err), 0);
     assert_int_equal(res.peak_bytes[0], need);
     assert_int_equal(res.peak_bytes[1], need);

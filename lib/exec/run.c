@@ -430,7 +430,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         comm_world_free(world);
         return rc;
     }
-    struct exec_layout layout = {
+    struct layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
         .tp = pr.best.tp,

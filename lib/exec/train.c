@@ -3,11 +3,10 @@
 
 #include "exec/comm.h"
 #include "exec/dev.h"
-#include "exec/shard.h"
+#include "layout/shard.h"
 #include "exec/steplog.h"
 #include "log.h"
 #include "model/optim.h"
-#include "plan/mem.h"
 #include "progress.h"
 
 #include <math.h>
@@ -20,7 +19,7 @@ volatile sig_atomic_t exec_stop_requested;
 /* What every device thread of this process shares. */
 struct run {
     const struct train_job *job;
-    const struct exec_layout *plan;
+    const struct layout *plan;
     struct comm_world *world;
     int ndev, nthreads;
     bool zero2, zero3;
@@ -77,8 +76,8 @@ static int64_t fbytes(int64_t floats)
     return floats * (int64_t) sizeof(float);
 }
 
-int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *layout,
-                          int64_t T, int nthreads)
+int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *layout, int64_t T,
+                          int nthreads)
 {
     int64_t most = 0;
     for (int stage = 0; stage < layout->pp; stage++) {
@@ -947,7 +946,7 @@ static int cmp_double(const void *a, const void *b)
 
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err)
 {
-    const struct exec_layout *plan = &job->layout;
+    const struct layout *plan = &job->layout;
     const struct recipe *r = job->recipe;
     struct run run;
     struct dev_set ds;
@@ -965,7 +964,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     run.B = plan->batch_per_device;
     run.T = r->training.block_size;
     run.res = res;
-    run.nthreads = mem_cpu_threads(ndev); /* as the planner sized the workspace */
+    run.nthreads = shard_cpu_threads(ndev); /* as the planner sized the workspace */
     run.world = job->world;
     int first = run.world ? run.world->first_dev : 0;
     int nlocal = run.world ? run.world->nlocal : ndev;

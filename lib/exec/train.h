@@ -1,6 +1,6 @@
 /* train.h - the training loop of any parallel plan on the devices.
  *
- * exec_train runs a dp x pp x tp plan (exec/shard.h numbers the devices and cuts the model):
+ * exec_train runs a dp x pp x tp plan (layout/shard.h numbers the devices and cuts the model):
  * every step each of the dp replicas runs its num_micro_batches micro-batches of
  * batch_per_device sequences through its pp pipeline stages under a 1F1B schedule, each stage
  * split over tp devices Megatron style (the model's tensor-parallel hooks, llama.h), keeping
@@ -36,7 +36,7 @@
 #define MOAI_TRAIN_H
 
 #include "err.h"
-#include "exec/shard.h"
+#include "layout/shard.h"
 #include "model/config.h"
 #include "model/llama.h"
 #include "recipe.h"
@@ -67,7 +67,7 @@ struct comm_world;
 struct train_job {
     const struct recipe *recipe;
     const struct model_config *cfg;
-    struct exec_layout layout;
+    struct layout layout;
     struct train_records train; /* the training records */
     struct train_records valid; /* validation records, n = 0 when none */
     train_batch_rows_fn batch_rows;
@@ -106,9 +106,9 @@ extern volatile sig_atomic_t exec_stop_requested;
  * (a device's memory is too small), MOAI_EIO (non-finite loss, a failed save). */
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err);
 
-/* The bytes the most loaded device of a plan allocates (exec/shard.h), by the same
+/* The bytes the most loaded device of a plan allocates (layout/shard.h), by the same
  * arithmetic as exec_train: for comparing with the planner's memory model. */
-int64_t exec_device_bytes(const struct model_config *cfg, const struct exec_layout *layout,
-                          int64_t T, int nthreads);
+int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *layout, int64_t T,
+                          int nthreads);
 
 #endif

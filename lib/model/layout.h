@@ -5,7 +5,7 @@
  * kind, and its rows and columns as dimensions of the config (MODEL_DIM_NONE for a vector).
  * The parameter arena holds them back to back in this order, so the table alone gives:
  *   - the fields of struct llama_layer and the binding of their pointers (lib/model/llama.c,
- *     and a device's shard of a layer, lib/exec/shard.c);
+ *     and a device's shard of a layer, lib/layout/shard.c);
  *   - the names and shapes that safetensors files are checked against (lib/model/tensors.c);
  *   - the parameters of a layer (model_layer_param_count), whole or of a tensor-parallel shard
  *     (a config of per-device dimensions: llama_shard_config), which the planner's memory

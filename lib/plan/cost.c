@@ -1,6 +1,7 @@
 /* cost.c - the predicted step time of a parallel layout (see cost.h). */
 #include "plan/cost.h"
 
+#include "layout/shard.h"
 #include "plan/mem.h"
 #include "plan/plan.h"
 
@@ -56,7 +57,7 @@ static bool is_cpu(const struct flavor *f)
  * them), else 0. */
 static double cpu_shared(const struct flavor *f)
 {
-    int cores = mem_cpu_threads(1);
+    int cores = shard_cpu_threads(1);
     return is_cpu(f) && f->devices > cores ? (double) cores / f->devices : 0.0;
 }
 
@@ -254,7 +255,7 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     int64_t first, most = 0;
     for (int st = 0; st < p->pp; st++) {
         int64_t count;
-        mem_stage_layers(cfg->num_hidden_layers, p->pp, st, &first, &count);
+        shard_stage_layers(cfg->num_hidden_layers, p->pp, st, &first, &count);
         if (count > most)
             most = count;
     }

@@ -1,11 +1,10 @@
 /* mem.c - the memory model of one device for a parallel layout (see mem.h). */
 #include "plan/mem.h"
 
-#include "exec/shard.h"
+#include "layout/shard.h"
 #include "model/llama.h"
 #include "plan/plan.h"
 
-#include <sched.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -29,14 +28,6 @@ void mem_dtypes(struct mem_dtypes *d, const struct recipe *r)
     d->master = bf16 ? 4 : 0;
     d->moments = 8;
     d->act = bf16 ? 2 : 4;
-}
-
-void mem_stage_layers(int64_t layers, int pp, int stage, int64_t *first, int64_t *count)
-{
-    int64_t base = layers / pp, rem = layers % pp;
-    int64_t before = stage < 1 ? 0 : (stage - 1 < rem ? stage - 1 : rem);
-    *first = stage * base + before;
-    *count = base + (stage >= 1 && stage <= rem);
 }
 
 /* The per-device dimensions are the executor's (llama_shard_config): one rule for both. */
@@ -78,7 +69,7 @@ int64_t mem_embedding_params(const struct model_config *cfg, int tp)
 int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int stage)
 {
     int64_t first, count;
-    mem_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
+    shard_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
     int64_t n = count * mem_layer_params(cfg, tp);
     if (stage == 0)
         n += mem_embedding_params(cfg, tp);
@@ -93,7 +84,7 @@ int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int sta
 int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp, int stage)
 {
     int64_t first, count, unit = 0;
-    mem_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
+    shard_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
     if (count > 0)
         unit = mem_layer_params(cfg, tp);
     if ((stage == 0 || stage == pp - 1) && mem_embedding_params(cfg, tp) > unit)
@@ -205,15 +196,8 @@ int64_t mem_reserve_bytes(const struct flavor *f)
     return is_cpu(f) ? 0 : f->device.reserve_bytes;
 }
 
-int mem_cpu_threads(int ndev)
-{
-    cpu_set_t set;
-    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
-    return cores / ndev > 1 ? cores / ndev : 1;
-}
-
 /*
- * The cpu device runs every plan in fp32 with the executor's exact arenas: exec/shard.h
+ * The cpu device runs every plan in fp32 with the executor's exact arenas: layout/shard.h
  * counts what one device of a stage allocates (its units of weights, gradients and moments,
  * sharded and gathered as ZeRO does, the kept activations of the micro-batches in flight,
  * the model's workspace), by the arithmetic the executor allocates with. So the prediction is
@@ -222,20 +206,20 @@ int mem_cpu_threads(int ndev)
 static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg,
                          const struct recipe *r, const struct plan *p, int stage)
 {
-    struct exec_layout lay = {.dp = p->dp,
-                              .pp = p->pp,
-                              .tp = p->tp,
-                              .num_micro_batches = p->num_micro_batches,
-                              .batch_per_device = p->batch_per_device,
-                              .recomputation = p->recomputation,
-                              .distribute_param = p->distribute_param,
-                              .distribute_low_prec_param = p->distribute_low_prec_param};
+    struct layout lay = {.dp = p->dp,
+                         .pp = p->pp,
+                         .tp = p->tp,
+                         .num_micro_batches = p->num_micro_batches,
+                         .batch_per_device = p->batch_per_device,
+                         .recomputation = p->recomputation,
+                         .distribute_param = p->distribute_param,
+                         .distribute_low_prec_param = p->distribute_low_prec_param};
     struct shard s;
     struct shard_bytes b;
 
     memset(m, 0, sizeof(*m));
     m->stage = stage;
-    if (shard_init(&s, cfg, &lay, r->training.block_size, mem_cpu_threads(p->dp * p->pp * p->tp),
+    if (shard_init(&s, cfg, &lay, r->training.block_size, shard_cpu_threads(p->dp * p->pp * p->tp),
                    shard_device(&lay, 0, stage, 0), NULL) < 0) {
         m->total_bytes = INT64_MAX; /* out of host memory for a table: cannot plan it */
         return;
@@ -264,7 +248,7 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
     int64_t s = r->training.block_size, b = p->batch_per_device;
 
     mem_dtypes(&d, r);
-    mem_stage_layers(cfg->num_hidden_layers, p->pp, stage, &first, &count);
+    shard_stage_layers(cfg->num_hidden_layers, p->pp, stage, &first, &count);
     memset(m, 0, sizeof(*m));
     m->stage = stage;
 
@@ -297,7 +281,7 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
 
     /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
      * `stage` (all of the warm-up forwards), never more than there are. */
-    int64_t in_flight = p->pp - stage < p->num_micro_batches ? p->pp - stage : p->num_micro_batches;
+    int64_t in_flight = shard_in_flight(p->pp, stage, p->num_micro_batches);
     unsigned flags = mem_act_flags(&r->flavor, p->tp);
     int64_t per_layer =
         mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act, flags);
@@ -375,7 +359,7 @@ void mem_process(struct mem_process *pm, const struct model_config *cfg, const s
         mem_stage(&m, cfg, r, p, d / p->tp % p->pp);
         pm->devices_bytes += m.total_bytes;
     }
-    pm->threads_bytes = (int64_t) in->devices * mem_cpu_threads(ndev) * MEM_THREAD_BYTES;
+    pm->threads_bytes = (int64_t) in->devices * shard_cpu_threads(ndev) * MEM_THREAD_BYTES;
     pm->host_bytes = 4 * P * (in->resume ? 3 : 1);
     if (in->first_device == 0)
         pm->checkpoint_bytes = 3 * 4 * P;

@@ -22,11 +22,11 @@
  *   reserve      the runtime's own: context, library workspaces, communicator buffers,
  *                allocator slack (mem_reserve_bytes, per device type).
  *
- * On the cpu device the executor's own arithmetic (exec/shard.h) gives the figure: every
+ * On the cpu device the executor's own arithmetic (layout/shard.h) gives the figure: every
  * tensor fp32 whatever the recipe's precision, the arenas it allocates, no reserve; so the
  * prediction equals the measured peak of every device, for every layout.
  *
- * Stages get contiguous, balanced layer ranges (mem_stage_layers); the embedding counts
+ * Stages get contiguous, balanced layer ranges (shard_stage_layers, layout/shard.h); the embedding counts
  * toward the first stage, the final norm and lm_head toward the last, a tied embedding
  * toward both. Tensor parallelism splits heads, kv heads (replicated when tp exceeds them),
  * the MLP width and the vocabulary (padded up to a multiple of tp); norms are replicated.
@@ -76,11 +76,6 @@ struct mem_dtypes {
 
 void mem_dtypes(struct mem_dtypes *d, const struct recipe *r);
 
-/* Layers [*first, *first + *count) of stage (0-based) among pp stages of L layers: L / pp
- * each, the L % pp extra layers going to stages 1, 2, ... (never to the first stage, which
- * holds the embedding and the most activations under 1F1B). */
-void mem_stage_layers(int64_t layers, int pp, int stage, int64_t *first, int64_t *count);
-
 /* Heads and kv heads on one device of a tp group (kv heads replicated when tp exceeds
  * them), and the vocabulary rows of one shard (ceil(V / tp)). */
 int64_t mem_heads_per_device(const struct model_config *cfg, int tp);
@@ -124,9 +119,6 @@ int64_t mem_logits_bytes(const struct model_config *cfg, int64_t s, int64_t b, i
  * workspaces, communicator buffers, allocator slack; flavor.c gives the figures and their
  * sources); 0 on cpu, whose executor sizes its arenas exactly. */
 int64_t mem_reserve_bytes(const struct flavor *f);
-
-/* Threads of the model's pool on each of ndev cpu devices (the cores shared out). */
-int mem_cpu_threads(int ndev);
 
 /* The breakdown of one stage of layout p. */
 void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,

@@ -1,5 +1,5 @@
 /* flavor.c - the flavor catalog and the device types (see flavor.h). */
-#include "plan/flavor.h"
+#include "flavor.h"
 
 #include <cblas.h>
 #include <pthread.h>

@@ -27,8 +27,8 @@
  *     struct shard_bytes b; shard_bytes(&s, &b);  ... b.total ...
  *     shard_release(&s);
  */
-#ifndef MOAI_EXEC_SHARD_H
-#define MOAI_EXEC_SHARD_H
+#ifndef MOAI_LAYOUT_SHARD_H
+#define MOAI_LAYOUT_SHARD_H
 
 #include "err.h"
 #include "model/config.h"
@@ -38,8 +38,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* The parallel layout to run (the planner's choice, copied from its struct plan). */
-struct exec_layout {
+/* The parallel layout to run (the planner's choice: the first fields of its struct plan). */
+struct layout {
     int dp, pp, tp;
     int num_micro_batches;    /* per replica per step */
     int64_t batch_per_device; /* sequences per micro-batch */
@@ -65,7 +65,7 @@ struct shard_unit {
 };
 
 struct shard {
-    struct exec_layout lay;
+    struct layout lay;
     int dev, dp_rank, stage, tp_rank;
     struct model_config full; /* the whole model */
     struct model_config cfg;  /* one tp shard of it (llama_shard_config) */
@@ -89,12 +89,12 @@ struct shard {
 
 /* Device dev's part of layout lay for the model full, micro-batches of T tokens, nthreads
  * threads. Returns 0 or MOAI_ENOMEM. */
-int shard_init(struct shard *s, const struct model_config *full, const struct exec_layout *lay,
+int shard_init(struct shard *s, const struct model_config *full, const struct layout *lay,
                int64_t T, int nthreads, int dev, struct moai_err *err);
 void shard_release(struct shard *s);
 
 /* The device of coordinates (dp_rank, stage, tp_rank). */
-int shard_device(const struct exec_layout *lay, int dp_rank, int stage, int tp_rank);
+int shard_device(const struct layout *lay, int dp_rank, int stage, int tp_rank);
 
 /* Which llama_keep the recomputation mode means. */
 enum llama_keep shard_keep(enum recompute rc);
@@ -128,5 +128,18 @@ void shard_layer_view(struct llama_layer *l, float *base, const struct model_con
 
 /* The range [*start, *end) of layer unit u holding k_proj and v_proj (adjacent). */
 void shard_kv_range(const struct shard *s, int u, int64_t *start, int64_t *end);
+
+/* Layers [*first, *first + *count) of stage (0-based) among pp stages of L layers: L / pp
+ * each, the L % pp extra layers going to stages 1, 2, ... (never to the first stage, which
+ * holds the embedding and the most activations under 1F1B). */
+void shard_stage_layers(int64_t L, int pp, int stage, int64_t *first, int64_t *count);
+
+/* Micro-batches whose activations stage keeps at once under 1F1B: all of the warm-up
+ * forwards, min(pp - stage, num_micro_batches). */
+int64_t shard_in_flight(int pp, int stage, int num_micro_batches);
+
+/* Threads of the model's pool on each of ndev cpu devices of this process (its cores shared
+ * out, at least one each). */
+int shard_cpu_threads(int ndev);
 
 #endif

@@ -1,5 +1,7 @@
 /* shard.c - one device's units of parameters and its exact memory (see shard.h). */
-#include "exec/shard.h"
+#include "layout/shard.h"
+
+#include <sched.h>
 
 #include <stdlib.h>
 #include <string.h>
@@ -9,7 +11,7 @@ static int64_t div_up(int64_t a, int64_t b)
     return (a + b - 1) / b;
 }
 
-int shard_device(const struct exec_layout *lay, int dp_rank, int stage, int tp_rank)
+int shard_device(const struct layout *lay, int dp_rank, int stage, int tp_rank)
 {
     return (dp_rank * lay->pp + stage) * lay->tp + tp_rank;
 }
@@ -21,15 +23,24 @@ enum llama_keep shard_keep(enum recompute rc)
                                        : LLAMA_KEEP_ALL;
 }
 
-/* Layers [*first, *first + *count) of a stage: L / pp each, the L % pp extra layers going to
- * stages 1, 2, ... (the planner's mem_stage_layers; the first stage holds the embedding and
- * the most activations under 1F1B). */
-static void stage_layers(int64_t L, int pp, int stage, int64_t *first, int64_t *count)
+void shard_stage_layers(int64_t L, int pp, int stage, int64_t *first, int64_t *count)
 {
     int64_t base = L / pp, rem = L % pp;
     int64_t before = stage < 1 ? 0 : (stage - 1 < rem ? stage - 1 : rem);
     *first = stage * base + before;
     *count = base + (stage >= 1 && stage <= rem);
+}
+
+int64_t shard_in_flight(int pp, int stage, int num_micro_batches)
+{
+    return pp - stage < num_micro_batches ? pp - stage : num_micro_batches;
+}
+
+int shard_cpu_threads(int ndev)
+{
+    cpu_set_t set;
+    int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    return cores / ndev > 1 ? cores / ndev : 1;
 }
 
 static void add_unit(struct shard *s, enum shard_unit_kind kind, int64_t layer, int64_t len)
@@ -50,7 +61,7 @@ static void add_unit(struct shard *s, enum shard_unit_kind kind, int64_t layer, 
         s->max_chunk = u->chunk;
 }
 
-int shard_init(struct shard *s, const struct model_config *full, const struct exec_layout *lay,
+int shard_init(struct shard *s, const struct model_config *full, const struct layout *lay,
                int64_t T, int nthreads, int dev, struct moai_err *err)
 {
     int tp = lay->tp, pp = lay->pp;
@@ -62,7 +73,7 @@ int shard_init(struct shard *s, const struct model_config *full, const struct ex
     s->dp_rank = dev / tp / pp;
     s->full = *full;
     llama_shard_config(&s->cfg, full, tp);
-    stage_layers(full->num_hidden_layers, pp, s->stage, &s->first_layer, &s->nlayers);
+    shard_stage_layers(full->num_hidden_layers, pp, s->stage, &s->first_layer, &s->nlayers);
     s->has_embed = s->stage == 0;
     s->has_head = s->stage == pp - 1;
     s->tied_copy = full->tie_word_embeddings && pp > 1 && s->has_head;
@@ -97,7 +108,7 @@ int shard_init(struct shard *s, const struct model_config *full, const struct ex
         }
     }
     int64_t nmb = lay->num_micro_batches;
-    s->in_flight = pp - s->stage < nmb ? pp - s->stage : nmb;
+    s->in_flight = shard_in_flight(pp, s->stage, nmb);
     s->shape = (struct llama_shape){.B = lay->batch_per_device,
                                     .T = T,
                                     .nlayers = s->nlayers,
