@@ -102,7 +102,7 @@ static int run_validate(const struct options *opt, const char *path, struct reci
 {
     struct model_config cfg;
     int rc = recipe_check_files(r, err);
-    if (rc < 0)
+    if (rc < 0 || (rc = exec_check_save_dir(r, err)) < 0)
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;

@@ -313,6 +313,20 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
     return rc;
 }
 
+int exec_check_save_dir(const struct recipe *r, struct moai_err *err)
+{
+    int rc = ckpt_check_writable(r->training.save_dir, err);
+    return rc < 0 ? moai_err_prefix(err, "%s: 'training.save_dir'", r->source) : 0;
+}
+
+/* Takes save_dir for this run (exec/ckpt.h): it must be writable, and no other run may hold
+ * it. Before any training, so a run that cannot save stops at once. */
+static int hold_save_dir(const struct recipe *r, struct ckpt_lock *lock, struct moai_err *err)
+{
+    int rc = ckpt_lock_acquire(lock, r->training.save_dir, err);
+    return rc < 0 ? moai_err_prefix(err, "%s: 'training.save_dir'", r->source) : 0;
+}
+
 static void print_final(const struct recipe *r, const struct model_config *cfg,
                         const struct exec_opts *o, const struct train_result *tr,
                         const struct plan_result *pr)
@@ -353,6 +367,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct batcher batcher = {0};
     struct records train = {0}, valid = {0};
     struct llama_params host = {0};
+    struct ckpt_lock lock = {.fd = -1};
     float *m = NULL, *v = NULL;
     int rc;
 
@@ -389,6 +404,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         comm_world_free(world);
         return rc;
     }
+    if (writer && (rc = hold_save_dir(r, &lock, err)) < 0)
+        goto out_world;
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
@@ -521,24 +538,23 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .world = world,
     };
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
-     * it too): a run that fails before training leaves no output behind */
+     * it too), unless one is there already (a checkpoint's): a run that fails before its first
+     * checkpoint takes back what it wrote */
     json_t *pj = plan_to_json(&pr.best, &cfg, r);
     char pj_path[4096];
     struct moai_err pj_err = {0};
-    struct stat before;
-    bool had_dir = stat(r->training.save_dir, &before) == 0;
+    bool pj_written = false;
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
-    if (writer && (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
-                   ckpt_write_json_file(pj_path, pj, &pj_err) < 0))
-        log_warn("%s", pj_err.msg);
+    if (writer && access(pj_path, F_OK) != 0) {
+        if (ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
+            log_warn("%s", pj_err.msg);
+        else
+            pj_written = true;
+    }
     json_decref(pj);
     rc = exec_train(&job, &tr, err);
-    if (writer && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
-        /* failed before any checkpoint: take back what this run wrote */
+    if (pj_written && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0)
         unlink(pj_path);
-        if (!had_dir)
-            rmdir(r->training.save_dir);
-    }
     if (rc == MOAI_EOOM && tr.oom_requested_bytes) {
         log_error("%s", err->msg);
         plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
@@ -574,5 +590,6 @@ out_world:
     if (world && !agreed) /* tell the others this process stops here */
         comm_world_agree(world, rc == 0);
     comm_world_free(world);
+    ckpt_lock_release(&lock);
     return rc;
 }
