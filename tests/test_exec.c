@@ -10,6 +10,7 @@
 #include "exec/steplog.h"
 
 #include <dirent.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -399,6 +400,16 @@ static void test_exec_step_line_format(void **state)
     assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":2.03125,"
                               "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
                               "\"grad_norm\":0.0}");
+    free(text);
+    json_decref(j);
+    /* a step whose figures are not finite is still an object, with nulls */
+    s.loss = NAN;
+    s.grad_norm = INFINITY;
+    j = steplog_json(&s);
+    text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":null,"
+                              "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
+                              "\"grad_norm\":null}");
     free(text);
     json_decref(j);
 }

@@ -247,6 +247,8 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
 
     snprintf(path, sizeof(path), "%s/trainer_state.json", r->training.save_dir);
     json_t *state = json_load_file(path, 0, &jerr);
+    if (!state && jerr.line < 1) /* not opened: no line to name */
+        return moai_err_set(err, MOAI_EIO, "%s: cannot resume: %s", path, jerr.text);
     if (!state)
         return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
     json_t *step = json_object_get(state, "step");

@@ -10,12 +10,14 @@
 #include "plan/mem.h"
 #include "progress.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 volatile sig_atomic_t exec_stop_requested;
+volatile sig_atomic_t exec_saving;
 
 /* What every device thread of this process shares. */
 struct run {
@@ -32,6 +34,7 @@ struct run {
     int save_rc;
     struct moai_err save_err;
     int local_failed; /* a device of this process failed to set up */
+    int stdout_errno; /* device 0 could not write a step to standard output */
 };
 
 /* One micro-batch's tokens, kept from its forward to its backward. */
@@ -612,6 +615,17 @@ static double optimizer_step(struct device *dv, int64_t step, double lr)
     return norm;
 }
 
+/* Whether every weight this device updates is finite after the step. */
+static bool params_finite(const struct device *dv)
+{
+    const float *p = dv->run->zero3 ? dv->pshard : dv->params;
+    int64_t n = dv->run->zero3 ? dv->sh.shard_floats : dv->sh.floats;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        acc += p[i] * 0.0f; /* 0 for finite values, NaN once any is NaN or infinite */
+    return acc == 0.0f;
+}
+
 /* ---- checkpoints ---------------------------------------------------------------------- */
 
 /* The whole unit u of weights (k = 0) or a moment (1, 2) into out (max_padded floats):
@@ -689,8 +703,10 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
     comm_barrier(&dv->world);
     if (s->dev == 0 && run->job->save && rc == 0) {
         memset(&run->save_err, 0, sizeof(run->save_err));
+        exec_saving = 1;
         run->save_rc = run->job->save(run->job->save_arg, steps_done, run->host_params, run->host_m,
                                       run->host_v, &run->save_err);
+        exec_saving = 0;
     } else if (s->dev == 0 && rc < 0) {
         run->save_rc = moai_err_set(&run->save_err, rc, "out of memory gathering the checkpoint");
     }
@@ -743,7 +759,9 @@ static double validate(struct device *dv)
     return total > 0 ? sum / total : NAN;
 }
 
-static void print_step(const struct run *run, const struct step_record *s)
+/* Prints a step on standard output; a failed write (a full disk, a closed pipe) is kept in
+ * run->stdout_errno and stops the run at the next step, saving, as a signal does. */
+static void print_step(struct run *run, const struct step_record *s)
 {
     if (run->job->json) {
         json_t *j = steplog_json(s);
@@ -756,7 +774,8 @@ static void print_step(const struct run *run, const struct step_record *s)
         char line[256];
         puts(steplog_format(line, sizeof(line), s));
     }
-    fflush(stdout);
+    if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
+        run->stdout_errno = errno ? errno : EIO;
 }
 
 /* The communicators of device dev: its groups in the layout, split from the world. */
@@ -814,6 +833,44 @@ static int alloc_failed_elsewhere(struct device *dv)
     return moai_err_set(&d->err, MOAI_EIO, "another device failed to set up");
 }
 
+static const char *signal_name(int sig)
+{
+    switch (sig) {
+    case SIGINT:
+        return "SIGINT";
+    case SIGTERM:
+        return "SIGTERM";
+    case SIGPIPE:
+        return "SIGPIPE";
+    case SIGHUP:
+        return "SIGHUP";
+    default:
+        return "a signal";
+    }
+}
+
+/* The error of a run stopped after saving: by a signal here or in another process (MOAI_EINTR),
+ * or by a failed write on standard output (MOAI_EIO). */
+static int interrupted(const struct run *run, struct moai_err *err)
+{
+    const char *dir = run->job->recipe->training.save_dir;
+    long long step = (long long) run->res->steps_done;
+    int sig = exec_stop_requested;
+    if (!sig && run->stdout_errno)
+        return moai_err_set(err, MOAI_EIO,
+                            "cannot write standard output: %s; checkpoint saved in '%s' after "
+                            "step %lld",
+                            strerror(run->stdout_errno), dir, step);
+    if (!sig)
+        return moai_err_set(err, MOAI_EINTR,
+                            "interrupted by a signal to another MPI rank: checkpoint saved in "
+                            "'%s' after step %lld",
+                            dir, step);
+    return moai_err_set(err, MOAI_EINTR,
+                        "interrupted by %s: checkpoint saved in '%s' after step %lld",
+                        signal_name(sig), dir, step);
+}
+
 static int device_run(struct dev *d, void *arg)
 {
     struct run *run = arg;
@@ -850,7 +907,10 @@ static int device_run(struct dev *d, void *arg)
     rc = device_load(&dv);
 
     for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
-        double stop = comm_allreduce_scalar(&dv.world, d->id == 0 && exec_stop_requested);
+        /* a signal to any process, or device 0's failed output, stops every device */
+        bool here = d->id == run->world->first_dev &&
+                    (exec_stop_requested || (d->id == 0 && run->stdout_errno));
+        double stop = comm_allreduce_scalar(&dv.world, here ? 1.0 : 0.0);
         if (stop > 0) {
             rc = save_checkpoint(&dv, step - 1);
             if (rc == 0)
@@ -881,6 +941,8 @@ static int device_run(struct dev *d, void *arg)
         double lr = r->training.lr *
                     optim_lr_factor(sched, step - 1, r->training.warmup_steps, job->total_steps);
         double norm = optimizer_step(&dv, step, lr);
+        /* a broken state is never saved nor trained on: every device learns of it */
+        double broken = comm_allreduce_scalar(&dv.world, params_finite(&dv) ? 0.0 : 1.0);
         comm_barrier(&dv.world);
         double dt = progress_now() - t0;
 
@@ -901,6 +963,22 @@ static int device_run(struct dev *d, void *arg)
             if (!job->quiet && (step % r->training.log_interval == 0 ||
                                 step == job->start_step + 1 || step == job->total_steps))
                 print_step(run, &sr);
+        }
+        if (!isfinite(norm) || broken > 0) {
+            if (!isfinite(norm))
+                moai_err_set(&d->err, MOAI_EIO,
+                             "the gradient norm is not finite (%g) at step %lld: stopped "
+                             "without saving it",
+                             norm, (long long) step);
+            else
+                moai_err_set(&d->err, MOAI_EIO,
+                             "a weight is not finite after the update of step %lld (gradient "
+                             "norm %g): stopped without saving it",
+                             (long long) step, norm);
+            moai_err_hint(&d->err, "lower training.lr or training.weight_decay, or set "
+                                   "training.grad_clip");
+            rc = MOAI_EIO;
+            break;
         }
         if (d->id == run->world->first_dev)
             run->res->steps_done = step;
@@ -923,9 +1001,8 @@ static int device_run(struct dev *d, void *arg)
     }
     if (rc == 0)
         rc = save_checkpoint(&dv, run->res->steps_done);
-    if (rc == MOAI_EINTR && d->id == 0)
-        moai_err_set(&d->err, MOAI_EINTR, "interrupted: checkpoint saved in '%s' after step %lld",
-                     r->training.save_dir, (long long) run->res->steps_done);
+    if (rc == MOAI_EINTR && d->id == run->world->first_dev)
+        rc = interrupted(run, &d->err);
     if (rc < 0 && rc != MOAI_EINTR && rc == run->save_rc && d->id == 0)
         d->err = run->save_err;
     /* device 0 learns every device's peak (other processes' devices too) */
