@@ -55,8 +55,8 @@ CLI_TESTS := $(sort $(wildcard tests/cli/*.sh))
 BIN := $(BUILD)/moai-finetune
 LIB := $(BUILD)/libmoai.a
 
-.PHONY: all deps run check test test-unit test-cli bench fuzz install format format-check \
-        man-lint clean help dataset
+.PHONY: all deps run check test test-unit test-cli test-coretypes bench fuzz fuzz-run install \
+        format format-check man-lint clean help dataset
 
 # Build the binary (and libmoai.a) under build/.
 all: $(BIN)
@@ -70,11 +70,13 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	$(BIN) configs/tiny-llama.yaml
 
-# Build everything under ASan+UBSan, run every test, then the CLI tests on the release build,
-# then lint the man pages and the source layout.
+# Build everything under ASan+UBSan, run every test, then the unit tests (under each OpenBLAS
+# kernel family the CPU runs) and the CLI tests on the release build, build the fuzzers, then
+# lint the man pages and the source layout.
 check: deps
 	@$(MAKE) --no-print-directory MODE=asan test
-	@$(MAKE) --no-print-directory MODE=release all test-cli
+	@$(MAKE) --no-print-directory MODE=release all test-coretypes test-cli
+	@$(MAKE) --no-print-directory fuzz
 	@$(MAKE) --no-print-directory man-lint
 	@$(MAKE) --no-print-directory format-check && echo "sources: clang-format clean"
 	@scripts/summarize-tests.sh build/test-results
@@ -85,6 +87,11 @@ test: $(BIN) $(TEST_BIN) test-unit test-cli
 # Run every cmocka binary of this MODE.
 test-unit: $(TEST_BIN)
 	@scripts/run-tests.sh unit $(MODE) $(TEST_BIN)
+
+# Run this MODE's unit tests once under each OpenBLAS kernel family this CPU can execute
+# (OPENBLAS_CORETYPE: Sandybridge, Haswell, Zen, SkylakeX).
+test-coretypes: $(TEST_BIN)
+	@scripts/run-tests.sh coretypes $(MODE) $(TEST_BIN)
 
 # Run every end-to-end script in tests/cli/ against this MODE's binary.
 test-cli: $(BIN)
@@ -98,6 +105,10 @@ bench: deps
 # Build the libFuzzer harnesses with clang under build/fuzz/.
 fuzz:
 	@scripts/build-fuzz.sh $(FUZZERS)
+
+# Run each fuzzer for FUZZ_SECONDS (default 30) from its corpus; any finding fails (CI).
+fuzz-run: fuzz
+	@scripts/run-fuzz.sh $(or $(FUZZ_SECONDS),30) $(FUZZERS:tests/fuzz/%.c=build/fuzz/%)
 
 # Lint the man pages.
 man-lint:
