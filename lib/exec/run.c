@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,10 +196,27 @@ int exec_load_model_config(const struct recipe *r, struct model_config *cfg, str
     return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
 }
 
-/* The batcher as the training loop sees it. */
+/* The batcher as the training loop sees it: every device thread asks for the same step's rows,
+ * so the epoch's order is computed once into a buffer allocated before training (nothing can
+ * fail inside the loop). */
+struct order_cache {
+    const struct batcher *b;
+    pthread_mutex_t lock;
+    int64_t *order; /* (n_train) */
+    int64_t epoch;  /* whose order it holds; -1: none */
+};
+
 static void rows_of(void *arg, int64_t epoch, int64_t index, int64_t *rows)
 {
-    batch_rows(arg, epoch, index, rows);
+    struct order_cache *c = arg;
+    int64_t B = c->b->batch_size;
+    pthread_mutex_lock(&c->lock);
+    if (c->epoch != epoch) {
+        batch_epoch_order(c->b, epoch, c->order);
+        c->epoch = epoch;
+    }
+    memcpy(rows, c->order + index * B, (size_t) B * sizeof(int64_t));
+    pthread_mutex_unlock(&c->lock);
 }
 
 /* The records of a data set as the loop reads them: the rows listed (all when rows is NULL),
@@ -512,6 +530,13 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_params;
     }
 
+    struct order_cache orders = {.b = &batcher, .epoch = -1};
+    orders.order = malloc((size_t) (batcher.n_train + 1) * sizeof(int64_t));
+    if (!orders.order) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
+        goto out_params;
+    }
+    pthread_mutex_init(&orders.lock, NULL);
     struct train_result tr;
     struct saver sv = {.progress = &tr,
                        .r = r,
@@ -527,7 +552,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .train = train.view,
         .valid = valid.view,
         .batch_rows = rows_of,
-        .batch_arg = &batcher,
+        .batch_arg = &orders,
         .steps_per_epoch = spe,
         .total_steps = total,
         .start_step = start,
@@ -555,6 +580,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     }
     json_decref(pj);
     rc = exec_train(&job, &tr, err);
+    pthread_mutex_destroy(&orders.lock);
+    free(orders.order);
     if (pj_written && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0)
         unlink(pj_path);
     if (rc == MOAI_EOOM && tr.oom_requested_bytes) {

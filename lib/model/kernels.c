@@ -10,8 +10,9 @@
  * a scalar tail. KB = 16 fills one AVX-512 register, two AVX2 or four SSE ones. */
 #define KB 16
 
-/* Hot kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* Hot kernels are compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time
+ * (not under ThreadSanitizer: its runtime is not up yet when the ifunc resolvers run). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define KERN_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define KERN_SIMD

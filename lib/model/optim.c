@@ -14,7 +14,7 @@
 #define NORM_PARTS 256
 
 /* Built for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define OPTIM_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define OPTIM_SIMD
