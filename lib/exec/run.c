@@ -304,8 +304,10 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
         return rc;
     struct llama_params views[3];
     float *dst[3] = {m, v, params};
-    for (int k = 0; k < 3; k++)
-        llama_params_init(&views[k], cfg, dst[k], NULL);
+    memset(views, 0, sizeof(views));
+    for (int k = 0; k < 3 && rc == 0; k++)
+        if (llama_params_init(&views[k], cfg, dst[k], NULL) < 0)
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory reading '%s'", path);
     int64_t count = llama_tensor_count(cfg);
     for (int64_t i = 0; i < count && rc == 0; i++) {
         static const char *const suffix[] = {".exp_avg", ".exp_avg_sq", ".master"};
