@@ -4,8 +4,9 @@
 # into libmoai.a, every tests/test_*.c is one cmocka binary, every bench/bench_*.c one
 # benchmark, every tests/fuzz/fuzz_*.c one libFuzzer harness. Adding a file needs no edit here.
 #
-# MODE=release (default, under build/) or MODE=asan (AddressSanitizer + UBSan, under
-# build/asan/). WERROR=0 turns warnings back into warnings.
+# MODE=release (default, under build/), MODE=asan (AddressSanitizer + UBSan, under
+# build/asan/) or MODE=tsan (ThreadSanitizer, under build/tsan/). WERROR=0 turns warnings back
+# into warnings.
 
 MODE   ?= release
 WERROR ?= 1
@@ -15,6 +16,10 @@ ifeq ($(MODE),asan)
 BUILD  ?= build/asan
 OPT    := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 LDSAN  := -fsanitize=address,undefined
+else ifeq ($(MODE),tsan)
+BUILD  ?= build/tsan
+OPT    := -O1 -g -fno-omit-frame-pointer -fsanitize=thread
+LDSAN  := -fsanitize=thread
 else
 BUILD  ?= build
 OPT    := -O2 -g
@@ -55,8 +60,8 @@ CLI_TESTS := $(sort $(wildcard tests/cli/*.sh))
 BIN := $(BUILD)/moai-finetune
 LIB := $(BUILD)/libmoai.a
 
-.PHONY: all deps run check test test-unit test-cli bench fuzz install format format-check \
-        man-lint clean help dataset
+.PHONY: all deps run check test test-unit test-cli test-coretypes test-tsan alloc-sweep bench \
+        fuzz fuzz-run install format format-check man-lint clean help dataset
 
 # Build the binary (and libmoai.a) under build/.
 all: $(BIN)
@@ -70,11 +75,15 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	$(BIN) configs/tiny-llama.yaml
 
-# Build everything under ASan+UBSan, run every test, then the CLI tests on the release build,
-# then lint the man pages and the source layout.
+# Build everything under ASan+UBSan, run every test (test_alloc: every 17th allocation failing),
+# then the unit tests (under each OpenBLAS kernel family the CPU runs) and the CLI tests on the
+# release build, the executor's tests under ThreadSanitizer, build the fuzzers, then lint the
+# man pages and the source layout.
 check: deps
 	@$(MAKE) --no-print-directory MODE=asan test
-	@$(MAKE) --no-print-directory MODE=release all test-cli
+	@$(MAKE) --no-print-directory MODE=release all test-coretypes test-cli
+	@$(MAKE) --no-print-directory test-tsan
+	@$(MAKE) --no-print-directory fuzz
 	@$(MAKE) --no-print-directory man-lint
 	@$(MAKE) --no-print-directory format-check && echo "sources: clang-format clean"
 	@scripts/summarize-tests.sh build/test-results
@@ -85,6 +94,25 @@ test: $(BIN) $(TEST_BIN) test-unit test-cli
 # Run every cmocka binary of this MODE.
 test-unit: $(TEST_BIN)
 	@scripts/run-tests.sh unit $(MODE) $(TEST_BIN)
+
+# Run this MODE's unit tests once under each OpenBLAS kernel family this CPU can execute
+# (OPENBLAS_CORETYPE: Sandybridge, Haswell, Zen, SkylakeX); the allocation sweep once is enough.
+test-coretypes: $(TEST_BIN)
+	@scripts/run-tests.sh coretypes $(MODE) $(filter-out %/test_alloc,$(TEST_BIN))
+
+# Build the executor's tests (devices, communicators, training loop) under ThreadSanitizer and
+# run them.
+TSAN_TESTS := test_exec test_train test_tensor_parallel
+test-tsan: deps
+	@$(MAKE) --no-print-directory MODE=tsan $(TSAN_TESTS:%=build/tsan/tests/%)
+	@TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+		scripts/run-tests.sh unit tsan $(TSAN_TESTS:%=build/tsan/tests/%)
+
+# Fail every allocation of a short train-validate-save-resume run in turn, one run each (ASan;
+# about 20 minutes on 2 cores; make check tries every 17th).
+alloc-sweep:
+	@$(MAKE) --no-print-directory MODE=asan build/asan/tests/test_alloc
+	MOAI_ALLOC_STRIDE=1 build/asan/tests/test_alloc
 
 # Run every end-to-end script in tests/cli/ against this MODE's binary.
 test-cli: $(BIN)
@@ -98,6 +126,10 @@ bench: deps
 # Build the libFuzzer harnesses with clang under build/fuzz/.
 fuzz:
 	@scripts/build-fuzz.sh $(FUZZERS)
+
+# Run each fuzzer for FUZZ_SECONDS (default 30) from its corpus; any finding fails (CI).
+fuzz-run: fuzz
+	@scripts/run-fuzz.sh $(or $(FUZZ_SECONDS),30) $(FUZZERS:tests/fuzz/%.c=build/fuzz/%)
 
 # Lint the man pages.
 man-lint:
@@ -142,6 +174,10 @@ $(LIB): $(LIB_OBJ)
 
 $(BIN): $(BUILD)/obj/cmd/moai-finetune.o $(LIB)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+# test_alloc fails the N-th allocation of libmoai.a: its allocation calls go through wrappers.
+$(BUILD)/tests/test_alloc: LDFLAGS += -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc \
+	-Wl,--wrap=aligned_alloc,--wrap=posix_memalign,--wrap=strdup,--wrap=strndup
 
 $(BUILD)/tests/%: tests/%.c $(LIB) $(wildcard tests/*.h)
 	@mkdir -p $(@D)

@@ -9,6 +9,7 @@
 #include "plan/report.h"
 #include "recipe.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <signal.h>
 #include <jansson.h>
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define MOAI_VERSION "0.1.0"
 
@@ -68,6 +70,16 @@ static void print_error(const struct moai_err *err)
         fprintf(stderr, "hint: %s\n", err->hint);
 }
 
+/* The first error writing standard output since the last check_stdout, 0 when none. */
+static int stdout_errno;
+
+/* fflush(stdout), keeping the reason of a failure for check_stdout. */
+static void flush_stdout(void)
+{
+    if (fflush(stdout) == EOF && !stdout_errno)
+        stdout_errno = errno ? errno : EIO;
+}
+
 /* One JSON Lines object on standard output. */
 static void print_json_line(json_t *obj)
 {
@@ -76,7 +88,7 @@ static void print_json_line(json_t *obj)
         puts(s);
         free(s);
     }
-    fflush(stdout);
+    flush_stdout();
 }
 
 /* Prints and frees a JSON object built for one recipe. */
@@ -102,7 +114,7 @@ static int run_validate(const struct options *opt, const char *path, struct reci
 {
     struct model_config cfg;
     int rc = recipe_check_files(r, err);
-    if (rc < 0)
+    if (rc < 0 || (rc = exec_check_save_dir(r, err)) < 0)
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
@@ -149,37 +161,60 @@ static int run_plan(const struct options *opt, const char *path, struct recipe *
         print_json_result(plan_result_json(&res, &cfg, r, "ok", NULL));
     else
         plan_report_text(stdout, &res, &cfg, r);
-    fflush(stdout);
+    flush_stdout();
     return 0;
 }
 
-/* SIGINT and SIGTERM ask the training loop to save and stop at the next step; a second one
- * ends the process at once. */
+/* SIGINT, SIGTERM, SIGHUP and SIGPIPE (the reader of standard output went away) ask the
+ * training loop to save and stop at the next step; a second one ends the process at once,
+ * saying so (async-signal-safe: write(2) of constant strings). */
 static void on_signal(int sig)
 {
     if (exec_stop_requested) {
-        signal(sig, SIG_DFL);
-        raise(sig);
+        static const char during[] = "moai-finetune: interrupted again during the save: "
+                                     "stopping now; the previous checkpoint stays\n";
+        static const char again[] = "moai-finetune: interrupted again: stopping now without "
+                                    "saving\n";
+        if (sig != SIGPIPE) {
+            ssize_t w = exec_saving ? write(2, during, sizeof(during) - 1)
+                                    : write(2, again, sizeof(again) - 1);
+            (void) w;
+            signal(sig, SIG_DFL);
+            raise(sig);
+        }
+        return;
     }
-    exec_stop_requested = 1;
+    exec_stop_requested = sig;
 }
 
 static int run_train(const struct options *opt, const char *path, struct recipe *r,
                      struct moai_err *err)
 {
+    static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
     struct exec_opts o = {.json = opt->json, .mpi = opt->mpi};
-    struct sigaction sa = {.sa_handler = on_signal}, old_int, old_term;
+    struct sigaction sa = {.sa_handler = on_signal}, old[4];
     int rc;
 
     (void) path;
     sigemptyset(&sa.sa_mask);
     exec_stop_requested = 0;
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
+    for (int i = 0; i < 4; i++)
+        sigaction(sigs[i], &sa, &old[i]);
     rc = exec_run(r, &o, err);
-    sigaction(SIGINT, &old_int, NULL);
-    sigaction(SIGTERM, &old_term, NULL);
+    for (int i = 0; i < 4; i++)
+        sigaction(sigs[i], &old[i], NULL);
     return rc;
+}
+
+/* Fails when something written to standard output did not reach it (a full disk, a closed
+ * pipe); the error is then cleared so the next recipe answers for its own output. */
+static int check_stdout(struct moai_err *err)
+{
+    flush_stdout();
+    int e = stdout_errno ? stdout_errno : ferror(stdout) ? EIO : 0;
+    stdout_errno = 0;
+    clearerr(stdout);
+    return e ? moai_err_set(err, MOAI_EIO, "cannot write standard output: %s", strerror(e)) : 0;
 }
 
 /* Loads and runs one recipe. Returns its exit status. */
@@ -204,6 +239,8 @@ static int run_recipe(const struct options *opt, const char *path)
         }
         recipe_release(&r);
     }
+    if (rc == 0)
+        rc = check_stdout(&err);
     if (rc < 0) {
         print_error(&err);
         if (opt->json && !(opt->mode == MODE_PLAN && loaded))

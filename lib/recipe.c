@@ -215,7 +215,7 @@ static void fmt_range(char *buf, size_t size, const struct recipe_key *k, bool i
         snprintf(buf, size, " %s %lld", lo, (long long) k->min);
     else if (integer)
         snprintf(buf, size, " in [%lld, %lld]", (long long) k->min, (long long) k->max);
-    else if (k->max >= 1e3 && !k->max_excl)
+    else if (k->max >= 1e30 && !k->max_excl) /* no cap worth stating */
         snprintf(buf, size, " %s %g", lo, k->min);
     else
         snprintf(buf, size, " in %s%g, %g%s", k->min_excl ? "(" : "[", k->min, k->max,

@@ -10,6 +10,7 @@
 #include "exec/steplog.h"
 
 #include <dirent.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -227,17 +228,21 @@ static void test_exec_checkpoint_swap_is_atomic(void **state)
     waitpid(pid, &status, 0);
     assert_int_equal(WEXITSTATUS(status), 9);
     assert_non_null(strstr(slurp(path), "\"step\": 2"));
+    char stg[512];
+    struct stat st;
+    snprintf(stg, sizeof(stg), "%s/.moai-save", target);
+    assert_int_equal(stat(stg, &st), 0); /* the killed save's staging, inside the target */
     snprintf(path, sizeof(path), "%s/out", root);
-    assert_int_equal(count_entries(path), 2); /* run and the stale staging directory */
+    assert_int_equal(count_entries(path), 1); /* nothing beside the target */
 
     /* An aborted save too; and the next save removes the stale staging directory. */
     struct ckpt_stage s;
     struct moai_err err = {0};
     assert_int_equal(ckpt_stage_begin(&s, target, &err), 0);
     ckpt_stage_abort(&s);
-    assert_int_equal(count_entries(path), 1);
+    assert_int_not_equal(stat(stg, &st), 0);
     save(target, 4);
-    assert_int_equal(count_entries(path), 1);
+    assert_int_not_equal(stat(stg, &st), 0);
     snprintf(path, sizeof(path), "%s/trainer_state.json", target);
     assert_non_null(strstr(slurp(path), "\"step\": 4"));
 
@@ -251,9 +256,125 @@ static void test_exec_checkpoint_swap_is_atomic(void **state)
     mkdir(sub, 0777);
     save(target, 5);
     assert_string_equal(slurp(keep), "mine");
-    struct stat st;
     assert_int_equal(stat(sub, &st), 0);
     assert_non_null(strstr(slurp(path), "\"step\": 5"));
+    ckpt_remove_tree(root);
+}
+
+/* Writes text to dir/name. */
+static void put(const char *dir, const char *name, const char *text)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static void test_exec_checkpoint_recover_after_commit(void **state)
+{
+    (void) state;
+    char root[] = "/tmp/moai-ckpt-XXXXXX", stg[512], path[512];
+    struct moai_err err = {0};
+    struct stat st;
+    assert_non_null(mkdtemp(root));
+
+    /* a checkpoint of two shards, and the user's own files beside it */
+    struct ckpt_stage s;
+    assert_int_equal(ckpt_stage_begin(&s, root, &err), 0);
+    put(s.tmp, "model-00001-of-00002.safetensors", "a");
+    put(s.tmp, "model-00002-of-00002.safetensors", "b");
+    put(s.tmp, "trainer_state.json", "{\"step\": 1}");
+    assert_int_equal(ckpt_stage_commit(&s, &err), 0);
+    put(root, "notes.txt", "mine");
+    put(root, "model-00009-of-00009.safetensors", "the user's, not in the manifest");
+
+    /* a save killed after its commit point, one file already moved: the next start finishes
+     * it; the previous checkpoint's shards go, nothing of the user's does */
+    snprintf(stg, sizeof(stg), "%s/.moai-save", root);
+    assert_int_equal(mkdir(stg, 0777), 0);
+    put(stg, "trainer_state.json", "{\"step\": 2}");
+    put(root, "model.safetensors", "new"); /* moved before the kill */
+    put(stg, ".commit", "model.safetensors\ntrainer_state.json\n");
+    assert_int_equal(ckpt_recover(root, &err), 0);
+    snprintf(path, sizeof(path), "%s/trainer_state.json", root);
+    assert_string_equal(slurp(path), "{\"step\": 2}");
+    snprintf(path, sizeof(path), "%s/model.safetensors", root);
+    assert_string_equal(slurp(path), "new");
+    snprintf(path, sizeof(path), "%s/model-00001-of-00002.safetensors", root);
+    assert_int_not_equal(stat(path, &st), 0);
+    snprintf(path, sizeof(path), "%s/notes.txt", root);
+    assert_string_equal(slurp(path), "mine");
+    snprintf(path, sizeof(path), "%s/model-00009-of-00009.safetensors", root);
+    assert_string_equal(slurp(path), "the user's, not in the manifest");
+    assert_int_not_equal(stat(stg, &st), 0);
+
+    /* killed before the commit point: the staged files go, the checkpoint stays */
+    assert_int_equal(mkdir(stg, 0777), 0);
+    put(stg, "trainer_state.json", "{\"step\": 3}");
+    assert_int_equal(ckpt_recover(root, &err), 0);
+    snprintf(path, sizeof(path), "%s/trainer_state.json", root);
+    assert_string_equal(slurp(path), "{\"step\": 2}");
+    assert_int_not_equal(stat(stg, &st), 0);
+
+    /* a directory of the user's where a checkpoint file would go stops the save before its
+     * commit point, and is left alone */
+    snprintf(path, sizeof(path), "%s/config.json", root);
+    assert_int_equal(mkdir(path, 0777), 0);
+    assert_int_equal(ckpt_stage_begin(&s, root, &err), 0);
+    put(s.tmp, "config.json", "{}");
+    assert_int_equal(ckpt_stage_commit(&s, &err), MOAI_EIO);
+    assert_non_null(strstr(err.msg, "is in the way (not a file)"));
+    ckpt_stage_abort(&s);
+    assert_int_equal(stat(path, &st), 0);
+    assert_true(S_ISDIR(st.st_mode));
+    ckpt_remove_tree(root);
+}
+
+static void test_exec_checkpoint_lock(void **state)
+{
+    (void) state;
+    char root[] = "/tmp/moai-ckpt-XXXXXX", dir[512], file[512];
+    struct moai_err err = {0};
+    struct ckpt_lock a, b;
+    struct stat st;
+    assert_non_null(mkdtemp(root));
+    snprintf(dir, sizeof(dir), "%s/new/run", root);
+
+    /* a directory that does not exist yet is created, held, and removed again when empty */
+    assert_int_equal(ckpt_check_writable(dir, &err), 0);
+    assert_int_equal(ckpt_lock_acquire(&a, dir, &err), 0);
+    assert_int_equal(stat(dir, &st), 0);
+    pid_t pid = fork(); /* flock is per open file: another process is refused */
+    if (pid == 0) {
+        struct ckpt_lock c;
+        struct moai_err e = {0};
+        int rc = ckpt_lock_acquire(&c, dir, &e);
+        _exit(rc == MOAI_EIO && strstr(e.msg, "is in use by another moai-finetune run") ? 7 : 1);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    assert_int_equal(WEXITSTATUS(status), 7);
+    ckpt_lock_release(&a);
+    assert_int_not_equal(stat(dir, &st), 0);
+    assert_int_equal(ckpt_lock_acquire(&b, dir, &err), 0);
+    put(dir, "notes.txt", "mine"); /* not empty: kept */
+    ckpt_lock_release(&b);
+    assert_int_equal(stat(dir, &st), 0);
+
+    /* a file where the directory should be, or above it */
+    snprintf(file, sizeof(file), "%s/file", root);
+    put(root, "file", "x");
+    assert_int_equal(ckpt_check_writable(file, &err), MOAI_EIO);
+    snprintf(dir, sizeof(dir), "'%s' is not a directory", file);
+    assert_string_equal(err.msg, dir);
+    assert_int_equal(ckpt_lock_acquire(&a, file, &err), MOAI_EIO);
+    assert_string_equal(err.msg, dir);
+    snprintf(dir, sizeof(dir), "%s/sub", file);
+    assert_int_equal(ckpt_check_writable(dir, &err), MOAI_EIO);
+    snprintf(file, sizeof(file), "cannot use '%s': Not a directory", dir);
+    assert_string_equal(err.msg, file);
     ckpt_remove_tree(root);
 }
 
@@ -279,6 +400,16 @@ static void test_exec_step_line_format(void **state)
     assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":2.03125,"
                               "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
                               "\"grad_norm\":0.0}");
+    free(text);
+    json_decref(j);
+    /* a step whose figures are not finite is still an object, with nulls */
+    s.loss = NAN;
+    s.grad_norm = INFINITY;
+    j = steplog_json(&s);
+    text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":null,"
+                              "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
+                              "\"grad_norm\":null}");
     free(text);
     json_decref(j);
 }
@@ -369,6 +500,8 @@ int main(void)
         cmocka_unit_test(test_exec_allgather),
         cmocka_unit_test(test_exec_device_out_of_memory),
         cmocka_unit_test(test_exec_checkpoint_swap_is_atomic),
+        cmocka_unit_test(test_exec_checkpoint_recover_after_commit),
+        cmocka_unit_test(test_exec_checkpoint_lock),
         cmocka_unit_test(test_exec_step_line_format),
         cmocka_unit_test(test_exec_world_split),
         cmocka_unit_test(test_exec_sendrecv_exchanges),

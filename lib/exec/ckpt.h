@@ -1,22 +1,35 @@
-/* ckpt.h - atomic checkpoint directories.
+/* ckpt.h - checkpoints written into a directory that stays the user's.
  *
- * A checkpoint is a Hugging Face style directory (config.json, model.safetensors,
- * tokenizer.model, plan.json, and for resuming optimizer.safetensors and trainer_state.json).
- * It is written whole into a staging directory beside the target (".NAME.tmp-PID"), every file
- * flushed, and then swapped in with one renameat2(RENAME_EXCHANGE) (or a plain rename when
- * there is no previous checkpoint), so a save interrupted at any point leaves the previous
- * checkpoint intact. Entries of save_dir that the checkpoint does not write (other runs'
- * directories, logs) are carried over into the new one before the swap, so a save never
- * deletes them. Stale staging directories from killed runs are removed by the next save
- * (after returning any such entries to save_dir).
+ * A checkpoint is a Hugging Face style set of files (config.json, model.safetensors,
+ * tokenizer.model, plan.json, and for resuming optimizer.safetensors and trainer_state.json)
+ * in save_dir. save_dir may hold anything else (the recipe, notes, other runs' directories);
+ * it may be ".", "..", a symbolic link or a mount point. A save never moves, hides or deletes
+ * an entry it did not write. It runs in three steps:
  *
+ *   1. every file is written and flushed into the staging directory "<save_dir>/.moai-save"
+ *      (the tool's own, on save_dir's filesystem);
+ *   2. the list of their names is written and flushed to ".moai-save/.commit": the commit
+ *      point. Before it, the previous checkpoint is whole and the staging directory is
+ *      garbage; after it, the staged checkpoint is the checkpoint;
+ *   3. each staged file is renamed into save_dir (replacing the previous checkpoint's file of
+ *      that name), the previous checkpoint's files that the new one lacks (shards of a larger
+ *      layout) are removed, and the list becomes "<save_dir>/.moai-checkpoint" (what the
+ *      next save may remove: only names the tool wrote itself).
+ *
+ * ckpt_recover finishes step 3 of a save that was killed after its commit point and removes a
+ * staging directory killed before it; every save and every lock runs it first. A run holds
+ * save_dir with ckpt_lock (flock on the directory), so two runs never write one save_dir.
+ *
+ *     struct ckpt_lock l; ckpt_lock_acquire(&l, "outputs", &err);    (whole run)
  *     struct ckpt_stage s;
  *     ckpt_stage_begin(&s, "outputs", &err);
  *     st_write(ckpt_stage_path(&s, "model.safetensors", buf, sizeof(buf)), ...);
  *     ckpt_stage_write_json(&s, "trainer_state.json", state, &err);
  *     ckpt_stage_commit(&s, &err);            (or ckpt_stage_abort(&s) on failure)
+ *     ckpt_lock_release(&l);
  *
- * Not thread-safe; one save at a time per target. Errors name the path and strerror.
+ * Not thread-safe; one save at a time per target (the lock sees to it between processes).
+ * Errors name the path and strerror.
  */
 #ifndef MOAI_CKPT_H
 #define MOAI_CKPT_H
@@ -26,12 +39,18 @@
 #include <jansson.h>
 #include <stdbool.h>
 
+/* The staging directory's name inside save_dir, and the commit list's names. */
+#define CKPT_STAGING  ".moai-save"
+#define CKPT_COMMIT   ".commit"
+#define CKPT_MANIFEST ".moai-checkpoint"
+
 struct ckpt_stage {
     char target[4096]; /* the checkpoint directory */
-    char tmp[4096];    /* the staging directory beside it */
+    char tmp[4096];    /* the staging directory inside it */
 };
 
-/* Creates the staging directory (and the target's parents). Returns 0 or MOAI_EIO. */
+/* Creates the target (and its parents) and an empty staging directory in it, after
+ * ckpt_recover. Returns 0 or MOAI_EIO. */
 int ckpt_stage_begin(struct ckpt_stage *s, const char *target, struct moai_err *err);
 
 /* Writes "<staging>/<name>" into buf and returns buf. */
@@ -45,12 +64,38 @@ int ckpt_stage_write_json(struct ckpt_stage *s, const char *name, const json_t *
 int ckpt_stage_copy_file(struct ckpt_stage *s, const char *name, const char *src,
                          struct moai_err *err);
 
-/* Flushes the staging directory and swaps it in place of the target; the previous
- * checkpoint is then removed. Returns 0 or MOAI_EIO (the target is then unchanged). */
+/* Commits the staged files (steps 2 and 3 above). Returns 0, or MOAI_EIO: before the commit
+ * point the target is then unchanged; after it, the next ckpt_recover finishes the save. */
 int ckpt_stage_commit(struct ckpt_stage *s, struct moai_err *err);
 
-/* Removes the staging directory and everything in it. */
+/* Removes the staging directory and everything in it (all written by this save). */
 void ckpt_stage_abort(struct ckpt_stage *s);
+
+/* Finishes or removes what a killed save left in dir (see above); nothing when dir or its
+ * staging directory does not exist. Returns 0 or MOAI_EIO (a rename that failed). */
+int ckpt_recover(const char *dir, struct moai_err *err);
+
+/* One run's hold on a save_dir. */
+struct ckpt_lock {
+    int fd;       /* the directory, flocked; -1 when not held */
+    bool created; /* the directory did not exist before */
+    char path[4096];
+};
+
+/* Checks, without creating anything, that checkpoints can be written in dir: dir is a
+ * writable directory, or does not exist and its nearest existing ancestor is one. Returns 0
+ * or MOAI_EIO with the reason ("'x' is not a directory", "cannot write in 'x': ..."). */
+int ckpt_check_writable(const char *dir, struct moai_err *err);
+
+/* Creates dir (and parents) when missing, opens and flocks it, finishes a killed save
+ * (ckpt_recover) and proves it writable by creating and removing the staging directory.
+ * Returns 0 or MOAI_EIO (also when another process holds it). On failure nothing is
+ * held and a directory it created is removed. */
+int ckpt_lock_acquire(struct ckpt_lock *l, const char *dir, struct moai_err *err);
+
+/* Releases the lock; removes the directory when ckpt_lock_acquire created it and it is still
+ * empty (a run that failed before saving leaves nothing behind). Safe on a lock not held. */
+void ckpt_lock_release(struct ckpt_lock *l);
 
 /* Writes obj to path atomically (temporary file, fsync, rename). Returns 0 or MOAI_EIO. */
 int ckpt_write_json_file(const char *path, const json_t *obj, struct moai_err *err);

@@ -36,17 +36,39 @@ int dev_cores(void)
     return 1;
 }
 
+/* The threads wait here until every one of them has started: workers meet at collectives,
+ * so none may begin while a thread that failed to start leaves them waiting for it. */
+struct dev_gate {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int state; /* 0 closed, 1 open (run), -1 cancelled (return at once) */
+};
+
 struct dev_job {
     struct dev *d;
     int (*worker)(struct dev *d, void *arg);
     void *arg;
+    struct dev_gate *gate;
 };
 
 static void *dev_thread(void *p)
 {
     struct dev_job *job = p;
-    job->d->rc = job->worker(job->d, job->arg);
+    pthread_mutex_lock(&job->gate->lock);
+    while (job->gate->state == 0)
+        pthread_cond_wait(&job->gate->cond, &job->gate->lock);
+    int go = job->gate->state > 0;
+    pthread_mutex_unlock(&job->gate->lock);
+    job->d->rc = go ? job->worker(job->d, job->arg) : 0;
     return NULL;
+}
+
+static void gate_set(struct dev_gate *g, int state)
+{
+    pthread_mutex_lock(&g->lock);
+    g->state = state;
+    pthread_cond_broadcast(&g->cond);
+    pthread_mutex_unlock(&g->lock);
 }
 
 int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), void *arg,
@@ -57,6 +79,7 @@ int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), voi
     int blas_before = openblas_get_num_threads();
     int per = dev_cores() / ds->n;
     int started = 0, rc = 0;
+    struct dev_gate gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
 
     if (!jobs || !threads) {
         free(jobs);
@@ -65,9 +88,10 @@ int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), voi
     }
     openblas_set_num_threads(per > 1 ? per : 1);
     for (int i = 0; i < ds->n; i++) {
-        jobs[i] = (struct dev_job){.d = &ds->devs[i], .worker = worker, .arg = arg};
+        jobs[i] = (struct dev_job){.d = &ds->devs[i], .worker = worker, .arg = arg, .gate = &gate};
         ds->devs[i].rc = 0;
         if (ds->n == 1) {
+            gate.state = 1;
             dev_thread(&jobs[i]);
             continue;
         }
@@ -77,6 +101,8 @@ int dev_set_run(struct dev_set *ds, int (*worker)(struct dev *d, void *arg), voi
         }
         started++;
     }
+    if (ds->n > 1)
+        gate_set(&gate, rc < 0 ? -1 : 1);
     for (int i = 0; i < started; i++)
         pthread_join(threads[i], NULL);
     openblas_set_num_threads(blas_before);

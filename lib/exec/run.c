@@ -18,6 +18,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -195,10 +196,27 @@ int exec_load_model_config(const struct recipe *r, struct model_config *cfg, str
     return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
 }
 
-/* The batcher as the training loop sees it. */
+/* The batcher as the training loop sees it: every device thread asks for the same step's rows,
+ * so the epoch's order is computed once into a buffer allocated before training (nothing can
+ * fail inside the loop). */
+struct order_cache {
+    const struct batcher *b;
+    pthread_mutex_t lock;
+    int64_t *order; /* (n_train) */
+    int64_t epoch;  /* whose order it holds; -1: none */
+};
+
 static void rows_of(void *arg, int64_t epoch, int64_t index, int64_t *rows)
 {
-    batch_rows(arg, epoch, index, rows);
+    struct order_cache *c = arg;
+    int64_t B = c->b->batch_size;
+    pthread_mutex_lock(&c->lock);
+    if (c->epoch != epoch) {
+        batch_epoch_order(c->b, epoch, c->order);
+        c->epoch = epoch;
+    }
+    memcpy(rows, c->order + index * B, (size_t) B * sizeof(int64_t));
+    pthread_mutex_unlock(&c->lock);
 }
 
 /* The records of a data set as the loop reads them: the rows listed (all when rows is NULL),
@@ -247,6 +265,8 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
 
     snprintf(path, sizeof(path), "%s/trainer_state.json", r->training.save_dir);
     json_t *state = json_load_file(path, 0, &jerr);
+    if (!state && jerr.line < 1) /* not opened: no line to name */
+        return moai_err_set(err, MOAI_EIO, "%s: cannot resume: %s", path, jerr.text);
     if (!state)
         return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
     json_t *step = json_object_get(state, "step");
@@ -284,8 +304,10 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
         return rc;
     struct llama_params views[3];
     float *dst[3] = {m, v, params};
-    for (int k = 0; k < 3; k++)
-        llama_params_init(&views[k], cfg, dst[k], NULL);
+    memset(views, 0, sizeof(views));
+    for (int k = 0; k < 3 && rc == 0; k++)
+        if (llama_params_init(&views[k], cfg, dst[k], NULL) < 0)
+            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory reading '%s'", path);
     int64_t count = llama_tensor_count(cfg);
     for (int64_t i = 0; i < count && rc == 0; i++) {
         static const char *const suffix[] = {".exp_avg", ".exp_avg_sq", ".master"};
@@ -311,6 +333,20 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, f
         llama_params_release(&views[k]);
     st_close(&f);
     return rc;
+}
+
+int exec_check_save_dir(const struct recipe *r, struct moai_err *err)
+{
+    int rc = ckpt_check_writable(r->training.save_dir, err);
+    return rc < 0 ? moai_err_prefix(err, "%s: 'training.save_dir'", r->source) : 0;
+}
+
+/* Takes save_dir for this run (exec/ckpt.h): it must be writable, and no other run may hold
+ * it. Before any training, so a run that cannot save stops at once. */
+static int hold_save_dir(const struct recipe *r, struct ckpt_lock *lock, struct moai_err *err)
+{
+    int rc = ckpt_lock_acquire(lock, r->training.save_dir, err);
+    return rc < 0 ? moai_err_prefix(err, "%s: 'training.save_dir'", r->source) : 0;
 }
 
 static void print_final(const struct recipe *r, const struct model_config *cfg,
@@ -393,6 +429,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct batcher batcher = {0};
     struct records train = {0}, valid = {0};
     struct llama_params host = {0};
+    struct ckpt_lock lock = {.fd = -1};
     float *m = NULL, *v = NULL;
     int64_t runtime_bytes = mem_process_runtime_bytes();
     int rc;
@@ -430,6 +467,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         comm_world_free(world);
         return rc;
     }
+    if (writer && (rc = hold_save_dir(r, &lock, err)) < 0)
+        goto out_world;
     struct layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
@@ -538,6 +577,13 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_params;
     }
 
+    struct order_cache orders = {.b = &batcher, .epoch = -1};
+    orders.order = malloc((size_t) (batcher.n_train + 1) * sizeof(int64_t));
+    if (!orders.order) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
+        goto out_params;
+    }
+    pthread_mutex_init(&orders.lock, NULL);
     struct train_result tr;
     struct saver sv = {.progress = &tr,
                        .r = r,
@@ -553,7 +599,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .train = train.view,
         .valid = valid.view,
         .batch_rows = rows_of,
-        .batch_arg = &batcher,
+        .batch_arg = &orders,
         .steps_per_epoch = spe,
         .total_steps = total,
         .start_step = start,
@@ -566,24 +612,25 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .world = world,
     };
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
-     * it too): a run that fails before training leaves no output behind */
+     * it too), unless one is there already (a checkpoint's): a run that fails before its first
+     * checkpoint takes back what it wrote */
     json_t *pj = plan_to_json(&pr.best, &cfg, r);
     char pj_path[4096];
     struct moai_err pj_err = {0};
-    struct stat before;
-    bool had_dir = stat(r->training.save_dir, &before) == 0;
+    bool pj_written = false;
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
-    if (writer && (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
-                   ckpt_write_json_file(pj_path, pj, &pj_err) < 0))
-        log_warn("%s", pj_err.msg);
+    if (writer && access(pj_path, F_OK) != 0) {
+        if (ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
+            log_warn("%s", pj_err.msg);
+        else
+            pj_written = true;
+    }
     json_decref(pj);
     rc = exec_train(&job, &tr, err);
-    if (writer && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
-        /* failed before any checkpoint: take back what this run wrote */
+    pthread_mutex_destroy(&orders.lock);
+    free(orders.order);
+    if (pj_written && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0)
         unlink(pj_path);
-        if (!had_dir)
-            rmdir(r->training.save_dir);
-    }
     if (rc == MOAI_EOOM && tr.oom_requested_bytes) {
         log_error("%s", err->msg);
         plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
@@ -626,5 +673,6 @@ out_world:
     if (world && !agreed) /* tell the others this process stops here */
         comm_world_agree(world, rc == 0);
     comm_world_free(world);
+    ckpt_lock_release(&lock);
     return rc;
 }

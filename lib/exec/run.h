@@ -29,6 +29,10 @@ struct exec_opts {
 
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err);
 
+/* Whether checkpoints can be written in the recipe's save_dir (for --validate; exec_run checks
+ * it again under its lock). Creates nothing. Returns 0 or MOAI_EIO naming the recipe and key. */
+int exec_check_save_dir(const struct recipe *r, struct moai_err *err);
+
 struct model_config;
 
 /* The recipe's architecture: <model.path>/config.json with model.config over it, or

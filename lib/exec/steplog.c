@@ -47,12 +47,25 @@ char *steplog_format(char *buf, size_t size, const struct step_record *s)
     return buf;
 }
 
+/* A JSON number, or null for a value that is not finite (JSON has no NaN). */
+static json_t *real_or_null(double x)
+{
+    return isfinite(x) ? json_real(x) : json_null();
+}
+
 json_t *steplog_json(const struct step_record *s)
 {
     char loss[64];
     steplog_format_loss(loss, sizeof(loss), s->loss);
-    return json_pack("{s:I, s:I, s:f, s:f, s:f, s:f, s:f}", "step", (json_int_t) s->step,
-                     "total_steps", (json_int_t) s->total_steps, "loss", strtod(loss, NULL),
-                     "duration_s", round2(s->duration_s), "tokens_per_s", round2(s->tokens_per_s),
-                     "lr", s->lr, "grad_norm", s->grad_norm);
+    json_t *j = json_object();
+    if (!j)
+        return NULL;
+    json_object_set_new(j, "step", json_integer((json_int_t) s->step));
+    json_object_set_new(j, "total_steps", json_integer((json_int_t) s->total_steps));
+    json_object_set_new(j, "loss", real_or_null(strtod(loss, NULL)));
+    json_object_set_new(j, "duration_s", real_or_null(round2(s->duration_s)));
+    json_object_set_new(j, "tokens_per_s", real_or_null(round2(s->tokens_per_s)));
+    json_object_set_new(j, "lr", real_or_null(s->lr));
+    json_object_set_new(j, "grad_norm", real_or_null(s->grad_norm));
+    return j;
 }

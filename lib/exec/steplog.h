@@ -28,7 +28,7 @@ struct step_record {
 /* Writes the step line (no newline) into buf. Returns buf. */
 char *steplog_format(char *buf, size_t size, const struct step_record *s);
 
-/* The step as a JSON object (new reference). */
+/* The step as a JSON object (new reference); a value that is not finite is null. */
 json_t *steplog_json(const struct step_record *s);
 
 /* "%.7g" without an exponent for ordinary values: 2.03125, 10.5, 0.0001234. */

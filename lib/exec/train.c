@@ -9,12 +9,16 @@
 #include "model/optim.h"
 #include "progress.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stdatomic.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 volatile sig_atomic_t exec_stop_requested;
+volatile sig_atomic_t exec_saving;
 
 /* What every device thread of this process shares. */
 struct run {
@@ -30,7 +34,10 @@ struct run {
     struct train_result *res;
     int save_rc;
     struct moai_err save_err;
-    int local_failed; /* a device of this process failed to set up */
+    int local_failed;         /* a device of this process failed to set up */
+    int stdout_errno;         /* device 0 could not write a step to standard output */
+    atomic_int failed;        /* set by the first device whose own failure stops the run */
+    struct moai_err fail_err; /* its error (written once, read after the threads end) */
 };
 
 /* One micro-batch's tokens, kept from its forward to its backward. */
@@ -69,6 +76,7 @@ struct device {
     bool work_ready;
     struct slot *slots; /* (in_flight) */
     int64_t reserved;   /* bytes counted for the model's own arenas */
+    int comm_rc;        /* the first failed collective's code (its group failed alike), or 0 */
 };
 
 static int64_t fbytes(int64_t floats)
@@ -76,8 +84,39 @@ static int64_t fbytes(int64_t floats)
     return floats * (int64_t) sizeof(float);
 }
 
-int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *layout, int64_t T,
-                          int nthreads)
+/* Keeps the first failure of a collective. Every rank of the failed call's group fails alike
+ * and goes on calling the same collectives, so nobody waits forever; the next agreement over
+ * the world (once a step, before a save, after validation) stops every device. */
+static void ck(struct device *dv, int rc)
+{
+    if (rc < 0 && dv->comm_rc == 0)
+        dv->comm_rc = rc;
+}
+
+/* Records a device's own failure as the run's error (the first one wins), and returns code.
+ * The devices that only learn of it stop with MOAI_EIO; exec_train reports this one. */
+static int run_fail(struct run *run, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int run_fail(struct run *run, int code, const char *fmt, ...)
+{
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&run->failed, &expected, 1)) {
+        va_list ap;
+        va_start(ap, fmt);
+        moai_err_vset(&run->fail_err, code, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+/* Whether any device of the world says bad (collective over the world). */
+static bool any_device(struct device *dv, bool bad)
+{
+    return comm_allreduce_scalar(&dv->world, bad ? 1.0 : 0.0) > 0;
+}
+
+int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *layout,
+                          int64_t T, int nthreads)
 {
     int64_t most = 0;
     for (int stage = 0; stage < layout->pp; stage++) {
@@ -96,12 +135,14 @@ int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *l
 
 static void tp_allreduce_hook(void *arg, float *buf, int64_t n)
 {
-    comm_allreduce_sum(arg, buf, (size_t) n);
+    struct device *dv = arg;
+    ck(dv, comm_allreduce_sum(&dv->tpc, buf, (size_t) n));
 }
 
 static void tp_allgather_hook(void *arg, const float *in, float *out, int64_t n)
 {
-    comm_allgather(arg, in, out, (size_t) n);
+    struct device *dv = arg;
+    ck(dv, comm_allgather(&dv->tpc, in, out, (size_t) n));
 }
 
 /* ---- buffers -------------------------------------------------------------------------- */
@@ -134,7 +175,7 @@ static int device_alloc(struct device *dv)
                           .vocab_rows = s->vocab_rows,
                           .allreduce = tp_allreduce_hook,
                           .allgather = tp_allgather_hook,
-                          .arg = &dv->tpc};
+                          .arg = dv};
     llama_set_tp(&dv->m, &tp);
     /* the order of shard_bytes, so a device short of memory fails where the planner says */
     if (!run->zero3) {
@@ -283,7 +324,7 @@ static float *unit_weights(struct device *dv, int u, float *buf)
     const struct shard_unit *x = &dv->sh.units[u];
     if (!dv->run->zero3)
         return dv->params + x->off;
-    comm_allgather(&dv->dpc, dv->pshard + x->shard, buf, (size_t) x->chunk);
+    ck(dv, comm_allgather(&dv->dpc, dv->pshard + x->shard, buf, (size_t) x->chunk));
     return buf;
 }
 
@@ -305,7 +346,7 @@ static void unit_reduce(struct device *dv, int u, const float *buf)
     if (!dv->run->zero2)
         return;
     float *dst = dv->gshard + x->shard;
-    comm_reduce_scatter_sum(&dv->dpc, buf, dv->tmp, (size_t) x->chunk);
+    ck(dv, comm_reduce_scatter_sum(&dv->dpc, buf, dv->tmp, (size_t) x->chunk));
     for (int64_t i = 0; i < x->chunk; i++)
         dst[i] += dv->tmp[i];
 }
@@ -456,37 +497,37 @@ static double step_pipeline(struct device *dv, const int64_t *rows, float dloss)
     for (int i = 0; i < warm; i++) {
         fill_micro_batch(dv, rows, i);
         if (!first)
-            comm_recv(&dv->ppc, stage - 1, stage_input(dv, i % nslot), bytes);
+            ck(dv, comm_recv(&dv->ppc, stage - 1, stage_input(dv, i % nslot), bytes));
         loss += stage_forward(dv, i % nslot, true, dloss);
-        comm_send(&dv->ppc, stage + 1, dv->acts[i % nslot].xf, bytes);
+        ck(dv, comm_send(&dv->ppc, stage + 1, dv->acts[i % nslot].xf, bytes));
     }
     if (rest > 0) {
         fill_micro_batch(dv, rows, warm);
         if (!first)
-            comm_recv(&dv->ppc, stage - 1, stage_input(dv, warm % nslot), bytes);
+            ck(dv, comm_recv(&dv->ppc, stage - 1, stage_input(dv, warm % nslot), bytes));
     }
     for (int i = 0; i < rest; i++) {
         int f = warm + i, k = f % nslot, bk = i % nslot;
         loss += stage_forward(dv, k, true, dloss);
         if (!last)
-            comm_sendrecv(&dv->ppc, stage + 1, dv->acts[k].xf, bytes, stage + 1, dv->work.dres,
-                          bytes);
+            ck(dv, comm_sendrecv(&dv->ppc, stage + 1, dv->acts[k].xf, bytes, stage + 1,
+                                 dv->work.dres, bytes));
         stage_backward(dv, bk);
         if (i == rest - 1) {
             if (!first)
-                comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes);
+                ck(dv, comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes));
         } else {
             fill_micro_batch(dv, rows, f + 1);
             if (!first)
-                comm_sendrecv(&dv->ppc, stage - 1, dv->work.dres, bytes, stage - 1,
-                              stage_input(dv, (f + 1) % nslot), bytes);
+                ck(dv, comm_sendrecv(&dv->ppc, stage - 1, dv->work.dres, bytes, stage - 1,
+                                     stage_input(dv, (f + 1) % nslot), bytes));
         }
     }
     for (int i = rest; i < nmb; i++) {
-        comm_recv(&dv->ppc, stage + 1, dv->work.dres, bytes);
+        ck(dv, comm_recv(&dv->ppc, stage + 1, dv->work.dres, bytes));
         stage_backward(dv, i % nslot);
         if (!first)
-            comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes);
+            ck(dv, comm_send(&dv->ppc, stage - 1, dv->work.dres, bytes));
     }
     return loss;
 }
@@ -499,7 +540,7 @@ static void sum_unit_range(struct device *dv, struct comm *c, int u, int64_t a, 
 {
     const struct shard_unit *x = &dv->sh.units[u];
     if (!dv->run->zero2) {
-        comm_allreduce_sum(c, dv->grads + x->off + a, (size_t) (b - a));
+        ck(dv, comm_allreduce_sum(c, dv->grads + x->off + a, (size_t) (b - a)));
         return;
     }
     int64_t first, n;
@@ -507,7 +548,7 @@ static void sum_unit_range(struct device *dv, struct comm *c, int u, int64_t a, 
     int64_t lo = a > first ? a : first, hi = b < first + n ? b : first + n;
     if (hi < lo)
         hi = lo; /* every rank of c calls with the same count: same chunking */
-    comm_allreduce_sum(c, dv->gshard + x->shard + (lo - first), (size_t) (hi - lo));
+    ck(dv, comm_allreduce_sum(c, dv->gshard + x->shard + (lo - first), (size_t) (hi - lo)));
 }
 
 /* Gradients that several devices hold partial sums of become whole: the k and v of a kv
@@ -577,7 +618,7 @@ static double optimizer_step(struct device *dv, int64_t step, double lr)
                              .weight_decay = r->training.weight_decay};
 
     if (!run->zero2)
-        comm_allreduce_sum(&dv->dpc, dv->grads, (size_t) s->floats);
+        ck(dv, comm_allreduce_sum(&dv->dpc, dv->grads, (size_t) s->floats));
     sum_replicas(dv);
     double norm = sqrt(comm_allreduce_scalar(&dv->world, local_sumsq(dv)));
     float *g = run->zero2 ? dv->gshard : dv->grads;
@@ -605,10 +646,21 @@ static double optimizer_step(struct device *dv, int64_t step, double lr)
                              dv->mom1 + x->shard, dv->mom2 + x->shard, cnt, step, &hp);
         memset(dv->tmp, 0, (size_t) fbytes(x->chunk));
         memcpy(dv->tmp, dv->params + x->off + first, (size_t) fbytes(cnt));
-        comm_allgather(&dv->dpc, dv->tmp, dv->bucket, (size_t) x->chunk);
+        ck(dv, comm_allgather(&dv->dpc, dv->tmp, dv->bucket, (size_t) x->chunk));
         memcpy(dv->params + x->off, dv->bucket, (size_t) fbytes(x->len));
     }
     return norm;
+}
+
+/* Whether every weight this device updates is finite after the step. */
+static bool params_finite(const struct device *dv)
+{
+    const float *p = dv->run->zero3 ? dv->pshard : dv->params;
+    int64_t n = dv->run->zero3 ? dv->sh.shard_floats : dv->sh.floats;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < n; i++)
+        acc += p[i] * 0.0f; /* 0 for finite values, NaN once any is NaN or infinite */
+    return acc == 0.0f;
 }
 
 /* ---- checkpoints ---------------------------------------------------------------------- */
@@ -628,7 +680,7 @@ static void unit_whole(struct device *dv, int u, int k, float *out)
     owned(x, dv->sh.dp_rank, &first, &n);
     memset(dv->tmp, 0, (size_t) fbytes(x->chunk));
     memcpy(dv->tmp, src + x->shard, (size_t) fbytes(n));
-    comm_allgather(&dv->dpc, dv->tmp, out, (size_t) x->chunk);
+    ck(dv, comm_allgather(&dv->dpc, dv->tmp, out, (size_t) x->chunk));
 }
 
 /* Weights and moments of the whole model on device 0: every device of data-parallel rank 0
@@ -641,12 +693,36 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
     float *arr[3] = {run->host_params, run->host_m, run->host_v};
     float *unit = malloc((size_t) fbytes(s->max_padded > 0 ? s->max_padded : 1));
     float *tmp = NULL;
-    int rc = 0;
+    int nothers = s->lay.pp * s->lay.tp, ready = 0;
+    struct shard *others = NULL; /* device 0: the layout of every device it receives from */
+    bool bad = !unit;
 
-    if (!unit)
-        rc = MOAI_ENOMEM;
+    if (s->dev == 0 && !bad) {
+        int64_t most = 1;
+        others = calloc((size_t) nothers, sizeof(*others));
+        for (int i = 0; others && i < nothers; i++, ready++) {
+            int d = shard_device(&s->lay, 0, i / s->lay.tp, i % s->lay.tp);
+            if (shard_init(&others[i], &s->full, &s->lay, run->T, run->nthreads, d, NULL) < 0)
+                break;
+            most = others[i].max_padded > most ? others[i].max_padded : most;
+        }
+        tmp = ready == nothers ? malloc((size_t) fbytes(most)) : NULL;
+        bad = !tmp;
+    }
+    /* every device has its buffers, or none sends nor receives */
+    if (any_device(dv, bad)) {
+        if (bad)
+            run_fail(run, MOAI_ENOMEM, "out of memory gathering the checkpoint of step %lld",
+                     (long long) steps_done);
+        for (int i = 0; i < ready; i++)
+            shard_release(&others[i]);
+        free(others);
+        free(tmp);
+        free(unit);
+        return bad ? MOAI_ENOMEM : MOAI_EIO;
+    }
     /* ZeRO's gathers are collective over the data-parallel group: every rank runs them */
-    for (int u = 0; u < s->nunits && rc == 0; u++)
+    for (int u = 0; u < s->nunits; u++)
         for (int k = 0; k < 3; k++) {
             unit_whole(dv, u, k, unit);
             if (s->dp_rank != 0)
@@ -654,55 +730,54 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
             if (s->dev == 0)
                 shard_unit_to_full(s, u, unit, arr[k]);
             else if (!(s->tied_copy && u == s->lm_head_unit))
-                comm_send(&dv->world, 0, unit, (size_t) fbytes(s->units[u].len));
+                ck(dv, comm_send(&dv->world, 0, unit, (size_t) fbytes(s->units[u].len)));
         }
-    if (s->dev == 0 && rc == 0) {
-        /* the others' units, in device order */
-        for (int stage = 0; stage < s->lay.pp && rc == 0; stage++)
-            for (int t = 0; t < s->lay.tp && rc == 0; t++) {
-                int d = shard_device(&s->lay, 0, stage, t);
-                struct shard o;
-                if (d == 0)
-                    continue;
-                if (shard_init(&o, &s->full, &s->lay, run->T, run->nthreads, d, NULL) < 0) {
-                    rc = MOAI_ENOMEM;
-                    break;
-                }
-                free(tmp);
-                tmp = malloc((size_t) fbytes(o.max_padded));
-                for (int u = 0; u < o.nunits && tmp; u++) {
-                    if (o.tied_copy && u == o.lm_head_unit)
-                        continue;
-                    for (int k = 0; k < 3; k++) {
-                        comm_recv(&dv->world, d, tmp, (size_t) fbytes(o.units[u].len));
-                        shard_unit_to_full(&o, u, tmp, arr[k]);
-                    }
-                }
-                if (!tmp)
-                    rc = MOAI_ENOMEM;
-                shard_release(&o);
+    for (int i = 0; s->dev == 0 && i < nothers; i++) { /* the others' units, in device order */
+        const struct shard *o = &others[i];
+        if (o->dev == 0)
+            continue;
+        for (int u = 0; u < o->nunits; u++) {
+            if (o->tied_copy && u == o->lm_head_unit)
+                continue;
+            for (int k = 0; k < 3; k++) {
+                ck(dv, comm_recv(&dv->world, o->dev, tmp, (size_t) fbytes(o->units[u].len)));
+                shard_unit_to_full(o, u, tmp, arr[k]);
             }
+        }
     }
+    for (int i = 0; i < ready; i++)
+        shard_release(&others[i]);
+    free(others);
     free(tmp);
     free(unit);
-    comm_barrier(&dv->world);
-    if (s->dev == 0 && run->job->save && rc == 0) {
+    /* a collective that failed anywhere: the gathered state is not the run's; not saved */
+    if (any_device(dv, dv->comm_rc < 0)) {
+        if (dv->comm_rc < 0)
+            run_fail(run, dv->comm_rc,
+                     "a collective failed (out of memory) gathering the "
+                     "checkpoint of step %lld",
+                     (long long) steps_done);
+        return dv->comm_rc < 0 ? dv->comm_rc : MOAI_EIO;
+    }
+    if (s->dev == 0 && run->job->save) {
         memset(&run->save_err, 0, sizeof(run->save_err));
+        exec_saving = 1;
         run->save_rc = run->job->save(run->job->save_arg, steps_done, run->host_params, run->host_m,
                                       run->host_v, &run->save_err);
-    } else if (s->dev == 0 && rc < 0) {
-        run->save_rc = moai_err_set(&run->save_err, rc, "out of memory gathering the checkpoint");
+        exec_saving = 0;
     }
     /* every device learns whether the save worked */
-    double failed = comm_allreduce_scalar(&dv->world, s->dev == 0 && run->save_rc < 0 ? 1 : 0);
-    return failed > 0 ? (run->save_rc < 0 ? run->save_rc : MOAI_EIO) : 0;
+    if (!any_device(dv, s->dev == 0 && run->save_rc < 0))
+        return 0;
+    return s->dev == 0 ? run->save_rc : MOAI_EIO;
 }
 
 /* ---- validation ----------------------------------------------------------------------- */
 
 /* Validation loss over the validation records, split over the replicas, each micro-batch
- * forward through the pipeline. */
-static double validate(struct device *dv)
+ * forward through the pipeline, into *loss (NAN when nothing counts). Returns 0, or an error
+ * on every device alike. */
+static int validate(struct device *dv, double *loss)
 {
     struct run *run = dv->run;
     const struct shard *s = &dv->sh;
@@ -714,9 +789,12 @@ static double validate(struct device *dv)
     size_t bytes = act_bytes(dv);
     double sum = 0;
 
-    if (!rows) /* tiny; a failure here only loses the validation figure */
-        per = 0;
+    *loss = NAN;
     /* every replica runs the same number of micro-batches (ZeRO-3's gathers are collective) */
+    if (any_device(dv, !rows)) {
+        free(rows);
+        return rows ? MOAI_EIO : run_fail(run, MOAI_ENOMEM, "out of memory validating");
+    }
     int64_t nmb = (per + run->B - 1) / run->B;
     for (int64_t k = 0; k < nmb; k++) {
         int64_t B = 0;
@@ -728,10 +806,10 @@ static double validate(struct device *dv)
         fill_slot(dv, 0, vr, rows, B, real);
         count += count_targets(vr, rows, real);
         if (stage > 0)
-            comm_recv(&dv->ppc, stage - 1, stage_input(dv, 0), bytes);
+            ck(dv, comm_recv(&dv->ppc, stage - 1, stage_input(dv, 0), bytes));
         double l = stage_forward(dv, 0, false, 1.0f);
         if (stage < pp - 1)
-            comm_send(&dv->ppc, stage + 1, dv->acts[0].xf, bytes);
+            ck(dv, comm_send(&dv->ppc, stage + 1, dv->acts[0].xf, bytes));
         if (s->has_head && s->tp_rank == 0)
             sum += l;
     }
@@ -739,10 +817,17 @@ static double validate(struct device *dv)
     bool counts = s->stage == 0 && s->tp_rank == 0;
     sum = comm_allreduce_scalar(&dv->world, sum);
     double total = comm_allreduce_scalar(&dv->world, counts ? (double) count : 0.0);
-    return total > 0 ? sum / total : NAN;
+    if (any_device(dv, dv->comm_rc < 0))
+        return dv->comm_rc < 0
+                   ? run_fail(run, dv->comm_rc, "a collective failed (out of memory) validating")
+                   : MOAI_EIO;
+    *loss = total > 0 ? sum / total : NAN;
+    return 0;
 }
 
-static void print_step(const struct run *run, const struct step_record *s)
+/* Prints a step on standard output; a failed write (a full disk, a closed pipe) is kept in
+ * run->stdout_errno and stops the run at the next step, saving, as a signal does. */
+static void print_step(struct run *run, const struct step_record *s)
 {
     if (run->job->json) {
         json_t *j = steplog_json(s);
@@ -755,7 +840,8 @@ static void print_step(const struct run *run, const struct step_record *s)
         char line[256];
         puts(steplog_format(line, sizeof(line), s));
     }
-    fflush(stdout);
+    if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
+        run->stdout_errno = errno ? errno : EIO;
 }
 
 /* The communicators of device dev: its groups in the layout, split from the world. */
@@ -813,6 +899,44 @@ static int alloc_failed_elsewhere(struct device *dv)
     return moai_err_set(&d->err, MOAI_EIO, "another device failed to set up");
 }
 
+static const char *signal_name(int sig)
+{
+    switch (sig) {
+    case SIGINT:
+        return "SIGINT";
+    case SIGTERM:
+        return "SIGTERM";
+    case SIGPIPE:
+        return "SIGPIPE";
+    case SIGHUP:
+        return "SIGHUP";
+    default:
+        return "a signal";
+    }
+}
+
+/* The error of a run stopped after saving: by a signal here or in another process (MOAI_EINTR),
+ * or by a failed write on standard output (MOAI_EIO). */
+static int interrupted(const struct run *run, struct moai_err *err)
+{
+    const char *dir = run->job->recipe->training.save_dir;
+    long long step = (long long) run->res->steps_done;
+    int sig = exec_stop_requested;
+    if (!sig && run->stdout_errno)
+        return moai_err_set(err, MOAI_EIO,
+                            "cannot write standard output: %s; checkpoint saved in '%s' after "
+                            "step %lld",
+                            strerror(run->stdout_errno), dir, step);
+    if (!sig)
+        return moai_err_set(err, MOAI_EINTR,
+                            "interrupted by a signal to another MPI rank: checkpoint saved in "
+                            "'%s' after step %lld",
+                            dir, step);
+    return moai_err_set(err, MOAI_EINTR,
+                        "interrupted by %s: checkpoint saved in '%s' after step %lld",
+                        signal_name(sig), dir, step);
+}
+
 static int device_run(struct dev *d, void *arg)
 {
     struct run *run = arg;
@@ -823,14 +947,28 @@ static int device_run(struct dev *d, void *arg)
     int64_t *rows = NULL;
     int rc;
 
+    int64_t done = job->start_step; /* this device's count of optimizer steps done */
+
     memset(&dv, 0, sizeof(dv));
     dv.run = run;
     dv.dev = d;
-    if (shard_init(&dv.sh, job->cfg, run->plan, run->T, run->nthreads, d->id, &d->err) < 0)
-        return MOAI_ENOMEM; /* before any collective: the others fail alike or wait; rare */
-    dv.sh_ready = true;
-    if ((rc = device_comms(&dv)) < 0)
+    comm_world_all(run->world, d->id, &dv.world);
+    rc = shard_init(&dv.sh, job->cfg, run->plan, run->T, run->nthreads, d->id, &d->err);
+    dv.sh_ready = rc == 0;
+    /* before the groups are split, every device learns whether each has its layout */
+    if (any_device(&dv, rc < 0)) {
+        device_free(&dv);
+        return rc < 0 ? run_fail(run, MOAI_ENOMEM,
+                                 "device %d: out of memory laying out its part "
+                                 "of the model",
+                                 d->id)
+                      : MOAI_EIO;
+    }
+    if ((rc = device_comms(&dv)) < 0) { /* on every device alike */
+        run_fail(run, rc, "%s", d->err.msg);
+        device_free(&dv);
         return rc;
+    }
 
     rc = device_alloc(&dv);
     rows = malloc((size_t) batch * sizeof(*rows));
@@ -847,9 +985,15 @@ static int device_run(struct dev *d, void *arg)
         return rc;
     }
     rc = device_load(&dv);
+    if (any_device(&dv, rc < 0))
+        rc = rc < 0 ? run_fail(run, rc, "device %d: out of memory loading the weights", d->id)
+                    : MOAI_EIO;
 
     for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
-        double stop = comm_allreduce_scalar(&dv.world, d->id == 0 && exec_stop_requested);
+        /* a signal to any process, or device 0's failed output, stops every device */
+        bool here = d->id == run->world->first_dev &&
+                    (exec_stop_requested || (d->id == 0 && run->stdout_errno));
+        double stop = comm_allreduce_scalar(&dv.world, here ? 1.0 : 0.0);
         if (stop > 0) {
             rc = save_checkpoint(&dv, step - 1);
             if (rc == 0)
@@ -880,6 +1024,17 @@ static int device_run(struct dev *d, void *arg)
         double lr = r->training.lr *
                     optim_lr_factor(sched, step - 1, r->training.warmup_steps, job->total_steps);
         double norm = optimizer_step(&dv, step, lr);
+        /* a broken state is never saved nor trained on, nor one a failed collective left:
+         * every device learns of either (a failure counts 1e6, a broken device 1) */
+        double broken = comm_allreduce_scalar(&dv.world, (params_finite(&dv) ? 0.0 : 1.0) +
+                                                             (dv.comm_rc < 0 ? 1e6 : 0.0));
+        if (broken >= 1e6) {
+            rc = dv.comm_rc < 0
+                     ? run_fail(run, dv.comm_rc, "a collective failed (out of memory) at step %lld",
+                                (long long) step)
+                     : MOAI_EIO;
+            break;
+        }
         comm_barrier(&dv.world);
         double dt = progress_now() - t0;
 
@@ -901,6 +1056,23 @@ static int device_run(struct dev *d, void *arg)
                                 step == job->start_step + 1 || step == job->total_steps))
                 print_step(run, &sr);
         }
+        if (!isfinite(norm) || broken > 0) {
+            if (!isfinite(norm))
+                moai_err_set(&d->err, MOAI_EIO,
+                             "the gradient norm is not finite (%g) at step %lld: stopped "
+                             "without saving it",
+                             norm, (long long) step);
+            else
+                moai_err_set(&d->err, MOAI_EIO,
+                             "a weight is not finite after the update of step %lld (gradient "
+                             "norm %g): stopped without saving it",
+                             (long long) step, norm);
+            moai_err_hint(&d->err, "lower training.lr or training.weight_decay, or set "
+                                   "training.grad_clip");
+            rc = MOAI_EIO;
+            break;
+        }
+        done = step;
         if (d->id == run->world->first_dev)
             run->res->steps_done = step;
         if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0 &&
@@ -909,22 +1081,24 @@ static int device_run(struct dev *d, void *arg)
                 break;
         }
         if (step % job->steps_per_epoch == 0 && job->valid.n > 0 && step != job->total_steps) {
-            double vl = validate(&dv);
+            double vl;
+            if ((rc = validate(&dv, &vl)) < 0)
+                break;
             if (d->id == 0)
                 log_info("epoch %lld: validation loss %.6g",
                          (long long) (step / job->steps_per_epoch), vl);
         }
     }
     if (rc == 0 && job->valid.n > 0) {
-        double vl = validate(&dv);
-        if (d->id == 0)
+        double vl;
+        rc = validate(&dv, &vl);
+        if (rc == 0 && d->id == 0)
             run->res->valid_loss = vl;
     }
     if (rc == 0)
-        rc = save_checkpoint(&dv, run->res->steps_done);
-    if (rc == MOAI_EINTR && d->id == 0)
-        moai_err_set(&d->err, MOAI_EINTR, "interrupted: checkpoint saved in '%s' after step %lld",
-                     r->training.save_dir, (long long) run->res->steps_done);
+        rc = save_checkpoint(&dv, done);
+    if (rc == MOAI_EINTR && d->id == run->world->first_dev)
+        rc = interrupted(run, &d->err);
     if (rc < 0 && rc != MOAI_EINTR && rc == run->save_rc && d->id == 0)
         d->err = run->save_err;
     /* device 0 learns every device's peak (other processes' devices too) */
@@ -990,6 +1164,10 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
         ds.devs[i].id = first + i;
     res->steps_done = job->start_step;
     rc = dev_set_run(&ds, device_run, &run, err);
+    if (rc < 0 && rc != MOAI_EINTR && atomic_load(&run.failed)) {
+        *err = run.fail_err; /* the device whose own failure stopped the run */
+        rc = err->code;
+    }
     res->ndev = ndev;
     res->capacity_bytes = r->flavor.device.memory_bytes;
     for (int i = 0; i < nlocal && first + i < 64 && first > 0; i++)

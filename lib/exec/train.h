@@ -99,11 +99,16 @@ struct train_result {
     int64_t oom_requested_bytes; /* what it would have held with the failed allocation */
 };
 
-/* Set by the signal handler of cmd/; the loop saves and stops at the next step boundary. */
+/* Set by the signal handler of cmd/ to the signal's number; the loop saves and stops at the
+ * next step boundary. Under MPI a signal to any process stops every one. */
 extern volatile sig_atomic_t exec_stop_requested;
 
+/* 1 while device 0 writes a checkpoint (for the signal handler's message). */
+extern volatile sig_atomic_t exec_saving;
+
 /* Runs the job. Returns 0, MOAI_EINTR (stopped by a signal, checkpoint saved), MOAI_EOOM
- * (a device's memory is too small), MOAI_EIO (non-finite loss, a failed save). */
+ * (a device's memory is too small), MOAI_EIO (non-finite loss, gradient norm or weight, a
+ * failed save, or standard output failed: the run then stops and saves like a signal). */
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err);
 
 /* The bytes the most loaded device of a plan allocates (layout/shard.h), by the same

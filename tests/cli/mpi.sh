@@ -53,4 +53,20 @@ mpi 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi-oom" \
 expect_eq "mpirun, too small: status" 3 $?
 expect_eq "mpirun, too small: one report" 1 "$(grep -c '^moai-finetune: error: Error Code 4: OUT_OF_MEMORY$' "$TMP/oom.err")"
 [ ! -e "$TMP/mpi-oom" ] && ok || fail "mpirun, too small: no output directory"
+# SIGTERM to rank 1 alone stops both ranks, saved; each says so in one line.
+timeout 300 mpirun --oversubscribe -n 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mpi-sig" \
+    --set training.max_steps=100000 \
+    "$TMP/r.yaml" >"$TMP/sig.out" 2>"$TMP/sig.err" &
+mp=$!
+for _ in $(seq 300); do grep -q '^\[Step' "$TMP/sig.out" 2>/dev/null && break; sleep 0.1; done
+rank1=
+for p in $(pgrep -f "save_dir=$TMP/mpi-sig"); do
+    grep -qz '^OMPI_COMM_WORLD_RANK=1$' "/proc/$p/environ" 2>/dev/null && rank1=$p
+done
+if [ -n "$rank1" ]; then kill -TERM "$rank1"; else fail "rank 1 not found"; kill -TERM $mp; fi
+wait $mp
+expect_eq "mpirun, SIGTERM to rank 1: status" 130 $?
+step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$TMP/mpi-sig/trainer_state.json" 2>/dev/null)
+expect_eq "mpirun, SIGTERM to rank 1: messages" "moai-finetune: error: interrupted by a signal to another MPI rank: checkpoint saved in '$TMP/mpi-sig' after step $step
+moai-finetune: rank 1: error: interrupted by SIGTERM: checkpoint saved in '$TMP/mpi-sig' after step $step" "$(grep '^moai-finetune' "$TMP/sig.err" | sort)"
 finish
