@@ -115,8 +115,8 @@ static bool any_device(struct device *dv, bool bad)
     return comm_allreduce_scalar(&dv->world, bad ? 1.0 : 0.0) > 0;
 }
 
-int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *layout,
-                          int64_t T, int nthreads)
+int64_t exec_device_bytes(const struct model_config *cfg, const struct layout *layout, int64_t T,
+                          int nthreads)
 {
     int64_t most = 0;
     for (int stage = 0; stage < layout->pp; stage++) {

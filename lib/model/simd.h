@@ -20,8 +20,7 @@
 #define SIMD_KB 16
 
 /* Not under ThreadSanitizer: its runtime is not up yet when the ifunc resolvers run. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) &&                            \
-    !defined(__SANITIZE_THREAD__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_THREAD__)
 #define SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SIMD_CLONES
