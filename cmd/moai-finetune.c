@@ -1,6 +1,7 @@
 /* moai-finetune.c - the command line: options, the loop over recipes, exit statuses. */
 #include "err.h"
 #include "log.h"
+#include "data/validate.h"
 #include "exec/comm.h"
 #include "exec/run.h"
 #include "exec/train.h"
@@ -31,6 +32,8 @@ struct options {
     bool mpi; /* started by mpirun */
     struct recipe_overrides ov;
     const char **sets;
+    const char **recipes; /* in command-line order, options anywhere among them */
+    int nrecipes;
 };
 
 static const char usage_text[] =
@@ -103,6 +106,8 @@ static int run_validate(const struct options *opt, const char *path, struct reci
     struct model_config cfg;
     int rc = recipe_check_files(r, err);
     if (rc < 0)
+        return rc;
+    if ((rc = data_validate(r, err)) < 0)
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
@@ -240,11 +245,20 @@ int main(int argc, char **argv)
     int c, status = 0;
 
     opt.sets = calloc((size_t) argc, sizeof(*opt.sets));
-    if (!opt.sets)
+    opt.recipes = calloc((size_t) argc, sizeof(*opt.recipes));
+    if (!opt.sets || !opt.recipes) {
+        free(opt.sets);
+        free(opt.recipes);
         return 1;
+    }
     opterr = 0;
-    while ((c = getopt_long(argc, argv, "+qvhV", longopts, NULL)) != -1) {
+    /* GNU style: options anywhere among the recipes ("-" in the option string hands each
+     * recipe over in order, whatever POSIXLY_CORRECT says); "--" ends the options. */
+    while ((c = getopt_long(argc, argv, "-qvhV", longopts, NULL)) != -1) {
         switch (c) {
+        case 1:
+            opt.recipes[opt.nrecipes++] = optarg;
+            break;
         case OPT_PLAN:
             if (opt.mode == MODE_VALIDATE) {
                 status = usage_error("%s cannot be combined with --validate", "--plan-only");
@@ -283,23 +297,24 @@ int main(int argc, char **argv)
             break;
         case 'h':
             fputs(usage_text, stdout);
-            free(opt.sets);
-            return 0;
+            goto out;
         case 'V':
             printf("moai-finetune %s\n", MOAI_VERSION);
-            free(opt.sets);
-            return 0;
+            goto out;
         default:
             free(opt.sets);
+            free(opt.recipes);
             if (optopt && optopt < 256)
                 return usage_error("unknown option '-%c'", (char[]){(char) optopt, 0});
             return usage_error("unknown option or missing argument '%s'", argv[optind - 1]);
         }
     }
     opt.ov.sets = opt.sets;
-    if (optind >= argc) {
-        free(opt.sets);
-        return usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
+    while (optind < argc) /* after "--" */
+        opt.recipes[opt.nrecipes++] = argv[optind++];
+    if (opt.nrecipes == 0) {
+        status = usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
+        goto out;
     }
     /* Under mpirun every rank runs the recipes; rank 0 alone speaks (results, logs and
      * warnings: the ranks do the same work; errors come from every rank), and each recipe's
@@ -309,8 +324,8 @@ int main(int argc, char **argv)
         struct moai_err err = {0};
         if (comm_mpi_init(&err) < 0) {
             fprintf(stderr, "moai-finetune: error: %s\n", err.msg);
-            free(opt.sets);
-            return 1;
+            status = 1;
+            goto out;
         }
         mpi_rank = comm_mpi_rank();
         if (mpi_rank > 0) {
@@ -319,8 +334,8 @@ int main(int argc, char **argv)
                 log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());
         }
     }
-    for (int i = optind; i < argc; i++) {
-        int s = run_recipe(&opt, argv[i]);
+    for (int i = 0; i < opt.nrecipes; i++) {
+        int s = run_recipe(&opt, opt.recipes[i]);
         if (s > status)
             status = s;
     }
@@ -328,5 +343,6 @@ int main(int argc, char **argv)
         comm_mpi_finalize();
 out:
     free(opt.sets);
+    free(opt.recipes);
     return status;
 }

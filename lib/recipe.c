@@ -82,7 +82,7 @@ static const struct recipe_key schema[] = {
     KEY("training.precision", KT_ENUM, training.precision, "bf16", .choices = precision_choices),
     KEY("training.seed", KT_INT, training.seed, "42", .min = 0, .max = BIG),
     KEY("training.log_interval", KT_INT, training.log_interval, "2", .min = 1, .max = BIG),
-    KEY("training.save_dir", KT_STRING, training.save_dir, "outputs"),
+    KEY("training.save_dir", KT_STRING, training.save_dir, "~"),
     KEY("training.save_interval", KT_INT, training.save_interval, "~", .min = 1, .max = BIG),
     KEY("training.resume", KT_STRING, training.resume, "auto"),
     KEY("flavor", KT_FLAVOR, flavor, "4xlarge"),
@@ -527,6 +527,41 @@ static const struct ynode *lookup_path(const struct ynode *root, const char *pat
     return ynode_get(ynode_get(root, section), dot + 1);
 }
 
+/* The node of a --set VALUE for the key path. A key that takes a string (or a name from a list)
+ * takes VALUE as it is: '### Answer:' is that text, not a YAML comment, and 'Answer:' not a
+ * mapping; an empty VALUE is null (the default). Every other key (numbers, booleans, lists,
+ * mappings, a flavor, a whole section) reads VALUE as YAML. *value is NULL for an empty
+ * document. */
+static int set_value(struct ynode **value, const char *path, const char *text, const char *source,
+                     struct moai_err *err)
+{
+    const struct recipe_key *k = schema_find(path);
+    *value = NULL;
+    if (!k || (k->type != KT_STRING && k->type != KT_ENUM)) {
+        int rc = ytree_parse_opt(value, text, strlen(text), source, false, err);
+        size_t skip = strlen(source) + 2;
+        if (rc == MOAI_EUSAGE && !strncmp(err->msg, source, strlen(source)) &&
+            strlen(err->msg) > skip) {
+            char why[sizeof(err->msg)];
+            const char *inner = err->msg + skip;
+            if (!strncmp(inner, "invalid YAML: ", 14))
+                inner += 14;
+            snprintf(why, sizeof(why), "%s", inner);
+            return moai_err_set(err, rc, "%s: the value is not valid YAML (%s)", source, why);
+        }
+        return rc;
+    }
+    struct ynode *n = calloc(1, sizeof(*n));
+    if (!n || !(n->source = strdup(source)) || !(n->value = strdup(text[0] ? text : "~"))) {
+        ynode_free(n);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    n->kind = YNODE_SCALAR;
+    n->quoted = k->type == KT_STRING && text[0];
+    *value = n;
+    return 0;
+}
+
 /* Applies "KEY=VALUE" to the tree, creating mappings along the path as needed. */
 static int apply_set(struct ynode **root, const char *set, struct moai_err *err)
 {
@@ -543,7 +578,7 @@ static int apply_set(struct ynode **root, const char *set, struct moai_err *err)
     memcpy(path, set, (size_t) (eq - set));
     path[eq - set] = '\0';
 
-    rc = ytree_parse_opt(&value, eq + 1, strlen(eq + 1), source, false, err);
+    rc = set_value(&value, path, eq + 1, source, err);
     if (rc < 0)
         return rc;
     if (!value) {
@@ -611,6 +646,26 @@ static char *default_cache_dir(void)
         snprintf(buf, sizeof(buf), "%s/.cache/moai-finetune", home);
     else
         snprintf(buf, sizeof(buf), ".cache/moai-finetune");
+    return strdup(buf);
+}
+
+/* The default save_dir: outputs/<the recipe file's name without its extension>, so that two
+ * recipes never share a checkpoint directory by default ("outputs/stdin" for "-"). */
+static char *default_save_dir(const char *source)
+{
+    const char *base = strrchr(source, '/');
+    char name[256], buf[300];
+    base = base ? base + 1 : source;
+    if (!strcmp(source, "<stdin>"))
+        base = "stdin";
+    snprintf(name, sizeof(name), "%s", base);
+    char *dot = strrchr(name, '.');
+    if (dot && dot != name &&
+        (!strcmp(dot, ".yaml") || !strcmp(dot, ".yml") || !strcmp(dot, ".json")))
+        *dot = '\0';
+    if (!name[0] || !strcmp(name, ".") || !strcmp(name, ".."))
+        snprintf(name, sizeof(name), "recipe");
+    snprintf(buf, sizeof(buf), "outputs/%s", name);
     return strdup(buf);
 }
 
@@ -688,6 +743,8 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
         snprintf(r->tokenizer, len, "%s/tokenizer.model", r->model.path);
     }
     if (!r->dataset.cache_dir && !(r->dataset.cache_dir = default_cache_dir()))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    if (!r->training.save_dir && !(r->training.save_dir = default_save_dir(source)))
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (r->training.warmup_steps > 0 && r->training.max_steps != RECIPE_NONE &&
         r->training.warmup_steps > r->training.max_steps) {

@@ -61,4 +61,14 @@ int ckpt_mkdir_parents(const char *path, struct moai_err *err);
 /* Removes a directory tree (best effort). */
 void ckpt_remove_tree(const char *path);
 
+/* Whether dir holds a checkpoint's files (trainer_state.json, the weights, the optimizer state
+ * or config.json); the first one found is written into name. plan.json alone, written when a
+ * run starts, is no checkpoint. */
+bool ckpt_present(const char *dir, char *name, size_t size);
+
+/* Moves the checkpoint files of dir (the names a save writes) into a new subdirectory
+ * "<dir>/previous-N" (the first N free) whose path is written into to; other entries stay.
+ * Returns 0 or MOAI_EIO. */
+int ckpt_move_aside(const char *dir, char *to, size_t size, struct moai_err *err);
+
 #endif

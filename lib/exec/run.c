@@ -4,8 +4,10 @@
 #include "data/batch.h"
 #include "data/tokcache.h"
 #include "data/tokenize.h"
+#include "data/validate.h"
 #include "exec/ckpt.h"
 #include "exec/comm.h"
+#include "exec/fingerprint.h"
 #include "exec/train.h"
 #include "log.h"
 #include "model/config.h"
@@ -31,6 +33,7 @@ struct saver {
     const struct plan_result *plan;
     int64_t steps_per_epoch, total_steps;
     const struct train_result *progress; /* the running loop's figures (its last loss) */
+    const json_t *fingerprint;           /* the run's (exec/fingerprint.h) */
     bool json, final_announced;
 };
 
@@ -96,7 +99,7 @@ static void entries_release(struct entries *e)
 static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
 {
     json_t *s = json_object();
-    json_object_set_new(s, "format", json_string("moai-finetune trainer state 1"));
+    json_object_set_new(s, "format", json_string("moai-finetune trainer state 2"));
     json_object_set_new(s, "step", json_integer(steps_done));
     json_object_set_new(s, "total_steps", json_integer(sv->total_steps));
     json_object_set_new(s, "steps_per_epoch", json_integer(sv->steps_per_epoch));
@@ -111,6 +114,7 @@ static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
                         json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch", "seed",
                                   (json_int_t) sv->r->training.seed));
     json_object_set_new(s, "last_loss", json_real(sv->progress ? sv->progress->last_loss : 0.0));
+    json_object_set_new(s, "fingerprint", json_deep_copy(sv->fingerprint));
     json_object_set_new(s, "recipe", recipe_to_json(sv->r));
     return s;
 }
@@ -184,6 +188,24 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     return rc;
 }
 
+/* A block longer than the positions the model was trained on: rotary embeddings past
+ * max_position_embeddings are out of distribution, unless the config extends the context
+ * (rope scaling). */
+static int check_context(const struct recipe *r, const struct model_config *cfg,
+                         struct moai_err *err)
+{
+    if (r->training.block_size <= cfg->max_position_embeddings ||
+        cfg->rope_scaling.type != ROPE_SCALING_NONE)
+        return 0;
+    moai_err_set(err, MOAI_EUSAGE,
+                 "%s: 'training.block_size' (%lld) exceeds the model's max_position_embeddings "
+                 "(%lld)",
+                 r->source, (long long) r->training.block_size,
+                 (long long) cfg->max_position_embeddings);
+    return moai_err_hint(err, "lower training.block_size, or extend the model's context with "
+                              "rope scaling (model.config.rope_scaling)");
+}
+
 int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err)
 {
     char path[4096];
@@ -192,6 +214,8 @@ int exec_load_model_config(const struct recipe *r, struct model_config *cfg, str
     int rc = model_config_load(cfg, r->model.path ? path : NULL, r->model.config, err);
     if (rc < 0 && !r->model.path)
         moai_err_prefix(err, "%s", r->source);
+    if (rc == 0)
+        rc = check_context(r, cfg, err);
     return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
 }
 
@@ -237,38 +261,81 @@ static void records_release(struct records *rec)
     memset(rec, 0, sizeof(*rec));
 }
 
-/* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json. */
-static int resume_from(const struct recipe *r, const struct model_config *cfg, float *params,
-                       float *m, float *v, int64_t *steps_done, struct moai_err *err)
+/* The hint of a refused resume: how to go on without losing the checkpoint. */
+static void resume_hint(struct moai_err *err, const struct recipe *r)
+{
+    if (strcmp(r->training.resume, "auto")) {
+        moai_err_hint(err, "name a checkpoint of this run in training.resume, or set it to auto");
+        return;
+    }
+    moai_err_hint(err,
+                  "train into another directory (training.save_dir), or set training.resume: "
+                  "never to start over in '%s' (its checkpoint is then moved aside into "
+                  "'%s/previous-N', not deleted)",
+                  r->training.save_dir, r->training.save_dir);
+}
+
+/* Reads trainer_state.json of the checkpoint in dir and checks that it is this run's (the
+ * fingerprint fp). Returns the state (new reference) or NULL with err set: MOAI_EUSAGE when the
+ * checkpoint is of another run or has no trainer_state.json, MOAI_EIO when it is unreadable. */
+static json_t *resume_state(const struct recipe *r, const char *dir, const json_t *fp,
+                            struct moai_err *err)
+{
+    char path[4096], what[768], found[64];
+    json_error_t jerr;
+
+    snprintf(path, sizeof(path), "%s/trainer_state.json", dir);
+    if (access(path, F_OK) != 0) {
+        if (ckpt_present(dir, found, sizeof(found)))
+            moai_err_set(err, MOAI_EUSAGE,
+                         "cannot resume from '%s': it holds %s but no trainer_state.json, so "
+                         "which run it is and where it stopped are unknown",
+                         dir, found);
+        else
+            moai_err_set(err, MOAI_EUSAGE, "cannot resume from '%s': it holds no checkpoint",
+                         dir);
+        resume_hint(err, r);
+        return NULL;
+    }
+    json_t *state = json_load_file(path, 0, &jerr);
+    if (!state) {
+        moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
+        return NULL;
+    }
+    json_t *step = json_object_get(state, "step");
+    const json_t *was = json_object_get(state, "fingerprint");
+    if (!json_is_integer(step) || json_integer_value(step) < 0) {
+        moai_err_set(err, MOAI_EIO, "%s: cannot resume: 'step' is not a count", path);
+    } else if (!json_is_object(was)) {
+        moai_err_set(err, MOAI_EUSAGE,
+                     "cannot resume from '%s': its trainer_state.json records no run fingerprint "
+                     "(an older moai-finetune wrote it), so whether it is this run is unknown",
+                     dir);
+        resume_hint(err, r);
+    } else if (fingerprint_diff(was, fp, what, sizeof(what)) > 0) {
+        moai_err_set(err, MOAI_EUSAGE,
+                     "cannot resume from '%s': its checkpoint is of another run: %s", dir, what);
+        resume_hint(err, r);
+    } else {
+        return state;
+    }
+    json_decref(state);
+    return NULL;
+}
+
+/* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json.
+ * The checkpoint must be of this run (fingerprint fp). */
+static int resume_from(const struct recipe *r, const struct model_config *cfg, const json_t *fp,
+                       float *params, float *m, float *v, int64_t *steps_done,
+                       struct moai_err *err)
 {
     char path[4096];
-    json_error_t jerr;
     int rc;
 
-    snprintf(path, sizeof(path), "%s/trainer_state.json", r->training.save_dir);
-    json_t *state = json_load_file(path, 0, &jerr);
+    json_t *state = resume_state(r, r->training.save_dir, fp, err);
     if (!state)
-        return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
-    json_t *step = json_object_get(state, "step");
-    if (!json_is_integer(step) || json_integer_value(step) < 0) {
-        json_decref(state);
-        return moai_err_set(err, MOAI_EIO, "%s: cannot resume: 'step' is not a count", path);
-    }
-    *steps_done = json_integer_value(step);
-    /* A different recipe would not continue the same run: say which keys differ. */
-    json_t *was = json_object_get(json_object_get(state, "recipe"), "training");
-    json_t *now = recipe_to_json(r), *nt = json_object_get(now, "training");
-    const char *key;
-    json_t *val;
-    json_object_foreach(nt, key, val)
-    {
-        if (!strcmp(key, "max_steps") || !strcmp(key, "epochs") || !strcmp(key, "save_interval") ||
-            !strcmp(key, "log_interval") || !strcmp(key, "resume"))
-            continue;
-        if (was && !json_equal(val, json_object_get(was, key)))
-            log_warn("%s: 'training.%s' differs from the run being resumed", r->source, key);
-    }
-    json_decref(now);
+        return err->code;
+    *steps_done = json_integer_value(json_object_get(state, "step"));
     json_decref(state);
 
     struct st_set set;
@@ -354,6 +421,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct records train = {0}, valid = {0};
     struct llama_params host = {0};
     float *m = NULL, *v = NULL;
+    json_t *fp = NULL;
     int rc;
 
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
@@ -389,6 +457,25 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         comm_world_free(world);
         return rc;
     }
+    /* Which checkpoint this run continues, if any: refused early when it is another run's. */
+    const char *resume_dir = NULL;
+    char found[64];
+    if ((rc = fingerprint_build(&fp, r, &cfg, err)) < 0)
+        goto out_world;
+    if (!strcmp(r->training.resume, "auto")) {
+        if (ckpt_present(r->training.save_dir, found, sizeof(found)))
+            resume_dir = r->training.save_dir;
+    } else if (strcmp(r->training.resume, "never")) {
+        resume_dir = r->training.resume;
+    }
+    if (resume_dir) {
+        json_t *state = resume_state(r, resume_dir, fp, err);
+        if (!state) {
+            rc = err->code;
+            goto out_world;
+        }
+        json_decref(state);
+    }
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,
@@ -399,10 +486,20 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .distribute_param = pr.best.distribute_param,
         .distribute_low_prec_param = pr.best.distribute_low_prec_param,
     };
+    if ((rc = data_validate(r, err)) < 0) /* a record that does not fit: before any work */
+        goto out_world;
     if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
                            r->dataset.response_start, r->training.block_size, r->dataset.limit,
                            r->dataset.cache_dir, err)) < 0)
         goto out_world;
+    if (data_set_count_unscored(&data) == data.n) {
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "%s: no example has a token counted in the loss: training.block_size "
+                          "%lld cuts every one before its response (dataset.response_start)",
+                          r->source, (long long) r->training.block_size);
+        moai_err_hint(err, "raise training.block_size, or shorten the prompts");
+        goto out_data;
+    }
     int32_t top = 0;
     for (int64_t i = 0; i < data.n * data.T; i++)
         if (data.tokens[i] > top)
@@ -431,18 +528,15 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     int64_t start = 0;
     char state_path[4096];
     snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
-    bool resume = !strcmp(r->training.resume, "auto") ? file_exists(state_path)
-                                                      : strcmp(r->training.resume, "never") != 0;
-    if (resume) {
+    if (resume_dir) {
         struct recipe from = *r;
-        if (strcmp(r->training.resume, "auto"))
-            from.training.save_dir = r->training.resume;
+        from.training.save_dir = (char *) resume_dir;
         m = calloc((size_t) host.nfloats, sizeof(float));
         v = calloc((size_t) host.nfloats, sizeof(float));
         if (!m || !v)
             rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         else
-            rc = resume_from(&from, &cfg, host.arena, m, v, &start, err);
+            rc = resume_from(&from, &cfg, fp, host.arena, m, v, &start, err);
         if (rc < 0)
             goto out_params;
         log_info("resuming from '%s' after step %lld of %lld", from.training.save_dir,
@@ -500,7 +594,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                        .plan = &pr,
                        .steps_per_epoch = spe,
                        .total_steps = total,
-                       .json = o->json};
+                       .json = o->json,
+                       .fingerprint = fp};
     struct train_job job = {
         .recipe = r,
         .cfg = &cfg,
@@ -522,11 +617,20 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     };
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
      * it too): a run that fails before training leaves no output behind */
+    struct stat before;
+    bool had_dir = stat(r->training.save_dir, &before) == 0;
+    if (writer && !resume_dir && strcmp(r->training.resume, "auto") &&
+        ckpt_present(r->training.save_dir, found, sizeof(found))) {
+        /* resume: never starts over, and the checkpoint there stays the user's */
+        char aside[4096];
+        if ((rc = ckpt_move_aside(r->training.save_dir, aside, sizeof(aside), err)) < 0)
+            goto out_params;
+        log_warn("%s: training.resume is never: the checkpoint in '%s' was moved aside into '%s'",
+                 r->source, r->training.save_dir, aside);
+    }
     json_t *pj = plan_to_json(&pr.best, &cfg, r);
     char pj_path[4096];
     struct moai_err pj_err = {0};
-    struct stat before;
-    bool had_dir = stat(r->training.save_dir, &before) == 0;
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
     if (writer && (ckpt_mkdir_parents(r->training.save_dir, &pj_err) < 0 ||
                    ckpt_write_json_file(pj_path, pj, &pj_err) < 0))
@@ -574,5 +678,6 @@ out_world:
     if (world && !agreed) /* tell the others this process stops here */
         comm_world_agree(world, rc == 0);
     comm_world_free(world);
+    json_decref(fp);
     return rc;
 }

@@ -32,7 +32,9 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
 struct model_config;
 
 /* The recipe's architecture: <model.path>/config.json with model.config over it, or
- * model.config alone. Returns 0 or MOAI_EUSAGE naming the file and key. */
+ * model.config alone; a training.block_size past max_position_embeddings is refused unless
+ * the config extends the context (rope_scaling). Returns 0 or MOAI_EUSAGE naming the file and
+ * key. */
 int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err);
 
 #endif

@@ -861,7 +861,18 @@ static int device_run(struct dev *d, void *arg)
         int64_t epoch = (step - 1) / job->steps_per_epoch;
         job->batch_rows(job->batch_arg, epoch, (step - 1) % job->steps_per_epoch, rows);
         int64_t ntargets = count_targets(&job->train, rows, batch);
-        float dloss = ntargets > 0 ? 1.0f / (float) ntargets : 0.0f;
+        if (ntargets == 0) { /* every device has the same rows: all stop alike, before work */
+            moai_err_set(&d->err, MOAI_EUSAGE,
+                         "step %lld has no token counted in the loss: every label of its %lld "
+                         "sequences is masked (training.block_size %lld cuts them before "
+                         "dataset.response_start's response)",
+                         (long long) step, (long long) batch, (long long) run->T);
+            moai_err_hint(&d->err, "raise training.block_size, or drop the examples whose "
+                                   "prompt fills the block");
+            rc = MOAI_EUSAGE;
+            break;
+        }
+        float dloss = 1.0f / (float) ntargets;
 
         if (!run->zero2)
             memset(dv.grads, 0, (size_t) fbytes(dv.sh.floats));
