@@ -199,7 +199,8 @@ static void test_recipe_default_save_dir(void **state)
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         struct recipe r;
         struct moai_err err = {0};
-        assert_int_equal(recipe_load_string(&r, text, strlen(text), cases[i].source, NULL, &err), 0);
+        assert_int_equal(recipe_load_string(&r, text, strlen(text), cases[i].source, NULL, &err),
+                         0);
         assert_string_equal(r.training.save_dir, cases[i].save_dir);
         recipe_release(&r);
     }

@@ -206,8 +206,8 @@ void data_set_log_stats(const struct data_set *ds)
         real += ds->lengths[i];
     double mean = ds->n ? (double) real / (double) ds->n : 0.0;
     double pad = ds->n ? 1.0 - (double) real / ((double) ds->n * (double) ds->T) : 0.0;
-    log_info("Tokenized %" PRId64 " examples of %" PRId64 " tokens: %" PRId64
-             " truncated, %" PRId64 " with no token counted in the loss, mean %.1f real tokens, "
+    log_info("Tokenized %" PRId64 " examples of %" PRId64 " tokens: %" PRId64 " truncated, %" PRId64
+             " with no token counted in the loss, mean %.1f real tokens, "
              "%.1f%% padding.",
              ds->n, ds->T, ds->truncated, unscored, mean, 100.0 * pad);
     if (unscored > 0)

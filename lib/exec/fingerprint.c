@@ -32,11 +32,11 @@ static int hash_file(char *buf, size_t size, const char *path, struct moai_err *
 }
 
 /* The keys of the recipe's JSON form that are part of the fingerprint, by section. */
-static const char *const dataset_keys[] = {"template", "response_start", "limit", "shuffle",
-                                           "validation_fraction", NULL};
-static const char *const training_keys[] = {
-    "batch_size", "block_size", "lr",        "lr_schedule", "warmup_steps", "weight_decay",
-    "betas",      "eps",        "grad_clip", "precision",   "seed",         NULL};
+static const char *const dataset_keys[] = {"template", "response_start",      "limit",
+                                           "shuffle",  "validation_fraction", NULL};
+static const char *const training_keys[] = {"batch_size",   "block_size",   "lr",    "lr_schedule",
+                                            "warmup_steps", "weight_decay", "betas", "eps",
+                                            "grad_clip",    "precision",    "seed",  NULL};
 
 static void copy_keys(json_t *fp, const json_t *recipe, const char *section,
                       const char *const *keys)
@@ -127,8 +127,8 @@ int fingerprint_diff(const json_t *was, const json_t *now, char *buf, size_t siz
             len += (size_t) snprintf(buf + len, size - len, "%s%s (the file's bytes differ)",
                                      n ? ", " : "", key);
         else if (len < size)
-            len += (size_t) snprintf(buf + len, size - len, "%s%s (%s then, %s now)",
-                                     n ? ", " : "", key, a, b);
+            len += (size_t) snprintf(buf + len, size - len, "%s%s (%s then, %s now)", n ? ", " : "",
+                                     key, a, b);
         n++;
     }
     return n;

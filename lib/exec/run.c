@@ -292,8 +292,7 @@ static json_t *resume_state(const struct recipe *r, const char *dir, const json_
                          "which run it is and where it stopped are unknown",
                          dir, found);
         else
-            moai_err_set(err, MOAI_EUSAGE, "cannot resume from '%s': it holds no checkpoint",
-                         dir);
+            moai_err_set(err, MOAI_EUSAGE, "cannot resume from '%s': it holds no checkpoint", dir);
         resume_hint(err, r);
         return NULL;
     }
@@ -326,8 +325,7 @@ static json_t *resume_state(const struct recipe *r, const char *dir, const json_
 /* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json.
  * The checkpoint must be of this run (fingerprint fp). */
 static int resume_from(const struct recipe *r, const struct model_config *cfg, const json_t *fp,
-                       float *params, float *m, float *v, int64_t *steps_done,
-                       struct moai_err *err)
+                       float *params, float *m, float *v, int64_t *steps_done, struct moai_err *err)
 {
     char path[4096];
     int rc;
