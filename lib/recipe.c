@@ -4,6 +4,7 @@
 #include "log.h"
 #include "yamltree.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <float.h>
 #include <limits.h>
@@ -180,11 +181,62 @@ static void fmt_suggestion(char *buf, size_t size, const char *word, const char 
         buf[0] = '\0';
 }
 
+/* Other tools' names for the recipe's keys (torchtune, axolotl, LLaMA-Factory, Hugging Face
+ * TrainingArguments), by the section they would be written in ("" for the top level, NULL for
+ * any), with what to write instead. */
+static const struct {
+    const char *section, *name, *advice;
+} aliases[] = {
+    {NULL, "learning_rate", "did you mean 'training.lr'?"},
+    {NULL, "sequence_len", "did you mean 'training.block_size'?"},
+    {NULL, "max_seq_len", "did you mean 'training.block_size'?"},
+    {NULL, "max_seq_length", "did you mean 'training.block_size'?"},
+    {NULL, "seq_length", "did you mean 'training.block_size'?"},
+    {NULL, "cutoff_len", "did you mean 'training.block_size'?"},
+    {NULL, "num_epochs", "did you mean 'training.epochs'?"},
+    {NULL, "num_train_epochs", "did you mean 'training.epochs'?"},
+    {NULL, "output_dir", "did you mean 'training.save_dir'?"},
+    {NULL, "max_grad_norm", "did you mean 'training.grad_clip'?"},
+    {NULL, "clip_grad_norm", "did you mean 'training.grad_clip'?"},
+    {NULL, "lr_scheduler", "did you mean 'training.lr_schedule'?"},
+    {NULL, "lr_scheduler_type", "did you mean 'training.lr_schedule'?"},
+    {NULL, "micro_batch_size",
+     "did you mean 'training.batch_size'? It is the global batch; "
+     "the planner chooses the micro-batches"},
+    {NULL, "per_device_train_batch_size",
+     "did you mean 'training.batch_size'? It is the "
+     "global batch; the planner chooses the micro-batches"},
+    {NULL, "gradient_accumulation_steps",
+     "there is no such key: 'training.batch_size' is the "
+     "global batch, and the planner chooses the "
+     "micro-batches that accumulate to it"},
+    {"model", "tokenizer", "did you mean the top-level 'tokenizer'?"},
+    {"model", "model_name_or_path", "did you mean 'model.path'?"},
+    {"", "base_model", "did you mean 'model.path'?"},
+    {"", "model_name_or_path", "did you mean 'model.path'?"},
+    {"dataset", "data_files", "did you mean 'dataset.path'?"},
+    {"dataset", "source", "did you mean 'dataset.path'?"},
+};
+
+/* The advice for a key another tool spells so, or NULL. */
+static const char *alias_advice(const char *section, const char *name)
+{
+    for (size_t i = 0; i < sizeof(aliases) / sizeof(aliases[0]); i++)
+        if (!strcmp(aliases[i].name, name) &&
+            (!aliases[i].section || !strcmp(aliases[i].section, section ? section : "")))
+            return aliases[i].advice;
+    return NULL;
+}
+
 static int unknown_key(struct moai_err *err, const struct ynode *key, const char *section,
                        const char *const *cands, size_t ncands)
 {
-    char where[512], sugg[128];
-    fmt_suggestion(sugg, sizeof(sugg), key->value, cands, ncands);
+    char where[512], sugg[256];
+    const char *advice = alias_advice(section, key->value);
+    if (advice)
+        snprintf(sugg, sizeof(sugg), " (%s)", advice);
+    else
+        fmt_suggestion(sugg, sizeof(sugg), key->value, cands, ncands);
     if (section)
         return moai_err_set(err, MOAI_EUSAGE, "%s: unknown key '%s' in '%s'%s",
                             ynode_where(key, where, sizeof(where)), key->value, section, sugg);
@@ -292,13 +344,56 @@ static void store_int(struct recipe *r, const struct recipe_key *k, int64_t x)
     }
 }
 
+/* The catalog name nearest a misspelt flavor, written as the user wrote it (with its memory
+ * suffix or without), or NULL when none is close or several are equally close ('5xlarge' is
+ * as near 4xlarge as 6xlarge: the whole catalog then says more). Not thread-safe (a static
+ * buffer), like recipe loading. */
+static const char *nearest_flavor(const char *name)
+{
+    static char best[64];
+    char lower[64], cand[64];
+    const char *p = flavor_catalog_names();
+    bool with_suffix, tie = false;
+    int best_d = INT_MAX, limit;
+
+    snprintf(lower, sizeof(lower), "%s", name);
+    for (char *c = lower; *c; c++)
+        *c = (char) tolower((unsigned char) *c);
+    with_suffix = strchr(lower, '.') != NULL;
+    limit = (int) strlen(lower) / 3 + 1;
+    if (limit < 2)
+        limit = 2;
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        snprintf(cand, sizeof(cand), "%.*s", (int) len, p);
+        if (!with_suffix) /* compare like with like */
+            *strrchr(cand, '.') = '\0';
+        int d = recipe_edit_distance(lower, cand);
+        if (d < best_d) {
+            best_d = d;
+            tie = false;
+            snprintf(best, sizeof(best), "%s", cand);
+        } else if (d == best_d) {
+            tie = true;
+        }
+        p += len;
+        p += strspn(p, ", ");
+    }
+    return best_d <= limit && !tie ? best : NULL;
+}
+
 static int parse_flavor(struct recipe *r, const struct ynode *v, struct moai_err *err)
 {
     char where[512];
 
     if (v->kind == YNODE_SCALAR && !ynode_is_null(v)) {
-        if (flavor_lookup(&r->flavor, v->value, err) < 0)
+        if (flavor_lookup(&r->flavor, v->value, err) < 0) {
+            const char *near = nearest_flavor(v->value);
+            if (near)
+                moai_err_set(err, MOAI_EUSAGE, "unknown flavor '%s' (did you mean '%s'?)", v->value,
+                             near);
             return moai_err_prefix(err, "%s", ynode_where(v, where, sizeof(where)));
+        }
         return 0;
     }
     if (v->kind != YNODE_MAP)

@@ -248,8 +248,12 @@ static void test_recipe_errors(void **state)
     } cases[] = {
         {"model: {path: m}\ndataset: {path: d}\ntraining: {batchsize: 3}\n",
          "t.yaml:3:12: unknown key 'batchsize' in 'training' (did you mean 'batch_size'?)"},
+        {"model: {path: m}\ndataset: {path: d}\ntraining: {learning_rate: 3}\n",
+         "t.yaml:3:12: unknown key 'learning_rate' in 'training' (did you mean 'training.lr'?)"},
         {"model: {path: m}\ndataset: {path: d}\nflavor: 4xlargee\n",
-         "t.yaml:3:9: unknown flavor '4xlargee' (valid: small.64gb, medium.128gb, large.256gb, "
+         "t.yaml:3:9: unknown flavor '4xlargee' (did you mean '4xlarge'?)"},
+        {"model: {path: m}\ndataset: {path: d}\nflavor: 5xlarge\n",
+         "t.yaml:3:9: unknown flavor '5xlarge' (valid: small.64gb, medium.128gb, large.256gb, "
          "xlarge.512gb, 1.5xlarge.768gb, 2xlarge.1024gb, 3xlarge.1536gb, 4xlarge.2048gb, "
          "6xlarge.3072gb, 8xlarge.4096gb, 12xlarge.6144gb, 24xlarge.12288gb, 48xlarge.24576gb)"},
         {"model: {path: m}\ndataset: {path: d}\ntraining: {eps: 0}\n",

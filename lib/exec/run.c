@@ -455,6 +455,13 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         comm_world_free(world);
         return rc;
     }
+    bool simulated = strcmp(r->flavor.device.name, "cpu") != 0;
+    if (simulated)
+        log_warn("%s: the %d %s devices of flavor '%s' are simulated by threads of this "
+                 "machine's cpu: the predicted step time (%.3f s) is for the real hardware, not "
+                 "for this run (flavor: {device: cpu, devices: N} plans for this machine)",
+                 r->source, r->flavor.devices, r->flavor.device.name, r->flavor.name,
+                 pr.best.predicted_step_seconds);
     /* Which checkpoint this run continues, if any: refused early when it is another run's. */
     const char *resume_dir = NULL;
     char found[64];
@@ -658,8 +665,9 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     if (rc == 0) {
         if (!isnan(tr.valid_loss))
             log_info("validation loss %.6g", tr.valid_loss);
-        log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s)", tr.median_step_s,
-                 tr.median_tokens_per_s, pr.best.predicted_step_seconds);
+        log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s%s%s)", tr.median_step_s,
+                 tr.median_tokens_per_s, pr.best.predicted_step_seconds,
+                 simulated ? " on real " : "", simulated ? r->flavor.device.name : "");
         print_final(r, &cfg, o, &tr, &pr);
     }
 out_params:
