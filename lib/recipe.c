@@ -85,6 +85,7 @@ static const struct recipe_key schema[] = {
     KEY("training.log_interval", KT_INT, training.log_interval, "2", .min = 1, .max = BIG),
     KEY("training.save_dir", KT_STRING, training.save_dir, "~"),
     KEY("training.save_interval", KT_INT, training.save_interval, "~", .min = 1, .max = BIG),
+    KEY("training.eval_interval", KT_INT, training.eval_interval, "~", .min = 1, .max = BIG),
     KEY("training.resume", KT_STRING, training.resume, "auto"),
     KEY("flavor", KT_FLAVOR, flavor, "4xlarge"),
     KEY("parallel.advanced", KT_BOOL, parallel.advanced, "true"),

@@ -34,6 +34,7 @@ struct saver {
     int64_t steps_per_epoch, total_steps;
     const struct train_result *progress; /* the running loop's figures (its last loss) */
     const json_t *fingerprint;           /* the run's (exec/fingerprint.h) */
+    double *losses, *evals;              /* total_steps entries each, NAN where none: the history */
     bool json, final_announced;
 };
 
@@ -96,6 +97,44 @@ static void entries_release(struct entries *e)
     memset(e, 0, sizeof(*e));
 }
 
+/* trainer_state.json's "log_history": every step's loss and every evaluation up to
+ * steps_done, in step order, as Hugging Face's trainer keeps it:
+ *     [{"step": 1, "loss": 2.5}, ..., {"step": 10, "validation_loss": 2.3, "perplexity": 9.97}]
+ */
+static json_t *history_json(const struct saver *sv, int64_t steps_done)
+{
+    json_t *h = json_array();
+    for (int64_t i = 0; h && sv->losses && i < steps_done && i < sv->total_steps; i++) {
+        if (!isnan(sv->losses[i]))
+            json_array_append_new(
+                h, json_pack("{s:I, s:f}", "step", (json_int_t) (i + 1), "loss", sv->losses[i]));
+        if (!isnan(sv->evals[i]) && isfinite(exp(sv->evals[i])))
+            json_array_append_new(h, json_pack("{s:I, s:f, s:f}", "step", (json_int_t) (i + 1),
+                                               "validation_loss", sv->evals[i], "perplexity",
+                                               exp(sv->evals[i])));
+    }
+    return h;
+}
+
+/* Fills the history arrays (total entries each) from a resumed checkpoint's log_history
+ * (entries past total are dropped). */
+static void history_load(double *losses, double *evals, int64_t total, const json_t *state)
+{
+    size_t i;
+    json_t *e;
+    json_array_foreach(json_object_get(state, "log_history"), i, e)
+    {
+        json_int_t step = json_integer_value(json_object_get(e, "step"));
+        json_t *l = json_object_get(e, "loss"), *v = json_object_get(e, "validation_loss");
+        if (step < 1 || step > total)
+            continue;
+        if (json_is_number(l))
+            losses[step - 1] = json_number_value(l);
+        if (json_is_number(v))
+            evals[step - 1] = json_number_value(v);
+    }
+}
+
 static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
 {
     json_t *s = json_object();
@@ -114,6 +153,7 @@ static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
                         json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch", "seed",
                                   (json_int_t) sv->r->training.seed));
     json_object_set_new(s, "last_loss", json_real(sv->progress ? sv->progress->last_loss : 0.0));
+    json_object_set_new(s, "log_history", history_json(sv, steps_done));
     json_object_set_new(s, "fingerprint", json_deep_copy(sv->fingerprint));
     json_object_set_new(s, "recipe", recipe_to_json(sv->r));
     return s;
@@ -325,7 +365,8 @@ static json_t *resume_state(const struct recipe *r, const char *dir, const json_
 /* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json.
  * The checkpoint must be of this run (fingerprint fp). */
 static int resume_from(const struct recipe *r, const struct model_config *cfg, const json_t *fp,
-                       float *params, float *m, float *v, int64_t *steps_done, struct moai_err *err)
+                       float *params, float *m, float *v, int64_t *steps_done, double *losses,
+                       double *evals, int64_t total, struct moai_err *err)
 {
     char path[4096];
     int rc;
@@ -334,6 +375,7 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, c
     if (!state)
         return err->code;
     *steps_done = json_integer_value(json_object_get(state, "step"));
+    history_load(losses, evals, total, state);
     json_decref(state);
 
     struct st_set set;
@@ -419,6 +461,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct records train = {0}, valid = {0};
     struct llama_params host = {0};
     float *m = NULL, *v = NULL;
+    double *hist_loss = NULL, *hist_eval = NULL; /* the run's history, [step - 1] */
     json_t *fp = NULL;
     int rc;
 
@@ -520,6 +563,14 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                          r->dataset.shuffle, r->training.seed, err)) < 0)
         goto out_data;
     int64_t spe = batcher.steps_per_epoch;
+    if (r->dataset.validation_fraction > 0 && batcher.n_val == 0)
+        log_warn("%s: 'dataset.validation_fraction' %g of %lld records holds out none: there is "
+                 "no validation",
+                 r->source, r->dataset.validation_fraction, (long long) data.n);
+    else if (r->training.eval_interval != RECIPE_NONE && batcher.n_val == 0)
+        log_warn("%s: 'training.eval_interval' is set but there is no validation set "
+                 "(dataset.validation_fraction)",
+                 r->source);
     if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
         (rc = records_init(&valid, &data, batcher.val, batcher.n_val)) < 0) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
@@ -529,6 +580,14 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         r->training.max_steps != RECIPE_NONE ? r->training.max_steps : spe * r->training.epochs;
     if ((rc = llama_params_init(&host, &cfg, NULL, err)) < 0)
         goto out_batcher;
+    hist_loss = malloc((size_t) total * sizeof(double));
+    hist_eval = malloc((size_t) total * sizeof(double));
+    if (!hist_loss || !hist_eval) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
+        goto out_params;
+    }
+    for (int64_t i = 0; i < total; i++)
+        hist_loss[i] = hist_eval[i] = NAN;
 
     int64_t start = 0;
     char state_path[4096];
@@ -541,7 +600,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         if (!m || !v)
             rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         else
-            rc = resume_from(&from, &cfg, fp, host.arena, m, v, &start, err);
+            rc = resume_from(&from, &cfg, fp, host.arena, m, v, &start, hist_loss, hist_eval, total,
+                             err);
         if (rc < 0)
             goto out_params;
         log_info("resuming from '%s' after step %lld of %lld", from.training.save_dir,
@@ -600,7 +660,9 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                        .steps_per_epoch = spe,
                        .total_steps = total,
                        .json = o->json,
-                       .fingerprint = fp};
+                       .fingerprint = fp,
+                       .losses = hist_loss,
+                       .evals = hist_eval};
     struct train_job job = {
         .recipe = r,
         .cfg = &cfg,
@@ -618,6 +680,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .save = save,
         .save_arg = &sv,
         .json = o->json,
+        .step_losses = hist_loss,
+        .eval_losses = hist_eval,
         .world = world,
     };
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
@@ -663,8 +727,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                  (double) tr.peak_bytes[i] / (double) mb.total_bytes);
     }
     if (rc == 0) {
-        if (!isnan(tr.valid_loss))
-            log_info("validation loss %.6g", tr.valid_loss);
         log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s%s%s)", tr.median_step_s,
                  tr.median_tokens_per_s, pr.best.predicted_step_seconds,
                  simulated ? " on real " : "", simulated ? r->flavor.device.name : "");
@@ -673,6 +735,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
 out_params:
     free(m);
     free(v);
+    free(hist_loss);
+    free(hist_eval);
     llama_params_release(&host);
 out_batcher:
     records_release(&train);

@@ -759,6 +759,34 @@ static void print_step(const struct run *run, const struct step_record *s)
     fflush(stdout);
 }
 
+/* Validation after step: every device runs it (it is collective); device 0 records the loss in
+ * job->eval_losses and prints the evaluation line or object. Returns the loss. */
+static double evaluate(struct device *dv, int64_t step)
+{
+    struct run *run = dv->run;
+    const struct train_job *job = run->job;
+    double vl = validate(dv);
+    if (dv->dev->id != 0)
+        return vl;
+    if (job->eval_losses)
+        job->eval_losses[step - 1] = vl;
+    if (job->quiet)
+        return vl;
+    if (job->json) {
+        json_t *j = steplog_eval_json(step, job->total_steps, vl);
+        char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+        if (text)
+            puts(text);
+        free(text);
+        json_decref(j);
+    } else {
+        char line[256];
+        puts(steplog_format_eval(line, sizeof(line), step, job->total_steps, vl));
+    }
+    fflush(stdout);
+    return vl;
+}
+
 /* The communicators of device dev: its groups in the layout, split from the world. */
 static int device_comms(struct device *dv)
 {
@@ -896,11 +924,15 @@ static int device_run(struct dev *d, void *arg)
         double dt = progress_now() - t0;
 
         if (d->id == 0) {
+            int64_t real = 0; /* the tokens that are not padding */
+            for (int64_t i = 0; i < batch; i++)
+                real += job->train.lengths[rows[i]];
             struct step_record sr = {.step = step,
                                      .total_steps = job->total_steps,
                                      .loss = loss,
                                      .duration_s = dt,
                                      .tokens_per_s = (double) (batch * r->training.block_size) / dt,
+                                     .real_tokens_per_s = (double) real / dt,
                                      .lr = lr,
                                      .grad_norm = norm};
             run->durations[run->ndurations++] = dt;
@@ -915,20 +947,20 @@ static int device_run(struct dev *d, void *arg)
         }
         if (d->id == run->world->first_dev)
             run->res->steps_done = step;
+        /* evaluations before the save of the same step, so its history holds them */
+        bool eval_due =
+            r->training.eval_interval != RECIPE_NONE && step % r->training.eval_interval == 0;
+        if ((eval_due || step % job->steps_per_epoch == 0) && job->valid.n > 0 &&
+            step != job->total_steps)
+            evaluate(&dv, step);
         if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0 &&
             step != job->total_steps) {
             if ((rc = save_checkpoint(&dv, step)) < 0)
                 break;
         }
-        if (step % job->steps_per_epoch == 0 && job->valid.n > 0 && step != job->total_steps) {
-            double vl = validate(&dv);
-            if (d->id == 0)
-                log_info("epoch %lld: validation loss %.6g",
-                         (long long) (step / job->steps_per_epoch), vl);
-        }
     }
     if (rc == 0 && job->valid.n > 0) {
-        double vl = validate(&dv);
+        double vl = evaluate(&dv, run->res->steps_done);
         if (d->id == 0)
             run->res->valid_loss = vl;
     }
