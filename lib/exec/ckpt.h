@@ -1,7 +1,8 @@
 /* ckpt.h - atomic checkpoint directories.
  *
  * A checkpoint is a Hugging Face style directory (config.json, model.safetensors,
- * tokenizer.model, plan.json, and for resuming optimizer.safetensors and trainer_state.json).
+ * tokenizer.model, generation_config.json, plan.json, and for resuming optimizer.safetensors and
+ * trainer_state.json).
  * It is written whole into a staging directory beside the target (".NAME.tmp-PID"), every file
  * flushed, and then swapped in with one renameat2(RENAME_EXCHANGE) (or a plain rename when
  * there is no previous checkpoint), so a save interrupted at any point leaves the previous

@@ -159,6 +159,23 @@ static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
     return s;
 }
 
+/* generation_config.json as Hugging Face's GenerationConfig.from_model_config writes it: the
+ * special tokens generation starts, stops and pads with (absent ids are left out). */
+static json_t *generation_config(const struct model_config *cfg)
+{
+    json_t *g = json_object();
+    if (!g)
+        return NULL;
+    json_object_set_new(g, "_from_model_config", json_true());
+    if (cfg->bos_token_id >= 0)
+        json_object_set_new(g, "bos_token_id", json_integer(cfg->bos_token_id));
+    if (cfg->eos_token_id >= 0)
+        json_object_set_new(g, "eos_token_id", json_integer(cfg->eos_token_id));
+    if (cfg->pad_token_id >= 0)
+        json_object_set_new(g, "pad_token_id", json_integer(cfg->pad_token_id));
+    return g;
+}
+
 /* The train_save_fn: a whole checkpoint into save_dir, atomically. */
 static int save(void *arg, int64_t steps_done, const float *params, const float *m, const float *v,
                 struct moai_err *err)
@@ -185,6 +202,7 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     json_t *config = model_config_to_json(&out);
     json_t *state = trainer_state(sv, steps_done);
     json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
+    json_t *gen = generation_config(sv->cfg);
     rc = ckpt_stage_write_json(&stage, "config.json", config, err);
     if (rc == 0) { /* model.safetensors, or shards and their index past 5 GB */
         struct entries e = {0};
@@ -196,6 +214,10 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
                                   ST_DEFAULT_SHARD_BYTES, &nshards, err);
         entries_release(&e);
     }
+    if (rc == 0 && gen)
+        rc = ckpt_stage_write_json(&stage, "generation_config.json", gen, err);
+    else if (rc == 0)
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing generation_config.json");
     if (rc == 0 && r->tokenizer && file_exists(r->tokenizer))
         rc = ckpt_stage_copy_file(&stage, "tokenizer.model", r->tokenizer, err);
     if (rc == 0)
@@ -225,6 +247,7 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     json_decref(config);
     json_decref(state);
     json_decref(plan);
+    json_decref(gen);
     return rc;
 }
 
