@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 volatile sig_atomic_t exec_stop_requested;
 
@@ -743,8 +744,20 @@ static double validate(struct device *dv)
     return total > 0 ? sum / total : NAN;
 }
 
+/* Before a line on standard output: when it shares the terminal with the step bar (standard
+ * error), the bar is erased first and drawn again below the line at the next update. */
+static void stdout_line_begins(void)
+{
+    static int stdout_tty = -1;
+    if (stdout_tty < 0)
+        stdout_tty = isatty(STDOUT_FILENO);
+    if (stdout_tty)
+        progress_interrupt();
+}
+
 static void print_step(const struct run *run, const struct step_record *s)
 {
+    stdout_line_begins();
     if (run->job->json) {
         json_t *j = steplog_json(s);
         char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
@@ -772,6 +785,7 @@ static double evaluate(struct device *dv, int64_t step)
         job->eval_losses[step - 1] = vl;
     if (job->quiet)
         return vl;
+    stdout_line_begins();
     if (job->json) {
         json_t *j = steplog_eval_json(step, job->total_steps, vl);
         char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
@@ -877,6 +891,14 @@ static int device_run(struct dev *d, void *arg)
     }
     rc = device_load(&dv);
 
+    /* device 0 draws the step bar on a terminal (a plain line at the end otherwise) */
+    struct progress bar;
+    bool show_bar = d->id == 0 && !job->quiet;
+    if (show_bar) {
+        progress_init(&bar, "Training", job->total_steps, "steps");
+        progress_start_at(&bar, job->start_step);
+        progress_update(&bar, job->start_step); /* drawn while the first step runs */
+    }
     for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
         double stop = comm_allreduce_scalar(&dv.world, d->id == 0 && exec_stop_requested);
         if (stop > 0) {
@@ -944,6 +966,12 @@ static int device_run(struct dev *d, void *arg)
             if (!job->quiet && (step % r->training.log_interval == 0 ||
                                 step == job->start_step + 1 || step == job->total_steps))
                 print_step(run, &sr);
+            if (show_bar) {
+                char text[64];
+                progress_postfix(&bar, ", loss %s, lr %.2e",
+                                 steplog_format_loss(text, sizeof(text), loss), lr);
+                progress_update(&bar, step);
+            }
         }
         if (d->id == run->world->first_dev)
             run->res->steps_done = step;
@@ -959,6 +987,8 @@ static int device_run(struct dev *d, void *arg)
                 break;
         }
     }
+    if (show_bar)
+        progress_finish(&bar);
     if (rc == 0 && job->valid.n > 0) {
         double vl = evaluate(&dv, run->res->steps_done);
         if (d->id == 0)
