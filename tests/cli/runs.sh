@@ -64,6 +64,7 @@ cmp -s "$TMP/a.model" "$W/outputs/a/model.safetensors" && ok || fail "another ru
 
 # A changed dataset (one record), template or architecture: refused too.
 sed -i '5s/thing 28/thing 29/' "$W/data.jsonl"
+grep -q 'thing 29' "$W/data.jsonl" && ok || fail "the dataset changed"
 run a.yaml >/dev/null 2>"$TMP/d.err"
 expect_eq "changed dataset: status" 2 $?
 expect_eq "changed dataset: message" "moai-finetune: error: cannot resume from 'outputs/a': its checkpoint is of another run: dataset (the file's bytes differ)" "$(head -n 1 "$TMP/d.err")"
@@ -105,6 +106,26 @@ grep -q "^moai-finetune: error: outputs/b/trainer_state.json:2: cannot resume: "
 run --set training.resume=outputs/a/previous-1 --set training.save_dir=outputs/c b.yaml >/dev/null 2>"$TMP/i.err"
 expect_eq "explicit resume of another run: status" 2 $?
 expect_eq "explicit resume of another run: hint" "hint: name a checkpoint of this run in training.resume, or set it to auto" "$(tail -n 1 "$TMP/i.err")"
+
+# Interrupted, changed, resumed: the interrupted run's checkpoint survives the changed run.
+recipe "$W/e.yaml" "save_interval: 1"
+(cd "$W" && exec "$BIN" -q --set training.max_steps=400 e.yaml >"$TMP/k.out" 2>"$TMP/k.err") &
+pid=$!
+for _ in $(seq 200); do grep -q '^\[Step' "$TMP/k.out" 2>/dev/null && break; sleep 0.1; done
+kill -INT $pid
+wait $pid
+expect_eq "interrupted: status" 130 $?
+step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$W/outputs/e/trainer_state.json")
+cp "$W/outputs/e/model.safetensors" "$TMP/e.model"
+sed -i '7s/thing 42/thing 43/' "$W/data.jsonl"
+grep -q 'thing 43' "$W/data.jsonl" && ok || fail "the dataset changed"
+run --set training.max_steps=400 e.yaml >/dev/null 2>"$TMP/l.err"
+expect_eq "interrupted, then a changed dataset: status" 2 $?
+cmp -s "$TMP/e.model" "$W/outputs/e/model.safetensors" && ok || fail "interrupted, then a changed dataset: checkpoint kept"
+sed -i '7s/thing 43/thing 42/' "$W/data.jsonl"
+run --set training.max_steps=$((step + 1)) e.yaml >"$TMP/m.out" 2>"$TMP/m.err"
+expect_eq "interrupted, then resumed: status" 0 $?
+expect_eq "interrupted, then resumed: the next step only" "$((step + 1))" "$(sed -n 's/^\[Step \([0-9]*\)\/.*/\1/p' "$TMP/m.out" | xargs)"
 
 # The recipe from standard input saves in outputs/stdin.
 run --plan-only --json - <"$W/a.yaml" >/dev/null 2>&1
