@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -475,6 +476,47 @@ static void print_final(const struct recipe *r, const struct model_config *cfg,
     fflush(stdout);
 }
 
+/* Logs each device's peak memory against the planner's figure for its own pipeline stage; past
+ * 8 devices, one line per stage (its devices' smallest and largest peaks). */
+static void log_device_peaks(const struct train_result *tr, const struct plan_result *pr,
+                             const struct model_config *cfg, const struct recipe *r)
+{
+    int n = tr->ndev < 64 ? tr->ndev : 64, pp = pr->best.pp, tp = pr->best.tp;
+    for (int i = 0; n <= 8 && i < n && tr->peak_bytes[i] > 0; i++) {
+        struct mem_breakdown mb;
+        int stage = i / tp % pp;
+        mem_stage(&mb, cfg, r, &pr->best, stage);
+        log_info("device %d (stage %d, tp rank %d): peak memory %lld bytes, planned %lld "
+                 "(measured/predicted %.3f)",
+                 i, stage, i % tp, (long long) tr->peak_bytes[i], (long long) mb.total_bytes,
+                 (double) tr->peak_bytes[i] / (double) mb.total_bytes);
+    }
+    for (int stage = 0; n > 8 && stage < pp; stage++) {
+        struct mem_breakdown mb;
+        int64_t lo = INT64_MAX, hi = 0;
+        int count = 0;
+        for (int i = 0; i < n; i++)
+            if (i / tp % pp == stage && tr->peak_bytes[i] > 0) {
+                lo = tr->peak_bytes[i] < lo ? tr->peak_bytes[i] : lo;
+                hi = tr->peak_bytes[i] > hi ? tr->peak_bytes[i] : hi;
+                count++;
+            }
+        if (!count)
+            continue;
+        mem_stage(&mb, cfg, r, &pr->best, stage);
+        if (lo == hi)
+            log_info("stage %d, %d devices: peak memory %lld bytes each, planned %lld "
+                     "(measured/predicted %.3f)",
+                     stage, count, (long long) lo, (long long) mb.total_bytes,
+                     (double) lo / (double) mb.total_bytes);
+        else
+            log_info("stage %d, %d devices: peak memory %lld to %lld bytes, planned %lld "
+                     "(measured/predicted %.3f to %.3f)",
+                     stage, count, (long long) lo, (long long) hi, (long long) mb.total_bytes,
+                     (double) lo / (double) mb.total_bytes, (double) hi / (double) mb.total_bytes);
+    }
+}
+
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
 {
     struct model_config cfg;
@@ -739,16 +781,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         log_error("%s", err->msg);
         plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
     }
-    for (int i = 0; i < tr.ndev && i < 64 && tr.peak_bytes[i] > 0; i++) {
-        /* each device against the planner's figure for its own pipeline stage */
-        struct mem_breakdown mb;
-        int stage = i / pr.best.tp % pr.best.pp;
-        mem_stage(&mb, &cfg, r, &pr.best, stage);
-        log_info("device %d (stage %d, tp rank %d): peak memory %lld bytes, planned %lld "
-                 "(measured/predicted %.3f)",
-                 i, stage, i % pr.best.tp, (long long) tr.peak_bytes[i], (long long) mb.total_bytes,
-                 (double) tr.peak_bytes[i] / (double) mb.total_bytes);
-    }
+    log_device_peaks(&tr, &pr, &cfg, r);
     if (rc == 0) {
         log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s%s%s)", tr.median_step_s,
                  tr.median_tokens_per_s, pr.best.predicted_step_seconds,

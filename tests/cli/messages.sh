@@ -59,6 +59,13 @@ expect_eq "simulated: one warning" 1 "$(grep -c 'simulated' "$TMP/s.err")"
 grep -q "\[warning\] $TMP/s.yaml: the 1 mi250 devices of flavor 'small.64gb' are simulated by threads of this machine's cpu: the predicted step time (.* s) is for the real hardware, not for this run (flavor: {device: cpu, devices: N} plans for this machine)$" "$TMP/s.err" &&
     ok || fail "simulated: warning: $(grep simulated "$TMP/s.err")"
 grep -q "median step .* (predicted .* s on real mi250)$" "$TMP/s.err" && ok || fail "simulated: median line"
+# 16 simulated devices: one memory line per pipeline stage, not one per device.
+"$MOAI_BIN" --set "training.save_dir=$TMP/out-16" --set flavor=2xlarge --set training.batch_size=16 \
+    "$TMP/s.yaml" >/dev/null 2>"$TMP/16.err"
+expect_eq "16 devices: status" 0 $?
+stages=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pp"])' "$TMP/out-16/plan.json")
+expect_eq "16 devices: a memory line per stage" "$stages" "$(grep -cE '\[info\] stage [0-9]+, [0-9]+ devices: peak memory ' "$TMP/16.err")"
+expect_eq "16 devices: no line per device" 0 "$(grep -c '\[info\] device [0-9]* (stage' "$TMP/16.err")"
 # ... and none on the cpu device.
 "$MOAI_BIN" --set "training.save_dir=$TMP/out-c" --set 'flavor={device: cpu, devices: 1}' "$TMP/s.yaml" >/dev/null 2>"$TMP/c.err"
 expect_eq "cpu: no warning" 0 "$(grep -c 'simulated' "$TMP/c.err")"
