@@ -8,6 +8,7 @@
 #include "model/config.h"
 #include "plan/plan.h"
 #include "plan/report.h"
+#include "progress.h"
 #include "recipe.h"
 
 #include <getopt.h>
@@ -61,7 +62,8 @@ static int mpi_rank;
 
 static void print_error(const struct moai_err *err)
 {
-    if (mpi_rank > 0) { /* rank 0 has the whole report; the others say theirs in one line */
+    progress_interrupt(); /* a bar left drawn by the failed phase */
+    if (mpi_rank > 0) {   /* rank 0 has the whole report; the others say theirs in one line */
         fprintf(stderr, "moai-finetune: rank %d: error: %.*s\n", mpi_rank,
                 (int) strcspn(err->msg, "\n"), err->msg);
         return;

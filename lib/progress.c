@@ -76,8 +76,10 @@ void progress_init(struct progress *p, const char *desc, int64_t total, const ch
     p->tty = isatty(STDERR_FILENO) && log_get_level() >= LOG_INFO;
 }
 
-/* The bar drawn now on the terminal, if any: log lines erase it first. */
+/* The bar drawn now on the terminal, if any, and where: log lines erase it first. The pointer
+ * is only compared, never followed (a bar abandoned on an error path may be gone). */
 static struct progress *_Atomic drawn;
+static FILE *_Atomic drawn_out;
 
 static void progress_draw(struct progress *p, double now)
 {
@@ -87,6 +89,7 @@ static void progress_draw(struct progress *p, double now)
     fprintf(p->out, "\r%s\033[K", line);
     fflush(p->out);
     p->drawn_s = now;
+    drawn_out = p->out;
     drawn = p;
 }
 
@@ -109,15 +112,17 @@ void progress_clear(struct progress *p)
         return;
     fputs("\r\033[K", p->out);
     fflush(p->out);
-    p->drawn_s = 0; /* the next update draws it again */
-    drawn = NULL;
+    drawn = NULL; /* the next update draws it again */
 }
 
 void progress_interrupt(void)
 {
-    struct progress *p = drawn;
-    if (p)
-        progress_clear(p);
+    FILE *out = drawn_out;
+    if (!drawn || !out)
+        return;
+    fputs("\r\033[K", out);
+    fflush(out);
+    drawn = NULL;
 }
 
 void progress_update(struct progress *p, int64_t n)
@@ -126,7 +131,7 @@ void progress_update(struct progress *p, int64_t n)
     if (!p->tty)
         return;
     double now = progress_now();
-    if (now - p->drawn_s >= 0.1 || n == p->total)
+    if (now - p->drawn_s >= 0.1 || n == p->total || drawn != p)
         progress_draw(p, now);
 }
 
