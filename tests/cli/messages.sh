@@ -47,6 +47,10 @@ for mode in --validate ""; do
     expect_eq "missing field ${mode:-training}: message" "moai-finetune: error: $TMP/qa.jsonl:1: record has no field 'article' (the template needs it; the record has 'question', 'answer')" "$(cat "$TMP/err")"
 done
 [ ! -e "$TMP/out" ] && ok || fail "missing field: no output directory"
+# A template that does not parse, at training: a recipe error too.
+"$MOAI_BIN" -q --set 'dataset.template={question' "$TMP/r.yaml" >/dev/null 2>"$TMP/err"
+expect_eq "bad template at training: status" 2 $?
+expect_eq "bad template at training: message" "moai-finetune: error: $TMP/r.yaml: template '{question': unclosed '{' at column 1" "$(cat "$TMP/err")"
 
 # An accelerator flavor trained on this machine: one warning that its devices are simulated.
 {
