@@ -625,15 +625,18 @@ static const struct ynode *lookup_path(const struct ynode *root, const char *pat
 
 /* The node of a --set VALUE for the key path. A key that takes a string (or a name from a list)
  * takes VALUE as it is: '### Answer:' is that text, not a YAML comment, and 'Answer:' not a
- * mapping; an empty VALUE is null (the default). Every other key (numbers, booleans, lists,
- * mappings, a flavor, a whole section) reads VALUE as YAML. *value is NULL for an empty
- * document. */
+ * mapping; an empty VALUE is null (the default); a VALUE in double or single quotes is a YAML
+ * quoted string (escapes like \n). Every other key (numbers, booleans, lists, mappings, a
+ * flavor, a whole section) reads VALUE as YAML. *value is NULL for an empty document. */
 static int set_value(struct ynode **value, const char *path, const char *text, const char *source,
                      struct moai_err *err)
 {
     const struct recipe_key *k = schema_find(path);
+    size_t len = strlen(text);
+    /* a string in YAML quotes keeps YAML's meaning: "Q:\n{q}" has a newline */
+    bool quoted = len >= 2 && (text[0] == '"' || text[0] == '\'') && text[len - 1] == text[0];
     *value = NULL;
-    if (!k || (k->type != KT_STRING && k->type != KT_ENUM)) {
+    if (!k || (k->type != KT_STRING && k->type != KT_ENUM) || quoted) {
         int rc = ytree_parse_opt(value, text, strlen(text), source, false, err);
         size_t skip = strlen(source) + 2;
         if (rc == MOAI_EUSAGE && !strncmp(err->msg, source, strlen(source)) &&

@@ -172,6 +172,12 @@ static void test_recipe_set_typed_by_schema(void **state)
     assert_string_equal(r.tokenizer, "null"); /* a file named null */
     recipe_release(&r);
 
+    const char *quoted[] = {"dataset.template=\"Q: {q}\\nA: {a}\"", "dataset.response_start='#'"};
+    assert_int_equal(load(&r, base, quoted, 2, -1, &err), 0);
+    assert_string_equal(r.dataset.template, "Q: {q}\nA: {a}"); /* YAML's escape: a newline */
+    assert_string_equal(r.dataset.response_start, "#");
+    recipe_release(&r);
+
     const char *empty[] = {"dataset.response_start=### Answer:", "dataset.response_start="};
     assert_int_equal(load(&r, base, empty, 2, -1, &err), 0);
     assert_null(r.dataset.response_start); /* empty: null, the default */
