@@ -113,6 +113,8 @@ static int run_validate(const struct options *opt, const char *path, struct reci
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
+    if ((rc = exec_check_resume(r, &cfg, err)) < 0)
+        return rc;
     struct plan_result res;
     enum log_level level = log_get_level();
     if (level == LOG_INFO) /* the planner's lines are for --plan-only and training */

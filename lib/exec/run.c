@@ -517,6 +517,47 @@ static void log_device_peaks(const struct train_result *tr, const struct plan_re
     }
 }
 
+/* The checkpoint a run continues: save_dir's under resume: auto when one is there, the named
+ * one under resume: <dir>, NULL for a fresh start. */
+static const char *resume_dir_of(const struct recipe *r)
+{
+    char found[64];
+    if (!strcmp(r->training.resume, "auto"))
+        return ckpt_present(r->training.save_dir, found, sizeof(found)) ? r->training.save_dir
+                                                                        : NULL;
+    return strcmp(r->training.resume, "never") ? r->training.resume : NULL;
+}
+
+/* Builds the run's fingerprint into *fp and finds the checkpoint it continues (*dir, NULL for a
+ * fresh start). Fails, before any work, when that checkpoint is another run's or has no
+ * trainer_state.json. */
+static int check_resume(const struct recipe *r, const struct model_config *cfg, json_t **fp,
+                        const char **dir, struct moai_err *err)
+{
+    int rc;
+    *dir = resume_dir_of(r);
+    if ((rc = fingerprint_build(fp, r, cfg, err)) < 0)
+        return rc;
+    if (*dir) {
+        json_t *state = resume_state(r, *dir, *fp, err);
+        if (!state)
+            return err->code;
+        json_decref(state);
+    }
+    return 0;
+}
+
+int exec_check_resume(const struct recipe *r, const struct model_config *cfg, struct moai_err *err)
+{
+    json_t *fp = NULL;
+    const char *dir;
+    if (!resume_dir_of(r)) /* a fresh start: nothing to check (nor files to hash) */
+        return 0;
+    int rc = check_resume(r, cfg, &fp, &dir, err);
+    json_decref(fp);
+    return rc;
+}
+
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
 {
     struct model_config cfg;
@@ -573,22 +614,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     /* Which checkpoint this run continues, if any: refused early when it is another run's. */
     const char *resume_dir = NULL;
     char found[64];
-    if ((rc = fingerprint_build(&fp, r, &cfg, err)) < 0)
+    if ((rc = check_resume(r, &cfg, &fp, &resume_dir, err)) < 0)
         goto out_world;
-    if (!strcmp(r->training.resume, "auto")) {
-        if (ckpt_present(r->training.save_dir, found, sizeof(found)))
-            resume_dir = r->training.save_dir;
-    } else if (strcmp(r->training.resume, "never")) {
-        resume_dir = r->training.resume;
-    }
-    if (resume_dir) {
-        json_t *state = resume_state(r, resume_dir, fp, err);
-        if (!state) {
-            rc = err->code;
-            goto out_world;
-        }
-        json_decref(state);
-    }
     struct exec_layout layout = {
         .dp = pr.best.dp,
         .pp = pr.best.pp,

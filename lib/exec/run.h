@@ -37,4 +37,11 @@ struct model_config;
  * key. */
 int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err);
 
+/* What training checks before any work about the checkpoint it would continue: under
+ * resume: auto a checkpoint in save_dir, or the one resume names, must be of this run (its
+ * fingerprint, exec/fingerprint.h) and have its trainer_state.json. When there is one, reads
+ * the dataset and the tokenizer to hash them; writes nothing. Returns 0, MOAI_EUSAGE (another run's, no
+ * trainer_state.json: with a hint), MOAI_EIO (unreadable). For --validate. */
+int exec_check_resume(const struct recipe *r, const struct model_config *cfg, struct moai_err *err);
+
 #endif

@@ -62,6 +62,13 @@ hint: train into another directory (training.save_dir), or set training.resume: 
 expect_eq "another run: no output" "" "$(cat "$TMP/c.out")"
 cmp -s "$TMP/a.model" "$W/outputs/a/model.safetensors" && ok || fail "another run: checkpoint kept"
 
+# --validate says so too, before any work; and ok for the checkpoint's own recipe.
+run --validate --set training.save_dir=outputs/a b.yaml >"$TMP/v.out" 2>"$TMP/v.err"
+expect_eq "--validate another run: status" 2 $?
+expect_eq "--validate another run: message" "moai-finetune: error: cannot resume from 'outputs/a': its checkpoint is of another run: training.seed (42 then, 7 now)" "$(head -n 1 "$TMP/v.err")"
+run --validate a.yaml >"$TMP/v.out" 2>/dev/null
+expect_eq "--validate the same run" "a.yaml: ok" "$(cat "$TMP/v.out")"
+
 # A changed dataset (one record), template or architecture: refused too.
 sed -i '5s/thing 28/thing 29/' "$W/data.jsonl"
 grep -q 'thing 29' "$W/data.jsonl" && ok || fail "the dataset changed"
