@@ -1,12 +1,14 @@
 /* moai-finetune.c - the command line: options, the loop over recipes, exit statuses. */
 #include "err.h"
 #include "log.h"
+#include "data/validate.h"
 #include "exec/comm.h"
 #include "exec/run.h"
 #include "exec/train.h"
 #include "model/config.h"
 #include "plan/plan.h"
 #include "plan/report.h"
+#include "progress.h"
 #include "recipe.h"
 
 #include <errno.h>
@@ -33,6 +35,8 @@ struct options {
     bool mpi; /* started by mpirun */
     struct recipe_overrides ov;
     const char **sets;
+    const char **recipes; /* in command-line order, options anywhere among them */
+    int nrecipes;
 };
 
 static const char usage_text[] =
@@ -60,7 +64,8 @@ static int mpi_rank;
 
 static void print_error(const struct moai_err *err)
 {
-    if (mpi_rank > 0) { /* rank 0 has the whole report; the others say theirs in one line */
+    progress_interrupt(); /* a bar left drawn by the failed phase */
+    if (mpi_rank > 0) {   /* rank 0 has the whole report; the others say theirs in one line */
         fprintf(stderr, "moai-finetune: rank %d: error: %.*s\n", mpi_rank,
                 (int) strcspn(err->msg, "\n"), err->msg);
         return;
@@ -116,7 +121,11 @@ static int run_validate(const struct options *opt, const char *path, struct reci
     int rc = recipe_check_files(r, err);
     if (rc < 0 || (rc = exec_check_save_dir(r, err)) < 0)
         return rc;
+    if ((rc = data_validate(r, err)) < 0)
+        return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
+        return rc;
+    if ((rc = exec_check_resume(r, &cfg, err)) < 0)
         return rc;
     struct plan_result res;
     enum log_level level = log_get_level();
@@ -277,11 +286,20 @@ int main(int argc, char **argv)
     int c, status = 0;
 
     opt.sets = calloc((size_t) argc, sizeof(*opt.sets));
-    if (!opt.sets)
+    opt.recipes = calloc((size_t) argc, sizeof(*opt.recipes));
+    if (!opt.sets || !opt.recipes) {
+        free(opt.sets);
+        free(opt.recipes);
         return 1;
+    }
     opterr = 0;
-    while ((c = getopt_long(argc, argv, "+qvhV", longopts, NULL)) != -1) {
+    /* GNU style: options anywhere among the recipes ("-" in the option string hands each
+     * recipe over in order, whatever POSIXLY_CORRECT says); "--" ends the options. */
+    while ((c = getopt_long(argc, argv, "-qvhV", longopts, NULL)) != -1) {
         switch (c) {
+        case 1:
+            opt.recipes[opt.nrecipes++] = optarg;
+            break;
         case OPT_PLAN:
             if (opt.mode == MODE_VALIDATE) {
                 status = usage_error("%s cannot be combined with --validate", "--plan-only");
@@ -320,23 +338,24 @@ int main(int argc, char **argv)
             break;
         case 'h':
             fputs(usage_text, stdout);
-            free(opt.sets);
-            return 0;
+            goto out;
         case 'V':
             printf("moai-finetune %s\n", MOAI_VERSION);
-            free(opt.sets);
-            return 0;
+            goto out;
         default:
             free(opt.sets);
+            free(opt.recipes);
             if (optopt && optopt < 256)
                 return usage_error("unknown option '-%c'", (char[]){(char) optopt, 0});
             return usage_error("unknown option or missing argument '%s'", argv[optind - 1]);
         }
     }
     opt.ov.sets = opt.sets;
-    if (optind >= argc) {
-        free(opt.sets);
-        return usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
+    while (optind < argc) /* after "--" */
+        opt.recipes[opt.nrecipes++] = argv[optind++];
+    if (opt.nrecipes == 0) {
+        status = usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
+        goto out;
     }
     /* Under mpirun every rank runs the recipes; rank 0 alone speaks (results, logs and
      * warnings: the ranks do the same work; errors come from every rank), and each recipe's
@@ -346,8 +365,8 @@ int main(int argc, char **argv)
         struct moai_err err = {0};
         if (comm_mpi_init(&err) < 0) {
             fprintf(stderr, "moai-finetune: error: %s\n", err.msg);
-            free(opt.sets);
-            return 1;
+            status = 1;
+            goto out;
         }
         mpi_rank = comm_mpi_rank();
         if (mpi_rank > 0) {
@@ -356,8 +375,8 @@ int main(int argc, char **argv)
                 log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());
         }
     }
-    for (int i = optind; i < argc; i++) {
-        int s = run_recipe(&opt, argv[i]);
+    for (int i = 0; i < opt.nrecipes; i++) {
+        int s = run_recipe(&opt, opt.recipes[i]);
         if (s > status)
             status = s;
     }
@@ -365,5 +384,6 @@ int main(int argc, char **argv)
         comm_mpi_finalize();
 out:
     free(opt.sets);
+    free(opt.recipes);
     return status;
 }

@@ -1,6 +1,8 @@
 /* log.c - timestamped log lines on standard error (see log.h). */
 #include "log.h"
 
+#include "progress.h"
+
 #include <stdarg.h>
 #include <time.h>
 
@@ -50,6 +52,8 @@ void log_msg(enum log_level level, const char *fmt, ...)
     if (level > log_level)
         return;
     log_timestamp(stamp, sizeof(stamp));
+    if (!log_stream)
+        progress_interrupt(); /* a bar on the terminal: the line goes above it */
     flockfile(out);
     fprintf(out, "%s [%s] ", stamp, log_level_names[level]);
     va_start(ap, fmt);

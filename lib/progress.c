@@ -3,6 +3,7 @@
 
 #include "log.h"
 
+#include <stdarg.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -26,10 +27,17 @@ static void format_clock(char *buf, size_t size, double seconds)
 char *progress_format(char *buf, size_t size, const char *desc, int64_t n, int64_t total,
                       double elapsed_s, const char *unit, int width)
 {
+    return progress_format_from(buf, size, desc, 0, n, total, elapsed_s, unit, width, "");
+}
+
+char *progress_format_from(char *buf, size_t size, const char *desc, int64_t base, int64_t n,
+                           int64_t total, double elapsed_s, const char *unit, int width,
+                           const char *postfix)
+{
     static const char *const eighths[] = {"", "▏", "▎", "▍", "▌", "▋", "▊", "▉"};
     char elapsed[64], remain[64], rate[64], bar[512];
     double frac = total > 0 ? (double) n / (double) total : 0.0;
-    double per_s = elapsed_s > 0 ? (double) n / elapsed_s : 0.0;
+    double per_s = elapsed_s > 0 ? (double) (n - base) / elapsed_s : 0.0;
     size_t len = 0;
 
     if (frac > 1.0)
@@ -52,8 +60,8 @@ char *progress_format(char *buf, size_t size, const char *desc, int64_t n, int64
         snprintf(rate, sizeof(rate), "%.2f %s/s", per_s, unit);
     else
         snprintf(rate, sizeof(rate), "%5.2fs/%s", 1.0 / per_s, unit);
-    snprintf(buf, size, "%s: %3d%%|%s| %lld/%lld [%s<%s, %s]", desc, (int) (frac * 100.0), bar,
-             (long long) n, (long long) total, elapsed, remain, rate);
+    snprintf(buf, size, "%s: %3d%%|%s| %lld/%lld [%s<%s, %s%s]", desc, (int) (frac * 100.0), bar,
+             (long long) n, (long long) total, elapsed, remain, rate, postfix);
     return buf;
 }
 
@@ -68,13 +76,53 @@ void progress_init(struct progress *p, const char *desc, int64_t total, const ch
     p->tty = isatty(STDERR_FILENO) && log_get_level() >= LOG_INFO;
 }
 
+/* The bar drawn now on the terminal, if any, and where: log lines erase it first. The pointer
+ * is only compared, never followed (a bar abandoned on an error path may be gone). */
+static struct progress *_Atomic drawn;
+static FILE *_Atomic drawn_out;
+
 static void progress_draw(struct progress *p, double now)
 {
     char line[1024];
-    progress_format(line, sizeof(line), p->desc, p->n, p->total, now - p->start_s, p->unit, 30);
-    fprintf(p->out, "\r%s", line);
+    progress_format_from(line, sizeof(line), p->desc, p->base, p->n, p->total, now - p->start_s,
+                         p->unit, 30, p->postfix);
+    fprintf(p->out, "\r%s\033[K", line);
     fflush(p->out);
     p->drawn_s = now;
+    drawn_out = p->out;
+    drawn = p;
+}
+
+void progress_start_at(struct progress *p, int64_t n)
+{
+    p->base = p->n = n;
+}
+
+void progress_postfix(struct progress *p, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(p->postfix, sizeof(p->postfix), fmt, ap);
+    va_end(ap);
+}
+
+void progress_clear(struct progress *p)
+{
+    if (!p->tty || drawn != p)
+        return;
+    fputs("\r\033[K", p->out);
+    fflush(p->out);
+    drawn = NULL; /* the next update draws it again */
+}
+
+void progress_interrupt(void)
+{
+    FILE *out = drawn_out;
+    if (!drawn || !out)
+        return;
+    fputs("\r\033[K", out);
+    fflush(out);
+    drawn = NULL;
 }
 
 void progress_update(struct progress *p, int64_t n)
@@ -83,7 +131,7 @@ void progress_update(struct progress *p, int64_t n)
     if (!p->tty)
         return;
     double now = progress_now();
-    if (now - p->drawn_s >= 0.1 || n == p->total)
+    if (now - p->drawn_s >= 0.1 || n == p->total || drawn != p)
         progress_draw(p, now);
 }
 
@@ -93,9 +141,11 @@ void progress_finish(struct progress *p)
     if (p->tty) {
         progress_draw(p, now);
         fputc('\n', p->out);
+        fflush(p->out);
+        drawn = NULL;
         return;
     }
     char line[1024];
-    log_info("%s", progress_format(line, sizeof(line), p->desc, p->n, p->total, now - p->start_s,
-                                   p->unit, 30));
+    log_info("%s", progress_format_from(line, sizeof(line), p->desc, p->base, p->n, p->total,
+                                        now - p->start_s, p->unit, 30, p->postfix));
 }

@@ -4,6 +4,7 @@
 #include "log.h"
 #include "yamltree.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <float.h>
 #include <limits.h>
@@ -82,8 +83,9 @@ static const struct recipe_key schema[] = {
     KEY("training.precision", KT_ENUM, training.precision, "bf16", .choices = precision_choices),
     KEY("training.seed", KT_INT, training.seed, "42", .min = 0, .max = BIG),
     KEY("training.log_interval", KT_INT, training.log_interval, "2", .min = 1, .max = BIG),
-    KEY("training.save_dir", KT_STRING, training.save_dir, "outputs"),
+    KEY("training.save_dir", KT_STRING, training.save_dir, "~"),
     KEY("training.save_interval", KT_INT, training.save_interval, "~", .min = 1, .max = BIG),
+    KEY("training.eval_interval", KT_INT, training.eval_interval, "~", .min = 1, .max = BIG),
     KEY("training.resume", KT_STRING, training.resume, "auto"),
     KEY("flavor", KT_FLAVOR, flavor, "4xlarge"),
     KEY("parallel.advanced", KT_BOOL, parallel.advanced, "true"),
@@ -180,11 +182,62 @@ static void fmt_suggestion(char *buf, size_t size, const char *word, const char 
         buf[0] = '\0';
 }
 
+/* Other tools' names for the recipe's keys (torchtune, axolotl, LLaMA-Factory, Hugging Face
+ * TrainingArguments), by the section they would be written in ("" for the top level, NULL for
+ * any), with what to write instead. */
+static const struct {
+    const char *section, *name, *advice;
+} aliases[] = {
+    {NULL, "learning_rate", "did you mean 'training.lr'?"},
+    {NULL, "sequence_len", "did you mean 'training.block_size'?"},
+    {NULL, "max_seq_len", "did you mean 'training.block_size'?"},
+    {NULL, "max_seq_length", "did you mean 'training.block_size'?"},
+    {NULL, "seq_length", "did you mean 'training.block_size'?"},
+    {NULL, "cutoff_len", "did you mean 'training.block_size'?"},
+    {NULL, "num_epochs", "did you mean 'training.epochs'?"},
+    {NULL, "num_train_epochs", "did you mean 'training.epochs'?"},
+    {NULL, "output_dir", "did you mean 'training.save_dir'?"},
+    {NULL, "max_grad_norm", "did you mean 'training.grad_clip'?"},
+    {NULL, "clip_grad_norm", "did you mean 'training.grad_clip'?"},
+    {NULL, "lr_scheduler", "did you mean 'training.lr_schedule'?"},
+    {NULL, "lr_scheduler_type", "did you mean 'training.lr_schedule'?"},
+    {NULL, "micro_batch_size",
+     "did you mean 'training.batch_size'? It is the global batch; "
+     "the planner chooses the micro-batches"},
+    {NULL, "per_device_train_batch_size",
+     "did you mean 'training.batch_size'? It is the "
+     "global batch; the planner chooses the micro-batches"},
+    {NULL, "gradient_accumulation_steps",
+     "there is no such key: 'training.batch_size' is the "
+     "global batch, and the planner chooses the "
+     "micro-batches that accumulate to it"},
+    {"model", "tokenizer", "did you mean the top-level 'tokenizer'?"},
+    {"model", "model_name_or_path", "did you mean 'model.path'?"},
+    {"", "base_model", "did you mean 'model.path'?"},
+    {"", "model_name_or_path", "did you mean 'model.path'?"},
+    {"dataset", "data_files", "did you mean 'dataset.path'?"},
+    {"dataset", "source", "did you mean 'dataset.path'?"},
+};
+
+/* The advice for a key another tool spells so, or NULL. */
+static const char *alias_advice(const char *section, const char *name)
+{
+    for (size_t i = 0; i < sizeof(aliases) / sizeof(aliases[0]); i++)
+        if (!strcmp(aliases[i].name, name) &&
+            (!aliases[i].section || !strcmp(aliases[i].section, section ? section : "")))
+            return aliases[i].advice;
+    return NULL;
+}
+
 static int unknown_key(struct moai_err *err, const struct ynode *key, const char *section,
                        const char *const *cands, size_t ncands)
 {
-    char where[512], sugg[128];
-    fmt_suggestion(sugg, sizeof(sugg), key->value, cands, ncands);
+    char where[512], sugg[256];
+    const char *advice = alias_advice(section, key->value);
+    if (advice)
+        snprintf(sugg, sizeof(sugg), " (%s)", advice);
+    else
+        fmt_suggestion(sugg, sizeof(sugg), key->value, cands, ncands);
     if (section)
         return moai_err_set(err, MOAI_EUSAGE, "%s: unknown key '%s' in '%s'%s",
                             ynode_where(key, where, sizeof(where)), key->value, section, sugg);
@@ -292,13 +345,56 @@ static void store_int(struct recipe *r, const struct recipe_key *k, int64_t x)
     }
 }
 
+/* The catalog name nearest a misspelt flavor, written as the user wrote it (with its memory
+ * suffix or without), or NULL when none is close or several are equally close ('5xlarge' is
+ * as near 4xlarge as 6xlarge: the whole catalog then says more). Not thread-safe (a static
+ * buffer), like recipe loading. */
+static const char *nearest_flavor(const char *name)
+{
+    static char best[64];
+    char lower[64], cand[64];
+    const char *p = flavor_catalog_names();
+    bool with_suffix, tie = false;
+    int best_d = INT_MAX, limit;
+
+    snprintf(lower, sizeof(lower), "%s", name);
+    for (char *c = lower; *c; c++)
+        *c = (char) tolower((unsigned char) *c);
+    with_suffix = strchr(lower, '.') != NULL;
+    limit = (int) strlen(lower) / 3 + 1;
+    if (limit < 2)
+        limit = 2;
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        snprintf(cand, sizeof(cand), "%.*s", (int) len, p);
+        if (!with_suffix) /* compare like with like */
+            *strrchr(cand, '.') = '\0';
+        int d = recipe_edit_distance(lower, cand);
+        if (d < best_d) {
+            best_d = d;
+            tie = false;
+            snprintf(best, sizeof(best), "%s", cand);
+        } else if (d == best_d) {
+            tie = true;
+        }
+        p += len;
+        p += strspn(p, ", ");
+    }
+    return best_d <= limit && !tie ? best : NULL;
+}
+
 static int parse_flavor(struct recipe *r, const struct ynode *v, struct moai_err *err)
 {
     char where[512];
 
     if (v->kind == YNODE_SCALAR && !ynode_is_null(v)) {
-        if (flavor_lookup(&r->flavor, v->value, err) < 0)
+        if (flavor_lookup(&r->flavor, v->value, err) < 0) {
+            const char *near = nearest_flavor(v->value);
+            if (near)
+                moai_err_set(err, MOAI_EUSAGE, "unknown flavor '%s' (did you mean '%s'?)", v->value,
+                             near);
             return moai_err_prefix(err, "%s", ynode_where(v, where, sizeof(where)));
+        }
         return 0;
     }
     if (v->kind != YNODE_MAP)
@@ -527,6 +623,44 @@ static const struct ynode *lookup_path(const struct ynode *root, const char *pat
     return ynode_get(ynode_get(root, section), dot + 1);
 }
 
+/* The node of a --set VALUE for the key path. A key that takes a string (or a name from a list)
+ * takes VALUE as it is: '### Answer:' is that text, not a YAML comment, and 'Answer:' not a
+ * mapping; an empty VALUE is null (the default); a VALUE in double or single quotes is a YAML
+ * quoted string (escapes like \n). Every other key (numbers, booleans, lists, mappings, a
+ * flavor, a whole section) reads VALUE as YAML. *value is NULL for an empty document. */
+static int set_value(struct ynode **value, const char *path, const char *text, const char *source,
+                     struct moai_err *err)
+{
+    const struct recipe_key *k = schema_find(path);
+    size_t len = strlen(text);
+    /* a string in YAML quotes keeps YAML's meaning: "Q:\n{q}" has a newline */
+    bool quoted = len >= 2 && (text[0] == '"' || text[0] == '\'') && text[len - 1] == text[0];
+    *value = NULL;
+    if (!k || (k->type != KT_STRING && k->type != KT_ENUM) || quoted) {
+        int rc = ytree_parse_opt(value, text, strlen(text), source, false, err);
+        size_t skip = strlen(source) + 2;
+        if (rc == MOAI_EUSAGE && !strncmp(err->msg, source, strlen(source)) &&
+            strlen(err->msg) > skip) {
+            char why[sizeof(err->msg)];
+            const char *inner = err->msg + skip;
+            if (!strncmp(inner, "invalid YAML: ", 14))
+                inner += 14;
+            snprintf(why, sizeof(why), "%s", inner);
+            return moai_err_set(err, rc, "%s: the value is not valid YAML (%s)", source, why);
+        }
+        return rc;
+    }
+    struct ynode *n = calloc(1, sizeof(*n));
+    if (!n || !(n->source = strdup(source)) || !(n->value = strdup(text[0] ? text : "~"))) {
+        ynode_free(n);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    n->kind = YNODE_SCALAR;
+    n->quoted = k->type == KT_STRING && text[0];
+    *value = n;
+    return 0;
+}
+
 /* Applies "KEY=VALUE" to the tree, creating mappings along the path as needed. */
 static int apply_set(struct ynode **root, const char *set, struct moai_err *err)
 {
@@ -543,7 +677,7 @@ static int apply_set(struct ynode **root, const char *set, struct moai_err *err)
     memcpy(path, set, (size_t) (eq - set));
     path[eq - set] = '\0';
 
-    rc = ytree_parse_opt(&value, eq + 1, strlen(eq + 1), source, false, err);
+    rc = set_value(&value, path, eq + 1, source, err);
     if (rc < 0)
         return rc;
     if (!value) {
@@ -611,6 +745,26 @@ static char *default_cache_dir(void)
         snprintf(buf, sizeof(buf), "%s/.cache/moai-finetune", home);
     else
         snprintf(buf, sizeof(buf), ".cache/moai-finetune");
+    return strdup(buf);
+}
+
+/* The default save_dir: outputs/<the recipe file's name without its extension>, so that two
+ * recipes never share a checkpoint directory by default ("outputs/stdin" for "-"). */
+static char *default_save_dir(const char *source)
+{
+    const char *base = strrchr(source, '/');
+    char name[256], buf[300];
+    base = base ? base + 1 : source;
+    if (!strcmp(source, "<stdin>"))
+        base = "stdin";
+    snprintf(name, sizeof(name), "%s", base);
+    char *dot = strrchr(name, '.');
+    if (dot && dot != name &&
+        (!strcmp(dot, ".yaml") || !strcmp(dot, ".yml") || !strcmp(dot, ".json")))
+        *dot = '\0';
+    if (!name[0] || !strcmp(name, ".") || !strcmp(name, ".."))
+        snprintf(name, sizeof(name), "recipe");
+    snprintf(buf, sizeof(buf), "outputs/%s", name);
     return strdup(buf);
 }
 
@@ -688,6 +842,8 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
         snprintf(r->tokenizer, len, "%s/tokenizer.model", r->model.path);
     }
     if (!r->dataset.cache_dir && !(r->dataset.cache_dir = default_cache_dir()))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    if (!r->training.save_dir && !(r->training.save_dir = default_save_dir(source)))
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (r->training.warmup_steps > 0 && r->training.max_steps != RECIPE_NONE &&
         r->training.warmup_steps > r->training.max_steps) {

@@ -88,6 +88,7 @@ struct recipe {
         int64_t log_interval;
         char *save_dir;
         int64_t save_interval; /* RECIPE_NONE: only at the end */
+        int64_t eval_interval; /* RECIPE_NONE: at each epoch's end and the end only */
         char *resume;          /* "auto", "never" or a checkpoint directory */
     } training;
 

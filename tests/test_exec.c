@@ -387,6 +387,7 @@ static void test_exec_step_line_format(void **state)
                             .loss = 2.03125,
                             .duration_s = 1.2718,
                             .tokens_per_s = 12882.8749,
+                            .real_tokens_per_s = 8000.004,
                             .lr = 1e-5};
     assert_string_equal(steplog_format(buf, sizeof(buf), &s),
                         "[Step 4/17944] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 "
@@ -399,7 +400,27 @@ static void test_exec_step_line_format(void **state)
     char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
     assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":2.03125,"
                               "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
-                              "\"grad_norm\":0.0}");
+                              "\"grad_norm\":0.0,\"real_tokens_per_s\":8000.0}");
+    free(text);
+    json_decref(j);
+}
+
+static void test_exec_eval_line_format(void **state)
+{
+    (void) state;
+    char buf[256];
+    assert_string_equal(steplog_format_eval(buf, sizeof(buf), 10, 60, 2.345678),
+                        "[Eval 10/60] | Validation loss: 2.345678 | Perplexity: 10.44");
+    json_t *j = steplog_eval_json(10, 60, 2.345678);
+    char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    assert_string_equal(text, "{\"eval\":10,\"total_steps\":60,\"validation_loss\":2.345678,"
+                              "\"perplexity\":10.44}");
+    free(text);
+    json_decref(j);
+    j = steplog_eval_json(1, 2, NAN); /* never dropped: null */
+    text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    assert_string_equal(text, "{\"eval\":1,\"total_steps\":2,\"validation_loss\":null,"
+                              "\"perplexity\":null}");
     free(text);
     json_decref(j);
     /* a step whose figures are not finite is still an object, with nulls */
@@ -503,6 +524,7 @@ int main(void)
         cmocka_unit_test(test_exec_checkpoint_recover_after_commit),
         cmocka_unit_test(test_exec_checkpoint_lock),
         cmocka_unit_test(test_exec_step_line_format),
+        cmocka_unit_test(test_exec_eval_line_format),
         cmocka_unit_test(test_exec_world_split),
         cmocka_unit_test(test_exec_sendrecv_exchanges),
     };

@@ -44,7 +44,7 @@ static void test_recipe_defaults(void **state)
     assert_int_equal(r.training.precision, PRECISION_BF16);
     assert_int_equal(r.training.seed, 42);
     assert_int_equal(r.training.log_interval, 2);
-    assert_string_equal(r.training.save_dir, "outputs");
+    assert_string_equal(r.training.save_dir, "outputs/t"); /* the recipe's own */
     assert_int_equal(r.training.save_interval, RECIPE_NONE);
     assert_string_equal(r.training.resume, "auto");
     assert_string_equal(r.flavor.name, "4xlarge.2048gb");
@@ -151,6 +151,67 @@ static void test_recipe_set_overrides(void **state)
                                  "an integer >= 1, not 'big'");
 }
 
+/* A string key takes the --set value as it is; the others read it as YAML. */
+static void test_recipe_set_typed_by_schema(void **state)
+{
+    (void) state;
+    const char *sets[] = {"dataset.response_start=### Answer:", "dataset.template=Q: {q}\nA: {a}",
+                          "training.save_dir=runs/x # y", "training.lr=2e-3 # a comment"};
+    struct recipe r;
+    struct moai_err err = {0};
+    assert_int_equal(load(&r, base, sets, 4, -1, &err), 0);
+    assert_string_equal(r.dataset.response_start, "### Answer:");
+    assert_string_equal(r.dataset.template, "Q: {q}\nA: {a}");
+    assert_string_equal(r.training.save_dir, "runs/x # y");
+    assert_true(r.training.lr == 2e-3);
+    recipe_release(&r);
+
+    const char *colon[] = {"dataset.response_start=Answer:", "tokenizer=null"};
+    assert_int_equal(load(&r, base, colon, 2, -1, &err), 0);
+    assert_string_equal(r.dataset.response_start, "Answer:");
+    assert_string_equal(r.tokenizer, "null"); /* a file named null */
+    recipe_release(&r);
+
+    const char *quoted[] = {"dataset.template=\"Q: {q}\\nA: {a}\"", "dataset.response_start='#'"};
+    assert_int_equal(load(&r, base, quoted, 2, -1, &err), 0);
+    assert_string_equal(r.dataset.template, "Q: {q}\nA: {a}"); /* YAML's escape: a newline */
+    assert_string_equal(r.dataset.response_start, "#");
+    recipe_release(&r);
+
+    const char *empty[] = {"dataset.response_start=### Answer:", "dataset.response_start="};
+    assert_int_equal(load(&r, base, empty, 2, -1, &err), 0);
+    assert_null(r.dataset.response_start); /* empty: null, the default */
+    recipe_release(&r);
+
+    const char *bad[] = {"training.betas=[0.9"};
+    assert_int_equal(load(&r, base, bad, 1, -1, &err), MOAI_EUSAGE);
+    assert_string_equal(err.msg, "--set training.betas=[0.9: the value is not valid YAML (did not "
+                                 "find expected ',' or ']' while parsing a flow sequence)");
+}
+
+/* The default save_dir is outputs/<recipe name>. */
+static void test_recipe_default_save_dir(void **state)
+{
+    (void) state;
+    static const char text[] = "model: {path: m}\ndataset: {path: d}\n";
+    static const struct {
+        const char *source, *save_dir;
+    } cases[] = {{"configs/llama3-8b.yaml", "outputs/llama3-8b"},
+                 {"a.yml", "outputs/a"},
+                 {"dir/r.json", "outputs/r"},
+                 {"plain", "outputs/plain"},
+                 {"<stdin>", "outputs/stdin"},
+                 {"x/.yaml", "outputs/.yaml"}};
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct recipe r;
+        struct moai_err err = {0};
+        assert_int_equal(recipe_load_string(&r, text, strlen(text), cases[i].source, NULL, &err),
+                         0);
+        assert_string_equal(r.training.save_dir, cases[i].save_dir);
+        recipe_release(&r);
+    }
+}
+
 static void test_recipe_ap_switch_precedence(void **state)
 {
     (void) state;
@@ -193,14 +254,18 @@ static void test_recipe_errors(void **state)
     } cases[] = {
         {"model: {path: m}\ndataset: {path: d}\ntraining: {batchsize: 3}\n",
          "t.yaml:3:12: unknown key 'batchsize' in 'training' (did you mean 'batch_size'?)"},
+        {"model: {path: m}\ndataset: {path: d}\ntraining: {learning_rate: 3}\n",
+         "t.yaml:3:12: unknown key 'learning_rate' in 'training' (did you mean 'training.lr'?)"},
         {"model: {path: m}\ndataset: {path: d}\nflavor: 4xlargee\n",
-         "t.yaml:3:9: unknown flavor '4xlargee' (valid: small.64gb, medium.128gb, large.256gb, "
+         "t.yaml:3:9: unknown flavor '4xlargee' (did you mean '4xlarge'?)"},
+        {"model: {path: m}\ndataset: {path: d}\nflavor: 5xlarge\n",
+         "t.yaml:3:9: unknown flavor '5xlarge' (valid: small.64gb, medium.128gb, large.256gb, "
          "xlarge.512gb, 1.5xlarge.768gb, 2xlarge.1024gb, 3xlarge.1536gb, 4xlarge.2048gb, "
          "6xlarge.3072gb, 8xlarge.4096gb, 12xlarge.6144gb, 24xlarge.12288gb, 48xlarge.24576gb)"},
         {"model: {path: m}\ndataset: {path: d}\ntraining: {eps: 0}\n",
          "t.yaml:3:17: 'training.eps' must be a number in (0, 1], not '0'"},
-        {"model: {path: m}\ndataset: {path: d}\ntraining: {save_dir: ~}\n",
-         "t.yaml:3:22: 'training.save_dir' must be a string, not null"},
+        {"model: {path: m}\ndataset: {path: d}\ntraining: {resume: ~}\n",
+         "t.yaml:3:20: 'training.resume' must be a string, not null"},
         {"dataset: {path: d}\n", "t.yaml: missing key 'path' in 'model'"},
         {"model: {config: {hidden_size: 8}}\ndataset: {path: d}\n",
          "t.yaml:1:8: 'model.init' is pretrained but there is no 'model.path' to load weights "
@@ -311,6 +376,8 @@ int main(void)
         cmocka_unit_test(test_recipe_defaults),
         cmocka_unit_test(test_recipe_values),
         cmocka_unit_test(test_recipe_set_overrides),
+        cmocka_unit_test(test_recipe_set_typed_by_schema),
+        cmocka_unit_test(test_recipe_default_save_dir),
         cmocka_unit_test(test_recipe_ap_switch_precedence),
         cmocka_unit_test(test_recipe_errors),
         cmocka_unit_test(test_recipe_alias_bomb_is_bounded),

@@ -56,6 +56,11 @@ static void test_progress_format(void **state)
     assert_string_equal(buf, "Map: 100%|██████████| 1000/1000 [00:05<00:00, 200.00 examples/s]");
     progress_format(buf, sizeof(buf), "Loading checkpoint shards", 1, 2, 4.15, "it", 4);
     assert_string_equal(buf, "Loading checkpoint shards:  50%|██  | 1/2 [00:04<00:04,  4.15s/it]");
+    /* a resumed run: 10 of its steps in 10 s, so 1 step/s and 30 s to go; the postfix last */
+    progress_format_from(buf, sizeof(buf), "Training", 20, 30, 60, 10.0, "steps", 10,
+                         ", loss 4.61, lr 5.00e-04");
+    assert_string_equal(buf, "Training:  50%|█████     | 30/60 [00:10<00:30, 1.00 steps/s, loss "
+                             "4.61, lr 5.00e-04]");
 }
 
 int main(void)

@@ -320,6 +320,25 @@ static bool is_blank(const char *s, size_t n)
     return true;
 }
 
+/* "'a', 'b'" - the fields of a record, for the error of a missing one. */
+static const char *field_list(char *buf, size_t size, json_t *obj)
+{
+    const char *key;
+    json_t *val;
+    size_t len = 0;
+    buf[0] = '\0';
+    json_object_foreach(obj, key, val)
+    {
+        (void) val;
+        if (len + strlen(key) + 8 >= size) {
+            snprintf(buf + len, size - len, ", ...");
+            break;
+        }
+        len += (size_t) snprintf(buf + len, size - len, "%s'%s'", len ? ", " : "", key);
+    }
+    return len ? buf : "no fields";
+}
+
 /* Parses one line and appends its filled text as record d->n. On failure the partial text is
  * left past off[n] and the caller gives up on the whole dataset. */
 static int add_record(struct dataset_texts *d, const struct dataset_template *t, const char *name,
@@ -348,10 +367,12 @@ static int add_record(struct dataset_texts *d, const struct dataset_template *t,
             if (p->is_field) {
                 json_t *v = json_object_get(obj, p->text);
                 if (!v) {
-                    rc = moai_err_set(err, MOAI_EIO,
+                    char has[512];
+                    rc = moai_err_set(err, MOAI_EUSAGE,
                                       "%s:%" PRId64
-                                      ": record has no field '%s' (the template needs it)",
-                                      name, lineno, p->text);
+                                      ": record has no field '%s' (the template needs it; the "
+                                      "record has %s)",
+                                      name, lineno, p->text, field_list(has, sizeof(has), obj));
                     goto out;
                 }
                 if (!json_is_string(v)) {

@@ -186,16 +186,34 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
     return 0;
 }
 
+int64_t data_set_count_unscored(const struct data_set *ds)
+{
+    int64_t none = 0;
+    for (int64_t i = 0; i < ds->n; i++) {
+        const int32_t *lab = ds->labels + i * ds->T;
+        int64_t t = 1; /* the first position predicts nothing (labels shift by one) */
+        while (t < ds->T && lab[t] == DATA_IGNORE_INDEX)
+            t++;
+        none += t == ds->T;
+    }
+    return none;
+}
+
 void data_set_log_stats(const struct data_set *ds)
 {
-    int64_t real = 0;
+    int64_t real = 0, unscored = data_set_count_unscored(ds);
     for (int64_t i = 0; i < ds->n; i++)
         real += ds->lengths[i];
     double mean = ds->n ? (double) real / (double) ds->n : 0.0;
     double pad = ds->n ? 1.0 - (double) real / ((double) ds->n * (double) ds->T) : 0.0;
-    log_info("Tokenized %" PRId64 " examples of %" PRId64 " tokens: %" PRId64
-             " truncated, mean %.1f real tokens, %.1f%% padding.",
-             ds->n, ds->T, ds->truncated, mean, 100.0 * pad);
+    log_info("Tokenized %" PRId64 " examples of %" PRId64 " tokens: %" PRId64 " truncated, %" PRId64
+             " with no token counted in the loss, mean %.1f real tokens, "
+             "%.1f%% padding.",
+             ds->n, ds->T, ds->truncated, unscored, mean, 100.0 * pad);
+    if (unscored > 0)
+        log_warn("%" PRId64 " of %" PRId64 " examples have no token counted in the loss (the "
+                 "block size %" PRId64 " cuts them before their response): they teach nothing.",
+                 unscored, ds->n, ds->T);
     if (ds->truncated * 20 > ds->n)
         log_warn("%" PRId64 " of %" PRId64 " examples (%.1f%%) are longer than the block size "
                  "%" PRId64 " and lose their end and EOS.",

@@ -50,6 +50,9 @@ void data_set_fill_labels(struct data_set *ds);
 /* Logs examples, truncated examples (a warning above 5%), mean real tokens, padding. */
 void data_set_log_stats(const struct data_set *ds);
 
+/* The examples with no label counted in the loss (all masked or padding past position 0). */
+int64_t data_set_count_unscored(const struct data_set *ds);
+
 void data_set_release(struct data_set *ds);
 
 #endif

@@ -83,10 +83,14 @@ void ckpt_remove_tree(const char *path)
 /* A file a save writes (or a temporary of one): never the user's own. */
 static bool is_checkpoint_name(const char *name)
 {
-    static const char *const names[] = {
-        "config.json",       "model.safetensors", "model.safetensors.index.json",
-        "tokenizer.model",   "plan.json",         "optimizer.safetensors",
-        "trainer_state.json"};
+    static const char *const names[] = {"config.json",
+                                        "model.safetensors",
+                                        "model.safetensors.index.json",
+                                        "tokenizer.model",
+                                        "plan.json",
+                                        "optimizer.safetensors",
+                                        "trainer_state.json",
+                                        "generation_config.json"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!strcmp(name, names[i]))
             return true;
@@ -564,4 +568,51 @@ void ckpt_lock_release(struct ckpt_lock *l)
         rmdir(l->path); /* only when empty */
     close(l->fd);
     l->fd = -1;
+}
+
+bool ckpt_present(const char *dir, char *name, size_t size)
+{
+    static const char *const names[] = {"trainer_state.json", "model.safetensors",
+                                        "model.safetensors.index.json", "optimizer.safetensors",
+                                        "config.json"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
+        if (access(path, F_OK) == 0) {
+            snprintf(name, size, "%s", names[i]);
+            return true;
+        }
+    }
+    return false;
+}
+
+int ckpt_move_aside(const char *dir, char *to, size_t size, struct moai_err *err)
+{
+    DIR *d;
+    struct dirent *e;
+    int rc = 0;
+
+    for (int n = 1;; n++) {
+        snprintf(to, size, "%s/previous-%d", dir, n);
+        if (mkdir(to, 0777) == 0)
+            break;
+        if (errno != EEXIST || n > 100000)
+            return moai_err_set(err, MOAI_EIO, "cannot create '%s': %s", to, strerror(errno));
+    }
+    if (!(d = opendir(dir)))
+        return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", dir, strerror(errno));
+    while ((e = readdir(d)) && rc == 0) {
+        char src[4096], dst[4096];
+        if (!is_checkpoint_name(e->d_name) || strstr(e->d_name, ".tmp-"))
+            continue;
+        snprintf(src, sizeof(src), "%s/%s", dir, e->d_name);
+        snprintf(dst, sizeof(dst), "%s/%s", to, e->d_name);
+        if (rename(src, dst) < 0)
+            rc = moai_err_set(err, MOAI_EIO, "cannot move '%s' to '%s': %s", src, dst,
+                              strerror(errno));
+    }
+    closedir(d);
+    if (rc == 0)
+        rc = fsync_path(dir, err);
+    return rc;
 }

@@ -1,7 +1,7 @@
 /* ckpt.h - checkpoints written into a directory that stays the user's.
  *
  * A checkpoint is a Hugging Face style set of files (config.json, model.safetensors,
- * tokenizer.model, plan.json, and for resuming optimizer.safetensors and trainer_state.json)
+ * tokenizer.model, generation_config.json, plan.json, and for resuming optimizer.safetensors and trainer_state.json)
  * in save_dir. save_dir may hold anything else (the recipe, notes, other runs' directories);
  * it may be ".", "..", a symbolic link or a mount point. A save never moves, hides or deletes
  * an entry it did not write. It runs in three steps:
@@ -105,5 +105,15 @@ int ckpt_mkdir_parents(const char *path, struct moai_err *err);
 
 /* Removes a directory tree (best effort). */
 void ckpt_remove_tree(const char *path);
+
+/* Whether dir holds a checkpoint's files (trainer_state.json, the weights, the optimizer state
+ * or config.json); the first one found is written into name. plan.json alone, written when a
+ * run starts, is no checkpoint. */
+bool ckpt_present(const char *dir, char *name, size_t size);
+
+/* Moves the checkpoint files of dir (the names a save writes) into a new subdirectory
+ * "<dir>/previous-N" (the first N free) whose path is written into to; other entries stay.
+ * Returns 0 or MOAI_EIO. */
+int ckpt_move_aside(const char *dir, char *to, size_t size, struct moai_err *err);
 
 #endif

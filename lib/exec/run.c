@@ -4,8 +4,10 @@
 #include "data/batch.h"
 #include "data/tokcache.h"
 #include "data/tokenize.h"
+#include "data/validate.h"
 #include "exec/ckpt.h"
 #include "exec/comm.h"
+#include "exec/fingerprint.h"
 #include "exec/train.h"
 #include "log.h"
 #include "model/config.h"
@@ -19,6 +21,7 @@
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +35,8 @@ struct saver {
     const struct plan_result *plan;
     int64_t steps_per_epoch, total_steps;
     const struct train_result *progress; /* the running loop's figures (its last loss) */
+    const json_t *fingerprint;           /* the run's (exec/fingerprint.h) */
+    double *losses, *evals;              /* total_steps entries each, NAN where none: the history */
     bool json, final_announced;
 };
 
@@ -94,10 +99,48 @@ static void entries_release(struct entries *e)
     memset(e, 0, sizeof(*e));
 }
 
+/* trainer_state.json's "log_history": every step's loss and every evaluation up to
+ * steps_done, in step order, as Hugging Face's trainer keeps it:
+ *     [{"step": 1, "loss": 2.5}, ..., {"step": 10, "validation_loss": 2.3, "perplexity": 9.97}]
+ */
+static json_t *history_json(const struct saver *sv, int64_t steps_done)
+{
+    json_t *h = json_array();
+    for (int64_t i = 0; h && sv->losses && i < steps_done && i < sv->total_steps; i++) {
+        if (!isnan(sv->losses[i]))
+            json_array_append_new(
+                h, json_pack("{s:I, s:f}", "step", (json_int_t) (i + 1), "loss", sv->losses[i]));
+        if (!isnan(sv->evals[i]) && isfinite(exp(sv->evals[i])))
+            json_array_append_new(h, json_pack("{s:I, s:f, s:f}", "step", (json_int_t) (i + 1),
+                                               "validation_loss", sv->evals[i], "perplexity",
+                                               exp(sv->evals[i])));
+    }
+    return h;
+}
+
+/* Fills the history arrays (total entries each) from a resumed checkpoint's log_history
+ * (entries past total are dropped). */
+static void history_load(double *losses, double *evals, int64_t total, const json_t *state)
+{
+    size_t i;
+    json_t *e;
+    json_array_foreach(json_object_get(state, "log_history"), i, e)
+    {
+        json_int_t step = json_integer_value(json_object_get(e, "step"));
+        json_t *l = json_object_get(e, "loss"), *v = json_object_get(e, "validation_loss");
+        if (step < 1 || step > total)
+            continue;
+        if (json_is_number(l))
+            losses[step - 1] = json_number_value(l);
+        if (json_is_number(v))
+            evals[step - 1] = json_number_value(v);
+    }
+}
+
 static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
 {
     json_t *s = json_object();
-    json_object_set_new(s, "format", json_string("moai-finetune trainer state 1"));
+    json_object_set_new(s, "format", json_string("moai-finetune trainer state 2"));
     json_object_set_new(s, "step", json_integer(steps_done));
     json_object_set_new(s, "total_steps", json_integer(sv->total_steps));
     json_object_set_new(s, "steps_per_epoch", json_integer(sv->steps_per_epoch));
@@ -112,8 +155,27 @@ static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
                         json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch", "seed",
                                   (json_int_t) sv->r->training.seed));
     json_object_set_new(s, "last_loss", json_real(sv->progress ? sv->progress->last_loss : 0.0));
+    json_object_set_new(s, "log_history", history_json(sv, steps_done));
+    json_object_set_new(s, "fingerprint", json_deep_copy(sv->fingerprint));
     json_object_set_new(s, "recipe", recipe_to_json(sv->r));
     return s;
+}
+
+/* generation_config.json as Hugging Face's GenerationConfig.from_model_config writes it: the
+ * special tokens generation starts, stops and pads with (absent ids are left out). */
+static json_t *generation_config(const struct model_config *cfg)
+{
+    json_t *g = json_object();
+    if (!g)
+        return NULL;
+    json_object_set_new(g, "_from_model_config", json_true());
+    if (cfg->bos_token_id >= 0)
+        json_object_set_new(g, "bos_token_id", json_integer(cfg->bos_token_id));
+    if (cfg->eos_token_id >= 0)
+        json_object_set_new(g, "eos_token_id", json_integer(cfg->eos_token_id));
+    if (cfg->pad_token_id >= 0)
+        json_object_set_new(g, "pad_token_id", json_integer(cfg->pad_token_id));
+    return g;
 }
 
 /* The train_save_fn: a whole checkpoint into save_dir, atomically. */
@@ -142,6 +204,7 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     json_t *config = model_config_to_json(&out);
     json_t *state = trainer_state(sv, steps_done);
     json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
+    json_t *gen = generation_config(sv->cfg);
     rc = ckpt_stage_write_json(&stage, "config.json", config, err);
     if (rc == 0) { /* model.safetensors, or shards and their index past 5 GB */
         struct entries e = {0};
@@ -153,6 +216,10 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
                                   ST_DEFAULT_SHARD_BYTES, &nshards, err);
         entries_release(&e);
     }
+    if (rc == 0 && gen)
+        rc = ckpt_stage_write_json(&stage, "generation_config.json", gen, err);
+    else if (rc == 0)
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing generation_config.json");
     if (rc == 0 && r->tokenizer && file_exists(r->tokenizer))
         rc = ckpt_stage_copy_file(&stage, "tokenizer.model", r->tokenizer, err);
     if (rc == 0)
@@ -182,7 +249,26 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     json_decref(config);
     json_decref(state);
     json_decref(plan);
+    json_decref(gen);
     return rc;
+}
+
+/* A block longer than the positions the model was trained on: rotary embeddings past
+ * max_position_embeddings are out of distribution, unless the config extends the context
+ * (rope scaling). */
+static int check_context(const struct recipe *r, const struct model_config *cfg,
+                         struct moai_err *err)
+{
+    if (r->training.block_size <= cfg->max_position_embeddings ||
+        cfg->rope_scaling.type != ROPE_SCALING_NONE)
+        return 0;
+    moai_err_set(err, MOAI_EUSAGE,
+                 "%s: 'training.block_size' (%lld) exceeds the model's max_position_embeddings "
+                 "(%lld)",
+                 r->source, (long long) r->training.block_size,
+                 (long long) cfg->max_position_embeddings);
+    return moai_err_hint(err, "lower training.block_size, or extend the model's context with "
+                              "rope scaling (model.config.rope_scaling)");
 }
 
 int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err)
@@ -193,6 +279,8 @@ int exec_load_model_config(const struct recipe *r, struct model_config *cfg, str
     int rc = model_config_load(cfg, r->model.path ? path : NULL, r->model.config, err);
     if (rc < 0 && !r->model.path)
         moai_err_prefix(err, "%s", r->source);
+    if (rc == 0)
+        rc = check_context(r, cfg, err);
     return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
 }
 
@@ -255,40 +343,81 @@ static void records_release(struct records *rec)
     memset(rec, 0, sizeof(*rec));
 }
 
-/* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json. */
-static int resume_from(const struct recipe *r, const struct model_config *cfg, float *params,
-                       float *m, float *v, int64_t *steps_done, struct moai_err *err)
+/* The hint of a refused resume: how to go on without losing the checkpoint. */
+static void resume_hint(struct moai_err *err, const struct recipe *r)
+{
+    if (strcmp(r->training.resume, "auto")) {
+        moai_err_hint(err, "name a checkpoint of this run in training.resume, or set it to auto");
+        return;
+    }
+    moai_err_hint(err,
+                  "train into another directory (training.save_dir), or set training.resume: "
+                  "never to start over in '%s' (its checkpoint is then moved aside into "
+                  "'%s/previous-N', not deleted)",
+                  r->training.save_dir, r->training.save_dir);
+}
+
+/* Reads trainer_state.json of the checkpoint in dir and checks that it is this run's (the
+ * fingerprint fp). Returns the state (new reference) or NULL with err set: MOAI_EUSAGE when the
+ * checkpoint is of another run or has no trainer_state.json, MOAI_EIO when it is unreadable. */
+static json_t *resume_state(const struct recipe *r, const char *dir, const json_t *fp,
+                            struct moai_err *err)
+{
+    char path[4096], what[768], found[64];
+    json_error_t jerr;
+
+    snprintf(path, sizeof(path), "%s/trainer_state.json", dir);
+    if (access(path, F_OK) != 0) {
+        if (ckpt_present(dir, found, sizeof(found)))
+            moai_err_set(err, MOAI_EUSAGE,
+                         "cannot resume from '%s': it holds %s but no trainer_state.json, so "
+                         "which run it is and where it stopped are unknown",
+                         dir, found);
+        else
+            moai_err_set(err, MOAI_EUSAGE, "cannot resume from '%s': it holds no checkpoint", dir);
+        resume_hint(err, r);
+        return NULL;
+    }
+    json_t *state = json_load_file(path, 0, &jerr);
+    if (!state) {
+        moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
+        return NULL;
+    }
+    json_t *step = json_object_get(state, "step");
+    const json_t *was = json_object_get(state, "fingerprint");
+    if (!json_is_integer(step) || json_integer_value(step) < 0) {
+        moai_err_set(err, MOAI_EIO, "%s: cannot resume: 'step' is not a count", path);
+    } else if (!json_is_object(was)) {
+        moai_err_set(err, MOAI_EUSAGE,
+                     "cannot resume from '%s': its trainer_state.json records no run fingerprint "
+                     "(an older moai-finetune wrote it), so whether it is this run is unknown",
+                     dir);
+        resume_hint(err, r);
+    } else if (fingerprint_diff(was, fp, what, sizeof(what)) > 0) {
+        moai_err_set(err, MOAI_EUSAGE,
+                     "cannot resume from '%s': its checkpoint is of another run: %s", dir, what);
+        resume_hint(err, r);
+    } else {
+        return state;
+    }
+    json_decref(state);
+    return NULL;
+}
+
+/* Reads a checkpoint of save_dir into the host arenas; *steps_done from trainer_state.json.
+ * The checkpoint must be of this run (fingerprint fp). */
+static int resume_from(const struct recipe *r, const struct model_config *cfg, const json_t *fp,
+                       float *params, float *m, float *v, int64_t *steps_done, double *losses,
+                       double *evals, int64_t total, struct moai_err *err)
 {
     char path[4096];
-    json_error_t jerr;
     int rc;
 
-    snprintf(path, sizeof(path), "%s/trainer_state.json", r->training.save_dir);
-    json_t *state = json_load_file(path, 0, &jerr);
-    if (!state && jerr.line < 1) /* not opened: no line to name */
-        return moai_err_set(err, MOAI_EIO, "%s: cannot resume: %s", path, jerr.text);
+    json_t *state = resume_state(r, r->training.save_dir, fp, err);
     if (!state)
-        return moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
-    json_t *step = json_object_get(state, "step");
-    if (!json_is_integer(step) || json_integer_value(step) < 0) {
-        json_decref(state);
-        return moai_err_set(err, MOAI_EIO, "%s: cannot resume: 'step' is not a count", path);
-    }
-    *steps_done = json_integer_value(step);
-    /* A different recipe would not continue the same run: say which keys differ. */
-    json_t *was = json_object_get(json_object_get(state, "recipe"), "training");
-    json_t *now = recipe_to_json(r), *nt = json_object_get(now, "training");
-    const char *key;
-    json_t *val;
-    json_object_foreach(nt, key, val)
-    {
-        if (!strcmp(key, "max_steps") || !strcmp(key, "epochs") || !strcmp(key, "save_interval") ||
-            !strcmp(key, "log_interval") || !strcmp(key, "resume"))
-            continue;
-        if (was && !json_equal(val, json_object_get(was, key)))
-            log_warn("%s: 'training.%s' differs from the run being resumed", r->source, key);
-    }
-    json_decref(now);
+        return err->code;
+    *steps_done = json_integer_value(json_object_get(state, "step"));
+    history_load(losses, evals, total, state);
     json_decref(state);
 
     struct st_set set;
@@ -421,6 +550,88 @@ static int check_process_memory(struct mem_process *pm, const struct model_confi
     return 0;
 }
 
+/* Logs each device's peak memory against the planner's figure for its own pipeline stage; past
+ * 8 devices, one line per stage (its devices' smallest and largest peaks). */
+static void log_device_peaks(const struct train_result *tr, const struct plan_result *pr,
+                             const struct model_config *cfg, const struct recipe *r)
+{
+    int n = tr->ndev < 64 ? tr->ndev : 64, pp = pr->best.pp, tp = pr->best.tp;
+    for (int i = 0; n <= 8 && i < n && tr->peak_bytes[i] > 0; i++) {
+        struct mem_breakdown mb;
+        int stage = i / tp % pp;
+        mem_stage(&mb, cfg, r, &pr->best, stage);
+        log_info("device %d (stage %d, tp rank %d): peak memory %lld bytes, planned %lld "
+                 "(measured/predicted %.3f)",
+                 i, stage, i % tp, (long long) tr->peak_bytes[i], (long long) mb.total_bytes,
+                 (double) tr->peak_bytes[i] / (double) mb.total_bytes);
+    }
+    for (int stage = 0; n > 8 && stage < pp; stage++) {
+        struct mem_breakdown mb;
+        int64_t lo = INT64_MAX, hi = 0;
+        int count = 0;
+        for (int i = 0; i < n; i++)
+            if (i / tp % pp == stage && tr->peak_bytes[i] > 0) {
+                lo = tr->peak_bytes[i] < lo ? tr->peak_bytes[i] : lo;
+                hi = tr->peak_bytes[i] > hi ? tr->peak_bytes[i] : hi;
+                count++;
+            }
+        if (!count)
+            continue;
+        mem_stage(&mb, cfg, r, &pr->best, stage);
+        if (lo == hi)
+            log_info("stage %d, %d devices: peak memory %lld bytes each, planned %lld "
+                     "(measured/predicted %.3f)",
+                     stage, count, (long long) lo, (long long) mb.total_bytes,
+                     (double) lo / (double) mb.total_bytes);
+        else
+            log_info("stage %d, %d devices: peak memory %lld to %lld bytes, planned %lld "
+                     "(measured/predicted %.3f to %.3f)",
+                     stage, count, (long long) lo, (long long) hi, (long long) mb.total_bytes,
+                     (double) lo / (double) mb.total_bytes, (double) hi / (double) mb.total_bytes);
+    }
+}
+
+/* The checkpoint a run continues: save_dir's under resume: auto when one is there, the named
+ * one under resume: <dir>, NULL for a fresh start. */
+static const char *resume_dir_of(const struct recipe *r)
+{
+    char found[64];
+    if (!strcmp(r->training.resume, "auto"))
+        return ckpt_present(r->training.save_dir, found, sizeof(found)) ? r->training.save_dir
+                                                                        : NULL;
+    return strcmp(r->training.resume, "never") ? r->training.resume : NULL;
+}
+
+/* Builds the run's fingerprint into *fp and finds the checkpoint it continues (*dir, NULL for a
+ * fresh start). Fails, before any work, when that checkpoint is another run's or has no
+ * trainer_state.json. */
+static int check_resume(const struct recipe *r, const struct model_config *cfg, json_t **fp,
+                        const char **dir, struct moai_err *err)
+{
+    int rc;
+    *dir = resume_dir_of(r);
+    if ((rc = fingerprint_build(fp, r, cfg, err)) < 0)
+        return rc;
+    if (*dir) {
+        json_t *state = resume_state(r, *dir, *fp, err);
+        if (!state)
+            return err->code;
+        json_decref(state);
+    }
+    return 0;
+}
+
+int exec_check_resume(const struct recipe *r, const struct model_config *cfg, struct moai_err *err)
+{
+    json_t *fp = NULL;
+    const char *dir;
+    if (!resume_dir_of(r)) /* a fresh start: nothing to check (nor files to hash) */
+        return 0;
+    int rc = check_resume(r, cfg, &fp, &dir, err);
+    json_decref(fp);
+    return rc;
+}
+
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
 {
     struct model_config cfg;
@@ -432,6 +643,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     struct ckpt_lock lock = {.fd = -1};
     float *m = NULL, *v = NULL;
     int64_t runtime_bytes = mem_process_runtime_bytes();
+    double *hist_loss = NULL, *hist_eval = NULL; /* the run's history, [step - 1] */
+    json_t *fp = NULL;
     int rc;
 
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
@@ -467,6 +680,18 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         comm_world_free(world);
         return rc;
     }
+    bool simulated = strcmp(r->flavor.device.name, "cpu") != 0;
+    if (simulated)
+        log_warn("%s: the %d %s devices of flavor '%s' are simulated by threads of this "
+                 "machine's cpu: the predicted step time (%.3f s) is for the real hardware, not "
+                 "for this run (flavor: {device: cpu, devices: N} plans for this machine)",
+                 r->source, r->flavor.devices, r->flavor.device.name, r->flavor.name,
+                 pr.best.predicted_step_seconds);
+    /* Which checkpoint this run continues, if any: refused early when it is another run's. */
+    const char *resume_dir = NULL;
+    char found[64];
+    if ((rc = check_resume(r, &cfg, &fp, &resume_dir, err)) < 0)
+        goto out_world;
     if (writer && (rc = hold_save_dir(r, &lock, err)) < 0)
         goto out_world;
     struct layout layout = {
@@ -479,10 +704,20 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .distribute_param = pr.best.distribute_param,
         .distribute_low_prec_param = pr.best.distribute_low_prec_param,
     };
+    if ((rc = data_validate(r, err)) < 0) /* a record that does not fit: before any work */
+        goto out_world;
     if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
                            r->dataset.response_start, r->training.block_size, r->dataset.limit,
                            r->dataset.cache_dir, err)) < 0)
         goto out_world;
+    if (data_set_count_unscored(&data) == data.n) {
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "%s: no example has a token counted in the loss: training.block_size "
+                          "%lld cuts every one before its response (dataset.response_start)",
+                          r->source, (long long) r->training.block_size);
+        moai_err_hint(err, "raise training.block_size, or shorten the prompts");
+        goto out_data;
+    }
     int32_t top = 0;
     for (int64_t i = 0; i < data.n * data.T; i++)
         if (data.tokens[i] > top)
@@ -498,13 +733,17 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                          r->dataset.shuffle, r->training.seed, err)) < 0)
         goto out_data;
     int64_t spe = batcher.steps_per_epoch;
-    char state_path[4096];
-    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
-    bool resume = !strcmp(r->training.resume, "auto") ? file_exists(state_path)
-                                                      : strcmp(r->training.resume, "never") != 0;
+    if (r->dataset.validation_fraction > 0 && batcher.n_val == 0)
+        log_warn("%s: 'dataset.validation_fraction' %g of %lld records holds out none: there is "
+                 "no validation",
+                 r->source, r->dataset.validation_fraction, (long long) data.n);
+    else if (r->training.eval_interval != RECIPE_NONE && batcher.n_val == 0)
+        log_warn("%s: 'training.eval_interval' is set but there is no validation set "
+                 "(dataset.validation_fraction)",
+                 r->source);
     struct mem_process pm;
-    if ((rc = check_process_memory(&pm, &cfg, r, &pr.best, world, &data, &batcher, resume,
-                                   runtime_bytes, err)) < 0)
+    if ((rc = check_process_memory(&pm, &cfg, r, &pr.best, world, &data, &batcher,
+                                   resume_dir != NULL, runtime_bytes, err)) < 0)
         goto out_batcher;
     if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
         (rc = records_init(&valid, &data, batcher.val, batcher.n_val)) < 0) {
@@ -515,18 +754,28 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         r->training.max_steps != RECIPE_NONE ? r->training.max_steps : spe * r->training.epochs;
     if ((rc = llama_params_init(&host, &cfg, NULL, err)) < 0)
         goto out_batcher;
+    hist_loss = malloc((size_t) total * sizeof(double));
+    hist_eval = malloc((size_t) total * sizeof(double));
+    if (!hist_loss || !hist_eval) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
+        goto out_params;
+    }
+    for (int64_t i = 0; i < total; i++)
+        hist_loss[i] = hist_eval[i] = NAN;
 
     int64_t start = 0;
-    if (resume) {
+    char state_path[4096];
+    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
+    if (resume_dir) {
         struct recipe from = *r;
-        if (strcmp(r->training.resume, "auto"))
-            from.training.save_dir = r->training.resume;
+        from.training.save_dir = (char *) resume_dir;
         m = calloc((size_t) host.nfloats, sizeof(float));
         v = calloc((size_t) host.nfloats, sizeof(float));
         if (!m || !v)
             rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         else
-            rc = resume_from(&from, &cfg, host.arena, m, v, &start, err);
+            rc = resume_from(&from, &cfg, fp, host.arena, m, v, &start, hist_loss, hist_eval, total,
+                             err);
         if (rc < 0)
             goto out_params;
         log_info("resuming from '%s' after step %lld of %lld", from.training.save_dir,
@@ -591,7 +840,10 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                        .plan = &pr,
                        .steps_per_epoch = spe,
                        .total_steps = total,
-                       .json = o->json};
+                       .json = o->json,
+                       .fingerprint = fp,
+                       .losses = hist_loss,
+                       .evals = hist_eval};
     struct train_job job = {
         .recipe = r,
         .cfg = &cfg,
@@ -609,8 +861,19 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .save = save,
         .save_arg = &sv,
         .json = o->json,
+        .step_losses = hist_loss,
+        .eval_losses = hist_eval,
         .world = world,
     };
+    if (writer && !resume_dir && strcmp(r->training.resume, "auto") &&
+        ckpt_present(r->training.save_dir, found, sizeof(found))) {
+        /* resume: never starts over, and the checkpoint there stays the user's */
+        char aside[4096];
+        if ((rc = ckpt_move_aside(r->training.save_dir, aside, sizeof(aside), err)) < 0)
+            goto out_params;
+        log_warn("%s: training.resume is never: the checkpoint in '%s' was moved aside into '%s'",
+                 r->source, r->training.save_dir, aside);
+    }
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
      * it too), unless one is there already (a checkpoint's): a run that fails before its first
      * checkpoint takes back what it wrote */
@@ -635,21 +898,11 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         log_error("%s", err->msg);
         plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
     }
-    for (int i = 0; i < tr.ndev && i < 64 && tr.peak_bytes[i] > 0; i++) {
-        /* each device against the planner's figure for its own pipeline stage */
-        struct mem_breakdown mb;
-        int stage = i / pr.best.tp % pr.best.pp;
-        mem_stage(&mb, &cfg, r, &pr.best, stage);
-        log_info("device %d (stage %d, tp rank %d): peak memory %lld bytes, planned %lld "
-                 "(measured/predicted %.3f)",
-                 i, stage, i % pr.best.tp, (long long) tr.peak_bytes[i], (long long) mb.total_bytes,
-                 (double) tr.peak_bytes[i] / (double) mb.total_bytes);
-    }
+    log_device_peaks(&tr, &pr, &cfg, r);
     if (rc == 0) {
-        if (!isnan(tr.valid_loss))
-            log_info("validation loss %.6g", tr.valid_loss);
-        log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s)", tr.median_step_s,
-                 tr.median_tokens_per_s, pr.best.predicted_step_seconds);
+        log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s%s%s)", tr.median_step_s,
+                 tr.median_tokens_per_s, pr.best.predicted_step_seconds,
+                 simulated ? " on real " : "", simulated ? r->flavor.device.name : "");
         if (r->flavor.device.memory_bytes > 0 && !strcmp(r->flavor.device.name, "cpu")) {
             int64_t peak = mem_process_peak_bytes();
             log_info("process: peak resident %lld bytes, predicted %lld (measured/predicted "
@@ -662,6 +915,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
 out_params:
     free(m);
     free(v);
+    free(hist_loss);
+    free(hist_eval);
     llama_params_release(&host);
 out_batcher:
     records_release(&train);
@@ -674,5 +929,6 @@ out_world:
         comm_world_agree(world, rc == 0);
     comm_world_free(world);
     ckpt_lock_release(&lock);
+    json_decref(fp);
     return rc;
 }

@@ -36,7 +36,16 @@ int exec_check_save_dir(const struct recipe *r, struct moai_err *err);
 struct model_config;
 
 /* The recipe's architecture: <model.path>/config.json with model.config over it, or
- * model.config alone. Returns 0 or MOAI_EUSAGE naming the file and key. */
+ * model.config alone; a training.block_size past max_position_embeddings is refused unless
+ * the config extends the context (rope_scaling). Returns 0 or MOAI_EUSAGE naming the file and
+ * key. */
 int exec_load_model_config(const struct recipe *r, struct model_config *cfg, struct moai_err *err);
+
+/* What training checks before any work about the checkpoint it would continue: under
+ * resume: auto a checkpoint in save_dir, or the one resume names, must be of this run (its
+ * fingerprint, exec/fingerprint.h) and have its trainer_state.json. When there is one, reads
+ * the dataset and the tokenizer to hash them; writes nothing. Returns 0, MOAI_EUSAGE (another run's, no
+ * trainer_state.json: with a hint), MOAI_EIO (unreadable). For --validate. */
+int exec_check_resume(const struct recipe *r, const struct model_config *cfg, struct moai_err *err);
 
 #endif

@@ -2,6 +2,7 @@
 #include "exec/steplog.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,5 +68,26 @@ json_t *steplog_json(const struct step_record *s)
     json_object_set_new(j, "tokens_per_s", real_or_null(round2(s->tokens_per_s)));
     json_object_set_new(j, "lr", real_or_null(s->lr));
     json_object_set_new(j, "grad_norm", real_or_null(s->grad_norm));
+    json_object_set_new(j, "real_tokens_per_s", real_or_null(round2(s->real_tokens_per_s)));
     return j;
+}
+
+char *steplog_format_eval(char *buf, size_t size, int64_t step, int64_t total_steps, double loss)
+{
+    char text[64];
+    snprintf(buf, size, "[Eval %lld/%lld] | Validation loss: %s | Perplexity: %.2f",
+             (long long) step, (long long) total_steps,
+             steplog_format_loss(text, sizeof(text), loss), exp(loss));
+    return buf;
+}
+
+json_t *steplog_eval_json(int64_t step, int64_t total_steps, double loss)
+{
+    char text[64];
+    steplog_format_loss(text, sizeof(text), loss);
+    bool finite = isfinite(loss) && isfinite(exp(loss));
+    return json_pack("{s:I, s:I, s:o, s:o}", "eval", (json_int_t) step, "total_steps",
+                     (json_int_t) total_steps, "validation_loss",
+                     isfinite(loss) ? json_real(strtod(text, NULL)) : json_null(), "perplexity",
+                     finite ? json_real(round2(exp(loss))) : json_null());
 }

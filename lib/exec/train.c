@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 volatile sig_atomic_t exec_stop_requested;
 volatile sig_atomic_t exec_saving;
@@ -825,10 +826,22 @@ static int validate(struct device *dv, double *loss)
     return 0;
 }
 
+/* Before a line on standard output: when it shares the terminal with the step bar (standard
+ * error), the bar is erased first and drawn again below the line at the next update. */
+static void stdout_line_begins(void)
+{
+    static int stdout_tty = -1;
+    if (stdout_tty < 0)
+        stdout_tty = isatty(STDOUT_FILENO);
+    if (stdout_tty)
+        progress_interrupt();
+}
+
 /* Prints a step on standard output; a failed write (a full disk, a closed pipe) is kept in
  * run->stdout_errno and stops the run at the next step, saving, as a signal does. */
 static void print_step(struct run *run, const struct step_record *s)
 {
+    stdout_line_begins();
     if (run->job->json) {
         json_t *j = steplog_json(s);
         char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
@@ -842,6 +855,41 @@ static void print_step(struct run *run, const struct step_record *s)
     }
     if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
         run->stdout_errno = errno ? errno : EIO;
+}
+
+/* Validation after step: every device runs it (it is collective); device 0 records the loss in
+ * job->eval_losses and prints the evaluation line or object. Returns 0 with *loss, or the
+ * collective failure of validate. */
+static int evaluate(struct device *dv, int64_t step, double *loss)
+{
+    struct run *run = dv->run;
+    const struct train_job *job = run->job;
+    double vl;
+    int rc = validate(dv, &vl);
+    if (rc < 0)
+        return rc;
+    *loss = vl;
+    if (dv->dev->id != 0)
+        return 0;
+    if (job->eval_losses)
+        job->eval_losses[step - 1] = vl;
+    if (job->quiet)
+        return 0;
+    stdout_line_begins();
+    if (job->json) {
+        json_t *j = steplog_eval_json(step, job->total_steps, vl);
+        char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+        if (text)
+            puts(text);
+        free(text);
+        json_decref(j);
+    } else {
+        char line[256];
+        puts(steplog_format_eval(line, sizeof(line), step, job->total_steps, vl));
+    }
+    if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
+        run->stdout_errno = errno ? errno : EIO;
+    return 0;
 }
 
 /* The communicators of device dev: its groups in the layout, split from the world. */
@@ -989,6 +1037,14 @@ static int device_run(struct dev *d, void *arg)
         rc = rc < 0 ? run_fail(run, rc, "device %d: out of memory loading the weights", d->id)
                     : MOAI_EIO;
 
+    /* device 0 draws the step bar on a terminal (a plain line at the end otherwise) */
+    struct progress bar;
+    bool show_bar = d->id == 0 && !job->quiet;
+    if (show_bar) {
+        progress_init(&bar, "Training", job->total_steps, "steps");
+        progress_start_at(&bar, job->start_step);
+        progress_update(&bar, job->start_step); /* drawn while the first step runs */
+    }
     for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
         /* a signal to any process, or device 0's failed output, stops every device */
         bool here = d->id == run->world->first_dev &&
@@ -1004,7 +1060,18 @@ static int device_run(struct dev *d, void *arg)
         int64_t epoch = (step - 1) / job->steps_per_epoch;
         job->batch_rows(job->batch_arg, epoch, (step - 1) % job->steps_per_epoch, rows);
         int64_t ntargets = count_targets(&job->train, rows, batch);
-        float dloss = ntargets > 0 ? 1.0f / (float) ntargets : 0.0f;
+        if (ntargets == 0) { /* every device has the same rows: all stop alike, before work */
+            moai_err_set(&d->err, MOAI_EUSAGE,
+                         "step %lld has no token counted in the loss: every label of its %lld "
+                         "sequences is masked (training.block_size %lld cuts them before "
+                         "dataset.response_start's response)",
+                         (long long) step, (long long) batch, (long long) run->T);
+            moai_err_hint(&d->err, "raise training.block_size, or drop the examples whose "
+                                   "prompt fills the block");
+            rc = MOAI_EUSAGE;
+            break;
+        }
+        float dloss = 1.0f / (float) ntargets;
 
         if (!run->zero2)
             memset(dv.grads, 0, (size_t) fbytes(dv.sh.floats));
@@ -1039,11 +1106,15 @@ static int device_run(struct dev *d, void *arg)
         double dt = progress_now() - t0;
 
         if (d->id == 0) {
+            int64_t real = 0; /* the tokens that are not padding */
+            for (int64_t i = 0; i < batch; i++)
+                real += job->train.lengths[rows[i]];
             struct step_record sr = {.step = step,
                                      .total_steps = job->total_steps,
                                      .loss = loss,
                                      .duration_s = dt,
                                      .tokens_per_s = (double) (batch * r->training.block_size) / dt,
+                                     .real_tokens_per_s = (double) real / dt,
                                      .lr = lr,
                                      .grad_norm = norm};
             run->durations[run->ndurations++] = dt;
@@ -1055,6 +1126,12 @@ static int device_run(struct dev *d, void *arg)
             if (!job->quiet && (step % r->training.log_interval == 0 ||
                                 step == job->start_step + 1 || step == job->total_steps))
                 print_step(run, &sr);
+            if (show_bar) {
+                char text[64];
+                progress_postfix(&bar, ", loss %s, lr %.2e",
+                                 steplog_format_loss(text, sizeof(text), loss), lr);
+                progress_update(&bar, step);
+            }
         }
         if (!isfinite(norm) || broken > 0) {
             if (!isfinite(norm))
@@ -1075,23 +1152,24 @@ static int device_run(struct dev *d, void *arg)
         done = step;
         if (d->id == run->world->first_dev)
             run->res->steps_done = step;
+        /* evaluations before the save of the same step, so its history holds them */
+        bool eval_due =
+            r->training.eval_interval != RECIPE_NONE && step % r->training.eval_interval == 0;
+        double vl;
+        if ((eval_due || step % job->steps_per_epoch == 0) && job->valid.n > 0 &&
+            step != job->total_steps && (rc = evaluate(&dv, step, &vl)) < 0)
+            break;
         if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0 &&
             step != job->total_steps) {
             if ((rc = save_checkpoint(&dv, step)) < 0)
                 break;
         }
-        if (step % job->steps_per_epoch == 0 && job->valid.n > 0 && step != job->total_steps) {
-            double vl;
-            if ((rc = validate(&dv, &vl)) < 0)
-                break;
-            if (d->id == 0)
-                log_info("epoch %lld: validation loss %.6g",
-                         (long long) (step / job->steps_per_epoch), vl);
-        }
     }
+    if (show_bar)
+        progress_finish(&bar);
     if (rc == 0 && job->valid.n > 0) {
         double vl;
-        rc = validate(&dv, &vl);
+        rc = evaluate(&dv, run->res->steps_done, &vl);
         if (rc == 0 && d->id == 0)
             run->res->valid_loss = vl;
     }

@@ -82,6 +82,7 @@ struct train_job {
     bool json;                /* step objects instead of step lines */
     bool quiet;               /* no step lines at all (tests) */
     double *step_losses;      /* optional: total_steps entries, [step - 1] */
+    double *eval_losses;      /* optional: total_steps entries, [step - 1] after an evaluation */
     struct comm_world *world; /* optional: the devices' world (Open MPI); NULL: threads */
 };
 

@@ -2,6 +2,7 @@
 #include "model/tensors.h"
 
 #include "log.h"
+#include "progress.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -164,12 +165,18 @@ int model_tensors_load(const struct model_config *cfg, const struct st_set *set,
 
     if ((rc = model_tensors_check(cfg, set, dir, false, err)) < 0)
         return rc;
+    struct progress bar; /* converting a large model's weights takes a while */
+    progress_init(&bar, "Loading weights", count, "tensors");
     for (int64_t i = 0; i < count; i++) {
         struct model_tensor t;
         model_tensor_at(&t, cfg, i);
-        if ((rc = st_to_f32(st_set_find(set, t.name), arena + t.offset, err)) < 0)
+        if ((rc = st_to_f32(st_set_find(set, t.name), arena + t.offset, err)) < 0) {
+            progress_clear(&bar);
             return rc;
+        }
+        progress_update(&bar, i + 1);
     }
+    progress_finish(&bar);
     return 0;
 }
 

@@ -3,6 +3,7 @@
 
 #include "log.h"
 
+#include <stdarg.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -167,40 +168,125 @@ json_t *plan_result_json(const struct plan_result *res, const struct model_confi
     return j;
 }
 
+/* Appends printf-style text to err's message. */
+static void msg_append(struct moai_err *err, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void msg_append(struct moai_err *err, const char *fmt, ...)
+{
+    size_t len = strlen(err->msg);
+    va_list ap;
+    va_start(ap, fmt);
+    if (len < sizeof(err->msg))
+        vsnprintf(err->msg + len, sizeof(err->msg) - len, fmt, ap);
+    va_end(ap);
+}
+
 int plan_oom_message_bytes(struct moai_err *err, const struct recipe *r, int64_t requested,
                            int64_t available)
 {
-    return moai_err_set(err, MOAI_EOOM,
-                        "Error Code 4: OUT_OF_MEMORY\n"
-                        "The plan needs more memory than one device of flavor '%s' has.\n"
-                        ">> Memory requested : %lld bytes\n"
-                        ">> Memory available : %lld bytes\n"
-                        "To address this issue:\n"
-                        " 1. Switch advanced parallelization on (parallel.advanced: true, or "
-                        "--ap).\n"
-                        " 2. Use a flavor with more devices or more memory per device (flavor: "
-                        "...).\n"
-                        " 3. Decrease the batch size (training.batch_size).",
-                        flavor_display_name(&r->flavor), (long long) requested,
-                        (long long) available);
+    int n = 0;
+    moai_err_set(err, MOAI_EOOM,
+                 "Error Code 4: OUT_OF_MEMORY\n"
+                 "The plan needs more memory than one device of flavor '%s' has.\n"
+                 ">> Memory requested : %lld bytes\n"
+                 ">> Memory available : %lld bytes\n"
+                 ">> That is %.2f GiB requested (when the allocation fails) of %.2f GiB.\n"
+                 "To address this issue:",
+                 flavor_display_name(&r->flavor), (long long) requested, (long long) available,
+                 gib(requested), gib(available));
+    if (!r->parallel.advanced)
+        msg_append(err,
+                   "\n %d. Switch advanced parallelization on (parallel.advanced: true, or --ap).",
+                   ++n);
+    msg_append(
+        err, "\n %d. Use a flavor with more devices or more memory per device (flavor: ...).", ++n);
+    msg_append(err, "\n %d. Decrease the batch size (training.batch_size).", ++n);
+    return MOAI_EOOM;
+}
+
+/* Whether the planner, with AP switched on, finds a plan that fits; its brief into buf. */
+static bool fits_with_ap(char *buf, size_t size, const struct model_config *cfg,
+                         const struct recipe *r)
+{
+    struct recipe on = *r;
+    struct plan_result res;
+    struct moai_err err = {0};
+    enum log_level level = log_get_level();
+    on.parallel.advanced = true;
+    if (level > LOG_WARN) /* the search's own lines are for a real planning */
+        log_set_level(LOG_WARN);
+    int rc = plan_search(&res, cfg, &on, &err);
+    log_set_level(level);
+    if (rc == 0)
+        plan_brief(buf, size, &res.best);
+    return rc == 0;
 }
 
 int plan_oom_message(struct moai_err *err, const struct plan_result *res,
                      const struct model_config *cfg, const struct recipe *r)
 {
-    (void) cfg;
-    plan_oom_message_bytes(err, r, res->requested_bytes, res->available_bytes);
-    if (log_get_level() >= LOG_DEBUG) {
-        const struct mem_breakdown *m = &res->best.mem;
-        char brief[128];
-        size_t len = strlen(err->msg);
-        snprintf(err->msg + len, sizeof(err->msg) - len,
-                 "\n>> Per device (%s, stage %d): weights %lld, gradients %lld, optimizer %lld, "
-                 "activations %lld, logits %lld, reserve %lld bytes",
-                 plan_brief(brief, sizeof(brief), &res->best), m->stage,
-                 (long long) m->weights_bytes, (long long) m->gradients_bytes,
-                 (long long) m->optimizer_bytes, (long long) m->activations_bytes,
-                 (long long) m->logits_bytes, (long long) m->reserve_bytes);
+    const struct plan *p = &res->best;
+    const struct mem_breakdown *m = &p->mem;
+    int64_t avail = res->available_bytes;
+    /* what a device holds whatever the batch: the model's state and the workspace reserve */
+    int64_t state = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes + m->reserve_bytes;
+    int64_t acts = m->activations_bytes + m->logits_bytes;
+    char brief[128], ap_brief[128];
+    int n = 0;
+
+    moai_err_set(err, MOAI_EOOM,
+                 "Error Code 4: OUT_OF_MEMORY\n"
+                 "The plan needs more memory than one device of flavor '%s' has.\n"
+                 ">> Memory requested : %lld bytes\n"
+                 ">> Memory available : %lld bytes\n"
+                 ">> That is %.2f GiB requested (when the allocation fails) of %.2f GiB.\n"
+                 ">> The %s plan (%s) needs %.2f GiB per device in all (stage %d): weights "
+                 "%.2f, gradients %.2f, optimizer %.2f, activations %.2f, logits %.2f, reserve "
+                 "%.2f GiB\n"
+                 "To address this issue:",
+                 flavor_display_name(&r->flavor), (long long) res->requested_bytes,
+                 (long long) avail, gib(res->requested_bytes), gib(avail),
+                 res->advanced ? "closest" : "data-parallel", plan_brief(brief, sizeof(brief), p),
+                 gib(m->total_bytes), m->stage, gib(m->weights_bytes), gib(m->gradients_bytes),
+                 gib(m->optimizer_bytes), gib(m->activations_bytes), gib(m->logits_bytes),
+                 gib(m->reserve_bytes));
+    if (!res->advanced) {
+        if (fits_with_ap(ap_brief, sizeof(ap_brief), cfg, r))
+            msg_append(err,
+                       "\n %d. Switch advanced parallelization on (parallel.advanced: true, or "
+                       "--ap): it finds a plan that fits (%s).",
+                       ++n, ap_brief);
+        else
+            msg_append(err,
+                       "\n %d. Switch advanced parallelization on (parallel.advanced: true, or "
+                       "--ap) together with the changes below: alone it finds no plan that fits.",
+                       ++n);
     }
+    if (state >= avail) {
+        msg_append(err,
+                   "\n %d. Use a flavor with more devices or more memory per device (flavor: "
+                   "...): the weights, gradients and optimizer state alone need %.2f GiB of the "
+                   "%.2f GiB of a device, so a smaller batch cannot help.",
+                   ++n, gib(state), gib(avail));
+        return MOAI_EOOM;
+    }
+    msg_append(
+        err, "\n %d. Use a flavor with more devices or more memory per device (flavor: ...).", ++n);
+    if (p->recomputation != RECOMPUTE_FULL && !res->advanced)
+        msg_append(err,
+                   "\n %d. Recompute activations in the backward pass (parallel.recomputation: "
+                   "full): they and the logits take %.2f GiB.",
+                   ++n, gib(acts));
+    if (p->batch_per_device > 1)
+        msg_append(err,
+                   "\n %d. Decrease the batch size (training.batch_size) or the block size "
+                   "(training.block_size): activations and logits take %.2f GiB, the rest "
+                   "%.2f GiB.",
+                   ++n, gib(acts), gib(state));
+    else /* one sequence per micro-batch already: only shorter ones help */
+        msg_append(err,
+                   "\n %d. Decrease the block size (training.block_size): the activations and "
+                   "logits of one sequence take %.2f GiB, the rest %.2f GiB.",
+                   ++n, gib(acts), gib(state));
     return MOAI_EOOM;
 }

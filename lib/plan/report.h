@@ -35,7 +35,11 @@ json_t *plan_result_json(const struct plan_result *res, const struct model_confi
  *   Error Code 4: OUT_OF_MEMORY
  *   The plan needs more memory than one device of flavor '4xlarge' has.
  *   >> Memory requested : 75051597828 bytes ... To address this issue: ...
- * With the debug log level, the per-device breakdown follows. */
+ * The source documents' four lines come first as they are; then both sizes in GiB, the
+ * closest plan's (with AP off: the data-parallel plan's) memory per device broken down, and
+ * advice that follows from it: AP on only with AP off (saying whether that alone finds a plan,
+ * by searching again), a bigger flavor always, recomputation and a smaller batch only when the
+ * model's state fits and the activations are the problem. */
 int plan_oom_message(struct moai_err *err, const struct plan_result *res,
                      const struct model_config *cfg, const struct recipe *r);
 

@@ -23,15 +23,18 @@ grep -q '^runners-up' "$TMP/out" && ok || fail "13b: runners-up"
 "$MOAI_BIN" --plan-only --no-ap configs/llama2-13b.yaml >"$TMP/out" 2>"$TMP/err"
 expect_eq "13b --no-ap: status" 3 $?
 expect_eq "13b --no-ap: stdout" "" "$(cat "$TMP/out")"
-grep -v '^\[' "$TMP/err" | sed 's/requested : [0-9]*/requested : N/' >"$TMP/report"
+grep -v '^\[' "$TMP/err" | sed -e 's/requested : [0-9]*/requested : N/' -e 's/That is [0-9.]* GiB/That is N GiB/' \
+    -e 's/needs [0-9.]* GiB per device in all (stage 0): .*/needs N GiB per device in all (stage 0): .../' \
+    -e 's/fits (.*)\./fits (...)./' -e 's/alone need [0-9.]* GiB/alone need N GiB/' >"$TMP/report"
 expect_eq "13b --no-ap: report" "moai-finetune: error: Error Code 4: OUT_OF_MEMORY
 The plan needs more memory than one device of flavor '4xlarge' has.
 >> Memory requested : N bytes
 >> Memory available : 68702699520 bytes
+>> That is N GiB requested (when the allocation fails) of 63.98 GiB.
+>> The data-parallel plan (dp 32 pp 1 tp 1 mb 1x2 rc none zero-0) needs N GiB per device in all (stage 0): ...
 To address this issue:
- 1. Switch advanced parallelization on (parallel.advanced: true, or --ap).
- 2. Use a flavor with more devices or more memory per device (flavor: ...).
- 3. Decrease the batch size (training.batch_size)." "$(cat "$TMP/report")"
+ 1. Switch advanced parallelization on (parallel.advanced: true, or --ap): it finds a plan that fits (...).
+ 2. Use a flavor with more devices or more memory per device (flavor: ...): the weights, gradients and optimizer state alone need N GiB of the 63.98 GiB of a device, so a smaller batch cannot help." "$(cat "$TMP/report")"
 
 MOAI_ENABLE_ADVANCED_PARALLELIZATION=0 "$MOAI_BIN" -q --plan-only configs/llama2-13b.yaml >/dev/null 2>&1
 expect_eq "environment AP=0: status" 3 $?
