@@ -66,9 +66,10 @@ before=$(sha256sum <"$TMP/out-n/plan.json")
 expect_eq "failed run: status" 1 $?
 expect_eq "failed run: plan.json unchanged" "$before" "$(sha256sum <"$TMP/out-n/plan.json")"
 
-# resuming from a directory that does not exist
+# resuming from a directory that does not exist: a recipe error naming it, with no line number
 recipe "$TMP/r.yaml" "$TMP/out-r" "max_steps: 1"
 "$MOAI_BIN" -q --set "training.resume=$TMP/nowhere" "$TMP/r.yaml" >/dev/null 2>"$TMP/r.err"
-expect_eq "resume from nowhere: status" 1 $?
-expect_eq "resume from nowhere: message" "moai-finetune: error: $TMP/nowhere/trainer_state.json: cannot resume: unable to open $TMP/nowhere/trainer_state.json: No such file or directory" "$(grep -v '^\[' "$TMP/r.err")"
+expect_eq "resume from nowhere: status" 2 $?
+expect_eq "resume from nowhere: message" "moai-finetune: error: cannot resume from '$TMP/nowhere': it holds no checkpoint
+hint: name a checkpoint of this run in training.resume, or set it to auto" "$(grep -v '^\[' "$TMP/r.err")"
 finish
