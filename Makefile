@@ -23,7 +23,7 @@ endif
 
 CC  ?= cc
 CXX ?= c++
-PKGS := yaml-0.1 jansson openblas libzstd sentencepiece cmocka ompi-c
+PKGS := yaml-0.1 jansson openblas libzstd sentencepiece libpcre2-8 cmocka ompi-c
 
 # -Wno-format-truncation: gcc guesses at snprintf truncation into fixed buffers from type
 # ranges, not values; every snprintf here is bounded on purpose.

@@ -632,6 +632,25 @@ static int apply_environment(struct recipe *r, const struct recipe_overrides *ov
         r->parallel.advanced = ov->ap != 0;
     return 0;
 }
+/* A tokenizer given as a directory (or the model directory, the default) means its
+ * tokenizer.json when present, else its tokenizer.model. Returns 0 or -1 (out of memory). */
+static int tokenizer_in_dir(char **tok)
+{
+    struct stat st;
+    if (stat(*tok, &st) < 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    size_t len = strlen(*tok) + sizeof("/tokenizer.model");
+    char *path = malloc(len);
+    if (!path)
+        return -1;
+    snprintf(path, len, "%s/tokenizer.json", *tok);
+    if (access(path, F_OK) < 0)
+        snprintf(path, len, "%s/tokenizer.model", *tok);
+    free(*tok);
+    *tok = path;
+    return 0;
+}
+
 
 static int recipe_build(struct recipe *r, struct ynode *root, const char *source,
                         struct moai_err *err)
@@ -681,12 +700,10 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
                             "weights from",
                             m ? ynode_where(m, where, sizeof(where)) : source);
     }
-    if (!r->tokenizer && r->model.path) {
-        size_t len = strlen(r->model.path) + sizeof("/tokenizer.model");
-        if (!(r->tokenizer = malloc(len)))
-            return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        snprintf(r->tokenizer, len, "%s/tokenizer.model", r->model.path);
-    }
+    if (!r->tokenizer && r->model.path && !(r->tokenizer = strdup(r->model.path)))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    if (r->tokenizer && tokenizer_in_dir(&r->tokenizer) < 0)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (!r->dataset.cache_dir && !(r->dataset.cache_dir = default_cache_dir()))
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (r->training.warmup_steps > 0 && r->training.max_steps != RECIPE_NONE &&

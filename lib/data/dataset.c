@@ -308,7 +308,29 @@ static int texts_grow(struct dataset_texts *d, int64_t *rec_cap)
     if (!ln)
         return MOAI_ENOMEM;
     d->line = ln;
+    size_t *so = realloc(d->spec_off, sizeof(size_t) * (size_t) (c + 1));
+    if (!so)
+        return MOAI_ENOMEM;
+    d->spec_off = so;
     *rec_cap = c;
+    return 0;
+}
+
+/* Appends the range [a, b) to the special-token ranges of the record being added. */
+static int spec_add(struct dataset_texts *d, size_t *spec_cap, size_t a, size_t b)
+{
+    size_t used = d->spec_off[d->n];
+    if (used + 2 > *spec_cap) {
+        size_t c = *spec_cap ? *spec_cap * 2 : 1024;
+        size_t *sp = realloc(d->spec, sizeof(size_t) * c);
+        if (!sp)
+            return MOAI_ENOMEM;
+        d->spec = sp;
+        *spec_cap = c;
+    }
+    d->spec[used] = a;
+    d->spec[used + 1] = b;
+    d->spec_off[d->n] = used + 2; /* moved to spec_off[n + 1] when the record is complete */
     return 0;
 }
 
@@ -323,8 +345,10 @@ static bool is_blank(const char *s, size_t n)
 /* Parses one line and appends its filled text as record d->n. On failure the partial text is
  * left past off[n] and the caller gives up on the whole dataset. */
 static int add_record(struct dataset_texts *d, const struct dataset_template *t, const char *name,
-                      int64_t lineno, const char *line, size_t len, struct moai_err *err)
+                      int64_t lineno, const char *line, size_t len, size_t *spec_cap,
+                      struct moai_err *err)
 {
+    size_t spec_start = d->spec_off[d->n];
     json_error_t jerr;
     json_t *obj = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
     size_t start = d->off[d->n], used = start;
@@ -369,14 +393,25 @@ static int add_record(struct dataset_texts *d, const struct dataset_template *t,
             goto out;
         }
         memcpy(d->buf + used, s, n);
+        if (k < t->nparts && !t->parts[k].is_field && n > 0 &&
+            spec_add(d, spec_cap, used - start, used - start + n) < 0) {
+            rc = moai_err_set(err, MOAI_ENOMEM, "%s:%" PRId64 ": out of memory", name, lineno);
+            goto out;
+        }
         if (k == t->resp_part)
             d->resp_end[d->n] = used - start + t->resp_end;
         used += n;
     }
     d->line[d->n] = lineno;
+    size_t spec_end = d->spec_off[d->n];
+    d->spec_off[d->n] = spec_start;
     d->n++;
     d->off[d->n] = used;
+    d->spec_off[d->n] = spec_end;
+    json_decref(obj);
+    return 0;
 out:
+    d->spec_off[d->n] = spec_start;
     json_decref(obj);
     return rc;
 }
@@ -388,11 +423,13 @@ static int read_lines(struct dataset_texts *d, struct src *s, const struct datas
     char *line = NULL;
     size_t len = 0, cap = 0;
     int64_t lineno = 0, rec_cap = 0;
+    size_t spec_cap = 0;
     bool done = false;
     int rc = texts_grow(d, &rec_cap);
     if (rc < 0)
         goto oom;
     d->off[0] = 0;
+    d->spec_off[0] = 0;
     while (!done && (limit < 0 || d->n < limit)) {
         if (s->outpos == s->outlen) {
             long k = src_fill(s, err);
@@ -428,7 +465,7 @@ static int read_lines(struct dataset_texts *d, struct src *s, const struct datas
         if (!is_blank(line, len)) {
             if ((rc = texts_grow(d, &rec_cap)) < 0)
                 goto oom;
-            if ((rc = add_record(d, t, s->name, lineno, line, len, err)) < 0)
+            if ((rc = add_record(d, t, s->name, lineno, line, len, &spec_cap, err)) < 0)
                 goto out;
         }
         len = 0;
@@ -493,5 +530,7 @@ void dataset_texts_release(struct dataset_texts *d)
     free(d->off);
     free(d->resp_end);
     free(d->line);
+    free(d->spec);
+    free(d->spec_off);
     memset(d, 0, sizeof(*d));
 }

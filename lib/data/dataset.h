@@ -57,6 +57,11 @@ struct dataset_texts {
     size_t *resp_end; /* (n) bytes of each text up to the end of response_start, or
                            SIZE_MAX when no response_start; NULL when none was given */
     int64_t *line;    /* (n) line number of each record in its file */
+    /* Where special tokens may be matched: the template's own text. Record i's ranges are the
+     * pairs spec[spec_off[i] .. spec_off[i + 1]) of byte offsets into its text, ascending;
+     * spec_off NULL when not recorded (anywhere). */
+    size_t *spec;
+    size_t *spec_off; /* (n + 1) */
     size_t cap;       /* bytes allocated for buf */
 };
 
@@ -68,6 +73,19 @@ static inline const char *dataset_text(const struct dataset_texts *d, int64_t i)
 static inline size_t dataset_text_len(const struct dataset_texts *d, int64_t i)
 {
     return d->off[i + 1] - d->off[i] - 1;
+}
+
+static inline const size_t *dataset_text_spec(const struct dataset_texts *d, int64_t i)
+{
+    static const size_t none[2];
+    if (!d->spec_off)
+        return NULL;
+    return d->spec ? d->spec + d->spec_off[i] : none;
+}
+
+static inline size_t dataset_text_nspec(const struct dataset_texts *d, int64_t i)
+{
+    return d->spec_off ? (d->spec_off[i + 1] - d->spec_off[i]) / 2 : 0;
 }
 
 /* Reads the file at path and fills the template for its first limit records (-1: all).

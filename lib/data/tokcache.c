@@ -361,15 +361,15 @@ static int tokenize_fresh(struct data_set *out, const char *dataset_path,
                           int64_t T, int64_t limit, struct moai_err *err)
 {
     struct dataset_texts texts;
-    struct spm *sp = spm_load(tokenizer_path, err);
-    if (!sp)
+    struct tokenizer *tk = tokenizer_load(tokenizer_path, err);
+    if (!tk)
         return err ? err->code : MOAI_EIO;
     int rc = dataset_load(&texts, dataset_path, tmpl, response_start, limit, err);
     if (rc == 0) {
-        rc = data_tokenize(out, &texts, sp, T, 2, err);
+        rc = data_tokenize(out, &texts, tk, T, 2, err);
         dataset_texts_release(&texts);
     }
-    spm_free(sp);
+    tokenizer_free(tk);
     return rc;
 }
 

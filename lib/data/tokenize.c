@@ -15,7 +15,7 @@
 struct tok_job {
     struct data_set *ds;
     const struct dataset_texts *texts;
-    const struct spm *sp;
+    const struct tokenizer *tk;
     int64_t begin, end;
     _Atomic int64_t done; /* rows finished, for the progress bar */
     _Atomic int finished; /* set last by the worker */
@@ -33,14 +33,17 @@ static int tokenize_row(struct tok_job *j, int64_t i)
     const char *text = dataset_text(j->texts, i);
     size_t len = dataset_text_len(j->texts, i), n, before = 0;
     bool split = j->texts->resp_end && j->texts->resp_end[i] != SIZE_MAX;
-    int rc = split ? spm_encode_split(j->sp, text, len, j->texts->resp_end[i], row + 1,
-                                      (size_t) (T - 1), &n, &before, &j->err)
-                   : spm_encode_into(j->sp, text, len, row + 1, (size_t) (T - 1), &n, &j->err);
+    int64_t nb = ds->bos_id >= 0; /* 1 with a BOS, 0 without */
+    int rc = tokenizer_encode(j->tk, text, len, dataset_text_spec(j->texts, i),
+                              dataset_text_nspec(j->texts, i),
+                              split ? j->texts->resp_end[i] : SIZE_MAX, row + nb,
+                              (size_t) (T - nb), &n, &before, &j->err);
     if (rc < 0)
         return moai_err_prefix(&j->err, "record %" PRId64 " (line %" PRId64 ")", i,
                                j->texts->line[i]);
-    row[0] = ds->bos_id;
-    int64_t real = 1 + (int64_t) n;
+    if (nb)
+        row[0] = ds->bos_id;
+    int64_t real = nb + (int64_t) n;
     bool has_eos = real < T;
     if (has_eos) {
         row[real++] = ds->eos_id;
@@ -52,7 +55,7 @@ static int tokenize_row(struct tok_job *j, int64_t i)
         row[t] = ds->pad_id;
     ds->lengths[i] = real;
     /* the BOS and every piece that starts before the end of response_start; never the EOS */
-    int64_t m = split ? 1 + (int64_t) before : 0;
+    int64_t m = split ? nb + (int64_t) before : 0;
     int64_t keep = has_eos ? real - 1 : real;
     ds->masked[i] = m < keep ? m : keep;
     return 0;
@@ -100,7 +103,8 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const struct spm *sp,
+int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
+                  const struct tokenizer *tk,
                   int64_t T, int nthreads, struct moai_err *err)
 {
     struct data_set *ds = out;
@@ -108,15 +112,13 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
     if (T < 2 || T > INT32_MAX)
         return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
                             INT32_MAX);
-    ds->bos_id = spm_bos_id(sp);
-    ds->eos_id = spm_eos_id(sp);
-    ds->pad_id = spm_pad_id(sp);
-    if (ds->bos_id < 0 || ds->eos_id < 0 || ds->pad_id < 0)
-        return moai_err_set(err, MOAI_EUSAGE, "tokenizer has no %s id (bos %d, eos %d, pad %d)",
-                            ds->bos_id < 0   ? "BOS"
-                            : ds->eos_id < 0 ? "EOS"
-                                             : "pad",
-                            (int) ds->bos_id, (int) ds->eos_id, (int) ds->pad_id);
+    ds->bos_id = tokenizer_bos_id(tk);
+    ds->eos_id = tokenizer_eos_id(tk);
+    ds->pad_id = tokenizer_pad_id(tk);
+    if (ds->eos_id < 0 || ds->pad_id < 0) {
+        moai_err_set(err, MOAI_EUSAGE, "tokenizer '%s' has no EOS token", tokenizer_path(tk));
+        return moai_err_hint(err, "set eos_token in tokenizer_config.json beside it");
+    }
     ds->n = texts->n;
     ds->T = T;
     size_t cells = (size_t) ds->n * (size_t) T;
@@ -140,7 +142,7 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
         memset(&jobs[k], 0, sizeof(jobs[k]));
         jobs[k].ds = ds;
         jobs[k].texts = texts;
-        jobs[k].sp = sp;
+        jobs[k].tk = tk;
         jobs[k].begin = ds->n * k / nthreads;
         jobs[k].end = ds->n * (k + 1) / nthreads;
         atomic_init(&jobs[k].done, 0);

@@ -1,0 +1,149 @@
+/* tokenizer.c - the tokenizer interface: SentencePiece, tokenizer.json BPE or tiktoken. */
+#include "data/tokenizer.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "data/bpe.h"
+#include "data/spm.h"
+
+struct tokenizer {
+    struct spm *sp; /* one of sp and bpe */
+    struct bpe *bpe;
+    char path[4096];
+};
+
+int tokenizer_resolve(char *buf, size_t size, const char *path, struct moai_err *err)
+{
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+        static const char *const names[] = {"tokenizer.json", "tokenizer.model"};
+        for (int i = 0; i < 2; i++) {
+            snprintf(buf, size, "%s/%s", path, names[i]);
+            if (access(buf, F_OK) == 0)
+                return 0;
+        }
+        return moai_err_set(err, MOAI_EIO, "'%s' holds neither tokenizer.json nor "
+                            "tokenizer.model", path);
+    }
+    snprintf(buf, size, "%s", path);
+    return 0;
+}
+
+/* Reads the first bytes of path into head; returns the count or -1 with err set. */
+static long read_head(const char *path, char *head, size_t size, struct moai_err *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
+    size_t n = fread(head, 1, size, f);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad)
+        return moai_err_set(err, MOAI_EIO, "cannot read '%s'", path);
+    return (long) n;
+}
+
+struct tokenizer *tokenizer_load(const char *path, struct moai_err *err)
+{
+    struct tokenizer *tk = calloc(1, sizeof(*tk));
+    char head[512];
+    if (!tk) {
+        moai_err_set(err, MOAI_ENOMEM, "loading tokenizer '%s': out of memory", path);
+        return NULL;
+    }
+    if (tokenizer_resolve(tk->path, sizeof(tk->path), path, err) < 0)
+        goto fail;
+    long n = read_head(tk->path, head, sizeof(head), err);
+    if (n < 0)
+        goto fail;
+    long i = 0;
+    while (i < n && (head[i] == ' ' || head[i] == '\n' || head[i] == '\r' || head[i] == '\t'))
+        i++;
+    if ((i < n && head[i] == '{') || bpe_is_tiktoken(head, (size_t) n)) {
+        if (!(tk->bpe = bpe_load_file(tk->path, err)))
+            goto fail;
+        return tk;
+    }
+    /* A SentencePiece model is a protobuf: its first field is tag 0x0a (pieces). */
+    if (n == 0 || head[0] != 0x0a) {
+        moai_err_set(err, MOAI_EUSAGE, "'%s' is not a tokenizer: expected a tokenizer.json, a "
+                     "tiktoken file or a SentencePiece model", tk->path);
+        goto fail;
+    }
+    if (!(tk->sp = spm_load(tk->path, err)))
+        goto fail;
+    return tk;
+fail:
+    free(tk);
+    return NULL;
+}
+
+void tokenizer_free(struct tokenizer *tk)
+{
+    if (!tk)
+        return;
+    spm_free(tk->sp);
+    bpe_free(tk->bpe);
+    free(tk);
+}
+
+int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, const size_t *spec,
+                     size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
+                     size_t *n_before, struct moai_err *err)
+{
+    if (tk->bpe)
+        return bpe_encode(tk->bpe, text, len, spec, nspec, boundary, ids, cap, n,
+                          n_before, err);
+    size_t before = 0;
+    int rc = boundary == SIZE_MAX
+                 ? spm_encode_into(tk->sp, text, len, ids, cap, n, err)
+                 : spm_encode_split(tk->sp, text, len, boundary, ids, cap, n, &before, err);
+    if (n_before)
+        *n_before = boundary == SIZE_MAX ? *n : before;
+    return rc;
+}
+
+int32_t tokenizer_bos_id(const struct tokenizer *tk)
+{
+    return tk->bpe ? bpe_bos_id(tk->bpe) : spm_bos_id(tk->sp);
+}
+
+int32_t tokenizer_eos_id(const struct tokenizer *tk)
+{
+    return tk->bpe ? bpe_eos_id(tk->bpe) : spm_eos_id(tk->sp);
+}
+
+int32_t tokenizer_pad_id(const struct tokenizer *tk)
+{
+    if (tk->bpe)
+        return bpe_pad_id(tk->bpe);
+    return spm_pad_id(tk->sp) >= 0 ? spm_pad_id(tk->sp) : spm_eos_id(tk->sp);
+}
+
+int32_t tokenizer_vocab_size(const struct tokenizer *tk)
+{
+    return tk->bpe ? bpe_vocab_size(tk->bpe) : spm_vocab_size(tk->sp);
+}
+
+int32_t tokenizer_token_id(const struct tokenizer *tk, const char *token)
+{
+    if (tk->bpe)
+        return bpe_token_id(tk->bpe, token);
+    int32_t id = spm_piece_id(tk->sp, token);
+    return id == spm_unk_id(tk->sp) && strcmp(token, "<unk>") ? -1 : id;
+}
+
+const char *tokenizer_kind(const struct tokenizer *tk)
+{
+    return tk->bpe ? bpe_kind(tk->bpe) : "sentencepiece";
+}
+
+const char *tokenizer_path(const struct tokenizer *tk)
+{
+    return tk->path;
+}
