@@ -933,15 +933,14 @@ struct bpe *bpe_load_tiktoken_mem(const char *name, const char *data, size_t siz
         if (ln && s[ln - 1] == '\r')
             ln--;
         const char *sp = memchr(s, ' ', ln);
-        char *end;
         long long rank = -1;
         long k = -1;
         if (sp) {
             k = b64_decode(s, (size_t) (sp - s), tok);
-            errno = 0;
-            rank = strtoll(sp + 1, &end, 10);
-            if (end != s + ln || sp[1] < '0' || sp[1] > '9' || errno)
-                rank = -1;
+            const char *d = sp + 1, *end = s + ln;
+            if (d < end && end - d <= 9)
+                for (rank = 0; d < end && rank >= 0; d++)
+                    rank = *d >= '0' && *d <= '9' ? rank * 10 + (*d - '0') : -1;
         }
         if (k <= 0 || rank < 0) {
             moai_err_set(err, MOAI_EUSAGE, "%s:%zu: expected '<base64 token> <rank>'", name,
