@@ -353,6 +353,9 @@ static int add_record(struct dataset_texts *d, const struct dataset_template *t,
     json_t *obj = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
     size_t start = d->off[d->n], used = start;
     int rc = 0;
+    if (!obj && strstr(jerr.text, "unable to decode byte"))
+        return moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ":%d: invalid UTF-8 (%s)", name, lineno,
+                            jerr.column, jerr.text);
     if (!obj)
         return moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ":%d: invalid JSON: %s", name, lineno,
                             jerr.column, jerr.text);
