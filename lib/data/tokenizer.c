@@ -2,6 +2,8 @@
 #include "data/tokenizer.h"
 
 #include <errno.h>
+#include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,4 +148,64 @@ const char *tokenizer_kind(const struct tokenizer *tk)
 const char *tokenizer_path(const struct tokenizer *tk)
 {
     return tk->path;
+}
+
+/* The text of token id, or NULL. */
+static const char *token_text(const struct tokenizer *tk, int32_t id, char *buf, size_t size)
+{
+    if (id < 0)
+        return NULL;
+    if (tk->sp)
+        return spm_piece(tk->sp, id);
+    size_t len;
+    const char *s = bpe_token_bytes(tk->bpe, id, &len);
+    if (!s || len + 1 > size)
+        return NULL;
+    memcpy(buf, s, len);
+    buf[len] = 0;
+    return buf;
+}
+
+int tokenizer_checkpoint_files(const char *path, const char **file_name, char **resolved,
+                               json_t **config, struct moai_err *err)
+{
+    struct tokenizer *tk = tokenizer_load(path, err);
+    json_t *cfg = NULL;
+    if (!tk)
+        return err ? err->code : MOAI_EIO;
+    bool is_json = tk->bpe && strcmp(bpe_kind(tk->bpe), "tiktoken");
+    if (is_json) {
+        char cpath[4200];
+        const char *slash = strrchr(tk->path, '/');
+        snprintf(cpath, sizeof(cpath), "%.*stokenizer_config.json",
+                 slash ? (int) (slash - tk->path + 1) : 0, tk->path);
+        if (access(cpath, R_OK) == 0) {
+            json_error_t jerr;
+            cfg = json_load_file(cpath, 0, &jerr); /* read once already: it parses */
+        }
+    }
+    if (!json_is_object(cfg)) {
+        json_decref(cfg);
+        cfg = json_object();
+    }
+    char buf[3][256];
+    int32_t ids[3] = {tokenizer_bos_id(tk), tokenizer_eos_id(tk), tokenizer_pad_id(tk)};
+    static const char *const keys[3] = {"bos_token", "eos_token", "pad_token"};
+    for (int k = 0; k < 3; k++) {
+        const char *t = token_text(tk, ids[k], buf[k], sizeof(buf[k]));
+        json_object_set_new(cfg, keys[k], t ? json_string(t) : json_null());
+    }
+    json_object_set_new(cfg, "add_bos_token", json_boolean(ids[0] >= 0));
+    json_object_set_new(cfg, "add_eos_token", json_false());
+    json_object_set_new(cfg, "tokenizer_class",
+                        json_string(tk->sp ? "LlamaTokenizer" : "PreTrainedTokenizerFast"));
+    *file_name = is_json ? "tokenizer.json" : "tokenizer.model";
+    *resolved = strdup(tk->path);
+    tokenizer_free(tk);
+    if (!*resolved) {
+        json_decref(cfg);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    *config = cfg;
+    return 0;
 }

@@ -55,4 +55,14 @@ const char *tokenizer_kind(const struct tokenizer *tk);
 /* The file that was loaded (after resolving a directory). */
 const char *tokenizer_path(const struct tokenizer *tk);
 
+/* What a checkpoint keeps of the tokenizer at path: *file_name is the name its file takes
+ * there ("tokenizer.json", or "tokenizer.model" for SentencePiece and tiktoken), *resolved the
+ * file to copy (a new string), *config a new tokenizer_config.json object: the one beside a
+ * tokenizer.json when present, with bos_token, eos_token, pad_token, add_bos_token,
+ * add_eos_token (false: moai-finetune's EOS ends examples, not every encoding) and
+ * tokenizer_class set from the tokenizer as loaded. Returns 0 or a negative code. */
+struct json_t;
+int tokenizer_checkpoint_files(const char *path, const char **file_name, char **resolved,
+                               struct json_t **config, struct moai_err *err);
+
 #endif

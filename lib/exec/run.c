@@ -4,6 +4,7 @@
 #include "data/batch.h"
 #include "data/tokcache.h"
 #include "data/tokenize.h"
+#include "data/tokenizer.h"
 #include "exec/ckpt.h"
 #include "exec/comm.h"
 #include "exec/train.h"
@@ -32,6 +33,9 @@ struct saver {
     int64_t steps_per_epoch, total_steps;
     const struct train_result *progress; /* the running loop's figures (its last loss) */
     bool json, final_announced;
+    const char *tok_name; /* the tokenizer file's name in the checkpoint, NULL: none */
+    char *tok_file;       /* the file to copy */
+    json_t *tok_config;   /* tokenizer_config.json */
 };
 
 static int file_exists(const char *path)
@@ -152,8 +156,10 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
                                   ST_DEFAULT_SHARD_BYTES, &nshards, err);
         entries_release(&e);
     }
-    if (rc == 0 && r->tokenizer && file_exists(r->tokenizer))
-        rc = ckpt_stage_copy_file(&stage, "tokenizer.model", r->tokenizer, err);
+    if (rc == 0 && sv->tok_name)
+        rc = ckpt_stage_copy_file(&stage, sv->tok_name, sv->tok_file, err);
+    if (rc == 0 && sv->tok_config)
+        rc = ckpt_stage_write_json(&stage, "tokenizer_config.json", sv->tok_config, err);
     if (rc == 0)
         rc = ckpt_stage_write_json(&stage, "plan.json", plan, err);
     if (rc == 0) {
@@ -501,6 +507,10 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                        .steps_per_epoch = spe,
                        .total_steps = total,
                        .json = o->json};
+    if (r->tokenizer && file_exists(r->tokenizer) &&
+        (rc = tokenizer_checkpoint_files(r->tokenizer, &sv.tok_name, &sv.tok_file,
+                                         &sv.tok_config, err)) < 0)
+        goto out_params;
     struct train_job job = {
         .recipe = r,
         .cfg = &cfg,
@@ -533,6 +543,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         log_warn("%s", pj_err.msg);
     json_decref(pj);
     rc = exec_train(&job, &tr, err);
+    free(sv.tok_file);
+    json_decref(sv.tok_config);
     if (writer && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0) {
         /* failed before any checkpoint: take back what this run wrote */
         unlink(pj_path);

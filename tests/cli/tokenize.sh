@@ -98,4 +98,22 @@ expect_eq "model directory tokenizer: ids of tokenizer.json" \
     "$(sed "s|^tokenizer:.*|tokenizer: $TMP/l2|" "$TMP/qa.yaml" >"$TMP/l2q.yaml" &&
         "$MOAI_BIN" -q --tokenize "$TMP/l2q.yaml" | jq -c .input_ids)"
 
+# The checkpoint keeps the tokenizer file it used and a tokenizer_config.json.
+for tok in "$TMP/model" models/tiny-llama/tokenizer.model; do
+    rm -rf "$TMP/ck"
+    sed -e "s|^tokenizer:.*|tokenizer: $tok|" \
+        -e "s|^  batch_size: 8|  batch_size: 2|" -e "s|^  block_size: 64|  block_size: 16\n  max_steps: 1\n  precision: fp32\n  save_dir: $TMP/ck|" \
+        "$TMP/qa.yaml" >"$TMP/ck.yaml"
+    "$MOAI_BIN" -q "$TMP/ck.yaml" >/dev/null 2>"$TMP/ck.err" || fail "training with $tok: $(cat "$TMP/ck.err")"
+    if [ "$tok" = models/tiny-llama/tokenizer.model ]; then
+        cmp -s "$TMP/ck/tokenizer.model" "$tok" && ok || fail "checkpoint: tokenizer.model differs"
+        want='"<s>" "</s>" "<pad>" true "LlamaTokenizer"'
+    else
+        cmp -s "$TMP/ck/tokenizer.json" "$TMP/model/tokenizer.json" && ok || fail "checkpoint: tokenizer.json differs"
+        want='"<s>" "</s>" "</s>" true "PreTrainedTokenizerFast"'
+    fi
+    expect_eq "checkpoint tokenizer_config.json ($tok)" "$want" \
+        "$(jq -c '.bos_token, .eos_token, .pad_token, .add_bos_token, .tokenizer_class' "$TMP/ck/tokenizer_config.json" | xargs -d '\n' echo)"
+done
+
 finish
