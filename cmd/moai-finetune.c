@@ -2,6 +2,7 @@
 #include "err.h"
 #include "log.h"
 #include "data/tokcache.h"
+#include "data/tokenizer.h"
 #include "exec/comm.h"
 #include "exec/run.h"
 #include "exec/train.h"
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define MOAI_VERSION "0.1.0"
 
@@ -109,6 +111,9 @@ static int run_validate(const struct options *opt, const char *path, struct reci
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
+    if (r->tokenizer && access(r->tokenizer, R_OK) == 0 &&
+        (rc = tokenizer_check_vocab(r->tokenizer, cfg.vocab_size, err)) < 0)
+        return moai_err_prefix(err, "%s", r->source);
     struct plan_result res;
     enum log_level level = log_get_level();
     if (level == LOG_INFO) /* the planner's lines are for --plan-only and training */

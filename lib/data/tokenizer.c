@@ -209,3 +209,19 @@ int tokenizer_checkpoint_files(const char *path, const char **file_name, char **
     *config = cfg;
     return 0;
 }
+
+int tokenizer_check_vocab(const char *path, int64_t vocab_size, struct moai_err *err)
+{
+    struct tokenizer *tk = tokenizer_load(path, err);
+    if (!tk)
+        return err ? err->code : MOAI_EIO;
+    int32_t n = tokenizer_vocab_size(tk);
+    int rc = 0;
+    if (n > vocab_size)
+        rc = moai_err_set(err, MOAI_EUSAGE, "tokenizer '%s' has %d ids, more than the model's "
+                          "vocabulary of %lld", tk->path, (int) n, (long long) vocab_size);
+    else if (tokenizer_eos_id(tk) < 0)
+        rc = moai_err_set(err, MOAI_EUSAGE, "tokenizer '%s' has no EOS token", tk->path);
+    tokenizer_free(tk);
+    return rc;
+}

@@ -65,4 +65,9 @@ struct json_t;
 int tokenizer_checkpoint_files(const char *path, const char **file_name, char **resolved,
                                struct json_t **config, struct moai_err *err);
 
+/* Loads the tokenizer at path and checks it against a model's vocabulary of vocab_size ids
+ * (every id, BOS, EOS and pad below it). Returns 0, or MOAI_EUSAGE:
+ *     tokenizer 'x/tokenizer.json' has 128256 ids, more than the model's vocabulary of 32000 */
+int tokenizer_check_vocab(const char *path, int64_t vocab_size, struct moai_err *err);
+
 #endif

@@ -98,6 +98,27 @@ expect_eq "model directory tokenizer: ids of tokenizer.json" \
     "$(sed "s|^tokenizer:.*|tokenizer: $TMP/l2|" "$TMP/qa.yaml" >"$TMP/l2q.yaml" &&
         "$MOAI_BIN" -q --tokenize "$TMP/l2q.yaml" | jq -c .input_ids)"
 
+# --validate loads the tokenizer and checks it against the model's vocabulary (8000 ids).
+python3 -c '
+import base64
+toks = [bytes([c]) for c in range(256)] + [bytes([a, b]) for a in range(33, 127) for b in range(33, 127)]
+print("".join("%s %d\n" % (base64.b64encode(t).decode(), i) for i, t in enumerate(toks)), end="")
+' >"$TMP/big.tiktoken"
+for tok in "$TMP/l2" "$TMP/big.tiktoken"; do
+    cat >"$TMP/v.yaml" <<YAML
+model: {path: models/tiny-llama}
+tokenizer: $tok
+dataset: {path: $TMP/qa.jsonl, template: "{q} {r}"}
+flavor: {device: cpu, devices: 1}
+YAML
+    "$MOAI_BIN" -q --validate "$TMP/v.yaml" >"$TMP/v.out" 2>"$TMP/v.err"
+    echo "$? $(cat "$TMP/v.out" "$TMP/v.err")" >"$TMP/v.$(basename "$tok")"
+done
+expect_eq "--validate: a tokenizer within the vocabulary" "0 $TMP/v.yaml: ok" "$(cat "$TMP/v.l2")"
+expect_eq "--validate: a tokenizer larger than the vocabulary" \
+    "2 moai-finetune: error: $TMP/v.yaml: tokenizer '$TMP/big.tiktoken' has 9348 ids, more than the model's vocabulary of 8000" \
+    "$(cat "$TMP/v.big.tiktoken")"
+
 # The checkpoint keeps the tokenizer file it used and a tokenizer_config.json.
 for tok in "$TMP/model" models/tiny-llama/tokenizer.model; do
     rm -rf "$TMP/ck"
