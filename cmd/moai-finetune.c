@@ -195,9 +195,7 @@ static int run_train(const struct options *opt, const char *path, struct recipe 
 static int run_tokenize(const struct recipe *r, struct moai_err *err)
 {
     struct data_set ds;
-    int rc = data_prepare(&ds, r->dataset.path, r->tokenizer, r->dataset.template,
-                          r->dataset.response_start, r->training.block_size, r->dataset.limit,
-                          NULL, err);
+    int rc = exec_prepare_data(r, &ds, NULL, err);
     if (rc < 0)
         return rc;
     for (int64_t i = 0; i < ds.n; i++) {

@@ -51,6 +51,9 @@ static const char *const init_choices[] = {"pretrained", "random", NULL};
 static const char *const schedule_choices[] = {"constant", "linear", "cosine", NULL};
 static const char *const precision_choices[] = {"bf16", "fp32", NULL};
 static const char *const recompute_choices[] = {"auto", "none", "selective", "full", NULL};
+static const char *const format_choices[] = {"text", "messages", "alpaca", NULL};
+static const char *const chat_choices[] = {"auto", "llama3", "llama2", "mistral", "chatml", NULL};
+static const char *const train_on_choices[] = {"responses", "all", NULL};
 
 /* The schema. moai-recipe.5 documents every row; keep them in the same order. */
 static const struct recipe_key schema[] = {
@@ -67,6 +70,9 @@ static const struct recipe_key schema[] = {
     KEY("dataset.validation_fraction", KT_FLOAT, dataset.validation_fraction, "0.0", .min = 0,
         .max = 1, .max_excl = true),
     KEY("dataset.cache_dir", KT_STRING, dataset.cache_dir, "~"),
+    KEY("dataset.format", KT_ENUM, dataset.format, "text", .choices = format_choices),
+    KEY("dataset.chat_template", KT_ENUM, dataset.chat_template, "auto", .choices = chat_choices),
+    KEY("dataset.train_on", KT_ENUM, dataset.train_on, "responses", .choices = train_on_choices),
     KEY("training.batch_size", KT_INT, training.batch_size, "16", .min = 1, .max = 1 << 30),
     KEY("training.block_size", KT_INT, training.block_size, "1024", .min = 2, .max = 1 << 22),
     KEY("training.epochs", KT_INT, training.epochs, "1", .min = 1, .max = 1000000),

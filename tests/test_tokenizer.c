@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "data/bpe.h"
+#include "data/dataset.h"
 #include "data/tokenizer.h"
 
 #define BAD_DIR "tests/data/bad/tokenizers"
@@ -252,6 +253,153 @@ static void test_tokenizer_bad_files(void **state)
     }
 }
 
+/* Renders one conversation with template chat from a dataset file of the given text. */
+static char *render(const char *file_text, enum dataset_chat chat, bool train_all, size_t *ntrain,
+                    size_t *train)
+{
+    char path[] = "/tmp/test_tokenizer_chat.XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, file_text, strlen(file_text)), (ssize_t) strlen(file_text));
+    close(fd);
+    struct dataset_format f = {.kind = DATASET_MESSAGES, .chat = chat, .train_all = train_all};
+    struct dataset_texts dt;
+    struct moai_err err = {0};
+    if (dataset_load_format(&dt, path, &f, -1, &err) < 0)
+        fail_msg("%s", err.msg);
+    unlink(path);
+    assert_int_equal(dt.n, 1);
+    char *text = strdup(dataset_text(&dt, 0));
+    *ntrain = dataset_text_ntrain(&dt, 0);
+    memcpy(train, dataset_text_train(&dt, 0), sizeof(size_t) * 2 * *ntrain);
+    dataset_texts_release(&dt);
+    return text;
+}
+
+/* Each chat template renders what its model family's published chat_template renders for the
+ * same conversation (the strings below are those templates' output, the opening BOS aside,
+ * which the tokenizer adds); the assistant turns (with their end of turn) are the loss. */
+static void test_tokenizer_chat_templates(void **state)
+{
+    (void) state;
+    static const char sys_conv[] =
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"You are helpful.\"}, "
+        "{\"role\": \"user\", \"content\": \" Hi! \"}, {\"role\": \"assistant\", "
+        "\"content\": \"Hello.\"}, {\"role\": \"user\", \"content\": \"More?\"}, "
+        "{\"role\": \"assistant\", \"content\": \"Sure.\"}]}\n";
+    static const char plain_conv[] =
+        "[{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}, {\"role\": "
+        "\"assistant\", \"content\": \"Hello.\"}, {\"role\": \"user\", \"content\": "
+        "\"More?\"}, {\"role\": \"assistant\", \"content\": \"Sure.\"}]}]";
+    static const struct {
+        enum dataset_chat chat;
+        const char *conv, *want, *learned;
+    } cases[] = {
+        {DATASET_CHAT_LLAMA3, sys_conv,
+         "<|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<|eot_id|>"
+         "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+         "<|start_header_id|>user<|end_header_id|>\n\nMore?<|eot_id|>"
+         "<|start_header_id|>assistant<|end_header_id|>\n\nSure.<|eot_id|>",
+         "Hello.<|eot_id|>|Sure.<|eot_id|>|"},
+        {DATASET_CHAT_LLAMA2, sys_conv,
+         "[INST] <<SYS>>\nYou are helpful.\n<</SYS>>\n\n Hi! [/INST] Hello. </s>"
+         "<s>[INST] More? [/INST] Sure. </s>",
+         "Hello. </s>|Sure. </s>|"},
+        {DATASET_CHAT_MISTRAL, plain_conv,
+         "[INST] Hi! [/INST]Hello.</s>[INST] More? [/INST]Sure.</s>", "Hello.</s>|Sure.</s>|"},
+        {DATASET_CHAT_CHATML, plain_conv,
+         "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+         "<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\nSure.<|im_end|>\n",
+         "Hello.<|im_end|>|Sure.<|im_end|>|"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        size_t ntrain, train[16];
+        char *text = render(cases[i].conv, cases[i].chat, false, &ntrain, train);
+        assert_string_equal(text, cases[i].want);
+        char learned[256] = "";
+        for (size_t k = 0; k < ntrain; k++) {
+            strncat(learned, text + train[2 * k], train[2 * k + 1] - train[2 * k]);
+            strcat(learned, "|");
+        }
+        assert_string_equal(learned, cases[i].learned);
+        free(text);
+        text = render(cases[i].conv, cases[i].chat, true, &ntrain, train);
+        assert_int_equal(ntrain, 1);
+        assert_int_equal(train[0], 0);
+        assert_int_equal(train[1], strlen(cases[i].want));
+        free(text);
+    }
+}
+
+/* Bad chat records name the record and what is wrong. */
+static void test_tokenizer_chat_errors(void **state)
+{
+    (void) state;
+    static const struct {
+        const char *text, *msg;
+    } cases[] = {
+        {"{\"text\": \"x\"}\n", ":1: record has no field 'messages' (dataset.format is messages)"},
+        {"{\"messages\": \"hi\"}\n", ":1: 'messages' is a string, not a list of turns"},
+        {"\n{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}\n",
+         ":2: messages[0] has role 'bot' (expected system, user or assistant)"},
+        {"{\"messages\": [{\"role\": \"user\", \"content\": 3}]}\n",
+         ":1: messages[0] field 'content' is a number, not a string"},
+        {"[{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}]",
+         ": record 1: the record has no assistant turn to learn"},
+        {"[{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", ":1:"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char path[] = "/tmp/test_tokenizer_chat.XXXXXX";
+        int fd = mkstemp(path);
+        assert_true(fd >= 0);
+        assert_int_equal(write(fd, cases[i].text, strlen(cases[i].text)),
+                         (ssize_t) strlen(cases[i].text));
+        close(fd);
+        struct dataset_format f = {.kind = DATASET_MESSAGES, .chat = DATASET_CHAT_LLAMA3};
+        struct dataset_texts dt;
+        struct moai_err err = {0};
+        assert_int_equal(dataset_load_format(&dt, path, &f, -1, &err), MOAI_EIO);
+        unlink(path);
+        if (strncmp(err.msg, path, strlen(path)) || !strstr(err.msg, cases[i].msg))
+            fail_msg("case %zu: got '%s'", i, err.msg);
+    }
+}
+
+/* Alpaca records, with and without input; the loss is on the output. */
+static void test_tokenizer_alpaca(void **state)
+{
+    (void) state;
+    char path[] = "/tmp/test_tokenizer_alpaca.XXXXXX";
+    static const char text[] =
+        "{\"instruction\": \"Add.\", \"input\": \"1 2\", \"output\": \"3\"}\n"
+        "{\"instruction\": \"Greet.\", \"output\": \"Hi\"}\n";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t) strlen(text));
+    close(fd);
+    struct dataset_format f = {.kind = DATASET_ALPACA};
+    struct dataset_texts dt;
+    struct moai_err err = {0};
+    if (dataset_load_format(&dt, path, &f, -1, &err) < 0)
+        fail_msg("%s", err.msg);
+    unlink(path);
+    assert_int_equal(dt.n, 2);
+    assert_string_equal(dataset_text(&dt, 0),
+                        "Below is an instruction that describes a task, paired with an input that "
+                        "provides further context. Write a response that appropriately completes "
+                        "the request.\n\n### Instruction:\nAdd.\n\n### Input:\n1 2\n\n"
+                        "### Response:\n3");
+    assert_string_equal(dataset_text(&dt, 1),
+                        "Below is an instruction that describes a task. Write a response that "
+                        "appropriately completes the request.\n\n### Instruction:\nGreet.\n\n"
+                        "### Response:\nHi");
+    assert_int_equal(dataset_text_ntrain(&dt, 1), 1);
+    assert_int_equal(dataset_text_train(&dt, 1)[0], dataset_text_len(&dt, 1) - 2);
+    assert_int_equal(dataset_text_train(&dt, 1)[1], dataset_text_len(&dt, 1));
+    dataset_texts_release(&dt);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -260,6 +408,9 @@ int main(void)
         cmocka_unit_test(test_tokenizer_json_byte_level),
         cmocka_unit_test(test_tokenizer_load_directory),
         cmocka_unit_test(test_tokenizer_bad_files),
+        cmocka_unit_test(test_tokenizer_chat_templates),
+        cmocka_unit_test(test_tokenizer_chat_errors),
+        cmocka_unit_test(test_tokenizer_alpaca),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

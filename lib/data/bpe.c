@@ -1082,6 +1082,7 @@ out:
 struct enc {
     const struct bpe *b;
     int32_t *ids;
+    uint32_t *starts; /* (cap) where each id starts in the text, NULL when not wanted */
     size_t cap, n, n_before, boundary;
     pcre2_match_data *md[BPE_MAX_SPLITS];
     struct moai_err *err;
@@ -1093,8 +1094,11 @@ struct enc {
 
 static void emit(struct enc *e, int32_t id, size_t start)
 {
-    if (e->n < e->cap)
+    if (e->n < e->cap) {
         e->ids[e->n] = id;
+        if (e->starts)
+            e->starts[e->n] = (uint32_t) start;
+    }
     e->n++;
     if (start < e->boundary)
         e->n_before++;
@@ -1308,7 +1312,18 @@ int bpe_encode(const struct bpe *b, const char *text, size_t len, const size_t *
                size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
                size_t *n_before, struct moai_err *err)
 {
-    struct enc e = {.b = b, .ids = ids, .cap = cap, .boundary = boundary, .err = err};
+    return bpe_encode_starts(b, text, len, spec, nspec, boundary, ids, NULL, cap, n, n_before,
+                             err);
+}
+
+int bpe_encode_starts(const struct bpe *b, const char *text, size_t len, const size_t *spec,
+                      size_t nspec, size_t boundary, int32_t *ids, uint32_t *starts, size_t cap,
+                      size_t *n, size_t *n_before, struct moai_err *err)
+{
+    struct enc e = {
+        .b = b, .ids = ids, .starts = starts, .cap = cap, .boundary = boundary, .err = err};
+    if (len > UINT32_MAX)
+        return moai_err_set(err, MOAI_EUSAGE, "a text of %zu bytes is too long to tokenize", len);
     int rc = 0;
     /* the whole text must be UTF-8: pieces are cut at character boundaries */
     for (size_t i = 0; i < len;) {

@@ -80,6 +80,11 @@ int bpe_encode(const struct bpe *b, const char *text, size_t len, const size_t *
                size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
                size_t *n_before, struct moai_err *err);
 
+/* bpe_encode that also writes where each of the first cap ids starts in text (starts[i]). */
+int bpe_encode_starts(const struct bpe *b, const char *text, size_t len, const size_t *spec,
+                      size_t nspec, size_t boundary, int32_t *ids, uint32_t *starts, size_t cap,
+                      size_t *n, size_t *n_before, struct moai_err *err);
+
 int32_t bpe_bos_id(const struct bpe *b); /* -1 when none is added */
 int32_t bpe_eos_id(const struct bpe *b); /* -1 when none */
 int32_t bpe_pad_id(const struct bpe *b); /* the pad token, else the EOS */

@@ -35,7 +35,9 @@ struct data_set {
     int32_t *tokens;   /* (n, T) input ids, pad id after lengths[i] */
     int32_t *labels;   /* (n, T) tokens, or -100 at padding and the masked prompt */
     int64_t *lengths;  /* (n) real tokens, 1..T */
-    int64_t *masked;   /* (n) leading tokens masked for response_start (0 when none) */
+    int64_t *masked;   /* (n) leading tokens masked (response_start; 0 when none) */
+    uint8_t *mask;     /* (n, T) 1 where the label is masked: the prompt, the turns not
+                        * learned (formats messages, alpaca); padding is found by lengths */
     int64_t truncated; /* sequences cut to T (their EOS lost) */
     int32_t bos_id, eos_id, pad_id; /* bos_id -1: the tokenizer adds no BOS */
 };
@@ -45,7 +47,7 @@ struct data_set {
 int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
                   const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err);
 
-/* Rebuilds labels from tokens, lengths and masked (after loading a cache). */
+/* Rebuilds labels from tokens, lengths and mask (after loading a cache). */
 void data_set_fill_labels(struct data_set *ds);
 
 /* Logs examples, truncated examples (a warning above 5%), mean real tokens, padding. */

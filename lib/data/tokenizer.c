@@ -110,6 +110,16 @@ int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, c
     return rc;
 }
 
+int tokenizer_encode_starts(const struct tokenizer *tk, const char *text, size_t len,
+                            const size_t *spec, size_t nspec, int32_t *ids, uint32_t *starts,
+                            size_t cap, size_t *n, struct moai_err *err)
+{
+    if (tk->bpe)
+        return bpe_encode_starts(tk->bpe, text, len, spec, nspec, SIZE_MAX, ids, starts, cap, n,
+                                 NULL, err);
+    return spm_encode_offsets(tk->sp, text, len, ids, starts, cap, n, err);
+}
+
 int32_t tokenizer_bos_id(const struct tokenizer *tk)
 {
     return tk->bpe ? bpe_bos_id(tk->bpe) : spm_bos_id(tk->sp);

@@ -44,6 +44,11 @@ int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, c
                      size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
                      size_t *n_before, struct moai_err *err);
 
+/* tokenizer_encode that writes where each of the first cap ids starts in text. */
+int tokenizer_encode_starts(const struct tokenizer *tk, const char *text, size_t len,
+                            const size_t *spec, size_t nspec, int32_t *ids, uint32_t *starts,
+                            size_t cap, size_t *n, struct moai_err *err);
+
 int32_t tokenizer_bos_id(const struct tokenizer *tk); /* -1 when none is added */
 int32_t tokenizer_eos_id(const struct tokenizer *tk); /* -1 when none */
 int32_t tokenizer_pad_id(const struct tokenizer *tk); /* the EOS when there is no pad */

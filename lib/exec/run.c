@@ -351,6 +351,19 @@ static void print_final(const struct recipe *r, const struct model_config *cfg,
     fflush(stdout);
 }
 
+int exec_prepare_data(const struct recipe *r, struct data_set *out, const char *cache_dir,
+                      struct moai_err *err)
+{
+    static const char *const formats[] = {"text", "messages", "alpaca"};
+    static const char *const chats[] = {NULL, "llama3", "llama2", "mistral", "chatml"};
+    struct data_recipe dr = {.format = formats[r->dataset.format],
+                             .chat_template = chats[r->dataset.chat_template],
+                             .train_all = r->dataset.train_on == RECIPE_TRAIN_ON_ALL};
+    return data_prepare_format(out, r->dataset.path, r->tokenizer, r->dataset.template,
+                               r->dataset.response_start, &dr, r->training.block_size,
+                               r->dataset.limit, cache_dir, err);
+}
+
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
 {
     struct model_config cfg;
@@ -405,9 +418,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .distribute_param = pr.best.distribute_param,
         .distribute_low_prec_param = pr.best.distribute_low_prec_param,
     };
-    if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
-                           r->dataset.response_start, r->training.block_size, r->dataset.limit,
-                           r->dataset.cache_dir, err)) < 0)
+    if ((rc = exec_prepare_data(r, &data, r->dataset.cache_dir, err)) < 0)
         goto out_world;
     int32_t top = 0;
     for (int64_t i = 0; i < data.n * data.T; i++)
