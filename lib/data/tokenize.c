@@ -25,11 +25,14 @@ struct tok_job {
     struct moai_err err;
 };
 
-/* True when byte offset at lies inside one of the n ranges r[2k], r[2k + 1]. */
-static bool in_ranges(const size_t *r, size_t n, size_t at)
+/* True when the bytes [a, z) overlap one of the n ranges r[2k], r[2k + 1] (an empty token,
+ * a == z, counts where it stands). */
+static bool in_ranges(const size_t *r, size_t n, size_t a, size_t z)
 {
+    if (z <= a)
+        z = a + 1;
     for (size_t k = 0; k < n; k++)
-        if (at >= r[2 * k] && at < r[2 * k + 1])
+        if (a < r[2 * k + 1] && z > r[2 * k])
             return true;
     return false;
 }
@@ -75,13 +78,15 @@ static int tokenize_row(struct tok_job *j, int64_t i)
         row[t] = ds->pad_id;
     ds->lengths[i] = real;
     memset(mask, 0, (size_t) T);
-    if (train) { /* a token is learned when it starts inside a range; the BOS when text does */
-        int64_t end = has_eos ? real - 1 : real;
-        mask[0] = nb ? !in_ranges(train, ntrain, 0) : 0;
-        for (int64_t t = nb; t < end; t++)
-            mask[t] = !in_ranges(train, ntrain, j->starts[t - nb]);
-        if (text_eos) /* its own EOS follows its turn */
-            mask[real - 1] = !in_ranges(train, ntrain, j->starts[real - 1 - nb]);
+    if (train) { /* a token is learned when its bytes overlap a range; the BOS when the text's
+                  * first byte is learned */
+        int64_t end = has_eos && !text_eos ? real - 1 : real, last = nb + (int64_t) n;
+        mask[0] = nb ? !in_ranges(train, ntrain, 0, 1) : 0;
+        for (int64_t t = nb; t < end; t++) {
+            size_t a = j->starts[t - nb];
+            size_t z = t + 1 < last && t + 1 < T ? j->starts[t + 1 - nb] : len;
+            mask[t] = !in_ranges(train, ntrain, a, z);
+        }
         int64_t m = 0;
         while (m < real && mask[m])
             m++;

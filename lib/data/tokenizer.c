@@ -94,10 +94,90 @@ void tokenizer_free(struct tokenizer *tk)
     free(tk);
 }
 
+/* The next BOS or EOS piece ("<s>", "</s>") inside the allowed ranges at or after from:
+ * its offset (len when none), *id and *plen. SentencePiece never makes them from text. */
+static size_t spm_next_special(const struct tokenizer *tk, const char *text, size_t len,
+                               const size_t *spec, size_t nspec, size_t from, int32_t *id,
+                               size_t *plen)
+{
+    int32_t sp_ids[2] = {spm_bos_id(tk->sp), spm_eos_id(tk->sp)};
+    size_t best = len;
+    for (size_t r = 0; r < nspec; r++) {
+        size_t a = spec[2 * r] > from ? spec[2 * r] : from, z = spec[2 * r + 1];
+        for (int k = 0; k < 2; k++) {
+            const char *piece = sp_ids[k] >= 0 ? spm_piece(tk->sp, sp_ids[k]) : NULL;
+            size_t pl = piece ? strlen(piece) : 0;
+            for (size_t i = a; pl && i + pl <= z && i < best; i++)
+                if (!memcmp(text + i, piece, pl)) {
+                    best = i, *id = sp_ids[k], *plen = pl;
+                    break;
+                }
+        }
+        if (best < len)
+            break;
+    }
+    return best;
+}
+
+/* SentencePiece over the segments between BOS / EOS pieces of the template's text; starts may
+ * be NULL. Each segment is encoded on its own, as Hugging Face's Llama tokenizer does. */
+static int spm_encode_segments(const struct tokenizer *tk, const char *text, size_t len,
+                               const size_t *spec, size_t nspec, size_t boundary, int32_t *ids,
+                               uint32_t *starts, size_t cap, size_t *n, size_t *n_before,
+                               struct moai_err *err)
+{
+    size_t total = 0, before = 0, from = 0;
+    int32_t *seg_ids = malloc(sizeof(int32_t) * (len + 1));
+    uint32_t *seg_st = malloc(sizeof(uint32_t) * (len + 1));
+    int rc = 0;
+    if (!seg_ids || !seg_st) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "tokenizing: out of memory");
+        goto out;
+    }
+    while (from <= len) {
+        int32_t sid = -1;
+        size_t pl = 0, at = spm_next_special(tk, text, len, spec, nspec, from, &sid, &pl), k = 0;
+        if (at > from &&
+            (rc = spm_encode_offsets(tk->sp, text + from, at - from, seg_ids, seg_st, len + 1, &k,
+                                     err)) < 0)
+            goto out;
+        for (size_t i = 0; i < k; i++, total++) {
+            if (total < cap) {
+                ids[total] = seg_ids[i];
+                if (starts)
+                    starts[total] = (uint32_t) (from + seg_st[i]);
+            }
+            before += from + seg_st[i] < boundary;
+        }
+        if (at >= len)
+            break;
+        if (total < cap) {
+            ids[total] = sid;
+            if (starts)
+                starts[total] = (uint32_t) at;
+        }
+        total++;
+        before += at < boundary;
+        from = at + pl;
+    }
+    *n = total;
+    if (n_before)
+        *n_before = before;
+out:
+    free(seg_ids);
+    free(seg_st);
+    return rc;
+}
+
 int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, const size_t *spec,
                      size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
                      size_t *n_before, struct moai_err *err)
 {
+    int32_t sid;
+    size_t pl;
+    if (tk->sp && spec && spm_next_special(tk, text, len, spec, nspec, 0, &sid, &pl) < len)
+        return spm_encode_segments(tk, text, len, spec, nspec, boundary, ids, NULL, cap, n,
+                                   n_before, err);
     if (tk->bpe)
         return bpe_encode(tk->bpe, text, len, spec, nspec, boundary, ids, cap, n,
                           n_before, err);
@@ -117,6 +197,11 @@ int tokenizer_encode_starts(const struct tokenizer *tk, const char *text, size_t
     if (tk->bpe)
         return bpe_encode_starts(tk->bpe, text, len, spec, nspec, SIZE_MAX, ids, starts, cap, n,
                                  NULL, err);
+    int32_t sid;
+    size_t pl;
+    if (spec && spm_next_special(tk, text, len, spec, nspec, 0, &sid, &pl) < len)
+        return spm_encode_segments(tk, text, len, spec, nspec, SIZE_MAX, ids, starts, cap, n,
+                                   NULL, err);
     return spm_encode_offsets(tk->sp, text, len, ids, starts, cap, n, err);
 }
 

@@ -96,4 +96,31 @@ got=$("$MOAI_BIN" -q --tokenize "$TMP/sp.yaml" | jq -c '.input_ids')
 expect_eq "a record's special-token text is not a special token" \
     "[128000,64,83739,68,354,851,91,29,293,128009,128001]" "$got"
 
+# A chat record through the llama3 template (chosen from the tokenizer): the ids of the
+# published template's rendering, encoded by the reference, and labels on the answers only.
+printf '%s\n' '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! <|eot_id|>"}, {"role": "assistant", "content": "Hello."}]}' >"$TMP/chat.jsonl"
+cat >"$TMP/chat.yaml" <<YAML
+model: {config: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 128256}, init: random}
+tokenizer: $ref/llama3
+dataset: {path: $TMP/chat.jsonl, format: messages}
+training: {batch_size: 8, block_size: 64}
+flavor: {device: cpu, devices: 1}
+YAML
+"$MOAI_BIN" -q --tokenize "$TMP/chat.yaml" >"$TMP/chat.out" 2>"$TMP/chat.err" || fail "chat: $(cat "$TMP/chat.err")"
+want=$(cd "$npm_dir" && node --input-type=module -e '
+const l = (await import("llama3-tokenizer-js")).default;
+const sp = /<\|(?:begin_of_text|end_of_text|start_header_id|end_header_id|eot_id)\|>/g;
+const t = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>" +
+    "<|start_header_id|>user<|end_header_id|>\n\n";
+const ids = l.encode(t, {bos: false, eos: false, specialTokenRegex: sp});
+ids.push(...l.encode("Hi! <|eot_id|>", {bos: false, eos: false, specialTokenRegex: /(?!)/g}));
+ids.push(...l.encode("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>",
+    {bos: false, eos: false, specialTokenRegex: sp}));
+ids.push(128001);
+console.log(JSON.stringify(ids));')
+expect_eq "chat (llama3): ids of the published template, the record's <|eot_id|> as text" \
+    "$want" "$(jq -c .input_ids "$TMP/chat.out")"
+expect_eq "chat (llama3): learned tokens are the answer, its <|eot_id|> and the EOS" \
+    "[9906,13,128009,128001]" "$(jq -c '[.labels[] | select(. != -100)]' "$TMP/chat.out")"
+
 finish
