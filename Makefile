@@ -114,10 +114,11 @@ install: $(BIN)
 	install -m 644 man/moai-finetune.1 $(DESTDIR)$(PREFIX)/share/man/man1/
 	install -m 644 man/moai-recipe.5 $(DESTDIR)$(PREFIX)/share/man/man5/
 
-# Rebuild the shipped dataset and tokenizer from Debian's package descriptions.
+# Rebuild the shipped datasets and tokenizer from Debian's package descriptions.
 dataset:
 	datasets/build-dataset.sh
 	datasets/build-tokenizer.sh
+	datasets/build-chat-dataset.sh
 
 # Reformat the sources with .clang-format.
 format:

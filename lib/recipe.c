@@ -826,7 +826,8 @@ int recipe_check_files(const struct recipe *r, struct moai_err *err)
             skip_tokenizer = r->tokenizer && !strcmp(r->tokenizer, path) && access(path, R_OK);
             log_warn("%s: '%s' holds no weights (model.safetensors or "
                      "model.safetensors.index.json)%s: planning works, training needs them",
-                     r->source, r->model.path, skip_tokenizer ? " and no tokenizer.model" : "");
+                     r->source, r->model.path,
+                     skip_tokenizer ? " and no tokenizer (tokenizer.json or tokenizer.model)" : "");
         }
     }
     if (!skip_tokenizer) {
