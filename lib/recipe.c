@@ -657,7 +657,6 @@ static int tokenizer_in_dir(char **tok)
     return 0;
 }
 
-
 static int recipe_build(struct recipe *r, struct ynode *root, const char *source,
                         struct moai_err *err)
 {

@@ -125,14 +125,15 @@ static char *bytelevel_json(void)
     json_t *model = json_pack("{s:s, s:o, s:[[s,s],[s,s]], s:b}", "type", "BPE", "vocab", vocab,
                               "merges", "a", "b", s, "ab", "ignore_merges", 0);
     json_object_set_new(root, "model", model);
+    json_object_set_new(root, "pre_tokenizer",
+                        json_pack("{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b}]}", "type",
+                                  "Sequence", "pretokenizers", "type", "Split", "pattern", "Regex",
+                                  "(?i:'s)| ?\\p{L}+|\\p{N}{1,3}|\\s+", "behavior", "Isolated",
+                                  "invert", 0, "type", "ByteLevel", "add_prefix_space", 0,
+                                  "use_regex", 0));
     json_object_set_new(
-        root, "pre_tokenizer",
-        json_pack("{s:s, s:[{s:s, s:{s:s}, s:s, s:b}, {s:s, s:b, s:b}]}", "type", "Sequence",
-                  "pretokenizers", "type", "Split", "pattern", "Regex",
-                  "(?i:'s)| ?\\p{L}+|\\p{N}{1,3}|\\s+", "behavior", "Isolated", "invert", 0, "type",
-                  "ByteLevel", "add_prefix_space", 0, "use_regex", 0));
-    json_object_set_new(root, "added_tokens",
-                        json_pack("[{s:i, s:s, s:b}]", "id", 258, "content", "<|end|>", "special", 1));
+        root, "added_tokens",
+        json_pack("[{s:i, s:s, s:b}]", "id", 258, "content", "<|end|>", "special", 1));
     char *text = json_dumps(root, 0);
     json_decref(root);
     return text;

@@ -10,12 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BPE_MAX_ID      (1 << 24)
-#define BPE_MAX_SPLITS  8
-#define BPE_NO_RANK     UINT32_MAX
-#define BPE_EMPTY_KEY   UINT64_MAX
-#define META            "\xe2\x96\x81" /* U+2581, SentencePiece's space */
-#define META_LEN        3
+#define BPE_MAX_ID     (1 << 24)
+#define BPE_MAX_SPLITS 8
+#define BPE_NO_RANK    UINT32_MAX
+#define BPE_EMPTY_KEY  UINT64_MAX
+#define META           "\xe2\x96\x81" /* U+2581, SentencePiece's space */
+#define META_LEN       3
 
 /* Llama 3's pre-tokenizer pattern (tiktoken files carry none). */
 static const char llama3_pattern[] =
@@ -260,13 +260,13 @@ static int regex_add(struct bpe *b, const char *name, const char *where, const c
                             where, BPE_MAX_SPLITS);
     int ecode;
     PCRE2_SIZE eoff;
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR) pattern, len, PCRE2_UTF | PCRE2_UCP, &ecode, &eoff,
-                                   NULL);
+    pcre2_code *re =
+        pcre2_compile((PCRE2_SPTR) pattern, len, PCRE2_UTF | PCRE2_UCP, &ecode, &eoff, NULL);
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(ecode, msg, sizeof(msg));
-        return moai_err_set(err, MOAI_EUSAGE, "%s: %s: regex error at offset %zu: %s", name,
-                            where, (size_t) eoff, (const char *) msg);
+        return moai_err_set(err, MOAI_EUSAGE, "%s: %s: regex error at offset %zu: %s", name, where,
+                            (size_t) eoff, (const char *) msg);
     }
     (void) pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* the interpreter when JIT is absent */
     b->split[b->nsplit++] = re;
@@ -323,7 +323,9 @@ static int unsupported(const char *name, const char *where, json_t *obj, struct 
 {
     const char *t = type_of(obj);
     return moai_err_set(err, MOAI_EUSAGE, "%s: %s '%s' is not supported", name, where,
-                        t ? t : json_is_object(obj) ? "(no type)" : "(not an object)");
+                        t                     ? t
+                        : json_is_object(obj) ? "(no type)"
+                                              : "(not an object)");
 }
 
 static bool is_meta_string(json_t *v)
@@ -340,8 +342,10 @@ static int load_normalizer(struct bpe *b, const char *name, json_t *n, struct mo
         json_t *list = json_object_get(n, "normalizers"), *it;
         size_t i;
         if (!json_is_array(list))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: normalizer Sequence has no array "
-                                "'normalizers'", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: normalizer Sequence has no array "
+                                "'normalizers'",
+                                name);
         json_array_foreach(list, i, it) if (load_normalizer(b, name, it, err) < 0) return -1;
         return 0;
     }
@@ -357,8 +361,10 @@ static int load_normalizer(struct bpe *b, const char *name, json_t *n, struct mo
             b->meta_replace = true;
             return 0;
         }
-        return moai_err_set(err, MOAI_EUSAGE, "%s: normalizer Replace other than ' ' -> '%s' is "
-                            "not supported", name, META);
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: normalizer Replace other than ' ' -> '%s' is "
+                            "not supported",
+                            name, META);
     }
     return unsupported(name, "normalizer", n, err);
 }
@@ -372,8 +378,10 @@ static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct
         json_t *list = json_object_get(p, "pretokenizers"), *it;
         size_t i;
         if (!json_is_array(list))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer Sequence has no array "
-                                "'pretokenizers'", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer Sequence has no array "
+                                "'pretokenizers'",
+                                name);
         json_array_foreach(list, i, it) if (load_pre_tokenizer(b, name, it, err) < 0) return -1;
         return 0;
     }
@@ -381,35 +389,44 @@ static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct
         json_t *re = json_object_get(json_object_get(p, "pattern"), "Regex");
         json_t *beh = json_object_get(p, "behavior");
         if (!json_is_string(re))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer Split: only a "
-                                "{\"Regex\": ...} pattern is supported", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer Split: only a "
+                                "{\"Regex\": ...} pattern is supported",
+                                name);
         if (!json_is_string(beh) || strcmp(json_string_value(beh), "Isolated"))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer Split behavior '%s' is not "
-                                "supported (only 'Isolated')", name,
-                                json_is_string(beh) ? json_string_value(beh) : "?");
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer Split behavior '%s' is not "
+                                "supported (only 'Isolated')",
+                                name, json_is_string(beh) ? json_string_value(beh) : "?");
         if (!json_false_or_absent(p, "invert"))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer Split with invert is not "
-                                "supported", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer Split with invert is not "
+                                "supported",
+                                name);
         return regex_add(b, name, "pre_tokenizer Split", json_string_value(re),
                          json_string_length(re), err);
     }
     if (t && !strcmp(t, "ByteLevel")) {
         if (!json_false_or_absent(p, "add_prefix_space"))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer ByteLevel with "
-                                "add_prefix_space is not supported", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer ByteLevel with "
+                                "add_prefix_space is not supported",
+                                name);
         b->byte_level = true;
         json_t *ur = json_object_get(p, "use_regex");
         if (!ur || json_is_true(ur)) { /* GPT-2's own pattern */
-            static const char gpt2[] =
-                "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+            static const char gpt2[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| "
+                                       "?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
             return regex_add(b, name, "pre_tokenizer ByteLevel", gpt2, sizeof(gpt2) - 1, err);
         }
         return 0;
     }
     if (t && !strcmp(t, "Metaspace")) {
         if (!is_meta_string(json_object_get(p, "replacement")))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer Metaspace with a replacement "
-                                "other than '%s' is not supported", name, META);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer Metaspace with a replacement "
+                                "other than '%s' is not supported",
+                                name, META);
         json_t *ps = json_object_get(p, "prepend_scheme");
         json_t *aps = json_object_get(p, "add_prefix_space");
         const char *scheme = json_is_string(ps) ? json_string_value(ps) : NULL;
@@ -420,8 +437,10 @@ static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct
         else if (scheme && !strcmp(scheme, "always"))
             b->prepend = PREPEND_ALWAYS;
         else if (scheme)
-            return moai_err_set(err, MOAI_EUSAGE, "%s: pre_tokenizer Metaspace prepend_scheme "
-                                "'%s' is not supported", name, scheme);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: pre_tokenizer Metaspace prepend_scheme "
+                                "'%s' is not supported",
+                                name, scheme);
         else
             b->prepend = !aps || json_is_true(aps) ? PREPEND_ALWAYS : PREPEND_NEVER;
         b->meta_replace = true;
@@ -457,8 +476,10 @@ static int load_post_processor(struct bpe *b, const char *name, json_t *p, struc
         json_t *list = json_object_get(p, "processors"), *it;
         size_t i;
         if (!json_is_array(list))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: post_processor Sequence has no array "
-                                "'processors'", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: post_processor Sequence has no array "
+                                "'processors'",
+                                name);
         json_array_foreach(list, i, it) if (load_post_processor(b, name, it, err) < 0) return -1;
         return 0;
     }
@@ -469,8 +490,10 @@ static int load_post_processor(struct bpe *b, const char *name, json_t *p, struc
         size_t i;
         bool after = false;
         if (!json_is_array(single))
-            return moai_err_set(err, MOAI_EUSAGE, "%s: post_processor TemplateProcessing has no "
-                                "array 'single'", name);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: post_processor TemplateProcessing has no "
+                                "array 'single'",
+                                name);
         json_array_foreach(single, i, it)
         {
             json_t *st = json_object_get(json_object_get(it, "SpecialToken"), "id");
@@ -479,12 +502,16 @@ static int load_post_processor(struct bpe *b, const char *name, json_t *p, struc
                 continue;
             }
             if (!json_is_string(st))
-                return moai_err_set(err, MOAI_EUSAGE, "%s: post_processor TemplateProcessing: "
-                                    "item %zu is neither SpecialToken nor Sequence", name, i);
+                return moai_err_set(err, MOAI_EUSAGE,
+                                    "%s: post_processor TemplateProcessing: "
+                                    "item %zu is neither SpecialToken nor Sequence",
+                                    name, i);
             int32_t id = find_token(b, json_string_value(st), json_string_length(st));
             if (id < 0)
-                return moai_err_set(err, MOAI_EUSAGE, "%s: post_processor names the token '%s', "
-                                    "which is not in the vocabulary", name, json_string_value(st));
+                return moai_err_set(err, MOAI_EUSAGE,
+                                    "%s: post_processor names the token '%s', "
+                                    "which is not in the vocabulary",
+                                    name, json_string_value(st));
             if (after)
                 b->eos_id = id;
             else
@@ -511,14 +538,17 @@ static int load_added(struct bpe *b, const char *name, json_t *list, struct moai
         json_t *id = json_object_get(it, "id"), *content = json_object_get(it, "content");
         if (!json_is_integer(id) || !json_is_string(content) || !json_string_length(content) ||
             json_integer_value(id) < 0 || json_integer_value(id) >= BPE_MAX_ID)
-            return moai_err_set(err, MOAI_EUSAGE, "%s: added_tokens[%zu]: expected an integer "
-                                "'id' in [0, %d) and a non-empty string 'content'", name, i,
-                                BPE_MAX_ID);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: added_tokens[%zu]: expected an integer "
+                                "'id' in [0, %d) and a non-empty string 'content'",
+                                name, i, BPE_MAX_ID);
         static const char *const flags[] = {"single_word", "lstrip", "rstrip"};
         for (int f = 0; f < 3; f++)
             if (!json_false_or_absent(it, flags[f]))
-                return moai_err_set(err, MOAI_EUSAGE, "%s: added_tokens[%zu] '%s': %s is not "
-                                    "supported", name, i, json_string_value(content), flags[f]);
+                return moai_err_set(err, MOAI_EUSAGE,
+                                    "%s: added_tokens[%zu] '%s': %s is not "
+                                    "supported",
+                                    name, i, json_string_value(content), flags[f]);
         struct bpe_added *a = &b->added[b->nadded++];
         a->id = (int32_t) json_integer_value(id);
         a->len = (uint32_t) json_string_length(content);
@@ -547,8 +577,10 @@ static int merge_parts(json_t *m, const char **l, size_t *ln, const char **r, si
     }
     if (json_is_array(m) && json_array_size(m) == 2 && json_is_string(json_array_get(m, 0)) &&
         json_is_string(json_array_get(m, 1))) {
-        *l = json_string_value(json_array_get(m, 0)), *ln = json_string_length(json_array_get(m, 0));
-        *r = json_string_value(json_array_get(m, 1)), *rn = json_string_length(json_array_get(m, 1));
+        *l = json_string_value(json_array_get(m, 0)),
+        *ln = json_string_length(json_array_get(m, 0));
+        *r = json_string_value(json_array_get(m, 1)),
+        *rn = json_string_length(json_array_get(m, 1));
         return 0;
     }
     return -1;
@@ -624,8 +656,10 @@ static int load_model(struct bpe *b, const char *name, json_t *model, struct moa
             }
             long k = byte_level_decode(key, n, scratch);
             if (k < 0) {
-                rc = moai_err_set(err, MOAI_EUSAGE, "%s: vocab token '%s' is not in the "
-                                  "byte-level alphabet", name, key);
+                rc = moai_err_set(err, MOAI_EUSAGE,
+                                  "%s: vocab token '%s' is not in the "
+                                  "byte-level alphabet",
+                                  name, key);
                 goto out;
             }
             bytes = scratch, n = (size_t) k;
@@ -636,16 +670,18 @@ static int load_model(struct bpe *b, const char *name, json_t *model, struct moa
             goto out;
         }
         if (a > 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "%s: vocab token '%s': its id %lld or its bytes "
-                              "are given twice", name, key, (long long) json_integer_value(v));
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "%s: vocab token '%s': its id %lld or its bytes "
+                              "are given twice",
+                              name, key, (long long) json_integer_value(v));
             goto out;
         }
     }
     json_t *unk = json_object_get(model, "unk_token");
     if (json_is_string(unk)) {
         if ((b->unk_id = vocab_find(b, json_string_value(unk), json_string_length(unk))) < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "%s: unk_token '%s' is not in the vocabulary",
-                              name, json_string_value(unk));
+            rc = moai_err_set(err, MOAI_EUSAGE, "%s: unk_token '%s' is not in the vocabulary", name,
+                              json_string_value(unk));
             goto out;
         }
     }
@@ -656,8 +692,10 @@ static int load_model(struct bpe *b, const char *name, json_t *model, struct moa
         const char *l, *r;
         size_t ln, rn;
         if (merge_parts(m, &l, &ln, &r, &rn) < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "%s: merges[%zu]: expected \"a b\" or [\"a\", "
-                              "\"b\"]", name, i);
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "%s: merges[%zu]: expected \"a b\" or [\"a\", "
+                              "\"b\"]",
+                              name, i);
             goto out;
         }
         if (ln + rn + 1 > scap) {
@@ -680,13 +718,16 @@ static int load_model(struct bpe *b, const char *name, json_t *model, struct moa
         free(cat);
         if (li < 0 || ri < 0 || mi < 0) {
             if (li < 0 || ri < 0)
-                rc = moai_err_set(err, MOAI_EUSAGE, "%s: merges[%zu] '%.*s %.*s': '%.*s' is not "
-                                  "in the vocabulary", name, i, (int) ln, l, (int) rn, r,
-                                  li < 0 ? (int) ln : (int) rn, li < 0 ? l : r);
+                rc = moai_err_set(err, MOAI_EUSAGE,
+                                  "%s: merges[%zu] '%.*s %.*s': '%.*s' is not "
+                                  "in the vocabulary",
+                                  name, i, (int) ln, l, (int) rn, r, li < 0 ? (int) ln : (int) rn,
+                                  li < 0 ? l : r);
             else
-                rc = moai_err_set(err, MOAI_EUSAGE, "%s: merges[%zu] '%.*s %.*s': the merged "
-                                  "token '%.*s%.*s' is not in the vocabulary", name, i, (int) ln,
-                                  l, (int) rn, r, (int) ln, l, (int) rn, r);
+                rc = moai_err_set(err, MOAI_EUSAGE,
+                                  "%s: merges[%zu] '%.*s %.*s': the merged "
+                                  "token '%.*s%.*s' is not in the vocabulary",
+                                  name, i, (int) ln, l, (int) rn, r, (int) ln, l, (int) rn, r);
             goto out;
         }
         pair_add(b, li, ri, (uint32_t) i, mi);
@@ -724,8 +765,8 @@ static int load_config(struct bpe *b, const char *name, const char *text, size_t
         if (!s)
             continue;
         if ((ids[k] = find_token(b, s, strlen(s))) < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "%s: %s '%s' is not a token of the tokenizer",
-                              name, keys[k], s);
+            rc = moai_err_set(err, MOAI_EUSAGE, "%s: %s '%s' is not a token of the tokenizer", name,
+                              keys[k], s);
             goto out;
         }
     }
@@ -756,16 +797,20 @@ static int finish_ids(struct bpe *b, const char *name, struct moai_err *err)
             b->tok_len[id] = b->added[i].len;
         } else if (b->tok_len[id] != b->added[i].len ||
                    memcmp(b->pool + b->tok_off[id], s, b->added[i].len)) {
-            return moai_err_set(err, MOAI_EUSAGE, "%s: added token '%s' has id %d, which the "
-                                "vocabulary gives to another token", name, s, (int) id);
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: added token '%s' has id %d, which the "
+                                "vocabulary gives to another token",
+                                name, s, (int) id);
         }
     }
     bytes_index(b);
     if (b->byte_level)
         for (int c = 0; c < 256; c++)
             if (b->byte_id[c] < 0)
-                return moai_err_set(err, MOAI_EUSAGE, "%s: the byte-level vocabulary has no "
-                                    "token for byte 0x%02X", name, c);
+                return moai_err_set(err, MOAI_EUSAGE,
+                                    "%s: the byte-level vocabulary has no "
+                                    "token for byte 0x%02X",
+                                    name, c);
     if (b->pad_id < 0)
         b->pad_id = b->eos_id;
     return 0;
@@ -798,8 +843,10 @@ struct bpe *bpe_load_json_mem(const char *name, const char *json, size_t size, c
         load_post_processor(b, name, json_object_get(root, "post_processor"), err) < 0)
         goto fail;
     if (b->byte_level && (b->meta_replace || b->prepend != PREPEND_NEVER)) {
-        moai_err_set(err, MOAI_EUSAGE, "%s: ByteLevel together with Metaspace normalization is "
-                     "not supported", name);
+        moai_err_set(err, MOAI_EUSAGE,
+                     "%s: ByteLevel together with Metaspace normalization is "
+                     "not supported",
+                     name);
         goto fail;
     }
     b->kind = b->byte_level ? "tokenizer.json BPE (byte-level)"
@@ -875,11 +922,17 @@ int bpe_is_tiktoken(const char *data, size_t size)
 /* Llama 3's special tokens, from rank n on. */
 static int tiktoken_specials(struct bpe *b, int32_t base, const char *name, struct moai_err *err)
 {
-    static const char *const named[] = {
-        "<|begin_of_text|>",      "<|end_of_text|>",       "<|reserved_special_token_0|>",
-        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>",
-        "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-        "<|eom_id|>",             "<|eot_id|>",            "<|python_tag|>"};
+    static const char *const named[] = {"<|begin_of_text|>",
+                                        "<|end_of_text|>",
+                                        "<|reserved_special_token_0|>",
+                                        "<|reserved_special_token_1|>",
+                                        "<|finetune_right_pad_id|>",
+                                        "<|reserved_special_token_2|>",
+                                        "<|start_header_id|>",
+                                        "<|end_header_id|>",
+                                        "<|eom_id|>",
+                                        "<|eot_id|>",
+                                        "<|python_tag|>"};
     if (!(b->added = calloc(256, sizeof(*b->added))))
         return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
     for (int i = 0; i < 256; i++) {
@@ -948,8 +1001,10 @@ struct bpe *bpe_load_tiktoken_mem(const char *name, const char *data, size_t siz
             goto fail;
         }
         if (rank >= n) {
-            moai_err_set(err, MOAI_EUSAGE, "%s:%zu: rank %lld is not below the number of lines "
-                         "(%d)", name, line + 1, rank, (int) n);
+            moai_err_set(err, MOAI_EUSAGE,
+                         "%s:%zu: rank %lld is not below the number of lines "
+                         "(%d)",
+                         name, line + 1, rank, (int) n);
             goto fail;
         }
         int a = vocab_add(b, (int32_t) rank, tok, (size_t) k);
@@ -1251,8 +1306,7 @@ static int split_level(struct enc *e, int k, const char *s, size_t n, size_t bas
             return -1;
         gap = pos = me;
     }
-    if (gap < n &&
-        split_level(e, k + 1, s + gap, n - gap, base + gap, map ? map + gap : NULL) < 0)
+    if (gap < n && split_level(e, k + 1, s + gap, n - gap, base + gap, map ? map + gap : NULL) < 0)
         return -1;
     return 0;
 }
@@ -1308,12 +1362,11 @@ static int encode_segment(struct enc *e, const char *text, size_t a, size_t z)
     return split_level(e, 0, text + a, z - a, a, NULL);
 }
 
-int bpe_encode(const struct bpe *b, const char *text, size_t len, const size_t *spec,
-               size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
-               size_t *n_before, struct moai_err *err)
+int bpe_encode(const struct bpe *b, const char *text, size_t len, const size_t *spec, size_t nspec,
+               size_t boundary, int32_t *ids, size_t cap, size_t *n, size_t *n_before,
+               struct moai_err *err)
 {
-    return bpe_encode_starts(b, text, len, spec, nspec, boundary, ids, NULL, cap, n, n_before,
-                             err);
+    return bpe_encode_starts(b, text, len, spec, nspec, boundary, ids, NULL, cap, n, n_before, err);
 }
 
 int bpe_encode_starts(const struct bpe *b, const char *text, size_t len, const size_t *spec,

@@ -76,18 +76,18 @@ int bpe_is_tiktoken(const char *data, size_t size);
  * ranges [spec[2k], spec[2k + 1]) (ascending; spec NULL: everywhere). *n receives the full count of ids, of which
  * the first cap are written; *n_before the number that start before byte offset boundary
  * (SIZE_MAX: all). Returns 0, or MOAI_EIO with err filled ("invalid UTF-8 at byte 17"). */
-int bpe_encode(const struct bpe *b, const char *text, size_t len, const size_t *spec,
-               size_t nspec, size_t boundary, int32_t *ids, size_t cap, size_t *n,
-               size_t *n_before, struct moai_err *err);
+int bpe_encode(const struct bpe *b, const char *text, size_t len, const size_t *spec, size_t nspec,
+               size_t boundary, int32_t *ids, size_t cap, size_t *n, size_t *n_before,
+               struct moai_err *err);
 
 /* bpe_encode that also writes where each of the first cap ids starts in text (starts[i]). */
 int bpe_encode_starts(const struct bpe *b, const char *text, size_t len, const size_t *spec,
                       size_t nspec, size_t boundary, int32_t *ids, uint32_t *starts, size_t cap,
                       size_t *n, size_t *n_before, struct moai_err *err);
 
-int32_t bpe_bos_id(const struct bpe *b); /* -1 when none is added */
-int32_t bpe_eos_id(const struct bpe *b); /* -1 when none */
-int32_t bpe_pad_id(const struct bpe *b); /* the pad token, else the EOS */
+int32_t bpe_bos_id(const struct bpe *b);     /* -1 when none is added */
+int32_t bpe_eos_id(const struct bpe *b);     /* -1 when none */
+int32_t bpe_pad_id(const struct bpe *b);     /* the pad token, else the EOS */
 int32_t bpe_vocab_size(const struct bpe *b); /* the largest id + 1 */
 /* The id of a token (added tokens first, then the vocabulary, as raw bytes); -1 when none. */
 int32_t bpe_token_id(const struct bpe *b, const char *token);

@@ -395,8 +395,10 @@ static int fill_text(struct rec *r, const struct dataset_format *f, json_t *obj,
         if (p->is_field) {
             json_t *v = json_object_get(obj, p->text);
             if (!v)
-                return moai_err_set(err, MOAI_EIO, "%s: record has no field '%s' (the template "
-                                    "needs it)", where, p->text);
+                return moai_err_set(err, MOAI_EIO,
+                                    "%s: record has no field '%s' (the template "
+                                    "needs it)",
+                                    where, p->text);
             if (!json_is_string(v))
                 return moai_err_set(err, MOAI_EIO, "%s: field '%s' is %s, not a string", where,
                                     p->text, json_kind(v));
@@ -490,9 +492,9 @@ static int render_turn(struct rec *r, const struct dataset_format *f, enum role 
         break;
     case DATASET_CHAT_CHATML: /* <|im_start|>role\ncontent<|im_end|>\n */
         rc = rec_puts(r, "<|im_start|>", true, f->train_all) ||
-             rec_puts(r, names[role], true, f->train_all) || rec_puts(r, "\n", true, f->train_all) ||
-             rec_puts(r, content, false, tr) || rec_puts(r, "<|im_end|>", true, tr) ||
-             rec_puts(r, "\n", true, f->train_all);
+             rec_puts(r, names[role], true, f->train_all) ||
+             rec_puts(r, "\n", true, f->train_all) || rec_puts(r, content, false, tr) ||
+             rec_puts(r, "<|im_end|>", true, tr) || rec_puts(r, "\n", true, f->train_all);
         break;
     }
     return rc ? MOAI_ENOMEM : 0;
@@ -507,8 +509,10 @@ static int fill_messages(struct rec *r, const struct dataset_format *f, json_t *
     json_t *list = json_object_get(obj, "messages"), *m;
     size_t i;
     if (!list)
-        return moai_err_set(err, MOAI_EIO, "%s: record has no field 'messages' (dataset.format is "
-                            "messages)", where);
+        return moai_err_set(err, MOAI_EIO,
+                            "%s: record has no field 'messages' (dataset.format is "
+                            "messages)",
+                            where);
     if (!json_is_array(list) || json_array_size(list) == 0)
         return moai_err_set(err, MOAI_EIO, "%s: 'messages' is %s, not a list of turns", where,
                             json_is_array(list) ? "empty" : json_kind(list));
@@ -533,9 +537,12 @@ static int fill_messages(struct rec *r, const struct dataset_format *f, json_t *
         else if (!strcmp(role, "assistant"))
             ro = ROLE_ASSISTANT;
         else
-            return moai_err_set(err, MOAI_EIO, "%s: %s has role '%s' (expected system, user or "
-                                "assistant)", where, what, role);
-        if (ro == ROLE_SYSTEM && (f->chat == DATASET_CHAT_LLAMA2 || f->chat == DATASET_CHAT_MISTRAL)) {
+            return moai_err_set(err, MOAI_EIO,
+                                "%s: %s has role '%s' (expected system, user or "
+                                "assistant)",
+                                where, what, role);
+        if (ro == ROLE_SYSTEM &&
+            (f->chat == DATASET_CHAT_LLAMA2 || f->chat == DATASET_CHAT_MISTRAL)) {
             if (i != 0 || f->chat == DATASET_CHAT_MISTRAL)
                 return moai_err_set(err, MOAI_EIO, "%s: %s: the %s chat template takes %s", where,
                                     what, chat_names[f->chat],
@@ -572,14 +579,18 @@ static int fill_alpaca(struct rec *r, const struct dataset_format *f, json_t *ob
     bool all = f->train_all;
     int rc;
     if (*in)
-        rc = rec_puts(r, "Below is an instruction that describes a task, paired with an input "
-                         "that provides further context. Write a response that appropriately "
-                         "completes the request.\n\n### Instruction:\n", true, all) ||
+        rc = rec_puts(r,
+                      "Below is an instruction that describes a task, paired with an input "
+                      "that provides further context. Write a response that appropriately "
+                      "completes the request.\n\n### Instruction:\n",
+                      true, all) ||
              rec_puts(r, ins, false, all) || rec_puts(r, "\n\n### Input:\n", true, all) ||
              rec_puts(r, in, false, all);
     else
-        rc = rec_puts(r, "Below is an instruction that describes a task. Write a response that "
-                         "appropriately completes the request.\n\n### Instruction:\n", true, all) ||
+        rc = rec_puts(r,
+                      "Below is an instruction that describes a task. Write a response that "
+                      "appropriately completes the request.\n\n### Instruction:\n",
+                      true, all) ||
              rec_puts(r, ins, false, all);
     rc = rc || rec_puts(r, "\n\n### Response:\n", true, all) || rec_puts(r, out, false, true);
     return rc ? moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", where) : 0;
@@ -590,7 +601,10 @@ static int add_object(struct dataset_texts *d, const struct dataset_format *f, j
                       const char *where, int64_t lineno, size_t *spec_cap, size_t *train_cap,
                       struct moai_err *err)
 {
-    struct rec r = {.d = d, .start = d->off[d->n], .used = d->off[d->n], .spec_cap = spec_cap,
+    struct rec r = {.d = d,
+                    .start = d->off[d->n],
+                    .used = d->off[d->n],
+                    .spec_cap = spec_cap,
                     .train_cap = train_cap};
     size_t spec0 = d->spec_off[d->n], train0 = d->train_off[d->n];
     int rc;
@@ -746,8 +760,7 @@ static int read_lines(struct dataset_texts *d, struct src *s, const struct datas
         if (!is_blank(line, len)) {
             if ((rc = texts_grow(d, &rec_cap)) < 0)
                 goto oom;
-            if ((rc = add_record(d, f, s->name, lineno, line, len, &spec_cap, &train_cap, err)) <
-                0)
+            if ((rc = add_record(d, f, s->name, lineno, line, len, &spec_cap, &train_cap, err)) < 0)
                 goto out;
         }
         len = 0;
@@ -817,8 +830,8 @@ static int load_text(struct dataset_texts *out, struct src *s, const char *tmpl,
     return rc;
 }
 
-int dataset_load_format(struct dataset_texts *out, const char *path,
-                        const struct dataset_format *f, int64_t limit, struct moai_err *err)
+int dataset_load_format(struct dataset_texts *out, const char *path, const struct dataset_format *f,
+                        int64_t limit, struct moai_err *err)
 {
     struct src s = {.name = path};
     memset(out, 0, sizeof(*out));

@@ -67,7 +67,7 @@ struct dataset_texts {
      * format text, whose masking is resp_end. */
     size_t *train;
     size_t *train_off; /* (n + 1) */
-    size_t cap;       /* bytes allocated for buf */
+    size_t cap;        /* bytes allocated for buf */
 };
 
 static inline const char *dataset_text(const struct dataset_texts *d, int64_t i)
@@ -116,7 +116,12 @@ enum dataset_kind {
  *   mistral  [INST] USER [/INST]ANSWER</s>[INST] ...
  *   chatml   <|im_start|>ROLE\nCONTENT<|im_end|>\n a turn
  * The BOS that opens llama3, llama2 and mistral is the tokenizer's (added, not in the text). */
-enum dataset_chat { DATASET_CHAT_LLAMA3, DATASET_CHAT_LLAMA2, DATASET_CHAT_MISTRAL, DATASET_CHAT_CHATML };
+enum dataset_chat {
+    DATASET_CHAT_LLAMA3,
+    DATASET_CHAT_LLAMA2,
+    DATASET_CHAT_MISTRAL,
+    DATASET_CHAT_CHATML
+};
 
 struct dataset_format {
     enum dataset_kind kind;
@@ -132,8 +137,8 @@ const char *dataset_chat_name(enum dataset_chat chat);
 /* Reads a dataset file (JSON Lines, or a JSON array of records; plain or zstd) in format f,
  * its first limit records (-1: all). Errors name the file and line ("data.jsonl:7: ...") or
  * the array element ("data.json: record 3: ..."). Returns 0 or a negative code. */
-int dataset_load_format(struct dataset_texts *out, const char *path,
-                        const struct dataset_format *f, int64_t limit, struct moai_err *err);
+int dataset_load_format(struct dataset_texts *out, const char *path, const struct dataset_format *f,
+                        int64_t limit, struct moai_err *err);
 
 /* Reads the file at path and fills the template for its first limit records (-1: all).
  * An empty dataset (no records) is an error. Returns 0 or a negative code with err filled. */

@@ -95,15 +95,14 @@ int tokcache_key(uint64_t *key, const char *dataset_path, const char *tokenizer_
 }
 
 int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tokenizer_path,
-                        const char *tmpl, const char *response_start,
-                        const struct data_recipe *dr, int64_t T, int64_t limit,
-                        struct moai_err *err)
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, struct moai_err *err)
 {
     uint64_t h = hash_u64(TOKCACHE_HASH_INIT, TOKCACHE_VERSION);
     char cfg[4200];
     const char *slash = strrchr(tokenizer_path, '/');
-    snprintf(cfg, sizeof(cfg), "%.*stokenizer_config.json", slash ? (int) (slash - tokenizer_path + 1) : 0,
-             tokenizer_path);
+    snprintf(cfg, sizeof(cfg), "%.*stokenizer_config.json",
+             slash ? (int) (slash - tokenizer_path + 1) : 0, tokenizer_path);
     int rc = hash_file(&h, dataset_path, err);
     if (rc == 0)
         rc = hash_file(&h, tokenizer_path, err);
@@ -420,12 +419,15 @@ static int tokenize_fresh(struct data_set *out, const char *dataset_path,
         f.kind = DATASET_MESSAGES;
         int chat = chat_of_tokenizer(tk);
         if (dr->chat_template && dataset_chat_parse(&f.chat, dr->chat_template) < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "unknown chat template '%s' (expected llama3, "
-                              "llama2, mistral or chatml)", dr->chat_template);
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "unknown chat template '%s' (expected llama3, "
+                              "llama2, mistral or chatml)",
+                              dr->chat_template);
             goto out;
         }
         if (!dr->chat_template && chat < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "no chat template fits the tokenizer '%s' (it "
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "no chat template fits the tokenizer '%s' (it "
                               "has none of <|start_header_id|>, <|im_start|>, [INST])",
                               tokenizer_path);
             moai_err_hint(err, "set dataset.chat_template: llama3, llama2, mistral or chatml");
@@ -434,8 +436,10 @@ static int tokenize_fresh(struct data_set *out, const char *dataset_path,
         if (!dr->chat_template)
             f.chat = (enum dataset_chat) chat;
     } else {
-        rc = moai_err_set(err, MOAI_EUSAGE, "unknown dataset format '%s' (expected text, messages "
-                          "or alpaca)", format);
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "unknown dataset format '%s' (expected text, messages "
+                          "or alpaca)",
+                          format);
         goto out;
     }
     rc = dataset_load_format(&texts, dataset_path, &f, limit, err);
@@ -458,10 +462,9 @@ int data_prepare(struct data_set *out, const char *dataset_path, const char *tok
                                limit, cache_dir, err);
 }
 
-int data_prepare_format(struct data_set *out, const char *dataset_path,
-                        const char *tokenizer_path, const char *tmpl, const char *response_start,
-                        const struct data_recipe *dr, int64_t T, int64_t limit,
-                        const char *cache_dir, struct moai_err *err)
+int data_prepare_format(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err)
 {
     char path[4200];
     uint64_t key = 0;
@@ -487,8 +490,7 @@ int data_prepare_format(struct data_set *out, const char *dataset_path,
         if (access(path, F_OK) == 0)
             log_warn("token cache unusable (%s); rebuilding it", lerr.msg);
     }
-    rc = tokenize_fresh(out, dataset_path, tokenizer_path, tmpl, response_start, dr, T, limit,
-                        err);
+    rc = tokenize_fresh(out, dataset_path, tokenizer_path, tmpl, response_start, dr, T, limit, err);
     if (rc < 0)
         return rc;
     data_set_log_stats(out);

@@ -78,17 +78,15 @@ struct data_recipe {
 /* tokcache_key that also hashes dr (may be NULL) and a tokenizer_config.json beside the
  * tokenizer. */
 int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tokenizer_path,
-                        const char *tmpl, const char *response_start,
-                        const struct data_recipe *dr, int64_t T, int64_t limit,
-                        struct moai_err *err);
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, struct moai_err *err);
 
 /* data_prepare for any dataset format; dr NULL is format text. The chat template, when not
  * named, follows the tokenizer's special tokens (llama3, chatml, mistral), and an error says
  * so when none fits. */
-int data_prepare_format(struct data_set *out, const char *dataset_path,
-                        const char *tokenizer_path, const char *tmpl, const char *response_start,
-                        const struct data_recipe *dr, int64_t T, int64_t limit,
-                        const char *cache_dir, struct moai_err *err);
+int data_prepare_format(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err);
 
 /* Loads from the cache or tokenizes (2 threads) and stores. cache_dir NULL: no cache. */
 int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,

@@ -145,8 +145,7 @@ static void sleep_ms(long ms)
 }
 
 int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
-                  const struct tokenizer *tk,
-                  int64_t T, int nthreads, struct moai_err *err)
+                  const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err)
 {
     struct data_set *ds = out;
     memset(ds, 0, sizeof(*ds));

@@ -30,15 +30,15 @@
 #define DATA_IGNORE_INDEX (-100)
 
 struct data_set {
-    int64_t n;         /* sequences */
-    int64_t T;         /* block size: tokens per sequence */
-    int32_t *tokens;   /* (n, T) input ids, pad id after lengths[i] */
-    int32_t *labels;   /* (n, T) tokens, or -100 at padding and the masked prompt */
-    int64_t *lengths;  /* (n) real tokens, 1..T */
-    int64_t *masked;   /* (n) leading tokens masked (response_start; 0 when none) */
-    uint8_t *mask;     /* (n, T) 1 where the label is masked: the prompt, the turns not
+    int64_t n;                      /* sequences */
+    int64_t T;                      /* block size: tokens per sequence */
+    int32_t *tokens;                /* (n, T) input ids, pad id after lengths[i] */
+    int32_t *labels;                /* (n, T) tokens, or -100 at padding and the masked prompt */
+    int64_t *lengths;               /* (n) real tokens, 1..T */
+    int64_t *masked;                /* (n) leading tokens masked (response_start; 0 when none) */
+    uint8_t *mask;                  /* (n, T) 1 where the label is masked: the prompt, the turns not
                         * learned (formats messages, alpaca); padding is found by lengths */
-    int64_t truncated; /* sequences cut to T (their EOS lost) */
+    int64_t truncated;              /* sequences cut to T (their EOS lost) */
     int32_t bos_id, eos_id, pad_id; /* bos_id -1: the tokenizer adds no BOS */
 };
 

@@ -29,8 +29,10 @@ int tokenizer_resolve(char *buf, size_t size, const char *path, struct moai_err 
             if (access(buf, F_OK) == 0)
                 return 0;
         }
-        return moai_err_set(err, MOAI_EIO, "'%s' holds neither tokenizer.json nor "
-                            "tokenizer.model", path);
+        return moai_err_set(err, MOAI_EIO,
+                            "'%s' holds neither tokenizer.json nor "
+                            "tokenizer.model",
+                            path);
     }
     snprintf(buf, size, "%s", path);
     return 0;
@@ -73,8 +75,10 @@ struct tokenizer *tokenizer_load(const char *path, struct moai_err *err)
     }
     /* A SentencePiece model is a protobuf: its first field is tag 0x0a (pieces). */
     if (n == 0 || head[0] != 0x0a) {
-        moai_err_set(err, MOAI_EUSAGE, "'%s' is not a tokenizer: expected a tokenizer.json, a "
-                     "tiktoken file or a SentencePiece model", tk->path);
+        moai_err_set(err, MOAI_EUSAGE,
+                     "'%s' is not a tokenizer: expected a tokenizer.json, a "
+                     "tiktoken file or a SentencePiece model",
+                     tk->path);
         goto fail;
     }
     if (!(tk->sp = spm_load(tk->path, err)))
@@ -137,9 +141,8 @@ static int spm_encode_segments(const struct tokenizer *tk, const char *text, siz
     while (from <= len) {
         int32_t sid = -1;
         size_t pl = 0, at = spm_next_special(tk, text, len, spec, nspec, from, &sid, &pl), k = 0;
-        if (at > from &&
-            (rc = spm_encode_offsets(tk->sp, text + from, at - from, seg_ids, seg_st, len + 1, &k,
-                                     err)) < 0)
+        if (at > from && (rc = spm_encode_offsets(tk->sp, text + from, at - from, seg_ids, seg_st,
+                                                  len + 1, &k, err)) < 0)
             goto out;
         for (size_t i = 0; i < k; i++, total++) {
             if (total < cap) {
@@ -179,8 +182,7 @@ int tokenizer_encode(const struct tokenizer *tk, const char *text, size_t len, c
         return spm_encode_segments(tk, text, len, spec, nspec, boundary, ids, NULL, cap, n,
                                    n_before, err);
     if (tk->bpe)
-        return bpe_encode(tk->bpe, text, len, spec, nspec, boundary, ids, cap, n,
-                          n_before, err);
+        return bpe_encode(tk->bpe, text, len, spec, nspec, boundary, ids, cap, n, n_before, err);
     size_t before = 0;
     int rc = boundary == SIZE_MAX
                  ? spm_encode_into(tk->sp, text, len, ids, cap, n, err)
@@ -200,8 +202,8 @@ int tokenizer_encode_starts(const struct tokenizer *tk, const char *text, size_t
     int32_t sid;
     size_t pl;
     if (spec && spm_next_special(tk, text, len, spec, nspec, 0, &sid, &pl) < len)
-        return spm_encode_segments(tk, text, len, spec, nspec, SIZE_MAX, ids, starts, cap, n,
-                                   NULL, err);
+        return spm_encode_segments(tk, text, len, spec, nspec, SIZE_MAX, ids, starts, cap, n, NULL,
+                                   err);
     return spm_encode_offsets(tk->sp, text, len, ids, starts, cap, n, err);
 }
 
@@ -313,8 +315,10 @@ int tokenizer_check_vocab(const char *path, int64_t vocab_size, struct moai_err 
     int32_t n = tokenizer_vocab_size(tk);
     int rc = 0;
     if (n > vocab_size)
-        rc = moai_err_set(err, MOAI_EUSAGE, "tokenizer '%s' has %d ids, more than the model's "
-                          "vocabulary of %lld", tk->path, (int) n, (long long) vocab_size);
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "tokenizer '%s' has %d ids, more than the model's "
+                          "vocabulary of %lld",
+                          tk->path, (int) n, (long long) vocab_size);
     else if (tokenizer_eos_id(tk) < 0)
         rc = moai_err_set(err, MOAI_EUSAGE, "tokenizer '%s' has no EOS token", tk->path);
     tokenizer_free(tk);

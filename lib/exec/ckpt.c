@@ -83,9 +83,9 @@ void ckpt_remove_tree(const char *path)
 static bool is_checkpoint_name(const char *name)
 {
     static const char *const names[] = {
-        "config.json",       "model.safetensors", "model.safetensors.index.json",
-        "tokenizer.model",   "plan.json",         "optimizer.safetensors",
-        "trainer_state.json", "tokenizer.json",   "tokenizer_config.json"};
+        "config.json",        "model.safetensors", "model.safetensors.index.json",
+        "tokenizer.model",    "plan.json",         "optimizer.safetensors",
+        "trainer_state.json", "tokenizer.json",    "tokenizer_config.json"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!strcmp(name, names[i]))
             return true;

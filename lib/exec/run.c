@@ -519,8 +519,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                        .total_steps = total,
                        .json = o->json};
     if (r->tokenizer && file_exists(r->tokenizer) &&
-        (rc = tokenizer_checkpoint_files(r->tokenizer, &sv.tok_name, &sv.tok_file,
-                                         &sv.tok_config, err)) < 0)
+        (rc = tokenizer_checkpoint_files(r->tokenizer, &sv.tok_name, &sv.tok_file, &sv.tok_config,
+                                         err)) < 0)
         goto out_params;
     struct train_job job = {
         .recipe = r,
