@@ -111,9 +111,6 @@ static int run_validate(const struct options *opt, const char *path, struct reci
         return rc;
     if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
         return rc;
-    if (r->tokenizer && access(r->tokenizer, R_OK) == 0 &&
-        (rc = tokenizer_check_vocab(r->tokenizer, cfg.vocab_size, err)) < 0)
-        return moai_err_prefix(err, "%s", r->source);
     struct plan_result res;
     enum log_level level = log_get_level();
     if (level == LOG_INFO) /* the planner's lines are for --plan-only and training */
@@ -124,6 +121,9 @@ static int run_validate(const struct options *opt, const char *path, struct reci
         plan_oom_message(err, &res, &cfg, r);
     if (rc < 0)
         return rc;
+    if (r->tokenizer && access(r->tokenizer, R_OK) == 0 &&
+        (rc = tokenizer_check_vocab(r->tokenizer, cfg.vocab_size, err)) < 0)
+        return moai_err_prefix(err, "%s", r->source);
     if (opt->json)
         print_json_status(path, "ok", NULL);
     else
