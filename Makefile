@@ -28,7 +28,7 @@ endif
 
 CC  ?= cc
 CXX ?= c++
-PKGS := yaml-0.1 jansson openblas libzstd sentencepiece cmocka ompi-c
+PKGS := yaml-0.1 jansson openblas libzstd sentencepiece libpcre2-8 cmocka ompi-c
 
 # -Wno-format-truncation: gcc guesses at snprintf truncation into fixed buffers from type
 # ranges, not values; every snprintf here is bounded on purpose.
@@ -146,10 +146,11 @@ install: $(BIN)
 	install -m 644 man/moai-finetune.1 $(DESTDIR)$(PREFIX)/share/man/man1/
 	install -m 644 man/moai-recipe.5 $(DESTDIR)$(PREFIX)/share/man/man5/
 
-# Rebuild the shipped dataset and tokenizer from Debian's package descriptions.
+# Rebuild the shipped datasets and tokenizer from Debian's package descriptions.
 dataset:
 	datasets/build-dataset.sh
 	datasets/build-tokenizer.sh
+	datasets/build-chat-dataset.sh
 
 # Reformat the sources with .clang-format.
 format:

@@ -1,4 +1,6 @@
-/* bench_data.c - tokenizing the shipped dataset (2 threads) and reloading it from the cache. */
+/* bench_data.c - tokenizing the shipped dataset (2 threads) and reloading it from the cache;
+ * Llama 3's byte-level BPE against the SentencePiece path when MOAI_BENCH_LLAMA3 names a
+ * Llama 3 tokenizer.json (scripts/run-bench.sh builds one from npm's llama3-tokenizer-js). */
 #include "bench_util.h"
 
 #include <ftw.h>
@@ -9,7 +11,7 @@
 #include <time.h>
 
 #include "data/dataset.h"
-#include "data/spm.h"
+#include "data/tokenizer.h"
 #include "data/tokcache.h"
 #include "data/tokenize.h"
 #include "log.h"
@@ -40,6 +42,42 @@ static void die(const struct moai_err *err)
     exit(1);
 }
 
+/* Llama 3's tokenizer.json on the same texts, block 1024, 2 threads; per CPU-second, against
+ * the SentencePiece row's rate measured the same way in this run. */
+static void bench_llama3(const struct dataset_texts *texts, double spm_rate)
+{
+    const char *path = getenv("MOAI_BENCH_LLAMA3");
+    struct moai_err err = {0};
+    char fig[64], note[160], target[64];
+    if (!path || !*path) {
+        bench_row("data: tokenize Llama 3 BPE, block 1024", "-", "-",
+                  "skipped: MOAI_BENCH_LLAMA3 names no Llama 3 tokenizer.json");
+        return;
+    }
+    double t0 = bench_now();
+    struct tokenizer *tk = tokenizer_load(path, &err);
+    if (!tk)
+        die(&err);
+    double load = bench_now() - t0, t[3], c[3];
+    for (int r = 0; r < 3; r++) {
+        struct data_set ds;
+        t0 = bench_now();
+        double c0 = cpu_now();
+        if (data_tokenize(&ds, texts, tk, 1024, 2, &err) < 0)
+            die(&err);
+        t[r] = bench_now() - t0;
+        c[r] = cpu_now() - c0;
+        data_set_release(&ds);
+    }
+    double med = bench_median(t, 3), cmed = bench_median(c, 3);
+    snprintf(fig, sizeof(fig), "%.0f ex/s", (double) texts->n / med);
+    snprintf(target, sizeof(target), ">= %.0f ex/CPU-s", spm_rate);
+    snprintf(note, sizeof(note), "median of 3; %.0f ex per CPU-second (target: SentencePiece's); "
+             "tokenizer.json loads in %.2f s", (double) texts->n / cmed, load);
+    bench_row("data: tokenize Llama 3 BPE, block 1024, 2 thr", fig, target, note);
+    tokenizer_free(tk);
+}
+
 int main(void)
 {
     struct moai_err err = {0};
@@ -53,9 +91,10 @@ int main(void)
     snprintf(fig, sizeof(fig), "%.2f s", bench_now() - t0);
     snprintf(note, sizeof(note), "%" PRId64 " records, zstd stream + JSON + template", texts.n);
     bench_row("data: read shipped dataset", fig, "-", note);
-    struct spm *sp = spm_load(TOKENIZER, &err);
+    struct tokenizer *sp = tokenizer_load(TOKENIZER, &err);
     if (!sp || !mkdtemp(dir))
         die(&err);
+    double spm_rate = 0;
     const int64_t blocks[] = {1024, 256};
     for (int b = 0; b < 2; b++) {
         int64_t T = blocks[b];
@@ -77,6 +116,8 @@ int main(void)
         snprintf(note, sizeof(note), "median of 3, %.2f s wall; %.0f ex per CPU-second", med,
                  (double) texts.n / cmed);
         bench_row(name, fig, ">= 20000 ex/s", note);
+        if (T == 1024)
+            spm_rate = (double) texts.n / cmed;
         /* first data_prepare stores the cache; the next three load it */
         if (data_prepare(&ds, DATASET, TOKENIZER, TEMPLATE, RESPONSE, T, -1, dir, &err) < 0)
             die(&err);
@@ -95,7 +136,8 @@ int main(void)
         bench_row(name, fig, "< 1 s", note);
     }
     nftw(dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
-    spm_free(sp);
+    tokenizer_free(sp);
+    bench_llama3(&texts, spm_rate);
     dataset_texts_release(&texts);
     return 0;
 }

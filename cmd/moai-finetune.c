@@ -2,6 +2,8 @@
 #include "err.h"
 #include "log.h"
 #include "data/validate.h"
+#include "data/tokcache.h"
+#include "data/tokenizer.h"
 #include "exec/comm.h"
 #include "exec/run.h"
 #include "exec/train.h"
@@ -27,6 +29,7 @@ enum mode {
     MODE_TRAIN,
     MODE_PLAN,
     MODE_VALIDATE,
+    MODE_TOKENIZE,
 };
 
 struct options {
@@ -51,6 +54,7 @@ static const char usage_text[] =
     "  --set KEY=VALUE    override a recipe key by dotted path (repeatable)\n"
     "  --ap, --no-ap      switch advanced parallelization on or off\n"
     "  --validate         check the recipe, the files it names and that a plan fits; exit\n"
+    "  --tokenize         print each example's input_ids and labels as JSON Lines; exit\n"
     "  -q, --quiet        log only warnings and errors\n"
     "  -v, --verbose      log more (debug lines)\n"
     "  -h, --help         show this help and exit\n"
@@ -137,6 +141,9 @@ static int run_validate(const struct options *opt, const char *path, struct reci
         plan_oom_message(err, &res, &cfg, r);
     if (rc < 0)
         return rc;
+    if (r->tokenizer && access(r->tokenizer, R_OK) == 0 &&
+        (rc = tokenizer_check_vocab(r->tokenizer, cfg.vocab_size, err)) < 0)
+        return moai_err_prefix(err, "%s", r->source);
     if (opt->json)
         print_json_status(path, "ok", NULL);
     else
@@ -227,6 +234,29 @@ static int check_stdout(struct moai_err *err)
 }
 
 /* Loads and runs one recipe. Returns its exit status. */
+/* --tokenize: one JSON object per example, in file order, without padding. */
+static int run_tokenize(const struct recipe *r, struct moai_err *err)
+{
+    struct data_set ds;
+    int rc = exec_prepare_data(r, &ds, NULL, err);
+    if (rc < 0)
+        return rc;
+    for (int64_t i = 0; i < ds.n; i++) {
+        const int32_t *tok = ds.tokens + i * ds.T, *lab = ds.labels + i * ds.T;
+        fputs("{\"input_ids\": [", stdout);
+        for (int64_t t = 0; t < ds.lengths[i]; t++)
+            printf(t ? ", %d" : "%d", (int) tok[t]);
+        fputs("], \"labels\": [", stdout);
+        for (int64_t t = 0; t < ds.lengths[i]; t++)
+            printf(t ? ", %d" : "%d", (int) lab[t]);
+        fputs("]}\n", stdout);
+    }
+    data_set_release(&ds);
+    if (fflush(stdout) != 0 || ferror(stdout))
+        return moai_err_set(err, MOAI_EIO, "cannot write to standard output");
+    return 0;
+}
+
 static int run_recipe(const struct options *opt, const char *path)
 {
     struct moai_err err = {0};
@@ -244,6 +274,9 @@ static int run_recipe(const struct options *opt, const char *path)
             break;
         case MODE_TRAIN:
             rc = run_train(opt, path, &r, &err);
+            break;
+        case MODE_TOKENIZE:
+            rc = run_tokenize(&r, &err);
             break;
         }
         recipe_release(&r);
@@ -268,7 +301,7 @@ static int usage_error(const char *fmt, const char *arg)
 
 int main(int argc, char **argv)
 {
-    enum { OPT_PLAN = 256, OPT_JSON, OPT_SET, OPT_AP, OPT_NO_AP, OPT_VALIDATE };
+    enum { OPT_PLAN = 256, OPT_JSON, OPT_SET, OPT_AP, OPT_NO_AP, OPT_VALIDATE, OPT_TOKENIZE };
     static const struct option longopts[] = {
         {"plan-only", no_argument, NULL, OPT_PLAN},
         {"json", no_argument, NULL, OPT_JSON},
@@ -276,6 +309,7 @@ int main(int argc, char **argv)
         {"ap", no_argument, NULL, OPT_AP},
         {"no-ap", no_argument, NULL, OPT_NO_AP},
         {"validate", no_argument, NULL, OPT_VALIDATE},
+        {"tokenize", no_argument, NULL, OPT_TOKENIZE},
         {"quiet", no_argument, NULL, 'q'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
@@ -301,6 +335,10 @@ int main(int argc, char **argv)
             opt.recipes[opt.nrecipes++] = optarg;
             break;
         case OPT_PLAN:
+            if (opt.mode == MODE_TOKENIZE) {
+                status = usage_error("%s cannot be combined with --tokenize", "--plan-only");
+                goto out;
+            }
             if (opt.mode == MODE_VALIDATE) {
                 status = usage_error("%s cannot be combined with --validate", "--plan-only");
                 goto out;
@@ -308,11 +346,23 @@ int main(int argc, char **argv)
             opt.mode = MODE_PLAN;
             break;
         case OPT_VALIDATE:
+            if (opt.mode == MODE_TOKENIZE) {
+                status = usage_error("%s cannot be combined with --tokenize", "--validate");
+                goto out;
+            }
             if (opt.mode == MODE_PLAN) {
                 status = usage_error("%s cannot be combined with --plan-only", "--validate");
                 goto out;
             }
             opt.mode = MODE_VALIDATE;
+            break;
+        case OPT_TOKENIZE:
+            if (opt.mode != MODE_TRAIN && opt.mode != MODE_TOKENIZE) {
+                status = usage_error("%s cannot be combined with --plan-only or --validate",
+                                     "--tokenize");
+                goto out;
+            }
+            opt.mode = MODE_TOKENIZE;
             break;
         case OPT_JSON:
             opt.json = true;

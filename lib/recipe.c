@@ -52,6 +52,9 @@ static const char *const init_choices[] = {"pretrained", "random", NULL};
 static const char *const schedule_choices[] = {"constant", "linear", "cosine", NULL};
 static const char *const precision_choices[] = {"bf16", "fp32", NULL};
 static const char *const recompute_choices[] = {"auto", "none", "selective", "full", NULL};
+static const char *const format_choices[] = {"text", "messages", "alpaca", NULL};
+static const char *const chat_choices[] = {"auto", "llama3", "llama2", "mistral", "chatml", NULL};
+static const char *const train_on_choices[] = {"responses", "all", NULL};
 
 /* The schema. moai-recipe.5 documents every row; keep them in the same order. */
 static const struct recipe_key schema[] = {
@@ -68,6 +71,9 @@ static const struct recipe_key schema[] = {
     KEY("dataset.validation_fraction", KT_FLOAT, dataset.validation_fraction, "0.0", .min = 0,
         .max = 1, .max_excl = true),
     KEY("dataset.cache_dir", KT_STRING, dataset.cache_dir, "~"),
+    KEY("dataset.format", KT_ENUM, dataset.format, "text", .choices = format_choices),
+    KEY("dataset.chat_template", KT_ENUM, dataset.chat_template, "auto", .choices = chat_choices),
+    KEY("dataset.train_on", KT_ENUM, dataset.train_on, "responses", .choices = train_on_choices),
     KEY("training.batch_size", KT_INT, training.batch_size, "16", .min = 1, .max = 1 << 30),
     KEY("training.block_size", KT_INT, training.block_size, "1024", .min = 2, .max = 1 << 22),
     KEY("training.epochs", KT_INT, training.epochs, "1", .min = 1, .max = 1000000),
@@ -786,6 +792,24 @@ static int apply_environment(struct recipe *r, const struct recipe_overrides *ov
         r->parallel.advanced = ov->ap != 0;
     return 0;
 }
+/* A tokenizer given as a directory (or the model directory, the default) means its
+ * tokenizer.json when present, else its tokenizer.model. Returns 0 or -1 (out of memory). */
+static int tokenizer_in_dir(char **tok)
+{
+    struct stat st;
+    if (stat(*tok, &st) < 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    size_t len = strlen(*tok) + sizeof("/tokenizer.model");
+    char *path = malloc(len);
+    if (!path)
+        return -1;
+    snprintf(path, len, "%s/tokenizer.json", *tok);
+    if (access(path, F_OK) < 0)
+        snprintf(path, len, "%s/tokenizer.model", *tok);
+    free(*tok);
+    *tok = path;
+    return 0;
+}
 
 static int recipe_build(struct recipe *r, struct ynode *root, const char *source,
                         struct moai_err *err)
@@ -835,12 +859,10 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
                             "weights from",
                             m ? ynode_where(m, where, sizeof(where)) : source);
     }
-    if (!r->tokenizer && r->model.path) {
-        size_t len = strlen(r->model.path) + sizeof("/tokenizer.model");
-        if (!(r->tokenizer = malloc(len)))
-            return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        snprintf(r->tokenizer, len, "%s/tokenizer.model", r->model.path);
-    }
+    if (!r->tokenizer && r->model.path && !(r->tokenizer = strdup(r->model.path)))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    if (r->tokenizer && tokenizer_in_dir(&r->tokenizer) < 0)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (!r->dataset.cache_dir && !(r->dataset.cache_dir = default_cache_dir()))
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (!r->training.save_dir && !(r->training.save_dir = default_save_dir(source)))
@@ -959,7 +981,8 @@ int recipe_check_files(const struct recipe *r, struct moai_err *err)
             skip_tokenizer = r->tokenizer && !strcmp(r->tokenizer, path) && access(path, R_OK);
             log_warn("%s: '%s' holds no weights (model.safetensors or "
                      "model.safetensors.index.json)%s: planning works, training needs them",
-                     r->source, r->model.path, skip_tokenizer ? " and no tokenizer.model" : "");
+                     r->source, r->model.path,
+                     skip_tokenizer ? " and no tokenizer (tokenizer.json or tokenizer.model)" : "");
         }
     }
     if (!skip_tokenizer) {

@@ -50,6 +50,17 @@ enum recompute {
     RECOMPUTE_FULL = 2,      /* whole layers, printed full(2) */
 };
 
+/* dataset.format, dataset.chat_template, dataset.train_on (their names in recipe.c). */
+enum recipe_format { RECIPE_FORMAT_TEXT, RECIPE_FORMAT_MESSAGES, RECIPE_FORMAT_ALPACA };
+enum recipe_chat {
+    RECIPE_CHAT_AUTO,
+    RECIPE_CHAT_LLAMA3,
+    RECIPE_CHAT_LLAMA2,
+    RECIPE_CHAT_MISTRAL,
+    RECIPE_CHAT_CHATML
+};
+enum recipe_train_on { RECIPE_TRAIN_ON_RESPONSES, RECIPE_TRAIN_ON_ALL };
+
 struct recipe {
     char *source; /* the file name as given, "<stdin>" for "-" */
 
@@ -59,7 +70,8 @@ struct recipe {
         enum model_init init;
     } model;
 
-    char *tokenizer; /* default <model.path>/tokenizer.model; NULL when neither */
+    char *tokenizer; /* a file: the default (or a directory) resolved to its tokenizer.json,
+                      * else tokenizer.model; NULL when neither tokenizer nor model.path */
 
     struct {
         char *path;
@@ -69,6 +81,9 @@ struct recipe {
         bool shuffle;
         double validation_fraction;
         char *cache_dir; /* resolved default: $XDG_CACHE_HOME or ~/.cache, + /moai-finetune */
+        enum recipe_format format;
+        enum recipe_chat chat_template; /* RECIPE_CHAT_AUTO: from the tokenizer */
+        enum recipe_train_on train_on;
     } dataset;
 
     struct {

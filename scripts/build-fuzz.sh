@@ -3,9 +3,9 @@
 # Run one with: build/fuzz/fuzz_NAME -max_total_time=120 tests/fuzz/corpus/NAME
 set -euo pipefail
 mkdir -p build/fuzz/obj
-flags=(-g -O1 -std=c11 -D_GNU_SOURCE -Ilib $(pkg-config --cflags yaml-0.1 jansson openblas libzstd ompi-c)
+flags=(-g -O1 -std=c11 -D_GNU_SOURCE -Ilib $(pkg-config --cflags yaml-0.1 jansson openblas libzstd libpcre2-8 ompi-c)
        -fsanitize=fuzzer-no-link,address,undefined)
-libs=($(pkg-config --libs yaml-0.1 jansson openblas libzstd sentencepiece ompi-c) -lstdc++ -lm -pthread)
+libs=($(pkg-config --libs yaml-0.1 jansson openblas libzstd sentencepiece libpcre2-8 ompi-c) -lstdc++ -lm -pthread)
 objs=()
 for src in lib/*.c lib/*/*.c; do
     o=build/fuzz/obj/$(echo "$src" | tr / _).o

@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=(
     build-essential pkg-config clang clang-format
     libyaml-dev libjansson-dev libopenblas-dev
-    libsentencepiece-dev sentencepiece
+    libsentencepiece-dev sentencepiece libpcre2-dev
     libzstd-dev zstd libcmocka-dev
     libopenmpi-dev openmpi-bin
     groff-base mandoc python3

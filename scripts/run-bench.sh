@@ -1,6 +1,18 @@
 #!/usr/bin/env bash
 # Runs every benchmark binary; each prints its own rows of the table.
 set -euo pipefail
+# Llama 3's tokenizer.json for bench_data, built from npm's llama3-tokenizer-js (as the CLI test
+# tests/cli/tokenizers.sh does); the row is skipped when npm cannot install it.
+ref=build/tokref/bench
+if ! [ -s "$ref/llama3/tokenizer.json" ]; then
+    mkdir -p build/npm-ref
+    if [ -d build/npm-ref/node_modules/js-tiktoken ] ||
+        npm install --prefix build/npm-ref --no-audit --no-fund --silent \
+            llama3-tokenizer-js@1.2.0 js-tiktoken@1.0.21 >/dev/null 2>&1; then
+        NODE_PATH_BASE=build/npm-ref node tests/ref/tokenizers.mjs "$ref" >/dev/null 2>&1 || true
+    fi
+fi
+[ -s "$ref/llama3/tokenizer.json" ] && export MOAI_BENCH_LLAMA3=$ref/llama3/tokenizer.json
 printf '%-44s %14s %14s %s\n' "benchmark" "figure" "target" "note"
 for b in "$@"; do
     "$b"

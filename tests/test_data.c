@@ -18,6 +18,7 @@
 #include "data/spm.h"
 #include "data/tokcache.h"
 #include "data/tokenize.h"
+#include "data/tokenizer.h"
 #include "log.h"
 
 #define TOKENIZER "models/tiny-llama/tokenizer.model"
@@ -47,6 +48,15 @@ static void write_file(const char *path, const void *data, size_t size)
     assert_non_null(f);
     assert_int_equal(fwrite(data, 1, size, f), size);
     fclose(f);
+}
+
+static struct tokenizer *tk_load(void)
+{
+    struct moai_err err = {0};
+    struct tokenizer *tk = tokenizer_load(TOKENIZER, &err);
+    if (!tk)
+        fail_msg("%s", err.msg);
+    return tk;
 }
 
 static struct spm *tokenizer(void)
@@ -191,11 +201,19 @@ static void test_spm_bad_tokenizer(void **state)
         assert_true(strlen(err.msg) > strlen(want)); /* the library's reason follows */
         assert_null(strchr(err.msg, '\n'));
     }
-    /* and through data_prepare */
+    /* through data_prepare, a file that is no tokenizer says so (not SentencePiece's parse
+     * error), and a truncated SentencePiece model gives the library's reason */
     struct data_set ds;
     struct moai_err err = {0};
     assert_int_equal(data_prepare(&ds, "tests/data/datasets/small.jsonl",
                                   "tests/data/bad/tokenizer/not-a-model.model", TEMPLATE, NULL, 64,
+                                  -1, NULL, &err),
+                     MOAI_EUSAGE);
+    assert_string_equal(err.msg, "'tests/data/bad/tokenizer/not-a-model.model' is not a "
+                                 "tokenizer: expected a tokenizer.json, a tiktoken file or a "
+                                 "SentencePiece model");
+    assert_int_equal(data_prepare(&ds, "tests/data/datasets/small.jsonl",
+                                  "tests/data/bad/tokenizer/truncated.model", TEMPLATE, NULL, 64,
                                   -1, NULL, &err),
                      MOAI_EIO);
     assert_non_null(strstr(err.msg, "cannot load tokenizer 'tests/data/bad/tokenizer/"));
@@ -362,13 +380,13 @@ static void tokenize_mem(struct data_set *ds, const char *data, const char *tmpl
 {
     struct dataset_texts dt;
     struct moai_err err = {0};
-    struct spm *sp = tokenizer();
+    struct tokenizer *sp = tk_load();
     if (load_mem(&dt, data, tmpl, resp, &err) < 0)
         fail_msg("%s", err.msg);
     if (data_tokenize(ds, &dt, sp, T, 2, &err) < 0)
         fail_msg("%s", err.msg);
     dataset_texts_release(&dt);
-    spm_free(sp);
+    tokenizer_free(sp);
 }
 
 static void test_tokenize_matches_tool(void **state)
@@ -377,7 +395,7 @@ static void test_tokenize_matches_tool(void **state)
     struct data_set one, two;
     struct dataset_texts dt;
     struct moai_err err = {0};
-    struct spm *sp = tokenizer();
+    struct tokenizer *sp = tk_load();
     assert_int_equal(
         dataset_load(&dt, "tests/data/datasets/sample.jsonl", "{text}", NULL, -1, &err), 0);
     assert_int_equal(data_tokenize(&one, &dt, sp, 256, 1, &err), 0);
@@ -406,7 +424,7 @@ static void test_tokenize_matches_tool(void **state)
     data_set_release(&one);
     data_set_release(&two);
     dataset_texts_release(&dt);
-    spm_free(sp);
+    tokenizer_free(sp);
 }
 
 static void assert_row(const struct data_set *ds, int64_t i, const int32_t *tok, const int32_t *lab,
@@ -467,12 +485,12 @@ static void test_tokenize_bad_block_size(void **state)
     struct dataset_texts dt;
     struct data_set ds;
     struct moai_err err = {0};
-    struct spm *sp = tokenizer();
+    struct tokenizer *sp = tk_load();
     assert_int_equal(load_mem(&dt, "{\"t\": \"a\"}", "{t}", NULL, &err), 0);
     assert_int_equal(data_tokenize(&ds, &dt, sp, 1, 2, &err), MOAI_EUSAGE);
     assert_string_equal(err.msg, "block size 1 is outside [2, 2147483647]");
     dataset_texts_release(&dt);
-    spm_free(sp);
+    tokenizer_free(sp);
 }
 
 /* ---- the token cache ---- */

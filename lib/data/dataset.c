@@ -308,8 +308,69 @@ static int texts_grow(struct dataset_texts *d, int64_t *rec_cap)
     if (!ln)
         return MOAI_ENOMEM;
     d->line = ln;
+    size_t *so = realloc(d->spec_off, sizeof(size_t) * (size_t) (c + 1));
+    if (!so)
+        return MOAI_ENOMEM;
+    d->spec_off = so;
+    size_t *to = realloc(d->train_off, sizeof(size_t) * (size_t) (c + 1));
+    if (!to)
+        return MOAI_ENOMEM;
+    d->train_off = to;
     *rec_cap = c;
     return 0;
+}
+
+/* One record being built: its text is appended at d->buf + used, its ranges at the ends of
+ * d->spec and d->train (counted in spec_off[n] and train_off[n] until it is complete). */
+struct rec {
+    struct dataset_texts *d;
+    size_t start, used;
+    size_t *spec_cap, *train_cap;
+};
+
+/* Appends [a, b) to a record's range list, merging it with a range that ends at a. */
+static int range_add(size_t **arr, size_t *cap, size_t *count, size_t a, size_t b)
+{
+    if (a == b)
+        return 0;
+    if (*count >= 2 && (*arr)[*count - 1] == a) {
+        (*arr)[*count - 1] = b;
+        return 0;
+    }
+    if (*count + 2 > *cap) {
+        size_t c = *cap ? *cap * 2 : 1024;
+        size_t *sp = realloc(*arr, sizeof(size_t) * c);
+        if (!sp)
+            return MOAI_ENOMEM;
+        *arr = sp;
+        *cap = c;
+    }
+    (*arr)[*count] = a;
+    (*arr)[*count + 1] = b;
+    *count += 2;
+    return 0;
+}
+
+/* Appends n bytes of s to the record: markup (special tokens allowed) or record text, in the
+ * loss or not. */
+static int rec_put(struct rec *r, const char *s, size_t n, bool markup, bool train)
+{
+    struct dataset_texts *d = r->d;
+    if (texts_reserve(d, r->used + n + 1) < 0)
+        return MOAI_ENOMEM;
+    memcpy(d->buf + r->used, s, n);
+    size_t a = r->used - r->start, b = a + n;
+    r->used += n;
+    if (markup && range_add(&d->spec, r->spec_cap, &d->spec_off[d->n], a, b) < 0)
+        return MOAI_ENOMEM;
+    if (train && range_add(&d->train, r->train_cap, &d->train_off[d->n], a, b) < 0)
+        return MOAI_ENOMEM;
+    return 0;
+}
+
+static int rec_puts(struct rec *r, const char *s, bool markup, bool train)
+{
+    return rec_put(r, s, strlen(s), markup, train);
 }
 
 static bool is_blank(const char *s, size_t n)
@@ -339,82 +400,340 @@ static const char *field_list(char *buf, size_t size, json_t *obj)
     return len ? buf : "no fields";
 }
 
-/* Parses one line and appends its filled text as record d->n. On failure the partial text is
- * left past off[n] and the caller gives up on the whole dataset. */
-static int add_record(struct dataset_texts *d, const struct dataset_template *t, const char *name,
-                      int64_t lineno, const char *line, size_t len, struct moai_err *err)
+/* Fills the text template with the record's fields. */
+static int fill_text(struct rec *r, const struct dataset_format *f, json_t *obj, const char *where,
+                     struct moai_err *err)
+{
+    const struct dataset_template *t = f->tmpl;
+    struct dataset_texts *d = r->d;
+    d->resp_end[d->n] = SIZE_MAX;
+    for (int k = 0; k < t->nparts; k++) {
+        const struct dataset_part *p = &t->parts[k];
+        const char *s = p->text;
+        size_t n = p->len;
+        if (p->is_field) {
+            json_t *v = json_object_get(obj, p->text);
+            if (!v) {
+                char has[512];
+                return moai_err_set(err, MOAI_EUSAGE,
+                                    "%s: record has no field '%s' (the template needs it; the "
+                                    "record has %s)",
+                                    where, p->text, field_list(has, sizeof(has), obj));
+            }
+            if (!json_is_string(v))
+                return moai_err_set(err, MOAI_EIO, "%s: field '%s' is %s, not a string", where,
+                                    p->text, json_kind(v));
+            s = json_string_value(v);
+            n = json_string_length(v);
+        }
+        size_t at = r->used - r->start;
+        if (rec_put(r, s, n, !p->is_field, false) < 0)
+            return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", where);
+        if (k == t->resp_part)
+            d->resp_end[d->n] = at + t->resp_end;
+    }
+    return 0;
+}
+
+/* A string field of obj, or an error naming it. */
+static const char *string_field(json_t *obj, const char *key, const char *what, const char *where,
+                                struct moai_err *err)
+{
+    json_t *v = json_object_get(obj, key);
+    if (!v) {
+        moai_err_set(err, MOAI_EIO, "%s: %s has no field '%s'", where, what, key);
+        return NULL;
+    }
+    if (!json_is_string(v)) {
+        moai_err_set(err, MOAI_EIO, "%s: %s field '%s' is %s, not a string", where, what, key,
+                     json_kind(v));
+        return NULL;
+    }
+    return json_string_value(v);
+}
+
+/* s without leading and trailing whitespace (Jinja's strip()): start and length. */
+static const char *strip(const char *s, size_t *n)
+{
+    size_t len = strlen(s);
+    while (len && strchr(" \t\n\r\f\v", *s))
+        s++, len--;
+    while (len && strchr(" \t\n\r\f\v", s[len - 1]))
+        len--;
+    *n = len;
+    return s;
+}
+
+enum role { ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT };
+
+/* Renders one turn with a chat template. The BOS that opens the published templates is the
+ * one the tokenizer adds (not in the text); first: the turn is the first user turn; sys: the
+ * system prompt (llama2 folds it into the first user turn). */
+static int render_turn(struct rec *r, const struct dataset_format *f, enum role role,
+                       const char *content, const char *sys, bool first)
+{
+    bool tr = f->train_all || role == ROLE_ASSISTANT, rc = 0;
+    static const char *const names[] = {"system", "user", "assistant"};
+    size_t n;
+    const char *c;
+    switch (f->chat) {
+    case DATASET_CHAT_LLAMA3: /* <|start_header_id|>role<|end_header_id|>\n\n strip <|eot_id|> */
+        c = strip(content, &n);
+        rc = rec_puts(r, "<|start_header_id|>", true, f->train_all) ||
+             rec_puts(r, names[role], true, f->train_all) ||
+             rec_puts(r, "<|end_header_id|>\n\n", true, f->train_all) ||
+             rec_put(r, c, n, false, tr) || rec_puts(r, "<|eot_id|>", true, tr);
+        break;
+    case DATASET_CHAT_LLAMA2: /* [INST] <<SYS>>\nsys\n<</SYS>>\n\nuser [/INST] answer </s> */
+        if (role == ROLE_USER) {
+            rc = (!first && rec_puts(r, "<s>", true, f->train_all)) ||
+                 rec_puts(r, "[INST] ", true, f->train_all);
+            if (sys) { /* strip() applies to the system prompt and user text together */
+                rc = rc || rec_puts(r, "<<SYS>>\n", true, tr) || rec_puts(r, sys, false, tr) ||
+                     rec_puts(r, "\n<</SYS>>\n\n", true, tr);
+                c = content, n = strlen(content);
+                while (n && strchr(" \t\n\r\f\v", c[n - 1]))
+                    n--;
+            } else {
+                c = strip(content, &n);
+            }
+            rc = rc || rec_put(r, c, n, false, tr) || rec_puts(r, " [/INST]", true, tr);
+        } else {
+            c = strip(content, &n);
+            rc = rec_puts(r, " ", true, f->train_all) || rec_put(r, c, n, false, tr) ||
+                 rec_puts(r, " </s>", true, tr);
+        }
+        break;
+    case DATASET_CHAT_MISTRAL: /* [INST] user [/INST]answer</s> */
+        if (role == ROLE_USER)
+            rc = rec_puts(r, "[INST] ", true, tr) || rec_puts(r, content, false, tr) ||
+                 rec_puts(r, " [/INST]", true, tr);
+        else
+            rc = rec_puts(r, content, false, tr) || rec_puts(r, "</s>", true, tr);
+        break;
+    case DATASET_CHAT_CHATML: /* <|im_start|>role\ncontent<|im_end|>\n */
+        rc = rec_puts(r, "<|im_start|>", true, f->train_all) ||
+             rec_puts(r, names[role], true, f->train_all) ||
+             rec_puts(r, "\n", true, f->train_all) || rec_puts(r, content, false, tr) ||
+             rec_puts(r, "<|im_end|>", true, tr) || rec_puts(r, "\n", true, f->train_all);
+        break;
+    }
+    return rc ? MOAI_ENOMEM : 0;
+}
+
+static const char *const chat_names[] = {"llama3", "llama2", "mistral", "chatml"};
+
+/* A record {"messages": [{"role", "content"}, ...]} through the chat template. */
+static int fill_messages(struct rec *r, const struct dataset_format *f, json_t *obj,
+                         const char *where, struct moai_err *err)
+{
+    json_t *list = json_object_get(obj, "messages"), *m;
+    size_t i;
+    if (!list)
+        return moai_err_set(err, MOAI_EIO,
+                            "%s: record has no field 'messages' (dataset.format is "
+                            "messages)",
+                            where);
+    if (!json_is_array(list) || json_array_size(list) == 0)
+        return moai_err_set(err, MOAI_EIO, "%s: 'messages' is %s, not a list of turns", where,
+                            json_is_array(list) ? "empty" : json_kind(list));
+    const char *sys = NULL;
+    bool first_user = true, any_assistant = false;
+    json_array_foreach(list, i, m)
+    {
+        char what[64];
+        snprintf(what, sizeof(what), "messages[%zu]", i);
+        if (!json_is_object(m))
+            return moai_err_set(err, MOAI_EIO, "%s: %s is %s, not an object", where, what,
+                                json_kind(m));
+        const char *role = string_field(m, "role", what, where, err);
+        const char *content = role ? string_field(m, "content", what, where, err) : NULL;
+        if (!content)
+            return MOAI_EIO;
+        enum role ro;
+        if (!strcmp(role, "system"))
+            ro = ROLE_SYSTEM;
+        else if (!strcmp(role, "user"))
+            ro = ROLE_USER;
+        else if (!strcmp(role, "assistant"))
+            ro = ROLE_ASSISTANT;
+        else
+            return moai_err_set(err, MOAI_EIO,
+                                "%s: %s has role '%s' (expected system, user or "
+                                "assistant)",
+                                where, what, role);
+        if (ro == ROLE_SYSTEM &&
+            (f->chat == DATASET_CHAT_LLAMA2 || f->chat == DATASET_CHAT_MISTRAL)) {
+            if (i != 0 || f->chat == DATASET_CHAT_MISTRAL)
+                return moai_err_set(err, MOAI_EIO, "%s: %s: the %s chat template takes %s", where,
+                                    what, chat_names[f->chat],
+                                    f->chat == DATASET_CHAT_MISTRAL ? "no system turn"
+                                                                    : "a system turn only first");
+            sys = content;
+            continue;
+        }
+        if (ro == ROLE_ASSISTANT)
+            any_assistant = true;
+        if (render_turn(r, f, ro, content, ro == ROLE_USER && first_user ? sys : NULL,
+                        ro == ROLE_USER && first_user) < 0)
+            return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", where);
+        if (ro == ROLE_USER)
+            first_user = false;
+    }
+    if (!any_assistant && !f->train_all)
+        return moai_err_set(err, MOAI_EIO, "%s: the record has no assistant turn to learn", where);
+    return 0;
+}
+
+/* A record {"instruction", "input", "output"} with the Alpaca prompt; "input" may be absent
+ * or empty. */
+static int fill_alpaca(struct rec *r, const struct dataset_format *f, json_t *obj,
+                       const char *where, struct moai_err *err)
+{
+    const char *ins = string_field(obj, "instruction", "record", where, err);
+    const char *out = ins ? string_field(obj, "output", "record", where, err) : NULL;
+    if (!out)
+        return MOAI_EIO;
+    const char *in = "";
+    if (json_object_get(obj, "input") && !(in = string_field(obj, "input", "record", where, err)))
+        return MOAI_EIO;
+    bool all = f->train_all;
+    int rc;
+    if (*in)
+        rc = rec_puts(r,
+                      "Below is an instruction that describes a task, paired with an input "
+                      "that provides further context. Write a response that appropriately "
+                      "completes the request.\n\n### Instruction:\n",
+                      true, all) ||
+             rec_puts(r, ins, false, all) || rec_puts(r, "\n\n### Input:\n", true, all) ||
+             rec_puts(r, in, false, all);
+    else
+        rc = rec_puts(r,
+                      "Below is an instruction that describes a task. Write a response that "
+                      "appropriately completes the request.\n\n### Instruction:\n",
+                      true, all) ||
+             rec_puts(r, ins, false, all);
+    rc = rc || rec_puts(r, "\n\n### Response:\n", true, all) || rec_puts(r, out, false, true);
+    return rc ? moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", where) : 0;
+}
+
+/* Appends record d->n from a parsed JSON value; where names it in messages ("file:7"). */
+static int add_object(struct dataset_texts *d, const struct dataset_format *f, json_t *obj,
+                      const char *where, int64_t lineno, size_t *spec_cap, size_t *train_cap,
+                      struct moai_err *err)
+{
+    struct rec r = {.d = d,
+                    .start = d->off[d->n],
+                    .used = d->off[d->n],
+                    .spec_cap = spec_cap,
+                    .train_cap = train_cap};
+    size_t spec0 = d->spec_off[d->n], train0 = d->train_off[d->n];
+    int rc;
+    if (!json_is_object(obj)) {
+        rc = moai_err_set(err, MOAI_EIO, "%s: record is %s, not an object", where, json_kind(obj));
+        goto fail;
+    }
+    d->resp_end[d->n] = SIZE_MAX;
+    rc = f->kind == DATASET_MESSAGES ? fill_messages(&r, f, obj, where, err)
+         : f->kind == DATASET_ALPACA ? fill_alpaca(&r, f, obj, where, err)
+                                     : fill_text(&r, f, obj, where, err);
+    if (rc == 0 && rec_put(&r, "", 1, false, false) < 0) /* the NUL */
+        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", where);
+    if (rc < 0)
+        goto fail;
+    d->line[d->n] = lineno;
+    size_t spec1 = d->spec_off[d->n], train1 = d->train_off[d->n];
+    d->spec_off[d->n] = spec0;
+    d->train_off[d->n] = train0;
+    d->n++;
+    d->off[d->n] = r.used;
+    d->spec_off[d->n] = spec1;
+    d->train_off[d->n] = train1;
+    return 0;
+fail:
+    d->spec_off[d->n] = spec0;
+    d->train_off[d->n] = train0;
+    return rc;
+}
+
+/* Parses one line and appends its record as record d->n. */
+static int add_record(struct dataset_texts *d, const struct dataset_format *f, const char *name,
+                      int64_t lineno, const char *line, size_t len, size_t *spec_cap,
+                      size_t *train_cap, struct moai_err *err)
 {
     json_error_t jerr;
+    char where[4200];
     json_t *obj = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
-    size_t start = d->off[d->n], used = start;
-    int rc = 0;
+    if (!obj && strstr(jerr.text, "unable to decode byte"))
+        return moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ":%d: invalid UTF-8 (%s)", name, lineno,
+                            jerr.column, jerr.text);
     if (!obj)
         return moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ":%d: invalid JSON: %s", name, lineno,
                             jerr.column, jerr.text);
-    if (!json_is_object(obj)) {
-        rc = moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ": record is %s, not an object", name,
-                          lineno, json_kind(obj));
-        goto out;
-    }
-    d->resp_end[d->n] = SIZE_MAX;
-    for (int k = 0; k <= t->nparts; k++) {
-        const char *s = "";
-        size_t n = 1; /* the final NUL */
-        if (k < t->nparts) {
-            const struct dataset_part *p = &t->parts[k];
-            s = p->text;
-            n = p->len;
-            if (p->is_field) {
-                json_t *v = json_object_get(obj, p->text);
-                if (!v) {
-                    char has[512];
-                    rc = moai_err_set(err, MOAI_EUSAGE,
-                                      "%s:%" PRId64
-                                      ": record has no field '%s' (the template needs it; the "
-                                      "record has %s)",
-                                      name, lineno, p->text, field_list(has, sizeof(has), obj));
-                    goto out;
-                }
-                if (!json_is_string(v)) {
-                    rc = moai_err_set(err, MOAI_EIO,
-                                      "%s:%" PRId64 ": field '%s' is %s, not a string", name,
-                                      lineno, p->text, json_kind(v));
-                    goto out;
-                }
-                s = json_string_value(v);
-                n = json_string_length(v);
-            }
-        }
-        if (texts_reserve(d, used + n) < 0) {
-            rc = moai_err_set(err, MOAI_ENOMEM, "%s:%" PRId64 ": out of memory", name, lineno);
-            goto out;
-        }
-        memcpy(d->buf + used, s, n);
-        if (k == t->resp_part)
-            d->resp_end[d->n] = used - start + t->resp_end;
-        used += n;
-    }
-    d->line[d->n] = lineno;
-    d->n++;
-    d->off[d->n] = used;
-out:
+    snprintf(where, sizeof(where), "%s:%" PRId64, name, lineno);
+    int rc = add_object(d, f, obj, where, lineno, spec_cap, train_cap, err);
     json_decref(obj);
     return rc;
 }
 
-/* Reads every line of s, filling records until limit. */
-static int read_lines(struct dataset_texts *d, struct src *s, const struct dataset_template *t,
+/* A JSON array file: the whole text is in buf; each element is a record. */
+static int read_array(struct dataset_texts *d, const char *name, const char *buf, size_t size,
+                      const struct dataset_format *f, int64_t limit, size_t *spec_cap,
+                      size_t *train_cap, struct moai_err *err)
+{
+    json_error_t jerr;
+    json_t *arr = json_loadb(buf, size, JSON_REJECT_DUPLICATES, &jerr), *v;
+    int64_t rec_cap = 0;
+    size_t i;
+    int rc = 0;
+    if (!arr) {
+        if (strstr(jerr.text, "unable to decode byte"))
+            return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid UTF-8 (%s)", name, jerr.line,
+                                jerr.column, jerr.text);
+        return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid JSON: %s", name, jerr.line,
+                            jerr.column, jerr.text);
+    }
+    if (!json_is_array(arr)) { /* '[' was seen: jansson only returns arrays here */
+        json_decref(arr);
+        return moai_err_set(err, MOAI_EIO, "%s: expected a JSON array of records", name);
+    }
+    json_array_foreach(arr, i, v)
+    {
+        char where[4200];
+        if (limit >= 0 && d->n >= limit)
+            break;
+        if ((rc = texts_grow(d, &rec_cap)) < 0) {
+            rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+            break;
+        }
+        if (i == 0)
+            d->off[0] = d->spec_off[0] = d->train_off[0] = 0;
+        snprintf(where, sizeof(where), "%s: record %zu", name, i + 1);
+        if ((rc = add_object(d, f, v, where, (int64_t) i + 1, spec_cap, train_cap, err)) < 0)
+            break;
+    }
+    json_decref(arr);
+    if (rc == 0 && d->n == 0)
+        rc = moai_err_set(err, MOAI_EIO, "%s: dataset has no records", name);
+    return rc;
+}
+
+/* Reads every line of s, filling records until limit; a stream whose first non-blank byte
+ * is '[' is read whole as a JSON array of records. */
+static int read_lines(struct dataset_texts *d, struct src *s, const struct dataset_format *f,
                       int64_t limit, struct moai_err *err)
 {
     char *line = NULL;
-    size_t len = 0, cap = 0;
+    size_t len = 0, cap = 0, spec_cap = 0, train_cap = 0;
     int64_t lineno = 0, rec_cap = 0;
-    bool done = false;
+    bool done = false, first = true, array = false;
     int rc = texts_grow(d, &rec_cap);
     if (rc < 0)
         goto oom;
     d->off[0] = 0;
-    while (!done && (limit < 0 || d->n < limit)) {
+    d->spec_off[0] = 0;
+    d->train_off[0] = 0;
+    while (!done && (array || limit < 0 || d->n < limit)) {
         if (s->outpos == s->outlen) {
             long k = src_fill(s, err);
             if (k < 0) {
@@ -426,7 +745,16 @@ static int read_lines(struct dataset_texts *d, struct src *s, const struct datas
         }
         const char *from = (const char *) s->out + s->outpos;
         size_t avail = s->outlen - s->outpos;
-        const char *nl = done ? NULL : memchr(from, '\n', avail);
+        if (first) {
+            size_t i = 0;
+            while (i < avail && strchr(" \t\r\n", from[i]))
+                i++;
+            if (i < avail || done) {
+                first = false;
+                array = i < avail && from[i] == '[';
+            }
+        }
+        const char *nl = done || array ? NULL : memchr(from, '\n', avail);
         size_t take = nl ? (size_t) (nl - from) : avail;
         if (len + take + 1 > cap) {
             size_t c = cap ? cap : 4096;
@@ -443,13 +771,17 @@ static int read_lines(struct dataset_texts *d, struct src *s, const struct datas
         s->outpos += take + (nl ? 1 : 0);
         if (!nl && !done)
             continue;
+        if (array) {
+            rc = read_array(d, s->name, line, len, f, limit, &spec_cap, &train_cap, err);
+            goto out;
+        }
         if (done && len == 0 && lineno > 0)
             break;
         lineno++;
         if (!is_blank(line, len)) {
             if ((rc = texts_grow(d, &rec_cap)) < 0)
                 goto oom;
-            if ((rc = add_record(d, t, s->name, lineno, line, len, err)) < 0)
+            if ((rc = add_record(d, f, s->name, lineno, line, len, &spec_cap, &train_cap, err)) < 0)
                 goto out;
         }
         len = 0;
@@ -464,28 +796,70 @@ out:
     return rc;
 }
 
-static int load(struct dataset_texts *out, struct src *s, const char *tmpl,
-                const char *response_start, int64_t limit, struct moai_err *err)
+int dataset_chat_parse(enum dataset_chat *chat, const char *name)
+{
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(name, chat_names[i])) {
+            *chat = (enum dataset_chat) i;
+            return 0;
+        }
+    return -1;
+}
+
+const char *dataset_chat_name(enum dataset_chat chat)
+{
+    return chat_names[chat];
+}
+
+static int load(struct dataset_texts *out, struct src *s, const struct dataset_format *f,
+                int64_t limit, struct moai_err *err)
+{
+    memset(out, 0, sizeof(*out));
+    int rc = src_open(s, err);
+    if (rc == 0)
+        rc = read_lines(out, s, f, limit, err);
+    if (rc == 0 && (f->kind != DATASET_TEXT || f->tmpl->resp_part < 0)) {
+        free(out->resp_end);
+        out->resp_end = NULL;
+    }
+    if (rc == 0 && f->kind == DATASET_TEXT) {
+        free(out->train);
+        free(out->train_off);
+        out->train = NULL;
+        out->train_off = NULL;
+    }
+    src_close(s);
+    if (rc < 0)
+        dataset_texts_release(out);
+    return rc;
+}
+
+/* load() with a text template parsed from tmpl and response_start. */
+static int load_text(struct dataset_texts *out, struct src *s, const char *tmpl,
+                     const char *response_start, int64_t limit, struct moai_err *err)
 {
     struct dataset_template t;
-    int rc = dataset_template_parse(&t, tmpl, response_start, err);
+    struct dataset_format f = {.kind = DATASET_TEXT, .tmpl = &t};
     memset(out, 0, sizeof(*out));
+    int rc = dataset_template_parse(&t, tmpl, response_start, err);
     if (rc < 0) {
         src_close(s);
         return rc;
     }
-    rc = src_open(s, err);
-    if (rc == 0)
-        rc = read_lines(out, s, &t, limit, err);
-    if (rc == 0 && t.resp_part < 0) {
-        free(out->resp_end);
-        out->resp_end = NULL;
-    }
-    src_close(s);
+    rc = load(out, s, &f, limit, err);
     dataset_template_release(&t);
-    if (rc < 0)
-        dataset_texts_release(out);
     return rc;
+}
+
+int dataset_load_format(struct dataset_texts *out, const char *path, const struct dataset_format *f,
+                        int64_t limit, struct moai_err *err)
+{
+    struct src s = {.name = path};
+    memset(out, 0, sizeof(*out));
+    s.f = fopen(path, "rb");
+    if (!s.f)
+        return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
+    return load(out, &s, f, limit, err);
 }
 
 int dataset_load(struct dataset_texts *out, const char *path, const char *tmpl,
@@ -496,7 +870,7 @@ int dataset_load(struct dataset_texts *out, const char *path, const char *tmpl,
     s.f = fopen(path, "rb");
     if (!s.f)
         return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
-    return load(out, &s, tmpl, response_start, limit, err);
+    return load_text(out, &s, tmpl, response_start, limit, err);
 }
 
 int dataset_load_mem(struct dataset_texts *out, const char *name, const void *data, size_t size,
@@ -505,7 +879,7 @@ int dataset_load_mem(struct dataset_texts *out, const char *name, const void *da
 {
     static const unsigned char empty[1];
     struct src s = {.name = name, .mem = data ? data : empty, .memsize = size};
-    return load(out, &s, tmpl, response_start, limit, err);
+    return load_text(out, &s, tmpl, response_start, limit, err);
 }
 
 void dataset_texts_release(struct dataset_texts *d)
@@ -514,5 +888,9 @@ void dataset_texts_release(struct dataset_texts *d)
     free(d->off);
     free(d->resp_end);
     free(d->line);
+    free(d->spec);
+    free(d->spec_off);
+    free(d->train);
+    free(d->train_off);
     memset(d, 0, sizeof(*d));
 }

@@ -22,6 +22,7 @@
 #ifndef MOAI_DATASET_H
 #define MOAI_DATASET_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -57,7 +58,16 @@ struct dataset_texts {
     size_t *resp_end; /* (n) bytes of each text up to the end of response_start, or
                            SIZE_MAX when no response_start; NULL when none was given */
     int64_t *line;    /* (n) line number of each record in its file */
-    size_t cap;       /* bytes allocated for buf */
+    /* Where special tokens may be matched: the template's own text. Record i's ranges are the
+     * pairs spec[spec_off[i] .. spec_off[i + 1]) of byte offsets into its text, ascending;
+     * spec_off NULL when not recorded (anywhere). */
+    size_t *spec;
+    size_t *spec_off; /* (n + 1) */
+    /* The byte ranges in the loss (formats messages and alpaca), as spec; train_off NULL for
+     * format text, whose masking is resp_end. */
+    size_t *train;
+    size_t *train_off; /* (n + 1) */
+    size_t cap;        /* bytes allocated for buf */
 };
 
 static inline const char *dataset_text(const struct dataset_texts *d, int64_t i)
@@ -69,6 +79,66 @@ static inline size_t dataset_text_len(const struct dataset_texts *d, int64_t i)
 {
     return d->off[i + 1] - d->off[i] - 1;
 }
+
+static inline const size_t *dataset_text_spec(const struct dataset_texts *d, int64_t i)
+{
+    static const size_t none[2];
+    if (!d->spec_off)
+        return NULL;
+    return d->spec ? d->spec + d->spec_off[i] : none;
+}
+
+static inline size_t dataset_text_nspec(const struct dataset_texts *d, int64_t i)
+{
+    return d->spec_off ? (d->spec_off[i + 1] - d->spec_off[i]) / 2 : 0;
+}
+
+static inline const size_t *dataset_text_train(const struct dataset_texts *d, int64_t i)
+{
+    return d->train_off ? d->train + d->train_off[i] : NULL;
+}
+
+static inline size_t dataset_text_ntrain(const struct dataset_texts *d, int64_t i)
+{
+    return d->train_off ? (d->train_off[i + 1] - d->train_off[i]) / 2 : 0;
+}
+
+/* How records become text. */
+enum dataset_kind {
+    DATASET_TEXT,     /* the template */
+    DATASET_MESSAGES, /* {"messages": [{"role", "content"}]} through a chat template */
+    DATASET_ALPACA,   /* {"instruction", "input", "output"} with the Alpaca prompt */
+};
+
+/* The chat templates, each as its model family publishes it (Hugging Face chat_template):
+ *   llama3   <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|> a turn (stripped)
+ *   llama2   [INST] <<SYS>>\nSYS\n<</SYS>>\n\nUSER [/INST] ANSWER </s><s>[INST] ...
+ *   mistral  [INST] USER [/INST]ANSWER</s>[INST] ...
+ *   chatml   <|im_start|>ROLE\nCONTENT<|im_end|>\n a turn
+ * The BOS that opens llama3, llama2 and mistral is the tokenizer's (added, not in the text). */
+enum dataset_chat {
+    DATASET_CHAT_LLAMA3,
+    DATASET_CHAT_LLAMA2,
+    DATASET_CHAT_MISTRAL,
+    DATASET_CHAT_CHATML
+};
+
+struct dataset_format {
+    enum dataset_kind kind;
+    const struct dataset_template *tmpl; /* DATASET_TEXT */
+    enum dataset_chat chat;              /* DATASET_MESSAGES */
+    bool train_all; /* loss on every token, not only the assistant turns / the output */
+};
+
+/* The chat template named name; returns 0, or -1 when there is none of that name. */
+int dataset_chat_parse(enum dataset_chat *chat, const char *name);
+const char *dataset_chat_name(enum dataset_chat chat);
+
+/* Reads a dataset file (JSON Lines, or a JSON array of records; plain or zstd) in format f,
+ * its first limit records (-1: all). Errors name the file and line ("data.jsonl:7: ...") or
+ * the array element ("data.json: record 3: ..."). Returns 0 or a negative code. */
+int dataset_load_format(struct dataset_texts *out, const char *path, const struct dataset_format *f,
+                        int64_t limit, struct moai_err *err);
 
 /* Reads the file at path and fills the template for its first limit records (-1: all).
  * An empty dataset (no records) is an error. Returns 0 or a negative code with err filled. */

@@ -239,6 +239,13 @@ extern "C" int32_t spm_vocab_size(const struct spm *sp)
     return sp->proc.GetPieceSize();
 }
 
+extern "C" const char *spm_piece(const struct spm *sp, int32_t id)
+{
+    if (id < 0 || id >= sp->proc.GetPieceSize())
+        return NULL;
+    return sp->proc.IdToPiece(id).c_str();
+}
+
 extern "C" int32_t spm_piece_id(const struct spm *sp, const char *piece)
 {
     return sp->proc.PieceToId(piece);

@@ -64,6 +64,8 @@ int32_t spm_eos_id(const struct spm *sp);
 int32_t spm_pad_id(const struct spm *sp); /* -1 when the model has none */
 int32_t spm_unk_id(const struct spm *sp);
 int32_t spm_vocab_size(const struct spm *sp);
+/* The piece of id (NUL-terminated, owned by the model), NULL when id is out of range. */
+const char *spm_piece(const struct spm *sp, int32_t id);
 /* The id of a piece (e.g. "[SUMMARIZE]"), or the unk id when the piece is unknown. */
 int32_t spm_piece_id(const struct spm *sp, const char *piece);
 

@@ -90,16 +90,35 @@ int tokcache_key(uint64_t *key, const char *dataset_path, const char *tokenizer_
                  const char *tmpl, const char *response_start, int64_t T, int64_t limit,
                  struct moai_err *err)
 {
+    return tokcache_key_format(key, dataset_path, tokenizer_path, tmpl, response_start, NULL, T,
+                               limit, err);
+}
+
+int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tokenizer_path,
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, struct moai_err *err)
+{
     uint64_t h = hash_u64(TOKCACHE_HASH_INIT, TOKCACHE_VERSION);
+    char cfg[4200];
+    const char *slash = strrchr(tokenizer_path, '/');
+    snprintf(cfg, sizeof(cfg), "%.*stokenizer_config.json",
+             slash ? (int) (slash - tokenizer_path + 1) : 0, tokenizer_path);
     int rc = hash_file(&h, dataset_path, err);
     if (rc == 0)
         rc = hash_file(&h, tokenizer_path, err);
+    if (rc == 0 && access(cfg, R_OK) == 0) /* it sets the BOS, EOS and pad of a tokenizer.json */
+        rc = hash_file(&h, cfg, err);
     if (rc < 0)
         return rc;
     h = hash_str(h, tmpl);
     h = hash_str(h, response_start && response_start[0] ? response_start : NULL);
     h = hash_u64(h, (uint64_t) T);
     h = hash_u64(h, (uint64_t) (limit < 0 ? -1 : limit));
+    if (dr) {
+        h = hash_str(h, dr->format);
+        h = hash_str(h, dr->chat_template);
+        h = hash_u64(h, dr->train_all);
+    }
     *key = tokcache_hash_final(h);
     return 0;
 }
@@ -143,9 +162,9 @@ static void header_encode(unsigned char *b, const struct header *h)
 /* Payload bytes for n rows of T, or 0 on overflow. */
 static uint64_t payload_bytes(uint64_t n, uint64_t T)
 {
-    if (n == 0 || T == 0 || n > UINT64_MAX / 16 || T > (UINT64_MAX / 4) / n)
+    if (n == 0 || T == 0 || n > UINT64_MAX / 16 || T > (UINT64_MAX / 5) / n)
         return 0;
-    uint64_t a = n * T * 4, b = n * 16;
+    uint64_t a = n * T * 5, b = n * 16; /* tokens and mask, lengths and masked */
     return a > UINT64_MAX - b ? 0 : a + b;
 }
 
@@ -210,7 +229,8 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
     out->labels = malloc(sizeof(int32_t) * cells);
     out->lengths = malloc(sizeof(int64_t) * (size_t) h.n);
     out->masked = malloc(sizeof(int64_t) * (size_t) h.n);
-    if (!out->tokens || !out->labels || !out->lengths || !out->masked) {
+    out->mask = malloc(cells);
+    if (!out->tokens || !out->labels || !out->lengths || !out->masked || !out->mask) {
         rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
         goto out;
     }
@@ -230,6 +250,12 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
     out->truncated = (int64_t) h.truncated;
     memcpy(out->lengths, (unsigned char *) out->tokens + cells * 4, (size_t) h.n * 8);
     memcpy(out->masked, (unsigned char *) out->tokens + cells * 4 + h.n * 8, (size_t) h.n * 8);
+    memcpy(out->mask, (unsigned char *) out->tokens + cells * 4 + h.n * 16, cells);
+    for (size_t c = 0; c < cells; c++)
+        if (out->mask[c] > 1) {
+            rc = moai_err_set(err, MOAI_EIO, "%s: the label mask holds %d", path, out->mask[c]);
+            goto out;
+        }
     for (int64_t i = 0; i < out->n; i++) {
         if (out->lengths[i] < 1 || out->lengths[i] > out->T || out->masked[i] < 0 ||
             out->masked[i] > out->lengths[i]) {
@@ -307,6 +333,7 @@ int tokcache_store(const struct data_set *ds, const char *path, uint64_t key, st
     memcpy(payload, ds->tokens, cells * 4);
     memcpy(payload + cells * 4, ds->lengths, (size_t) ds->n * 8);
     memcpy(payload + cells * 4 + (size_t) ds->n * 8, ds->masked, (size_t) ds->n * 8);
+    memcpy(payload + cells * 4 + (size_t) ds->n * 16, ds->mask, cells);
     size_t zn = ZSTD_compress(z + HEADER_BYTES, bound, payload, pbytes, 3);
     if (ZSTD_isError(zn)) {
         rc = moai_err_set(err, MOAI_EIO, "%s: cannot compress: %s", path, ZSTD_getErrorName(zn));
@@ -356,26 +383,88 @@ out:
     return rc;
 }
 
+/* The chat template a tokenizer's special tokens call for; -1 when none fits. */
+static int chat_of_tokenizer(const struct tokenizer *tk)
+{
+    if (tokenizer_token_id(tk, "<|start_header_id|>") >= 0)
+        return DATASET_CHAT_LLAMA3;
+    if (tokenizer_token_id(tk, "<|im_start|>") >= 0)
+        return DATASET_CHAT_CHATML;
+    if (tokenizer_token_id(tk, "[INST]") >= 0)
+        return DATASET_CHAT_MISTRAL;
+    return -1;
+}
+
 static int tokenize_fresh(struct data_set *out, const char *dataset_path,
                           const char *tokenizer_path, const char *tmpl, const char *response_start,
-                          int64_t T, int64_t limit, struct moai_err *err)
+                          const struct data_recipe *dr, int64_t T, int64_t limit,
+                          struct moai_err *err)
 {
     struct dataset_texts texts;
-    struct spm *sp = spm_load(tokenizer_path, err);
-    if (!sp)
+    struct dataset_template t;
+    struct dataset_format f = {.kind = DATASET_TEXT, .tmpl = &t, .train_all = dr && dr->train_all};
+    bool parsed = false;
+    int rc = 0;
+    const char *format = dr && dr->format ? dr->format : "text";
+    struct tokenizer *tk = tokenizer_load(tokenizer_path, err);
+    if (!tk)
         return err ? err->code : MOAI_EIO;
-    int rc = dataset_load(&texts, dataset_path, tmpl, response_start, limit, err);
+    if (!strcmp(format, "text")) {
+        if ((rc = dataset_template_parse(&t, tmpl ? tmpl : "", response_start, err)) < 0)
+            goto out;
+        parsed = true;
+    } else if (!strcmp(format, "alpaca")) {
+        f.kind = DATASET_ALPACA;
+    } else if (!strcmp(format, "messages")) {
+        f.kind = DATASET_MESSAGES;
+        int chat = chat_of_tokenizer(tk);
+        if (dr->chat_template && dataset_chat_parse(&f.chat, dr->chat_template) < 0) {
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "unknown chat template '%s' (expected llama3, "
+                              "llama2, mistral or chatml)",
+                              dr->chat_template);
+            goto out;
+        }
+        if (!dr->chat_template && chat < 0) {
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "no chat template fits the tokenizer '%s' (it "
+                              "has none of <|start_header_id|>, <|im_start|>, [INST])",
+                              tokenizer_path);
+            moai_err_hint(err, "set dataset.chat_template: llama3, llama2, mistral or chatml");
+            goto out;
+        }
+        if (!dr->chat_template)
+            f.chat = (enum dataset_chat) chat;
+    } else {
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "unknown dataset format '%s' (expected text, messages "
+                          "or alpaca)",
+                          format);
+        goto out;
+    }
+    rc = dataset_load_format(&texts, dataset_path, &f, limit, err);
     if (rc == 0) {
-        rc = data_tokenize(out, &texts, sp, T, 2, err);
+        rc = data_tokenize(out, &texts, tk, T, 2, err);
         dataset_texts_release(&texts);
     }
-    spm_free(sp);
+out:
+    if (parsed)
+        dataset_template_release(&t);
+    tokenizer_free(tk);
     return rc;
 }
 
 int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
                  const char *tmpl, const char *response_start, int64_t T, int64_t limit,
                  const char *cache_dir, struct moai_err *err)
+{
+    return data_prepare_format(out, dataset_path, tokenizer_path, tmpl, response_start, NULL, T,
+                               limit, cache_dir, err);
+}
+
+int data_prepare_format(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err)
 {
     char path[4200];
     uint64_t key = 0;
@@ -385,7 +474,8 @@ int data_prepare(struct data_set *out, const char *dataset_path, const char *tok
         return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
                             INT32_MAX);
     if (cache_dir) {
-        rc = tokcache_key(&key, dataset_path, tokenizer_path, tmpl, response_start, T, limit, err);
+        rc = tokcache_key_format(&key, dataset_path, tokenizer_path, tmpl, response_start, dr, T,
+                                 limit, err);
         if (rc < 0)
             return rc;
         tokcache_path(path, sizeof(path), cache_dir, key);
@@ -400,7 +490,7 @@ int data_prepare(struct data_set *out, const char *dataset_path, const char *tok
         if (access(path, F_OK) == 0)
             log_warn("token cache unusable (%s); rebuilding it", lerr.msg);
     }
-    rc = tokenize_fresh(out, dataset_path, tokenizer_path, tmpl, response_start, T, limit, err);
+    rc = tokenize_fresh(out, dataset_path, tokenizer_path, tmpl, response_start, dr, T, limit, err);
     if (rc < 0)
         return rc;
     data_set_log_stats(out);

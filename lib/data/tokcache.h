@@ -20,7 +20,8 @@
  *     56  8  payload checksum (tokcache_hash of the uncompressed payload)
  *     64  8  header checksum (tokcache_hash of bytes 0..63)
  *     72  ..  one zstd frame of the payload: tokens (n*T int32), lengths (n int64),
- *             masked (n int64); labels are rebuilt from these (data_set_fill_labels)
+ *             masked (n int64), mask (n*T bytes, 0 or 1); labels are rebuilt from these
+ *             (data_set_fill_labels)
  * Writes go to a temporary file in cache_dir, renamed over the target, so a reader never
  * sees a partial file.
  *
@@ -35,13 +36,14 @@
 #ifndef MOAI_TOKCACHE_H
 #define MOAI_TOKCACHE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "data/tokenize.h"
 #include "err.h"
 
-#define TOKCACHE_VERSION   1u
+#define TOKCACHE_VERSION   2u
 #define TOKCACHE_HASH_INIT 0xcbf29ce484222325ull /* FNV-1a 64 offset basis */
 
 /* Adds size bytes to a running 64-bit hash h (FNV-1a over 8-byte little-endian words, then
@@ -64,6 +66,27 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
 
 /* Stores ds under path atomically, creating the directory (and its parents). */
 int tokcache_store(const struct data_set *ds, const char *path, uint64_t key, struct moai_err *err);
+
+/* How records become text, beyond the template (recipe keys dataset.format,
+ * dataset.chat_template, dataset.train_on). */
+struct data_recipe {
+    const char *format;        /* "text" (NULL too), "messages", "alpaca" */
+    const char *chat_template; /* llama3, llama2, mistral, chatml; NULL: from the tokenizer */
+    bool train_all;            /* loss on every token, not only the answers */
+};
+
+/* tokcache_key that also hashes dr (may be NULL) and a tokenizer_config.json beside the
+ * tokenizer. */
+int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tokenizer_path,
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, struct moai_err *err);
+
+/* data_prepare for any dataset format; dr NULL is format text. The chat template, when not
+ * named, follows the tokenizer's special tokens (llama3, chatml, mistral), and an error says
+ * so when none fits. */
+int data_prepare_format(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
+                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err);
 
 /* Loads from the cache or tokenizes (2 threads) and stores. cache_dir NULL: no cache. */
 int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,

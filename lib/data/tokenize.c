@@ -15,7 +15,8 @@
 struct tok_job {
     struct data_set *ds;
     const struct dataset_texts *texts;
-    const struct spm *sp;
+    const struct tokenizer *tk;
+    uint32_t *starts; /* (T) scratch: where each id starts */
     int64_t begin, end;
     _Atomic int64_t done; /* rows finished, for the progress bar */
     _Atomic int finished; /* set last by the worker */
@@ -24,25 +25,50 @@ struct tok_job {
     struct moai_err err;
 };
 
-/* Row i: [BOS] + ids + [EOS], cut to T, padded; masked prompt count. Scratch holds T ids. */
+/* True when the bytes [a, z) overlap one of the n ranges r[2k], r[2k + 1] (an empty token,
+ * a == z, counts where it stands). */
+static bool in_ranges(const size_t *r, size_t n, size_t a, size_t z)
+{
+    if (z <= a)
+        z = a + 1;
+    for (size_t k = 0; k < n; k++)
+        if (a < r[2 * k + 1] && z > r[2 * k])
+            return true;
+    return false;
+}
+
+/* Row i: [BOS] + ids + [EOS] (no second EOS when the text ends with it), cut to T, padded;
+ * mask row: 1 where the label is masked (the prompt), 0 elsewhere, padding included. */
 static int tokenize_row(struct tok_job *j, int64_t i)
 {
     struct data_set *ds = j->ds;
     const int64_t T = ds->T;
     int32_t *row = ds->tokens + i * T;
+    uint8_t *mask = ds->mask + i * T;
     const char *text = dataset_text(j->texts, i);
     size_t len = dataset_text_len(j->texts, i), n, before = 0;
     bool split = j->texts->resp_end && j->texts->resp_end[i] != SIZE_MAX;
-    int rc = split ? spm_encode_split(j->sp, text, len, j->texts->resp_end[i], row + 1,
-                                      (size_t) (T - 1), &n, &before, &j->err)
-                   : spm_encode_into(j->sp, text, len, row + 1, (size_t) (T - 1), &n, &j->err);
+    const size_t *train = dataset_text_train(j->texts, i);
+    size_t ntrain = dataset_text_ntrain(j->texts, i);
+    int64_t nb = ds->bos_id >= 0; /* 1 with a BOS, 0 without */
+    int rc = train ? tokenizer_encode_starts(j->tk, text, len, dataset_text_spec(j->texts, i),
+                                             dataset_text_nspec(j->texts, i), row + nb, j->starts,
+                                             (size_t) (T - nb), &n, &j->err)
+                   : tokenizer_encode(j->tk, text, len, dataset_text_spec(j->texts, i),
+                                      dataset_text_nspec(j->texts, i),
+                                      split ? j->texts->resp_end[i] : SIZE_MAX, row + nb,
+                                      (size_t) (T - nb), &n, &before, &j->err);
     if (rc < 0)
         return moai_err_prefix(&j->err, "record %" PRId64 " (line %" PRId64 ")", i,
                                j->texts->line[i]);
-    row[0] = ds->bos_id;
-    int64_t real = 1 + (int64_t) n;
-    bool has_eos = real < T;
-    if (has_eos) {
+    if (nb)
+        row[0] = ds->bos_id;
+    int64_t real = nb + (int64_t) n;
+    bool text_eos = n > 0 && real <= T && row[real - 1] == ds->eos_id;
+    bool has_eos = text_eos || real < T;
+    if (text_eos) {
+        /* the text's own EOS ends it */
+    } else if (has_eos) {
         row[real++] = ds->eos_id;
     } else {
         real = T;
@@ -51,10 +77,27 @@ static int tokenize_row(struct tok_job *j, int64_t i)
     for (int64_t t = real; t < T; t++)
         row[t] = ds->pad_id;
     ds->lengths[i] = real;
+    memset(mask, 0, (size_t) T);
+    if (train) { /* a token is learned when its bytes overlap a range; the BOS when the text's
+                  * first byte is learned */
+        int64_t end = has_eos && !text_eos ? real - 1 : real, last = nb + (int64_t) n;
+        mask[0] = nb ? !in_ranges(train, ntrain, 0, 1) : 0;
+        for (int64_t t = nb; t < end; t++) {
+            size_t a = j->starts[t - nb];
+            size_t z = t + 1 < last && t + 1 < T ? j->starts[t + 1 - nb] : len;
+            mask[t] = !in_ranges(train, ntrain, a, z);
+        }
+        int64_t m = 0;
+        while (m < real && mask[m])
+            m++;
+        ds->masked[i] = m;
+        return 0;
+    }
     /* the BOS and every piece that starts before the end of response_start; never the EOS */
-    int64_t m = split ? 1 + (int64_t) before : 0;
+    int64_t m = split ? nb + (int64_t) before : 0;
     int64_t keep = has_eos ? real - 1 : real;
     ds->masked[i] = m < keep ? m : keep;
+    memset(mask, 1, (size_t) ds->masked[i]);
     return 0;
 }
 
@@ -81,8 +124,9 @@ void data_set_fill_labels(struct data_set *ds)
     for (int64_t i = 0; i < ds->n; i++) {
         const int32_t *tok = ds->tokens + i * ds->T;
         int32_t *lab = ds->labels + i * ds->T;
+        const uint8_t *mask = ds->mask + i * ds->T;
         for (int64_t t = 0; t < ds->T; t++)
-            lab[t] = t < ds->masked[i] || t >= ds->lengths[i] ? DATA_IGNORE_INDEX : tok[t];
+            lab[t] = mask[t] || t >= ds->lengths[i] ? DATA_IGNORE_INDEX : tok[t];
     }
 }
 
@@ -100,23 +144,21 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const struct spm *sp,
-                  int64_t T, int nthreads, struct moai_err *err)
+int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
+                  const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err)
 {
     struct data_set *ds = out;
     memset(ds, 0, sizeof(*ds));
     if (T < 2 || T > INT32_MAX)
         return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
                             INT32_MAX);
-    ds->bos_id = spm_bos_id(sp);
-    ds->eos_id = spm_eos_id(sp);
-    ds->pad_id = spm_pad_id(sp);
-    if (ds->bos_id < 0 || ds->eos_id < 0 || ds->pad_id < 0)
-        return moai_err_set(err, MOAI_EUSAGE, "tokenizer has no %s id (bos %d, eos %d, pad %d)",
-                            ds->bos_id < 0   ? "BOS"
-                            : ds->eos_id < 0 ? "EOS"
-                                             : "pad",
-                            (int) ds->bos_id, (int) ds->eos_id, (int) ds->pad_id);
+    ds->bos_id = tokenizer_bos_id(tk);
+    ds->eos_id = tokenizer_eos_id(tk);
+    ds->pad_id = tokenizer_pad_id(tk);
+    if (ds->eos_id < 0 || ds->pad_id < 0) {
+        moai_err_set(err, MOAI_EUSAGE, "tokenizer '%s' has no EOS token", tokenizer_path(tk));
+        return moai_err_hint(err, "set eos_token in tokenizer_config.json beside it");
+    }
     ds->n = texts->n;
     ds->T = T;
     size_t cells = (size_t) ds->n * (size_t) T;
@@ -124,7 +166,8 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
     ds->labels = malloc(sizeof(int32_t) * cells);
     ds->lengths = malloc(sizeof(int64_t) * (size_t) ds->n);
     ds->masked = malloc(sizeof(int64_t) * (size_t) ds->n);
-    if (!ds->tokens || !ds->labels || !ds->lengths || !ds->masked) {
+    ds->mask = malloc(cells);
+    if (!ds->tokens || !ds->labels || !ds->lengths || !ds->masked || !ds->mask) {
         data_set_release(ds);
         return moai_err_set(err, MOAI_ENOMEM, "tokenizing %" PRId64 " records: out of memory",
                             texts->n);
@@ -140,7 +183,13 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
         memset(&jobs[k], 0, sizeof(jobs[k]));
         jobs[k].ds = ds;
         jobs[k].texts = texts;
-        jobs[k].sp = sp;
+        jobs[k].tk = tk;
+        if (texts->train_off && !(jobs[k].starts = malloc(sizeof(uint32_t) * (size_t) T))) {
+            for (int q = 0; q <= k; q++)
+                free(jobs[q].starts);
+            data_set_release(ds);
+            return moai_err_set(err, MOAI_ENOMEM, "tokenizing: out of memory");
+        }
         jobs[k].begin = ds->n * k / nthreads;
         jobs[k].end = ds->n * (k + 1) / nthreads;
         atomic_init(&jobs[k].done, 0);
@@ -169,6 +218,7 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const
     }
     int rc = 0;
     for (int k = 0; k < nthreads; k++) {
+        free(jobs[k].starts);
         ds->truncated += jobs[k].truncated;
         if (rc == 0 && jobs[k].rc < 0) {
             rc = jobs[k].rc;
@@ -226,5 +276,6 @@ void data_set_release(struct data_set *ds)
     free(ds->labels);
     free(ds->lengths);
     free(ds->masked);
+    free(ds->mask);
     memset(ds, 0, sizeof(*ds));
 }

@@ -1,6 +1,7 @@
 /* tokenize.h - records to fixed-length training sequences: tokens, labels, lengths.
  *
- * Each record's filled text becomes [BOS] + encode(text) + [EOS], truncated to T tokens (the
+ * Each record's filled text becomes [BOS] + encode(text) + [EOS] (no BOS when the tokenizer
+ * adds none, as Qwen2's), truncated to T tokens (the
  * EOS is lost only when the text itself is too long; such records are counted as truncated)
  * and padded to T with the pad id. Labels equal the tokens except -100 at padding and, when
  * the template has a response_start, at the prompt: the BOS and every token of the one
@@ -14,7 +15,7 @@
  * returns the same arrays for any thread count.
  *
  *     struct data_set ds;
- *     if (data_tokenize(&ds, &texts, sp, 1024, 2, &err) < 0) ...
+ *     if (data_tokenize(&ds, &texts, tk, 1024, 2, &err) < 0) ...
  *     row i: ds.tokens + i * ds.T, ds.labels + i * ds.T, ds.lengths[i] real tokens
  */
 #ifndef MOAI_TOKENIZE_H
@@ -23,28 +24,30 @@
 #include <stdint.h>
 
 #include "data/dataset.h"
-#include "data/spm.h"
+#include "data/tokenizer.h"
 #include "err.h"
 
 #define DATA_IGNORE_INDEX (-100)
 
 struct data_set {
-    int64_t n;         /* sequences */
-    int64_t T;         /* block size: tokens per sequence */
-    int32_t *tokens;   /* (n, T) input ids, pad id after lengths[i] */
-    int32_t *labels;   /* (n, T) tokens, or -100 at padding and the masked prompt */
-    int64_t *lengths;  /* (n) real tokens, 1..T */
-    int64_t *masked;   /* (n) leading tokens masked for response_start (0 when none) */
-    int64_t truncated; /* sequences cut to T (their EOS lost) */
-    int32_t bos_id, eos_id, pad_id;
+    int64_t n;                      /* sequences */
+    int64_t T;                      /* block size: tokens per sequence */
+    int32_t *tokens;                /* (n, T) input ids, pad id after lengths[i] */
+    int32_t *labels;                /* (n, T) tokens, or -100 at padding and the masked prompt */
+    int64_t *lengths;               /* (n) real tokens, 1..T */
+    int64_t *masked;                /* (n) leading tokens masked (response_start; 0 when none) */
+    uint8_t *mask;                  /* (n, T) 1 where the label is masked: the prompt, the turns not
+                        * learned (formats messages, alpaca); padding is found by lengths */
+    int64_t truncated;              /* sequences cut to T (their EOS lost) */
+    int32_t bos_id, eos_id, pad_id; /* bos_id -1: the tokenizer adds no BOS */
 };
 
 /* Tokenizes every text with nthreads threads (1 or more). Fails with MOAI_EUSAGE when
- * T < 2 or the tokenizer has no BOS, EOS or pad id. Returns 0 or a negative code. */
-int data_tokenize(struct data_set *out, const struct dataset_texts *texts, const struct spm *sp,
-                  int64_t T, int nthreads, struct moai_err *err);
+ * T < 2 or the tokenizer has no EOS. Returns 0 or a negative code. */
+int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
+                  const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err);
 
-/* Rebuilds labels from tokens, lengths and masked (after loading a cache). */
+/* Rebuilds labels from tokens, lengths and mask (after loading a cache). */
 void data_set_fill_labels(struct data_set *ds);
 
 /* Logs examples, truncated examples (a warning above 5%), mean real tokens, padding. */

@@ -4,7 +4,8 @@
  * template for each, as training will: a template that does not parse, a response_start that
  * does not occur in it, a line that is not JSON, a record that lacks a template field (the
  * message lists the fields it has) are reported as training would report them, before any
- * work. It prints nothing.
+ * work. Chat and instruction records (dataset.format messages, alpaca) are checked for their
+ * structure (roles, turns, fields) through the recipe's chat template. It prints nothing.
  *
  *     if (data_validate(&recipe, &err) < 0) ... err names the file and line, or the recipe
  *

@@ -87,6 +87,8 @@ static bool is_checkpoint_name(const char *name)
                                         "model.safetensors",
                                         "model.safetensors.index.json",
                                         "tokenizer.model",
+                                        "tokenizer.json",
+                                        "tokenizer_config.json",
                                         "plan.json",
                                         "optimizer.safetensors",
                                         "trainer_state.json",

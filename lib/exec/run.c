@@ -5,6 +5,7 @@
 #include "data/tokcache.h"
 #include "data/tokenize.h"
 #include "data/validate.h"
+#include "data/tokenizer.h"
 #include "exec/ckpt.h"
 #include "exec/comm.h"
 #include "exec/fingerprint.h"
@@ -38,6 +39,9 @@ struct saver {
     const json_t *fingerprint;           /* the run's (exec/fingerprint.h) */
     double *losses, *evals;              /* total_steps entries each, NAN where none: the history */
     bool json, final_announced;
+    const char *tok_name; /* the tokenizer file's name in the checkpoint, NULL: none */
+    char *tok_file;       /* the file to copy */
+    json_t *tok_config;   /* tokenizer_config.json */
 };
 
 static int file_exists(const char *path)
@@ -220,8 +224,10 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
         rc = ckpt_stage_write_json(&stage, "generation_config.json", gen, err);
     else if (rc == 0)
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing generation_config.json");
-    if (rc == 0 && r->tokenizer && file_exists(r->tokenizer))
-        rc = ckpt_stage_copy_file(&stage, "tokenizer.model", r->tokenizer, err);
+    if (rc == 0 && sv->tok_name)
+        rc = ckpt_stage_copy_file(&stage, sv->tok_name, sv->tok_file, err);
+    if (rc == 0 && sv->tok_config)
+        rc = ckpt_stage_write_json(&stage, "tokenizer_config.json", sv->tok_config, err);
     if (rc == 0)
         rc = ckpt_stage_write_json(&stage, "plan.json", plan, err);
     if (rc == 0) {
@@ -632,6 +638,19 @@ int exec_check_resume(const struct recipe *r, const struct model_config *cfg, st
     return rc;
 }
 
+int exec_prepare_data(const struct recipe *r, struct data_set *out, const char *cache_dir,
+                      struct moai_err *err)
+{
+    static const char *const formats[] = {"text", "messages", "alpaca"};
+    static const char *const chats[] = {NULL, "llama3", "llama2", "mistral", "chatml"};
+    struct data_recipe dr = {.format = formats[r->dataset.format],
+                             .chat_template = chats[r->dataset.chat_template],
+                             .train_all = r->dataset.train_on == RECIPE_TRAIN_ON_ALL};
+    return data_prepare_format(out, r->dataset.path, r->tokenizer, r->dataset.template,
+                               r->dataset.response_start, &dr, r->training.block_size,
+                               r->dataset.limit, cache_dir, err);
+}
+
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
 {
     struct model_config cfg;
@@ -706,9 +725,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     };
     if ((rc = data_validate(r, err)) < 0) /* a record that does not fit: before any work */
         goto out_world;
-    if ((rc = data_prepare(&data, r->dataset.path, r->tokenizer, r->dataset.template,
-                           r->dataset.response_start, r->training.block_size, r->dataset.limit,
-                           r->dataset.cache_dir, err)) < 0)
+    if ((rc = exec_prepare_data(r, &data, r->dataset.cache_dir, err)) < 0)
         goto out_world;
     if (data_set_count_unscored(&data) == data.n) {
         rc = moai_err_set(err, MOAI_EUSAGE,
@@ -826,13 +843,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_params;
     }
 
-    struct order_cache orders = {.b = &batcher, .epoch = -1};
-    orders.order = malloc((size_t) (batcher.n_train + 1) * sizeof(int64_t));
-    if (!orders.order) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
-        goto out_params;
-    }
-    pthread_mutex_init(&orders.lock, NULL);
     struct train_result tr;
     struct saver sv = {.progress = &tr,
                        .r = r,
@@ -844,6 +854,26 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                        .fingerprint = fp,
                        .losses = hist_loss,
                        .evals = hist_eval};
+    if (writer && !resume_dir && strcmp(r->training.resume, "auto") &&
+        ckpt_present(r->training.save_dir, found, sizeof(found))) {
+        /* resume: never starts over, and the checkpoint there stays the user's */
+        char aside[4096];
+        if ((rc = ckpt_move_aside(r->training.save_dir, aside, sizeof(aside), err)) < 0)
+            goto out_params;
+        log_warn("%s: training.resume is never: the checkpoint in '%s' was moved aside into '%s'",
+                 r->source, r->training.save_dir, aside);
+    }
+    if (r->tokenizer && file_exists(r->tokenizer) &&
+        (rc = tokenizer_checkpoint_files(r->tokenizer, &sv.tok_name, &sv.tok_file, &sv.tok_config,
+                                         err)) < 0)
+        goto out_tokenizer;
+    struct order_cache orders = {.b = &batcher, .epoch = -1};
+    orders.order = malloc((size_t) (batcher.n_train + 1) * sizeof(int64_t));
+    if (!orders.order) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
+        goto out_tokenizer;
+    }
+    pthread_mutex_init(&orders.lock, NULL);
     struct train_job job = {
         .recipe = r,
         .cfg = &cfg,
@@ -865,15 +895,6 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .eval_losses = hist_eval,
         .world = world,
     };
-    if (writer && !resume_dir && strcmp(r->training.resume, "auto") &&
-        ckpt_present(r->training.save_dir, found, sizeof(found))) {
-        /* resume: never starts over, and the checkpoint there stays the user's */
-        char aside[4096];
-        if ((rc = ckpt_move_aside(r->training.save_dir, aside, sizeof(aside), err)) < 0)
-            goto out_params;
-        log_warn("%s: training.resume is never: the checkpoint in '%s' was moved aside into '%s'",
-                 r->source, r->training.save_dir, aside);
-    }
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
      * it too), unless one is there already (a checkpoint's): a run that fails before its first
      * checkpoint takes back what it wrote */
@@ -912,6 +933,9 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         }
         print_final(r, &cfg, o, &tr, &pr, &pm);
     }
+out_tokenizer:
+    free(sv.tok_file);
+    json_decref(sv.tok_config);
 out_params:
     free(m);
     free(v);
