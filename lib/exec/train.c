@@ -899,6 +899,7 @@ static int device_run(struct dev *d, void *arg)
         progress_start_at(&bar, job->start_step);
         progress_update(&bar, job->start_step); /* drawn while the first step runs */
     }
+    int64_t done = job->start_step; /* this device's own count (steps_done is device 0's) */
     for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
         double stop = comm_allreduce_scalar(&dv.world, d->id == 0 && exec_stop_requested);
         if (stop > 0) {
@@ -975,6 +976,7 @@ static int device_run(struct dev *d, void *arg)
         }
         if (d->id == run->world->first_dev)
             run->res->steps_done = step;
+        done = step;
         /* evaluations before the save of the same step, so its history holds them */
         bool eval_due =
             r->training.eval_interval != RECIPE_NONE && step % r->training.eval_interval == 0;
@@ -990,7 +992,7 @@ static int device_run(struct dev *d, void *arg)
     if (show_bar)
         progress_finish(&bar);
     if (rc == 0 && job->valid.n > 0) {
-        double vl = evaluate(&dv, run->res->steps_done);
+        double vl = evaluate(&dv, done);
         if (d->id == 0)
             run->res->valid_loss = vl;
     }
