@@ -1169,7 +1169,7 @@ static int device_run(struct dev *d, void *arg)
         progress_finish(&bar);
     if (rc == 0 && job->valid.n > 0) {
         double vl;
-        rc = evaluate(&dv, run->res->steps_done, &vl);
+        rc = evaluate(&dv, done, &vl);
         if (rc == 0 && d->id == 0)
             run->res->valid_loss = vl;
     }
