@@ -533,7 +533,8 @@ static int check_process_memory(struct mem_process *pm, const struct model_confi
                                 .valid_examples = b->n_val,
                                 .resume = resume,
                                 .runtime_bytes = runtime_bytes};
-    mem_process(pm, cfg, r, p, &in);
+    if (mem_process(pm, cfg, r, p, &in) < 0)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory sizing the process");
     if (strcmp(r->flavor.device.name, "cpu"))
         return 0;
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);

@@ -346,8 +346,8 @@ int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
  * 4 cpu devices (bench_process in make bench). */
 #define MEM_THREAD_BYTES (2LL * 1024 * 1024)
 
-void mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
-                 const struct plan *p, const struct mem_process_in *in)
+int mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
+                const struct plan *p, const struct mem_process_in *in)
 {
     int64_t P = model_param_count(cfg), T = r->training.block_size;
     int ndev = p->dp * p->pp * p->tp;
@@ -357,6 +357,8 @@ void mem_process(struct mem_process *pm, const struct model_config *cfg, const s
     for (int d = in->first_device; d < in->first_device + in->devices; d++) {
         struct mem_breakdown m;
         mem_stage(&m, cfg, r, p, d / p->tp % p->pp);
+        if (m.total_bytes == INT64_MAX) /* its table could not be allocated */
+            return MOAI_ENOMEM;
         pm->devices_bytes += m.total_bytes;
     }
     pm->threads_bytes = (int64_t) in->devices * shard_cpu_threads(ndev) * MEM_THREAD_BYTES;
@@ -369,6 +371,7 @@ void mem_process(struct mem_process *pm, const struct model_config *cfg, const s
     pm->data_bytes = per * (2 * in->examples + in->valid_examples);
     pm->total_bytes = pm->runtime_bytes + pm->devices_bytes + pm->threads_bytes + pm->host_bytes +
                       pm->checkpoint_bytes + pm->data_bytes;
+    return 0;
 }
 
 static int64_t status_kib(const char *key)

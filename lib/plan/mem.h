@@ -156,8 +156,10 @@ struct mem_process {
     int64_t total_bytes;      /* the sum: the process's predicted peak resident size */
 };
 
-void mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
-                 const struct plan *p, const struct mem_process_in *in);
+/* Returns 0, or MOAI_ENOMEM when a device's sizing table cannot be allocated (pm is then
+ * incomplete). */
+int mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
+                const struct plan *p, const struct mem_process_in *in);
 
 /* This process's resident size now (VmRSS), and its peak so far (VmHWM), in bytes; 0 where
  * /proc cannot tell. */

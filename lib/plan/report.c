@@ -26,12 +26,12 @@ static void breakdown_lines(FILE *out, const struct mem_breakdown *m, int64_t ca
 }
 
 /* The whole process on the cpu device, without the data set (not read when planning). */
-static void cpu_process(struct mem_process *pm, const struct model_config *cfg,
+static bool cpu_process(struct mem_process *pm, const struct model_config *cfg,
                         const struct recipe *r, const struct plan *p)
 {
     struct mem_process_in in = {.devices = p->dp * p->pp * p->tp,
                                 .runtime_bytes = mem_process_runtime_bytes()};
-    mem_process(pm, cfg, r, p, &in);
+    return mem_process(pm, cfg, r, p, &in) == 0;
 }
 
 void plan_report_text(FILE *out, const struct plan_result *res, const struct model_config *cfg,
@@ -75,10 +75,9 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
             p->cost.dp_comm_seconds, p->cost.optimizer_seconds);
     fprintf(out, "throughput  %.2f tokens/s, %.1f TFLOP/s per device\n", p->tokens_per_second,
             p->tflops_per_device);
-    if (!strcmp(f->device.name, "cpu")) {
-        struct mem_process pm;
+    struct mem_process pm;
+    if (!strcmp(f->device.name, "cpu") && cpu_process(&pm, cfg, r, p)) {
         long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-        cpu_process(&pm, cfg, r, p);
         fprintf(out,
                 "process     %.2f GiB of this machine's %.2f GiB before the data set: devices "
                 "%.2f, host copies %.2f, checkpoint buffers %.2f, threads %.2f, runtime %.2f\n",
@@ -155,11 +154,9 @@ json_t *plan_result_json(const struct plan_result *res, const struct model_confi
         for (int i = 0; i < res->n_runners_up; i++)
             json_array_append_new(ru, plan_to_json(&res->runners_up[i], cfg, r));
         json_object_set_new(j, "runners_up", ru);
-        if (!strcmp(f->device.name, "cpu")) {
-            struct mem_process pm;
-            cpu_process(&pm, cfg, r, &res->best);
+        struct mem_process pm;
+        if (!strcmp(f->device.name, "cpu") && cpu_process(&pm, cfg, r, &res->best))
             json_object_set_new(j, "process_bytes_before_data", json_integer(pm.total_bytes));
-        }
     } else if (!strcmp(status, "oom")) {
         json_object_set_new(j, "requested_bytes", json_integer(res->requested_bytes));
         json_object_set_new(j, "available_bytes", json_integer(res->available_bytes));
