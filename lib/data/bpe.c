@@ -421,6 +421,12 @@ static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct
         }
         return 0;
     }
+    if (t && !strcmp(t, "Digits")) { /* numbers apart, each digit alone when individual */
+        static const char one[] = "\\p{N}", run[] = "\\p{N}+";
+        bool individual = json_is_true(json_object_get(p, "individual_digits"));
+        return regex_add(b, name, "pre_tokenizer Digits", individual ? one : run,
+                         individual ? sizeof(one) - 1 : sizeof(run) - 1, err);
+    }
     if (t && !strcmp(t, "Metaspace")) {
         if (!is_meta_string(json_object_get(p, "replacement")))
             return moai_err_set(err, MOAI_EUSAGE,
