@@ -2,9 +2,9 @@
 //
 // usage: node tests/ref/hard-corpus.mjs > corpus.jsonl
 //
-// Every Unicode general category (sampled code points, alone, between letters and between
-// spaces), CJK, emoji with ZWJ sequences, skin tones and flags, combining marks, long digit and
-// whitespace runs, contractions in upper case, source code, and text that looks like special
+// Every Unicode general category but Cs (surrogates cannot be in UTF-8): sampled code points,
+// alone, between letters and between spaces. CJK, emoji with ZWJ sequences, skin tones and
+// flags, combining marks, long digit and whitespace runs, contractions in upper case, source code, and text that looks like special
 // tokens. Deterministic. Sampled code points stay below U+3400 (apart from the named scripts
 // below) so that the Unicode versions of the regex engines compared agree, and leave out
 // U+0000 (JSON Lines records hold no NUL) and U+0085, U+180E and U+FEFF, the three characters on which JavaScript's \s differs from
