@@ -863,6 +863,13 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (r->tokenizer && tokenizer_in_dir(&r->tokenizer) < 0)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    if (r->dataset.format != RECIPE_FORMAT_TEXT && r->dataset.response_start) {
+        const struct ynode *w = lookup_path(root, "dataset.response_start");
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: 'dataset.response_start' applies to dataset.format text only "
+                            "(formats messages and alpaca mask by dataset.train_on)",
+                            w ? ynode_where(w, where, sizeof(where)) : source);
+    }
     if (!r->dataset.cache_dir && !(r->dataset.cache_dir = default_cache_dir()))
         return moai_err_set(err, MOAI_ENOMEM, "out of memory");
     if (!r->training.save_dir && !(r->training.save_dir = default_save_dir(source)))

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages moai-finetune needs, only those that are missing.
+# Installs the Debian packages moai-finetune needs, only those that are missing. (The tokenizer
+# reference test also wants npm, which comes with nodejs from nodesource or as Debian's npm;
+# without it that test skips and says so.)
 # A no-op (one dpkg-query call) when everything is present; uses sudo when not root.
 set -euo pipefail
 
@@ -10,6 +12,7 @@ pkgs=(
     libzstd-dev zstd libcmocka-dev
     libopenmpi-dev openmpi-bin
     groff-base mandoc python3
+    jq nodejs
 )
 
 missing=()

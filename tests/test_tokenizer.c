@@ -164,6 +164,45 @@ static void test_tokenizer_json_byte_level(void **state)
     free(json);
 }
 
+/* The Digits pre-tokenizer: each digit alone (individual_digits), or runs of digits. */
+static void test_tokenizer_json_digits(void **state)
+{
+    (void) state;
+    for (int individual = 0; individual < 2; individual++) {
+        char *text = bytelevel_json();
+        json_error_t jerr;
+        json_t *root = json_loads(text, 0, &jerr), *model = json_object_get(root, "model");
+        free(text);
+        json_object_set_new(json_object_get(model, "vocab"), "12", json_integer(259));
+        json_array_append_new(json_object_get(model, "merges"), json_pack("[s,s]", "1", "2"));
+        json_object_set_new(root, "pre_tokenizer",
+                            json_pack("{s:s, s:[{s:s, s:b}, {s:s, s:b, s:b}]}", "type", "Sequence",
+                                      "pretokenizers", "type", "Digits", "individual_digits",
+                                      individual, "type", "ByteLevel", "add_prefix_space", 0,
+                                      "use_regex", 0));
+        text = json_dumps(root, 0);
+        json_decref(root);
+        struct moai_err err = {0};
+        struct bpe *b = bpe_load_json_mem("d.json", text, strlen(text), NULL, 0, &err);
+        if (!b)
+            fail_msg("%s", err.msg);
+        int32_t ids[64];
+        size_t n;
+        encode(b, "ab12", NULL, 0, SIZE_MAX, ids, &n, NULL);
+        assert_int_equal(ids[0], 256);
+        if (individual) {
+            assert_int_equal(n, 3);
+            assert_int_equal(ids[1], '1');
+            assert_int_equal(ids[2], '2');
+        } else {
+            assert_int_equal(n, 2);
+            assert_int_equal(ids[1], 259);
+        }
+        bpe_free(b);
+        free(text);
+    }
+}
+
 /* A directory means its tokenizer.json, else its tokenizer.model; content decides the kind. */
 static void test_tokenizer_load_directory(void **state)
 {
@@ -407,6 +446,7 @@ int main(void)
         cmocka_unit_test(test_tokenizer_tiktoken_merges_and_specials),
         cmocka_unit_test(test_tokenizer_invalid_utf8),
         cmocka_unit_test(test_tokenizer_json_byte_level),
+        cmocka_unit_test(test_tokenizer_json_digits),
         cmocka_unit_test(test_tokenizer_load_directory),
         cmocka_unit_test(test_tokenizer_bad_files),
         cmocka_unit_test(test_tokenizer_chat_templates),

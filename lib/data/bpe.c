@@ -252,6 +252,43 @@ static long byte_level_decode(const char *s, size_t n, char *out)
 
 /* ---- regexes ---- */
 
+/* The pattern with \s and \S spelled \p{White_Space} and \P{White_Space}: the Oniguruma and
+ * Rust engines of tokenizers and tiktoken take \s as Unicode's White_Space, PCRE2's UCP \s
+ * also matches U+180E. Text inside \Q...\E is copied as it is. A new string, or NULL. */
+static char *pattern_translate(const char *p, size_t n, size_t *out_len)
+{
+    static const char ws[] = "\\p{White_Space}";
+    char *out = malloc(n * (sizeof(ws) - 1) / 2 + n + 1), *o = out;
+    bool quoted = false;
+    if (!out)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] != '\\' || i + 1 == n) {
+            *o++ = p[i];
+            continue;
+        }
+        char c = p[i + 1];
+        if (quoted && c != 'E') {
+            *o++ = p[i];
+            continue;
+        }
+        if (c == 'Q' || c == 'E')
+            quoted = c == 'Q';
+        if (!quoted && (c == 's' || c == 'S')) {
+            memcpy(o, ws, sizeof(ws) - 1);
+            o[1] = c == 's' ? 'p' : 'P';
+            o += sizeof(ws) - 1;
+        } else {
+            *o++ = p[i];
+            *o++ = c;
+        }
+        i++;
+    }
+    *o = 0;
+    *out_len = (size_t) (o - out);
+    return out;
+}
+
 static int regex_add(struct bpe *b, const char *name, const char *where, const char *pattern,
                      size_t len, struct moai_err *err)
 {
@@ -260,8 +297,13 @@ static int regex_add(struct bpe *b, const char *name, const char *where, const c
                             where, BPE_MAX_SPLITS);
     int ecode;
     PCRE2_SIZE eoff;
+    size_t tlen;
+    char *translated = pattern_translate(pattern, len, &tlen);
+    if (!translated)
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
     pcre2_code *re =
-        pcre2_compile((PCRE2_SPTR) pattern, len, PCRE2_UTF | PCRE2_UCP, &ecode, &eoff, NULL);
+        pcre2_compile((PCRE2_SPTR) translated, tlen, PCRE2_UTF | PCRE2_UCP, &ecode, &eoff, NULL);
+    free(translated);
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(ecode, msg, sizeof(msg));
@@ -420,6 +462,12 @@ static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct
             return regex_add(b, name, "pre_tokenizer ByteLevel", gpt2, sizeof(gpt2) - 1, err);
         }
         return 0;
+    }
+    if (t && !strcmp(t, "Digits")) { /* numbers apart, each digit alone when individual */
+        static const char one[] = "\\p{N}", run[] = "\\p{N}+";
+        bool individual = json_is_true(json_object_get(p, "individual_digits"));
+        return regex_add(b, name, "pre_tokenizer Digits", individual ? one : run,
+                         individual ? sizeof(one) - 1 : sizeof(run) - 1, err);
     }
     if (t && !strcmp(t, "Metaspace")) {
         if (!is_meta_string(json_object_get(p, "replacement")))

@@ -26,7 +26,8 @@
  *                    concatenation are tokens
  *     normalizer     null, Prepend("\u2581"), Replace(" " -> "\u2581"), or a Sequence of them
  *     pre_tokenizer  null, Split({Regex}, "Isolated", invert false), ByteLevel
- *                    (add_prefix_space false), Metaspace("\u2581"), or a Sequence of them
+ *                    (add_prefix_space false), Digits, Metaspace("\u2581"), or a Sequence
+ *                    of them
  *     added_tokens   [{id, content, single_word/lstrip/rstrip false, special}]
  *     post_processor null, TemplateProcessing (a special token before $A is the BOS, after it
  *                    the EOS), ByteLevel, or a Sequence of them

@@ -69,11 +69,12 @@ zstd -dcq datasets/debian-descriptions.jsonl.zst | head -n 3000 | jq -r '.articl
     --remove_extra_whitespaces=false --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1 \
     --character_coverage=0.9995 --num_threads=1 --minloglevel=2 >/dev/null 2>&1)
 spm_export_vocab --model="$TMP/bpe.model" | node tests/ref/spm-to-json.mjs "$TMP/l2"
+spm_export_vocab --model="$TMP/bpe.model" | node tests/ref/spm-to-json.mjs "$TMP/ms" metaspace
 node tests/ref/hard-corpus.mjs >"$TMP/hard.jsonl"
 for set in "datasets/debian-descriptions.jsonl.zst|[SUMMARIZE] {article} [/SUMMARIZE]\\\\n{highlights}" \
     "$TMP/hard.jsonl|{text}"; do
     data=${set%%|*} tmpl=${set#*|}
-    for tok in "$TMP/bpe.model" "$TMP/l2"; do
+    for tok in "$TMP/bpe.model" "$TMP/l2" "$TMP/ms"; do
         head_yaml "$tok" "$data" "$tmpl" "limit: 2000" | sed 's/block_size: 64/block_size: 4096/' \
             >"$TMP/l2.yaml"
         "$MOAI_BIN" -q --tokenize "$TMP/l2.yaml" | jq -c .input_ids >"$TMP/ids.$(basename "$tok")"
@@ -82,6 +83,8 @@ for set in "datasets/debian-descriptions.jsonl.zst|[SUMMARIZE] {article} [/SUMMA
     [ "$n" -gt 100 ] && ok || fail "Llama 2 style: only $n records"
     expect_eq "Llama 2 style tokenizer.json = SentencePiece BPE on $(basename "$data") ($n records)" \
         "" "$(diff "$TMP/ids.bpe.model" "$TMP/ids.l2" | head -n 4)"
+    expect_eq "Metaspace tokenizer.json = SentencePiece BPE on $(basename "$data") ($n records)" \
+        "" "$(diff "$TMP/ids.bpe.model" "$TMP/ids.ms" | head -n 4)"
 done
 
 # A model directory with tokenizer.json uses it by default (over tokenizer.model).

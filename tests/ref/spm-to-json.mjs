@@ -1,16 +1,18 @@
 // spm-to-json.mjs - a Llama 2 style tokenizer.json from a SentencePiece BPE model's vocabulary.
 //
-// usage: spm_export_vocab --model=m.model | node tests/ref/spm-to-json.mjs OUTDIR
+// usage: spm_export_vocab --model=m.model | node tests/ref/spm-to-json.mjs OUTDIR [metaspace]
 //
 // Writes OUTDIR/tokenizer.json and OUTDIR/tokenizer_config.json the way Hugging Face's
 // converter writes Llama 2's: normalizer Prepend("▁") + Replace(" " -> "▁"), model BPE with
 // byte_fallback and fuse_unk, merges of every piece that is two pieces (ordered by the merged
 // piece's score, then by the parts' ids), <unk> <s> </s> added, <s> added by the
-// post-processor.
+// post-processor. With "metaspace", the newer form (Mistral's): no normalizer, the Metaspace
+// pre-tokenizer with prepend_scheme "first" and split false.
 import fs from 'node:fs';
 import path from 'node:path';
 
 const outdir = process.argv[2];
+const metaspace = process.argv[3] === 'metaspace';
 const lines = fs.readFileSync(0, 'utf8').split('\n').filter((l) => l.length);
 const vocab = {};
 const score = [];
@@ -36,10 +38,12 @@ const special = (id, content) => ({ id, content, single_word: false, lstrip: fal
 const tj = {
     version: '1.0',
     added_tokens: [special(0, '<unk>'), special(1, '<s>'), special(2, '</s>')],
-    normalizer: { type: 'Sequence', normalizers: [
+    normalizer: metaspace ? null : { type: 'Sequence', normalizers: [
         { type: 'Prepend', prepend: '\u2581' },
         { type: 'Replace', pattern: { String: ' ' }, content: '\u2581' }] },
-    pre_tokenizer: null,
+    pre_tokenizer: metaspace
+        ? { type: 'Metaspace', replacement: '\u2581', prepend_scheme: 'first', split: false }
+        : null,
     post_processor: { type: 'TemplateProcessing',
         single: [{ SpecialToken: { id: '<s>', type_id: 0 } }, { Sequence: { id: 'A', type_id: 0 } }],
         pair: [], special_tokens: { '<s>': { id: '<s>', ids: [1], tokens: ['<s>'] } } },
