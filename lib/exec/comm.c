@@ -110,7 +110,7 @@ static int grow_scratch(struct comm *c, size_t n)
     }
     thr_barrier(c);
     if (!g->scratch_failed)
-        return 0; /* the caller's later barriers keep rank 0 from resetting it too soon */
+        return 0;   /* the caller's later barriers keep rank 0 from resetting it too soon */
     thr_barrier(c); /* every rank has read the failure before the next call resets it */
     return MOAI_ENOMEM;
 }
