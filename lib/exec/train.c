@@ -837,24 +837,30 @@ static void stdout_line_begins(void)
         progress_interrupt();
 }
 
-/* Prints a step on standard output; a failed write (a full disk, a closed pipe) is kept in
- * run->stdout_errno and stops the run at the next step, saving, as a signal does. */
-static void print_step(struct run *run, const struct step_record *s)
+/* Writes one result on standard output: the object j under --json (taken), else line. A failed
+ * write (a full disk, a closed pipe) is kept in run->stdout_errno and stops the run at the next
+ * step, saving, as a signal does. */
+static void print_result(struct run *run, json_t *j, const char *line)
 {
     stdout_line_begins();
     if (run->job->json) {
-        json_t *j = steplog_json(s);
         char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
         if (text)
             puts(text);
         free(text);
         json_decref(j);
     } else {
-        char line[256];
-        puts(steplog_format(line, sizeof(line), s));
+        puts(line);
     }
     if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
         run->stdout_errno = errno ? errno : EIO;
+}
+
+static void print_step(struct run *run, const struct step_record *s)
+{
+    char line[256];
+    print_result(run, run->job->json ? steplog_json(s) : NULL,
+                 steplog_format(line, sizeof(line), s));
 }
 
 /* Validation after step: every device runs it (it is collective); device 0 records the loss in
@@ -875,20 +881,9 @@ static int evaluate(struct device *dv, int64_t step, double *loss)
         job->eval_losses[step - 1] = vl;
     if (job->quiet)
         return 0;
-    stdout_line_begins();
-    if (job->json) {
-        json_t *j = steplog_eval_json(step, job->total_steps, vl);
-        char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
-        if (text)
-            puts(text);
-        free(text);
-        json_decref(j);
-    } else {
-        char line[256];
-        puts(steplog_format_eval(line, sizeof(line), step, job->total_steps, vl));
-    }
-    if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
-        run->stdout_errno = errno ? errno : EIO;
+    char line[256];
+    print_result(run, job->json ? steplog_eval_json(step, job->total_steps, vl) : NULL,
+                 steplog_format_eval(line, sizeof(line), step, job->total_steps, vl));
     return 0;
 }
 

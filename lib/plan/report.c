@@ -178,19 +178,26 @@ static void msg_append(struct moai_err *err, const char *fmt, ...)
     va_end(ap);
 }
 
-int plan_oom_message_bytes(struct moai_err *err, const struct recipe *r, int64_t requested,
-                           int64_t available)
+/* The report's first lines, the source documents' own and the sizes in GiB. */
+static void oom_head(struct moai_err *err, const struct recipe *r, int64_t requested,
+                     int64_t available)
 {
-    int n = 0;
     moai_err_set(err, MOAI_EOOM,
                  "Error Code 4: OUT_OF_MEMORY\n"
                  "The plan needs more memory than one device of flavor '%s' has.\n"
                  ">> Memory requested : %lld bytes\n"
                  ">> Memory available : %lld bytes\n"
-                 ">> That is %.2f GiB requested (when the allocation fails) of %.2f GiB.\n"
-                 "To address this issue:",
+                 ">> That is %.2f GiB requested (when the allocation fails) of %.2f GiB.",
                  flavor_display_name(&r->flavor), (long long) requested, (long long) available,
                  gib(requested), gib(available));
+}
+
+int plan_oom_message_bytes(struct moai_err *err, const struct recipe *r, int64_t requested,
+                           int64_t available)
+{
+    int n = 0;
+    oom_head(err, r, requested, available);
+    msg_append(err, "\nTo address this issue:");
     if (!r->parallel.advanced)
         msg_append(err,
                    "\n %d. Switch advanced parallelization on (parallel.advanced: true, or --ap).",
@@ -231,22 +238,15 @@ int plan_oom_message(struct moai_err *err, const struct plan_result *res,
     char brief[128], ap_brief[128];
     int n = 0;
 
-    moai_err_set(err, MOAI_EOOM,
-                 "Error Code 4: OUT_OF_MEMORY\n"
-                 "The plan needs more memory than one device of flavor '%s' has.\n"
-                 ">> Memory requested : %lld bytes\n"
-                 ">> Memory available : %lld bytes\n"
-                 ">> That is %.2f GiB requested (when the allocation fails) of %.2f GiB.\n"
-                 ">> The %s plan (%s) needs %.2f GiB per device in all (stage %d): weights "
-                 "%.2f, gradients %.2f, optimizer %.2f, activations %.2f, logits %.2f, reserve "
-                 "%.2f GiB\n"
-                 "To address this issue:",
-                 flavor_display_name(&r->flavor), (long long) res->requested_bytes,
-                 (long long) avail, gib(res->requested_bytes), gib(avail),
-                 res->advanced ? "closest" : "data-parallel", plan_brief(brief, sizeof(brief), p),
-                 gib(m->total_bytes), m->stage, gib(m->weights_bytes), gib(m->gradients_bytes),
-                 gib(m->optimizer_bytes), gib(m->activations_bytes), gib(m->logits_bytes),
-                 gib(m->reserve_bytes));
+    oom_head(err, r, res->requested_bytes, avail);
+    msg_append(err,
+               "\n>> The %s plan (%s) needs %.2f GiB per device in all (stage %d): weights "
+               "%.2f, gradients %.2f, optimizer %.2f, activations %.2f, logits %.2f, "
+               "communication %.2f, reserve %.2f GiB\nTo address this issue:",
+               res->advanced ? "closest" : "data-parallel", plan_brief(brief, sizeof(brief), p),
+               gib(m->total_bytes), m->stage, gib(m->weights_bytes), gib(m->gradients_bytes),
+               gib(m->optimizer_bytes), gib(m->activations_bytes), gib(m->logits_bytes),
+               gib(m->communication_bytes), gib(m->reserve_bytes));
     if (!res->advanced) {
         if (fits_with_ap(ap_brief, sizeof(ap_brief), cfg, r))
             msg_append(err,

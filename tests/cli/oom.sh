@@ -20,7 +20,7 @@ The plan needs more memory than one device of flavor 'small' has.
 >> Memory requested : N bytes
 >> Memory available : 68702699520 bytes
 >> That is N GiB requested (when the allocation fails) of N GiB.
->> The closest plan (...) needs N GiB per device in all (stage 0): weights N, gradients N, optimizer N, activations N, logits N, reserve N GiB
+>> The closest plan (...) needs N GiB per device in all (stage 0): weights N, gradients N, optimizer N, activations N, logits N, communication N, reserve N GiB
 To address this issue:
  1. Use a flavor with more devices or more memory per device (flavor: ...): the weights, gradients and optimizer state alone need N GiB of the N GiB of a device, so a smaller batch cannot help." "$(cat "$TMP/a")"
 
