@@ -470,9 +470,30 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, c
     return rc;
 }
 
+/* A checkpoint writes config.json, model.safetensors and the tokenizer by name: saving into
+ * the model's own directory would replace the user's model. Both paths resolved, so "." and
+ * links are seen through. */
+static int save_dir_is_not_the_model(const struct recipe *r, struct moai_err *err)
+{
+    char *save = r->model.path ? realpath(r->training.save_dir, NULL) : NULL;
+    char *model = save ? realpath(r->model.path, NULL) : NULL;
+    bool same = model && !strcmp(save, model);
+    free(save);
+    free(model);
+    if (same)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: 'training.save_dir' is the model's directory '%s': a checkpoint "
+                            "would overwrite its config.json and weights",
+                            r->source, r->model.path);
+    return 0;
+}
+
 int exec_check_save_dir(const struct recipe *r, struct moai_err *err)
 {
-    int rc = ckpt_check_writable(r->training.save_dir, err);
+    int rc = save_dir_is_not_the_model(r, err);
+    if (rc < 0)
+        return rc;
+    rc = ckpt_check_writable(r->training.save_dir, err);
     return rc < 0 ? moai_err_prefix(err, "%s: 'training.save_dir'", r->source) : 0;
 }
 
@@ -710,7 +731,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     /* Which checkpoint this run continues, if any: refused early when it is another run's. */
     const char *resume_dir = NULL;
     char found[64];
-    if ((rc = check_resume(r, &cfg, &fp, &resume_dir, err)) < 0)
+    if ((rc = save_dir_is_not_the_model(r, err)) < 0 ||
+        (rc = check_resume(r, &cfg, &fp, &resume_dir, err)) < 0)
         goto out_world;
     if (writer && (rc = hold_save_dir(r, &lock, err)) < 0)
         goto out_world;

@@ -114,6 +114,26 @@ if [ "$(id -u)" != 0 ]; then # root writes through a read-only mode
     expect_eq "read-only: message" "moai-finetune: error: $TMP/ro.yaml: 'training.save_dir': cannot write in '$TMP/ro': Permission denied" "$(cat "$TMP/ro.err")"
 fi
 
+# save_dir resolving to the model's own directory (here through "/."): refused before any work,
+# the model's files untouched, in training and in --validate
+mkdir -p "$TMP/own"
+cp "$ROOT"/models/tiny-llama/config.json "$ROOT"/models/tiny-llama/model.safetensors \
+    "$ROOT"/models/tiny-llama/tokenizer.model "$TMP/own/"
+own_before=$(cd "$TMP/own" && sha256sum ./* | sort)
+cat >"$TMP/own.yaml" <<YAML
+model: {path: $TMP/own}
+dataset: {path: $ROOT/datasets/debian-descriptions.jsonl.zst, limit: 16, cache_dir: $TMP/cache}
+training: {batch_size: 2, block_size: 32, max_steps: 1, precision: fp32, save_dir: $TMP/own/.}
+flavor: {device: cpu, devices: 1}
+YAML
+for mode in train validate; do
+    flag=; [ $mode = validate ] && flag=--validate
+    "$MOAI_BIN" -q $flag "$TMP/own.yaml" >/dev/null 2>"$TMP/own.err"
+    expect_eq "save_dir is the model ($mode): status" 2 $?
+    expect_eq "save_dir is the model ($mode): message" "moai-finetune: error: $TMP/own.yaml: 'training.save_dir' is the model's directory '$TMP/own': a checkpoint would overwrite its config.json and weights" "$(grep -v '^\[' "$TMP/own.err")"
+done
+expect_eq "save_dir is the model: its files unchanged" "$own_before" "$(cd "$TMP/own" && sha256sum ./* | sort)"
+
 # two runs on one save_dir: the second stops at once; the first finishes its checkpoint
 recipe "$TMP/two.yaml" "$TMP/two" "max_steps: 100000"
 "$MOAI_BIN" -q "$TMP/two.yaml" >"$TMP/two1.out" 2>"$TMP/two1.err" &
