@@ -115,6 +115,9 @@ struct lay {
     bool zero2, zero3, untied;
 };
 
+/* Each device's peak of the last run (train_result.peak_bytes points here). */
+static int64_t peaks[64];
+
 /* Trains STEPS steps of a batch of 8 under a layout; fills losses. */
 static int train_lay(const struct lay *l, int64_t capacity, double *losses,
                      struct train_result *res, struct moai_err *err)
@@ -152,6 +155,7 @@ static int train_lay(const struct lay *l, int64_t capacity, double *losses,
         .init_params = l->untied ? fx.init_untied : fx.init,
         .quiet = true,
         .step_losses = losses,
+        .peak_bytes = peaks,
         .save = snap_out ? snapshot_save : NULL,
         .save_arg = snap_out,
     };

@@ -515,7 +515,7 @@ static void print_final(const struct recipe *r, const struct model_config *cfg,
         return;
     }
     json_t *peaks = json_array(), *predicted = json_array();
-    for (int i = 0; i < tr->ndev && i < 64; i++) {
+    for (int i = 0; i < tr->ndev && tr->peak_bytes; i++) {
         struct mem_breakdown mb; /* each device's stage */
         mem_stage(&mb, cfg, r, &pr->best, i / pr->best.tp % pr->best.pp);
         json_array_append_new(peaks, json_integer(tr->peak_bytes[i]));
@@ -583,7 +583,7 @@ static int check_process_memory(struct mem_process *pm, const struct model_confi
 static void log_device_peaks(const struct train_result *tr, const struct plan_result *pr,
                              const struct model_config *cfg, const struct recipe *r)
 {
-    int n = tr->ndev < 64 ? tr->ndev : 64, pp = pr->best.pp, tp = pr->best.tp;
+    int n = tr->peak_bytes ? tr->ndev : 0, pp = pr->best.pp, tp = pr->best.tp;
     for (int i = 0; n <= 8 && i < n && tr->peak_bytes[i] > 0; i++) {
         struct mem_breakdown mb;
         int stage = i / tp % pp;
@@ -685,6 +685,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
     float *m = NULL, *v = NULL;
     int64_t runtime_bytes = mem_process_runtime_bytes();
     double *hist_loss = NULL, *hist_eval = NULL; /* the run's history, [step - 1] */
+    int64_t *peaks = NULL;                       /* each device's peak memory */
     json_t *fp = NULL;
     int rc;
 
@@ -796,7 +797,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_batcher;
     hist_loss = malloc((size_t) total * sizeof(double));
     hist_eval = malloc((size_t) total * sizeof(double));
-    if (!hist_loss || !hist_eval) {
+    peaks = calloc((size_t) r->flavor.devices, sizeof(*peaks));
+    if (!hist_loss || !hist_eval || !peaks) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         goto out_params;
     }
@@ -916,6 +918,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         .json = o->json,
         .step_losses = hist_loss,
         .eval_losses = hist_eval,
+        .peak_bytes = peaks,
         .world = world,
     };
     /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
@@ -964,6 +967,7 @@ out_params:
     free(v);
     free(hist_loss);
     free(hist_eval);
+    free(peaks);
     llama_params_release(&host);
 out_batcher:
     records_release(&train);

@@ -1177,8 +1177,8 @@ static int device_run(struct dev *d, void *arg)
     /* device 0 learns every device's peak (other processes' devices too) */
     for (int i = 0; i < run->ndev; i++) {
         double peak = comm_allreduce_scalar(&dv.world, i == d->id ? (double) d->peak_bytes : 0.0);
-        if (d->id == 0 && i < 64)
-            run->res->peak_bytes[i] = (int64_t) peak;
+        if (d->id == 0 && job->peak_bytes)
+            job->peak_bytes[i] = (int64_t) peak;
     }
     free(rows);
     device_free(&dv);
@@ -1243,8 +1243,9 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     }
     res->ndev = ndev;
     res->capacity_bytes = r->flavor.device.memory_bytes;
-    for (int i = 0; i < nlocal && first + i < 64 && first > 0; i++)
-        res->peak_bytes[first + i] = ds.devs[i].peak_bytes;
+    for (int i = 0; i < nlocal && first > 0 && job->peak_bytes; i++)
+        job->peak_bytes[first + i] = ds.devs[i].peak_bytes;
+    res->peak_bytes = job->peak_bytes;
     res->interrupted = rc == MOAI_EINTR;
     for (int i = 0; rc == MOAI_EOOM && i < nlocal && !res->oom_requested_bytes; i++)
         if (ds.devs[i].oom_requested_bytes) {

@@ -83,6 +83,8 @@ struct train_job {
     bool quiet;               /* no step lines at all (tests) */
     double *step_losses;      /* optional: total_steps entries, [step - 1] */
     double *eval_losses;      /* optional: total_steps entries, [step - 1] after an evaluation */
+    int64_t *peak_bytes;      /* optional: dp x pp x tp entries, each device's peak memory (every
+                                 device's in the process of device 0, under MPI) */
     struct comm_world *world; /* optional: the devices' world (Open MPI); NULL: threads */
 };
 
@@ -93,7 +95,7 @@ struct train_result {
     double median_step_s; /* over the steps run, the first excepted when > 1 */
     double median_tokens_per_s;
     int ndev;
-    int64_t peak_bytes[64]; /* per device (the first 64) */
+    const int64_t *peak_bytes; /* job->peak_bytes once filled, NULL when the job gave none */
     int64_t capacity_bytes;
     bool interrupted;            /* stopped by SIGINT/SIGTERM after a save */
     int oom_device;              /* on MOAI_EOOM: the device that ran out, */

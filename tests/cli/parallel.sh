@@ -86,4 +86,22 @@ expect_eq "resumed data-parallel: status" 0 $?
 losses "$TMP/half.out" >"$TMP/half.loss"
 grep -E '^[456] ' "$TMP/ref.loss" >"$TMP/ref456.loss"
 close "$TMP/ref456.loss" "$TMP/half.loss" && ok || fail "resumed losses differ"
+
+# Past 64 devices every device's peak is still reported (96 devices: 12 x pp 2 x tp 4).
+{
+    tiny_recipe | sed 's/batch_size: 8/batch_size: 96/; s/limit: 64/limit: 192/'
+    cat <<YAML
+  max_steps: 1
+  save_dir: $TMP/out-96
+flavor: {device: cpu, devices: 96, memory_gb: 0.05}
+parallel: {tp: 4, pp: 2}
+YAML
+} >"$TMP/d96.yaml"
+"$MOAI_BIN" -q --json "$TMP/d96.yaml" 2>/dev/null | tail -n 1 >"$TMP/d96.out"
+python3 - "$TMP/d96.out" <<'PY' && ok || fail "96 devices: every peak reported, as predicted"
+import json, sys
+f = json.load(open(sys.argv[1]))
+assert f["status"] == "done" and len(f["peak_bytes"]) == 96, f
+assert f["peak_bytes"] == f["predicted_bytes"], f
+PY
 finish
