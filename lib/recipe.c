@@ -667,6 +667,18 @@ static int set_value(struct ynode **value, const char *path, const char *text, c
     return 0;
 }
 
+/* Every node of the tree n without a position (the yaml tree is at most YTREE_MAX_DEPTH deep,
+ * so the recursion is bounded). */
+static void clear_positions(struct ynode *n)
+{
+    n->line = n->col = 0;
+    for (size_t i = 0; i < n->n; i++) {
+        if (n->keys)
+            clear_positions(n->keys[i]);
+        clear_positions(n->items[i]);
+    }
+}
+
 /* Applies "KEY=VALUE" to the tree, creating mappings along the path as needed. */
 static int apply_set(struct ynode **root, const char *set, struct moai_err *err)
 {
@@ -694,18 +706,7 @@ static int apply_set(struct ynode **root, const char *set, struct moai_err *err)
         }
     }
     /* Positions inside VALUE mean little on a command line: report the option instead. */
-    struct ynode *stack[72];
-    size_t depth = 0;
-    stack[depth++] = value;
-    while (depth) {
-        struct ynode *n = stack[--depth];
-        n->line = n->col = 0;
-        for (size_t i = 0; i < n->n && depth + 2 < 72; i++) {
-            if (n->keys)
-                stack[depth++] = n->keys[i];
-            stack[depth++] = n->items[i];
-        }
-    }
+    clear_positions(value);
 
     if (!*root && !(*root = ynode_new_map(source))) {
         ynode_free(value);

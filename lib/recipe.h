@@ -2,7 +2,7 @@
  *
  * A recipe is read with libyaml into a small node tree, --set overrides are applied to the
  * tree, and the tree is checked against one schema table (recipe.c) that gives every key its
- * type, range, default and help. Errors name the source, line and column:
+ * type, range, default and choices. Errors name the source, line and column:
  *
  *     recipe.yaml:7:3: unknown key 'batchsize' in 'training' (did you mean 'batch_size'?)
  *
@@ -128,8 +128,9 @@ struct recipe_overrides {
 
 /* Loads path ("-" reads standard input), applies overrides, checks every key, fills
  * defaults, resolves the flavor and applies MOAI_ENABLE_ADVANCED_PARALLELIZATION (the
- * option wins over the variable, the variable over the recipe). Returns 0, MOAI_EUSAGE for
- * any recipe error, MOAI_EIO when the file cannot be read. On failure r holds nothing. */
+ * option wins over the variable, the variable over the recipe). Returns 0, or MOAI_EUSAGE for
+ * any recipe error, a file that cannot be opened or read included (exit status 2, as every
+ * usage error). On failure r holds nothing. */
 int recipe_load(struct recipe *r, const char *path, const struct recipe_overrides *ov,
                 struct moai_err *err);
 
