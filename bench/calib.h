@@ -138,7 +138,10 @@ static const char *calib_type(const char *device, const char **overrides)
     return flavor_device_type(device) ? device : NULL;
 }
 
-/* The recipe of the run: its cluster, batch and sequence, no pins. */
+/* The recipe of the run: its cluster, batch and sequence, no pins. For fitting, the
+ * environment variable CALIB_TFLOPS scales every device's peak (the product rate) by its
+ * value: the gemm_efficiency of flavor.c were chosen so that the fitting half's median ratio at
+ * scale 1 is near 1 (e.g. CALIB_TFLOPS=0.8 build/bench/bench_calibration shows the effect). */
 static int calib_recipe(struct recipe *r, const json_t *run, const char *device,
                         struct moai_err *err)
 {
