@@ -150,7 +150,8 @@ static int thr_allreduce_sum(struct comm *c, float *buf, size_t n)
     if (hi > lo)
         reduce_range(g, 0, lo, hi);
     thr_barrier(c);
-    memcpy(buf, g->scratch, n * sizeof(float));
+    if (n) /* an empty buffer: the scratch may never have been allocated */
+        memcpy(buf, g->scratch, n * sizeof(float));
     thr_barrier(c); /* nobody reuses the scratch until everyone has copied it */
     return 0;
 }
@@ -161,15 +162,18 @@ static int thr_reduce_scatter_sum(struct comm *c, const float *in, float *out, s
     int rc;
 
     if (c->size == 1) {
-        memcpy(out, in, n * sizeof(float));
+        if (n)
+            memcpy(out, in, n * sizeof(float));
         return 0;
     }
     g->in[c->rank] = in;
     if ((rc = grow_scratch(c, n * (size_t) c->size)) < 0)
         return rc;
     /* Rank r reduces the slice that ends up on rank r: no second copy through others. */
-    reduce_range(g, 0, (size_t) c->rank * n, (size_t) c->rank * n + n);
-    memcpy(out, g->scratch + (size_t) c->rank * n, n * sizeof(float));
+    if (n) {
+        reduce_range(g, 0, (size_t) c->rank * n, (size_t) c->rank * n + n);
+        memcpy(out, g->scratch + (size_t) c->rank * n, n * sizeof(float));
+    }
     thr_barrier(c);
     return 0;
 }
@@ -179,13 +183,13 @@ static int thr_allgather(struct comm *c, const float *in, float *out, size_t n)
     struct comm_group *g = c->group;
 
     if (c->size == 1) {
-        if (out != in)
+        if (out != in && n)
             memmove(out, in, n * sizeof(float));
         return 0;
     }
     g->in[c->rank] = in;
     thr_barrier(c);
-    for (int r = 0; r < c->size; r++)
+    for (int r = 0; r < c->size && n; r++)
         if (g->in[r] != out + (size_t) r * n)
             memcpy(out + (size_t) r * n, g->in[r], n * sizeof(float));
     thr_barrier(c);
