@@ -5,23 +5,11 @@
 # plan.json alone; resuming from a missing directory names it.
 . tests/cli/lib.inc
 
-recipe() { # recipe FILE SAVE_DIR [EXTRA TRAINING KEYS]
-    {
-        tiny_recipe
-        cat <<YAML
-  log_interval: 1
-  save_dir: $2
-  $3
-flavor: {device: cpu, devices: 2, memory_gb: 1}
-parallel: {pp: 1, tp: 1, recomputation: none}
-YAML
-    } >"$1"
-}
 sums() { (cd "$1" && sha256sum config.json model.safetensors optimizer.safetensors plan.json trainer_state.json); }
 
 # A good checkpoint at step 1, then a negative second moment (as a corrupted optimizer file
 # would hold): the update of step 2 makes a weight NaN while the loss and norm stay finite.
-recipe "$TMP/n.yaml" "$TMP/out-n" "save_interval: 1"
+dp_recipe "$TMP/n.yaml" "$TMP/out-n" "save_interval: 1"
 "$MOAI_BIN" -q --set training.max_steps=1 "$TMP/n.yaml" >/dev/null 2>"$TMP/n1.err"
 expect_eq "good run: status" 0 $?
 python3 - "$TMP/out-n/optimizer.safetensors" <<'PY' || fail "could not edit the optimizer state"
@@ -41,7 +29,7 @@ expect_eq "NaN weight: the step is printed" 2 "$(python3 -c 'import json,sys; pr
 (cd "$TMP/out-n" && sha256sum -c --quiet "$TMP/n.sum") && ok || fail "NaN weight: the good checkpoint changed"
 
 # SIGPIPE (the reader of standard output went away): saved, a message, 130
-recipe "$TMP/p.yaml" "$TMP/out-p" "max_steps: 100000"
+dp_recipe "$TMP/p.yaml" "$TMP/out-p" "max_steps: 100000"
 ("$MOAI_BIN" -q "$TMP/p.yaml" 2>"$TMP/p.err"; echo $? >"$TMP/p.rc") | head -n 3 >/dev/null
 expect_eq "SIGPIPE: status" 130 "$(cat "$TMP/p.rc")"
 step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$TMP/out-p/trainer_state.json" 2>/dev/null)
@@ -50,7 +38,7 @@ expect_eq "SIGPIPE: message" "moai-finetune: error: interrupted by SIGPIPE: chec
 
 # standard output on a full disk: saved, a message, 1
 if [ -w /dev/full ]; then
-    recipe "$TMP/w.yaml" "$TMP/out-w" "max_steps: 5"
+    dp_recipe "$TMP/w.yaml" "$TMP/out-w" "max_steps: 5"
     "$MOAI_BIN" -q "$TMP/w.yaml" >/dev/full 2>"$TMP/w.err"
     expect_eq "/dev/full: status" 1 $?
     step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$TMP/out-w/trainer_state.json" 2>/dev/null)
@@ -67,7 +55,7 @@ expect_eq "failed run: status" 1 $?
 expect_eq "failed run: plan.json unchanged" "$before" "$(sha256sum <"$TMP/out-n/plan.json")"
 
 # resuming from a directory that does not exist: a recipe error naming it, with no line number
-recipe "$TMP/r.yaml" "$TMP/out-r" "max_steps: 1"
+dp_recipe "$TMP/r.yaml" "$TMP/out-r" "max_steps: 1"
 "$MOAI_BIN" -q --set "training.resume=$TMP/nowhere" "$TMP/r.yaml" >/dev/null 2>"$TMP/r.err"
 expect_eq "resume from nowhere: status" 2 $?
 expect_eq "resume from nowhere: message" "moai-finetune: error: cannot resume from '$TMP/nowhere': it holds no checkpoint

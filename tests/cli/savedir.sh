@@ -6,16 +6,8 @@
 
 ROOT=$PWD
 recipe() { # recipe FILE SAVE_DIR [EXTRA TRAINING KEYS]: paths absolute, so it runs anywhere
-    {
-        tiny_recipe | sed "s|: models/|: $ROOT/models/|; s|: datasets/|: $ROOT/datasets/|"
-        cat <<YAML
-  log_interval: 1
-  save_dir: $2
-  $3
-flavor: {device: cpu, devices: 2, memory_gb: 1}
-parallel: {pp: 1, tp: 1, recomputation: none}
-YAML
-    } >"$1"
+    dp_recipe "$@"
+    sed -i "s|: models/|: $ROOT/models/|; s|: datasets/|: $ROOT/datasets/|" "$1"
 }
 
 # user_files DIR: a recipe-like file, notes, a subfolder of data and a symbolic link

@@ -4,21 +4,9 @@
 # OUT_OF_MEMORY report of a device that is too small.
 . tests/cli/lib.inc
 
-recipe() { # recipe FILE SAVE_DIR [EXTRA TRAINING KEYS]
-    {
-        tiny_recipe
-        cat <<YAML
-  log_interval: 1
-  save_dir: $2
-  $3
-flavor: {device: cpu, devices: 2, memory_gb: 1}
-parallel: {pp: 1, tp: 1, recomputation: none}
-YAML
-    } >"$1"
-}
 
 # A whole run: step lines, final lines, checkpoint.
-recipe "$TMP/a.yaml" "$TMP/out-a" "max_steps: 6"
+dp_recipe "$TMP/a.yaml" "$TMP/out-a" "max_steps: 6"
 "$MOAI_BIN" -q "$TMP/a.yaml" >"$TMP/a.out" 2>"$TMP/a.err"
 expect_eq "train: status" 0 $?
 expect_eq "train: step lines" 6 "$(grep -cE '^\[Step [1-6]/6\] \| Loss: [0-9]+(\.[0-9]+)? \| Duration: [0-9]+\.[0-9]{2} \| Throughput: [0-9]+\.[0-9]{2} tokens/sec$' "$TMP/a.out")"
@@ -44,10 +32,10 @@ assert json.load(open(d + "/plan.json"))["dp"] >= 1
 PY
 
 # The loss of step 6 when the run stops at 3 and resumes equals the uninterrupted run's.
-recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 3"
+dp_recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 3"
 "$MOAI_BIN" -q "$TMP/b.yaml" >/dev/null 2>&1
 expect_eq "first half: status" 0 $?
-recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 6"
+dp_recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 6"
 "$MOAI_BIN" -q "$TMP/b.yaml" >"$TMP/b.out" 2>"$TMP/b.err"
 expect_eq "resumed: status" 0 $?
 expect_eq "resumed: steps 4 to 6 only" "4 5 6" "$(sed -n 's/^\[Step \([0-9]*\)\/6\].*/\1/p' "$TMP/b.out" | xargs)"
@@ -56,7 +44,7 @@ expect_eq "resumed losses equal the whole run's" \
     "$(grep -E '^\[Step [456]/6\]' "$TMP/b.out" | sed 's/ | Duration.*//')"
 
 # JSON Lines: one object per step and a final summary.
-recipe "$TMP/c.yaml" "$TMP/out-c" "max_steps: 2"
+dp_recipe "$TMP/c.yaml" "$TMP/out-c" "max_steps: 2"
 "$MOAI_BIN" -q --json "$TMP/c.yaml" >"$TMP/c.out" 2>/dev/null
 expect_eq "--json: status" 0 $?
 python3 - "$TMP/c.out" <<'PY' && ok || fail "--json step objects"
@@ -100,7 +88,7 @@ grep -q "the process would need .* more than this machine's" "$TMP/big.err" && o
 [ ! -e "$TMP/out-big" ] && ok || fail "process too big: save_dir created"
 
 # SIGINT saves and exits 130; the run then resumes to the end.
-recipe "$TMP/d.yaml" "$TMP/out-d" "max_steps: 400"
+dp_recipe "$TMP/d.yaml" "$TMP/out-d" "max_steps: 400"
 "$MOAI_BIN" -q "$TMP/d.yaml" >"$TMP/d.out" 2>"$TMP/d.err" &
 pid=$!
 for _ in $(seq 100); do grep -q '^\[Step' "$TMP/d.out" 2>/dev/null && break; sleep 0.1; done
@@ -111,7 +99,7 @@ step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])"
 [ -n "$step" ] && [ "$step" -ge 1 ] && [ "$step" -lt 400 ] && ok || fail "SIGINT: checkpoint at step '$step'"
 
 # A device too small for the plan: the OUT_OF_MEMORY report and exit 3.
-recipe "$TMP/e.yaml" "$TMP/out-e" "max_steps: 1"
+dp_recipe "$TMP/e.yaml" "$TMP/out-e" "max_steps: 1"
 "$MOAI_BIN" -q --set 'flavor={device: cpu, devices: 2, memory_gb: 0.001}' "$TMP/e.yaml" >/dev/null 2>"$TMP/e.err"
 expect_eq "too small: status" 3 $?
 grep -q '^moai-finetune: error: Error Code 4: OUT_OF_MEMORY$' "$TMP/e.err" && ok || fail "too small: report: $(cat "$TMP/e.err")"
