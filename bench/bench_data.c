@@ -60,14 +60,14 @@ static void bench_llama3(const struct dataset_texts *texts, double spm_rate)
         die(&err);
     double load = bench_now() - t0, t[3], c[3];
     for (int r = 0; r < 3; r++) {
-        struct data_set ds;
+        struct tokenized ds;
         t0 = bench_now();
         double c0 = cpu_now();
-        if (data_tokenize(&ds, texts, tk, 1024, 2, &err) < 0)
+        if (tokenize_texts(&ds, texts, tk, 1024, 2, &err) < 0)
             die(&err);
         t[r] = bench_now() - t0;
         c[r] = cpu_now() - c0;
-        data_set_release(&ds);
+        tokenized_release(&ds);
     }
     double med = bench_median(t, 3), cmed = bench_median(c, 3);
     snprintf(fig, sizeof(fig), "%.0f ex/s", (double) texts->n / med);
@@ -98,16 +98,16 @@ int main(void)
     const int64_t blocks[] = {1024, 256};
     for (int b = 0; b < 2; b++) {
         int64_t T = blocks[b];
-        struct data_set ds;
+        struct tokenized ds;
         double c[3];
         for (int r = 0; r < 3; r++) {
             t0 = bench_now();
             double c0 = cpu_now();
-            if (data_tokenize(&ds, &texts, sp, T, 2, &err) < 0)
+            if (tokenize_texts(&ds, &texts, sp, T, 2, &err) < 0)
                 die(&err);
             t[r] = bench_now() - t0;
             c[r] = cpu_now() - c0;
-            data_set_release(&ds);
+            tokenized_release(&ds);
         }
         double med = bench_median(t, 3), cmed = bench_median(c, 3);
         snprintf(name, sizeof(name), "data: tokenize, block %" PRId64 ", 2 threads", T);
@@ -118,16 +118,16 @@ int main(void)
         bench_row(name, fig, ">= 20000 ex/s", note);
         if (T == 1024)
             spm_rate = (double) texts.n / cmed;
-        /* first data_prepare stores the cache; the next three load it */
-        if (data_prepare(&ds, DATASET, TOKENIZER, TEMPLATE, RESPONSE, T, -1, dir, &err) < 0)
+        /* first tokcache_prepare stores the cache; the next three load it */
+        if (tokcache_prepare(&ds, DATASET, TOKENIZER, TEMPLATE, RESPONSE, T, -1, dir, &err) < 0)
             die(&err);
-        data_set_release(&ds);
+        tokenized_release(&ds);
         for (int r = 0; r < 3; r++) {
             t0 = bench_now();
-            if (data_prepare(&ds, DATASET, TOKENIZER, TEMPLATE, RESPONSE, T, -1, dir, &err) < 0)
+            if (tokcache_prepare(&ds, DATASET, TOKENIZER, TEMPLATE, RESPONSE, T, -1, dir, &err) < 0)
                 die(&err);
             t[r] = bench_now() - t0;
-            data_set_release(&ds);
+            tokenized_release(&ds);
         }
         med = bench_median(t, 3);
         snprintf(name, sizeof(name), "data: cached reload, block %" PRId64, T);

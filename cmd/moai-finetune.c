@@ -237,7 +237,7 @@ static int check_stdout(struct moai_err *err)
 /* --tokenize: one JSON object per example, in file order, without padding. */
 static int run_tokenize(const struct recipe *r, struct moai_err *err)
 {
-    struct data_set ds;
+    struct tokenized ds;
     int rc = exec_prepare_data(r, &ds, NULL, err);
     if (rc < 0)
         return rc;
@@ -251,7 +251,7 @@ static int run_tokenize(const struct recipe *r, struct moai_err *err)
             printf(t ? ", %d" : "%d", (int) lab[t]);
         fputs("]}\n", stdout);
     }
-    data_set_release(&ds);
+    tokenized_release(&ds);
     if (fflush(stdout) != 0 || ferror(stdout))
         return moai_err_set(err, MOAI_EIO, "cannot write to standard output");
     return 0;

@@ -201,18 +201,18 @@ static void test_spm_bad_tokenizer(void **state)
         assert_true(strlen(err.msg) > strlen(want)); /* the library's reason follows */
         assert_null(strchr(err.msg, '\n'));
     }
-    /* through data_prepare, a file that is no tokenizer says so (not SentencePiece's parse
+    /* through tokcache_prepare, a file that is no tokenizer says so (not SentencePiece's parse
      * error), and a truncated SentencePiece model gives the library's reason */
-    struct data_set ds;
+    struct tokenized ds;
     struct moai_err err = {0};
-    assert_int_equal(data_prepare(&ds, "tests/data/datasets/small.jsonl",
+    assert_int_equal(tokcache_prepare(&ds, "tests/data/datasets/small.jsonl",
                                   "tests/data/bad/tokenizer/not-a-model.model", TEMPLATE, NULL, 64,
                                   -1, NULL, &err),
                      MOAI_EUSAGE);
     assert_string_equal(err.msg, "'tests/data/bad/tokenizer/not-a-model.model' is not a "
                                  "tokenizer: expected a tokenizer.json, a tiktoken file or a "
                                  "SentencePiece model");
-    assert_int_equal(data_prepare(&ds, "tests/data/datasets/small.jsonl",
+    assert_int_equal(tokcache_prepare(&ds, "tests/data/datasets/small.jsonl",
                                   "tests/data/bad/tokenizer/truncated.model", TEMPLATE, NULL, 64,
                                   -1, NULL, &err),
                      MOAI_EIO);
@@ -375,7 +375,7 @@ static void test_dataset_bad_files(void **state)
 
 /* ---- tokenization ---- */
 
-static void tokenize_mem(struct data_set *ds, const char *data, const char *tmpl, const char *resp,
+static void tokenize_mem(struct tokenized *ds, const char *data, const char *tmpl, const char *resp,
                          int64_t T)
 {
     struct dataset_texts dt;
@@ -383,7 +383,7 @@ static void tokenize_mem(struct data_set *ds, const char *data, const char *tmpl
     struct tokenizer *sp = tk_load();
     if (load_mem(&dt, data, tmpl, resp, &err) < 0)
         fail_msg("%s", err.msg);
-    if (data_tokenize(ds, &dt, sp, T, 2, &err) < 0)
+    if (tokenize_texts(ds, &dt, sp, T, 2, &err) < 0)
         fail_msg("%s", err.msg);
     dataset_texts_release(&dt);
     tokenizer_free(sp);
@@ -392,14 +392,14 @@ static void tokenize_mem(struct data_set *ds, const char *data, const char *tmpl
 static void test_tokenize_matches_tool(void **state)
 {
     (void) state;
-    struct data_set one, two;
+    struct tokenized one, two;
     struct dataset_texts dt;
     struct moai_err err = {0};
     struct tokenizer *sp = tk_load();
     assert_int_equal(
         dataset_load(&dt, "tests/data/datasets/sample.jsonl", "{text}", NULL, -1, &err), 0);
-    assert_int_equal(data_tokenize(&one, &dt, sp, 256, 1, &err), 0);
-    assert_int_equal(data_tokenize(&two, &dt, sp, 256, 2, &err), 0);
+    assert_int_equal(tokenize_texts(&one, &dt, sp, 256, 1, &err), 0);
+    assert_int_equal(tokenize_texts(&two, &dt, sp, 256, 2, &err), 0);
     assert_memory_equal(one.tokens, two.tokens, sizeof(int32_t) * 256 * (size_t) one.n);
     assert_memory_equal(one.labels, two.labels, sizeof(int32_t) * 256 * (size_t) one.n);
     char *ids = read_file("tests/data/datasets/sample.ids", NULL);
@@ -421,13 +421,13 @@ static void test_tokenize_matches_tool(void **state)
     }
     assert_int_equal(two.truncated, 0);
     free(ids);
-    data_set_release(&one);
-    data_set_release(&two);
+    tokenized_release(&one);
+    tokenized_release(&two);
     dataset_texts_release(&dt);
     tokenizer_free(sp);
 }
 
-static void assert_row(const struct data_set *ds, int64_t i, const int32_t *tok, const int32_t *lab,
+static void assert_row(const struct tokenized *ds, int64_t i, const int32_t *tok, const int32_t *lab,
                        int64_t len)
 {
     assert_memory_equal(ds->tokens + i * ds->T, tok, sizeof(int32_t) * (size_t) ds->T);
@@ -440,20 +440,20 @@ static void test_tokenize_padding_and_truncation(void **state)
 {
     (void) state;
     const char *data = "{\"t\": \"a b\"}\n";
-    struct data_set ds;
+    struct tokenized ds;
     tokenize_mem(&ds, data, "{t}", NULL, 6);
     assert_row(&ds, 0, (int32_t[]){1, 268, 715, 2, 3, 3}, (int32_t[]){1, 268, 715, 2, -100, -100},
                4);
     assert_int_equal(ds.truncated, 0);
-    data_set_release(&ds);
+    tokenized_release(&ds);
     tokenize_mem(&ds, data, "{t}", NULL, 4); /* exact fit: EOS kept */
     assert_row(&ds, 0, (int32_t[]){1, 268, 715, 2}, (int32_t[]){1, 268, 715, 2}, 4);
     assert_int_equal(ds.truncated, 0);
-    data_set_release(&ds);
+    tokenized_release(&ds);
     tokenize_mem(&ds, data, "{t}", NULL, 3); /* too long: the EOS is lost, counted */
     assert_row(&ds, 0, (int32_t[]){1, 268, 715}, (int32_t[]){1, 268, 715}, 3);
     assert_int_equal(ds.truncated, 1);
-    data_set_release(&ds);
+    tokenized_release(&ds);
 }
 
 /* "a => b" is [268 "▁a" @0, 5950 "▁=>" @1, 715 "▁b" @4]; response_start " =>" ends at 4. */
@@ -461,33 +461,33 @@ static void test_tokenize_response_start(void **state)
 {
     (void) state;
     const char *data = "{\"q\": \"a\", \"r\": \"b\"}\n";
-    struct data_set ds;
+    struct tokenized ds;
     tokenize_mem(&ds, data, "{q} => {r}", " =>", 7);
     assert_row(&ds, 0, (int32_t[]){1, 268, 5950, 715, 2, 3, 3},
                (int32_t[]){-100, -100, -100, 715, 2, -100, -100}, 5);
     assert_int_equal(ds.masked[0], 3);
-    data_set_release(&ds);
+    tokenized_release(&ds);
     /* the response is empty: everything but the EOS is masked, the EOS still learned */
     tokenize_mem(&ds, data, "{q} =>", " =>", 6);
     assert_row(&ds, 0, (int32_t[]){1, 268, 5950, 2, 3, 3},
                (int32_t[]){-100, -100, -100, 2, -100, -100}, 4);
-    data_set_release(&ds);
+    tokenized_release(&ds);
     /* truncated inside the prompt: every label masked, nothing out of range */
     tokenize_mem(&ds, data, "{q} => {r}", " =>", 2);
     assert_row(&ds, 0, (int32_t[]){1, 268}, (int32_t[]){-100, -100}, 2);
     assert_int_equal(ds.truncated, 1);
-    data_set_release(&ds);
+    tokenized_release(&ds);
 }
 
 static void test_tokenize_bad_block_size(void **state)
 {
     (void) state;
     struct dataset_texts dt;
-    struct data_set ds;
+    struct tokenized ds;
     struct moai_err err = {0};
     struct tokenizer *sp = tk_load();
     assert_int_equal(load_mem(&dt, "{\"t\": \"a\"}", "{t}", NULL, &err), 0);
-    assert_int_equal(data_tokenize(&ds, &dt, sp, 1, 2, &err), MOAI_EUSAGE);
+    assert_int_equal(tokenize_texts(&ds, &dt, sp, 1, 2, &err), MOAI_EUSAGE);
     assert_string_equal(err.msg, "block size 1 is outside [2, 2147483647]");
     dataset_texts_release(&dt);
     tokenizer_free(sp);
@@ -518,13 +518,13 @@ static int cache_teardown(void **state)
     return nftw(cache_root, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
 }
 
-static void prepare(struct data_set *ds, const char *dir, int64_t T, char *log, size_t logsize)
+static void prepare(struct tokenized *ds, const char *dir, int64_t T, char *log, size_t logsize)
 {
     struct moai_err err = {0};
     FILE *f = fmemopen(log, logsize, "w");
     log_set_stream(f);
     log_set_level(LOG_INFO);
-    int rc = data_prepare(ds, "tests/data/datasets/small.jsonl", TOKENIZER, TEMPLATE,
+    int rc = tokcache_prepare(ds, "tests/data/datasets/small.jsonl", TOKENIZER, TEMPLATE,
                           "[/SUMMARIZE]\n", T, -1, dir, &err);
     log_set_level(LOG_WARN);
     log_set_stream(NULL);
@@ -533,7 +533,7 @@ static void prepare(struct data_set *ds, const char *dir, int64_t T, char *log, 
         fail_msg("%s", err.msg);
 }
 
-static void assert_same_set(const struct data_set *a, const struct data_set *b)
+static void assert_same_set(const struct tokenized *a, const struct tokenized *b)
 {
     assert_int_equal(a->n, b->n);
     assert_int_equal(a->T, b->T);
@@ -560,7 +560,7 @@ static void test_tokcache_hit_and_miss(void **state)
     (void) state;
     char dir[256], path[512], log[4096];
     snprintf(dir, sizeof(dir), "%s/a/b", cache_root); /* parents are created */
-    struct data_set fresh, cached, other;
+    struct tokenized fresh, cached, other;
     prepare(&fresh, dir, 64, log, sizeof(log));
     assert_null(strstr(log, "Loaded"));
     cache_file(path, sizeof(path), dir, 64);
@@ -576,9 +576,9 @@ static void test_tokcache_hit_and_miss(void **state)
     cache_file(other_path, sizeof(other_path), dir, 32);
     assert_string_not_equal(path, other_path);
     assert_int_equal(access(other_path, R_OK), 0);
-    data_set_release(&fresh);
-    data_set_release(&cached);
-    data_set_release(&other);
+    tokenized_release(&fresh);
+    tokenized_release(&cached);
+    tokenized_release(&other);
 }
 
 static void test_tokcache_corrupt_is_rebuilt(void **state)
@@ -586,7 +586,7 @@ static void test_tokcache_corrupt_is_rebuilt(void **state)
     (void) state;
     char dir[256], path[512], log[4096];
     snprintf(dir, sizeof(dir), "%s/c", cache_root);
-    struct data_set good;
+    struct tokenized good;
     prepare(&good, dir, 64, log, sizeof(log));
     cache_file(path, sizeof(path), dir, 64);
     size_t size;
@@ -602,7 +602,7 @@ static void test_tokcache_corrupt_is_rebuilt(void **state)
         else
             len = k == 5 ? size / 2 : 0;
         write_file(path, bytes, len);
-        struct data_set got, direct;
+        struct tokenized got, direct;
         struct moai_err err = {0};
         uint64_t key;
         assert_int_equal(tokcache_key(&key, "tests/data/datasets/small.jsonl", TOKENIZER, TEMPLATE,
@@ -616,12 +616,12 @@ static void test_tokcache_corrupt_is_rebuilt(void **state)
         /* rebuilt: the file is whole again */
         assert_int_equal(tokcache_load(&direct, path, key, &err), 0);
         assert_same_set(&good, &direct);
-        data_set_release(&direct);
-        data_set_release(&got);
+        tokenized_release(&direct);
+        tokenized_release(&got);
         free(bytes);
     }
     free(orig);
-    data_set_release(&good);
+    tokenized_release(&good);
 }
 
 static void test_tokcache_hash_known_values(void **state)
@@ -647,7 +647,7 @@ static void test_batch_splitmix64_reference(void **state)
 static void test_batch_split(void **state)
 {
     (void) state;
-    struct batcher a, b, c;
+    struct batches a, b, c;
     struct moai_err err = {0};
     assert_int_equal(batch_init(&a, 100, 8, 0.1, true, 42, &err), 0);
     assert_int_equal(batch_init(&b, 100, 8, 0.1, true, 42, &err), 0);
@@ -684,7 +684,7 @@ static void test_batch_split(void **state)
 static void test_batch_shuffle(void **state)
 {
     (void) state;
-    struct batcher b, f;
+    struct batches b, f;
     struct moai_err err = {0};
     assert_int_equal(batch_init(&b, 50, 4, 0.0, true, 7, &err), 0);
     assert_int_equal(batch_init(&f, 50, 4, 0.0, false, 7, &err), 0);

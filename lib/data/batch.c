@@ -44,7 +44,7 @@ static int cmp_i64(const void *x, const void *y)
     return (a > b) - (a < b);
 }
 
-int batch_init(struct batcher *b, int64_t n, int64_t batch_size, double validation_fraction,
+int batch_init(struct batches *b, int64_t n, int64_t batch_size, double validation_fraction,
                bool shuffle, uint64_t seed, struct moai_err *err)
 {
     memset(b, 0, sizeof(*b));
@@ -85,21 +85,21 @@ int batch_init(struct batcher *b, int64_t n, int64_t batch_size, double validati
     return 0;
 }
 
-void batch_release(struct batcher *b)
+void batch_release(struct batches *b)
 {
     free(b->train);
     free(b->val);
     memset(b, 0, sizeof(*b));
 }
 
-void batch_epoch_order(const struct batcher *b, int64_t epoch, int64_t *order)
+void batch_epoch_order(const struct batches *b, int64_t epoch, int64_t *order)
 {
     memcpy(order, b->train, sizeof(int64_t) * (size_t) b->n_train);
     if (b->shuffle)
         fisher_yates(order, b->n_train, b->seed + GOLDEN * (uint64_t) (epoch + 1));
 }
 
-void batch_rows(const struct batcher *b, int64_t epoch, int64_t index, int64_t *rows)
+void batch_rows(const struct batches *b, int64_t epoch, int64_t index, int64_t *rows)
 {
     MOAI_ASSERT(index >= 0 && index < b->steps_per_epoch);
     if (!b->shuffle) {

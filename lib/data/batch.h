@@ -13,10 +13,10 @@
  * - Steps per epoch = floor(training records / batch size): the last partial batch is
  *   dropped. Step `index` of an epoch takes entries index*B .. index*B+B-1 of its order.
  *
- * Ownership: struct batcher owns its index arrays (batch_release). Thread-safety: after
+ * Ownership: struct batches owns its index arrays (batch_release). Thread-safety: after
  * batch_init every function only reads it.
  *
- *     struct batcher b;
+ *     struct batches b;
  *     batch_init(&b, ds.n, 16, 0.1, true, 42, &err);
  *     int64_t rows[16]; batch_rows(&b, epoch, step, rows);
  */
@@ -28,7 +28,7 @@
 
 #include "err.h"
 
-struct batcher {
+struct batches {
     int64_t n;               /* records in the dataset */
     int64_t batch_size;      /* sequences per step */
     int64_t n_train, n_val;  /* n_train + n_val = n */
@@ -44,15 +44,15 @@ uint64_t batch_splitmix64(uint64_t *state);
 
 /* Fails (MOAI_EUSAGE) when validation_fraction is outside [0, 1) or fewer training records
  * remain than one batch. Returns 0 or a negative code with err filled. */
-int batch_init(struct batcher *b, int64_t n, int64_t batch_size, double validation_fraction,
+int batch_init(struct batches *b, int64_t n, int64_t batch_size, double validation_fraction,
                bool shuffle, uint64_t seed, struct moai_err *err);
-void batch_release(struct batcher *b);
+void batch_release(struct batches *b);
 
 /* The full training order of an epoch: n_train record indices into order. */
-void batch_epoch_order(const struct batcher *b, int64_t epoch, int64_t *order);
+void batch_epoch_order(const struct batches *b, int64_t epoch, int64_t *order);
 
 /* The batch_size record indices of step index (0 .. steps_per_epoch-1) of epoch epoch.
  * A pure function of its arguments (it recomputes the epoch's order: O(n_train)). */
-void batch_rows(const struct batcher *b, int64_t epoch, int64_t index, int64_t *rows);
+void batch_rows(const struct batches *b, int64_t epoch, int64_t index, int64_t *rows);
 
 #endif

@@ -168,7 +168,7 @@ static uint64_t payload_bytes(uint64_t n, uint64_t T)
     return a > UINT64_MAX - b ? 0 : a + b;
 }
 
-int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct moai_err *err)
+int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err)
 {
     memset(out, 0, sizeof(*out));
     int rc = 0;
@@ -264,12 +264,12 @@ int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct m
             goto out;
         }
     }
-    data_set_fill_labels(out);
+    tokenized_fill_labels(out);
 out:
     free(file);
     fclose(f);
     if (rc < 0)
-        data_set_release(out);
+        tokenized_release(out);
     return rc;
 }
 
@@ -309,7 +309,7 @@ static int write_all(int fd, const void *data, size_t size)
     return 0;
 }
 
-int tokcache_store(const struct data_set *ds, const char *path, uint64_t key, struct moai_err *err)
+int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err)
 {
     static _Atomic unsigned counter;
     char dir[4096], tmp[4200];
@@ -395,7 +395,7 @@ static int chat_of_tokenizer(const struct tokenizer *tk)
     return -1;
 }
 
-static int tokenize_fresh(struct data_set *out, const char *dataset_path,
+static int tokenize_fresh(struct tokenized *out, const char *dataset_path,
                           const char *tokenizer_path, const char *tmpl, const char *response_start,
                           const struct data_recipe *dr, int64_t T, int64_t limit,
                           struct moai_err *err)
@@ -444,7 +444,7 @@ static int tokenize_fresh(struct data_set *out, const char *dataset_path,
     }
     rc = dataset_load_format(&texts, dataset_path, &f, limit, err);
     if (rc == 0) {
-        rc = data_tokenize(out, &texts, tk, T, 2, err);
+        rc = tokenize_texts(out, &texts, tk, T, 2, err);
         dataset_texts_release(&texts);
     }
 out:
@@ -454,15 +454,15 @@ out:
     return rc;
 }
 
-int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+int tokcache_prepare(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
                  const char *tmpl, const char *response_start, int64_t T, int64_t limit,
                  const char *cache_dir, struct moai_err *err)
 {
-    return data_prepare_format(out, dataset_path, tokenizer_path, tmpl, response_start, NULL, T,
+    return tokcache_prepare_format(out, dataset_path, tokenizer_path, tmpl, response_start, NULL, T,
                                limit, cache_dir, err);
 }
 
-int data_prepare_format(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+int tokcache_prepare_format(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
                         const char *tmpl, const char *response_start, const struct data_recipe *dr,
                         int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err)
 {
@@ -484,7 +484,7 @@ int data_prepare_format(struct data_set *out, const char *dataset_path, const ch
         if (tokcache_load(out, path, key, &lerr) == 0) {
             log_info("Loaded %" PRId64 " tokenized examples from the cache '%s' in %.2f s.", out->n,
                      path, progress_now() - t0);
-            data_set_log_stats(out);
+            tokenized_log_stats(out);
             return 0;
         }
         if (access(path, F_OK) == 0)
@@ -493,7 +493,7 @@ int data_prepare_format(struct data_set *out, const char *dataset_path, const ch
     rc = tokenize_fresh(out, dataset_path, tokenizer_path, tmpl, response_start, dr, T, limit, err);
     if (rc < 0)
         return rc;
-    data_set_log_stats(out);
+    tokenized_log_stats(out);
     if (cache_dir) {
         struct moai_err serr = {0};
         if (tokcache_store(out, path, key, &serr) < 0)

@@ -1,6 +1,6 @@
 /* tokcache.h - the token cache: tokenized datasets stored zstd-compressed, keyed by a hash.
  *
- * data_prepare is the trainer's one call: it hashes everything the arrays depend on (the
+ * tokcache_prepare is the trainer's one call: it hashes everything the arrays depend on (the
  * dataset file's bytes, the tokenizer file's bytes, the template, response_start, the block
  * size, the record limit and TOKCACHE_VERSION) into a 64-bit key, and loads
  * <cache_dir>/<key as 16 hex digits>.tok.zst when it is there and whole; otherwise it
@@ -21,17 +21,17 @@
  *     64  8  header checksum (tokcache_hash of bytes 0..63)
  *     72  ..  one zstd frame of the payload: tokens (n*T int32), lengths (n int64),
  *             masked (n int64), mask (n*T bytes, 0 or 1); labels are rebuilt from these
- *             (data_set_fill_labels)
+ *             (tokenized_fill_labels)
  * Writes go to a temporary file in cache_dir, renamed over the target, so a reader never
  * sees a partial file.
  *
  * Thread-safety: none shared. Errors: 0 or a negative code with err filled; a cache that
  * cannot be written is only a warning.
  *
- *     struct data_set ds;
- *     if (data_prepare(&ds, "data.jsonl.zst", "tokenizer.model", tmpl, NULL, 1024, -1,
+ *     struct tokenized ds;
+ *     if (tokcache_prepare(&ds, "data.jsonl.zst", "tokenizer.model", tmpl, NULL, 1024, -1,
  *                      cache_dir, &err) < 0) ...
- *     data_set_release(&ds);
+ *     tokenized_release(&ds);
  */
 #ifndef MOAI_TOKCACHE_H
 #define MOAI_TOKCACHE_H
@@ -62,10 +62,10 @@ void tokcache_path(char *buf, size_t size, const char *cache_dir, uint64_t key);
 
 /* Loads a cache file. Returns 0, or MOAI_EIO with a reason in err when the file is missing,
  * truncated or fails any check (the caller rebuilds). */
-int tokcache_load(struct data_set *out, const char *path, uint64_t key, struct moai_err *err);
+int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err);
 
 /* Stores ds under path atomically, creating the directory (and its parents). */
-int tokcache_store(const struct data_set *ds, const char *path, uint64_t key, struct moai_err *err);
+int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err);
 
 /* How records become text, beyond the template (recipe keys dataset.format,
  * dataset.chat_template, dataset.train_on). */
@@ -81,15 +81,15 @@ int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tok
                         const char *tmpl, const char *response_start, const struct data_recipe *dr,
                         int64_t T, int64_t limit, struct moai_err *err);
 
-/* data_prepare for any dataset format; dr NULL is format text. The chat template, when not
+/* tokcache_prepare for any dataset format; dr NULL is format text. The chat template, when not
  * named, follows the tokenizer's special tokens (llama3, chatml, mistral), and an error says
  * so when none fits. */
-int data_prepare_format(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+int tokcache_prepare_format(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
                         const char *tmpl, const char *response_start, const struct data_recipe *dr,
                         int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err);
 
 /* Loads from the cache or tokenizes (2 threads) and stores. cache_dir NULL: no cache. */
-int data_prepare(struct data_set *out, const char *dataset_path, const char *tokenizer_path,
+int tokcache_prepare(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
                  const char *tmpl, const char *response_start, int64_t T, int64_t limit,
                  const char *cache_dir, struct moai_err *err);
 

@@ -13,7 +13,7 @@
 #include "progress.h"
 
 struct tok_job {
-    struct data_set *ds;
+    struct tokenized *ds;
     const struct dataset_texts *texts;
     const struct tokenizer *tk;
     uint32_t *starts; /* (T) scratch: where each id starts */
@@ -41,7 +41,7 @@ static bool in_ranges(const size_t *r, size_t n, size_t a, size_t z)
  * mask row: 1 where the label is masked (the prompt), 0 elsewhere, padding included. */
 static int tokenize_row(struct tok_job *j, int64_t i)
 {
-    struct data_set *ds = j->ds;
+    struct tokenized *ds = j->ds;
     const int64_t T = ds->T;
     int32_t *row = ds->tokens + i * T;
     uint8_t *mask = ds->mask + i * T;
@@ -119,7 +119,7 @@ static void *tok_worker(void *arg)
     return NULL;
 }
 
-void data_set_fill_labels(struct data_set *ds)
+void tokenized_fill_labels(struct tokenized *ds)
 {
     for (int64_t i = 0; i < ds->n; i++) {
         const int32_t *tok = ds->tokens + i * ds->T;
@@ -144,10 +144,10 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
+int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
                   const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err)
 {
-    struct data_set *ds = out;
+    struct tokenized *ds = out;
     memset(ds, 0, sizeof(*ds));
     if (T < 2 || T > INT32_MAX)
         return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
@@ -168,7 +168,7 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
     ds->masked = malloc(sizeof(int64_t) * (size_t) ds->n);
     ds->mask = malloc(cells);
     if (!ds->tokens || !ds->labels || !ds->lengths || !ds->masked || !ds->mask) {
-        data_set_release(ds);
+        tokenized_release(ds);
         return moai_err_set(err, MOAI_ENOMEM, "tokenizing %" PRId64 " records: out of memory",
                             texts->n);
     }
@@ -187,7 +187,7 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
         if (texts->train_off && !(jobs[k].starts = malloc(sizeof(uint32_t) * (size_t) T))) {
             for (int q = 0; q <= k; q++)
                 free(jobs[q].starts);
-            data_set_release(ds);
+            tokenized_release(ds);
             return moai_err_set(err, MOAI_ENOMEM, "tokenizing: out of memory");
         }
         jobs[k].begin = ds->n * k / nthreads;
@@ -227,16 +227,16 @@ int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
         }
     }
     if (rc < 0) {
-        data_set_release(ds);
+        tokenized_release(ds);
         return rc;
     }
     progress_update(&bar, ds->n);
     progress_finish(&bar);
-    data_set_fill_labels(ds);
+    tokenized_fill_labels(ds);
     return 0;
 }
 
-int64_t data_set_count_unscored(const struct data_set *ds)
+int64_t tokenized_count_unscored(const struct tokenized *ds)
 {
     int64_t none = 0;
     for (int64_t i = 0; i < ds->n; i++) {
@@ -249,9 +249,9 @@ int64_t data_set_count_unscored(const struct data_set *ds)
     return none;
 }
 
-void data_set_log_stats(const struct data_set *ds)
+void tokenized_log_stats(const struct tokenized *ds)
 {
-    int64_t real = 0, unscored = data_set_count_unscored(ds);
+    int64_t real = 0, unscored = tokenized_count_unscored(ds);
     for (int64_t i = 0; i < ds->n; i++)
         real += ds->lengths[i];
     double mean = ds->n ? (double) real / (double) ds->n : 0.0;
@@ -270,7 +270,7 @@ void data_set_log_stats(const struct data_set *ds)
                  ds->truncated, ds->n, 100.0 * (double) ds->truncated / (double) ds->n, ds->T);
 }
 
-void data_set_release(struct data_set *ds)
+void tokenized_release(struct tokenized *ds)
 {
     free(ds->tokens);
     free(ds->labels);

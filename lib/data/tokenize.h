@@ -10,12 +10,12 @@
  * lengths[i] is the number of real tokens (the attention mask's ones); the model finds
  * padding from it, never by comparing ids.
  *
- * Ownership: struct data_set owns its arrays (release with data_set_release).
- * Thread-safety: data_tokenize runs nthreads worker threads over contiguous record ranges and
+ * Ownership: struct tokenized owns its arrays (release with tokenized_release).
+ * Thread-safety: tokenize_texts runs nthreads worker threads over contiguous record ranges and
  * returns the same arrays for any thread count.
  *
- *     struct data_set ds;
- *     if (data_tokenize(&ds, &texts, tk, 1024, 2, &err) < 0) ...
+ *     struct tokenized ds;
+ *     if (tokenize_texts(&ds, &texts, tk, 1024, 2, &err) < 0) ...
  *     row i: ds.tokens + i * ds.T, ds.labels + i * ds.T, ds.lengths[i] real tokens
  */
 #ifndef MOAI_TOKENIZE_H
@@ -29,7 +29,7 @@
 
 #define DATA_IGNORE_INDEX (-100)
 
-struct data_set {
+struct tokenized {
     int64_t n;                      /* sequences */
     int64_t T;                      /* block size: tokens per sequence */
     int32_t *tokens;                /* (n, T) input ids, pad id after lengths[i] */
@@ -44,18 +44,18 @@ struct data_set {
 
 /* Tokenizes every text with nthreads threads (1 or more). Fails with MOAI_EUSAGE when
  * T < 2 or the tokenizer has no EOS. Returns 0 or a negative code. */
-int data_tokenize(struct data_set *out, const struct dataset_texts *texts,
+int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
                   const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err);
 
 /* Rebuilds labels from tokens, lengths and mask (after loading a cache). */
-void data_set_fill_labels(struct data_set *ds);
+void tokenized_fill_labels(struct tokenized *ds);
 
 /* Logs examples, truncated examples (a warning above 5%), mean real tokens, padding. */
-void data_set_log_stats(const struct data_set *ds);
+void tokenized_log_stats(const struct tokenized *ds);
 
 /* The examples with no label counted in the loss (all masked or padding past position 0). */
-int64_t data_set_count_unscored(const struct data_set *ds);
+int64_t tokenized_count_unscored(const struct tokenized *ds);
 
-void data_set_release(struct data_set *ds);
+void tokenized_release(struct tokenized *ds);
 
 #endif

@@ -290,11 +290,11 @@ int exec_load_model_config(const struct recipe *r, struct model_config *cfg, str
     return rc == MOAI_EIO ? MOAI_EUSAGE : rc;
 }
 
-/* The batcher as the training loop sees it: every device thread asks for the same step's rows,
+/* The batch order as the training loop sees it: every device thread asks for the same step's rows,
  * so the epoch's order is computed once into a buffer allocated before training (nothing can
  * fail inside the loop). */
 struct order_cache {
-    const struct batcher *b;
+    const struct batches *b;
     pthread_mutex_t lock;
     int64_t *order; /* (n_train) */
     int64_t epoch;  /* whose order it holds; -1: none */
@@ -320,7 +320,7 @@ struct records {
     int32_t *tokens, *labels, *lengths;
 };
 
-static int records_init(struct records *rec, const struct data_set *ds, const int64_t *rows,
+static int records_init(struct records *rec, const struct tokenized *ds, const int64_t *rows,
                         int64_t n)
 {
     int64_t T = ds->T;
@@ -543,8 +543,8 @@ static void print_final(const struct recipe *r, const struct model_config *cfg,
  * rather than the kernel killing it later. */
 static int check_process_memory(struct mem_process *pm, const struct model_config *cfg,
                                 const struct recipe *r, const struct plan *p,
-                                const struct comm_world *world, const struct data_set *data,
-                                const struct batcher *b, bool resume, int64_t runtime_bytes,
+                                const struct comm_world *world, const struct tokenized *data,
+                                const struct batches *b, bool resume, int64_t runtime_bytes,
                                 struct moai_err *err)
 {
     int ndev = p->dp * p->pp * p->tp;
@@ -660,7 +660,7 @@ int exec_check_resume(const struct recipe *r, const struct model_config *cfg, st
     return rc;
 }
 
-int exec_prepare_data(const struct recipe *r, struct data_set *out, const char *cache_dir,
+int exec_prepare_data(const struct recipe *r, struct tokenized *out, const char *cache_dir,
                       struct moai_err *err)
 {
     static const char *const formats[] = {"text", "messages", "alpaca"};
@@ -668,7 +668,7 @@ int exec_prepare_data(const struct recipe *r, struct data_set *out, const char *
     struct data_recipe dr = {.format = formats[r->dataset.format],
                              .chat_template = chats[r->dataset.chat_template],
                              .train_all = r->dataset.train_on == RECIPE_TRAIN_ON_ALL};
-    return data_prepare_format(out, r->dataset.path, r->tokenizer, r->dataset.template,
+    return tokcache_prepare_format(out, r->dataset.path, r->tokenizer, r->dataset.template,
                                r->dataset.response_start, &dr, r->training.block_size,
                                r->dataset.limit, cache_dir, err);
 }
@@ -677,8 +677,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
 {
     struct model_config cfg;
     struct plan_result pr;
-    struct data_set data;
-    struct batcher batcher = {0};
+    struct tokenized data;
+    struct batches batches = {0};
     struct records train = {0}, valid = {0};
     struct llama_params host = {0};
     struct ckpt_lock lock = {.fd = -1};
@@ -751,7 +751,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_world;
     if ((rc = exec_prepare_data(r, &data, r->dataset.cache_dir, err)) < 0)
         goto out_world;
-    if (data_set_count_unscored(&data) == data.n) {
+    if (tokenized_count_unscored(&data) == data.n) {
         rc = moai_err_set(err, MOAI_EUSAGE,
                           "%s: no example has a token counted in the loss: training.block_size "
                           "%lld cuts every one before its response (dataset.response_start)",
@@ -770,24 +770,24 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
                           r->source, r->tokenizer, top, (long long) cfg.vocab_size);
         goto out_data;
     }
-    if ((rc = batch_init(&batcher, data.n, r->training.batch_size, r->dataset.validation_fraction,
+    if ((rc = batch_init(&batches, data.n, r->training.batch_size, r->dataset.validation_fraction,
                          r->dataset.shuffle, r->training.seed, err)) < 0)
         goto out_data;
-    int64_t spe = batcher.steps_per_epoch;
-    if (r->dataset.validation_fraction > 0 && batcher.n_val == 0)
+    int64_t spe = batches.steps_per_epoch;
+    if (r->dataset.validation_fraction > 0 && batches.n_val == 0)
         log_warn("%s: 'dataset.validation_fraction' %g of %lld records holds out none: there is "
                  "no validation",
                  r->source, r->dataset.validation_fraction, (long long) data.n);
-    else if (r->training.eval_interval != RECIPE_NONE && batcher.n_val == 0)
+    else if (r->training.eval_interval != RECIPE_NONE && batches.n_val == 0)
         log_warn("%s: 'training.eval_interval' is set but there is no validation set "
                  "(dataset.validation_fraction)",
                  r->source);
     struct mem_process pm;
-    if ((rc = check_process_memory(&pm, &cfg, r, &pr.best, world, &data, &batcher,
+    if ((rc = check_process_memory(&pm, &cfg, r, &pr.best, world, &data, &batches,
                                    resume_dir != NULL, runtime_bytes, err)) < 0)
         goto out_batcher;
     if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
-        (rc = records_init(&valid, &data, batcher.val, batcher.n_val)) < 0) {
+        (rc = records_init(&valid, &data, batches.val, batches.n_val)) < 0) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
         goto out_batcher;
     }
@@ -892,8 +892,8 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         (rc = tokenizer_checkpoint_files(r->tokenizer, &sv.tok_name, &sv.tok_file, &sv.tok_config,
                                          err)) < 0)
         goto out_tokenizer;
-    struct order_cache orders = {.b = &batcher, .epoch = -1};
-    orders.order = malloc((size_t) (batcher.n_train + 1) * sizeof(int64_t));
+    struct order_cache orders = {.b = &batches, .epoch = -1};
+    orders.order = malloc((size_t) (batches.n_train + 1) * sizeof(int64_t));
     if (!orders.order) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
         goto out_tokenizer;
@@ -972,9 +972,9 @@ out_params:
 out_batcher:
     records_release(&train);
     records_release(&valid);
-    batch_release(&batcher);
+    batch_release(&batches);
 out_data:
-    data_set_release(&data);
+    tokenized_release(&data);
 out_world:
     if (world && !agreed) /* tell the others this process stops here */
         comm_world_agree(world, rc == 0);

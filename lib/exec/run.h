@@ -34,11 +34,11 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
 int exec_check_save_dir(const struct recipe *r, struct moai_err *err);
 
 struct model_config;
-struct data_set;
+struct tokenized;
 
 /* The recipe's dataset tokenized (any dataset.format), from the token cache in cache_dir when
  * it is there (NULL: no cache). Returns 0 or a negative code with err filled. */
-int exec_prepare_data(const struct recipe *r, struct data_set *out, const char *cache_dir,
+int exec_prepare_data(const struct recipe *r, struct tokenized *out, const char *cache_dir,
                       struct moai_err *err);
 
 /* The recipe's architecture: <model.path>/config.json with model.config over it, or
