@@ -2,6 +2,7 @@
 #include "recipe.h"
 
 #include "log.h"
+#include "model/layout.h"
 #include "yamltree.h"
 
 #include <ctype.h>
@@ -27,6 +28,7 @@ enum key_type {
     KT_BETAS,        /* [beta1, beta2], each in [0, 1) */
     KT_OBJECT,       /* a mapping kept as JSON (model.config) */
     KT_FLAVOR,       /* a catalog name or a mapping */
+    KT_TARGETS,      /* a non-empty list of distinct choices; stored as an unsigned bit mask */
 };
 
 struct recipe_key {
@@ -105,13 +107,20 @@ static const struct recipe_key schema[] = {
     KEY("parallel.distribute_param", KT_BOOL_OR_AUTO, parallel.distribute_param, "auto"),
     KEY("parallel.distribute_low_prec_param", KT_BOOL_OR_AUTO, parallel.distribute_low_prec_param,
         "auto"),
+    KEY("lora.rank", KT_INT, lora.rank, "8", .min = 1, .max = 4096),
+    KEY("lora.alpha", KT_FLOAT, lora.alpha, "8.0", .min = 0, .max = 1e6, .min_excl = true),
+    KEY("lora.dropout", KT_FLOAT, lora.dropout, "0.0", .min = 0, .max = 1, .max_excl = true),
+    KEY("lora.target_modules", KT_TARGETS, lora.targets,
+        "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"),
+    KEY("lora.adapter", KT_STRING, lora.adapter, "~"),
+    KEY("lora.merge", KT_BOOL, lora.merge, "false"),
 };
 
 #define NSCHEMA (sizeof(schema) / sizeof(schema[0]))
 
-static const char *const sections[] = {"model", "dataset", "training", "parallel", NULL};
+static const char *const sections[] = {"model", "dataset", "training", "parallel", "lora", NULL};
 static const char *const top_keys[] = {"model",  "tokenizer", "dataset", "training",
-                                       "flavor", "parallel",  NULL};
+                                       "flavor", "parallel",  "lora",    NULL};
 
 /* The keys of a custom flavor mapping. */
 static const char *const flavor_keys[] = {"device",          "devices",         "devices_per_node",
@@ -223,6 +232,10 @@ static const struct {
     {"", "model_name_or_path", "did you mean 'model.path'?"},
     {"dataset", "data_files", "did you mean 'dataset.path'?"},
     {"dataset", "source", "did you mean 'dataset.path'?"},
+    {"lora", "r", "did you mean 'lora.rank'?"},
+    {"lora", "lora_alpha", "did you mean 'lora.alpha'?"},
+    {"lora", "lora_dropout", "did you mean 'lora.dropout'?"},
+    {"", "peft", "did you mean 'lora'?"},
 };
 
 /* The advice for a key another tool spells so, or NULL. */
@@ -460,6 +473,45 @@ static int parse_flavor(struct recipe *r, const struct ynode *v, struct moai_err
     return 0;
 }
 
+/* A list of LoRA target modules (model_lora_targets' names) into a bit mask. */
+static int parse_targets(struct recipe *r, const struct recipe_key *k, const struct ynode *v,
+                         struct moai_err *err)
+{
+    const char *names[MODEL_LORA_NTARGETS + 1];
+    char expected[256], where[512], what[256], sugg[128];
+    unsigned mask = 0;
+    size_t len = (size_t) snprintf(expected, sizeof(expected), "a list of ");
+
+    for (int t = 0; t <= MODEL_LORA_NTARGETS; t++)
+        names[t] = model_lora_targets[t].module;
+    for (int t = 0; t < MODEL_LORA_NTARGETS; t++)
+        len += (size_t) snprintf(expected + len, sizeof(expected) - len, "%s%s", t ? ", " : "",
+                                 names[t]);
+    if (v->kind != YNODE_SEQ || v->n == 0)
+        return bad_value(err, v, k->path, expected);
+    for (size_t i = 0; i < v->n; i++) {
+        const struct ynode *item = v->items[i];
+        int t = 0;
+        while (t < MODEL_LORA_NTARGETS &&
+               (item->kind != YNODE_SCALAR || strcmp(item->value, names[t])))
+            t++;
+        if (t == MODEL_LORA_NTARGETS) {
+            sugg[0] = '\0';
+            if (item->kind == YNODE_SCALAR)
+                fmt_suggestion(sugg, sizeof(sugg), item->value, names, MODEL_LORA_NTARGETS);
+            return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be %s, not %s%s",
+                                ynode_where(item, where, sizeof(where)), k->path, expected,
+                                describe(item, what, sizeof(what)), sugg);
+        }
+        if (mask & (1u << t))
+            return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' names '%s' twice",
+                                ynode_where(item, where, sizeof(where)), k->path, names[t]);
+        mask |= 1u << t;
+    }
+    memcpy((char *) r + k->offset, &mask, sizeof(mask));
+    return 0;
+}
+
 /* Applies one schema row to the value node v (never NULL: absent keys get their default). */
 static int apply_key(struct recipe *r, const struct recipe_key *k, const struct ynode *v,
                      struct moai_err *err)
@@ -569,6 +621,8 @@ static int apply_key(struct recipe *r, const struct recipe_key *k, const struct 
         return 0;
     case KT_FLAVOR:
         return parse_flavor(r, v, err);
+    case KT_TARGETS:
+        return parse_targets(r, k, v, err);
     }
     return 0;
 }
@@ -848,6 +902,9 @@ static int recipe_build(struct recipe *r, struct ynode *root, const char *source
             return rc;
     }
 
+    const struct ynode *lora = ynode_get(root, "lora");
+    r->lora.enabled = lora && !ynode_is_null(lora);
+
     if (!r->model.path && !r->model.config) {
         const struct ynode *m = ynode_get(root, "model");
         return moai_err_set(err, MOAI_EUSAGE, "%s: missing key 'path' in 'model'",
@@ -1027,6 +1084,7 @@ void recipe_release(struct recipe *r)
     free(r->dataset.cache_dir);
     free(r->training.save_dir);
     free(r->training.resume);
+    free(r->lora.adapter);
     memset(r, 0, sizeof(*r));
 }
 
@@ -1098,6 +1156,15 @@ static json_t *key_to_json(const struct recipe *r, const struct recipe_key *k)
     }
     case KT_FLAVOR:
         return flavor_to_json(&r->flavor);
+    case KT_TARGETS: {
+        unsigned mask;
+        json_t *list = json_array();
+        memcpy(&mask, field, sizeof(mask));
+        for (int t = 0; list && t < MODEL_LORA_NTARGETS; t++)
+            if (mask & (1u << t))
+                json_array_append_new(list, json_string(model_lora_targets[t].module));
+        return list;
+    }
     }
     return json_null();
 }
@@ -1125,6 +1192,8 @@ json_t *recipe_to_json(const struct recipe *r)
     /* The effective AP switch, after the environment and the options. */
     json_object_set_new(json_object_get(root, "parallel"), "advanced",
                         json_boolean(r->parallel.advanced));
+    if (root && !r->lora.enabled) /* full fine-tuning */
+        json_object_set_new(root, "lora", json_null());
     return root;
 }
 

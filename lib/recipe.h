@@ -117,6 +117,18 @@ struct recipe {
         int distribute_param;          /* RECIPE_AUTO, 0 or 1 */
         int distribute_low_prec_param; /* RECIPE_AUTO, 0 or 1 */
     } parallel;
+
+    /* LoRA adapters (PEFT's semantics): on when the recipe has a 'lora' mapping; the other
+     * fields hold their defaults otherwise. */
+    struct {
+        bool enabled;
+        int64_t rank;     /* r */
+        double alpha;     /* lora_alpha; the adapter's output is scaled by alpha / r */
+        double dropout;   /* lora_dropout, in [0, 1) */
+        unsigned targets; /* a mask of 1u << MODEL_LORA_x bits (model/layout.h), never 0 */
+        char *adapter;    /* a PEFT adapter directory to continue from, NULL for a new one */
+        bool merge;       /* also save the merged model */
+    } lora;
 };
 
 /* How AP was switched from outside the recipe: -1 leaves the recipe's value. */

@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "model/layout.h"
 #include "recipe.h"
 
 #include <stdlib.h>
@@ -370,6 +371,80 @@ static void test_recipe_json_is_yaml(void **state)
     recipe_release(&r);
 }
 
+static void test_recipe_lora(void **state)
+{
+    (void) state;
+    struct recipe r;
+    struct moai_err err = {0};
+    char text[512];
+
+    /* off without a 'lora' mapping, PEFT's defaults when it is empty */
+    assert_int_equal(load(&r, base, NULL, 0, -1, &err), 0);
+    assert_false(r.lora.enabled);
+    json_t *j = recipe_to_json(&r);
+    assert_true(json_is_null(json_object_get(j, "lora")));
+    json_decref(j);
+    recipe_release(&r);
+    snprintf(text, sizeof(text), "%slora: {}\n", base);
+    assert_int_equal(load(&r, text, NULL, 0, -1, &err), 0);
+    assert_true(r.lora.enabled);
+    assert_int_equal(r.lora.rank, 8);
+    assert_true(r.lora.alpha == 8.0 && r.lora.dropout == 0.0);
+    assert_int_equal(r.lora.targets, MODEL_LORA_ALL);
+    assert_null(r.lora.adapter);
+    assert_false(r.lora.merge);
+    recipe_release(&r);
+
+    snprintf(text, sizeof(text),
+             "%slora:\n  rank: 16\n  alpha: 32\n  dropout: 0.05\n"
+             "  target_modules: [v_proj, q_proj, down_proj]\n  adapter: out/a\n  merge: true\n",
+             base);
+    assert_int_equal(load(&r, text, NULL, 0, -1, &err), 0);
+    assert_int_equal(r.lora.rank, 16);
+    assert_true(r.lora.alpha == 32.0 && r.lora.dropout == 0.05);
+    assert_int_equal(r.lora.targets,
+                     (1u << MODEL_LORA_wq) | (1u << MODEL_LORA_wv) | (1u << MODEL_LORA_w_down));
+    assert_string_equal(r.lora.adapter, "out/a");
+    assert_true(r.lora.merge);
+    j = recipe_to_json(&r);
+    json_t *t = json_object_get(json_object_get(j, "lora"), "target_modules");
+    assert_int_equal(json_array_size(t), 3);
+    assert_string_equal(json_string_value(json_array_get(t, 0)), "q_proj");
+    assert_string_equal(json_string_value(json_array_get(t, 2)), "down_proj");
+    json_decref(j);
+    recipe_release(&r);
+
+    /* --set turns it on too */
+    const char *sets[] = {"lora.rank=4"};
+    assert_int_equal(load(&r, base, sets, 1, -1, &err), 0);
+    assert_true(r.lora.enabled);
+    assert_int_equal(r.lora.rank, 4);
+    recipe_release(&r);
+
+    static const struct {
+        const char *yaml, *msg;
+    } bad[] = {
+        {"lora:\n  rnak: 4\n", "t.yaml:6:3: unknown key 'rnak' in 'lora' (did you mean 'rank'?)"},
+        {"lora:\n  rank: 0\n", "t.yaml:6:9: 'lora.rank' must be an integer in [1, 4096], not '0'"},
+        {"lora:\n  dropout: 1\n",
+         "t.yaml:6:12: 'lora.dropout' must be a number in [0, 1), not '1'"},
+        {"lora:\n  target_modules: [q_proj, v_prj]\n",
+         "t.yaml:6:28: 'lora.target_modules' must be a list of q_proj, k_proj, v_proj, o_proj, "
+         "gate_proj, up_proj, down_proj, not 'v_prj' (did you mean 'v_proj'?)"},
+        {"lora:\n  target_modules: []\n",
+         "t.yaml:6:19: 'lora.target_modules' must be a list of q_proj, k_proj, v_proj, o_proj, "
+         "gate_proj, up_proj, down_proj, not a sequence"},
+        {"lora:\n  target_modules: [q_proj, q_proj]\n",
+         "t.yaml:6:28: 'lora.target_modules' names 'q_proj' twice"},
+        {"lora: 8\n", "t.yaml:5:7: 'lora' must be a mapping of 'lora.*' keys, not '8'"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(text, sizeof(text), "%s%s", base, bad[i].yaml);
+        assert_int_equal(load(&r, text, NULL, 0, -1, &err), MOAI_EUSAGE);
+        assert_string_equal(err.msg, bad[i].msg);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -385,6 +460,7 @@ int main(void)
         cmocka_unit_test(test_recipe_custom_flavor_overrides),
         cmocka_unit_test(test_recipe_edit_distance),
         cmocka_unit_test(test_recipe_json_is_yaml),
+        cmocka_unit_test(test_recipe_lora),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -172,6 +172,13 @@ const struct model_layer_tensor_desc model_layer_tensors[MODEL_LAYER_NTENSORS] =
 #undef MODEL_LAYER_DESC
 };
 
+const struct model_lora_target_desc model_lora_targets[MODEL_LORA_NTARGETS + 1] = {
+#define MODEL_LORA_DESC(field, module) {#module, MODEL_LAYER_##field},
+    MODEL_LORA_TARGETS(MODEL_LORA_DESC)
+#undef MODEL_LORA_DESC
+        {NULL, MODEL_LAYER_NTENSORS},
+};
+
 /* Dimension d of c into *out; false when it overflows. */
 static bool dim_checked(const struct model_config *c, enum model_dim d, int64_t *out)
 {
@@ -208,6 +215,17 @@ int64_t model_layer_tensor_numel(const struct model_config *c, int k)
     const struct model_layer_tensor_desc *t = &model_layer_tensors[k];
     int64_t cols = model_dim(c, t->cols);
     return model_dim(c, t->rows) * (cols ? cols : 1);
+}
+
+int64_t model_lora_layer_param_count(const struct model_config *c, int64_t rank, unsigned targets)
+{
+    int64_t n = 0;
+    for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
+        const struct model_layer_tensor_desc *d = &model_layer_tensors[model_lora_targets[t].layer];
+        if (targets & (1u << t))
+            n += rank * (model_dim(c, d->rows) + model_dim(c, d->cols));
+    }
+    return n;
 }
 
 /* The parameters of a layer into *out, false when a product or the sum overflows. */

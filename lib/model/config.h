@@ -88,4 +88,10 @@ int64_t model_dim(const struct model_config *cfg, enum model_dim d);
 /* Elements of the layer tensor k (an index of model_layer_tensors) under cfg. */
 int64_t model_layer_tensor_numel(const struct model_config *cfg, int k);
 
+/* Parameters of one layer's LoRA adapters of rank r on the targets (a mask of
+ * 1u << MODEL_LORA_x bits): r (in + out) per target. With a shard config, a tensor-parallel
+ * shard's (the split side of each adapter is the shard's, the other whole). */
+int64_t model_lora_layer_param_count(const struct model_config *cfg, int64_t rank,
+                                     unsigned targets);
+
 #endif

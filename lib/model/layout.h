@@ -39,6 +39,20 @@
     X(w_up, "mlp.up_proj.weight", LINEAR, F, D)                                                    \
     X(w_down, "mlp.down_proj.weight", LINEAR, D, F)
 
+/* LoRA: the linear tensors of the layer that can carry an adapter, X(field, module), in the
+ * table's order: the field of struct llama_layer and PEFT's module name (a recipe's
+ * lora.target_modules). An adapter's two tensors are derived from its base tensor's row of
+ * MODEL_LAYER_TENSORS, W (out, in): lora_A (r, in) and lora_B (out, r), named
+ * "<the base name without .weight>.lora_A.weight" (lib/model/lora.h). */
+#define MODEL_LORA_TARGETS(X)                                                                      \
+    X(wq, q_proj)                                                                                  \
+    X(wk, k_proj)                                                                                  \
+    X(wv, v_proj)                                                                                  \
+    X(wo, o_proj)                                                                                  \
+    X(w_gate, gate_proj)                                                                           \
+    X(w_up, up_proj)                                                                               \
+    X(w_down, down_proj)
+
 /* Dimensions of the config that tensor shapes are made of. */
 enum model_dim {
     MODEL_DIM_NONE, /* a vector's missing second dimension */
@@ -71,5 +85,23 @@ struct model_layer_tensor_desc {
 
 /* The table, MODEL_LAYER_NTENSORS entries in arena order. */
 extern const struct model_layer_tensor_desc model_layer_tensors[MODEL_LAYER_NTENSORS];
+
+/* The index of each LoRA target: MODEL_LORA_wq, ...; a set of targets is a mask of
+ * 1u << MODEL_LORA_x bits. */
+enum model_lora_target {
+#define MODEL_LORA_ENUM(field, module) MODEL_LORA_##field,
+    MODEL_LORA_TARGETS(MODEL_LORA_ENUM)
+#undef MODEL_LORA_ENUM
+        MODEL_LORA_NTARGETS
+};
+#define MODEL_LORA_ALL ((1u << MODEL_LORA_NTARGETS) - 1)
+
+struct model_lora_target_desc {
+    const char *module;            /* PEFT's name: "q_proj" */
+    enum model_layer_tensor layer; /* its base tensor's row in model_layer_tensors */
+};
+
+/* The LoRA targets, MODEL_LORA_NTARGETS entries, then a NULL module (a list of names). */
+extern const struct model_lora_target_desc model_lora_targets[MODEL_LORA_NTARGETS + 1];
 
 #endif
