@@ -6,6 +6,7 @@
 
 #include "model/kernels.h"
 #include "model/llama.h"
+#include "model/lora.h"
 #include "model/optim.h"
 
 #include <jansson.h>
@@ -1057,9 +1058,178 @@ static void test_llama_ref_mha_tied(void **state)
     ref_check("llama_mha_tied", 2);
 }
 
+/* ---- LoRA ------------------------------------------------------------------------------- */
+
+/* A model fixture with adapters: p.layers[l].lora the adapters, the gradient g a frozen base
+ * (every base tensor NULL) whose layers' lora are the adapters' gradients. */
+struct lora_fixture {
+    struct model_fixture f;
+    struct lora_config lc;
+    struct lora state;
+    struct lora_params a, ga;
+    struct llama_params g; /* the frozen base's gradient: tensors NULL */
+};
+
+static void lora_setup(struct lora_fixture *x, const struct model_config *cfg, int64_t B, int64_t T,
+                       int nthreads, const struct lora_config *lc, bool nonzero_b)
+{
+    struct moai_err err = {0};
+    model_setup(&x->f, cfg, B, T, nthreads, 5);
+    x->lc = *lc;
+    assert_int_equal(lora_params_init(&x->a, cfg, lc->rank, lc->targets, 0, NULL, &err), 0);
+    assert_int_equal(lora_params_init(&x->ga, cfg, lc->rank, lc->targets, 0, NULL, &err), 0);
+    lora_init_peft(&x->a, cfg, cfg, 0, lc->rank, lc->targets, lc->seed);
+    if (nonzero_b)
+        for (int64_t k = 0; k < lora_tensor_count(cfg, lc->targets); k++) {
+            struct llama_tensor t;
+            lora_tensor_at(&t, &x->a, cfg, lc->rank, lc->targets, k);
+            if (strstr(t.name, "lora_B"))
+                fill(t.data, t.numel, -0.4, 0.4);
+        }
+    assert_int_equal(lora_init(&x->state, cfg, lc, B, T, &err), 0);
+    lora_attach(&x->f.m, &x->state);
+    memset(&x->g, 0, sizeof(x->g));
+    x->g.layers = calloc((size_t) cfg->num_hidden_layers, sizeof(struct llama_layer));
+    assert_non_null(x->g.layers);
+    x->g.nlayers = cfg->num_hidden_layers;
+    for (int64_t l = 0; l < cfg->num_hidden_layers; l++) {
+        x->f.p.layers[l].lora = &x->a.layers[l];
+        x->g.layers[l].lora = &x->ga.layers[l];
+    }
+}
+
+static void lora_teardown(struct lora_fixture *x)
+{
+    free(x->g.layers);
+    lora_release(&x->state);
+    lora_params_release(&x->ga);
+    lora_params_release(&x->a);
+    model_teardown(&x->f);
+}
+
+static double lora_loss_and_grads(struct lora_fixture *x)
+{
+    memset(x->ga.arena, 0, sizeof(float) * (size_t) x->ga.nfloats);
+    return llama_forward_backward(&x->f.m, &x->f.p, &x->g, &x->f.a, &x->f.w, &x->f.b, x->f.dloss) *
+           x->f.dloss;
+}
+
+static void lora_grad_check_one(const struct lora_config *lc, enum llama_keep keep, bool train)
+{
+    struct lora_fixture x;
+    struct model_config cfg = tiny_config(false);
+    lora_setup(&x, &cfg, 2, 9, 2, lc, true);
+    model_keep(&x.f, keep);
+    x.state.train = train;
+    x.state.stream = 7;
+    lora_loss_and_grads(&x);
+    /* the base is frozen: only the adapters have gradients, and some are not zero */
+    double norm = 0;
+    for (int64_t i = 0; i < x.ga.nfloats; i++)
+        norm += (double) x.ga.arena[i] * x.ga.arena[i];
+    assert_true(norm > 1e-8);
+    for (int64_t k = 0; k < lora_tensor_count(&cfg, lc->targets); k++) {
+        struct llama_tensor t, gt;
+        lora_tensor_at(&t, &x.a, &cfg, lc->rank, lc->targets, k);
+        lora_tensor_at(&gt, &x.ga, &cfg, lc->rank, lc->targets, k);
+        grad_check(t.name, model_loss, &x.f, t.data, t.numel, gt.data, 24, 3e-3, 1e-2, 2e-4);
+    }
+    lora_teardown(&x);
+}
+
+/* Finite differences of every adapter tensor through the whole model (a non-zero B), with and
+ * without dropout (the mask is a function of the stream, so the loss is a function of the
+ * adapters), keeping every activation or recomputing the layers. */
+static void test_llama_lora_grad(void **state)
+{
+    (void) state;
+    struct lora_config all = {3, 6.0, 0.0, MODEL_LORA_ALL, 13};
+    struct lora_config some = {
+        2, 5.0, 0.25, (1u << MODEL_LORA_wk) | (1u << MODEL_LORA_wo) | (1u << MODEL_LORA_w_up), 17};
+    lora_grad_check_one(&all, LLAMA_KEEP_ALL, true);
+    lora_grad_check_one(&some, LLAMA_KEEP_ALL, true);
+    lora_grad_check_one(&some, LLAMA_KEEP_INPUT, true);
+    lora_grad_check_one(&some, LLAMA_KEEP_NO_PROBS, false);
+}
+
+/* A fresh adapter (B zero) gives the base model's loss exactly, and its A the gradient zero
+ * (dA = dt^T x with dt = s dy B = 0) while its B's is not. */
+static void test_llama_lora_fresh_is_base(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(true);
+    struct lora_config lc = {4, 8.0, 0.1, MODEL_LORA_ALL, 3};
+    struct lora_fixture x;
+    lora_setup(&x, &cfg, 2, 9, 2, &lc, false);
+    x.state.train = true;
+    double base = llama_forward_backward(&x.f.m, &x.f.p, NULL, &x.f.a, &x.f.w, &x.f.b, 1.0f);
+    lora_attach(&x.f.m, NULL);
+    double none = llama_forward_backward(&x.f.m, &x.f.p, NULL, &x.f.a, &x.f.w, &x.f.b, 1.0f);
+    lora_attach(&x.f.m, &x.state);
+    assert_true(base == none);
+    lora_loss_and_grads(&x);
+    double na = 0, nb = 0;
+    for (int64_t k = 0; k < lora_tensor_count(&cfg, lc.targets); k++) {
+        struct llama_tensor gt;
+        lora_tensor_at(&gt, &x.ga, &cfg, lc.rank, lc.targets, k);
+        for (int64_t i = 0; i < gt.numel; i++)
+            *(strstr(gt.name, "lora_A") ? &na : &nb) += fabs(gt.data[i]);
+    }
+    assert_true(na == 0.0 && nb > 0.0);
+    /* PEFT's init: A within +-1/sqrt(in), spread over it */
+    const float *A = x.a.layers[1].A[MODEL_LORA_w_down];
+    double bound = 1.0 / sqrt((double) cfg.intermediate_size), lo = 0, hi = 0;
+    for (int64_t i = 0; i < lc.rank * cfg.intermediate_size; i++) {
+        assert_true(fabs(A[i]) < bound);
+        lo = fmin(lo, A[i]);
+        hi = fmax(hi, A[i]);
+    }
+    assert_true(lo < -0.8 * bound && hi > 0.8 * bound);
+    lora_teardown(&x);
+}
+
+/* Adapter tensors: PEFT's names and shapes, in the arena's order without gaps. */
+static void test_llama_lora_tensors(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(false);
+    unsigned targets = (1u << MODEL_LORA_wq) | (1u << MODEL_LORA_w_down);
+    struct lora_params a;
+    struct moai_err err = {0};
+    assert_int_equal(lora_params_init(&a, &cfg, 4, targets, 0, NULL, &err), 0);
+    assert_int_equal(lora_tensor_count(&cfg, targets), 8);
+    /* q (16 x 16): 4 x 16 + 16 x 4; down (16 x 24): 4 x 24 + 16 x 4; two layers */
+    assert_int_equal(a.nfloats, 2 * (128 + 160));
+    assert_int_equal(model_lora_layer_param_count(&cfg, 4, targets), 288);
+    int64_t off = 0;
+    for (int64_t k = 0; k < 8; k++) {
+        struct llama_tensor t;
+        lora_tensor_at(&t, &a, &cfg, 4, targets, k);
+        assert_ptr_equal(t.data, a.arena + off);
+        off += t.numel;
+        if (k == 0) {
+            assert_string_equal(t.name,
+                                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+            assert_int_equal(t.shape[0], 4);
+            assert_int_equal(t.shape[1], 16);
+        }
+        if (k == 7) {
+            assert_string_equal(t.name,
+                                "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight");
+            assert_int_equal(t.shape[0], 16);
+            assert_int_equal(t.shape[1], 4);
+        }
+    }
+    assert_int_equal(off, a.nfloats);
+    lora_params_release(&a);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_llama_lora_grad),
+        cmocka_unit_test(test_llama_lora_fresh_is_base),
+        cmocka_unit_test(test_llama_lora_tensors),
         cmocka_unit_test(test_llama_embedding_grad),
         cmocka_unit_test(test_llama_rmsnorm_grad),
         cmocka_unit_test(test_llama_rope_grad),

@@ -2,6 +2,7 @@
 #include "model/llama.h"
 
 #include "model/kernels.h"
+#include "model/lora.h"
 #include "model/tensors.h"
 
 #include <cblas.h>
@@ -588,7 +589,8 @@ static void linear_backward(struct llama *m, float *dinp, float *dW, const float
                             const float *inp, const float *W, int64_t N, int64_t C, int64_t OC)
 {
     gemm(m, false, false, N, C, OC, 1.0f, dout, OC, W, C, 0.0f, dinp, C);
-    gemm(m, true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dW, C);
+    if (dW) /* NULL: a frozen weight */
+        gemm(m, true, false, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dW, C);
 }
 
 /* ---- row-wise kernels over the pool --------------------------------------------------- */
@@ -684,7 +686,7 @@ static void rmsnorm_backward_par(struct llama *m, struct llama_work *w, float *d
                         .in2 = inp,
                         .w = weight};
     rows_run(m, &j);
-    for (int64_t c = 0; c < cdiv(N, ROWS); c++) {
+    for (int64_t c = 0; dweight && c < cdiv(N, ROWS); c++) {
         const float *part = w->dnorm_part + c * D;
         for (int64_t i = 0; i < D; i++)
             dweight[i] += part[i];
@@ -873,11 +875,13 @@ static void layer_forward(struct llama *m, const struct llama_layer *lp,
     /* qkv = ln1 [Wq; Wk; Wv]^T */
     MOAI_ASSERT(lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D);
     linear_forward(m, la->qkv, la->ln1, lp->wq, false, N, D, C);
+    lora_forward_col(m, lp->lora, la->qkv, C, la->ln1, MODEL_LORA_wq, MODEL_LORA_wv + 1, N);
     struct att_job ja = {c, b, w, la, la->probs ? la->probs : w->re_probs, true};
     MOAI_ASSERT(ja.probs);
     pool_run(m->pool, b->B * KV, att_forward_task, &ja);
     /* x2 += atty Wo^T */
     linear_forward_rowpar(m, la->x2, la->atty, lp->wo, w, N, H * hd, D);
+    lora_forward_row(m, lp->lora, la->x2, la->atty, MODEL_LORA_wo, N);
     /* ln2 = rmsnorm(x2); out = x2 */
     struct row_job jn2 = {.op = ROW_RMSNORM,
                           .N = N,
@@ -892,9 +896,12 @@ static void layer_forward(struct llama *m, const struct llama_layer *lp,
     /* gu = ln2 [Wgate; Wup]^T; h = silu(gate) * up; out += h Wdown^T */
     MOAI_ASSERT(lp->w_up == lp->w_gate + F * D);
     linear_forward(m, la->gu, la->ln2, lp->w_gate, false, N, D, 2 * F);
+    lora_forward_col(m, lp->lora, la->gu, 2 * F, la->ln2, MODEL_LORA_w_gate, MODEL_LORA_w_up + 1,
+                     N);
     struct row_job js = {.op = ROW_SWIGLU, .N = N, .D = F, .out = la->h, .in = la->gu};
     rows_run(m, &js);
     linear_forward_rowpar(m, out, la->h, lp->w_down, w, N, F, D);
+    lora_forward_row(m, lp->lora, out, la->h, MODEL_LORA_w_down, N);
 }
 
 /* Full recomputation: the layer kept only its input; run it again in the workspace's
@@ -1010,7 +1017,8 @@ void llama_head_backward(struct llama *m, const struct llama_params *p, struct l
 
     /* dW += dlogits^T lnc first, then lnc (no longer needed) takes dlnc = dlogits W */
     if (S > 0) {
-        gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
+        if (g->lm_head) /* NULL: frozen */
+            gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
         gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
         tp_allreduce(m, w->lnc, S * D);
     }
@@ -1044,23 +1052,29 @@ void llama_layer_backward(struct llama *m, const struct llama_layer *lp, struct 
 
     /* MLP: dh = dres Wdown; dgu = swiglu'; dln = dgu [Wgate; Wup] */
     linear_backward(m, w->dh, lg->w_down, w->dres, la->h, lp->w_down, N, F, D);
+    lora_backward_row(m, lp->lora, lg->lora, w->dh, w->dres, la->h, MODEL_LORA_w_down, N);
     struct row_job js = {
         .op = ROW_SWIGLU_BACK, .N = N, .D = F, .out = w->dgu, .in = w->dh, .in2 = la->gu};
     rows_run(m, &js);
-    MOAI_ASSERT(lp->w_up == lp->w_gate + F * D && lg->w_up == lg->w_gate + F * D);
+    MOAI_ASSERT(lp->w_up == lp->w_gate + F * D && (!lg->w_gate || lg->w_up == lg->w_gate + F * D));
     linear_backward(m, w->dln, lg->w_gate, w->dgu, la->ln2, lp->w_gate, N, D, 2 * F);
     tp_allreduce(m, w->dln, N * D);
+    lora_backward_col(m, lp->lora, lg->lora, w->dln, w->dgu, 2 * F, la->ln2, MODEL_LORA_w_gate,
+                      MODEL_LORA_w_up + 1, N);
     rmsnorm_backward_par(m, w, w->dres, lg->post_norm, w->dln, la->x2, lp->post_norm, la->rstd2, N,
                          D);
 
     /* attention: datty = dres Wo; dqkv by (sequence, kv head); dln = dqkv [Wq; Wk; Wv] */
     linear_backward(m, w->datty, lg->wo, w->dres, la->atty, lp->wo, N, H * hd, D);
+    lora_backward_row(m, lp->lora, lg->lora, w->datty, w->dres, la->atty, MODEL_LORA_wo, N);
     struct att_job ja = {c, b, w, la, probs, false};
     pool_run(m->pool, b->B * KV, att_backward_task, &ja);
     MOAI_ASSERT(lp->wk == lp->wq + H * hd * D && lp->wv == lp->wk + KV * hd * D &&
-                lg->wk == lg->wq + H * hd * D && lg->wv == lg->wk + KV * hd * D);
+                (!lg->wq || (lg->wk == lg->wq + H * hd * D && lg->wv == lg->wk + KV * hd * D)));
     linear_backward(m, w->dln, lg->wq, w->dqkv, la->ln1, lp->wq, N, D, C);
     tp_allreduce(m, w->dln, N * D);
+    lora_backward_col(m, lp->lora, lg->lora, w->dln, w->dqkv, C, la->ln1, MODEL_LORA_wq,
+                      MODEL_LORA_wv + 1, N);
     rmsnorm_backward_par(m, w, w->dres, lg->input_norm, w->dln, la->x, lp->input_norm, la->rstd1, N,
                          D);
 }
@@ -1069,6 +1083,8 @@ void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_
                           const struct llama_batch *b)
 {
     int64_t N = b->B * b->T, D = m->cfg.hidden_size;
+    if (!g->embed) /* frozen */
+        return;
     if (!tp_on(m)) {
         embedding_backward(g->embed, w->dres, b->tokens, m->cfg.pad_token_id, N, D);
         return;
@@ -1124,4 +1140,18 @@ void llama_params_zero(struct llama *m, struct llama_params *p)
 {
     struct zero_job j = {p->arena, p->nfloats, 1 << 18};
     pool_run(m->pool, cdiv(p->nfloats, j.chunk), zero_task, &j);
+}
+
+/* ---- for the model's own modules ------------------------------------------------------ */
+
+void llama_gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                int64_t ldc)
+{
+    gemm(m, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void llama_tp_sum(struct llama *m, float *buf, int64_t n)
+{
+    tp_allreduce(m, buf, n);
 }

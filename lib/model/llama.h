@@ -58,6 +58,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct lora;       /* model/lora.h */
+struct lora_layer; /* model/lora.h */
+
 /* One transformer layer's tensors, (out, in) row-major, one field per line of the table in
  * model/layout.h (Hugging Face order: input_norm (D), wq (H hd, D), wk and wv (KV hd, D),
  * wo (D, H hd), post_norm (D), w_gate and w_up (F, D), w_down (D, F)). Bound by
@@ -67,11 +70,12 @@ struct llama_layer {
 #define LLAMA_LAYER_FIELD(field, name, kind, rows, cols) float *field;
     MODEL_LAYER_TENSORS(LLAMA_LAYER_FIELD)
 #undef LLAMA_LAYER_FIELD
+    struct lora_layer *lora; /* the layer's LoRA adapters (or their gradients), NULL: none */
 };
 
 /* Points l's tensors into base, one after the other in the table's order, at cfg's sizes
  * (a whole layer, or a tensor-parallel shard's with a shard config); model_layer_param_count
- * floats. */
+ * floats. Leaves l->lora as it is. */
 void llama_layer_bind(struct llama_layer *l, float *base, const struct model_config *cfg);
 
 /* Parameters (or their gradients, or an AdamW moment): pointers into one arena. */
@@ -201,6 +205,7 @@ struct llama {
     struct pool *pool;
     int nthreads;
     struct llama_tp tp; /* size 0 or 1: the whole model */
+    struct lora *lora;  /* LoRA's state (model/lora.h: lora_attach), NULL: no adapters */
 };
 
 /* The configuration of one of tp shards of full: heads, kv heads (at least 1), MLP width
@@ -324,9 +329,18 @@ void llama_embed_backward(struct llama *m, struct llama_params *g, struct llama_
                           const struct llama_batch *b);
 
 /* Whole model: returns the loss sum. Loss only when g is NULL. Gradients accumulate into g
- * (zero it first with llama_params_zero for a fresh step). */
+ * (zero it first with llama_params_zero for a fresh step). A frozen tensor has a NULL
+ * gradient (LoRA's base model: every tensor of g NULL but the layers' adapters); its
+ * weight-gradient product is skipped. */
 double llama_forward_backward(struct llama *m, const struct llama_params *p, struct llama_params *g,
                               struct llama_acts *a, struct llama_work *w,
                               const struct llama_batch *b, float dloss);
+
+/* For the model's own modules (lora.c): the pool's matrix product, C (M, N) = alpha op(A)
+ * op(B) + beta C row-major, and the sum over the tensor-parallel group (nothing without one). */
+void llama_gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                int64_t ldc);
+void llama_tp_sum(struct llama *m, float *buf, int64_t n);
 
 #endif
