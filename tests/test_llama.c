@@ -1177,7 +1177,7 @@ static void test_llama_lora_fresh_is_base(void **state)
     }
     assert_true(na == 0.0 && nb > 0.0);
     /* PEFT's init: A within +-1/sqrt(in), spread over it */
-    const float *A = x.a.layers[1].A[MODEL_LORA_w_down];
+    const float *A = x.a.layers[1].lora_A[MODEL_LORA_w_down];
     double bound = 1.0 / sqrt((double) cfg.intermediate_size), lo = 0, hi = 0;
     for (int64_t i = 0; i < lc.rank * cfg.intermediate_size; i++) {
         assert_true(fabs(A[i]) < bound);

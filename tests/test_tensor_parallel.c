@@ -11,6 +11,7 @@
 #include "exec/dev.h"
 #include "layout/shard.h"
 #include "model/llama.h"
+#include "model/lora.h"
 #include "model/optim.h"
 
 #include <math.h>
@@ -146,11 +147,11 @@ static void check_tp(bool tied, int tp, enum llama_keep keep)
 
     /* tp shards on tp device threads */
     struct layout lay = {.dp = 1,
-                              .pp = 1,
-                              .tp = tp,
-                              .num_micro_batches = 1,
-                              .batch_per_device = B,
-                              .recomputation = RECOMPUTE_NONE};
+                         .pp = 1,
+                         .tp = tp,
+                         .num_micro_batches = 1,
+                         .batch_per_device = B,
+                         .recomputation = RECOMPUTE_NONE};
     for (int r = 0; r < tp; r++)
         assert_int_equal(shard_init(&tc.sh[r], cfg, &lay, T, 1, r, &err), 0);
     struct dev_set ds;
@@ -236,12 +237,234 @@ static void test_tensor_parallel_recomputation(void **state)
     check_tp(true, 4, LLAMA_KEEP_INPUT);
 }
 
+/* ---- LoRA ------------------------------------------------------------------------------- */
+
+/* The adapters of the layer tests: every target, rank 3, dropout on (its mask is drawn by the
+ * element's place in the whole input, so the shards draw the single device's). */
+static const struct lora_config lora_cfg = {3, 6.0, 0.2, MODEL_LORA_ALL, 23};
+
+struct lora_case {
+    struct tp_case tc;
+    const struct lora_params *full; /* the whole model's adapters */
+    float *grads[4];                /* each shard's adapter gradients (its own arena) */
+    struct lora_params part[4];     /* each shard's adapters (for the join) */
+};
+
+static int64_t target_out(const struct model_config *cfg, int t)
+{
+    return model_dim(cfg, model_layer_tensors[model_lora_targets[t].layer].rows);
+}
+
+static int64_t target_in(const struct model_config *cfg, int t)
+{
+    return model_dim(cfg, model_layer_tensors[model_lora_targets[t].layer].cols);
+}
+
+/* A frozen base's gradient struct for p's layers whose adapters' gradients are ga's. */
+static void frozen_grads(struct llama_params *g, struct lora_params *ga, int64_t L)
+{
+    memset(g, 0, sizeof(*g));
+    g->layers = calloc((size_t) L, sizeof(struct llama_layer));
+    assert_non_null(g->layers);
+    g->nlayers = L;
+    for (int64_t l = 0; l < L; l++)
+        g->layers[l].lora = &ga->layers[l];
+}
+
+static int lora_shard_worker(struct dev *d, void *arg)
+{
+    struct lora_case *lc = arg;
+    struct tp_case *tc = &lc->tc;
+    struct shard *s = &tc->sh[d->id];
+    struct moai_err err = {0};
+    struct comm c;
+    struct llama m;
+    struct llama_params p, g;
+    struct lora_params ga;
+    struct llama_acts a;
+    struct llama_work w;
+    struct lora st;
+    int64_t L = s->cfg.num_hidden_layers;
+
+    comm_init(&c, tc->g, d->id);
+    assert_int_equal(llama_init(&m, &s->cfg, 1, &err), 0);
+    struct llama_tp hooks = {tc->tp,       d->id, s->vocab_first, s->vocab_rows, tp_allreduce,
+                             tp_allgather, &c};
+    llama_set_tp(&m, &hooks);
+    assert_int_equal(llama_params_init(&p, &s->cfg, NULL, &err), 0);
+    for (int u = 0; u < s->nunits; u++)
+        shard_unit_from_full(s, u, tc->params, p.arena + s->units[u].off);
+    struct lora_params *ap = &lc->part[d->id];
+    assert_int_equal(lora_params_init(ap, &s->cfg, lora_cfg.rank, lora_cfg.targets, 0, NULL, &err),
+                     0);
+    assert_int_equal(lora_params_init(&ga, &s->cfg, lora_cfg.rank, lora_cfg.targets, 0, NULL, &err),
+                     0);
+    for (int64_t l = 0; l < L; l++) {
+        shard_lora_copy(s, &lc->full->layers[l], &ap->layers[l], lora_cfg.rank, lora_cfg.targets,
+                        false);
+        p.layers[l].lora = &ap->layers[l];
+    }
+    frozen_grads(&g, &ga, L);
+    assert_int_equal(lora_init(&st, &s->cfg, &lora_cfg, B, T, &err), 0);
+    st.train = true;
+    st.stream = 4;
+    lora_attach(&m, &st);
+    struct llama_shape shape = s->shape;
+    shape.keep = tc->keep;
+    assert_int_equal(llama_acts_bind_shape(&a, &s->cfg, &shape, NULL, &err), 0);
+    assert_int_equal(llama_work_bind_shape(&w, &s->cfg, &shape, NULL, &err), 0);
+    tc->loss[d->id] = llama_forward_backward(&m, &p, &g, &a, &w, &tc->batch, tc->dloss);
+    lc->grads[d->id] = malloc(sizeof(float) * (size_t) ga.nfloats);
+    memcpy(lc->grads[d->id], ga.arena, sizeof(float) * (size_t) ga.nfloats);
+    free(g.layers);
+    lora_release(&st);
+    lora_params_release(&ga);
+    llama_work_release(&w);
+    llama_acts_release(&a);
+    llama_params_release(&p);
+    llama_release(&m);
+    return 0;
+}
+
+/* LoRA under tensor parallelism gives the single device's loss and adapter gradients: the
+ * shards' parts of a split tensor joined (summed where a shared kv head's ranks each hold a
+ * partial gradient), and a tensor every shard holds whole equal on all of them. */
+static void check_tp_lora(bool tied, int tp, enum llama_keep keep)
+{
+    struct moai_err err = {0};
+    struct lora_case lc = {.tc = {.full = tiny(tied), .tp = tp, .keep = keep}};
+    struct tp_case *tc = &lc.tc;
+    const struct model_config *cfg = &tc->full;
+    int64_t L = cfg->num_hidden_layers, rank = lora_cfg.rank;
+    int32_t tokens[B * T], labels[B * T], lengths[B] = {T, T - 4};
+    uint64_t s = 7;
+    for (int i = 0; i < B * T; i++) {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        tokens[i] = (int) ((s >> 33) % (uint64_t) cfg->vocab_size);
+        labels[i] = i % T >= lengths[i / T] || i % T < 2 ? -100 : tokens[i];
+    }
+    tc->batch = (struct llama_batch){B, T, tokens, labels, lengths};
+
+    /* the whole model with non-zero adapters */
+    struct llama m;
+    struct llama_params p, g;
+    struct lora_params a, ga;
+    struct llama_acts acts;
+    struct llama_work w;
+    struct lora st;
+    assert_int_equal(llama_init(&m, cfg, 1, &err), 0);
+    assert_int_equal(llama_params_init(&p, cfg, NULL, &err), 0);
+    optim_init_params(NULL, &p, cfg, 5);
+    assert_int_equal(lora_params_init(&a, cfg, rank, lora_cfg.targets, 0, NULL, &err), 0);
+    assert_int_equal(lora_params_init(&ga, cfg, rank, lora_cfg.targets, 0, NULL, &err), 0);
+    lora_init_peft(&a, cfg, cfg, 0, rank, lora_cfg.targets, lora_cfg.seed);
+    for (int64_t l = 0; l < L; l++) {
+        for (int t = 0; t < MODEL_LORA_NTARGETS; t++) /* B: small, not zero */
+            optim_init_normal(a.layers[l].lora_B[t], 0, rank * target_out(cfg, t), 0.2, 31,
+                              (uint64_t) (l * 8 + t));
+        p.layers[l].lora = &a.layers[l];
+    }
+    frozen_grads(&g, &ga, L);
+    assert_int_equal(lora_init(&st, cfg, &lora_cfg, B, T, &err), 0);
+    st.train = true;
+    st.stream = 4;
+    lora_attach(&m, &st);
+    assert_int_equal(llama_acts_init(&acts, cfg, B, T, &err), 0);
+    assert_int_equal(llama_work_init(&w, cfg, B, T, 1, &err), 0);
+    tc->dloss = 1.0f / (float) llama_batch_targets(&tc->batch);
+    double loss = llama_forward_backward(&m, &p, &g, &acts, &w, &tc->batch, tc->dloss);
+    tc->params = p.arena;
+    lc.full = &a;
+
+    struct layout lay = {.dp = 1,
+                         .pp = 1,
+                         .tp = tp,
+                         .num_micro_batches = 1,
+                         .batch_per_device = B,
+                         .recomputation = RECOMPUTE_NONE};
+    for (int r = 0; r < tp; r++)
+        assert_int_equal(shard_init(&tc->sh[r], cfg, &lay, T, 1, r, &err), 0);
+    struct dev_set ds;
+    assert_int_equal(comm_group_create(&tc->g, tp, &err), 0);
+    assert_int_equal(dev_set_init(&ds, tp, 1 << 30, &err), 0);
+    assert_int_equal(dev_set_run(&ds, lora_shard_worker, &lc, &err), 0);
+    dev_set_release(&ds);
+    comm_group_free(tc->g);
+
+    /* join: the sum of every shard's part written into the whole (a split row or column is
+     * one shard's, a shared kv head's rows the sum of its ranks' partials); a tensor held whole
+     * (A of q, k, v, gate, up; B of o, down) is rank 0's, and every rank's equals it */
+    struct lora_params joined, whole;
+    assert_int_equal(lora_params_init(&joined, cfg, rank, lora_cfg.targets, 0, NULL, &err), 0);
+    assert_int_equal(lora_params_init(&whole, cfg, rank, lora_cfg.targets, 0, NULL, &err), 0);
+    for (int r = 0; r < tp; r++) {
+        assert_true(fabs(tc->loss[r] - loss) <= 1e-5 * fabs(loss));
+        memcpy(lc.part[r].arena, lc.grads[r], sizeof(float) * (size_t) lc.part[r].nfloats);
+        memset(whole.arena, 0, sizeof(float) * (size_t) whole.nfloats);
+        for (int64_t l = 0; l < L; l++)
+            shard_lora_copy(&tc->sh[r], &whole.layers[l], &lc.part[r].layers[l], rank,
+                            lora_cfg.targets, true);
+        for (int64_t l = 0; l < L; l++)
+            for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
+                bool row_par = model_layer_tensors[model_lora_targets[t].layer].cols != MODEL_DIM_D;
+                int64_t na = rank * target_in(cfg, t), nb = rank * target_out(cfg, t);
+                float *wa = whole.layers[l].lora_A[t], *wb = whole.layers[l].lora_B[t];
+                float *ja = joined.layers[l].lora_A[t], *jb = joined.layers[l].lora_B[t];
+                float *held = row_par ? wb : wa, *sum = row_par ? wa : wb;
+                float *jheld = row_par ? jb : ja, *jsum = row_par ? ja : jb;
+                int64_t nheld = row_par ? nb : na, nsum = row_par ? na : nb;
+                if (r == 0)
+                    memcpy(jheld, held, sizeof(float) * (size_t) nheld);
+                else if (rel_err(held, jheld, nheld) > 1e-6)
+                    fail_msg("layer %lld target %d: rank %d's whole tensor differs from rank 0's",
+                             (long long) l, t, r);
+                for (int64_t i = 0; i < nsum; i++)
+                    jsum[i] += sum[i];
+            }
+    }
+    double e = rel_err(joined.arena, ga.arena, ga.nfloats);
+    if (e > 1e-5) {
+        print_error("lora: tied %d tp %d keep %d: gradients differ by %.3g\n", tied, tp, (int) keep,
+                    e);
+        fail();
+    }
+    double n = 0;
+    for (int64_t i = 0; i < ga.nfloats; i++)
+        n += fabs(ga.arena[i]);
+    assert_true(n > 0);
+    for (int r = 0; r < tp; r++) {
+        free(lc.grads[r]);
+        lora_params_release(&lc.part[r]);
+        shard_release(&tc->sh[r]);
+    }
+    lora_params_release(&whole);
+    lora_params_release(&joined);
+    free(g.layers);
+    lora_release(&st);
+    lora_params_release(&ga);
+    lora_params_release(&a);
+    llama_work_release(&w);
+    llama_acts_release(&acts);
+    llama_params_release(&p);
+    llama_release(&m);
+}
+
+static void test_tensor_parallel_lora(void **state)
+{
+    (void) state;
+    check_tp_lora(false, 2, LLAMA_KEEP_ALL);
+    check_tp_lora(true, 4, LLAMA_KEEP_ALL); /* kv heads shared */
+    check_tp_lora(false, 2, LLAMA_KEEP_NO_PROBS);
+    check_tp_lora(true, 4, LLAMA_KEEP_INPUT);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tensor_parallel_two_shards),
         cmocka_unit_test(test_tensor_parallel_four_shards_share_kv_heads),
         cmocka_unit_test(test_tensor_parallel_recomputation),
+        cmocka_unit_test(test_tensor_parallel_lora),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -253,6 +253,23 @@ void shard_unit_to_full(const struct shard *s, int u, const float *src, float *f
     unit_copy(s, u, full, (float *) src, true);
 }
 
+void shard_lora_copy(const struct shard *s, const struct lora_layer *full, struct lora_layer *part,
+                     int64_t rank, unsigned targets, bool to_full)
+{
+    for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
+        if (!(targets & (1u << t)))
+            continue;
+        const struct model_layer_tensor_desc *d = &model_layer_tensors[model_lora_targets[t].layer];
+        int64_t r0, rn, c0, cn;
+        dim_split(s, d->rows, &r0, &rn);
+        dim_split(s, d->cols, &c0, &cn);
+        /* A (r, in): the shard's input columns; B (out, r): its output rows */
+        copy_block(full->lora_A[t] + c0, model_dim(&s->full, d->cols), part->lora_A[t], cn, rank,
+                   cn, to_full);
+        copy_block(full->lora_B[t] + r0 * rank, rank, part->lora_B[t], rank, rn, rank, to_full);
+    }
+}
+
 void shard_kv_range(const struct shard *s, int u, int64_t *start, int64_t *end)
 {
     int64_t at = 0;

@@ -33,6 +33,7 @@
 #include "err.h"
 #include "model/config.h"
 #include "model/llama.h"
+#include "model/lora.h"
 #include "recipe.h"
 
 #include <stdbool.h>
@@ -125,6 +126,12 @@ int shard_duplicate_ranges(const struct shard *s, int u, int64_t ranges[4][2]);
 
 /* Points l at the tensors of one layer unit of configuration c (Hugging Face order). */
 void shard_layer_view(struct llama_layer *l, float *base, const struct model_config *c);
+
+/* Copies one layer's LoRA adapters of rank r on the targets from the whole model's (full,
+ * bound at s->full's sizes) into this device's tensor-parallel part (bound at s->cfg's), or
+ * back (to_full): A's columns and B's rows as the base tensor's are split (model/lora.h). */
+void shard_lora_copy(const struct shard *s, const struct lora_layer *full, struct lora_layer *part,
+                     int64_t rank, unsigned targets, bool to_full);
 
 /* The range [*start, *end) of layer unit u holding k_proj and v_proj (adjacent). */
 void shard_kv_range(const struct shard *s, int u, int64_t *start, int64_t *end);

@@ -47,9 +47,9 @@ void lora_layer_bind(struct lora_layer *l, float *base, const struct model_confi
     for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
         if (!(targets & (1u << t)))
             continue;
-        l->A[t] = base;
+        l->lora_A[t] = base;
         base += rank * target_cols(cfg, t);
-        l->B[t] = base;
+        l->lora_B[t] = base;
         base += target_rows(cfg, t) * rank;
     }
 }
@@ -109,9 +109,9 @@ void lora_init_peft(struct lora_params *p, const struct model_config *cfg,
                 for (int64_t j = 0; j < in; j++) {
                     uint64_t r = optim_rng(seed, stream, (uint64_t) (i * in_full + c0 + j));
                     double u = (double) (r >> 11) * 0x1p-53;
-                    a->A[t][i * in + j] = (float) ((2.0 * u - 1.0) * bound);
+                    a->lora_A[t][i * in + j] = (float) ((2.0 * u - 1.0) * bound);
                 }
-            memset(a->B[t], 0, sizeof(float) * (size_t) (target_rows(cfg, t) * rank));
+            memset(a->lora_B[t], 0, sizeof(float) * (size_t) (target_rows(cfg, t) * rank));
         }
     }
 }
@@ -144,7 +144,7 @@ void lora_tensor_at(struct llama_tensor *t, const struct lora_params *p,
     t->kind = MODEL_TENSOR_LINEAR;
     t->layer = l;
     if (p)
-        t->data = is_b ? p->layers[l].B[tg] : p->layers[l].A[tg];
+        t->data = is_b ? p->layers[l].lora_B[tg] : p->layers[l].lora_A[tg];
 }
 
 /* The widest input among the targets. */
@@ -289,13 +289,13 @@ void lora_forward_col(struct llama *m, const struct lora_layer *a, float *out, i
     if (!s || !a)
         return;
     for (int t = t0; t < t1; t++) {
-        if (!a->A[t])
+        if (!a->lora_A[t])
             continue;
         int64_t in = target_cols(&m->cfg, t), outc = target_rows(&m->cfg, t);
         const float *x = dropped(m, a, inp, t, N);
         /* t = x A^T (N, r); out[:, off:off+outc] += s t B^T */
-        llama_gemm(m, false, true, N, r, in, 1.0f, x, in, a->A[t], in, 0.0f, s->t, r);
-        llama_gemm(m, false, true, N, outc, r, s->scale, s->t, r, a->B[t], r, 1.0f,
+        llama_gemm(m, false, true, N, r, in, 1.0f, x, in, a->lora_A[t], in, 0.0f, s->t, r);
+        llama_gemm(m, false, true, N, outc, r, s->scale, s->t, r, a->lora_B[t], r, 1.0f,
                    out + col_offset(&m->cfg, t0, t), ldo);
     }
 }
@@ -306,7 +306,7 @@ static void adapter_in(struct llama *m, const struct lora_layer *a, const float 
 {
     struct lora *s = m->lora;
     int64_t r = s->cfg.rank, in = target_cols(&m->cfg, t);
-    llama_gemm(m, false, true, N, r, in, 1.0f, x, in, a->A[t], in, 0.0f, s->t, r);
+    llama_gemm(m, false, true, N, r, in, 1.0f, x, in, a->lora_A[t], in, 0.0f, s->t, r);
     if (target_row_parallel(t))
         llama_tp_sum(m, s->t, N * r);
 }
@@ -315,11 +315,11 @@ void lora_forward_row(struct llama *m, const struct lora_layer *a, float *out, c
                       int t, int64_t N)
 {
     struct lora *s = m->lora;
-    if (!s || !a || !a->A[t])
+    if (!s || !a || !a->lora_A[t])
         return;
     int64_t r = s->cfg.rank, outc = target_rows(&m->cfg, t);
     adapter_in(m, a, dropped(m, a, inp, t, N), t, N);
-    llama_gemm(m, false, true, N, outc, r, s->scale, s->t, r, a->B[t], r, 1.0f, out, outc);
+    llama_gemm(m, false, true, N, outc, r, s->scale, s->t, r, a->lora_B[t], r, 1.0f, out, outc);
 }
 
 /* The gradients of one target from its output's gradient dout (N, outc) with row stride ldo
@@ -331,11 +331,11 @@ static void adapter_grads(struct llama *m, const struct lora_layer *a, struct lo
     struct lora *s = m->lora;
     int64_t r = s->cfg.rank, in = target_cols(&m->cfg, t), outc = target_rows(&m->cfg, t);
     adapter_in(m, a, x, t, N);
-    llama_gemm(m, true, false, outc, r, N, s->scale, dout, ldo, s->t, r, 1.0f, ga->B[t], r);
-    llama_gemm(m, false, false, N, r, outc, s->scale, dout, ldo, a->B[t], r, 0.0f, s->dt, r);
+    llama_gemm(m, true, false, outc, r, N, s->scale, dout, ldo, s->t, r, 1.0f, ga->lora_B[t], r);
+    llama_gemm(m, false, false, N, r, outc, s->scale, dout, ldo, a->lora_B[t], r, 0.0f, s->dt, r);
     if (!target_row_parallel(t))
         llama_tp_sum(m, s->dt, N * r);
-    llama_gemm(m, true, false, r, in, N, 1.0f, s->dt, r, x, in, 1.0f, ga->A[t], in);
+    llama_gemm(m, true, false, r, in, N, 1.0f, s->dt, r, x, in, 1.0f, ga->lora_A[t], in);
 }
 
 void lora_backward_col(struct llama *m, const struct lora_layer *a, struct lora_layer *ga,
@@ -346,17 +346,17 @@ void lora_backward_col(struct llama *m, const struct lora_layer *a, struct lora_
     if (!s || !a || !ga)
         return;
     for (int t = t0; t < t1; t++) {
-        if (!a->A[t])
+        if (!a->lora_A[t])
             continue;
         int64_t r = s->cfg.rank, in = target_cols(&m->cfg, t);
         const float *x = dropped(m, a, inp, t, N);
         adapter_grads(m, a, ga, dout + col_offset(&m->cfg, t0, t), ldo, x, t, N);
         if (!s->xd || x == inp) {
-            llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->A[t], in, 1.0f, dinp, in);
+            llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->lora_A[t], in, 1.0f, dinp, in);
             continue;
         }
         /* dinp += mask (dt A): the product into the dropout scratch, masked, added */
-        llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->A[t], in, 0.0f, s->xd, in);
+        llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->lora_A[t], in, 0.0f, s->xd, in);
         add_dropped_grad(m, a, dinp, s->xd, t, N);
     }
 }
@@ -365,15 +365,15 @@ void lora_backward_row(struct llama *m, const struct lora_layer *a, struct lora_
                        float *dinp, const float *dout, const float *inp, int t, int64_t N)
 {
     struct lora *s = m->lora;
-    if (!s || !a || !ga || !a->A[t])
+    if (!s || !a || !ga || !a->lora_A[t])
         return;
     int64_t r = s->cfg.rank, in = target_cols(&m->cfg, t), outc = target_rows(&m->cfg, t);
     const float *x = dropped(m, a, inp, t, N);
     adapter_grads(m, a, ga, dout, outc, x, t, N);
     if (x == inp) {
-        llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->A[t], in, 1.0f, dinp, in);
+        llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->lora_A[t], in, 1.0f, dinp, in);
         return;
     }
-    llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->A[t], in, 0.0f, s->xd, in);
+    llama_gemm(m, false, false, N, in, r, 1.0f, s->dt, r, a->lora_A[t], in, 0.0f, s->xd, in);
     add_dropped_grad(m, a, dinp, s->xd, t, N);
 }

@@ -61,11 +61,11 @@ struct lora_config {
     uint64_t seed;    /* training.seed: A's init and the dropout masks */
 };
 
-/* One layer's adapters: A[t] (r, in) and B[t] (out, r) of each target t, NULL when t is not a
+/* One layer's adapters: lora_A[t] (r, in) and lora_B[t] (out, r) of each target t, NULL when t is not a
  * target. */
 struct lora_layer {
-    float *A[MODEL_LORA_NTARGETS];
-    float *B[MODEL_LORA_NTARGETS];
+    float *lora_A[MODEL_LORA_NTARGETS];
+    float *lora_B[MODEL_LORA_NTARGETS];
     int64_t index; /* the layer's index in the whole model (the random streams') */
 };
 
