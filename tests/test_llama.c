@@ -960,12 +960,9 @@ static int32_t *ref_ints(json_t *arr)
     return v;
 }
 
-static void ref_check(const char *name, int nthreads)
+/* The model configuration of a fixture's "config" object. */
+static struct model_config ref_config(json_t *jc, const char *name)
 {
-    struct ref r;
-    struct moai_err err = {0};
-    ref_load(&r, name);
-    json_t *jc = json_object_get(r.root, "config"), *jb = json_object_get(r.root, "batch");
     struct model_config cfg = {0};
     snprintf(cfg.name, sizeof(cfg.name), "%s", name);
     cfg.hidden_size = json_integer_value(json_object_get(jc, "hidden_size"));
@@ -989,6 +986,16 @@ static void ref_check(const char *name, int nthreads)
         cfg.rope_scaling.original_max_position_embeddings =
             json_integer_value(json_object_get(rs, "original_max_position_embeddings"));
     }
+    return cfg;
+}
+
+static void ref_check(const char *name, int nthreads)
+{
+    struct ref r;
+    struct moai_err err = {0};
+    ref_load(&r, name);
+    json_t *jb = json_object_get(r.root, "batch");
+    struct model_config cfg = ref_config(json_object_get(r.root, "config"), name);
     int64_t B = json_integer_value(json_object_get(jb, "B"));
     int64_t T = json_integer_value(json_object_get(jb, "T"));
     int32_t *tokens = ref_ints(json_object_get(jb, "tokens"));
@@ -1224,12 +1231,116 @@ static void test_llama_lora_tensors(void **state)
     lora_params_release(&a);
 }
 
+/* LoRA against PyTorch (tests/ref/make_lora_ref.py): a model with non-zero adapters on every
+ * target, the base frozen: the loss and every adapter gradient within 1e-5 relative, then 4
+ * steps of clipping and AdamW on the adapters alone giving PyTorch's losses. */
+static void test_llama_ref_lora(void **state)
+{
+    (void) state;
+    struct ref r;
+    struct moai_err err = {0};
+    ref_load(&r, "lora_gqa");
+    json_t *jb = json_object_get(r.root, "batch"), *jl = json_object_get(r.root, "lora");
+    json_t *hp = json_object_get(r.root, "adamw");
+    struct model_config cfg = ref_config(json_object_get(r.root, "config"), "lora_gqa");
+    struct lora_config lc = {json_integer_value(json_object_get(jl, "r")),
+                             json_real_value(json_object_get(jl, "lora_alpha")), 0.0,
+                             MODEL_LORA_ALL, 0};
+    int64_t B = json_integer_value(json_object_get(jb, "B"));
+    int64_t T = json_integer_value(json_object_get(jb, "T"));
+    int32_t *tokens = ref_ints(json_object_get(jb, "tokens"));
+    int32_t *labels = ref_ints(json_object_get(jb, "labels"));
+    int32_t *lengths = ref_ints(json_object_get(jb, "lengths"));
+    struct llama m;
+    struct llama_params p, g = {0};
+    struct lora_params a, ga, m1, m2;
+    struct llama_acts acts;
+    struct llama_work w;
+    struct lora st;
+    int64_t L = cfg.num_hidden_layers;
+    assert_int_equal(llama_init(&m, &cfg, 2, &err), 0);
+    assert_int_equal(llama_params_init(&p, &cfg, NULL, &err), 0);
+    struct lora_params *arenas[] = {&a, &ga, &m1, &m2};
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(lora_params_init(arenas[i], &cfg, lc.rank, lc.targets, 0, NULL, &err), 0);
+    assert_int_equal(llama_acts_init(&acts, &cfg, B, T, &err), 0);
+    assert_int_equal(llama_work_init(&w, &cfg, B, T, 2, &err), 0);
+    assert_int_equal(lora_init(&st, &cfg, &lc, B, T, &err), 0);
+    lora_attach(&m, &st);
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor t;
+        llama_tensor_at(&t, &p, &cfg, k);
+        memcpy(t.data, ref_tensor(&r, t.name, t.numel), sizeof(float) * (size_t) t.numel);
+    }
+    for (int64_t k = 0; k < lora_tensor_count(&cfg, lc.targets); k++) {
+        struct llama_tensor t;
+        lora_tensor_at(&t, &a, &cfg, lc.rank, lc.targets, k);
+        memcpy(t.data, ref_tensor(&r, t.name, t.numel), sizeof(float) * (size_t) t.numel);
+    }
+    g.layers = calloc((size_t) L, sizeof(struct llama_layer));
+    assert_non_null(g.layers);
+    for (int64_t l = 0; l < L; l++) {
+        p.layers[l].lora = &a.layers[l];
+        g.layers[l].lora = &ga.layers[l];
+    }
+    struct llama_batch b = {B, T, tokens, labels, lengths};
+    assert_int_equal(llama_batch_check(&m, &b, &err), 0);
+    int64_t count = llama_batch_targets(&b);
+    double loss =
+        llama_forward_backward(&m, &p, &g, &acts, &w, &b, 1.0f / (float) count) / (double) count;
+    double want = json_real_value(json_object_get(r.root, "loss"));
+    assert_true(fabs(loss - want) <= 1e-5 * fabs(want));
+    for (int64_t k = 0; k < lora_tensor_count(&cfg, lc.targets); k++) {
+        struct llama_tensor t;
+        char gname[160];
+        lora_tensor_at(&t, &ga, &cfg, lc.rank, lc.targets, k);
+        snprintf(gname, sizeof(gname), "grad.%s", t.name);
+        double e = rel_err(t.data, ref_tensor(&r, gname, t.numel), t.numel);
+        if (e > 1e-5)
+            fail_msg("gradient of '%s' differs from PyTorch's by %.3g (relative)", t.name, e);
+    }
+
+    /* the steps: loss, clip, AdamW (constant learning rate) on the adapters only */
+    struct optim_adamw opt = {
+        .lr = json_real_value(json_object_get(hp, "lr")),
+        .beta1 = json_real_value(json_array_get(json_object_get(hp, "betas"), 0)),
+        .beta2 = json_real_value(json_array_get(json_object_get(hp, "betas"), 1)),
+        .eps = json_real_value(json_object_get(hp, "eps")),
+        .weight_decay = json_real_value(json_object_get(hp, "weight_decay"))};
+    json_t *steps = json_object_get(r.root, "step_losses");
+    for (size_t step = 0; step < json_array_size(steps); step++) {
+        memset(ga.arena, 0, sizeof(float) * (size_t) ga.nfloats);
+        double l = llama_forward_backward(&m, &p, &g, &acts, &w, &b, 1.0f / (float) count) /
+                   (double) count;
+        double ls = json_real_value(json_array_get(steps, step));
+        if (fabs(l - ls) > 1e-5 * fabs(ls))
+            fail_msg("step %zu: loss %.7f, PyTorch's %.7f", step + 1, l, ls);
+        optim_clip_grad_norm(m.pool, ga.arena, ga.nfloats,
+                             json_real_value(json_object_get(hp, "clip")));
+        optim_adamw_step(m.pool, a.arena, ga.arena, m1.arena, m2.arena, a.nfloats,
+                         (int64_t) step + 1, &opt);
+    }
+    free(g.layers);
+    lora_release(&st);
+    llama_work_release(&w);
+    llama_acts_release(&acts);
+    for (int i = 0; i < 4; i++)
+        lora_params_release(arenas[i]);
+    llama_params_release(&p);
+    llama_release(&m);
+    free(tokens);
+    free(labels);
+    free(lengths);
+    ref_free(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_llama_lora_grad),
         cmocka_unit_test(test_llama_lora_fresh_is_base),
         cmocka_unit_test(test_llama_lora_tensors),
+        cmocka_unit_test(test_llama_ref_lora),
         cmocka_unit_test(test_llama_embedding_grad),
         cmocka_unit_test(test_llama_rmsnorm_grad),
         cmocka_unit_test(test_llama_rope_grad),
