@@ -300,6 +300,71 @@ static void test_plan_config_line_forms(void **state)
     assert_non_null(strstr(plan_config_line(buf, sizeof(buf), &p), "recomputation : 1,"));
 }
 
+/* LoRA: the 13B recipe that is OUT_OF_MEMORY in full fine-tuning on one 64 GB device (flavor
+ * small) plans and fits with adapters; the memory by hand: the frozen base's bf16 weights and
+ * nothing else of it, the adapters' weights, gradients, master and moments; the step without
+ * the base's weight-gradient products takes less time. */
+static void test_plan_lora_fits_where_full_does_not(void **state)
+{
+    (void) state;
+    struct recipe r;
+    struct model_config cfg;
+    struct plan_result res;
+    struct moai_err err = {0};
+
+    load(&r, &cfg, "llama2-13b", 64, "small", "");
+    assert_int_equal(plan_search(&res, &cfg, &r, &err), MOAI_EOOM);
+    assert_true(res.requested_bytes > 3 * res.available_bytes); /* ~196 GiB of 64 */
+    struct plan full = {.dp = 1,
+                        .pp = 1,
+                        .tp = 1,
+                        .num_micro_batches = 64,
+                        .batch_per_device = 1,
+                        .recomputation = RECOMPUTE_FULL};
+    plan_evaluate(&full, &cfg, &r);
+    recipe_release(&r);
+
+    load(&r, &cfg, "llama2-13b", 64, "small", "lora: {rank: 8}\n");
+    assert_int_equal(plan_search(&res, &cfg, &r, &err), 0);
+    assert_true(res.best.mem.total_bytes <= r.flavor.device.memory_bytes);
+
+    struct plan p = full;
+    plan_evaluate(&p, &cfg, &r);
+    int64_t P = 13015864320LL;
+    /* per layer r (in + out) of q, k, v, o (5120 + 5120 each), gate, up (5120 + 13824), down */
+    int64_t A = 40LL * 8 * (4 * 10240 + 3 * 18944);
+    assert_int_equal(A, 31293440LL);
+    assert_int_equal(p.mem.params, P + A);
+    assert_int_equal(p.mem.weights_bytes, 2 * (P + A)); /* bf16 base and adapters */
+    assert_int_equal(p.mem.gradients_bytes, 2 * A);     /* the adapters' only */
+    assert_int_equal(p.mem.optimizer_bytes, 12 * A);    /* master + moments of the adapters */
+    assert_true(p.mem.total_bytes < full.mem.total_bytes / 3);
+    assert_true(p.cost.compute_seconds < full.cost.compute_seconds);
+    assert_true(p.cost.model_flops < full.cost.model_flops);
+
+    /* each layer keeps x A^T of its 7 targets, bf16, beside the base's activations */
+    assert_int_equal(mem_lora_layer_activation_bytes(&cfg, &r, 1024, 1, 1, 2), 2 * 1024 * 8 * 7);
+    recipe_release(&r);
+
+    /* the cpu device: the executor's arenas, fp32 base and adapters, the adapters' gradient
+     * and two moments only */
+    load(&r, &cfg, "llama2-7b", 8, "{device: cpu, devices: 1, memory_gb: 64}",
+         "lora: {rank: 4, target_modules: [q_proj, down_proj]}\n");
+    struct plan c = {.dp = 1,
+                     .pp = 1,
+                     .tp = 1,
+                     .num_micro_batches = 1,
+                     .batch_per_device = 8,
+                     .recomputation = RECOMPUTE_NONE};
+    plan_evaluate(&c, &cfg, &r);
+    int64_t a =
+        cfg.num_hidden_layers * model_lora_layer_param_count(&cfg, 4, (1u << 0) | (1u << 6));
+    assert_int_equal(c.mem.params, model_param_count(&cfg) + a);
+    assert_int_equal(c.mem.gradients_bytes, 4 * a);
+    assert_int_equal(c.mem.optimizer_bytes, 8 * a);
+    recipe_release(&r);
+}
+
 int main(void)
 {
     log_set_level(LOG_WARN);
@@ -314,6 +379,7 @@ int main(void)
         cmocka_unit_test(test_plan_cpu_memory_by_hand),
         cmocka_unit_test(test_plan_every_shipped_recipe),
         cmocka_unit_test(test_plan_config_line_forms),
+        cmocka_unit_test(test_plan_lora_fits_where_full_does_not),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -2,6 +2,7 @@
 #include "plan/cost.h"
 
 #include "layout/shard.h"
+#include "model/llama.h"
 #include "plan/mem.h"
 #include "plan/plan.h"
 
@@ -101,6 +102,11 @@ double cost_model_flops(const struct model_config *cfg, const struct recipe *r)
                     (double) cfg->vocab_size * D;
     double attention = 6.0 * L * (double) r->training.block_size *
                        (double) (cfg->num_attention_heads * cfg->head_dim);
+    if (r->lora.enabled) { /* a frozen base: 2 forward + 2 input-gradient FLOPs a weight */
+        double adapters =
+            L * (double) model_lora_layer_param_count(cfg, r->lora.rank, r->lora.targets);
+        return (4.0 * matmul + 6.0 * adapters) * tokens + attention * tokens;
+    }
     return 6.0 * matmul * tokens + attention * tokens;
 }
 
@@ -127,6 +133,25 @@ static void attention_seconds(const struct flavor *f, double s, double b, double
     *bwd = 2.0 * *fwd;
 }
 
+/* The adapters' forward products of one layer for M tokens on one device: x A^T (M x r x in)
+ * and t B^T (M x out x r) per target, at the shard's sizes. */
+static double lora_seconds(const struct model_config *cfg, const struct recipe *r,
+                           const struct plan *p, double M, int e)
+{
+    struct model_config sc;
+    double sec = 0.0, rank = (double) r->lora.rank;
+    llama_shard_config(&sc, cfg, p->tp);
+    for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
+        if (!(r->lora.targets & (1u << t)))
+            continue;
+        const struct model_layer_tensor_desc *d = &model_layer_tensors[model_lora_targets[t].layer];
+        double out = (double) model_dim(&sc, d->rows), in = (double) model_dim(&sc, d->cols);
+        sec += cost_gemm_seconds(M, rank, in, 1, e, &r->flavor) +
+               cost_gemm_seconds(M, out, rank, 1, e, &r->flavor);
+    }
+    return sec;
+}
+
 static void layer_seconds(struct layer_seconds *t, const struct model_config *cfg,
                           const struct recipe *r, const struct plan *p, int e)
 {
@@ -149,6 +174,13 @@ static void layer_seconds(struct layer_seconds *t, const struct model_config *cf
         COST_ELEMENTWISE_PASSES / 2 * act / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
     t->fwd = gemms + t->attn_fwd + elementwise;
     t->bwd = 2.0 * (gemms + elementwise) + attn_bwd;
+    if (r->lora.enabled) {
+        /* a frozen base: its products' input gradients only, no weight gradients; the
+         * adapters' two thin products forward, four backward */
+        double lora = lora_seconds(cfg, r, p, M, e);
+        t->fwd += lora;
+        t->bwd += 2.0 * lora - gemms;
+    }
     /* selective recomputation repeats the attention core (Megatron's, unfused) or, with fused
      * attention, half the products and the elementwise work (operator-level; see mem.c) */
     t->selective = f->device.attn_tflops > 0 ? gemms / 2 + elementwise : t->attn_fwd;
@@ -163,7 +195,8 @@ static double head_seconds(const struct model_config *cfg, const struct recipe *
     double V = (double) mem_vocab_per_device(cfg, p->tp), D = (double) cfg->hidden_size;
     double loss =
         COST_LOSS_BYTES_PER_LOGIT * M * V / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
-    return 3.0 * cost_gemm_seconds(M, V, D, 1, e, f) + loss;
+    /* forward, input gradient and (unless frozen: LoRA) weight gradient */
+    return (r->lora.enabled ? 2.0 : 3.0) * cost_gemm_seconds(M, V, D, 1, e, f) + loss;
 }
 
 /* The bandwidth of a data-parallel group: inside a node the collective bus bandwidth; across
@@ -187,6 +220,26 @@ static double exposed(double c, double w)
     return fmax(c - w, 0.0) + COST_OVERLAP_SLOWDOWN * fmin(c, w);
 }
 
+/* The parameters of the larger end stage on one device (the first or the last). */
+static int64_t stage_params(const struct model_config *cfg, const struct plan *p)
+{
+    int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
+    int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
+    return n_last > n ? n_last : n;
+}
+
+/* Of those, the trained ones: all, or with LoRA the adapters (whose gradients the data-parallel
+ * group reduces and whose optimizer state the step updates). */
+static int64_t trained_params(const struct model_config *cfg, const struct recipe *r,
+                              const struct plan *p)
+{
+    if (!r->lora.enabled)
+        return stage_params(cfg, p);
+    int64_t a = mem_lora_stage_params(cfg, r, p->pp, p->tp, 0);
+    int64_t a_last = mem_lora_stage_params(cfg, r, p->pp, p->tp, p->pp - 1);
+    return a_last > a ? a_last : a;
+}
+
 /* The data-parallel traffic of the stage holding n parameters and its exposed part. Without
  * sharding, the gradients are all-reduced once per step, bucket by bucket while the last
  * micro-batch's backward runs (DDP, Megatron's overlapped grad reduce); the first layers'
@@ -200,23 +253,24 @@ static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
                        double fwd_window, double bwd_window)
 {
     const struct flavor *f = &r->flavor;
-    int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
-    int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
-    if (n_last > n)
-        n = n_last;
-    double unit = (double) mem_stage_max_unit_params(cfg, p->pp, p->tp, 0) / (double) n;
+    int64_t n = trained_params(cfg, r, p);
+    double unit = (double) mem_stage_max_unit_params(cfg, p->pp, p->tp, 0) /
+                  (double) mem_stage_params(cfg, p->pp, p->tp, 0);
     bool crosses;
     double gbps = dp_gbps(f, p, &crosses);
     double lat = crosses ? COST_INTER_LATENCY_SECONDS : COST_INTRA_LATENCY_SECONDS;
     double ar_grads = cost_allreduce_seconds((double) n * d->grad, p->dp, gbps, lat);
     double ag_weights = cost_allreduce_seconds((double) n * d->weight, p->dp, gbps, lat) / 2;
+    /* ZeRO-3 gathers the whole stage's weights in flight, a frozen base's too */
+    double ag_stage =
+        cost_allreduce_seconds((double) stage_params(cfg, p) * d->weight, p->dp, gbps, lat) / 2;
     bool zero2 = p->distribute_param || p->distribute_low_prec_param;
     double mb = p->num_micro_batches;
 
     if (is_cpu(f)) {
         double full = zero2 ? ar_grads / 2 * mb + ag_weights : ar_grads;
         if (p->distribute_low_prec_param)
-            full += 2.0 * ag_weights * mb;
+            full += 2.0 * ag_stage * mb;
         c->dp_comm_seconds = full;
         c->dp_exposed_seconds =
             fmax(full - COST_DP_OVERLAP_CPU * bwd_window * mb, (1.0 - COST_DP_OVERLAP_CPU) * full);
@@ -232,10 +286,10 @@ static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
     c->dp_exposed_seconds =
         mb * exposed(rs * (1.0 - unit), bwd_window) + rs * unit + exposed(ag_weights, fwd_window);
     if (p->distribute_low_prec_param) {
-        c->dp_comm_seconds += 2.0 * ag_weights * mb;
-        c->dp_exposed_seconds += mb * (exposed(ag_weights, fwd_window) +
-                                       exposed(ag_weights, fmax(bwd_window - rs, 0.0))) +
-                                 ag_weights * unit;
+        c->dp_comm_seconds += 2.0 * ag_stage * mb;
+        c->dp_exposed_seconds +=
+            mb * (exposed(ag_stage, fwd_window) + exposed(ag_stage, fmax(bwd_window - rs, 0.0))) +
+            ag_stage * unit;
     }
 }
 
@@ -296,10 +350,7 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
                (double) most * (layer.bwd + recompute));
 
     /* Adam: read and write master, moments, gradient of the device's share. */
-    int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
-    int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
-    if (n_last > n)
-        n = n_last;
+    int64_t n = trained_params(cfg, r, p);
     bool zero2 = p->distribute_param || p->distribute_low_prec_param;
     double share = zero2 ? (double) n / p->dp : (double) n;
     c->optimizer_seconds = share * (2.0 * (d.master + d.moments) + d.grad + d.weight) /
@@ -308,6 +359,8 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
     c->step_seconds = c->compute_seconds + c->tp_comm_seconds + c->p2p_seconds + c->bubble_seconds +
                       c->dp_exposed_seconds + c->optimizer_seconds;
     c->model_flops = cost_model_flops(cfg, r);
-    double recompute_flops = p->recomputation == RECOMPUTE_FULL ? c->model_flops / 3.0 : 0.0;
+    /* the forward again: a third of a step, half of one with a frozen base */
+    double recompute_flops =
+        p->recomputation == RECOMPUTE_FULL ? c->model_flops / (r->lora.enabled ? 2.0 : 3.0) : 0.0;
     c->step_flops = c->model_flops + recompute_flops;
 }

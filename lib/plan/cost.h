@@ -62,7 +62,9 @@ double cost_allreduce_seconds(double bytes, int n, double gbps, double latency_s
 
 /* Model FLOPs of one step (no recomputation): 6 x matmul parameters x tokens plus attention
  * 12 x L x s x (H x hd) per token. Matmul parameters are all but the input embedding (a
- * lookup) and the norms; a tied embedding counts once, as the lm_head. */
+ * lookup) and the norms; a tied embedding counts once, as the lm_head. With LoRA the frozen
+ * base has no weight-gradient products, 4 x instead of 6 x, and the adapters' parameters count
+ * 6 x. */
 double cost_model_flops(const struct model_config *cfg, const struct recipe *r);
 
 /* The predicted step of layout p (its dp, pp, tp, micro-batching, recomputation, sharding). */

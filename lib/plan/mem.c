@@ -3,6 +3,7 @@
 
 #include "layout/shard.h"
 #include "model/llama.h"
+#include "model/lora.h"
 #include "plan/plan.h"
 
 #include <stdio.h>
@@ -79,6 +80,36 @@ int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int sta
             n += mem_embedding_params(cfg, tp); /* lm_head, or the tied copy */
     }
     return n;
+}
+
+int64_t mem_lora_stage_params(const struct model_config *cfg, const struct recipe *r, int pp,
+                              int tp, int stage)
+{
+    struct model_config sc;
+    int64_t first, count;
+    if (!r->lora.enabled)
+        return 0;
+    llama_shard_config(&sc, cfg, tp);
+    shard_stage_layers(cfg->num_hidden_layers, pp, stage, &first, &count);
+    return count * model_lora_layer_param_count(&sc, r->lora.rank, r->lora.targets);
+}
+
+int64_t mem_lora_layer_activation_bytes(const struct model_config *cfg, const struct recipe *r,
+                                        int64_t s, int64_t b, int tp, int act_bytes)
+{
+    struct model_config sc;
+    int64_t M = s * b, elems = 0;
+    if (!r->lora.enabled)
+        return 0;
+    llama_shard_config(&sc, cfg, tp);
+    for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
+        if (!(r->lora.targets & (1u << t)))
+            continue;
+        elems += M * r->lora.rank; /* x A^T, the input of B */
+        if (r->lora.dropout > 0)   /* dropout(x), the input of A */
+            elems += M * model_dim(&sc, model_layer_tensors[model_lora_targets[t].layer].cols);
+    }
+    return act_bytes * elems;
 }
 
 int64_t mem_stage_max_unit_params(const struct model_config *cfg, int pp, int tp, int stage)
@@ -196,6 +227,24 @@ int64_t mem_reserve_bytes(const struct flavor *f)
     return is_cpu(f) ? 0 : f->device.reserve_bytes;
 }
 
+/* LoRA on the cpu device: the frozen base keeps its fp32 weights arena (and the ZeRO-3
+ * gathering of it) but has no gradients and no moments; the adapters of the stage's tp shard
+ * (model/lora.h: lora_param_floats) have fp32 weights, gradients and two moments, unsharded,
+ * and the model's adapter scratch (lora_work_bytes) joins the workspace. */
+static void mem_cpu_lora(struct mem_breakdown *m, const struct shard *s, const struct recipe *r)
+{
+    struct lora_config lc = {r->lora.rank, r->lora.alpha, r->lora.dropout, r->lora.targets,
+                             r->training.seed};
+    int64_t a = s->nlayers * model_lora_layer_param_count(&s->cfg, lc.rank, lc.targets);
+    m->params += a;
+    m->weights_bytes += 4 * a;
+    m->gradients_bytes = 4 * a;
+    m->optimizer_bytes = 8 * a;
+    m->logits_bytes += (int64_t) lora_work_bytes(&s->cfg, &lc, s->shape.B, s->shape.T);
+    m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
+                     m->activations_bytes + m->logits_bytes;
+}
+
 /*
  * The cpu device runs every plan in fp32 with the executor's exact arenas: layout/shard.h
  * counts what one device of a stage allocates (its units of weights, gradients and moments,
@@ -226,7 +275,6 @@ static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg
     }
     shard_bytes(&s, &b);
     m->params = s.floats;
-    shard_release(&s);
     m->weights_bytes = b.weights;
     m->gradients_bytes = b.gradients;
     m->optimizer_bytes = b.optimizer;
@@ -234,6 +282,80 @@ static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg
     m->logits_bytes = b.workspace;
     m->reserve_bytes = 0;
     m->total_bytes = b.total;
+    if (r->lora.enabled)
+        mem_cpu_lora(m, &s, r);
+    shard_release(&s);
+}
+
+/* Activations of the micro-batches in flight on the stage, its logits and stage-to-stage
+ * buffers, and the reserve: the parts of a device's memory that do not depend on what is
+ * trained; extra_per_layer is what each layer keeps beyond the base's (LoRA's). */
+static void mem_stage_runtime(struct mem_breakdown *m, const struct model_config *cfg,
+                              const struct recipe *r, const struct plan *p, int stage,
+                              const struct mem_dtypes *d, int64_t extra_per_layer)
+{
+    int64_t first, count;
+    int64_t s = r->training.block_size, b = p->batch_per_device;
+    shard_stage_layers(cfg->num_hidden_layers, p->pp, stage, &first, &count);
+    /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
+     * `stage` (all of the warm-up forwards), never more than there are. */
+    int64_t in_flight = shard_in_flight(p->pp, stage, p->num_micro_batches);
+    unsigned flags = mem_act_flags(&r->flavor, p->tp);
+    int64_t per_layer =
+        mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d->act, flags);
+    if (p->recomputation != RECOMPUTE_FULL)
+        per_layer += extra_per_layer;
+    m->activations_bytes = in_flight * count * per_layer;
+    if (count > 0 && p->recomputation == RECOMPUTE_FULL)
+        m->activations_bytes +=
+            mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d->act, flags) +
+            extra_per_layer;
+    else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE && !(flags & MEM_ACT_FUSED))
+        m->activations_bytes += (int64_t) d->act * b * mem_heads_per_device(cfg, p->tp) * s * s;
+    if (stage == p->pp - 1) {
+        /* The final norm's input, output and rstd; then the logits of one micro-batch (the
+         * last stage runs each micro-batch's backward right after its forward). */
+        m->activations_bytes += 2 * d->act * s * b * cfg->hidden_size + 4 * s * b;
+        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->tp, d->act, flags);
+    }
+    /* Stage-to-stage buffers: the activation received and the gradient sent back. */
+    if (p->pp > 1)
+        m->communication_bytes = 2 * d->act * s * b * cfg->hidden_size;
+    m->reserve_bytes = mem_reserve_bytes(&r->flavor);
+}
+
+/* LoRA on an accelerator: the frozen base in its working dtype (sharded and gathered under
+ * ZeRO-3 as in full fine-tuning), without gradients, master copy or moments; the adapters
+ * like a fully trained model's parameters (working weights, gradients, master and moments,
+ * sharded under ZeRO-2), and what each layer's adapters keep for backward. */
+static void mem_stage_lora(struct mem_breakdown *m, const struct model_config *cfg,
+                           const struct recipe *r, const struct plan *p, int stage,
+                           const struct mem_dtypes *d)
+{
+    int64_t n = m->params, unit = mem_stage_max_unit_params(cfg, p->pp, p->tp, stage);
+    int64_t a = mem_lora_stage_params(cfg, r, p->pp, p->tp, stage);
+    int dp = p->dp;
+    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
+    bool zero3 = p->distribute_low_prec_param;
+    int64_t a_share = zero2 ? div_up(a, dp) : a;
+
+    m->params = n + a;
+    if (zero3 && dp > 1) {
+        m->weights_bytes = d->weight * (div_up(n, dp) + (unit * 2 < n ? unit * 2 : n));
+        m->gathered_bytes = d->weight * (unit * 2 < n ? unit * 2 : n);
+    } else {
+        m->weights_bytes = d->weight * n;
+    }
+    m->weights_bytes += d->weight * a;
+    m->gradients_bytes = d->grad * a_share;
+    m->optimizer_bytes = (int64_t) (d->master + d->moments) * a_share;
+    m->master_bytes = (int64_t) d->master * a_share;
+    mem_stage_runtime(m, cfg, r, p, stage, d,
+                      mem_lora_layer_activation_bytes(cfg, r, r->training.block_size,
+                                                      p->batch_per_device, p->tp, d->act));
+    m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
+                     m->activations_bytes + m->logits_bytes + m->communication_bytes +
+                     m->reserve_bytes;
 }
 
 void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const struct recipe *r,
@@ -244,11 +366,8 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
         return;
     }
     struct mem_dtypes d;
-    int64_t first, count;
-    int64_t s = r->training.block_size, b = p->batch_per_device;
 
     mem_dtypes(&d, r);
-    shard_stage_layers(cfg->num_hidden_layers, p->pp, stage, &first, &count);
     memset(m, 0, sizeof(*m));
     m->stage = stage;
 
@@ -258,6 +377,10 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
     bool zero2 = p->distribute_param || p->distribute_low_prec_param;
     bool zero3 = p->distribute_low_prec_param;
     m->params = n;
+    if (r->lora.enabled) {
+        mem_stage_lora(m, cfg, r, p, stage, &d);
+        return;
+    }
 
     /* Working weights; under ZeRO-3 a 1/dp shard plus the unit computing and the unit being
      * prefetched, gathered whole. */
@@ -279,28 +402,7 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
     if (zero2 && dp > 1)
         m->gathered_bytes += d.grad * unit;
 
-    /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
-     * `stage` (all of the warm-up forwards), never more than there are. */
-    int64_t in_flight = shard_in_flight(p->pp, stage, p->num_micro_batches);
-    unsigned flags = mem_act_flags(&r->flavor, p->tp);
-    int64_t per_layer =
-        mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act, flags);
-    m->activations_bytes = in_flight * count * per_layer;
-    if (count > 0 && p->recomputation == RECOMPUTE_FULL)
-        m->activations_bytes +=
-            mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act, flags);
-    else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE && !(flags & MEM_ACT_FUSED))
-        m->activations_bytes += (int64_t) d.act * b * mem_heads_per_device(cfg, p->tp) * s * s;
-    if (stage == p->pp - 1) {
-        /* The final norm's input, output and rstd; then the logits of one micro-batch (the
-         * last stage runs each micro-batch's backward right after its forward). */
-        m->activations_bytes += 2 * d.act * s * b * cfg->hidden_size + 4 * s * b;
-        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->tp, d.act, flags);
-    }
-    /* Stage-to-stage buffers: the activation received and the gradient sent back. */
-    if (p->pp > 1)
-        m->communication_bytes = 2 * d.act * s * b * cfg->hidden_size;
-    m->reserve_bytes = mem_reserve_bytes(&r->flavor);
+    mem_stage_runtime(m, cfg, r, p, stage, &d, 0);
     m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
                      m->activations_bytes + m->logits_bytes + m->communication_bytes +
                      m->reserve_bytes;

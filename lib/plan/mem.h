@@ -22,6 +22,14 @@
  *   reserve      the runtime's own: context, library workspaces, communicator buffers,
  *                allocator slack (mem_reserve_bytes, per device type).
  *
+ * With LoRA (recipe lora.enabled) the base model is frozen: its working weights stay, it has
+ * no gradients, master copy or moments; the adapters have all four, as the parameters of a
+ * full fine-tuning, and each layer keeps its adapters' x A^T (and dropout(x) with dropout) for
+ * backward. On the cpu the executor's arithmetic again: the base fp32, the adapters' fp32
+ * weights, gradients and moments (model/lora.h, lora_param_floats) and adapter scratch
+ * (lora_work_bytes). The base is kept fp32 in memory on the cpu, bf16 being its stored dtype
+ * or not (see README).
+ *
  * On the cpu device the executor's own arithmetic (layout/shard.h) gives the figure: every
  * tensor fp32 whatever the recipe's precision, the arenas it allocates, no reserve; so the
  * prediction equals the measured peak of every device, for every layout.
@@ -88,6 +96,14 @@ int64_t mem_vocab_per_device(const struct model_config *cfg, int tp);
 int64_t mem_layer_params(const struct model_config *cfg, int tp);
 int64_t mem_embedding_params(const struct model_config *cfg, int tp);
 int64_t mem_stage_params(const struct model_config *cfg, int pp, int tp, int stage);
+
+/* LoRA (r->lora; 0 without it): the adapters' parameters of a stage on one device of a tp
+ * group, and what one layer's adapters keep for backward for one micro-batch (x A^T of every
+ * target, and dropout(x) with dropout), elements of act_bytes. */
+int64_t mem_lora_stage_params(const struct model_config *cfg, const struct recipe *r, int pp,
+                              int tp, int stage);
+int64_t mem_lora_layer_activation_bytes(const struct model_config *cfg, const struct recipe *r,
+                                        int64_t s, int64_t b, int tp, int act_bytes);
 
 /* The largest single unit (a layer, the embedding, the lm_head) on the stage, per device:
  * what ZeRO-3 gathers at a time and ZeRO-2 holds as one gradient bucket. */

@@ -34,6 +34,34 @@ static bool cpu_process(struct mem_process *pm, const struct model_config *cfg,
     return mem_process(pm, cfg, r, p, &in) == 0;
 }
 
+/* The adapters' parameters of the whole model. */
+static int64_t lora_params(const struct model_config *cfg, const struct recipe *r)
+{
+    return cfg->num_hidden_layers *
+           model_lora_layer_param_count(cfg, r->lora.rank, r->lora.targets);
+}
+
+/* "rank 8, alpha 16, dropout 0.05 on q_proj, v_proj: 4194304 adapter parameters (0.06%), the
+ * base frozen" */
+static char *lora_line(char *buf, size_t size, const struct model_config *cfg,
+                       const struct recipe *r)
+{
+    int64_t a = lora_params(cfg, r), total = model_param_count(cfg);
+    size_t len = (size_t) snprintf(buf, size, "rank %lld, alpha %g, dropout %g on",
+                                   (long long) r->lora.rank, r->lora.alpha, r->lora.dropout);
+    const char *sep = " ";
+    for (int t = 0; t < MODEL_LORA_NTARGETS && len < size; t++)
+        if (r->lora.targets & (1u << t)) {
+            len +=
+                (size_t) snprintf(buf + len, size - len, "%s%s", sep, model_lora_targets[t].module);
+            sep = ", ";
+        }
+    if (len < size)
+        snprintf(buf + len, size - len, ": %lld adapter parameters (%.3g%%), the base frozen",
+                 (long long) a, 100.0 * (double) a / (double) total);
+    return buf;
+}
+
 void plan_report_text(FILE *out, const struct plan_result *res, const struct model_config *cfg,
                       const struct recipe *r)
 {
@@ -56,6 +84,8 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
     fprintf(out, "training    batch %lld x %lld tokens, %s, AP %s\n",
             (long long) r->training.batch_size, (long long) r->training.block_size,
             recipe_precision_name(r->training.precision), res->advanced ? "on" : "off");
+    if (r->lora.enabled)
+        fprintf(out, "lora        %s\n", lora_line(line, sizeof(line), cfg, r));
     fprintf(out, "search      %lld candidates, %lld fit, %.1f ms\n", (long long) res->candidates,
             (long long) res->feasible, res->plan_ms);
     fprintf(out,
@@ -144,6 +174,13 @@ json_t *plan_result_json(const struct plan_result *res, const struct model_confi
                                   (json_int_t) r->training.batch_size, "block_size",
                                   (json_int_t) r->training.block_size, "precision",
                                   recipe_precision_name(r->training.precision)));
+    if (r->lora.enabled) {
+        json_t *lj = recipe_to_json(r), *lora = json_incref(json_object_get(lj, "lora"));
+        json_decref(lj);
+        if (lora)
+            json_object_set_new(lora, "adapter_parameters", json_integer(lora_params(cfg, r)));
+        json_object_set_new(j, "lora", lora ? lora : json_null());
+    }
     json_object_set_new(j, "advanced_parallelization", json_boolean(res->advanced));
     json_object_set_new(j, "candidates", json_integer(res->candidates));
     json_object_set_new(j, "feasible", json_integer(res->feasible));
