@@ -1195,6 +1195,49 @@ static void test_llama_lora_fresh_is_base(void **state)
     lora_teardown(&x);
 }
 
+/* lora.merge: the merged model (W + (alpha / r) B A) gives the adapted model's loss, and its
+ * weights differ from the base's by (alpha / r) B A only (targets; the other tensors equal). */
+static void test_llama_lora_merge(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(false);
+    struct lora_config lc = {3, 7.0, 0.0, (1u << MODEL_LORA_wk) | (1u << MODEL_LORA_w_down), 1};
+    struct lora_fixture x;
+    lora_setup(&x, &cfg, 2, 9, 2, &lc, true);
+    double adapted = model_loss(&x.f);
+    float *base = falloc(x.f.p.nfloats);
+    memcpy(base, x.f.p.arena, sizeof(float) * (size_t) x.f.p.nfloats);
+    lora_merge(&x.f.p, &x.a, &cfg, &lc);
+    lora_attach(&x.f.m, NULL);
+    double merged = model_loss(&x.f);
+    assert_true(fabs(merged - adapted) <= 1e-5 * fabs(adapted));
+    double s = lc.alpha / (double) lc.rank;
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor t;
+        llama_tensor_at(&t, &x.f.p, &cfg, k);
+        const float *b0 = base + (t.data - x.f.p.arena);
+        int tg = strstr(t.name, "k_proj")      ? MODEL_LORA_wk
+                 : strstr(t.name, "down_proj") ? MODEL_LORA_w_down
+                                               : -1;
+        if (tg < 0) {
+            assert_memory_equal(t.data, b0, sizeof(float) * (size_t) t.numel);
+            continue;
+        }
+        const struct lora_layer *a = &x.a.layers[t.layer];
+        int64_t out = t.shape[0], in = t.shape[1];
+        for (int64_t i = 0; i < out; i++)
+            for (int64_t j = 0; j < in; j++) {
+                double ba = 0;
+                for (int64_t q = 0; q < lc.rank; q++)
+                    ba += (double) a->lora_B[tg][i * lc.rank + q] * a->lora_A[tg][q * in + j];
+                double d = (double) t.data[i * in + j] - b0[i * in + j];
+                assert_true(fabs(d - s * ba) <= 1e-6 * (1.0 + fabs(b0[i * in + j])));
+            }
+    }
+    free(base);
+    lora_teardown(&x);
+}
+
 /* Adapter tensors: PEFT's names and shapes, in the arena's order without gaps. */
 static void test_llama_lora_tensors(void **state)
 {
@@ -1340,6 +1383,7 @@ int main(void)
         cmocka_unit_test(test_llama_lora_grad),
         cmocka_unit_test(test_llama_lora_fresh_is_base),
         cmocka_unit_test(test_llama_lora_tensors),
+        cmocka_unit_test(test_llama_lora_merge),
         cmocka_unit_test(test_llama_ref_lora),
         cmocka_unit_test(test_llama_embedding_grad),
         cmocka_unit_test(test_llama_rmsnorm_grad),

@@ -5,6 +5,7 @@
 #include "model/optim.h"
 #include "model/pool.h"
 
+#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,6 +193,30 @@ void lora_release(struct lora *s)
 void lora_attach(struct llama *m, struct lora *s)
 {
     m->lora = s;
+}
+
+void lora_merge(struct llama_params *p, const struct lora_params *a, const struct model_config *cfg,
+                const struct lora_config *lc)
+{
+    float s = (float) (lc->alpha / (double) lc->rank);
+    for (int64_t l = 0; l < a->nlayers; l++) {
+        struct llama_layer *w = &p->layers[l];
+        float *base[MODEL_LAYER_NTENSORS] = {
+#define LORA_LAYER_FIELD(f, name, kind, rows, cols) w->f,
+            MODEL_LAYER_TENSORS(LORA_LAYER_FIELD)
+#undef LORA_LAYER_FIELD
+        };
+        for (int t = 0; t < MODEL_LORA_NTARGETS; t++) {
+            if (!(lc->targets & (1u << t)))
+                continue;
+            int64_t out = target_rows(cfg, t), in = target_cols(cfg, t);
+            /* W (out, in) += s B (out, r) A (r, in) */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) out, (int) in,
+                        (int) lc->rank, s, a->layers[l].lora_B[t], (int) lc->rank,
+                        a->layers[l].lora_A[t], (int) in, 1.0f, base[model_lora_targets[t].layer],
+                        (int) in);
+        }
+    }
 }
 
 /* ---- dropout -------------------------------------------------------------------------- */

@@ -120,6 +120,11 @@ int64_t lora_tensor_count(const struct model_config *cfg, unsigned targets);
 void lora_tensor_at(struct llama_tensor *t, const struct lora_params *p,
                     const struct model_config *cfg, int64_t rank, unsigned targets, int64_t index);
 
+/* The merged model: every target's W (out, in) of p += (alpha / r) B A, from the adapters a of
+ * the same layers (PEFT's merge_and_unload), in fp32. */
+void lora_merge(struct llama_params *p, const struct lora_params *a, const struct model_config *cfg,
+                const struct lora_config *lc);
+
 /* Scratch bytes for micro-batches of B x T tokens (of shard config cfg). */
 size_t lora_work_bytes(const struct model_config *cfg, const struct lora_config *lc, int64_t B,
                        int64_t T);
