@@ -3,6 +3,7 @@
 
 #include "log.h"
 #include "model/layout.h"
+#include "model/peft.h"
 #include "yamltree.h"
 
 #include <ctype.h>
@@ -1027,6 +1028,38 @@ static int check_readable(const struct recipe *r, const char *key, const char *p
     return 0;
 }
 
+/* lora.adapter: a PEFT adapter directory whose adapter_config.json reads and describes the
+ * recipe's adapters (the rank, alpha and targets that its tensors were trained with). */
+static int check_adapter(const struct recipe *r, struct moai_err *err)
+{
+    struct lora_config lc;
+    char targets[2][128];
+    int rc = check_readable(r, "lora.adapter", r->lora.adapter, true, err);
+    if (rc < 0)
+        return rc;
+    if (peft_read_config(r->lora.adapter, &lc, err) < 0) { /* a usage error, as every file */
+        moai_err_prefix(err, "%s: 'lora.adapter'", r->source);
+        err->code = MOAI_EUSAGE;
+        return MOAI_EUSAGE;
+    }
+    if (lc.rank == r->lora.rank && lc.alpha == r->lora.alpha && lc.targets == r->lora.targets)
+        return 0;
+    for (int k = 0; k < 2; k++) {
+        unsigned mask = k ? lc.targets : r->lora.targets;
+        size_t len = 0;
+        targets[k][0] = '\0';
+        for (int t = 0; t < MODEL_LORA_NTARGETS; t++)
+            if (mask & (1u << t))
+                len += (size_t) snprintf(targets[k] + len, sizeof(targets[k]) - len, "%s%s",
+                                         len ? ", " : "", model_lora_targets[t].module);
+    }
+    return moai_err_set(err, MOAI_EUSAGE,
+                        "%s: 'lora.adapter' '%s' has r %lld, lora_alpha %g and target_modules "
+                        "[%s], the recipe's lora rank %lld, alpha %g and target_modules [%s]",
+                        r->source, r->lora.adapter, (long long) lc.rank, lc.alpha, targets[1],
+                        (long long) r->lora.rank, r->lora.alpha, targets[0]);
+}
+
 int recipe_check_files(const struct recipe *r, struct moai_err *err)
 {
     char path[4096];
@@ -1057,7 +1090,9 @@ int recipe_check_files(const struct recipe *r, struct moai_err *err)
         if ((rc = check_readable(r, "tokenizer", r->tokenizer, false, err)) < 0)
             return rc;
     }
-    return check_readable(r, "dataset.path", r->dataset.path, false, err);
+    if ((rc = check_readable(r, "dataset.path", r->dataset.path, false, err)) < 0)
+        return rc;
+    return r->lora.enabled && r->lora.adapter ? check_adapter(r, err) : 0;
 }
 
 bool recipe_has_weights(const struct recipe *r)
