@@ -84,6 +84,19 @@ int fingerprint_build(json_t **out, const struct recipe *r, const struct model_c
     json_object_set_new(fp, "dataset", json_string(hash));
     copy_keys(fp, rj, "dataset", dataset_keys);
     copy_keys(fp, rj, "training", training_keys);
+    if (r->lora.enabled) {
+        /* adapters are another run than full fine-tuning (absent: a full fine-tuning's, so
+         * the fingerprints of earlier checkpoints stay as they were) */
+        json_object_set(fp, "lora", json_object_get(rj, "lora"));
+        /* Every training run builds its fingerprint before any work; the training loop does
+         * not run adapters yet (issue 16: the model, planner and PEFT files do), so a LoRA
+         * recipe stops here rather than fine-tune the whole model. */
+        rc = moai_err_set(err, MOAI_EUSAGE,
+                          "%s: 'lora': the training loop does not train adapters yet (plan it "
+                          "with --plan-only)",
+                          r->source);
+        goto out;
+    }
     *out = fp;
     fp = NULL;
     rc = 0;
