@@ -1238,6 +1238,57 @@ static void test_llama_lora_merge(void **state)
     lora_teardown(&x);
 }
 
+/* Dropout: a training forward draws its mask from the micro-batch's stream (the same stream the
+ * same loss, another stream another), evaluation uses none; and two pipeline stages with
+ * workspaces of their own give the whole model's loss and adapter gradients bit for bit. */
+static void test_llama_lora_dropout_and_stages(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(false);
+    struct lora_config lc = {4, 4.0, 0.3, MODEL_LORA_ALL, 8};
+    struct lora_fixture x;
+    struct moai_err err = {0};
+    lora_setup(&x, &cfg, 2, 10, 2, &lc, true);
+    double eval = model_loss(&x.f);
+    x.state.train = true;
+    x.state.stream = 1;
+    double s1 = model_loss(&x.f), s1again = model_loss(&x.f);
+    x.state.stream = 2;
+    double s2 = model_loss(&x.f);
+    assert_true(s1 == s1again);
+    assert_true(s1 != s2 && s1 != eval && s2 != eval);
+    x.state.train = false;
+    assert_true(model_loss(&x.f) == eval);
+
+    x.state.train = true;
+    x.state.stream = 5;
+    double whole = lora_loss_and_grads(&x);
+    float *gw = falloc(x.ga.nfloats);
+    memcpy(gw, x.ga.arena, sizeof(float) * (size_t) x.ga.nfloats);
+    struct llama_work w1, w2;
+    assert_int_equal(llama_work_init(&w1, &cfg, 2, 10, 2, &err), 0);
+    assert_int_equal(llama_work_init(&w2, &cfg, 2, 10, 2, &err), 0);
+    memset(x.ga.arena, 0, sizeof(float) * (size_t) x.ga.nfloats);
+    struct llama_params *p = &x.f.p, *g = &x.g;
+    struct llama_acts *a = &x.f.a;
+    llama_embed_forward(&x.f.m, p, a, &w1, &x.f.b);
+    llama_layer_forward(&x.f.m, &p->layers[0], &a->layers[0], a->layers[1].x, &w1, &x.f.b);
+    llama_set_targets(&w2, &x.f.b);
+    llama_layer_forward(&x.f.m, &p->layers[1], &a->layers[1], a->xf, &w2, &x.f.b);
+    double staged = llama_head_forward(&x.f.m, p, a, &w2, true, x.f.dloss) * x.f.dloss;
+    llama_head_backward(&x.f.m, p, g, a, &w2);
+    llama_layer_backward(&x.f.m, &p->layers[1], &g->layers[1], &a->layers[1], &w2, &x.f.b);
+    memcpy(w1.dres, w2.dres, sizeof(float) * 2 * 10 * (size_t) cfg.hidden_size);
+    llama_layer_backward(&x.f.m, &p->layers[0], &g->layers[0], &a->layers[0], &w1, &x.f.b);
+    llama_embed_backward(&x.f.m, g, &w1, &x.f.b);
+    assert_true(staged == whole);
+    assert_memory_equal(gw, x.ga.arena, sizeof(float) * (size_t) x.ga.nfloats);
+    llama_work_release(&w1);
+    llama_work_release(&w2);
+    free(gw);
+    lora_teardown(&x);
+}
+
 /* Adapter tensors: PEFT's names and shapes, in the arena's order without gaps. */
 static void test_llama_lora_tensors(void **state)
 {
@@ -1384,6 +1435,7 @@ int main(void)
         cmocka_unit_test(test_llama_lora_fresh_is_base),
         cmocka_unit_test(test_llama_lora_tensors),
         cmocka_unit_test(test_llama_lora_merge),
+        cmocka_unit_test(test_llama_lora_dropout_and_stages),
         cmocka_unit_test(test_llama_ref_lora),
         cmocka_unit_test(test_llama_embedding_grad),
         cmocka_unit_test(test_llama_rmsnorm_grad),
