@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "exec/lora_dev.h"
 #include "exec/train.h"
 #include "log.h"
 #include "plan/plan.h"
@@ -362,6 +363,18 @@ static void test_plan_lora_fits_where_full_does_not(void **state)
     assert_int_equal(c.mem.params, model_param_count(&cfg) + a);
     assert_int_equal(c.mem.gradients_bytes, 4 * a);
     assert_int_equal(c.mem.optimizer_bytes, 8 * a);
+    /* to the byte what the executor's device allocates: the base's weights, activations and
+     * workspace (no gradients, no moments) and lora_dev_bytes */
+    struct shard sh;
+    struct shard_bytes sb;
+    struct lora_config lc = {4, r.lora.alpha, r.lora.dropout, r.lora.targets, 0};
+    assert_int_equal(
+        shard_init(&sh, &cfg, &c.lay, r.training.block_size, shard_cpu_threads(1), 0, NULL), 0);
+    shard_bytes(&sh, &sb);
+    assert_int_equal(c.mem.total_bytes,
+                     sb.weights + sb.activations + sb.workspace +
+                         lora_dev_bytes(&sh, &lc, c.lay.batch_per_device, r.training.block_size));
+    shard_release(&sh);
     recipe_release(&r);
 }
 

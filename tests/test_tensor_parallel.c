@@ -9,6 +9,7 @@
 
 #include "exec/comm.h"
 #include "exec/dev.h"
+#include "exec/lora_dev.h"
 #include "layout/shard.h"
 #include "model/llama.h"
 #include "model/lora.h"
@@ -458,6 +459,180 @@ static void test_tensor_parallel_lora(void **state)
     check_tp_lora(true, 4, LLAMA_KEEP_INPUT);
 }
 
+/* ---- LoRA devices: data x tensor parallelism, the gradients made whole, one AdamW step --- */
+
+struct ld_case {
+    struct model_config full;
+    int dp, tp;
+    const float *params;                /* the whole model's weights */
+    const struct lora_params *adapters; /* the whole model's adapters */
+    struct llama_batch batch[2];        /* data-parallel rank r's micro-batch */
+    float dloss;
+    struct comm_world *world;
+    struct lora_params *after; /* the whole adapters after the step, written by the devices */
+    double norm[8];
+};
+
+static int ld_worker(struct dev *d, void *arg)
+{
+    struct ld_case *lc = arg;
+    struct moai_err err = {0};
+    struct layout lay = {.dp = lc->dp,
+                         .pp = 1,
+                         .tp = lc->tp,
+                         .num_micro_batches = 1,
+                         .batch_per_device = B,
+                         .recomputation = RECOMPUTE_NONE};
+    struct shard s;
+    struct comm tpc, dpc, kvc, world;
+    struct llama m;
+    struct llama_params p, g = {0};
+    struct llama_acts a;
+    struct llama_work w;
+    struct lora_dev ld;
+
+    assert_int_equal(shard_init(&s, &lc->full, &lay, T, 1, d->id, &err), 0);
+    int sharing = s.kv_replicated ? lc->tp / (int) lc->full.num_key_value_heads : 1;
+    comm_world_all(lc->world, d->id, &world);
+    assert_int_equal(comm_world_split(lc->world, d->id, s.dp_rank, s.tp_rank, &tpc), 0);
+    assert_int_equal(comm_world_split(lc->world, d->id, s.tp_rank, s.dp_rank, &dpc), 0);
+    assert_int_equal(comm_world_split(lc->world, d->id, s.dp_rank * lc->tp + s.tp_rank / sharing,
+                                      s.tp_rank, &kvc),
+                     0);
+    assert_int_equal(llama_init(&m, &s.cfg, 1, &err), 0);
+    struct llama_tp hooks = {lc->tp,       s.tp_rank,    s.vocab_first, s.vocab_rows,
+                             tp_allreduce, tp_allgather, &tpc};
+    llama_set_tp(&m, &hooks);
+    assert_int_equal(llama_params_init(&p, &s.cfg, NULL, &err), 0);
+    for (int u = 0; u < s.nunits; u++)
+        shard_unit_from_full(&s, u, lc->params, p.arena + s.units[u].off);
+    assert_int_equal(lora_dev_init(&ld, &s, &lora_cfg, B, T, &err), 0);
+    lora_dev_load(&ld, &s, lc->adapters, 0);
+    g.layers = calloc((size_t) s.cfg.num_hidden_layers, sizeof(struct llama_layer));
+    assert_non_null(g.layers);
+    lora_dev_attach(&ld, &m, p.layers, g.layers);
+    ld.state.train = true;
+    ld.state.stream = (uint64_t) s.dp_rank; /* the micro-batch's: as the single device's */
+    assert_int_equal(llama_acts_bind_shape(&a, &s.cfg, &s.shape, NULL, &err), 0);
+    assert_int_equal(llama_work_bind_shape(&w, &s.cfg, &s.shape, NULL, &err), 0);
+    llama_forward_backward(&m, &p, &g, &a, &w, &lc->batch[s.dp_rank], lc->dloss);
+    assert_int_equal(lora_dev_reduce(&ld, &s, &dpc, &kvc), 0);
+    double norm = sqrt(comm_allreduce_scalar(&world, lora_dev_sumsq(&ld, &s)));
+    lc->norm[d->id] = norm;
+    struct optim_adamw hp = {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8};
+    lora_dev_step(&ld, m.pool, 1, &hp, (float) (0.5 / (norm + 1e-6)));
+    if (s.dp_rank == 0)
+        lora_dev_store(&ld, &s, lc->after, 0); /* every tp rank writes its part */
+    free(g.layers);
+    lora_dev_release(&ld);
+    llama_work_release(&w);
+    llama_acts_release(&a);
+    llama_params_release(&p);
+    llama_release(&m);
+    shard_release(&s);
+    return 0;
+}
+
+/* dp x tp devices, each with its own micro-batch (dropout on), reduce their adapter gradients,
+ * take the global norm with every value once, clip and step: the single device's norm and
+ * adapters after the same step over both micro-batches (relative 1e-5). */
+static void check_lora_dev(int dp, int tp)
+{
+    struct moai_err err = {0};
+    struct ld_case lc = {.full = tiny(false), .dp = dp, .tp = tp};
+    const struct model_config *cfg = &lc.full;
+    int64_t L = cfg->num_hidden_layers, rank = lora_cfg.rank;
+    int32_t tokens[2][B * T], labels[2][B * T], lengths[B] = {T, T - 3};
+    uint64_t s = 11;
+    for (int k = 0; k < 2; k++) {
+        for (int i = 0; i < B * T; i++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            tokens[k][i] = (int) ((s >> 33) % (uint64_t) cfg->vocab_size);
+            labels[k][i] = i % T >= lengths[i / T] || i % T < 1 ? -100 : tokens[k][i];
+        }
+        lc.batch[k] = (struct llama_batch){B, T, tokens[k], labels[k], lengths};
+    }
+    int64_t count = llama_batch_targets(&lc.batch[0]) + llama_batch_targets(&lc.batch[1]);
+    lc.dloss = 1.0f / (float) count;
+
+    /* one device, both micro-batches */
+    struct llama m;
+    struct llama_params p, g = {0};
+    struct lora_params a, ga, m1, m2, after;
+    struct llama_acts acts;
+    struct llama_work w;
+    struct lora st;
+    assert_int_equal(llama_init(&m, cfg, 1, &err), 0);
+    assert_int_equal(llama_params_init(&p, cfg, NULL, &err), 0);
+    optim_init_params(NULL, &p, cfg, 3);
+    struct lora_params *arenas[] = {&a, &ga, &m1, &m2, &after};
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(lora_params_init(arenas[i], cfg, rank, lora_cfg.targets, 0, NULL, &err),
+                         0);
+    lora_init_peft(&a, cfg, cfg, 0, rank, lora_cfg.targets, lora_cfg.seed);
+    for (int64_t l = 0; l < L; l++)
+        for (int t = 0; t < MODEL_LORA_NTARGETS; t++)
+            optim_init_normal(a.layers[l].lora_B[t], 0, rank * target_out(cfg, t), 0.2, 37,
+                              (uint64_t) (l * 8 + t));
+    g.layers = calloc(L > 0 ? (size_t) L : 1, sizeof(struct llama_layer));
+    assert_non_null(g.layers);
+    for (int64_t l = 0; l < L; l++) {
+        p.layers[l].lora = &a.layers[l];
+        g.layers[l].lora = &ga.layers[l];
+    }
+    assert_int_equal(lora_init(&st, cfg, &lora_cfg, B, T, &err), 0);
+    lora_attach(&m, &st);
+    st.train = true;
+    assert_int_equal(llama_acts_init(&acts, cfg, B, T, &err), 0);
+    assert_int_equal(llama_work_init(&w, cfg, B, T, 1, &err), 0);
+    for (int k = 0; k < 2; k++) {
+        st.stream = (uint64_t) k;
+        llama_forward_backward(&m, &p, &g, &acts, &w, &lc.batch[k], lc.dloss);
+    }
+    lc.params = p.arena;
+    lc.adapters = &a;
+    lc.after = &after;
+    double norm = optim_grad_norm(NULL, ga.arena, ga.nfloats);
+
+    /* the devices: data-parallel rank r runs micro-batch r */
+    assert_int_equal(dp, 2);
+    assert_int_equal(comm_world_create(&lc.world, dp * tp, &err), 0);
+    struct dev_set ds;
+    assert_int_equal(dev_set_init(&ds, dp * tp, 1 << 30, &err), 0);
+    assert_int_equal(dev_set_run(&ds, ld_worker, &lc, &err), 0);
+    dev_set_release(&ds);
+    comm_world_free(lc.world);
+
+    struct optim_adamw hp = {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8};
+    float scale = (float) (0.5 / (norm + 1e-6));
+    for (int64_t i = 0; i < ga.nfloats; i++)
+        ga.arena[i] *= scale;
+    optim_adamw_step(NULL, a.arena, ga.arena, m1.arena, m2.arena, a.nfloats, 1, &hp);
+    for (int r = 0; r < dp * tp; r++)
+        assert_true(fabs(lc.norm[r] - norm) <= 1e-5 * norm);
+    double e = rel_err(after.arena, a.arena, a.nfloats);
+    if (e > 1e-5) {
+        print_error("lora devices dp %d tp %d: adapters after the step differ by %.3g\n", dp, tp,
+                    e);
+        fail();
+    }
+    free(g.layers);
+    lora_release(&st);
+    for (int i = 0; i < 5; i++)
+        lora_params_release(arenas[i]);
+    llama_work_release(&w);
+    llama_acts_release(&acts);
+    llama_params_release(&p);
+    llama_release(&m);
+}
+
+static void test_tensor_parallel_lora_devices(void **state)
+{
+    (void) state;
+    check_lora_dev(2, 2);
+    check_lora_dev(2, 4); /* kv heads shared by two ranks each */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -465,6 +640,7 @@ int main(void)
         cmocka_unit_test(test_tensor_parallel_four_shards_share_kv_heads),
         cmocka_unit_test(test_tensor_parallel_recomputation),
         cmocka_unit_test(test_tensor_parallel_lora),
+        cmocka_unit_test(test_tensor_parallel_lora_devices),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -253,6 +253,11 @@ void shard_unit_to_full(const struct shard *s, int u, const float *src, float *f
     unit_copy(s, u, full, (float *) src, true);
 }
 
+int64_t shard_lora_floats(const struct shard *s, int64_t rank, unsigned targets)
+{
+    return s->nlayers * model_lora_layer_param_count(&s->cfg, rank, targets);
+}
+
 void shard_lora_copy(const struct shard *s, const struct lora_layer *full, struct lora_layer *part,
                      int64_t rank, unsigned targets, bool to_full)
 {

@@ -127,6 +127,11 @@ int shard_duplicate_ranges(const struct shard *s, int u, int64_t ranges[4][2]);
 /* Points l at the tensors of one layer unit of configuration c (Hugging Face order). */
 void shard_layer_view(struct llama_layer *l, float *base, const struct model_config *c);
 
+/* Floats of one arena of the LoRA adapters (rank r, targets) of the device's stage and tp
+ * shard: what the executor allocates four times (weights, gradients, two moments) and the
+ * planner counts (plan/mem.c). */
+int64_t shard_lora_floats(const struct shard *s, int64_t rank, unsigned targets);
+
 /* Copies one layer's LoRA adapters of rank r on the targets from the whole model's (full,
  * bound at s->full's sizes) into this device's tensor-parallel part (bound at s->cfg's), or
  * back (to_full): A's columns and B's rows as the base tensor's are split (model/lora.h). */
