@@ -224,12 +224,50 @@ static void test_peft_bad_configs(void **state)
     assert_non_null(strstr(err.msg, "none/adapter_config.json: unable to open"));
 }
 
+/* The moments of an exact resume: written and read back bit for bit, a missing one named. */
+static void test_peft_moments(void **state)
+{
+    (void) state;
+    struct lora_config lc = {2, 4.0, 0.0, (1u << MODEL_LORA_wo) | (1u << MODEL_LORA_w_up), 1};
+    struct model_config cfg;
+    struct lora_params m1, m2, r1, r2, other;
+    struct moai_err err = {0};
+    char path[700];
+    adapters(&cfg, &m1, &lc);
+    adapters(&cfg, &m2, &lc);
+    for (int64_t i = 0; i < m2.nfloats; i++)
+        m2.arena[i] = (float) i * 0.25f;
+    snprintf(path, sizeof(path), "%s/optimizer.safetensors", tmp);
+    assert_int_equal(peft_write_moments(path, &m1, &m2, &cfg, &lc, &err), 0);
+    assert_int_equal(lora_params_init(&r1, &cfg, 2, lc.targets, 0, NULL, &err), 0);
+    assert_int_equal(lora_params_init(&r2, &cfg, 2, lc.targets, 0, NULL, &err), 0);
+    assert_int_equal(peft_read_moments(path, &r1, &r2, &cfg, &lc, &err), 0);
+    assert_memory_equal(m1.arena, r1.arena, sizeof(float) * (size_t) m1.nfloats);
+    assert_memory_equal(m2.arena, r2.arena, sizeof(float) * (size_t) m2.nfloats);
+    struct lora_config more = lc;
+    more.targets |= 1u << MODEL_LORA_wq;
+    assert_int_equal(lora_params_init(&other, &cfg, 2, more.targets, 0, NULL, &err), 0);
+    assert_int_equal(peft_read_moments(path, &other, &other, &cfg, &more, &err), MOAI_EIO);
+    char want[800];
+    snprintf(want, sizeof(want),
+             "%s: tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.exp_avg' "
+             "is missing or not of shape [2, 256]",
+             path);
+    assert_string_equal(err.msg, want);
+    lora_params_release(&other);
+    lora_params_release(&r2);
+    lora_params_release(&r1);
+    lora_params_release(&m2);
+    lora_params_release(&m1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_peft_round_trip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_peft_python_reader, setup, teardown),
         cmocka_unit_test_setup_teardown(test_peft_bad_configs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_peft_moments, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

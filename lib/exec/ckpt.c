@@ -92,7 +92,9 @@ static bool is_checkpoint_name(const char *name)
                                         "plan.json",
                                         "optimizer.safetensors",
                                         "trainer_state.json",
-                                        "generation_config.json"};
+                                        "generation_config.json",
+                                        "adapter_config.json",
+                                        "adapter_model.safetensors"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (!strcmp(name, names[i]))
             return true;
@@ -574,9 +576,9 @@ void ckpt_lock_release(struct ckpt_lock *l)
 
 bool ckpt_present(const char *dir, char *name, size_t size)
 {
-    static const char *const names[] = {"trainer_state.json", "model.safetensors",
-                                        "model.safetensors.index.json", "optimizer.safetensors",
-                                        "config.json"};
+    static const char *const names[] = {
+        "trainer_state.json",    "model.safetensors", "model.safetensors.index.json",
+        "optimizer.safetensors", "config.json",       "adapter_model.safetensors"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         char path[4096];
         snprintf(path, sizeof(path), "%s/%s", dir, names[i]);

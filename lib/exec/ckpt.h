@@ -1,7 +1,8 @@
 /* ckpt.h - checkpoints written into a directory that stays the user's.
  *
  * A checkpoint is a Hugging Face style set of files (config.json, model.safetensors,
- * tokenizer.model, generation_config.json, plan.json, and for resuming optimizer.safetensors and trainer_state.json)
+ * tokenizer.model, generation_config.json, plan.json, and for resuming optimizer.safetensors and trainer_state.json;
+ * a LoRA run's also adapter_config.json and adapter_model.safetensors)
  * in save_dir. save_dir may hold anything else (the recipe, notes, other runs' directories);
  * it may be ".", "..", a symbolic link or a mount point. A save never moves, hides or deletes
  * an entry it did not write. It runs in three steps:
@@ -106,8 +107,8 @@ int ckpt_mkdir_parents(const char *path, struct moai_err *err);
 /* Removes a directory tree (best effort). */
 void ckpt_remove_tree(const char *path);
 
-/* Whether dir holds a checkpoint's files (trainer_state.json, the weights, the optimizer state
- * or config.json); the first one found is written into name. plan.json alone, written when a
+/* Whether dir holds a checkpoint's files (trainer_state.json, the weights, the optimizer state,
+ * config.json or a LoRA adapter's weights); the first one found is written into name. plan.json alone, written when a
  * run starts, is no checkpoint. */
 bool ckpt_present(const char *dir, char *name, size_t size);
 

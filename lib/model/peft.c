@@ -188,3 +188,84 @@ int peft_read_weights(const char *dir, struct lora_params *a, const struct model
     st_close(&f);
     return rc;
 }
+
+/* The adapters' tensors of arenas m1 and m2 as moments to write or read: names with suffixes. */
+struct moment_names {
+    struct llama_tensor *t; /* 2 n: m1's then m2's */
+    char (*name)[128];
+    int64_t n;
+};
+
+static int moment_names(struct moment_names *mn, const struct lora_params *m1,
+                        const struct lora_params *m2, const struct model_config *cfg,
+                        const struct lora_config *lc, struct moai_err *err)
+{
+    mn->n = lora_tensor_count(cfg, lc->targets);
+    mn->t = calloc((size_t) (2 * mn->n + 1), sizeof(*mn->t));
+    mn->name = calloc((size_t) (2 * mn->n + 1), sizeof(*mn->name));
+    if (!mn->t || !mn->name) {
+        free(mn->t);
+        free(mn->name);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    for (int64_t k = 0; k < 2 * mn->n; k++) {
+        lora_tensor_at(&mn->t[k], k < mn->n ? m1 : m2, cfg, lc->rank, lc->targets, k % mn->n);
+        snprintf(mn->name[k], sizeof(mn->name[k]), "%s.%s", mn->t[k].name,
+                 k < mn->n ? "exp_avg" : "exp_avg_sq");
+    }
+    return 0;
+}
+
+int peft_write_moments(const char *path, const struct lora_params *m1, const struct lora_params *m2,
+                       const struct model_config *cfg, const struct lora_config *lc,
+                       struct moai_err *err)
+{
+    struct moment_names mn;
+    int rc = moment_names(&mn, m1, m2, cfg, lc, err);
+    if (rc < 0)
+        return rc;
+    struct st_write_tensor *w = calloc((size_t) (2 * mn.n + 1), sizeof(*w));
+    if (!w)
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    for (int64_t k = 0; w && k < 2 * mn.n; k++)
+        w[k] = (struct st_write_tensor){.name = mn.name[k],
+                                        .ndim = 2,
+                                        .shape = {mn.t[k].shape[0], mn.t[k].shape[1]},
+                                        .data = mn.t[k].data};
+    if (w)
+        rc = st_write(path, (int) (2 * mn.n), w, ST_F32, err);
+    free(w);
+    free(mn.t);
+    free(mn.name);
+    return rc;
+}
+
+int peft_read_moments(const char *path, struct lora_params *m1, struct lora_params *m2,
+                      const struct model_config *cfg, const struct lora_config *lc,
+                      struct moai_err *err)
+{
+    struct moment_names mn;
+    struct st_file f;
+    int rc = moment_names(&mn, m1, m2, cfg, lc, err);
+    if (rc < 0)
+        return rc;
+    if ((rc = st_open(&f, path, err)) < 0)
+        goto out;
+    for (int64_t k = 0; k < 2 * mn.n && rc == 0; k++) {
+        const struct st_tensor *s = st_find(&f, mn.name[k]);
+        if (!s || s->ndim != 2 || s->shape[0] != mn.t[k].shape[0] ||
+            s->shape[1] != mn.t[k].shape[1])
+            rc = moai_err_set(err, MOAI_EIO,
+                              "%s: tensor '%s' is missing or not of shape "
+                              "[%lld, %lld]",
+                              path, mn.name[k], (long long) mn.t[k].shape[0],
+                              (long long) mn.t[k].shape[1]);
+        else
+            rc = st_to_f32(s, mn.t[k].data, err);
+    }
+    st_close(&f);
+out:
+    free(mn.t);
+    free(mn.name);
+    return rc;
+}

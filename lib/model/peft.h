@@ -54,4 +54,14 @@ int peft_read_config(const char *dir, struct lora_config *lc, struct moai_err *e
 int peft_read_weights(const char *dir, struct lora_params *a, const struct model_config *cfg,
                       const struct lora_config *lc, struct moai_err *err);
 
+/* AdamW's moments of the adapters, for an exact resume: "<adapter name>.exp_avg" and
+ * ".exp_avg_sq" per adapter tensor, F32, in the adapters' order (a checkpoint's
+ * optimizer.safetensors). The reader wants every one with its shape. */
+int peft_write_moments(const char *path, const struct lora_params *m1, const struct lora_params *m2,
+                       const struct model_config *cfg, const struct lora_config *lc,
+                       struct moai_err *err);
+int peft_read_moments(const char *path, struct lora_params *m1, struct lora_params *m2,
+                      const struct model_config *cfg, const struct lora_config *lc,
+                      struct moai_err *err);
+
 #endif
