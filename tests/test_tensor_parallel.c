@@ -521,8 +521,22 @@ static int ld_worker(struct dev *d, void *arg)
     lc->norm[d->id] = norm;
     struct optim_adamw hp = {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8};
     lora_dev_step(&ld, m.pool, 1, &hp, (float) (0.5 / (norm + 1e-6)));
-    if (s.dp_rank == 0)
-        lora_dev_store(&ld, &s, lc->after, 0); /* every tp rank writes its part */
+    /* device 0 gathers the whole adapters from the devices of data-parallel rank 0 */
+    struct shard others[4];
+    float *tmp = NULL;
+    int nothers = 0;
+    if (d->id == 0) {
+        for (; nothers < lc->tp; nothers++)
+            assert_int_equal(shard_init(&others[nothers], &lc->full, &lay, T, 1,
+                                        shard_device(&lay, 0, 0, nothers), &err),
+                             0);
+        tmp = malloc(sizeof(float) * (size_t) ld.a.nfloats);
+        assert_non_null(tmp);
+    }
+    assert_int_equal(lora_dev_gather(&ld, &s, &world, 0, others, nothers, tmp, lc->after), 0);
+    for (int i = 0; i < nothers; i++)
+        shard_release(&others[i]);
+    free(tmp);
     free(g.layers);
     lora_dev_release(&ld);
     llama_work_release(&w);

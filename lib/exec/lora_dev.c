@@ -75,6 +75,38 @@ void lora_dev_store(const struct lora_dev *d, const struct shard *s, struct lora
                         d->lc.targets, true);
 }
 
+int lora_dev_gather(const struct lora_dev *d, const struct shard *s, struct comm *world, int which,
+                    const struct shard *others, int nothers, float *tmp, struct lora_params *whole)
+{
+    const struct lora_params *p = part_of(d, which);
+    int rc = 0, r;
+    if (s->dp_rank != 0)
+        return 0;
+    if (s->dev != 0)
+        return comm_send(world, 0, p->arena, sizeof(float) * (size_t) p->nfloats);
+    lora_dev_store(d, s, whole, which);
+    for (int i = 0; i < nothers; i++) {
+        const struct shard *o = &others[i];
+        struct model_config oc = stage_config(o);
+        int64_t per = model_lora_layer_param_count(&o->cfg, d->lc.rank, d->lc.targets);
+        if (o->dev == 0)
+            continue;
+        if ((r = comm_recv(world, o->dev, tmp,
+                           sizeof(float) *
+                               (size_t) shard_lora_floats(o, d->lc.rank, d->lc.targets))) < 0 &&
+            rc == 0)
+            rc = r;
+        for (int64_t l = 0; l < o->nlayers; l++) {
+            struct lora_layer view;
+            lora_layer_bind(&view, tmp + l * per, &oc, d->lc.rank, d->lc.targets,
+                            o->first_layer + l);
+            shard_lora_copy(o, &whole->layers[o->first_layer + l], &view, d->lc.rank, d->lc.targets,
+                            true);
+        }
+    }
+    return rc;
+}
+
 void lora_dev_attach(struct lora_dev *d, struct llama *m, struct llama_layer *lview,
                      struct llama_layer *gview)
 {

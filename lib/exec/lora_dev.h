@@ -61,6 +61,15 @@ void lora_dev_load(struct lora_dev *d, const struct shard *s, const struct lora_
 void lora_dev_store(const struct lora_dev *d, const struct shard *s, struct lora_params *whole,
                     int which);
 
+/* Gathers the adapters (which: 0) or a moment (1, 2) of the devices of data-parallel rank 0
+ * into whole on device 0 (a collective over world: each of them sends its arena, device 0
+ * receives in device order). On device 0, others are the shards of those devices (every
+ * (stage, tp rank) in device order, nothers of them; its own included) and tmp holds the
+ * largest one's shard_lora_floats; elsewhere they are NULL and 0. Returns 0 or the first
+ * failed collective's code. */
+int lora_dev_gather(const struct lora_dev *d, const struct shard *s, struct comm *world, int which,
+                    const struct shard *others, int nothers, float *tmp, struct lora_params *whole);
+
 /* Points the layer views (the stage's nlayers) at the adapters and their gradients, and the
  * model at the scratch. */
 void lora_dev_attach(struct lora_dev *d, struct llama *m, struct llama_layer *lview,
