@@ -1238,9 +1238,10 @@ static void test_llama_lora_merge(void **state)
     lora_teardown(&x);
 }
 
-/* Dropout: a training forward draws its mask from the micro-batch's stream (the same stream the
- * same loss, another stream another), evaluation uses none; and two pipeline stages with
- * workspaces of their own give the whole model's loss and adapter gradients bit for bit. */
+/* Dropout: a training forward draws its mask from the step's stream (the same stream the same
+ * loss, another stream another), evaluation uses none; two pipeline stages with workspaces of
+ * their own give the whole model's loss and adapter gradients bit for bit, and micro-batches
+ * of one sequence each (their tokens' masks) the same up to rounding. */
 static void test_llama_lora_dropout_and_stages(void **state)
 {
     (void) state;
@@ -1285,6 +1286,26 @@ static void test_llama_lora_dropout_and_stages(void **state)
     assert_memory_equal(gw, x.ga.arena, sizeof(float) * (size_t) x.ga.nfloats);
     llama_work_release(&w1);
     llama_work_release(&w2);
+
+    /* the two sequences as two micro-batches of one, each drawing its tokens' masks: the same
+     * loss and gradients up to the order of the sums */
+    struct llama_acts a1;
+    struct llama_work w3;
+    assert_int_equal(llama_acts_init(&a1, &cfg, 1, 10, &err), 0);
+    assert_int_equal(llama_work_init(&w3, &cfg, 1, 10, 2, &err), 0);
+    memset(x.ga.arena, 0, sizeof(float) * (size_t) x.ga.nfloats);
+    double split = 0;
+    for (int k = 0; k < 2; k++) {
+        struct llama_batch bk = {1, 10, x.f.b.tokens + k * 10, x.f.b.labels + k * 10,
+                                 x.f.b.lengths + k};
+        x.state.first_token = k * 10;
+        split += llama_forward_backward(&x.f.m, p, g, &a1, &w3, &bk, x.f.dloss) * x.f.dloss;
+    }
+    x.state.first_token = 0;
+    assert_true(fabs(split - whole) <= 1e-5 * fabs(whole));
+    assert_true(rel_err(x.ga.arena, gw, x.ga.nfloats) < 1e-5);
+    llama_work_release(&w3);
+    llama_acts_release(&a1);
     free(gw);
     lora_teardown(&x);
 }

@@ -512,7 +512,8 @@ static int ld_worker(struct dev *d, void *arg)
     assert_non_null(g.layers);
     lora_dev_attach(&ld, &m, p.layers, g.layers);
     ld.state.train = true;
-    ld.state.stream = (uint64_t) s.dp_rank; /* the micro-batch's: as the single device's */
+    ld.state.stream = 0; /* one step; the micro-batch's tokens come after the others' */
+    ld.state.first_token = s.dp_rank * B * T;
     assert_int_equal(llama_acts_bind_shape(&a, &s.cfg, &s.shape, NULL, &err), 0);
     assert_int_equal(llama_work_bind_shape(&w, &s.cfg, &s.shape, NULL, &err), 0);
     llama_forward_backward(&m, &p, &g, &a, &w, &lc->batch[s.dp_rank], lc->dloss);
@@ -599,8 +600,8 @@ static void check_lora_dev(int dp, int tp)
     st.train = true;
     assert_int_equal(llama_acts_init(&acts, cfg, B, T, &err), 0);
     assert_int_equal(llama_work_init(&w, cfg, B, T, 1, &err), 0);
-    for (int k = 0; k < 2; k++) {
-        st.stream = (uint64_t) k;
+    for (int k = 0; k < 2; k++) { /* the step's two micro-batches, one after the other */
+        st.first_token = k * B * T;
         llama_forward_backward(&m, &p, &g, &acts, &w, &lc.batch[k], lc.dloss);
     }
     lc.params = p.arena;

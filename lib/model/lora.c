@@ -224,7 +224,7 @@ void lora_merge(struct llama_params *p, const struct lora_params *a, const struc
 struct drop_job {
     float *out;
     const float *in;
-    int64_t N, C, C_full, c0;
+    int64_t N, C, C_full, c0, n0;
     uint64_t seed, stream;
     float p, keep_scale;
 };
@@ -236,36 +236,47 @@ static void drop_task(void *arg, int64_t task, int thread)
     (void) thread;
     for (int64_t n = task * ROWS; n < n1; n++)
         for (int64_t c = 0; c < j->C; c++) {
-            uint64_t r = optim_rng(j->seed, j->stream, (uint64_t) (n * j->C_full + j->c0 + c));
-            float u = (float) (r >> 40) * 0x1p-24f;
+            uint64_t at = (uint64_t) ((j->n0 + n) * j->C_full + j->c0 + c);
+            float u = (float) (optim_rng(j->seed, j->stream, at) >> 40) * 0x1p-24f;
             j->out[n * j->C + c] = u >= j->p ? j->in[n * j->C + c] * j->keep_scale : 0.0f;
         }
 }
 
+/* out (N, C) = the dropout mask of target t of layer a applied to in (N, C; may be out). The
+ * mask is a function of the seed, the step's stream, the layer, the target and the element's
+ * place among the step's tokens (first_token + n) and the whole input's columns, so backward
+ * and a recomputed forward draw it again and every layout draws the single device's. */
+static void apply_mask(struct llama *m, const struct lora_layer *a, float *out, const float *in,
+                       int t, int64_t N)
+{
+    const struct lora *s = m->lora;
+    int64_t C = target_cols(&m->cfg, t);
+    bool split = target_row_parallel(t) && m->tp.size > 1;
+    struct drop_job j = {.out = out,
+                         .in = in,
+                         .N = N,
+                         .C = C,
+                         .C_full = split ? C * m->tp.size : C,
+                         .c0 = split ? C * m->tp.rank : 0,
+                         .n0 = s->first_token,
+                         .seed = s->cfg.seed ^ (s->stream * 0x9E3779B97F4A7C15ull),
+                         .stream = STREAM_DROPOUT + (uint64_t) a->index * MODEL_LORA_NTARGETS +
+                                   (uint64_t) t,
+                         .p = (float) s->cfg.dropout,
+                         .keep_scale = (float) (1.0 / (1.0 - s->cfg.dropout))};
+    pool_run(m->pool, (N + ROWS - 1) / ROWS, drop_task, &j);
+}
+
 /* dropout(inp) of target t of layer a: inp itself without dropout (or outside training),
- * else the scratch holding it. The mask is a function of the micro-batch's stream, the layer,
- * the target and the element's place in the whole input, so backward draws it again. */
+ * else the scratch holding it. */
 static const float *dropped(struct llama *m, const struct lora_layer *a, const float *inp, int t,
                             int64_t N)
 {
     struct lora *s = m->lora;
     if (!s->train || s->cfg.dropout <= 0)
         return inp;
-    int64_t C = target_cols(&m->cfg, t);
-    bool split = target_row_parallel(t) && m->tp.size > 1;
-    struct drop_job j = {.out = s->xd,
-                         .in = inp,
-                         .N = N,
-                         .C = C,
-                         .C_full = split ? C * m->tp.size : C,
-                         .c0 = split ? C * m->tp.rank : 0,
-                         .seed = s->cfg.seed ^ (s->stream * 0x9E3779B97F4A7C15ull),
-                         .stream = STREAM_DROPOUT + (uint64_t) a->index * MODEL_LORA_NTARGETS +
-                                   (uint64_t) t,
-                         .p = (float) s->cfg.dropout,
-                         .keep_scale = (float) (1.0 / (1.0 - s->cfg.dropout))};
     MOAI_ASSERT(s->xd && N <= s->N);
-    pool_run(m->pool, (N + ROWS - 1) / ROWS, drop_task, &j);
+    apply_mask(m, a, s->xd, inp, t, N);
     return s->xd;
 }
 
@@ -273,24 +284,10 @@ static const float *dropped(struct llama *m, const struct lora_layer *a, const f
 static void add_dropped_grad(struct llama *m, const struct lora_layer *a, float *dinp, float *src,
                              int t, int64_t N)
 {
-    struct lora *s = m->lora;
+    const struct lora *s = m->lora;
     int64_t C = target_cols(&m->cfg, t);
-    if (s->train && s->cfg.dropout > 0) {
-        /* the mask applied to src, through the same draw as forward */
-        bool split = target_row_parallel(t) && m->tp.size > 1;
-        struct drop_job j = {.out = src,
-                             .in = src,
-                             .N = N,
-                             .C = C,
-                             .C_full = split ? C * m->tp.size : C,
-                             .c0 = split ? C * m->tp.rank : 0,
-                             .seed = s->cfg.seed ^ (s->stream * 0x9E3779B97F4A7C15ull),
-                             .stream = STREAM_DROPOUT + (uint64_t) a->index * MODEL_LORA_NTARGETS +
-                                       (uint64_t) t,
-                             .p = (float) s->cfg.dropout,
-                             .keep_scale = (float) (1.0 / (1.0 - s->cfg.dropout))};
-        pool_run(m->pool, (N + ROWS - 1) / ROWS, drop_task, &j);
-    }
+    if (s->train && s->cfg.dropout > 0)
+        apply_mask(m, a, src, src, t, N);
     for (int64_t i = 0; i < N * C; i++)
         dinp[i] += src[i];
 }

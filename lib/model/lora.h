@@ -24,9 +24,11 @@
  *
  * Randomness is counter-based (optim_rng): A's element (i, j) of target t of layer l takes
  * draw i in + j of a stream of (l, t), and the dropout mask of input element (n, j) of a
- * micro-batch draw n in + j of a stream of (stream, l, t), j counted in the whole tensor's
- * columns. So any shard, any pipeline stage and any thread count draws the single process's
- * values, and a recomputed forward the same mask.
+ * micro-batch draw (first_token + n) in + j of a stream of (stream, l, t), j counted in the
+ * whole tensor's columns, first_token the micro-batch's first token among the step's (its
+ * place in the global batch times T). So any shard, pipeline stage, data-parallel split,
+ * micro-batching and thread count draws the single device's values, and a recomputed forward
+ * and the backward the same mask.
  *
  * Errors: the _init functions return 0 or a negative MOAI_E* and fill err. One thread at a
  * time may use a struct lora (it is the scratch of one struct llama).
@@ -78,16 +80,17 @@ struct lora_params {
     bool owned; /* arena allocated (and freed) here */
 };
 
-/* The model's adapter state: configuration, the micro-batch's dropout stream, scratch. */
+/* The model's adapter state: configuration, where the dropout masks are drawn, scratch. */
 struct lora {
     struct lora_config cfg;
-    float scale;     /* alpha / r */
-    bool train;      /* dropout applies (a training forward and its backward) */
-    uint64_t stream; /* the micro-batch's dropout stream, set by the caller before it */
-    int64_t N;       /* rows the scratch holds */
-    float *t;        /* (N, r) dropout(x) A^T */
-    float *dt;       /* (N, r) its gradient */
-    float *xd;       /* (N, the widest input) dropout(x); NULL without dropout */
+    float scale;         /* alpha / r */
+    bool train;          /* dropout applies (a training forward and its backward) */
+    uint64_t stream;     /* the step's dropout stream (its index), set by the caller */
+    int64_t first_token; /* the micro-batch's first token among the step's, set likewise */
+    int64_t N;           /* rows the scratch holds */
+    float *t;            /* (N, r) dropout(x) A^T */
+    float *dt;           /* (N, r) its gradient */
+    float *xd;           /* (N, the widest input) dropout(x); NULL without dropout */
     void *arena;
     size_t bytes; /* lora_work_bytes */
 };
@@ -128,7 +131,8 @@ void lora_merge(struct llama_params *p, const struct lora_params *a, const struc
 /* Scratch bytes for micro-batches of B x T tokens (of shard config cfg). */
 size_t lora_work_bytes(const struct model_config *cfg, const struct lora_config *lc, int64_t B,
                        int64_t T);
-/* Sets s up with its scratch in an arena of its own; train and stream start false and 0. */
+/* Sets s up with its scratch in an arena of its own; train, stream and first_token start
+ * false and 0. */
 int lora_init(struct lora *s, const struct model_config *cfg, const struct lora_config *lc,
               int64_t B, int64_t T, struct moai_err *err);
 void lora_release(struct lora *s);
