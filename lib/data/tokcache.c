@@ -2,9 +2,7 @@
 #include "data/tokcache.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +10,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "atomicfile.h"
 #include "data/dataset.h"
 #include "data/spm.h"
 #include "log.h"
@@ -294,46 +293,38 @@ static int make_dirs(const char *dir, struct moai_err *err)
     return 0;
 }
 
-static int write_all(int fd, const void *data, size_t size)
+/* The payload of ds: tokens, lengths, masked counts and the label mask, one after another
+ * (malloc'd, *size bytes); NULL when out of memory. */
+static unsigned char *pack_payload(const struct tokenized *ds, size_t *size)
 {
-    const unsigned char *p = data;
-    while (size > 0) {
-        ssize_t k = write(fd, p, size);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            return -1;
-        p += k;
-        size -= (size_t) k;
-    }
-    return 0;
-}
-
-int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err)
-{
-    static _Atomic unsigned counter;
-    char dir[4096], tmp[4200];
-    int rc = 0, fd = -1;
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash) {
-        *slash = '\0';
-        if (dir[0] && (rc = make_dirs(dir, err)) < 0)
-            return rc;
-    }
     size_t cells = (size_t) ds->n * (size_t) ds->T;
     size_t pbytes = (size_t) payload_bytes((uint64_t) ds->n, (uint64_t) ds->T);
     unsigned char *payload = malloc(pbytes);
-    size_t bound = ZSTD_compressBound(pbytes);
-    unsigned char *z = malloc(HEADER_BYTES + bound);
-    if (!payload || !z) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
-        goto out;
-    }
+    if (!payload)
+        return NULL;
     memcpy(payload, ds->tokens, cells * 4);
     memcpy(payload + cells * 4, ds->lengths, (size_t) ds->n * 8);
     memcpy(payload + cells * 4 + (size_t) ds->n * 8, ds->masked, (size_t) ds->n * 8);
     memcpy(payload + cells * 4 + (size_t) ds->n * 16, ds->mask, cells);
+    *size = pbytes;
+    return payload;
+}
+
+/* The whole cache file of ds under key: the header, then the compressed payload, into *out
+ * (malloc'd, *size bytes). Returns 0, MOAI_ENOMEM or MOAI_EIO (path names the file). */
+static int encode_file(const struct tokenized *ds, uint64_t key, const char *path,
+                       unsigned char **out, size_t *size, struct moai_err *err)
+{
+    size_t pbytes = 0;
+    unsigned char *payload = pack_payload(ds, &pbytes);
+    size_t bound = ZSTD_compressBound(pbytes);
+    unsigned char *z = payload ? malloc(HEADER_BYTES + bound) : NULL;
+    int rc = 0;
+
+    if (!z) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
     size_t zn = ZSTD_compress(z + HEADER_BYTES, bound, payload, pbytes, 3);
     if (ZSTD_isError(zn)) {
         rc = moai_err_set(err, MOAI_EIO, "%s: cannot compress: %s", path, ZSTD_getErrorName(zn));
@@ -350,36 +341,33 @@ int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, s
         .payload_sum = tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, payload, pbytes)),
     };
     header_encode(z, &h);
-    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld.%u", path, (long) getpid(), counter++);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        rc = moai_err_set(err, MOAI_EIO, "cannot create '%s': %s", tmp, strerror(errno));
-        goto out;
-    }
-    if (write_all(fd, z, HEADER_BYTES + zn) < 0 || fsync(fd) < 0) {
-        rc = moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", tmp, strerror(errno));
-        goto out_unlink;
-    }
-    if (close(fd) < 0) {
-        fd = -1;
-        rc = moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", tmp, strerror(errno));
-        goto out_unlink;
-    }
-    fd = -1;
-    if (rename(tmp, path) < 0) {
-        rc = moai_err_set(err, MOAI_EIO, "cannot rename '%s' to '%s': %s", tmp, path,
-                          strerror(errno));
-        goto out_unlink;
-    }
-    goto out;
-out_unlink:
-    if (fd >= 0)
-        close(fd);
-    fd = -1;
-    unlink(tmp);
+    *out = z;
+    *size = HEADER_BYTES + zn;
+    z = NULL;
 out:
     free(payload);
     free(z);
+    return rc;
+}
+
+int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err)
+{
+    char dir[4096];
+    unsigned char *file;
+    size_t size;
+    int rc;
+
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        if (dir[0] && (rc = make_dirs(dir, err)) < 0)
+            return rc;
+    }
+    if ((rc = encode_file(ds, key, path, &file, &size, err)) < 0)
+        return rc;
+    rc = atomicfile_write_all(path, file, size, err);
+    free(file);
     return rc;
 }
 
@@ -455,16 +443,17 @@ out:
 }
 
 int tokcache_prepare(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                 const char *tmpl, const char *response_start, int64_t T, int64_t limit,
-                 const char *cache_dir, struct moai_err *err)
+                     const char *tmpl, const char *response_start, int64_t T, int64_t limit,
+                     const char *cache_dir, struct moai_err *err)
 {
     return tokcache_prepare_format(out, dataset_path, tokenizer_path, tmpl, response_start, NULL, T,
-                               limit, cache_dir, err);
+                                   limit, cache_dir, err);
 }
 
-int tokcache_prepare_format(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
-                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err)
+int tokcache_prepare_format(struct tokenized *out, const char *dataset_path,
+                            const char *tokenizer_path, const char *tmpl,
+                            const char *response_start, const struct data_recipe *dr, int64_t T,
+                            int64_t limit, const char *cache_dir, struct moai_err *err)
 {
     char path[4200];
     uint64_t key = 0;
