@@ -167,106 +167,132 @@ static uint64_t payload_bytes(uint64_t n, uint64_t T)
     return a > UINT64_MAX - b ? 0 : a + b;
 }
 
-int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err)
+static void header_decode(struct header *h, const unsigned char *b)
 {
-    memset(out, 0, sizeof(*out));
-    int rc = 0;
-    unsigned char *file = NULL;
+    memcpy(&h->version, b + 8, 4);
+    memcpy(&h->bom, b + 12, 4);
+    h->key = get64(b + 16);
+    h->n = get64(b + 24);
+    h->T = get64(b + 32);
+    h->truncated = get64(b + 40);
+    h->payload_bytes = get64(b + 48);
+    h->payload_sum = get64(b + 56);
+    h->header_sum = get64(b + 64);
+}
+
+/* The whole file at path into *file (malloc'd, *size bytes, at least a header's). */
+static int read_file(const char *path, unsigned char **file, size_t *size, struct moai_err *err)
+{
     FILE *f = fopen(path, "rb");
+    struct stat st;
+    int rc = 0;
+
+    *file = NULL;
     if (!f)
         return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
-    struct stat st;
     if (fstat(fileno(f), &st) < 0 || st.st_size < HEADER_BYTES) {
         rc = moai_err_set(err, MOAI_EIO, "%s: shorter than its %d-byte header", path, HEADER_BYTES);
         goto out;
     }
-    size_t fsize = (size_t) st.st_size;
-    file = malloc(fsize);
-    if (!file) {
+    *size = (size_t) st.st_size;
+    if (!(*file = malloc(*size))) {
         rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
         goto out;
     }
-    if (fread(file, 1, fsize, f) != fsize) {
+    if (fread(*file, 1, *size, f) != *size) {
         rc = moai_err_set(err, MOAI_EIO, "cannot read '%s': %s", path,
                           ferror(f) ? strerror(errno) : "file shrank while reading");
-        goto out;
+        free(*file);
+        *file = NULL;
     }
-    struct header h;
-    memcpy(&h.version, file + 8, 4);
-    memcpy(&h.bom, file + 12, 4);
-    h.key = get64(file + 16);
-    h.n = get64(file + 24);
-    h.T = get64(file + 32);
-    h.truncated = get64(file + 40);
-    h.payload_bytes = get64(file + 48);
-    h.payload_sum = get64(file + 56);
-    h.header_sum = get64(file + 64);
-    if (memcmp(file, MAGIC, 8) != 0) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: not a token cache (bad magic)", path);
-    } else if (h.version != TOKCACHE_VERSION || h.bom != BYTE_ORDER_MARK) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: format version %" PRIu32 ", expected %u", path,
-                          h.version, TOKCACHE_VERSION);
-    } else if (h.header_sum != tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, file, 64))) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: header checksum mismatch", path);
-    } else if (h.key != key) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: key %016" PRIx64 " does not match the file name",
-                          path, h.key);
-    } else if (h.T < 2 || h.T > INT32_MAX || h.truncated > h.n ||
-               payload_bytes(h.n, h.T) != h.payload_bytes || h.payload_bytes > SIZE_MAX / 2) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: inconsistent sizes in the header", path);
-    }
-    if (rc < 0)
-        goto out;
-    unsigned long long content =
-        ZSTD_getFrameContentSize(file + HEADER_BYTES, fsize - HEADER_BYTES);
-    if (content != h.payload_bytes) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt", path);
-        goto out;
-    }
-    size_t cells = (size_t) (h.n * h.T);
-    out->tokens = malloc((size_t) h.payload_bytes);
-    out->labels = malloc(sizeof(int32_t) * cells);
-    out->lengths = malloc(sizeof(int64_t) * (size_t) h.n);
-    out->masked = malloc(sizeof(int64_t) * (size_t) h.n);
-    out->mask = malloc(cells);
-    if (!out->tokens || !out->labels || !out->lengths || !out->masked || !out->mask) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
-        goto out;
-    }
-    size_t got = ZSTD_decompress(out->tokens, (size_t) h.payload_bytes, file + HEADER_BYTES,
-                                 fsize - HEADER_BYTES);
-    if (ZSTD_isError(got) || got != h.payload_bytes) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s", path,
-                          ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
-        goto out;
-    }
-    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) != h.payload_sum) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: payload checksum mismatch", path);
-        goto out;
-    }
-    out->n = (int64_t) h.n;
-    out->T = (int64_t) h.T;
-    out->truncated = (int64_t) h.truncated;
-    memcpy(out->lengths, (unsigned char *) out->tokens + cells * 4, (size_t) h.n * 8);
-    memcpy(out->masked, (unsigned char *) out->tokens + cells * 4 + h.n * 8, (size_t) h.n * 8);
-    memcpy(out->mask, (unsigned char *) out->tokens + cells * 4 + h.n * 16, cells);
-    for (size_t c = 0; c < cells; c++)
-        if (out->mask[c] > 1) {
-            rc = moai_err_set(err, MOAI_EIO, "%s: the label mask holds %d", path, out->mask[c]);
-            goto out;
-        }
-    for (int64_t i = 0; i < out->n; i++) {
-        if (out->lengths[i] < 1 || out->lengths[i] > out->T || out->masked[i] < 0 ||
-            out->masked[i] > out->lengths[i]) {
-            rc = moai_err_set(err, MOAI_EIO, "%s: sequence %" PRId64 " has impossible lengths",
-                              path, i);
-            goto out;
-        }
-    }
-    tokenized_fill_labels(out);
 out:
-    free(file);
     fclose(f);
+    return rc;
+}
+
+/* The header of file must be this version's, intact, of key, with consistent sizes. */
+static int check_header(const struct header *h, const unsigned char *file, uint64_t key,
+                        const char *path, struct moai_err *err)
+{
+    if (memcmp(file, MAGIC, 8) != 0)
+        return moai_err_set(err, MOAI_EIO, "%s: not a token cache (bad magic)", path);
+    if (h->version != TOKCACHE_VERSION || h->bom != BYTE_ORDER_MARK)
+        return moai_err_set(err, MOAI_EIO, "%s: format version %" PRIu32 ", expected %u", path,
+                            h->version, TOKCACHE_VERSION);
+    if (h->header_sum != tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, file, 64)))
+        return moai_err_set(err, MOAI_EIO, "%s: header checksum mismatch", path);
+    if (h->key != key)
+        return moai_err_set(err, MOAI_EIO, "%s: key %016" PRIx64 " does not match the file name",
+                            path, h->key);
+    if (h->T < 2 || h->T > INT32_MAX || h->truncated > h->n ||
+        payload_bytes(h->n, h->T) != h->payload_bytes || h->payload_bytes > SIZE_MAX / 2)
+        return moai_err_set(err, MOAI_EIO, "%s: inconsistent sizes in the header", path);
+    return 0;
+}
+
+/* out's arrays for h's sizes, the payload decompressed into out->tokens (checked against its
+ * sum) and spread over lengths, masked and mask. */
+static int decode_payload(struct tokenized *out, const struct header *h, const unsigned char *file,
+                          size_t fsize, const char *path, struct moai_err *err)
+{
+    const unsigned char *z = file + HEADER_BYTES;
+    size_t zn = fsize - HEADER_BYTES, cells = (size_t) (h->n * h->T);
+
+    if (ZSTD_getFrameContentSize(z, zn) != h->payload_bytes)
+        return moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt", path);
+    out->tokens = malloc((size_t) h->payload_bytes);
+    out->labels = malloc(sizeof(int32_t) * cells);
+    out->lengths = malloc(sizeof(int64_t) * (size_t) h->n);
+    out->masked = malloc(sizeof(int64_t) * (size_t) h->n);
+    out->mask = malloc(cells);
+    if (!out->tokens || !out->labels || !out->lengths || !out->masked || !out->mask)
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+    size_t got = ZSTD_decompress(out->tokens, (size_t) h->payload_bytes, z, zn);
+    if (ZSTD_isError(got) || got != h->payload_bytes)
+        return moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s",
+                            path, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
+    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) != h->payload_sum)
+        return moai_err_set(err, MOAI_EIO, "%s: payload checksum mismatch", path);
+    out->n = (int64_t) h->n;
+    out->T = (int64_t) h->T;
+    out->truncated = (int64_t) h->truncated;
+    memcpy(out->lengths, (unsigned char *) out->tokens + cells * 4, (size_t) h->n * 8);
+    memcpy(out->masked, (unsigned char *) out->tokens + cells * 4 + h->n * 8, (size_t) h->n * 8);
+    memcpy(out->mask, (unsigned char *) out->tokens + cells * 4 + h->n * 16, cells);
+    return 0;
+}
+
+/* Every mask cell is 0 or 1, every length in 1..T with at most that many tokens masked. */
+static int check_sequences(const struct tokenized *t, const char *path, struct moai_err *err)
+{
+    size_t cells = (size_t) t->n * (size_t) t->T;
+    for (size_t c = 0; c < cells; c++)
+        if (t->mask[c] > 1)
+            return moai_err_set(err, MOAI_EIO, "%s: the label mask holds %d", path, t->mask[c]);
+    for (int64_t i = 0; i < t->n; i++)
+        if (t->lengths[i] < 1 || t->lengths[i] > t->T || t->masked[i] < 0 ||
+            t->masked[i] > t->lengths[i])
+            return moai_err_set(err, MOAI_EIO, "%s: sequence %" PRId64 " has impossible lengths",
+                                path, i);
+    return 0;
+}
+
+int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err)
+{
+    unsigned char *file;
+    size_t fsize;
+    struct header h;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    if ((rc = read_file(path, &file, &fsize, err)) < 0)
+        return rc;
+    header_decode(&h, file);
+    if ((rc = check_header(&h, file, key, path, err)) == 0 &&
+        (rc = decode_payload(out, &h, file, fsize, path, err)) == 0 &&
+        (rc = check_sequences(out, path, err)) == 0)
+        tokenized_fill_labels(out);
+    free(file);
     if (rc < 0)
         tokenized_release(out);
     return rc;
