@@ -65,7 +65,8 @@ void tokcache_path(char *buf, size_t size, const char *cache_dir, uint64_t key);
 int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err);
 
 /* Stores ds under path atomically, creating the directory (and its parents). */
-int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err);
+int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key,
+                   struct moai_err *err);
 
 /* How records become text, beyond the template (recipe keys dataset.format,
  * dataset.chat_template, dataset.train_on). */
@@ -84,13 +85,14 @@ int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tok
 /* tokcache_prepare for any dataset format; dr NULL is format text. The chat template, when not
  * named, follows the tokenizer's special tokens (llama3, chatml, mistral), and an error says
  * so when none fits. */
-int tokcache_prepare_format(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
-                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err);
+int tokcache_prepare_format(struct tokenized *out, const char *dataset_path,
+                            const char *tokenizer_path, const char *tmpl,
+                            const char *response_start, const struct data_recipe *dr, int64_t T,
+                            int64_t limit, const char *cache_dir, struct moai_err *err);
 
 /* Loads from the cache or tokenizes (2 threads) and stores. cache_dir NULL: no cache. */
 int tokcache_prepare(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                 const char *tmpl, const char *response_start, int64_t T, int64_t limit,
-                 const char *cache_dir, struct moai_err *err);
+                     const char *tmpl, const char *response_start, int64_t T, int64_t limit,
+                     const char *cache_dir, struct moai_err *err);
 
 #endif
