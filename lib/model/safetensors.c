@@ -870,13 +870,88 @@ static int write_index(const char *path, const json_t *index, struct moai_err *e
     return rc;
 }
 
+/* dir/name, written with the n tensors of t. */
+static int write_named(const char *dir, const char *name, int n, const struct st_write_tensor *t,
+                       enum st_dtype dtype, struct moai_err *err)
+{
+    char *path = path_join(dir, name);
+    if (!path)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    int rc = write_file(path, n, t, dtype, err);
+    free(path);
+    return rc;
+}
+
+/* Cuts the n tensors of t, in order, into shards of at most max_bytes (a tensor larger than
+ * that alone): shard s holds tensors [first[s], first[s + 1]). Returns the shard count. */
+static int cut_shards(int n, const struct st_write_tensor *t, uint64_t esize, uint64_t max_bytes,
+                      int *first)
+{
+    uint64_t bytes = 0;
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t b = (uint64_t) write_numel(&t[i]) * esize;
+        if (k == 0 || (bytes > 0 && bytes + b > max_bytes)) {
+            first[k++] = i;
+            bytes = 0;
+        }
+        bytes += b;
+    }
+    first[k] = n;
+    return k;
+}
+
+/* Writes the k shards BASE-NNNNN-of-NNNNN.safetensors, each tensor's name mapped to its
+ * shard's in map. */
+static int write_shards(const char *dir, const char *base, int k, const int *first,
+                        const struct st_write_tensor *t, enum st_dtype dtype, json_t *map,
+                        struct moai_err *err)
+{
+    char name[512];
+    int rc;
+    for (int s = 0; s < k; s++) {
+        snprintf(name, sizeof(name), "%s-%05d-of-%05d.safetensors", base, s + 1, k);
+        if ((rc = write_named(dir, name, first[s + 1] - first[s], t + first[s], dtype, err)) < 0)
+            return rc;
+        for (int i = first[s]; i < first[s + 1]; i++)
+            if (json_object_set_new(map, t[i].name, json_string(name)))
+                return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    return 0;
+}
+
+/* BASE.safetensors.index.json: the total size and the weight map. */
+static int write_shard_index(const char *dir, const char *base, uint64_t total, json_t *map,
+                             struct moai_err *err)
+{
+    char name[512];
+    json_t *index = json_object();
+    int rc;
+    if (!index ||
+        json_object_set_new(index, "metadata",
+                            json_pack("{s:I}", "total_size", (json_int_t) total)) ||
+        json_object_set(index, "weight_map", map)) {
+        json_decref(index);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    snprintf(name, sizeof(name), "%s.safetensors.index.json", base);
+    char *ipath = path_join(dir, name);
+    if (!ipath)
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    else
+        rc = write_index(ipath, index, err);
+    free(ipath);
+    json_decref(index);
+    return rc;
+}
+
 int st_write_sharded(const char *dir, const char *base, int n, const struct st_write_tensor *t,
                      enum st_dtype dtype, uint64_t max_shard_bytes, int *nshards,
                      struct moai_err *err)
 {
     uint64_t total = 0, esize = (uint64_t) st_dtype_size(dtype);
     char name[512];
-    int rc, k = 0;
+    int rc, k;
 
     if (nshards)
         *nshards = 0;
@@ -889,73 +964,25 @@ int st_write_sharded(const char *dir, const char *base, int n, const struct st_w
 
     if (max_shard_bytes == 0 || total <= max_shard_bytes) {
         snprintf(name, sizeof(name), "%s.safetensors", base);
-        char *path = path_join(dir, name);
-        if (!path)
-            return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        rc = write_file(path, n, t, dtype, err);
-        free(path);
+        rc = write_named(dir, name, n, t, dtype, err);
         return rc < 0 ? rc : remove_stale(dir, base, 0, err);
     }
-
-    /* shard i holds tensors [first[i], first[i + 1]) */
     int *first = malloc(((size_t) n + 2) * sizeof(*first));
-    json_t *index = json_object(), *map = json_object();
-    if (!first || !index || !map) {
+    json_t *map = json_object();
+    if (!first || !map) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         goto out;
     }
-    uint64_t bytes = 0;
-    for (int i = 0; i < n; i++) {
-        uint64_t b = (uint64_t) write_numel(&t[i]) * esize;
-        if (k == 0 || (bytes > 0 && bytes + b > max_shard_bytes)) {
-            first[k++] = i;
-            bytes = 0;
-        }
-        bytes += b;
-    }
-    first[k] = n;
-    if (k > 99999) {
+    if ((k = cut_shards(n, t, esize, max_shard_bytes, first)) > 99999) {
         rc = moai_err_set(err, MOAI_EUSAGE, "%s: %d shards are more than the names allow", dir, k);
         goto out;
     }
-    for (int s = 0; s < k; s++) {
-        snprintf(name, sizeof(name), "%s-%05d-of-%05d.safetensors", base, s + 1, k);
-        char *path = path_join(dir, name);
-        if (!path) {
-            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-            goto out;
-        }
-        rc = write_file(path, first[s + 1] - first[s], t + first[s], dtype, err);
-        free(path);
-        if (rc < 0)
-            goto out;
-        for (int i = first[s]; i < first[s + 1]; i++)
-            if (json_object_set_new(map, t[i].name, json_string(name))) {
-                rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-                goto out;
-            }
-    }
-    if (json_object_set_new(index, "metadata",
-                            json_pack("{s:I}", "total_size", (json_int_t) total)) ||
-        json_object_set(index, "weight_map", map)) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        goto out;
-    }
-    snprintf(name, sizeof(name), "%s.safetensors.index.json", base);
-    char *ipath = path_join(dir, name);
-    if (!ipath) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        goto out;
-    }
-    rc = write_index(ipath, index, err);
-    free(ipath);
-    if (rc == 0)
-        rc = remove_stale(dir, base, k, err);
-    if (rc == 0 && nshards)
+    if ((rc = write_shards(dir, base, k, first, t, dtype, map, err)) == 0 &&
+        (rc = write_shard_index(dir, base, total, map, err)) == 0 &&
+        (rc = remove_stale(dir, base, k, err)) == 0 && nshards)
         *nshards = k;
 out:
     json_decref(map);
-    json_decref(index);
     free(first);
     return rc;
 }
