@@ -279,8 +279,8 @@ static int check_sequences(const struct tokenized *t, const char *path, struct m
 
 int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err)
 {
-    unsigned char *file;
-    size_t fsize;
+    unsigned char *file = NULL;
+    size_t fsize = 0;
     struct header h;
     int rc;
 
@@ -379,8 +379,8 @@ out:
 int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err)
 {
     char dir[4096];
-    unsigned char *file;
-    size_t size;
+    unsigned char *file = NULL;
+    size_t size = 0;
     int rc;
 
     snprintf(dir, sizeof(dir), "%s", path);
