@@ -22,8 +22,8 @@
  *     72  ..  one zstd frame of the payload: tokens (n*T int32), lengths (n int64),
  *             masked (n int64), mask (n*T bytes, 0 or 1); labels are rebuilt from these
  *             (tokenized_fill_labels)
- * Writes go to a temporary file in cache_dir, renamed over the target, so a reader never
- * sees a partial file.
+ * Writes go to a temporary file in cache_dir, synced and renamed over the target
+ * (atomicfile.h), so a reader never sees a partial file.
  *
  * Thread-safety: none shared. Errors: 0 or a negative code with err filled; a cache that
  * cannot be written is only a warning.
