@@ -6,6 +6,7 @@
 #include "data/tokenizer.h"
 #include "exec/comm.h"
 #include "exec/run.h"
+#include "exec/steplog.h"
 #include "exec/train.h"
 #include "model/config.h"
 #include "plan/plan.h"
@@ -17,6 +18,7 @@
 #include <getopt.h>
 #include <signal.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,11 +205,95 @@ static void on_signal(int sig)
     exec_stop_requested = sig;
 }
 
+/* Before a line on standard output: when it shares the terminal with the step bar (standard
+ * error), the bar is erased first and drawn again below the line at the next update. */
+static void stdout_line_begins(void)
+{
+    static int stdout_tty = -1;
+    if (stdout_tty < 0)
+        stdout_tty = isatty(STDOUT_FILENO);
+    if (stdout_tty)
+        progress_interrupt();
+}
+
+/* The errno of the first failed write on standard output, 0 when none. */
+static int stdout_failure(void)
+{
+    flush_stdout();
+    return stdout_errno ? stdout_errno : ferror(stdout) ? EIO : 0;
+}
+
+/* The training loop's report (exec/train.h): a step line, an evaluation line, or the two lines
+ * before the final save; under --json the step and evaluation objects. */
+static int print_event(void *arg, const struct train_event *ev)
+{
+    const struct options *opt = arg;
+    char line[256];
+    json_t *j = NULL;
+
+    switch (ev->kind) {
+    case TRAIN_STEP:
+        if (opt->json)
+            j = steplog_json(&ev->step);
+        else
+            steplog_format(line, sizeof(line), &ev->step);
+        break;
+    case TRAIN_EVAL:
+        if (opt->json)
+            j = steplog_eval_json(ev->eval_step, ev->total_steps, ev->eval_loss);
+        else
+            steplog_format_eval(line, sizeof(line), ev->eval_step, ev->total_steps, ev->eval_loss);
+        break;
+    case TRAIN_SAVING:
+        if (opt->json)
+            return 0;
+        snprintf(line, sizeof(line), "Training Done\nSaving Model...");
+        break;
+    }
+    stdout_line_begins();
+    if (opt->json)
+        print_json_result(j);
+    else
+        puts(line);
+    return stdout_failure();
+}
+
+/* The result of a finished run: where the model was saved, or under --json the run's figures
+ * with each device's peak memory against the plan. */
+static void print_summary(void *arg, const struct exec_summary *s)
+{
+    const struct options *opt = arg;
+    if (!opt->json) {
+        printf("Model saved in '%s'\n", s->save_dir);
+        flush_stdout();
+        return;
+    }
+    json_t *peaks = json_array(), *predicted = json_array();
+    for (int i = 0; i < s->ndev; i++) {
+        json_array_append_new(peaks, json_integer(s->peak_bytes[i]));
+        json_array_append_new(predicted, json_integer(s->predicted_bytes[i]));
+    }
+    print_json_result(
+        json_pack("{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o, s:o, s:I, s:I}", "status",
+                  "done", "recipe", s->recipe, "save_dir", s->save_dir, "steps",
+                  (json_int_t) s->steps, "loss", s->loss, "validation_loss",
+                  isnan(s->validation_loss) ? json_null() : json_real(s->validation_loss),
+                  "median_step_s", s->median_step_s, "median_tokens_per_s", s->median_tokens_per_s,
+                  "predicted_bytes_per_device", (json_int_t) s->predicted_bytes_per_device,
+                  "peak_bytes", peaks, "predicted_bytes", predicted, "process_predicted_bytes",
+                  (json_int_t) s->process_predicted_bytes, "process_peak_bytes",
+                  (json_int_t) s->process_peak_bytes));
+}
+
 static int run_train(const struct options *opt, const char *path, struct recipe *r,
                      struct moai_err *err)
 {
     static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
-    struct exec_opts o = {.json = opt->json, .mpi = opt->mpi};
+    struct exec_opts o = {.mpi = opt->mpi,
+                          .report = print_event,
+                          .done = print_summary,
+                          .arg = (void *) opt,
+                          .report_name = "standard output"};
     struct sigaction sa = {.sa_handler = on_signal}, old[4];
     int rc;
 
