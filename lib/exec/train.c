@@ -686,6 +686,80 @@ static void unit_whole(struct device *dv, int u, int k, float *out)
     ck(dv, comm_allgather(&dv->dpc, dv->tmp, out, (size_t) x->chunk));
 }
 
+/* The buffers of a checkpoint's gather: one unit of this device's; on device 0 a unit of any
+ * device and the layout of every device of replica 0 it receives from. */
+struct gather {
+    float *unit, *tmp;
+    struct shard *others;
+    int nothers, ready; /* others: pp x tp, those laid out */
+};
+
+static void gather_release(struct gather *g)
+{
+    for (int i = 0; i < g->ready; i++)
+        shard_release(&g->others[i]);
+    free(g->others);
+    free(g->tmp);
+    free(g->unit);
+}
+
+/* Returns whether every buffer is there. */
+static bool gather_init(struct gather *g, const struct device *dv)
+{
+    const struct shard *s = &dv->sh;
+    int64_t most = 1;
+
+    memset(g, 0, sizeof(*g));
+    g->nothers = s->lay.pp * s->lay.tp;
+    g->unit = malloc((size_t) fbytes(s->max_padded > 0 ? s->max_padded : 1));
+    if (!g->unit || s->dev != 0)
+        return g->unit != NULL;
+    g->others = calloc((size_t) g->nothers, sizeof(*g->others));
+    for (int i = 0; g->others && i < g->nothers; i++, g->ready++) {
+        int d = shard_device(&s->lay, 0, i / s->lay.tp, i % s->lay.tp);
+        if (shard_init(&g->others[i], &s->full, &s->lay, dv->run->T, dv->run->nthreads, d, NULL) <
+            0)
+            break;
+        most = g->others[i].max_padded > most ? g->others[i].max_padded : most;
+    }
+    g->tmp = g->ready == g->nothers ? malloc((size_t) fbytes(most)) : NULL;
+    return g->tmp != NULL;
+}
+
+/* Gathers the weights and both moments of the whole model into device 0's host arrays:
+ * replica 0's devices send their units (ZeRO's gathers, collective over the data-parallel
+ * group, run on every rank), device 0 places them, in device order. */
+static void gather_state(struct device *dv, struct gather *g)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
+    float *arr[3] = {run->host_params, run->host_m, run->host_v};
+
+    for (int u = 0; u < s->nunits; u++)
+        for (int k = 0; k < 3; k++) {
+            unit_whole(dv, u, k, g->unit);
+            if (s->dp_rank != 0)
+                continue;
+            if (s->dev == 0)
+                shard_unit_to_full(s, u, g->unit, arr[k]);
+            else if (!(s->tied_copy && u == s->lm_head_unit))
+                ck(dv, comm_send(&dv->world, 0, g->unit, (size_t) fbytes(s->units[u].len)));
+        }
+    for (int i = 0; s->dev == 0 && i < g->nothers; i++) {
+        const struct shard *o = &g->others[i];
+        if (o->dev == 0)
+            continue;
+        for (int u = 0; u < o->nunits; u++) {
+            if (o->tied_copy && u == o->lm_head_unit)
+                continue;
+            for (int k = 0; k < 3; k++) {
+                ck(dv, comm_recv(&dv->world, o->dev, g->tmp, (size_t) fbytes(o->units[u].len)));
+                shard_unit_to_full(o, u, g->tmp, arr[k]);
+            }
+        }
+    }
+}
+
 /* Weights and moments of the whole model on device 0: every device of data-parallel rank 0
  * sends its units (gathered over its group first under ZeRO), device 0 places them in the
  * Hugging Face order of the host arenas, then saves. */
@@ -693,66 +767,19 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
 {
     struct run *run = dv->run;
     const struct shard *s = &dv->sh;
-    float *arr[3] = {run->host_params, run->host_m, run->host_v};
-    float *unit = malloc((size_t) fbytes(s->max_padded > 0 ? s->max_padded : 1));
-    float *tmp = NULL;
-    int nothers = s->lay.pp * s->lay.tp, ready = 0;
-    struct shard *others = NULL; /* device 0: the layout of every device it receives from */
-    bool bad = !unit;
+    struct gather g;
 
-    if (s->dev == 0 && !bad) {
-        int64_t most = 1;
-        others = calloc((size_t) nothers, sizeof(*others));
-        for (int i = 0; others && i < nothers; i++, ready++) {
-            int d = shard_device(&s->lay, 0, i / s->lay.tp, i % s->lay.tp);
-            if (shard_init(&others[i], &s->full, &s->lay, run->T, run->nthreads, d, NULL) < 0)
-                break;
-            most = others[i].max_padded > most ? others[i].max_padded : most;
-        }
-        tmp = ready == nothers ? malloc((size_t) fbytes(most)) : NULL;
-        bad = !tmp;
-    }
+    bool bad = !gather_init(&g, dv);
     /* every device has its buffers, or none sends nor receives */
     if (any_device(dv, bad)) {
         if (bad)
             run_fail(run, MOAI_ENOMEM, "out of memory gathering the checkpoint of step %lld",
                      (long long) steps_done);
-        for (int i = 0; i < ready; i++)
-            shard_release(&others[i]);
-        free(others);
-        free(tmp);
-        free(unit);
+        gather_release(&g);
         return bad ? MOAI_ENOMEM : MOAI_EIO;
     }
-    /* ZeRO's gathers are collective over the data-parallel group: every rank runs them */
-    for (int u = 0; u < s->nunits; u++)
-        for (int k = 0; k < 3; k++) {
-            unit_whole(dv, u, k, unit);
-            if (s->dp_rank != 0)
-                continue;
-            if (s->dev == 0)
-                shard_unit_to_full(s, u, unit, arr[k]);
-            else if (!(s->tied_copy && u == s->lm_head_unit))
-                ck(dv, comm_send(&dv->world, 0, unit, (size_t) fbytes(s->units[u].len)));
-        }
-    for (int i = 0; s->dev == 0 && i < nothers; i++) { /* the others' units, in device order */
-        const struct shard *o = &others[i];
-        if (o->dev == 0)
-            continue;
-        for (int u = 0; u < o->nunits; u++) {
-            if (o->tied_copy && u == o->lm_head_unit)
-                continue;
-            for (int k = 0; k < 3; k++) {
-                ck(dv, comm_recv(&dv->world, o->dev, tmp, (size_t) fbytes(o->units[u].len)));
-                shard_unit_to_full(o, u, tmp, arr[k]);
-            }
-        }
-    }
-    for (int i = 0; i < ready; i++)
-        shard_release(&others[i]);
-    free(others);
-    free(tmp);
-    free(unit);
+    gather_state(dv, &g);
+    gather_release(&g);
     /* a collective that failed anywhere: the gathered state is not the run's; not saved */
     if (any_device(dv, dv->comm_rc < 0)) {
         if (dv->comm_rc < 0)
@@ -1235,6 +1262,15 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* The median of device 0's step times, the first (warm-up) excepted when there are more. */
+static double median_step(struct run *run)
+{
+    int64_t skip = run->ndurations > 1 ? 1 : 0, n = run->ndurations - skip;
+    double *d = run->durations + skip;
+    qsort(d, (size_t) n, sizeof(double), cmp_double);
+    return n % 2 ? d[n / 2] : 0.5 * (d[n / 2 - 1] + d[n / 2]);
+}
+
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err)
 {
     const struct layout *plan = &job->layout;
@@ -1298,11 +1334,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
             break;
         }
     if (run.ndurations > 0) {
-        int64_t skip = run.ndurations > 1 ? 1 : 0, n = run.ndurations - skip;
-        qsort(run.durations + skip, (size_t) n, sizeof(double), cmp_double);
-        res->median_step_s =
-            n % 2 ? run.durations[skip + n / 2]
-                  : 0.5 * (run.durations[skip + n / 2 - 1] + run.durations[skip + n / 2]);
+        res->median_step_s = median_step(&run);
         res->median_tokens_per_s =
             (double) (r->training.batch_size * r->training.block_size) / res->median_step_s;
     }
