@@ -4,7 +4,9 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "exec/lora_dev.h"
 #include "exec/train.h"
+#include "model/lora.h"
 #include "model/optim.h"
 #include "plan/mem.h"
 
@@ -107,6 +109,9 @@ static int snapshot_save(void *arg, int64_t steps_done, const float *params, con
 
 static struct snapshot *snap_in, *snap_out;
 static const char *extra_training = "";
+/* LoRA: the recipe's mapping ("" for full fine-tuning) and the adapters it starts from */
+static const struct lora_config test_lora = {4, 8.0, 0.1, MODEL_LORA_ALL, 7};
+static bool with_lora;
 
 /* A layout of the tests: dp x pp x tp, micro-batches, recomputation, sharding, model. */
 struct lay {
@@ -125,16 +130,21 @@ static int train_lay(const struct lay *l, int64_t capacity, double *losses,
     char text[512];
     struct recipe r;
     int ndev = l->dp * l->pp * l->tp;
-    snprintf(text, sizeof(text),
-             "model: {path: m}\ndataset: {path: d}\n"
-             "training: {batch_size: 8, block_size: %d, precision: fp32, lr: 1.0e-2,"
-             " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5%s}\n"
-             "flavor: {device: cpu, devices: %d, memory_gb: %g}\n",
-             SEQ, extra_training, ndev, (double) capacity / 1073741824.0);
+    snprintf(
+        text, sizeof(text),
+        "model: {path: m}\ndataset: {path: d}\n"
+        "training: {batch_size: 8, block_size: %d, precision: fp32, lr: 1.0e-2,"
+        " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5, seed: 7%s}\n"
+        "flavor: {device: cpu, devices: %d, memory_gb: %g}\n%s",
+        SEQ, extra_training, ndev, (double) capacity / 1073741824.0,
+        with_lora ? "lora: {rank: 4, alpha: 8.0, dropout: 0.1}\n" : "");
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, err), 0);
     int64_t batch = 8;
+    const struct model_config *cfg = l->untied ? &fx.untied : &fx.cfg;
+    struct lora_params a[3] = {{0}};
     if (snap_out)
-        snap_out->P = model_param_count(l->untied ? &fx.untied : &fx.cfg);
+        snap_out->P = with_lora ? lora_param_floats(cfg, test_lora.rank, test_lora.targets)
+                                : model_param_count(cfg);
     struct train_job job = {
         .recipe = &r,
         .cfg = l->untied ? &fx.untied : &fx.cfg,
@@ -159,13 +169,34 @@ static int train_lay(const struct lay *l, int64_t capacity, double *losses,
         .save = snap_out ? snapshot_save : NULL,
         .save_arg = snap_out,
     };
+    if (with_lora) { /* PEFT's fresh adapters, or the snapshot's adapters and moments */
+        const float *from[3] = {NULL, NULL, NULL};
+        if (snap_in) {
+            from[0] = snap_in->params;
+            from[1] = snap_in->m;
+            from[2] = snap_in->v;
+        }
+        for (int k = 0; k < 3; k++)
+            assert_int_equal(lora_params_init(&a[k], cfg, test_lora.rank, test_lora.targets, 0,
+                                              (float *) from[k], err),
+                             0);
+        if (!snap_in)
+            lora_init_peft(&a[0], cfg, cfg, 0, test_lora.rank, test_lora.targets, 7);
+        job.lora_init = &a[0];
+        job.lora_m = snap_in ? &a[1] : NULL;
+        job.lora_v = snap_in ? &a[2] : NULL;
+    }
     if (snap_in) {
         job.start_step = snap_in->steps_done;
-        job.init_params = snap_in->params;
-        job.init_m = snap_in->m;
-        job.init_v = snap_in->v;
+        if (!with_lora) {
+            job.init_params = snap_in->params;
+            job.init_m = snap_in->m;
+            job.init_v = snap_in->v;
+        }
     }
     int rc = exec_train(&job, res, err);
+    for (int k = 0; k < 3; k++)
+        lora_params_release(&a[k]);
     recipe_release(&r);
     return rc;
 }
@@ -337,6 +368,102 @@ static void test_train_model_parallel_resume_is_bit_identical(void **state)
     }
 }
 
+/* LoRA: every layout of the model-parallel test (data, pipeline and tensor parallelism,
+ * ZeRO flags, recomputation, tied and untied) trains the adapters to one device's losses, with
+ * dropout on; the first step's loss is the base model's (a fresh adapter changes nothing), and
+ * the adapters train (the losses fall, not as full fine-tuning's). */
+static void test_train_lora_layouts_match_one_device(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {2, 1, 1, 1, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 1, 2, RECOMPUTE_NONE, false, false, false},
+        {2, 1, 1, 2, RECOMPUTE_NONE, true, false, false},
+        {2, 1, 1, 1, RECOMPUTE_NONE, true, true, false},
+        {1, 2, 1, 4, RECOMPUTE_NONE, false, false, false},
+        {1, 4, 1, 4, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 2, 1, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 4, 2, RECOMPUTE_NONE, false, false, false}, /* kv heads replicated */
+        {2, 2, 2, 2, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 1, 2, RECOMPUTE_SELECTIVE, false, false, false},
+        {1, 1, 1, 1, RECOMPUTE_FULL, false, false, false},
+        {1, 2, 2, 4, RECOMPUTE_FULL, false, false, false},
+        {2, 1, 2, 2, RECOMPUTE_FULL, true, true, false},
+        {2, 2, 2, 1, RECOMPUTE_SELECTIVE, true, true, false},
+        {1, 2, 1, 2, RECOMPUTE_NONE, false, false, true},
+        {1, 1, 4, 1, RECOMPUTE_NONE, false, false, true},
+        {2, 2, 2, 2, RECOMPUTE_FULL, true, true, true},
+    };
+    double ref[2][STEPS], full[2][STEPS];
+    struct train_result res;
+    struct moai_err err = {0};
+    for (int u = 0; u < 2; u++) {
+        struct lay one = {1, 1, 1, 1, RECOMPUTE_NONE, false, false, u == 1};
+        assert_int_equal(train_lay(&one, 1 << 30, full[u], &res, &err), 0);
+        with_lora = true;
+        assert_int_equal(train_lay(&one, 1 << 30, ref[u], &res, &err), 0);
+        with_lora = false;
+        assert_true(ref[u][0] == full[u][0]); /* B = 0: the base model's loss, to the bit */
+        assert_true(ref[u][STEPS - 1] < ref[u][0]);
+        assert_true(ref[u][STEPS - 1] != full[u][STEPS - 1]);
+    }
+    with_lora = true;
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++)
+        expect_same_losses(&lays[i], ref[lays[i].untied]);
+    with_lora = false;
+}
+
+/* LoRA: every device's measured peak is the planner's memory for the plan (the frozen base's
+ * weights, no gradients nor moments, the adapters' arenas), and a resumed run continues to
+ * the bit. */
+static void test_train_lora_memory_and_resume(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {1, 2, 2, 2, RECOMPUTE_NONE, false, false, false},
+        {2, 2, 1, 1, RECOMPUTE_FULL, true, true, false},
+        {1, 1, 4, 1, RECOMPUTE_NONE, true, false, true},
+    };
+    with_lora = true;
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+        const struct lay *l = &lays[i];
+        double whole[STEPS], resumed[STEPS];
+        struct snapshot snap = {0};
+        struct train_result res;
+        struct moai_err err = {0};
+        struct layout el = {l->dp, l->pp,    l->tp,   l->nmb, 8 / l->dp / l->nmb,
+                            l->rc, l->zero2, l->zero3};
+        extra_training = ", save_interval: 3";
+        snap_out = &snap;
+        assert_int_equal(train_lay(l, 1 << 30, whole, &res, &err), 0);
+        snap_out = NULL;
+        extra_training = "";
+        for (int d = 0; d < res.ndev; d++) {
+            struct shard s;
+            struct shard_bytes b;
+            assert_int_equal(shard_init(&s, l->untied ? &fx.untied : &fx.cfg, &el, SEQ,
+                                        shard_cpu_threads(res.ndev), d, &err),
+                             0);
+            shard_bytes(&s, &b);
+            assert_int_equal(res.peak_bytes[d],
+                             b.weights + b.activations + b.workspace +
+                                 lora_dev_bytes(&s, &test_lora, el.batch_per_device, SEQ));
+            shard_release(&s);
+        }
+        snap_in = &snap;
+        assert_int_equal(train_lay(l, 1 << 30, resumed, &res, &err), 0);
+        snap_in = NULL;
+        if (memcmp(resumed + 3, whole + 3, 3 * sizeof(double))) {
+            print_error("lora layout %zu: step 4 %.9g vs %.9g\n", i, resumed[3], whole[3]);
+            fail();
+        }
+        free(snap.params);
+        free(snap.m);
+        free(snap.v);
+    }
+    with_lora = false;
+}
+
 static void test_train_is_reproducible(void **state)
 {
     (void) state;
@@ -432,6 +559,8 @@ int main(void)
         cmocka_unit_test(test_train_model_parallel_matches_one_device),
         cmocka_unit_test(test_train_model_parallel_memory_is_exact),
         cmocka_unit_test(test_train_model_parallel_resume_is_bit_identical),
+        cmocka_unit_test(test_train_lora_layouts_match_one_device),
+        cmocka_unit_test(test_train_lora_memory_and_resume),
         cmocka_unit_test(test_train_is_reproducible),
         cmocka_unit_test(test_train_resume_is_bit_identical),
         cmocka_unit_test(test_train_non_finite_loss_stops),

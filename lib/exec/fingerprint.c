@@ -88,14 +88,6 @@ int fingerprint_build(json_t **out, const struct recipe *r, const struct model_c
         /* adapters are another run than full fine-tuning (absent: a full fine-tuning's, so
          * the fingerprints of earlier checkpoints stay as they were) */
         json_object_set(fp, "lora", json_object_get(rj, "lora"));
-        /* Every training run builds its fingerprint before any work; the training loop does
-         * not run adapters yet (issue 16: the model, planner and PEFT files do), so a LoRA
-         * recipe stops here rather than fine-tune the whole model. */
-        rc = moai_err_set(err, MOAI_EUSAGE,
-                          "%s: 'lora': the training loop does not train adapters yet (plan it "
-                          "with --plan-only)",
-                          r->source);
-        goto out;
     }
     *out = fp;
     fp = NULL;
@@ -142,6 +134,18 @@ int fingerprint_diff(const json_t *was, const json_t *now, char *buf, size_t siz
         else if (len < size)
             len += (size_t) snprintf(buf + len, size - len, "%s%s (%s then, %s now)", n ? ", " : "",
                                      key, a, b);
+        n++;
+    }
+    /* a key the checkpoint's run had and this one lacks (its lora mapping) */
+    json_object_foreach((json_t *) was, key, val)
+    {
+        char a[96];
+        if (json_object_get(now, key))
+            continue;
+        show(a, sizeof(a), val);
+        if (len < size)
+            len += (size_t) snprintf(buf + len, size - len, "%s%s (%s then, absent now)",
+                                     n ? ", " : "", key, a);
         n++;
     }
     return n;

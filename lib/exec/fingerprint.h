@@ -4,7 +4,7 @@
  * config.json keys), model.path and model.init, the tokenizer's and the dataset's bytes (a
  * 64-bit hash and the size), the template and the keys that shape the data, and the training
  * keys that change the trajectory (batch and block size, optimizer, schedule, precision,
- * seed). Keys that only extend or observe a run (max_steps, epochs, log_interval,
+ * seed); a LoRA run's also its lora mapping (key "lora"). Keys that only extend or observe a run (max_steps, epochs, log_interval,
  * save_interval, eval_interval, save_dir, resume) are not in it, so a finished run can be
  * continued for more steps.
  *
@@ -35,8 +35,9 @@ int fingerprint_build(json_t **out, const struct recipe *r, const struct model_c
                       struct moai_err *err);
 
 /* Compares the fingerprint a checkpoint recorded (was) with the current one (now) and writes
- * the differences into buf as "dataset.template, training.lr (0.001 then, 0.002 now), ...".
- * Returns the number of keys that differ (0: the same run). */
+ * the differences into buf as "dataset.template, training.lr (0.001 then, 0.002 now), ...";
+ * a key only one of them has differs too ("lora ({...} then, absent now)"). Returns the number
+ * of keys that differ (0: the same run). */
 int fingerprint_diff(const json_t *was, const json_t *now, char *buf, size_t size);
 
 #endif

@@ -13,7 +13,9 @@
 #include "log.h"
 #include "model/config.h"
 #include "model/llama.h"
+#include "model/lora.h"
 #include "model/optim.h"
+#include "model/peft.h"
 #include "model/safetensors.h"
 #include "model/tensors.h"
 #include "plan/plan.h"
@@ -43,6 +45,7 @@ struct saver {
     const char *tok_name; /* the tokenizer file's name in the checkpoint, NULL: none */
     char *tok_file;       /* the file to copy */
     json_t *tok_config;   /* tokenizer_config.json */
+    const float *base;    /* LoRA: the frozen base (for lora.merge) */
 };
 
 static int file_exists(const char *path)
@@ -183,11 +186,16 @@ static json_t *generation_config(const struct model_config *cfg)
     return g;
 }
 
+static int save_lora(struct saver *sv, int64_t steps_done, const float *a, const float *m,
+                     const float *v, struct moai_err *err);
+
 /* The train_save_fn: a whole checkpoint into save_dir, atomically. */
 static int save(void *arg, int64_t steps_done, const float *params, const float *m, const float *v,
                 struct moai_err *err)
 {
     struct saver *sv = arg;
+    if (sv->r->lora.enabled)
+        return save_lora(sv, steps_done, params, m, v, err);
     const struct recipe *r = sv->r;
     struct ckpt_stage stage;
     char path[4096];
@@ -254,6 +262,107 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     json_decref(state);
     json_decref(plan);
     json_decref(gen);
+    return rc;
+}
+
+/* The merged model (W + (alpha / r) B A over the frozen base) as model.safetensors, with its
+ * config.json and generation_config.json, into the stage. */
+static int stage_merged(struct ckpt_stage *stage, const struct saver *sv,
+                        const struct lora_params *a, const struct lora_config *lc,
+                        struct moai_err *err)
+{
+    const struct model_config *cfg = sv->cfg;
+    bool bf16 = sv->r->training.precision == PRECISION_BF16;
+    struct model_config out = *cfg;
+    struct llama_params merged;
+    struct entries e = {0};
+    int rc;
+
+    if ((rc = llama_params_init(&merged, cfg, NULL, err)) < 0)
+        return rc;
+    memcpy(merged.arena, sv->base, sizeof(float) * (size_t) merged.nfloats);
+    lora_merge(&merged, a, cfg, lc);
+    snprintf(out.torch_dtype, sizeof(out.torch_dtype), "%s", bf16 ? "bfloat16" : "float32");
+    json_t *config = model_config_to_json(&out), *gen = generation_config(cfg);
+    rc = ckpt_stage_write_json(stage, "config.json", config, err);
+    if (rc == 0 && gen)
+        rc = ckpt_stage_write_json(stage, "generation_config.json", gen, err);
+    if (rc == 0 && entries_add(&e, cfg, merged.arena, "") < 0)
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing the merged weights");
+    else if (rc == 0)
+        rc = st_write_sharded(stage->tmp, "model", e.n, e.t, bf16 ? ST_BF16 : ST_F32,
+                              ST_DEFAULT_SHARD_BYTES, NULL, err);
+    entries_release(&e);
+    json_decref(config);
+    json_decref(gen);
+    llama_params_release(&merged);
+    return rc;
+}
+
+/* A LoRA run's checkpoint: the adapter in PEFT's format (adapter_config.json,
+ * adapter_model.safetensors), the adapters' moments (optimizer.safetensors), the trainer
+ * state, the plan and the tokenizer; with lora.merge the merged model too. */
+static int save_lora(struct saver *sv, int64_t steps_done, const float *a, const float *m,
+                     const float *v, struct moai_err *err)
+{
+    const struct recipe *r = sv->r;
+    struct lora_config lc = {r->lora.rank, r->lora.alpha, r->lora.dropout, r->lora.targets,
+                             r->training.seed};
+    struct lora_params pa, pm, pv;
+    struct ckpt_stage stage;
+    char path[4096];
+    int rc;
+
+    if (steps_done == sv->total_steps && !sv->final_announced && sv->opts->report) {
+        sv->final_announced = true;
+        sv->opts->report(sv->opts->arg, &(struct train_event){.kind = TRAIN_SAVING,
+                                                              .total_steps = sv->total_steps});
+    }
+    memset(&pa, 0, sizeof(pa));
+    memset(&pm, 0, sizeof(pm));
+    memset(&pv, 0, sizeof(pv));
+    if ((rc = lora_params_init(&pa, sv->cfg, lc.rank, lc.targets, 0, (float *) a, err)) < 0 ||
+        (rc = lora_params_init(&pm, sv->cfg, lc.rank, lc.targets, 0, (float *) m, err)) < 0 ||
+        (rc = lora_params_init(&pv, sv->cfg, lc.rank, lc.targets, 0, (float *) v, err)) < 0)
+        goto out;
+    if ((rc = ckpt_stage_begin(&stage, r->training.save_dir, err)) < 0)
+        goto out;
+    json_t *config = peft_config_json(&lc, r->model.path);
+    json_t *state = trainer_state(sv, steps_done);
+    json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
+    rc = config ? ckpt_stage_write_json(&stage, PEFT_CONFIG, config, err)
+                : moai_err_set(err, MOAI_ENOMEM, "out of memory writing %s", PEFT_CONFIG);
+    if (rc == 0)
+        rc = peft_write_weights(ckpt_stage_path(&stage, PEFT_WEIGHTS, path, sizeof(path)), &pa,
+                                sv->cfg, &lc, err);
+    if (rc == 0)
+        rc =
+            peft_write_moments(ckpt_stage_path(&stage, "optimizer.safetensors", path, sizeof(path)),
+                               &pm, &pv, sv->cfg, &lc, err);
+    if (rc == 0 && r->lora.merge)
+        rc = stage_merged(&stage, sv, &pa, &lc, err);
+    if (rc == 0 && sv->tok_name)
+        rc = ckpt_stage_copy_file(&stage, sv->tok_name, sv->tok_file, err);
+    if (rc == 0 && sv->tok_config)
+        rc = ckpt_stage_write_json(&stage, "tokenizer_config.json", sv->tok_config, err);
+    if (rc == 0)
+        rc = ckpt_stage_write_json(&stage, "plan.json", plan, err);
+    if (rc == 0)
+        rc = ckpt_stage_write_json(&stage, "trainer_state.json", state, err);
+    if (rc == 0)
+        rc = ckpt_stage_commit(&stage, err);
+    if (rc < 0)
+        ckpt_stage_abort(&stage);
+    else
+        log_info("adapter saved in '%s' at step %lld", r->training.save_dir,
+                 (long long) steps_done);
+    json_decref(config);
+    json_decref(state);
+    json_decref(plan);
+out:
+    lora_params_release(&pv);
+    lora_params_release(&pm);
+    lora_params_release(&pa);
     return rc;
 }
 
@@ -468,6 +577,69 @@ static int resume_from(const struct recipe *r, const struct model_config *cfg, c
     return rc;
 }
 
+/* LoRA's starting adapters into *a (the whole model's): a LoRA checkpoint's to resume (then its
+ * moments into *m and *v, its step and history), else lora.adapter's (fresh moments), else
+ * PEFT's init from training.seed. The base was loaded from model.path as for a fresh run. */
+static int lora_start(const struct recipe *r, const struct model_config *cfg,
+                      const char *resume_dir, const json_t *fp, struct lora_params *a,
+                      struct lora_params *m, struct lora_params *v, int64_t *start, double *losses,
+                      double *evals, int64_t total, struct moai_err *err)
+{
+    struct lora_config lc = {r->lora.rank, r->lora.alpha, r->lora.dropout, r->lora.targets,
+                             r->training.seed};
+    char path[4096];
+    int rc = lora_params_init(a, cfg, lc.rank, lc.targets, 0, NULL, err);
+    if (rc < 0)
+        return rc;
+    if (resume_dir) {
+        json_t *state = resume_state(r, resume_dir, fp, err);
+        if (!state)
+            return err->code;
+        *start = json_integer_value(json_object_get(state, "step"));
+        history_load(losses, evals, total, state);
+        json_decref(state);
+        snprintf(path, sizeof(path), "%s/optimizer.safetensors", resume_dir);
+        if ((rc = lora_params_init(m, cfg, lc.rank, lc.targets, 0, NULL, err)) < 0 ||
+            (rc = lora_params_init(v, cfg, lc.rank, lc.targets, 0, NULL, err)) < 0 ||
+            (rc = peft_read_weights(resume_dir, a, cfg, &lc, err)) < 0 ||
+            (rc = peft_read_moments(path, m, v, cfg, &lc, err)) < 0)
+            return rc;
+        log_info("resuming the adapter from '%s' after step %lld of %lld", resume_dir,
+                 (long long) *start, (long long) total);
+        return 0;
+    }
+    if (r->lora.adapter) {
+        if ((rc = peft_read_weights(r->lora.adapter, a, cfg, &lc, err)) < 0)
+            return moai_err_prefix(err, "%s: 'lora.adapter'", r->source);
+        log_info("continuing the adapter '%s'", r->lora.adapter);
+        return 0;
+    }
+    lora_init_peft(a, cfg, cfg, 0, lc.rank, lc.targets, lc.seed);
+    return 0;
+}
+
+/* Under MPI: process 0's adapters (and moments when resuming) on every process. */
+static int lora_bcast(struct comm_world *world, const struct model_config *cfg,
+                      const struct recipe *r, struct lora_params *a, struct lora_params *m,
+                      struct lora_params *v, struct moai_err *err)
+{
+    int64_t has = m->arena != NULL;
+    comm_world_bcast(world, &has, sizeof(has));
+    bool ok = true;
+    if (has && !m->arena)
+        ok = lora_params_init(m, cfg, r->lora.rank, r->lora.targets, 0, NULL, err) == 0 &&
+             lora_params_init(v, cfg, r->lora.rank, r->lora.targets, 0, NULL, err) == 0;
+    if (!comm_world_agree(world, ok))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory for the adapters' optimizer state");
+    size_t bytes = sizeof(float) * (size_t) a->nfloats;
+    comm_world_bcast(world, a->arena, bytes);
+    if (has) {
+        comm_world_bcast(world, m->arena, bytes);
+        comm_world_bcast(world, v->arena, bytes);
+    }
+    return 0;
+}
+
 /* A checkpoint writes config.json, model.safetensors and the tokenizer by name: saving into
  * the model's own directory would replace the user's model. Both paths resolved, so "." and
  * links are seen through. */
@@ -660,6 +832,7 @@ struct runner {
     int64_t total, start;  /* the run's steps, and those a checkpoint has done */
     struct llama_params host;
     float *m, *v;                  /* Adam's moments on resume, else NULL */
+    struct lora_params la, lm, lv; /* LoRA: the adapters, and their moments on resume */
     double *hist_loss, *hist_eval; /* the run's history, [step - 1] */
     int64_t *peaks;                /* each device's peak memory */
     struct saver sv;
@@ -780,8 +953,26 @@ static int runner_load_data(struct runner *R, struct moai_err *err)
     return 0;
 }
 
+/* A fresh run's weights: a random initialization, or the model's. */
+static int runner_load_base(struct runner *R, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
+    int rc;
+    if (r->model.init == MODEL_INIT_RANDOM) {
+        optim_init_params(NULL, &R->host, &R->cfg, r->training.seed);
+        return 0;
+    }
+    struct st_set set;
+    if ((rc = st_set_open_dir(&set, r->model.path, err)) < 0)
+        return rc;
+    rc = model_tensors_load(&R->cfg, &set, R->host.arena, r->model.path, err);
+    st_set_close(&set);
+    return rc;
+}
+
 /* The weights to start from: the checkpoint resumed (with Adam's moments and the history), a
- * random initialization, or the model's. */
+ * random initialization, or the model's; with LoRA the base as a fresh run's and the adapters
+ * resumed, continued (lora.adapter) or new. */
 static int runner_load_weights(struct runner *R, struct moai_err *err)
 {
     const struct recipe *r = R->r;
@@ -797,6 +988,12 @@ static int runner_load_weights(struct runner *R, struct moai_err *err)
     for (int64_t i = 0; i < R->total; i++)
         R->hist_loss[i] = R->hist_eval[i] = NAN;
 
+    if (r->lora.enabled) { /* the base as a fresh run's; the adapters resumed or started */
+        if ((rc = runner_load_base(R, err)) < 0)
+            return rc;
+        return lora_start(r, &R->cfg, R->resume_dir, R->fp, &R->la, &R->lm, &R->lv, &R->start,
+                          R->hist_loss, R->hist_eval, R->total, err);
+    }
     if (R->resume_dir) {
         struct recipe from = *r;
         from.training.save_dir = (char *) R->resume_dir;
@@ -811,16 +1008,7 @@ static int runner_load_weights(struct runner *R, struct moai_err *err)
                  (long long) R->total);
         return 0;
     }
-    if (r->model.init == MODEL_INIT_RANDOM) {
-        optim_init_params(NULL, &R->host, &R->cfg, r->training.seed);
-        return 0;
-    }
-    struct st_set set;
-    if ((rc = st_set_open_dir(&set, r->model.path, err)) < 0)
-        return rc;
-    rc = model_tensors_load(&R->cfg, &set, R->host.arena, r->model.path, err);
-    st_set_close(&set);
-    return rc;
+    return runner_load_base(R, err);
 }
 
 /* Under MPI every process has loaded what it needs, or none trains; then all start from
@@ -849,7 +1037,7 @@ static int runner_agree(struct runner *R, struct moai_err *err)
         comm_world_bcast(w, R->m, bytes);
         comm_world_bcast(w, R->v, bytes);
     }
-    return 0;
+    return R->r->lora.enabled ? lora_bcast(w, &R->cfg, R->r, &R->la, &R->lm, &R->lv, err) : 0;
 }
 
 /* What a checkpoint needs besides the weights: the saver's figures and the tokenizer's files;
@@ -869,7 +1057,8 @@ static int runner_prepare_save(struct runner *R, struct train_result *tr, struct
                            .opts = R->o,
                            .fingerprint = R->fp,
                            .losses = R->hist_loss,
-                           .evals = R->hist_eval};
+                           .evals = R->hist_eval,
+                           .base = R->host.arena};
     if (R->writer && !R->resume_dir && strcmp(r->training.resume, "auto") &&
         ckpt_present(r->training.save_dir, found, sizeof(found))) {
         char aside[4096];
@@ -935,6 +1124,9 @@ static int runner_exec(struct runner *R, struct train_result *tr, struct moai_er
         .eval_losses = R->hist_eval,
         .peak_bytes = R->peaks,
         .world = R->world,
+        .lora_init = r->lora.enabled ? &R->la : NULL,
+        .lora_m = R->lm.arena ? &R->lm : NULL,
+        .lora_v = R->lv.arena ? &R->lv : NULL,
     };
     snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
@@ -996,6 +1188,9 @@ static void runner_release(struct runner *R, int rc)
     json_decref(R->sv.tok_config);
     free(R->m);
     free(R->v);
+    lora_params_release(&R->lv);
+    lora_params_release(&R->lm);
+    lora_params_release(&R->la);
     free(R->hist_loss);
     free(R->hist_eval);
     free(R->peaks);

@@ -3,6 +3,7 @@
 
 #include "exec/comm.h"
 #include "exec/dev.h"
+#include "exec/lora_dev.h"
 #include "layout/shard.h"
 #include "exec/steplog.h"
 #include "log.h"
@@ -28,6 +29,9 @@ struct run {
     struct comm_world *world;
     int ndev, nthreads;
     bool zero2, zero3;
+    bool lora;                            /* adapters on a frozen base (job->lora_init) */
+    struct lora_config lc;                /* their configuration */
+    struct lora_params host_a[3];         /* device 0: the gathered adapters and moments */
     int64_t B, T;                         /* micro-batch sequences, tokens */
     float *host_params, *host_m, *host_v; /* the whole model, gathered on device 0 for saving */
     double *durations;                    /* device 0's step times */
@@ -45,6 +49,7 @@ struct run {
 struct slot {
     int32_t *tokens, *labels, *lengths;
     struct llama_batch batch;
+    int64_t first_token; /* its first token's place among the step's (LoRA's dropout) */
 };
 
 /* One device's state. */
@@ -79,6 +84,9 @@ struct device {
     int64_t *rows;      /* (batch_size) the step's rows */
     int64_t reserved;   /* bytes counted for the model's own arenas */
     int comm_rc;        /* the first failed collective's code (its group failed alike), or 0 */
+
+    struct lora_dev ld;  /* LoRA: the device's adapters */
+    int64_t ld_reserved; /* bytes counted for them */
 };
 
 static int64_t fbytes(int64_t floats)
@@ -159,6 +167,23 @@ static float *alloc_floats(struct device *dv, int64_t n, const char *what, int *
     return p;
 }
 
+/* LoRA: the device's adapters, counted against its memory. */
+static int device_alloc_lora(struct device *dv)
+{
+    struct run *run = dv->run;
+    struct moai_err err = {0};
+    int64_t bytes = lora_dev_bytes(&dv->sh, &run->lc, run->B, run->T);
+    int rc = dev_reserve(dv->dev, bytes, "the adapters");
+    if (rc < 0)
+        return rc;
+    dv->ld_reserved = bytes;
+    if (lora_dev_init(&dv->ld, &dv->sh, &run->lc, run->B, run->T, &err) < 0) {
+        dv->dev->err = err;
+        return err.code;
+    }
+    return 0;
+}
+
 static int device_alloc(struct device *dv)
 {
     struct run *run = dv->run;
@@ -189,7 +214,9 @@ static int device_alloc(struct device *dv)
         if (s->norm_padded)
             dv->nbuf = alloc_floats(dv, s->norm_padded, "the gathered final norm", &rc);
     }
-    if (!run->zero2) {
+    if (run->lora) {
+        /* a frozen base: no gradients, no moments */
+    } else if (!run->zero2) {
         dv->grads = alloc_floats(dv, s->floats, "the gradients", &rc);
     } else {
         dv->gshard = alloc_floats(dv, s->shard_floats, "the gradient shard", &rc);
@@ -198,10 +225,14 @@ static int device_alloc(struct device *dv)
         if (s->norm_padded)
             dv->nbuck = alloc_floats(dv, s->norm_padded, "the final norm's gradient", &rc);
     }
-    dv->opt_floats = run->zero2 ? s->shard_floats : s->floats;
-    dv->mom1 = alloc_floats(dv, dv->opt_floats, "the Adam moments", &rc);
-    dv->mom2 = alloc_floats(dv, dv->opt_floats, "the Adam moments", &rc);
+    dv->opt_floats = run->lora ? 0 : run->zero2 ? s->shard_floats : s->floats;
+    if (!run->lora) {
+        dv->mom1 = alloc_floats(dv, dv->opt_floats, "the Adam moments", &rc);
+        dv->mom2 = alloc_floats(dv, dv->opt_floats, "the Adam moments", &rc);
+    }
     if (rc < 0)
+        return rc;
+    if (run->lora && (rc = device_alloc_lora(dv)) < 0)
         return rc;
 
     int64_t act = (int64_t) llama_acts_bytes_shape(&s->cfg, &s->shape);
@@ -215,6 +246,8 @@ static int device_alloc(struct device *dv)
     dv->gview = calloc((size_t) (s->nlayers + 1), sizeof(*dv->gview));
     if (!dv->acts || !dv->slots || !dv->lview || !dv->gview)
         return moai_err_set(&dv->dev->err, MOAI_ENOMEM, "out of memory");
+    if (run->lora) /* the views keep their adapters; the gradient views no base tensor */
+        lora_dev_attach(&dv->ld, &dv->m, dv->lview, dv->gview);
     for (int i = 0; i < s->in_flight; i++) {
         if (llama_acts_bind_shape(&dv->acts[i], &s->cfg, &s->shape, NULL, &err) < 0) {
             dv->dev->err = err;
@@ -258,6 +291,9 @@ static void device_free(struct device *dv)
         llama_work_release(&dv->work);
     if (dv->reserved)
         dev_unreserve(d, dv->reserved);
+    lora_dev_release(&dv->ld);
+    if (dv->ld_reserved)
+        dev_unreserve(d, dv->ld_reserved);
     if (dv->sh_ready) {
         dev_free(d, dv->mom1, fbytes(dv->opt_floats));
         dev_free(d, dv->mom2, fbytes(dv->opt_floats));
@@ -306,7 +342,7 @@ static int device_load(struct device *dv)
             memcpy(dv->pshard + u->shard, unit + first, (size_t) fbytes(n));
         else
             memcpy(dv->params + u->off, unit, (size_t) fbytes(u->len));
-        for (int k = 0; k < 2 && job->init_m; k++) {
+        for (int k = 0; k < 2 && job->init_m && !dv->run->lora; k++) {
             float *mom = k ? dv->mom2 : dv->mom1;
             shard_unit_from_full(s, ui, k ? job->init_v : job->init_m, unit);
             if (zero2)
@@ -316,6 +352,13 @@ static int device_load(struct device *dv)
         }
     }
     free(unit);
+    if (dv->run->lora) {
+        lora_dev_load(&dv->ld, s, job->lora_init, 0);
+        if (job->lora_m) {
+            lora_dev_load(&dv->ld, s, job->lora_m, 1);
+            lora_dev_load(&dv->ld, s, job->lora_v, 2);
+        }
+    }
     return 0;
 }
 
@@ -372,6 +415,7 @@ static double stage_forward(struct device *dv, int k, bool backward, float dloss
     const struct llama_batch *b = &dv->slots[k].batch;
     struct llama_params pv = {0};
 
+    dv->ld.state.first_token = dv->slots[k].first_token;
     if (s->has_embed) {
         pv.embed = unit_weights(dv, s->embed_unit, dv->wbuf[0]);
         llama_embed_forward(&dv->m, &pv, a, &dv->work, b);
@@ -391,6 +435,28 @@ static double stage_forward(struct device *dv, int k, bool backward, float dloss
     return llama_head_forward(&dv->m, &pv, a, &dv->work, backward, dloss);
 }
 
+/* stage_backward with a frozen base: the adapters' gradients only (the views' base tensors
+ * are NULL), nothing to reduce per unit. */
+static void stage_backward_lora(struct device *dv, int k)
+{
+    const struct shard *s = &dv->sh;
+    struct llama_acts *a = &dv->acts[k];
+    const struct llama_batch *b = &dv->slots[k].batch;
+    struct llama_params pv = {0}, gv = {0};
+
+    dv->ld.state.first_token = dv->slots[k].first_token;
+    if (s->has_head) {
+        int lm = s->lm_head_unit >= 0 ? s->lm_head_unit : s->embed_unit;
+        pv.norm = dv->run->zero3 ? dv->nbuf : dv->params + s->units[s->norm_unit].off;
+        pv.lm_head = dv->run->zero3 ? dv->wbuf[1] : dv->params + s->units[lm].off;
+        llama_head_backward(&dv->m, &pv, &gv, a, &dv->work);
+    }
+    for (int64_t l = s->nlayers - 1; l >= 0; l--) {
+        shard_layer_view(&dv->lview[l], unit_weights(dv, layer_unit(dv, l), dv->wbuf[0]), &s->cfg);
+        llama_layer_backward(&dv->m, &dv->lview[l], &dv->gview[l], &a->layers[l], &dv->work, b);
+    }
+}
+
 /* Backward of the micro-batch in slot k, right after its forward on the last stage, else
  * with the gradient of the stage's output in work.dres. Leaves the gradient of the stage's
  * input in work.dres (the first stage scatters it into the embedding). */
@@ -401,6 +467,10 @@ static void stage_backward(struct device *dv, int k)
     const struct llama_batch *b = &dv->slots[k].batch;
     struct llama_params pv = {0}, gv = {0};
 
+    if (dv->run->lora) {
+        stage_backward_lora(dv, k);
+        return;
+    }
     if (s->has_head) {
         int lm = s->lm_head_unit >= 0 ? s->lm_head_unit : s->embed_unit;
         /* the weights gathered by the forward just before are still in place */
@@ -471,6 +541,7 @@ static void fill_micro_batch(struct device *dv, const int64_t *rows, int i)
     const struct shard *s = &dv->sh;
     int64_t B = dv->run->B, first = ((int64_t) s->dp_rank * s->lay.num_micro_batches + i) * B;
     fill_slot(dv, i % (int) s->in_flight, &dv->run->job->train, rows + first, B, B);
+    dv->slots[i % (int) s->in_flight].first_token = first * dv->run->T;
 }
 
 /* Where the input of micro-batch slot k arrives (not on the first stage). */
@@ -608,6 +679,19 @@ static double local_sumsq(struct device *dv)
     return total;
 }
 
+/* The adapters' optimizer step: gradients made whole, the global norm, clipping, AdamW.
+ * Returns the gradient norm. */
+static double optimizer_step_lora(struct device *dv, int64_t step, const struct optim_adamw *hp)
+{
+    const struct shard *s = &dv->sh;
+    double clip = dv->run->job->recipe->training.grad_clip;
+    ck(dv, lora_dev_reduce(&dv->ld, s, &dv->dpc, s->kv_replicated ? &dv->kvc : NULL));
+    double norm = sqrt(comm_allreduce_scalar(&dv->world, lora_dev_sumsq(&dv->ld, s)));
+    float scale = clip > 0 && norm > clip ? (float) (clip / (norm + 1e-6)) : 1.0f;
+    lora_dev_step(&dv->ld, dv->m.pool, step, hp, scale);
+    return norm;
+}
+
 /* The optimizer step once the step's gradients are complete. Returns the gradient norm. */
 static double optimizer_step(struct device *dv, int64_t step, double lr)
 {
@@ -620,6 +704,8 @@ static double optimizer_step(struct device *dv, int64_t step, double lr)
                              .eps = r->training.eps,
                              .weight_decay = r->training.weight_decay};
 
+    if (run->lora)
+        return optimizer_step_lora(dv, step, &hp);
     if (!run->zero2)
         ck(dv, comm_allreduce_sum(&dv->dpc, dv->grads, (size_t) s->floats));
     sum_replicas(dv);
@@ -658,8 +744,10 @@ static double optimizer_step(struct device *dv, int64_t step, double lr)
 /* Whether every weight this device updates is finite after the step. */
 static bool params_finite(const struct device *dv)
 {
-    const float *p = dv->run->zero3 ? dv->pshard : dv->params;
-    int64_t n = dv->run->zero3 ? dv->sh.shard_floats : dv->sh.floats;
+    const float *p = dv->run->lora ? dv->ld.a.arena : dv->run->zero3 ? dv->pshard : dv->params;
+    int64_t n = dv->run->lora    ? dv->ld.a.nfloats
+                : dv->run->zero3 ? dv->sh.shard_floats
+                                 : dv->sh.floats;
     float acc = 0.0f;
     for (int64_t i = 0; i < n; i++)
         acc += p[i] * 0.0f; /* 0 for finite values, NaN once any is NaN or infinite */
@@ -763,12 +851,36 @@ static void gather_state(struct device *dv, struct gather *g)
 /* Weights and moments of the whole model on device 0: every device of data-parallel rank 0
  * sends its units (gathered over its group first under ZeRO), device 0 places them in the
  * Hugging Face order of the host arenas, then saves. */
-static int save_checkpoint(struct device *dv, int64_t steps_done)
+/* Device 0 saves what was gathered (the model's weights and moments, or the adapters' with
+ * LoRA); every device learns whether the save worked. */
+static int save_gathered(struct device *dv, int64_t steps_done, const float *p, const float *m,
+                         const float *v)
 {
     struct run *run = dv->run;
     const struct shard *s = &dv->sh;
+    if (s->dev == 0 && run->job->save) {
+        memset(&run->save_err, 0, sizeof(run->save_err));
+        exec_saving = 1;
+        run->save_rc = run->job->save(run->job->save_arg, steps_done, p, m, v, &run->save_err);
+        exec_saving = 0;
+    }
+    if (!any_device(dv, s->dev == 0 && run->save_rc < 0))
+        return 0;
+    return s->dev == 0 ? run->save_rc : MOAI_EIO;
+}
+
+static int save_checkpoint_lora(struct device *dv, int64_t steps_done);
+
+/* Weights and moments of the whole model on device 0: every device of data-parallel rank 0
+ * sends its units (gathered over its group first under ZeRO), device 0 places them in the
+ * Hugging Face order of the host arenas, then saves. */
+static int save_checkpoint(struct device *dv, int64_t steps_done)
+{
+    struct run *run = dv->run;
     struct gather g;
 
+    if (run->lora)
+        return save_checkpoint_lora(dv, steps_done);
     bool bad = !gather_init(&g, dv);
     /* every device has its buffers, or none sends nor receives */
     if (any_device(dv, bad)) {
@@ -789,17 +901,58 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
                      (long long) steps_done);
         return dv->comm_rc < 0 ? dv->comm_rc : MOAI_EIO;
     }
-    if (s->dev == 0 && run->job->save) {
-        memset(&run->save_err, 0, sizeof(run->save_err));
-        exec_saving = 1;
-        run->save_rc = run->job->save(run->job->save_arg, steps_done, run->host_params, run->host_m,
-                                      run->host_v, &run->save_err);
-        exec_saving = 0;
+    return save_gathered(dv, steps_done, run->host_params, run->host_m, run->host_v);
+}
+
+/* The adapters and their moments gathered on device 0 (lora_dev_gather), then saved there. */
+static int save_checkpoint_lora(struct device *dv, int64_t steps_done)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
+    int nothers = s->lay.pp * s->lay.tp, ready = 0;
+    struct shard *others = NULL;
+    float *tmp = NULL;
+    bool bad = false;
+
+    if (s->dev == 0) {
+        int64_t most = 1;
+        others = calloc((size_t) nothers, sizeof(*others));
+        for (int i = 0; others && i < nothers; i++, ready++) {
+            int d = shard_device(&s->lay, 0, i / s->lay.tp, i % s->lay.tp);
+            if (shard_init(&others[i], &s->full, &s->lay, run->T, run->nthreads, d, NULL) < 0)
+                break;
+            int64_t n = shard_lora_floats(&others[i], run->lc.rank, run->lc.targets);
+            most = n > most ? n : most;
+        }
+        tmp = ready == nothers ? malloc((size_t) fbytes(most)) : NULL;
+        bad = !tmp;
     }
-    /* every device learns whether the save worked */
-    if (!any_device(dv, s->dev == 0 && run->save_rc < 0))
-        return 0;
-    return s->dev == 0 ? run->save_rc : MOAI_EIO;
+    if (any_device(dv, bad)) {
+        if (bad)
+            run_fail(run, MOAI_ENOMEM, "out of memory gathering the checkpoint of step %lld",
+                     (long long) steps_done);
+        for (int i = 0; i < ready; i++)
+            shard_release(&others[i]);
+        free(others);
+        free(tmp);
+        return bad ? MOAI_ENOMEM : MOAI_EIO;
+    }
+    for (int k = 0; k < 3; k++)
+        ck(dv, lora_dev_gather(&dv->ld, s, &dv->world, k, others, s->dev == 0 ? nothers : 0, tmp,
+                               &run->host_a[k]));
+    for (int i = 0; i < ready; i++)
+        shard_release(&others[i]);
+    free(others);
+    free(tmp);
+    if (any_device(dv, dv->comm_rc < 0)) {
+        if (dv->comm_rc < 0)
+            run_fail(run, dv->comm_rc,
+                     "a collective failed (out of memory) gathering the checkpoint of step %lld",
+                     (long long) steps_done);
+        return dv->comm_rc < 0 ? dv->comm_rc : MOAI_EIO;
+    }
+    return save_gathered(dv, steps_done, run->host_a[0].arena, run->host_a[1].arena,
+                         run->host_a[2].arena);
 }
 
 /* ---- validation ----------------------------------------------------------------------- */
@@ -809,6 +962,7 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
  * on every device alike. */
 static int validate(struct device *dv, double *loss)
 {
+    dv->ld.state.train = false; /* no dropout in evaluation (the step turns it back on) */
     struct run *run = dv->run;
     const struct shard *s = &dv->sh;
     const struct train_records *vr = &run->job->valid;
@@ -1053,10 +1207,15 @@ static int train_step(struct device *dv, int64_t step, struct step_record *sr, d
     }
     float dloss = 1.0f / (float) ntargets;
 
-    if (!run->zero2)
+    if (run->lora) {
+        memset(dv->ld.g.arena, 0, (size_t) fbytes(dv->ld.g.nfloats));
+        dv->ld.state.stream = (uint64_t) step; /* the step's dropout masks */
+        dv->ld.state.train = true;
+    } else if (!run->zero2) {
         memset(dv->grads, 0, (size_t) fbytes(dv->sh.floats));
-    else
+    } else {
         memset(dv->gshard, 0, (size_t) fbytes(dv->sh.shard_floats));
+    }
     double loss_sum = step_pipeline(dv, dv->rows, dloss);
     bool counts = dv->sh.has_head && dv->sh.tp_rank == 0;
     double loss = comm_allreduce_scalar(&dv->world, counts ? loss_sum : 0.0) / (double) ntargets;
@@ -1262,6 +1421,20 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* LoRA: the adapters' configuration, and on the process of device 0 the whole model's
+ * adapters and moments it gathers for a save. */
+static int run_lora_init(struct run *run, bool gathers, struct moai_err *err)
+{
+    const struct recipe *r = run->job->recipe;
+    int rc = 0;
+    run->lc = (struct lora_config){r->lora.rank, r->lora.alpha, r->lora.dropout, r->lora.targets,
+                                   r->training.seed};
+    for (int k = 0; gathers && rc == 0 && k < 3; k++)
+        rc = lora_params_init(&run->host_a[k], run->job->cfg, run->lc.rank, run->lc.targets, 0,
+                              NULL, err);
+    return rc;
+}
+
 /* The median of device 0's step times, the first (warm-up) excepted when there are more. */
 static double median_step(struct run *run)
 {
@@ -1288,6 +1461,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     run.ndev = ndev;
     run.zero2 = plan->distribute_param || plan->distribute_low_prec_param;
     run.zero3 = plan->distribute_low_prec_param;
+    run.lora = job->lora_init != NULL;
     run.B = plan->batch_per_device;
     run.T = r->training.block_size;
     run.res = res;
@@ -1295,7 +1469,9 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
     run.world = job->world;
     int first = run.world ? run.world->first_dev : 0;
     int nlocal = run.world ? run.world->nlocal : ndev;
-    if (first == 0) { /* device 0 gathers the checkpoints */
+    if (run.lora && (rc = run_lora_init(&run, first == 0, err)) < 0)
+        goto out;
+    if (first == 0 && !run.lora) { /* device 0 gathers the checkpoints */
         run.host_params = malloc((size_t) fbytes(P));
         run.host_m = malloc((size_t) fbytes(P));
         run.host_v = malloc((size_t) fbytes(P));
@@ -1346,6 +1522,8 @@ out:
     free(run.host_params);
     free(run.host_m);
     free(run.host_v);
+    for (int k = 0; k < 3; k++)
+        lora_params_release(&run.host_a[k]);
     free(run.durations);
     return rc;
 }

@@ -40,6 +40,7 @@
 #include "layout/shard.h"
 #include "model/config.h"
 #include "model/llama.h"
+#include "model/lora.h"
 #include "recipe.h"
 
 #include <signal.h>
@@ -108,6 +109,11 @@ struct train_job {
     int64_t *peak_bytes;      /* optional: dp x pp x tp entries, each device's peak memory (every
                                  device's in the process of device 0, under MPI) */
     struct comm_world *world; /* optional: the devices' world (Open MPI); NULL: threads */
+    /* LoRA (recipe lora.enabled): the whole model's adapters to start from (PEFT's init or
+     * lora.adapter's), and on resume their moments (else NULL). The base (init_params) is
+     * frozen: no gradients, no moments; the save function then gets the adapters and their
+     * moments (lora_params of cfg) as params, m and v. */
+    const struct lora_params *lora_init, *lora_m, *lora_v;
 };
 
 struct train_result {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # LoRA from the command line: the Llama-2-13B recipe that is OUT_OF_MEMORY on one device in full
-# fine-tuning plans with adapters, --plan-only shows them (text and JSON), --validate accepts the
-# recipe, and training it stops with one error line before any work (the training loop does not
-# run adapters yet), writing nothing.
+# fine-tuning plans with adapters and --plan-only shows them (text and JSON); the tiny model
+# trains adapters, saves them in PEFT's format (read back by tests/peft_check.py), merges them,
+# resumes to the same losses and continues them with lora.adapter.
 . tests/cli/lib.inc
 
 r13=configs/llama2-13b.yaml
@@ -28,17 +28,63 @@ j = json.load(open(sys.argv[1]))
 l = j["lora"]
 print(l["rank"], l["alpha"], ",".join(l["target_modules"]), l["adapter_parameters"], j["status"])' "$TMP/out")"
 
-# the tiny model: validates; training stops before any work and writes nothing
-dp_recipe "$TMP/lora.yaml" "$TMP/ckpt" ""
-echo "lora: {rank: 4}" >>"$TMP/lora.yaml"
-"$MOAI_BIN" --validate "$TMP/lora.yaml" >"$TMP/out" 2>"$TMP/err"
-expect_eq "validate: status" 0 $?
-expect_eq "validate: output" "$TMP/lora.yaml: ok" "$(cat "$TMP/out")"
-"$MOAI_BIN" -q "$TMP/lora.yaml" >"$TMP/out" 2>"$TMP/err"
-expect_eq "train: status" 2 $?
-expect_eq "train: message" \
-    "moai-finetune: error: $TMP/lora.yaml: 'lora': the training loop does not train adapters yet (plan it with --plan-only)" \
-    "$(cat "$TMP/err")"
-expect_eq "train: no output" "" "$(cat "$TMP/out")"
-[ -e "$TMP/ckpt" ] && fail "train: the save_dir was created" || ok
+# Training: the tiny model's adapters on 2 devices, saved in PEFT's format, read by an
+# independent reader (Python's standard library), merged, resumed to the same losses, continued
+# with lora.adapter.
+lora="lora: {rank: 4, alpha: 8, dropout: 0.05, merge: true}"
+dp_recipe "$TMP/a.yaml" "$TMP/out-a" "max_steps: 4"
+echo "$lora" >>"$TMP/a.yaml"
+"$MOAI_BIN" --validate "$TMP/a.yaml" >"$TMP/out" 2>/dev/null
+expect_eq "validate" "$TMP/a.yaml: ok" "$(cat "$TMP/out")"
+"$MOAI_BIN" -q "$TMP/a.yaml" >"$TMP/a.out" 2>"$TMP/a.err"
+expect_eq "train: status" 0 $?
+for f in adapter_config.json adapter_model.safetensors optimizer.safetensors trainer_state.json \
+    plan.json config.json model.safetensors tokenizer.model; do
+    [ -s "$TMP/out-a/$f" ] && ok || fail "train: $f missing"
+done
+python3 tests/peft_check.py "$TMP/out-a" "$TMP/out-a/config.json" >"$TMP/peft.out" 2>&1
+expect_eq "PEFT reader: status" 0 $?
+expect_eq "PEFT reader: config" "4 8.0 0.05 q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" \
+    "$(head -n 1 "$TMP/peft.out")"
+expect_eq "PEFT reader: 2 layers x 7 targets x A, B" 28 "$(($(wc -l <"$TMP/peft.out") - 1))"
+python3 - "$TMP/out-a" <<'PY' && ok || fail "adapter_config.json keys"
+import json, sys
+c = json.load(open(sys.argv[1] + "/adapter_config.json"))
+assert c["peft_type"] == "LORA" and c["task_type"] == "CAUSAL_LM" and c["bias"] == "none", c
+assert c["base_model_name_or_path"] is None, c  # an inline model.config: no directory
+PY
+python3 tests/st_check.py "$TMP/out-a/model.safetensors" >"$TMP/merged.out" 2>&1
+expect_eq "merged model: readable" 0 $?
+
+# resumed: 2 steps, then to 4 from the checkpoint: the whole run's losses of steps 3 and 4
+dp_recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 4"
+echo "$lora" >>"$TMP/b.yaml"
+"$MOAI_BIN" -q --set training.max_steps=2 "$TMP/b.yaml" >/dev/null 2>&1
+expect_eq "resume: first part" 0 $?
+"$MOAI_BIN" "$TMP/b.yaml" >"$TMP/b.out" 2>/dev/null
+expect_eq "resume: status" 0 $?
+"$MOAI_BIN" "$TMP/a.yaml" --set training.save_dir="$TMP/out-a2" >"$TMP/a2.out" 2>/dev/null
+expect_eq "resumed losses equal the whole run's" \
+    "$(grep -E '^\[Step [34]/4\]' "$TMP/a2.out" | sed 's/ | Duration.*//')" \
+    "$(grep -E '^\[Step [34]/4\]' "$TMP/b.out" | sed 's/ | Duration.*//')"
+expect_eq "resume: steps 3 and 4 only" "3 4" "$(sed -n 's/^\[Step \([0-9]*\)\/4\].*/\1/p' "$TMP/b.out" | xargs)"
+
+# a full fine-tuning cannot resume a LoRA run's checkpoint: the fingerprints differ by lora
+grep -v '^lora:' "$TMP/b.yaml" >"$TMP/full.yaml"
+"$MOAI_BIN" -q "$TMP/full.yaml" >/dev/null 2>"$TMP/full.err"
+expect_eq "full over lora: status" 2 $?
+grep -q "^moai-finetune: error: cannot resume from '$TMP/out-b': its checkpoint is of another run: lora ({\"rank\":4,.* then, absent now)$" "$TMP/full.err" &&
+    ok || fail "full over lora: message: $(head -n 1 "$TMP/full.err")"
+
+# lora.adapter continues the saved adapter: its first loss is not the base model's
+dp_recipe "$TMP/c.yaml" "$TMP/out-c" "max_steps: 1"
+echo "lora: {rank: 4, alpha: 8, adapter: $TMP/out-a}" >>"$TMP/c.yaml"
+"$MOAI_BIN" "$TMP/c.yaml" >"$TMP/c.out" 2>/dev/null
+expect_eq "lora.adapter: status" 0 $?
+dp_recipe "$TMP/d.yaml" "$TMP/out-d" "max_steps: 1"
+echo "lora: {rank: 4, alpha: 8}" >>"$TMP/d.yaml"
+"$MOAI_BIN" "$TMP/d.yaml" >"$TMP/d.out" 2>/dev/null
+first() { sed -n 's/^\[Step 1\/1\] | Loss: \([0-9.]*\).*/\1/p' "$1"; }
+[ -n "$(first "$TMP/c.out")" ] && [ "$(first "$TMP/c.out")" != "$(first "$TMP/d.out")" ] && ok ||
+    fail "lora.adapter: first loss $(first "$TMP/c.out") vs a fresh adapter's $(first "$TMP/d.out")"
 finish
