@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Open MPI: the same recipe under `mpirun` with 2 and 4 ranks gives the thread run's losses
-# bit for bit and the same checkpoint; a device count that the ranks cannot share is an error.
+# bit for bit and the same checkpoint (LoRA's adapters too); a device count that the ranks
+# cannot share is an error.
 . tests/cli/lib.inc
 
 # As root Open MPI wants these; the leak checker of a sanitized binary gets Open MPI's own
@@ -69,4 +70,17 @@ expect_eq "mpirun, SIGTERM to rank 1: status" 130 $?
 step=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$TMP/mpi-sig/trainer_state.json" 2>/dev/null)
 expect_eq "mpirun, SIGTERM to rank 1: messages" "moai-finetune: error: interrupted by a signal to another MPI rank: checkpoint saved in '$TMP/mpi-sig' after step $step
 moai-finetune: rank 1: error: interrupted by SIGTERM: checkpoint saved in '$TMP/mpi-sig' after step $step" "$(grep '^moai-finetune' "$TMP/sig.err" | sort)"
+
+# LoRA (dropout on): 2 ranks train the adapters to the thread run's losses and adapter file.
+lora='lora={rank: 4, alpha: 8, dropout: 0.1}'
+"$MOAI_BIN" -q --set "$lora" --set "training.save_dir=$TMP/lora-t" "$TMP/r.yaml" \
+    >"$TMP/lt.out" 2>/dev/null
+expect_eq "lora threads: status" 0 $?
+mpi 2 "$MOAI_BIN" -q --set "$lora" --set "training.save_dir=$TMP/lora-m" "$TMP/r.yaml" \
+    >"$TMP/lm.out" 2>/dev/null
+expect_eq "lora mpirun -n 2: status" 0 $?
+expect_eq "lora threads: 5 steps" 5 "$(losses "$TMP/lt.out" | wc -l)"
+expect_eq "lora mpirun -n 2: the thread run's losses" "$(losses "$TMP/lt.out")" "$(losses "$TMP/lm.out")"
+cmp -s "$TMP/lora-t/adapter_model.safetensors" "$TMP/lora-m/adapter_model.safetensors" && ok ||
+    fail "lora mpirun -n 2: the adapter differs from the thread run's"
 finish
