@@ -56,6 +56,55 @@ PY
 python3 tests/st_check.py "$TMP/out-a/model.safetensors" >"$TMP/merged.out" 2>&1
 expect_eq "merged model: readable" 0 $?
 
+# the merged model over the shipped pretrained base (bf16, widened exactly): every tensor the
+# base's but the targets, which differ by (alpha / r) B A (layer 0's q_proj and down_proj
+# checked, in double)
+cat >"$TMP/m.yaml" <<YAML
+model: {path: models/tiny-llama}
+dataset: {path: datasets/debian-descriptions.jsonl.zst, limit: 16, cache_dir: $TMP/cache}
+training: {batch_size: 8, block_size: 32, max_steps: 1, lr: 1.0e-2, precision: fp32,
+           save_dir: $TMP/out-m}
+flavor: {device: cpu, devices: 1}
+lora: {rank: 4, alpha: 8, target_modules: [q_proj, down_proj], merge: true}
+YAML
+"$MOAI_BIN" -q "$TMP/m.yaml" >/dev/null 2>"$TMP/m.err"
+expect_eq "merge: status" 0 $?
+python3 - models/tiny-llama/model.safetensors "$TMP/out-m" <<'PY' && ok || fail "merged = base + (alpha / r) B A"
+import json, struct, sys
+def read(path):
+    blob = open(path, "rb").read()
+    n = struct.unpack("<Q", blob[:8])[0]
+    h = json.loads(blob[8:8 + n]); h.pop("__metadata__", None)
+    out = {}
+    for name, t in h.items():
+        b, e = t["data_offsets"]; raw = blob[8 + n + b:8 + n + e]
+        if t["dtype"] == "F32":
+            v = struct.unpack("<%df" % (len(raw) // 4), raw)
+        else:  # BF16: the high half of an fp32
+            v = struct.unpack("<%df" % (len(raw) // 2), b"".join(b"\0\0" + raw[i:i + 2] for i in range(0, len(raw), 2)))
+        out[name] = (t["shape"], v)
+    return out
+base, merged = read(sys.argv[1]), read(sys.argv[2] + "/model.safetensors")
+ad = read(sys.argv[2] + "/adapter_model.safetensors")
+targets = ("self_attn.q_proj", "mlp.down_proj")
+for name, (shape, v) in base.items():
+    if not any(t in name for t in targets):
+        assert merged[name][1] == v, name
+for t in targets:
+    stem = "model.layers.0.%s" % t
+    (out, inp), w0 = base[stem + ".weight"]
+    w1 = merged[stem + ".weight"][1]
+    A = ad["base_model.model.%s.lora_A.weight" % stem][1]
+    B = ad["base_model.model.%s.lora_B.weight" % stem][1]
+    worst = max(abs(b) for b in B)
+    assert worst > 0, "B is still zero"
+    for i in range(out):
+        for j in range(inp):
+            ba = sum(B[i * 4 + q] * A[q * inp + j] for q in range(4))
+            d = w1[i * inp + j] - w0[i * inp + j]
+            assert abs(d - 2.0 * ba) <= 1e-6 * (1 + abs(w0[i * inp + j])), (stem, i, j, d, 2.0 * ba)
+PY
+
 # resumed: 2 steps, then to 4 from the checkpoint: the whole run's losses of steps 3 and 4
 dp_recipe "$TMP/b.yaml" "$TMP/out-b" "max_steps: 4"
 echo "$lora" >>"$TMP/b.yaml"
