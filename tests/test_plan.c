@@ -363,18 +363,26 @@ static void test_plan_lora_fits_where_full_does_not(void **state)
     assert_int_equal(c.mem.params, model_param_count(&cfg) + a);
     assert_int_equal(c.mem.gradients_bytes, 4 * a);
     assert_int_equal(c.mem.optimizer_bytes, 8 * a);
-    /* to the byte what the executor's device allocates: the base's weights, activations and
-     * workspace (no gradients, no moments) and lora_dev_bytes */
+    /* to the byte what the executor's device allocates: the base's weights (bf16 under the
+     * default precision bf16: 2 bytes each and the fp32 unit buffers they are widened into,
+     * else 4), activations and workspace (no gradients, no moments) and lora_dev_bytes */
     struct shard sh;
     struct shard_bytes sb;
     struct lora_config lc = {4, r.lora.alpha, r.lora.dropout, r.lora.targets, 0};
-    assert_int_equal(
-        shard_init(&sh, &cfg, &c.lay, r.training.block_size, shard_cpu_threads(1), 0, NULL), 0);
-    shard_bytes(&sh, &sb);
-    assert_int_equal(c.mem.total_bytes,
-                     sb.weights + sb.activations + sb.workspace +
-                         lora_dev_bytes(&sh, &lc, c.lay.batch_per_device, r.training.block_size));
-    shard_release(&sh);
+    for (int fp32 = 0; fp32 < 2; fp32++) {
+        r.training.precision = fp32 ? PRECISION_FP32 : PRECISION_BF16;
+        plan_evaluate(&c, &cfg, &r);
+        assert_int_equal(
+            shard_init(&sh, &cfg, &c.lay, r.training.block_size, shard_cpu_threads(1), 0, NULL), 0);
+        shard_bytes(&sh, &sb);
+        assert_int_equal(shard_lora_base16(&c.lay, &r), !fp32);
+        int64_t base = fp32 ? sb.weights : 2 * sh.floats + 4 * (2 * sh.max_padded + sh.norm_padded);
+        assert_int_equal(c.mem.total_bytes, base + sb.activations + sb.workspace +
+                                                lora_dev_bytes(&sh, &lc, c.lay.batch_per_device,
+                                                               r.training.block_size));
+        assert_int_equal(sb.weights, 4 * sh.floats); /* dp 1, no ZeRO */
+        shard_release(&sh);
+    }
     recipe_release(&r);
 }
 

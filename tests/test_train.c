@@ -9,6 +9,7 @@
 #include "model/lora.h"
 #include "model/optim.h"
 #include "plan/mem.h"
+#include "plan/plan.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -112,6 +113,7 @@ static const char *extra_training = "";
 /* LoRA: the recipe's mapping ("" for full fine-tuning) and the adapters it starts from */
 static const struct lora_config test_lora = {4, 8.0, 0.1, MODEL_LORA_ALL, 7};
 static bool with_lora;
+static const char *precision = "fp32"; /* LoRA bf16: the frozen base held in bf16 */
 
 /* A layout of the tests: dp x pp x tp, micro-batches, recomputation, sharding, model. */
 struct lay {
@@ -133,10 +135,10 @@ static int train_lay(const struct lay *l, int64_t capacity, double *losses,
     snprintf(
         text, sizeof(text),
         "model: {path: m}\ndataset: {path: d}\n"
-        "training: {batch_size: 8, block_size: %d, precision: fp32, lr: 1.0e-2,"
+        "training: {batch_size: 8, block_size: %d, precision: %s, lr: 1.0e-2,"
         " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5, seed: 7%s}\n"
         "flavor: {device: cpu, devices: %d, memory_gb: %g}\n%s",
-        SEQ, extra_training, ndev, (double) capacity / 1073741824.0,
+        SEQ, precision, extra_training, ndev, (double) capacity / 1073741824.0,
         with_lora ? "lora: {rank: 4, alpha: 8.0, dropout: 0.1}\n" : "");
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, err), 0);
     int64_t batch = 8;
@@ -464,6 +466,62 @@ static void test_train_lora_memory_and_resume(void **state)
     with_lora = false;
 }
 
+/* LoRA with training.precision bf16: the frozen base held in bf16 (widened unit by unit, or
+ * under ZeRO-3 fp32 shards of the same bf16 values): every layout gives one device's losses,
+ * each device's peak is the planner's prediction to the byte, and the base's bytes are half
+ * of fp32's. */
+static void test_train_lora_bf16_base(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {2, 1, 1, 2, RECOMPUTE_NONE, true, false, false},
+        {2, 1, 1, 1, RECOMPUTE_NONE, true, true, false},
+        {1, 2, 2, 2, RECOMPUTE_FULL, false, false, false},
+        {1, 1, 4, 1, RECOMPUTE_NONE, false, false, true},
+    };
+    double ref[2][STEPS], fp32[STEPS];
+    struct train_result res;
+    struct moai_err err = {0};
+    with_lora = true;
+    struct lay one = {1, 1, 1, 1, RECOMPUTE_NONE, false, false, false};
+    assert_int_equal(train_lay(&one, 1 << 30, fp32, &res, &err), 0);
+    int64_t fp32_peak = res.peak_bytes[0];
+    precision = "bf16";
+    for (int u = 0; u < 2; u++) {
+        one.untied = u == 1;
+        assert_int_equal(train_lay(&one, 1 << 30, ref[u], &res, &err), 0);
+        if (u == 0) {
+            assert_true(ref[0][0] != fp32[0]); /* the base rounded to bf16 */
+            assert_true(fabs(ref[0][0] - fp32[0]) < 1e-2 * fabs(fp32[0]));
+            assert_true(res.peak_bytes[0] < fp32_peak);
+        }
+    }
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+        const struct lay *l = &lays[i];
+        expect_same_losses(l, ref[l->untied]);
+        /* the planner's prediction of every device */
+        char text[512];
+        struct recipe r;
+        snprintf(text, sizeof(text),
+                 "model: {path: m}\ndataset: {path: d}\ntraining: {batch_size: 8, block_size: "
+                 "%d, precision: bf16}\nflavor: {device: cpu, devices: %d, memory_gb: 1}\n"
+                 "lora: {rank: 4, alpha: 8.0, dropout: 0.1}\n",
+                 SEQ, l->dp * l->pp * l->tp);
+        assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, &err), 0);
+        struct plan p = {
+            .lay = {l->dp, l->pp, l->tp, l->nmb, 8 / l->dp / l->nmb, l->rc, l->zero2, l->zero3}};
+        assert_int_equal(train_lay(l, 1 << 30, fp32, &res, &err), 0);
+        for (int d = 0; d < res.ndev; d++) {
+            struct mem_breakdown mb;
+            mem_stage(&mb, l->untied ? &fx.untied : &fx.cfg, &r, &p, d / l->tp % l->pp);
+            assert_int_equal(res.peak_bytes[d], mb.total_bytes);
+        }
+        recipe_release(&r);
+    }
+    precision = "fp32";
+    with_lora = false;
+}
+
 static void test_train_is_reproducible(void **state)
 {
     (void) state;
@@ -561,6 +619,7 @@ int main(void)
         cmocka_unit_test(test_train_model_parallel_resume_is_bit_identical),
         cmocka_unit_test(test_train_lora_layouts_match_one_device),
         cmocka_unit_test(test_train_lora_memory_and_resume),
+        cmocka_unit_test(test_train_lora_bf16_base),
         cmocka_unit_test(test_train_is_reproducible),
         cmocka_unit_test(test_train_resume_is_bit_identical),
         cmocka_unit_test(test_train_non_finite_loss_stops),

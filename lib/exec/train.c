@@ -30,6 +30,7 @@ struct run {
     int ndev, nthreads;
     bool zero2, zero3;
     bool lora;                            /* adapters on a frozen base (job->lora_init) */
+    bool base16;                          /* that base held in bf16 (shard_lora_base16) */
     struct lora_config lc;                /* their configuration */
     struct lora_params host_a[3];         /* device 0: the gathered adapters and moments */
     int64_t B, T;                         /* micro-batch sequences, tokens */
@@ -67,6 +68,7 @@ struct device {
     struct llama m;
     bool m_ready;
     float *params;                     /* the units' weights (not under ZeRO-3) */
+    uint16_t *params16;                /* a bf16 frozen base's instead (run->base16) */
     float *grads;                      /* the units' gradients (no sharding) */
     float *pshard;                     /* ZeRO-3: this rank's weight shard */
     float *gshard;                     /* ZeRO-2/3: gradient shard */
@@ -167,6 +169,22 @@ static float *alloc_floats(struct device *dv, int64_t n, const char *what, int *
     return p;
 }
 
+/* A bf16 frozen base: its units in bf16, widened one at a time into fp32 buffers (those of
+ * ZeRO-3's gathered units) before they run. */
+static int device_alloc_base16(struct device *dv)
+{
+    const struct shard *s = &dv->sh;
+    int rc = 0;
+    dv->params16 = dev_alloc(dv->dev, 2 * s->floats, "the bf16 weights");
+    if (!dv->params16)
+        return dv->dev->err.code ? dv->dev->err.code : MOAI_EOOM;
+    for (int i = 0; i < 2; i++)
+        dv->wbuf[i] = alloc_floats(dv, s->max_padded, "a widened unit", &rc);
+    if (s->norm_padded)
+        dv->nbuf = alloc_floats(dv, s->norm_padded, "the widened final norm", &rc);
+    return rc;
+}
+
 /* LoRA: the device's adapters, counted against its memory. */
 static int device_alloc_lora(struct device *dv)
 {
@@ -205,7 +223,9 @@ static int device_alloc(struct device *dv)
                           .arg = dv};
     llama_set_tp(&dv->m, &tp);
     /* the order of shard_bytes, so a device short of memory fails where the planner says */
-    if (!run->zero3) {
+    if (run->base16) {
+        rc = device_alloc_base16(dv);
+    } else if (!run->zero3) {
         dv->params = alloc_floats(dv, s->floats, "the weights", &rc);
     } else {
         dv->pshard = alloc_floats(dv, s->shard_floats, "the weight shard", &rc);
@@ -307,6 +327,7 @@ static void device_free(struct device *dv)
             dev_free(d, dv->wbuf[i], fbytes(s->max_padded));
         dev_free(d, dv->pshard, fbytes(s->shard_floats));
         dev_free(d, dv->params, fbytes(s->floats));
+        dev_free(d, dv->params16, 2 * s->floats);
         shard_release(&dv->sh);
     }
     if (dv->m_ready)
@@ -338,7 +359,15 @@ static int device_load(struct device *dv)
         int64_t first, n;
         owned(u, s->dp_rank, &first, &n);
         shard_unit_from_full(s, ui, job->init_params, unit);
-        if (zero3)
+        if (dv->run->base16) {
+            optim_f32_to_bf16(dv->params16 + u->off, unit, u->len);
+        } else if (zero3 && dv->run->lora &&
+                   dv->run->job->recipe->training.precision == PRECISION_BF16) {
+            /* ZeRO-3 keeps fp32 shards, of the bf16 values every other layout holds */
+            for (int64_t i = first; i < first + n; i++)
+                unit[i] = optim_f32_from_bf16(optim_bf16_from_f32(unit[i]));
+            memcpy(dv->pshard + u->shard, unit + first, (size_t) fbytes(n));
+        } else if (zero3)
             memcpy(dv->pshard + u->shard, unit + first, (size_t) fbytes(n));
         else
             memcpy(dv->params + u->off, unit, (size_t) fbytes(u->len));
@@ -364,10 +393,15 @@ static int device_load(struct device *dv)
 
 /* ---- units in and out of the model ---------------------------------------------------- */
 
-/* The weights of unit u for the model to read: in the arena, or gathered (ZeRO-3) into buf. */
+/* The weights of unit u for the model to read: in the arena, or gathered (ZeRO-3) or widened
+ * (a bf16 frozen base) into buf. */
 static float *unit_weights(struct device *dv, int u, float *buf)
 {
     const struct shard_unit *x = &dv->sh.units[u];
+    if (dv->run->base16) {
+        optim_bf16_to_f32(buf, dv->params16 + x->off, x->len);
+        return buf;
+    }
     if (!dv->run->zero3)
         return dv->params + x->off;
     ck(dv, comm_allgather(&dv->dpc, dv->pshard + x->shard, buf, (size_t) x->chunk));
@@ -447,8 +481,10 @@ static void stage_backward_lora(struct device *dv, int k)
     dv->ld.state.first_token = dv->slots[k].first_token;
     if (s->has_head) {
         int lm = s->lm_head_unit >= 0 ? s->lm_head_unit : s->embed_unit;
-        pv.norm = dv->run->zero3 ? dv->nbuf : dv->params + s->units[s->norm_unit].off;
-        pv.lm_head = dv->run->zero3 ? dv->wbuf[1] : dv->params + s->units[lm].off;
+        /* the units the forward just before gathered or widened are still in place */
+        bool held = dv->run->zero3 || dv->run->base16;
+        pv.norm = held ? dv->nbuf : dv->params + s->units[s->norm_unit].off;
+        pv.lm_head = held ? dv->wbuf[1] : dv->params + s->units[lm].off;
         llama_head_backward(&dv->m, &pv, &gv, a, &dv->work);
     }
     for (int64_t l = s->nlayers - 1; l >= 0; l--) {
@@ -1429,6 +1465,7 @@ static int run_lora_init(struct run *run, bool gathers, struct moai_err *err)
     int rc = 0;
     run->lc = (struct lora_config){r->lora.rank, r->lora.alpha, r->lora.dropout, r->lora.targets,
                                    r->training.seed};
+    run->base16 = shard_lora_base16(&run->job->layout, r);
     for (int k = 0; gathers && rc == 0 && k < 3; k++)
         rc = lora_params_init(&run->host_a[k], run->job->cfg, run->lc.rank, run->lc.targets, 0,
                               NULL, err);

@@ -111,8 +111,9 @@ struct train_job {
     struct comm_world *world; /* optional: the devices' world (Open MPI); NULL: threads */
     /* LoRA (recipe lora.enabled): the whole model's adapters to start from (PEFT's init or
      * lora.adapter's), and on resume their moments (else NULL). The base (init_params) is
-     * frozen: no gradients, no moments; the save function then gets the adapters and their
-     * moments (lora_params of cfg) as params, m and v. */
+     * frozen: no gradients, no moments, held in bf16 under precision bf16 (shard_lora_base16);
+     * the save function then gets the adapters and their moments (lora_params of cfg) as
+     * params, m and v. */
     const struct lora_params *lora_init, *lora_m, *lora_v;
 };
 

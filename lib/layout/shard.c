@@ -253,6 +253,17 @@ void shard_unit_to_full(const struct shard *s, int u, const float *src, float *f
     unit_copy(s, u, full, (float *) src, true);
 }
 
+bool shard_lora_base16(const struct layout *lay, const struct recipe *r)
+{
+    return r->lora.enabled && r->training.precision == PRECISION_BF16 &&
+           !lay->distribute_low_prec_param;
+}
+
+int64_t shard_base16_weight_bytes(const struct shard *s)
+{
+    return 2 * s->floats + (int64_t) sizeof(float) * (2 * s->max_padded + s->norm_padded);
+}
+
 int64_t shard_lora_floats(const struct shard *s, int64_t rank, unsigned targets)
 {
     return s->nlayers * model_lora_layer_param_count(&s->cfg, rank, targets);

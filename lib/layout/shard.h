@@ -132,6 +132,13 @@ void shard_layer_view(struct llama_layer *l, float *base, const struct model_con
  * planner counts (plan/mem.c). */
 int64_t shard_lora_floats(const struct shard *s, int64_t rank, unsigned targets);
 
+/* Whether a LoRA run holds its frozen base in bf16 (training.precision bf16, not under
+ * distribute_low_prec_param, whose fp32 shards it keeps): each unit widened to fp32 into one
+ * of two unit buffers (and the final norm's) just before it runs. The base's weight bytes are
+ * then shard_base16_weight_bytes: 2 per parameter and those fp32 buffers. */
+bool shard_lora_base16(const struct layout *lay, const struct recipe *r);
+int64_t shard_base16_weight_bytes(const struct shard *s);
+
 /* Copies one layer's LoRA adapters of rank r on the targets from the whole model's (full,
  * bound at s->full's sizes) into this device's tensor-parallel part (bound at s->cfg's), or
  * back (to_full): A's columns and B's rows as the base tensor's are split (model/lora.h). */

@@ -230,13 +230,17 @@ int64_t mem_reserve_bytes(const struct flavor *f)
 /* LoRA on the cpu device: the frozen base keeps its fp32 weights arena (and the ZeRO-3
  * gathering of it) but has no gradients and no moments; the adapters of the stage's tp shard
  * (shard_lora_floats) have fp32 weights, gradients and two moments, unsharded, and the model's
- * adapter scratch (lora_work_bytes) joins the workspace: exec/lora_dev.h's lora_dev_bytes. */
+ * adapter scratch (lora_work_bytes) joins the workspace: exec/lora_dev.h's lora_dev_bytes.
+ * With training.precision bf16 (and not ZeRO-3) the base is held in bf16 and widened one unit
+ * at a time (shard_lora_base16). */
 static void mem_cpu_lora(struct mem_breakdown *m, const struct shard *s, const struct recipe *r)
 {
     struct lora_config lc = {r->lora.rank, r->lora.alpha, r->lora.dropout, r->lora.targets,
                              r->training.seed};
     int64_t a = shard_lora_floats(s, lc.rank, lc.targets);
     m->params += a;
+    if (shard_lora_base16(&s->lay, r)) /* the frozen base in bf16, widened unit by unit */
+        m->weights_bytes = shard_base16_weight_bytes(s);
     m->weights_bytes += 4 * a;
     m->gradients_bytes = 4 * a;
     m->optimizer_bytes = 8 * a;

@@ -25,10 +25,10 @@
  * With LoRA (recipe lora.enabled) the base model is frozen: its working weights stay, it has
  * no gradients, master copy or moments; the adapters have all four, as the parameters of a
  * full fine-tuning, and each layer keeps its adapters' x A^T (and dropout(x) with dropout) for
- * backward. On the cpu the executor's arithmetic again: the base fp32, the adapters' fp32
- * weights, gradients and moments (model/lora.h, lora_param_floats) and adapter scratch
- * (lora_work_bytes). The base is kept fp32 in memory on the cpu, bf16 being its stored dtype
- * or not (see README).
+ * backward. On the cpu the executor's arithmetic again: the base's weights (in bf16 under
+ * precision bf16 but not ZeRO-3, widened unit by unit: layout/shard.h's shard_lora_base16),
+ * the adapters' fp32 weights, gradients and moments and adapter scratch (exec/lora_dev.h's
+ * lora_dev_bytes).
  *
  * On the cpu device the executor's own arithmetic (layout/shard.h) gives the figure: every
  * tensor fp32 whatever the recipe's precision, the arenas it allocates, no reserve; so the
