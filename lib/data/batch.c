@@ -89,6 +89,7 @@ void batch_release(struct batches *b)
 {
     free(b->train);
     free(b->val);
+    free(b->epoch_start);
     memset(b, 0, sizeof(*b));
 }
 
@@ -111,4 +112,112 @@ void batch_rows(const struct batches *b, int64_t epoch, int64_t index, int64_t *
     batch_epoch_order(b, epoch, order);
     memcpy(rows, order + index * b->batch_size, sizeof(int64_t) * (size_t) b->batch_size);
     free(order);
+}
+
+/* ---- packing ---------------------------------------------------------------------------- */
+
+int batch_epoch_packing(const struct batches *b, int64_t epoch, struct packing *p,
+                        struct moai_err *err)
+{
+    MOAI_ASSERT(b->lengths != NULL);
+    int64_t *order = malloc(sizeof(int64_t) * (size_t) (b->n_train + 1));
+    if (!order) {
+        memset(p, 0, sizeof(*p));
+        return moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
+    }
+    batch_epoch_order(b, epoch, order);
+    int rc = pack_rows(p, order, b->n_train, b->lengths, b->T, err);
+    free(order);
+    return rc;
+}
+
+int batch_val_packing(const struct batches *b, struct packing *p, struct moai_err *err)
+{
+    MOAI_ASSERT(b->lengths != NULL);
+    return pack_rows(p, b->val, b->n_val, b->lengths, b->T, err);
+}
+
+int batch_set_packing(struct batches *b, const int32_t *lengths, int64_t T, int64_t epochs,
+                      int64_t steps, struct moai_err *err)
+{
+    int64_t cap = 8, n = 0;
+    int64_t *start = malloc(sizeof(int64_t) * (size_t) (cap + 1));
+    if (!start)
+        return moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
+    start[0] = 0;
+    b->lengths = lengths;
+    b->T = T;
+    while (n < epochs || start[n] < steps) {
+        struct packing p;
+        int rc = batch_epoch_packing(b, n, &p, err);
+        if (rc < 0) {
+            free(start);
+            b->lengths = NULL;
+            return rc;
+        }
+        int64_t rows = p.nrows;
+        pack_release(&p);
+        if (rows < b->batch_size) {
+            free(start);
+            b->lengths = NULL;
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "dataset has %" PRId64 " training records, which pack into %" PRId64
+                                " rows of %" PRId64 " tokens, fewer than one batch of %" PRId64,
+                                b->n_train, rows, T, b->batch_size);
+        }
+        if (n == cap) {
+            int64_t *grown = realloc(start, sizeof(int64_t) * (size_t) (2 * cap + 1));
+            if (!grown) {
+                free(start);
+                b->lengths = NULL;
+                return moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
+            }
+            start = grown;
+            cap *= 2;
+        }
+        start[n + 1] = start[n] + rows / b->batch_size;
+        n++;
+    }
+    free(b->epoch_start);
+    b->epoch_start = start;
+    b->nepochs = n;
+    b->steps_per_epoch = start[1] - start[0];
+    return 0;
+}
+
+int64_t batch_epoch_steps(const struct batches *b, int64_t epoch)
+{
+    if (!b->lengths)
+        return b->steps_per_epoch;
+    MOAI_ASSERT(epoch >= 0 && epoch < b->nepochs);
+    return b->epoch_start[epoch + 1] - b->epoch_start[epoch];
+}
+
+int64_t batch_steps_of_epochs(const struct batches *b, int64_t epochs)
+{
+    if (!b->lengths)
+        return b->steps_per_epoch * epochs;
+    MOAI_ASSERT(epochs >= 0 && epochs <= b->nepochs);
+    return b->epoch_start[epochs];
+}
+
+void batch_step_at(const struct batches *b, int64_t step, int64_t *epoch, int64_t *index)
+{
+    MOAI_ASSERT(step >= 0);
+    if (!b->lengths) {
+        *epoch = step / b->steps_per_epoch;
+        *index = step % b->steps_per_epoch;
+        return;
+    }
+    MOAI_ASSERT(step < b->epoch_start[b->nepochs]);
+    int64_t lo = 0, hi = b->nepochs - 1; /* the last epoch whose start is <= step */
+    while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (b->epoch_start[mid] <= step)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    *epoch = lo;
+    *index = step - b->epoch_start[lo];
 }
