@@ -35,6 +35,8 @@ static void test_pack_first_fit(void **state)
     assert_row(&p, 0, (const int64_t[]){0, 2}, 2);
     assert_row(&p, 1, (const int64_t[]){1, 3, 5}, 3);
     assert_row(&p, 2, (const int64_t[]){4}, 1);
+    /* attention: (36 + 16) + (25 + 9 + 1) + 49 of 3 x 100 products */
+    assert_float_equal(pack_attention_fraction(&p, lengths, 10), 136.0 / 300.0, 1e-12);
     pack_release(&p);
 
     /* another order of the same examples packs other rows: the order is followed */

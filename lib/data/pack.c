@@ -97,3 +97,13 @@ int64_t pack_row_fill(const struct packing *p, int64_t r, const struct pack_sour
     }
     return real;
 }
+
+double pack_attention_fraction(const struct packing *p, const int32_t *lengths, int64_t T)
+{
+    double squares = 0.0;
+    if (p->nrows == 0)
+        return 1.0;
+    for (int64_t k = 0; k < p->nitems; k++)
+        squares += (double) lengths[p->items[k]] * (double) lengths[p->items[k]];
+    return squares / ((double) p->nrows * (double) T * (double) T);
+}

@@ -66,4 +66,9 @@ void pack_release(struct packing *p);
 int64_t pack_row_fill(const struct packing *p, int64_t r, const struct pack_source *src,
                       int32_t *tokens, int32_t *labels, int32_t *positions);
 
+/* The attention cost of p's rows against one example filling each: the mean over rows of
+ * the sum of their examples' squared lengths, over T^2 (1 when p has no rows). The planner's
+ * cost model scales a row's attention core by it (plan/cost.h). */
+double pack_attention_fraction(const struct packing *p, const int32_t *lengths, int64_t T);
+
 #endif
