@@ -45,6 +45,10 @@ char *steplog_format(char *buf, size_t size, const struct step_record *s)
              "[Step %lld/%lld] | Loss: %s | Duration: %.2f | Throughput: %.2f tokens/sec",
              (long long) s->step, (long long) s->total_steps,
              steplog_format_loss(loss, sizeof(loss), s->loss), s->duration_s, s->tokens_per_s);
+    size_t len = strlen(buf);
+    if (s->packed && len < size)
+        snprintf(buf + len, size - len, " | Examples: %lld | Real tokens: %lld",
+                 (long long) s->examples, (long long) s->real_tokens);
     return buf;
 }
 
@@ -69,6 +73,11 @@ json_t *steplog_json(const struct step_record *s)
     json_object_set_new(j, "lr", real_or_null(s->lr));
     json_object_set_new(j, "grad_norm", real_or_null(s->grad_norm));
     json_object_set_new(j, "real_tokens_per_s", real_or_null(round2(s->real_tokens_per_s)));
+    if (s->rows > 0) {
+        json_object_set_new(j, "rows", json_integer((json_int_t) s->rows));
+        json_object_set_new(j, "examples", json_integer((json_int_t) s->examples));
+        json_object_set_new(j, "real_tokens", json_integer((json_int_t) s->real_tokens));
+    }
     return j;
 }
 

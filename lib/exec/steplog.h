@@ -7,7 +7,11 @@
  * Loss is printed with up to 7 significant digits and no trailing zeros, Duration with 2
  * decimals, Throughput = batch_size x block_size / duration with 2 decimals: every token the
  * step ran through the model, padding included. The JSON object adds real_tokens_per_s, the
- * tokens that are not padding.
+ * tokens that are not padding, and, when the loop counts them, the step's rows (batch_size
+ * sequences), examples and real tokens. With dataset.packing the line ends with them too:
+ *
+ *     [Step 4/60] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 tokens/sec |
+ *     Examples: 31 | Real tokens: 3862          (one line)
  *
  * An evaluation of the validation set (every training.eval_interval steps, at each epoch's
  * end and at the end of the run) prints
@@ -22,6 +26,7 @@
 #define MOAI_STEPLOG_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,6 +39,10 @@ struct step_record {
     double real_tokens_per_s; /* the step's tokens that are not padding / duration_s */
     double lr;                /* the learning rate the step used */
     double grad_norm;         /* before clipping */
+    int64_t rows;             /* sequences (packed rows) of the step; 0: not counted */
+    int64_t examples;         /* examples in them */
+    int64_t real_tokens;      /* their tokens that are not padding */
+    bool packed;              /* dataset.packing: the line shows examples and real tokens */
 };
 
 /* Writes the step line (no newline) into buf. Returns buf. */
