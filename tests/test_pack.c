@@ -214,6 +214,70 @@ static void test_pack_epochs(void **state)
     batch_release(&b);
 }
 
+static void test_pack_packer_rows(void **state)
+{
+    (void) state;
+    enum { N = 120, T = 16, B = 3 };
+    static int32_t tokens[N * T], labels[N * T], lengths[N];
+    uint64_t s = 11;
+    for (int e = 0; e < N; e++) {
+        lengths[e] = 1 + (int32_t) (batch_splitmix64(&s) % 12);
+        for (int t = 0; t < T; t++) {
+            tokens[e * T + t] = t < lengths[e] ? 100 * e + t : 0;
+            labels[e * T + t] = t < lengths[e] ? 100 * e + t : -100;
+        }
+    }
+    struct batches b;
+    struct batch_packer k;
+    struct moai_err err = {0};
+    struct pack_source src = {T, tokens, labels, lengths, 0};
+    assert_int_equal(batch_init(&b, N, B, 0.25, true, 5, &err), 0);
+    assert_int_equal(batch_set_packing(&b, lengths, T, 2, 0, &err), 0);
+    assert_int_equal(batch_packer_init(&k, &b, &src, &err), 0);
+    int32_t want_t[T], want_l[T], want_p[T];
+    int64_t rows[B];
+    /* steps of both epochs, each twice, and a step asked for again after the next one */
+    const int64_t asks[][2] = {{0, 0}, {0, 0}, {0, 1}, {0, 0}, {0, 2}, {1, 0}, {1, 1}, {1, 1}};
+    for (size_t a = 0; a < sizeof(asks) / sizeof(asks[0]); a++) {
+        int64_t e = asks[a][0], i = asks[a][1];
+        struct packing p;
+        assert_int_equal(batch_epoch_packing(&b, e, &p, &err), 0);
+        batch_packer_rows(&k, e, i, rows);
+        for (int64_t r = 0; r < B; r++) {
+            int64_t real = pack_row_fill(&p, i * B + r, &src, want_t, want_l, want_p);
+            assert_int_equal(k.lengths[rows[r]], real);
+            assert_int_equal(k.examples[rows[r]], p.first[i * B + r + 1] - p.first[i * B + r]);
+            assert_memory_equal(k.tokens + rows[r] * T, want_t, sizeof(want_t));
+            assert_memory_equal(k.labels + rows[r] * T, want_l, sizeof(want_l));
+            assert_memory_equal(k.positions + rows[r] * T, want_p, sizeof(want_p));
+        }
+        pack_release(&p);
+    }
+    /* a step's rows stay in place while the next step's are written */
+    int64_t first[B];
+    batch_packer_rows(&k, 0, 1, first);
+    int32_t kept[B * T];
+    memcpy(kept, k.tokens + first[0] * T, sizeof(kept));
+    batch_packer_rows(&k, 0, 2, rows);
+    assert_true(rows[0] != first[0]);
+    assert_memory_equal(kept, k.tokens + first[0] * T, sizeof(kept));
+    /* the validation set, packed once */
+    struct packing v;
+    assert_int_equal(batch_val_packing(&b, &v, &err), 0);
+    assert_int_equal(k.val_rows, v.nrows);
+    assert_int_equal(pack_row_fill(&v, 0, &src, want_t, want_l, want_p), k.val_lengths[0]);
+    assert_memory_equal(k.val_positions, want_p, sizeof(want_p));
+    pack_release(&v);
+    /* steps placed in their epochs, the last of each said */
+    int64_t e, i;
+    assert_true(batch_step_at(&b, batch_epoch_steps(&b, 0) - 1, &e, &i));
+    assert_false(batch_step_at(&b, batch_epoch_steps(&b, 0), &e, &i));
+    assert_int_equal(e, 1);
+    assert_int_equal(i, 0);
+    batch_packer_release(&k);
+    batch_release(&b);
+}
+
 int main(void)
 {
     log_set_level(LOG_WARN);
@@ -224,6 +288,7 @@ int main(void)
         cmocka_unit_test(test_pack_row_fill),
         cmocka_unit_test(test_pack_bad_length),
         cmocka_unit_test(test_pack_epochs),
+        cmocka_unit_test(test_pack_packer_rows),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

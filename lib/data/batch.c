@@ -201,13 +201,13 @@ int64_t batch_steps_of_epochs(const struct batches *b, int64_t epochs)
     return b->epoch_start[epochs];
 }
 
-void batch_step_at(const struct batches *b, int64_t step, int64_t *epoch, int64_t *index)
+bool batch_step_at(const struct batches *b, int64_t step, int64_t *epoch, int64_t *index)
 {
     MOAI_ASSERT(step >= 0);
     if (!b->lengths) {
         *epoch = step / b->steps_per_epoch;
         *index = step % b->steps_per_epoch;
-        return;
+        return *index == b->steps_per_epoch - 1;
     }
     MOAI_ASSERT(step < b->epoch_start[b->nepochs]);
     int64_t lo = 0, hi = b->nepochs - 1; /* the last epoch whose start is <= step */
@@ -220,4 +220,116 @@ void batch_step_at(const struct batches *b, int64_t step, int64_t *epoch, int64_
     }
     *epoch = lo;
     *index = step - b->epoch_start[lo];
+    return step == b->epoch_start[lo + 1] - 1;
+}
+
+/* ---- packed rows for the training loop -------------------------------------------------- */
+
+static void write_rows(const struct packing *p, int64_t r0, int64_t n,
+                       const struct pack_source *src, int32_t *tokens, int32_t *labels,
+                       int32_t *positions, int32_t *lengths, int32_t *examples)
+{
+    int64_t T = src->T;
+    for (int64_t i = 0; i < n; i++) {
+        lengths[i] = (int32_t) pack_row_fill(p, r0 + i, src, tokens + i * T, labels + i * T,
+                                             positions + i * T);
+        examples[i] = (int32_t) (p->first[r0 + i + 1] - p->first[r0 + i]);
+    }
+}
+
+int batch_packer_init(struct batch_packer *k, const struct batches *b,
+                      const struct pack_source *src, struct moai_err *err)
+{
+    MOAI_ASSERT(b->lengths != NULL && src->T == b->T);
+    memset(k, 0, sizeof(*k));
+    k->b = b;
+    k->src = *src;
+    k->epoch = -1;
+    k->held[0] = k->held[1] = -1;
+    size_t rows = (size_t) (2 * b->batch_size), T = (size_t) b->T;
+    k->order = malloc(sizeof(int64_t) * (size_t) (b->n_train + 1));
+    k->scratch = malloc(sizeof(int64_t) * (size_t) (2 * b->n_train + 2));
+    k->tokens = malloc(sizeof(int32_t) * rows * T);
+    k->labels = malloc(sizeof(int32_t) * rows * T);
+    k->positions = malloc(sizeof(int32_t) * rows * T);
+    k->lengths = malloc(sizeof(int32_t) * rows);
+    k->examples = malloc(sizeof(int32_t) * rows);
+    int rc = 0;
+    if (!k->order || !k->scratch || !k->tokens || !k->labels || !k->positions || !k->lengths ||
+        !k->examples)
+        rc = moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
+    /* the training packing's arrays at their largest (every record), then the validation's */
+    if (rc == 0 && (rc = pack_rows(&k->p, b->train, b->n_train, b->lengths, b->T, err)) == 0) {
+        struct packing v;
+        if ((rc = batch_val_packing(b, &v, err)) == 0) {
+            size_t vr = (size_t) v.nrows + 1;
+            k->val_rows = v.nrows;
+            k->val_tokens = malloc(sizeof(int32_t) * vr * T);
+            k->val_labels = malloc(sizeof(int32_t) * vr * T);
+            k->val_positions = malloc(sizeof(int32_t) * vr * T);
+            k->val_lengths = malloc(sizeof(int32_t) * vr);
+            k->val_examples = malloc(sizeof(int32_t) * vr);
+            if (!k->val_tokens || !k->val_labels || !k->val_positions || !k->val_lengths ||
+                !k->val_examples)
+                rc = moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
+            else
+                write_rows(&v, 0, v.nrows, src, k->val_tokens, k->val_labels, k->val_positions,
+                           k->val_lengths, k->val_examples);
+            pack_release(&v);
+        }
+    }
+    if (rc < 0) {
+        batch_packer_release(k);
+        return rc;
+    }
+    pthread_mutex_init(&k->lock, NULL);
+    k->lock_ready = true;
+    return 0;
+}
+
+void batch_packer_release(struct batch_packer *k)
+{
+    if (k->lock_ready)
+        pthread_mutex_destroy(&k->lock);
+    pack_release(&k->p);
+    free(k->order);
+    free(k->scratch);
+    free(k->tokens);
+    free(k->labels);
+    free(k->positions);
+    free(k->lengths);
+    free(k->examples);
+    free(k->val_tokens);
+    free(k->val_labels);
+    free(k->val_positions);
+    free(k->val_lengths);
+    free(k->val_examples);
+    memset(k, 0, sizeof(*k));
+}
+
+void batch_packer_rows(struct batch_packer *k, int64_t epoch, int64_t index, int64_t *rows)
+{
+    const struct batches *b = k->b;
+    int64_t B = b->batch_size, step = batch_steps_of_epochs(b, epoch) + index;
+    MOAI_ASSERT(index >= 0 && index < batch_epoch_steps(b, epoch));
+    pthread_mutex_lock(&k->lock);
+    int half = k->held[0] == step ? 0 : k->held[1] == step ? 1 : -1;
+    if (half < 0) {
+        if (k->epoch != epoch) {
+            batch_epoch_order(b, epoch, k->order);
+            int rc =
+                pack_rows_reuse(&k->p, k->scratch, k->order, b->n_train, b->lengths, b->T, NULL);
+            MOAI_ASSERT(rc == 0); /* the lengths were checked when the epochs were counted */
+            k->epoch = epoch;
+        }
+        half = k->next;
+        k->next ^= 1;
+        k->held[half] = step;
+        int64_t o = half * B, T = b->T;
+        write_rows(&k->p, index * B, B, &k->src, k->tokens + o * T, k->labels + o * T,
+                   k->positions + o * T, k->lengths + o, k->examples + o);
+    }
+    for (int64_t i = 0; i < B; i++)
+        rows[i] = half * B + i;
+    pthread_mutex_unlock(&k->lock);
 }

@@ -30,6 +30,7 @@
 #ifndef MOAI_BATCH_H
 #define MOAI_BATCH_H
 
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -89,8 +90,42 @@ int64_t batch_epoch_steps(const struct batches *b, int64_t epoch);
 /* The steps of epochs [0, epochs). */
 int64_t batch_steps_of_epochs(const struct batches *b, int64_t epochs);
 
-/* Where global step `step` (from 0) falls: *epoch and *index within it. Under packing the step
- * must lie in the epochs counted. */
-void batch_step_at(const struct batches *b, int64_t step, int64_t *epoch, int64_t *index);
+/* Where global step `step` (from 0) falls: *epoch and *index within it; returns whether it is
+ * the epoch's last step. Under packing the step must lie in the epochs counted. */
+bool batch_step_at(const struct batches *b, int64_t step, int64_t *epoch, int64_t *index);
+
+/*
+ * Packed rows for a training loop that asks for one step's rows at a time, from several
+ * threads (batch_packer_rows). The epoch's packing is redone in place when a step of another
+ * epoch is asked for, and the step's batch_size rows are written into one of two halves of a
+ * buffer of 2 batch_size rows, so the rows of a step stay in place while the next step's are
+ * written. Everything is allocated by batch_packer_init: asking for rows cannot fail. The
+ * validation records are packed and written once (val_*, val_rows of them).
+ */
+struct batch_packer {
+    const struct batches *b;
+    struct pack_source src; /* every record (b->lengths are theirs) */
+    pthread_mutex_t lock;
+    bool lock_ready;
+    int64_t epoch; /* whose packing p is; -1: none */
+    struct packing p;
+    int64_t *order, *scratch; /* (n_train), (2 n_train + 2) */
+    int64_t held[2];          /* the global step whose rows each half holds; -1: none */
+    int next;                 /* the half written next */
+    /* (2 batch_size) rows: T tokens, labels and positions each; real tokens, examples */
+    int32_t *tokens, *labels, *positions, *lengths, *examples;
+    int64_t val_rows; /* the validation set packed, rows of the same arrays as above: */
+    int32_t *val_tokens, *val_labels, *val_positions, *val_lengths, *val_examples;
+};
+
+/* Sets k up over b (batch_set_packing done) and the records src. Returns 0, or MOAI_ENOMEM
+ * with err filled (k then holds nothing). */
+int batch_packer_init(struct batch_packer *k, const struct batches *b,
+                      const struct pack_source *src, struct moai_err *err);
+void batch_packer_release(struct batch_packer *k);
+
+/* The batch_size rows of step `index` of epoch `epoch`, written into the buffer: their
+ * indices into it (rows of tokens, labels...). */
+void batch_packer_rows(struct batch_packer *k, int64_t epoch, int64_t index, int64_t *rows);
 
 #endif

@@ -7,28 +7,14 @@
 
 #define IGNORE_LABEL (-100)
 
-int pack_rows(struct packing *p, const int64_t *order, int64_t n, const int32_t *lengths, int64_t T,
-              struct moai_err *err)
+/* Packs into p's arrays (room for n items and n + 1 rows) with scratch row_of and room (n
+ * each); allocates nothing. The lengths are checked by the caller. */
+static void pack_into(struct packing *p, const int64_t *order, int64_t n, const int32_t *lengths,
+                      int64_t T, int64_t *row_of, int64_t *room)
 {
-    memset(p, 0, sizeof(*p));
-    for (int64_t i = 0; i < n; i++)
-        if (lengths[order[i]] < 1 || lengths[order[i]] > T)
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "packing: example %" PRId64 " has %d tokens, outside [1, %" PRId64
-                                "]",
-                                order[i], lengths[order[i]], T);
-    int64_t *row_of = malloc(sizeof(int64_t) * (size_t) (n + 1));
-    int64_t *room = malloc(sizeof(int64_t) * (size_t) (n + 1));
-    p->first = calloc((size_t) (n + 2), sizeof(int64_t));
-    p->items = malloc(sizeof(int64_t) * (size_t) (n + 1));
-    if (!row_of || !room || !p->first || !p->items) {
-        free(row_of);
-        free(room);
-        pack_release(p);
-        return moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
-    }
     /* open[0..nopen): the open rows, oldest first */
     int64_t open[PACK_OPEN_ROWS], nopen = 0, nrows = 0;
+    p->tokens = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t len = lengths[order[i]], k = 0;
         while (k < nopen && room[open[k]] < len)
@@ -51,6 +37,7 @@ int pack_rows(struct packing *p, const int64_t *order, int64_t n, const int32_t 
         }
     }
     /* items grouped by row, each row's in the order placed (a counting sort by row) */
+    memset(p->first, 0, sizeof(int64_t) * (size_t) (nrows + 1));
     for (int64_t i = 0; i < n; i++)
         p->first[row_of[i] + 1]++;
     for (int64_t r = 0; r < nrows; r++)
@@ -62,8 +49,50 @@ int pack_rows(struct packing *p, const int64_t *order, int64_t n, const int32_t 
     p->first[0] = 0;
     p->nrows = nrows;
     p->nitems = n;
+}
+
+static int check_lengths(const int64_t *order, int64_t n, const int32_t *lengths, int64_t T,
+                         struct moai_err *err)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (lengths[order[i]] < 1 || lengths[order[i]] > T)
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "packing: example %" PRId64 " has %d tokens, outside [1, %" PRId64
+                                "]",
+                                order[i], lengths[order[i]], T);
+    return 0;
+}
+
+int pack_rows(struct packing *p, const int64_t *order, int64_t n, const int32_t *lengths, int64_t T,
+              struct moai_err *err)
+{
+    memset(p, 0, sizeof(*p));
+    int rc = check_lengths(order, n, lengths, T, err);
+    if (rc < 0)
+        return rc;
+    int64_t *row_of = malloc(sizeof(int64_t) * (size_t) (n + 1));
+    int64_t *room = malloc(sizeof(int64_t) * (size_t) (n + 1));
+    p->first = calloc((size_t) (n + 2), sizeof(int64_t));
+    p->items = malloc(sizeof(int64_t) * (size_t) (n + 1));
+    if (!row_of || !room || !p->first || !p->items) {
+        free(row_of);
+        free(room);
+        pack_release(p);
+        return moai_err_set(err, MOAI_ENOMEM, "packing: out of memory");
+    }
+    pack_into(p, order, n, lengths, T, row_of, room);
     free(row_of);
     free(room);
+    return 0;
+}
+
+int pack_rows_reuse(struct packing *p, int64_t *scratch, const int64_t *order, int64_t n,
+                    const int32_t *lengths, int64_t T, struct moai_err *err)
+{
+    int rc = check_lengths(order, n, lengths, T, err);
+    if (rc < 0)
+        return rc;
+    pack_into(p, order, n, lengths, T, scratch, scratch + n + 1);
     return 0;
 }
 

@@ -61,6 +61,11 @@ int pack_rows(struct packing *p, const int64_t *order, int64_t n, const int32_t 
               struct moai_err *err);
 void pack_release(struct packing *p);
 
+/* The same into a packing that pack_rows made of at least n examples, with scratch of
+ * 2 (n + 1) entries: allocates nothing (for a loop that must not fail). */
+int pack_rows_reuse(struct packing *p, int64_t *scratch, const int64_t *order, int64_t n,
+                    const int32_t *lengths, int64_t T, struct moai_err *err);
+
 /* Fills row r of p from src into tokens, labels and positions (T entries each). Returns the
  * row's real tokens (its attention mask's ones: the examples' tokens). */
 int64_t pack_row_fill(const struct packing *p, int64_t r, const struct pack_source *src,
