@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sequence packing (dataset.packing): steps count packed rows, the step lines and --json step
 # objects count the examples and real tokens in them, validation packs the same way, a
-# resumed run continues the same packed order, and the checkpoint's fingerprint keeps packed
-# and unpacked runs apart.
+# resumed run continues the same packed order, the checkpoint's fingerprint keeps packed and
+# unpacked runs apart, and mpirun packs the same rows as threads.
 . tests/cli/lib.inc
 
 recipe() { # recipe FILE SAVE_DIR MAX_STEPS ("": one epoch) PACKING
@@ -81,4 +81,22 @@ PY
 expect_eq "fingerprint: exit status" 2 $?
 grep -q "dataset.packing (true then, false now)" "$TMP/f.err" &&
     ok || fail "fingerprint: names dataset.packing: $(cat "$TMP/f.err")"
+# Under mpirun (2 ranks of 2 devices, dp 2 x pp 2): the thread run's packed steps and losses,
+# and its checkpoint byte for byte.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export LSAN_OPTIONS="suppressions=$PWD/tests/lsan-mpi.supp:fast_unwind_on_malloc=0:print_suppressions=0"
+{
+    tiny_recipe | sed "s|^  limit: 64|  limit: 96\n  packing: true|; s|^  block_size: 64|  block_size: 256|"
+    printf '  max_steps: 4\n  log_interval: 1\nflavor: {device: cpu, devices: 4, memory_gb: 1}\n'
+    printf 'parallel: {dp: 2, pp: 2, tp: 1, num_micro_batches: 2}\n'
+} >"$TMP/m.yaml"
+steps() { sed -n 's/^\(\[Step [0-9]*\/4\] | Loss: [^ ]*\) .*\( | Examples: .*\)$/\1\2/p' "$1"; }
+"$MOAI_BIN" -q --set "training.save_dir=$TMP/mt" "$TMP/m.yaml" >"$TMP/mt.out" 2>/dev/null
+mpirun --oversubscribe -n 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mm" "$TMP/m.yaml" \
+    >"$TMP/mm.out" 2>"$TMP/mm.err"
+expect_eq "mpirun: status" 0 $?
+expect_eq "mpirun: the thread run's packed steps" "$(steps "$TMP/mt.out")" "$(steps "$TMP/mm.out")"
+expect_eq "mpirun: 4 steps" 4 "$(steps "$TMP/mm.out" | wc -l)"
+cmp -s "$TMP/mt/model.safetensors" "$TMP/mm/model.safetensors" && ok ||
+    fail "mpirun: the checkpoint differs from the thread run's"
 finish
