@@ -81,6 +81,14 @@ PY
 expect_eq "fingerprint: exit status" 2 $?
 grep -q "dataset.packing (true then, false now)" "$TMP/f.err" &&
     ok || fail "fingerprint: names dataset.packing: $(cat "$TMP/f.err")"
+# Fewer packed rows than one batch: an error before training, naming the recipe.
+"$MOAI_BIN" -q --set dataset.limit=20 --set dataset.validation_fraction=0 \
+    --set training.batch_size=16 --set "training.save_dir=$TMP/out-few" "$TMP/p.yaml" \
+    >/dev/null 2>"$TMP/few.err"
+expect_eq "too few rows: exit status" 2 $?
+grep -qE "^moai-finetune: error: $TMP/p.yaml: dataset has 20 training records, which pack into [0-9]+ rows of 256 tokens, fewer than one batch of 16$" "$TMP/few.err" &&
+    ok || fail "too few rows: message: $(cat "$TMP/few.err")"
+
 # Under mpirun (2 ranks of 2 devices, dp 2 x pp 2): the thread run's packed steps and losses,
 # and its checkpoint byte for byte.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
