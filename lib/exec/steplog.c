@@ -45,10 +45,6 @@ char *steplog_format(char *buf, size_t size, const struct step_record *s)
              "[Step %lld/%lld] | Loss: %s | Duration: %.2f | Throughput: %.2f tokens/sec",
              (long long) s->step, (long long) s->total_steps,
              steplog_format_loss(loss, sizeof(loss), s->loss), s->duration_s, s->tokens_per_s);
-    size_t len = strlen(buf);
-    if (s->packed && len < size)
-        snprintf(buf + len, size - len, " | Examples: %lld | Real tokens: %lld",
-                 (long long) s->examples, (long long) s->real_tokens);
     return buf;
 }
 

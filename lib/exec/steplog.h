@@ -8,10 +8,8 @@
  * decimals, Throughput = batch_size x block_size / duration with 2 decimals: every token the
  * step ran through the model, padding included. The JSON object adds real_tokens_per_s, the
  * tokens that are not padding, and, when the loop counts them, the step's rows (batch_size
- * sequences), examples and real tokens. With dataset.packing the line ends with them too:
- *
- *     [Step 4/60] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 tokens/sec |
- *     Examples: 31 | Real tokens: 3862          (one line)
+ * sequences), examples and real tokens. The line is the platform's whatever the data: with
+ * dataset.packing the step bar shows the examples per step (exec/train.c).
  *
  * An evaluation of the validation set (every training.eval_interval steps, at each epoch's
  * end and at the end of the run) prints
@@ -42,7 +40,7 @@ struct step_record {
     int64_t rows;             /* sequences (packed rows) of the step; 0: not counted */
     int64_t examples;         /* examples in them */
     int64_t real_tokens;      /* their tokens that are not padding */
-    bool packed;              /* dataset.packing: the line shows examples and real tokens */
+    bool packed;              /* dataset.packing: rows hold several examples */
 };
 
 /* Writes the step line (no newline) into buf. Returns buf. */

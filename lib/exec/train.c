@@ -1136,8 +1136,13 @@ static void record_step(struct run *run, const struct step_record *sr, struct pr
         report(run, &(struct train_event){.kind = TRAIN_STEP, .step = *sr});
     if (bar) {
         char text[64];
-        progress_postfix(bar, ", loss %s, lr %.2e",
-                         steplog_format_loss(text, sizeof(text), sr->loss), sr->lr);
+        if (sr->packed)
+            progress_postfix(bar, ", loss %s, lr %.2e, %lld examples",
+                             steplog_format_loss(text, sizeof(text), sr->loss), sr->lr,
+                             (long long) sr->examples);
+        else
+            progress_postfix(bar, ", loss %s, lr %.2e",
+                             steplog_format_loss(text, sizeof(text), sr->loss), sr->lr);
         progress_update(bar, step);
     }
 }

@@ -51,9 +51,9 @@ PY
 grep -q "\[info\] Packed 128 training examples into [0-9]* rows of 256 tokens: [0-9.]*% padding (unpacked [0-9.]*%)" "$TMP/p.err" &&
     ok || fail "packed: the packing is logged: $(grep -i pack "$TMP/p.err")"
 
-# The step lines end with the examples and real tokens.
+# The step lines are the platform's, packed or not; the step bar counts the examples.
 "$MOAI_BIN" -q --set training.max_steps=1 --set "training.save_dir=$TMP/out-l" "$TMP/p.yaml" >"$TMP/l.out" 2>&1
-grep -qE '^\[Step 1/1\] \| Loss: [0-9.]+ \| Duration: [0-9.]+ \| Throughput: [0-9.]+ tokens/sec \| Examples: [0-9]+ \| Real tokens: [0-9]+$' "$TMP/l.out" &&
+grep -qE '^\[Step 1/1\] \| Loss: [0-9.]+ \| Duration: [0-9.]+ \| Throughput: [0-9.]+ tokens/sec$' "$TMP/l.out" &&
     ok || fail "packed: step line: $(cat "$TMP/l.out")"
 
 # Resumed: 2 steps, then on to 4, the losses of the uninterrupted run's steps 3 and 4.
@@ -98,7 +98,7 @@ export LSAN_OPTIONS="suppressions=$PWD/tests/lsan-mpi.supp:fast_unwind_on_malloc
     printf '  max_steps: 4\n  log_interval: 1\nflavor: {device: cpu, devices: 4, memory_gb: 1}\n'
     printf 'parallel: {dp: 2, pp: 2, tp: 1, num_micro_batches: 2}\n'
 } >"$TMP/m.yaml"
-steps() { sed -n 's/^\(\[Step [0-9]*\/4\] | Loss: [^ ]*\) .*\( | Examples: .*\)$/\1\2/p' "$1"; }
+steps() { sed -n 's/^\(\[Step [0-9]*\/4\] | Loss: [^ ]*\) .*$/\1/p' "$1"; }
 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mt" "$TMP/m.yaml" >"$TMP/mt.out" 2>/dev/null
 mpirun --oversubscribe -n 2 "$MOAI_BIN" -q --set "training.save_dir=$TMP/mm" "$TMP/m.yaml" \
     >"$TMP/mm.out" 2>"$TMP/mm.err"
