@@ -124,7 +124,7 @@ static int run_steps(const struct shape *s, bool lora, int steps, struct result 
     int32_t *tokens = malloc(sizeof(int32_t) * (size_t) N);
     for (int64_t i = 0; i < N; i++)
         tokens[i] = (int32_t) (optim_rng(7, 0, (uint64_t) i) % (uint64_t) cfg.vocab_size);
-    struct llama_batch b = {s->B, s->T, tokens, tokens, NULL};
+    struct llama_batch b = {s->B, s->T, tokens, tokens, NULL, NULL};
     float dloss = 1.0f / (float) llama_batch_targets(&b);
     struct optim_adamw hp = {
         .lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01};

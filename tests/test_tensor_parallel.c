@@ -127,7 +127,7 @@ static void check_tp(bool tied, int tp, enum llama_keep keep)
         tokens[i] = (int) ((s >> 33) % (uint64_t) cfg->vocab_size);
         labels[i] = i % T >= lengths[i / T] || i % T < 2 ? -100 : tokens[i];
     }
-    tc.batch = (struct llama_batch){B, T, tokens, labels, lengths};
+    tc.batch = (struct llama_batch){B, T, tokens, labels, lengths, NULL};
 
     /* the whole model */
     struct llama m;
@@ -344,7 +344,7 @@ static void check_tp_lora(bool tied, int tp, enum llama_keep keep)
         tokens[i] = (int) ((s >> 33) % (uint64_t) cfg->vocab_size);
         labels[i] = i % T >= lengths[i / T] || i % T < 2 ? -100 : tokens[i];
     }
-    tc->batch = (struct llama_batch){B, T, tokens, labels, lengths};
+    tc->batch = (struct llama_batch){B, T, tokens, labels, lengths, NULL};
 
     /* the whole model with non-zero adapters */
     struct llama m;
@@ -565,7 +565,7 @@ static void check_lora_dev(int dp, int tp)
             tokens[k][i] = (int) ((s >> 33) % (uint64_t) cfg->vocab_size);
             labels[k][i] = i % T >= lengths[i / T] || i % T < 1 ? -100 : tokens[k][i];
         }
-        lc.batch[k] = (struct llama_batch){B, T, tokens[k], labels[k], lengths};
+        lc.batch[k] = (struct llama_batch){B, T, tokens[k], labels[k], lengths, NULL};
     }
     int64_t count = llama_batch_targets(&lc.batch[0]) + llama_batch_targets(&lc.batch[1]);
     lc.dloss = 1.0f / (float) count;
