@@ -674,8 +674,9 @@ static void train_packing(const struct lay *l, bool packed, double *losses)
              "model: {path: m}\ndataset: {path: d, packing: %s}\n"
              "training: {batch_size: %lld, block_size: %d, precision: fp32, lr: 1.0e-2,"
              " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5}\n"
-             "flavor: {device: cpu, devices: %d}\n",
-             packed ? "true" : "false", (long long) batch, SEQ, l->dp * l->pp * l->tp);
+             "flavor: {device: cpu, devices: %d}\n%s",
+             packed ? "true" : "false", (long long) batch, SEQ, l->dp * l->pp * l->tp,
+             with_lora ? "lora: {rank: 4, alpha: 8.0}\n" : "");
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, &err), 0);
     struct train_records unpacked = {
         .n = NPK, .T = SEQ, .tokens = pk.tokens, .labels = pk.labels, .lengths = pk.lengths};
@@ -707,16 +708,25 @@ static void train_packing(const struct lay *l, bool packed, double *losses)
         .step_losses = losses,
         .peak_bytes = peaks,
     };
+    struct lora_params a = {0};
+    if (with_lora) { /* PEFT's fresh adapters, without dropout (its masks follow the rows) */
+        assert_int_equal(
+            lora_params_init(&a, &fx.cfg, test_lora.rank, test_lora.targets, 0, NULL, &err), 0);
+        lora_init_peft(&a, &fx.cfg, &fx.cfg, 0, test_lora.rank, test_lora.targets, 7);
+        job.lora_init = &a;
+    }
     int rc = exec_train(&job, &res, &err);
     if (rc != 0) {
         print_error("dp %d pp %d tp %d packed %d: %s\n", l->dp, l->pp, l->tp, packed, err.msg);
         fail();
     }
+    lora_params_release(&a);
     recipe_release(&r);
 }
 
 /* The same examples packed and unpacked train to the same losses (to rounding: the summed
- * loss and the gradients agree, and so every update), in every kind of layout. */
+ * loss and the gradients agree, and so every update), in every kind of layout, fine-tuning
+ * the whole model or LoRA adapters. */
 static void test_train_packing_matches_unpacked(void **state)
 {
     (void) state;
@@ -730,9 +740,12 @@ static void test_train_packing_matches_unpacked(void **state)
         {1, 1, 1, 2, RECOMPUTE_SELECTIVE, false, false, false},
         {1, 2, 2, 1, RECOMPUTE_FULL, false, false, false},
     };
+    size_t n = sizeof(lays) / sizeof(lays[0]);
     packed_examples();
-    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+    for (size_t k = 0; k < 2 * n; k++) {
         double unpacked[STEPS], packed[STEPS];
+        size_t i = k % n;
+        with_lora = k >= n; /* the layouts again with LoRA adapters on the frozen base */
         train_packing(&lays[i], false, unpacked);
         train_packing(&lays[i], true, packed);
         assert_true(unpacked[STEPS - 1] < unpacked[0]);
@@ -748,6 +761,7 @@ static void test_train_packing_matches_unpacked(void **state)
             }
         }
     }
+    with_lora = false;
 }
 
 int main(void)
