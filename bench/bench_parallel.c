@@ -44,14 +44,14 @@ static void run(const struct model_config *cfg, const struct layout_case *c, con
         bench_row("parallel", "error", "", err.msg);
         return;
     }
-    struct plan p = {.dp = c->dp,
-                     .pp = c->pp,
-                     .tp = c->tp,
-                     .num_micro_batches = c->nmb,
-                     .batch_per_device = BATCH / c->dp / c->nmb,
-                     .recomputation = c->rc,
-                     .distribute_param = c->zero2,
-                     .distribute_low_prec_param = c->zero3};
+    struct plan p = {.lay = {.dp = c->dp,
+                             .pp = c->pp,
+                             .tp = c->tp,
+                             .num_micro_batches = c->nmb,
+                             .batch_per_device = BATCH / c->dp / c->nmb,
+                             .recomputation = c->rc,
+                             .distribute_param = c->zero2,
+                             .distribute_low_prec_param = c->zero3}};
     struct cost_breakdown cost;
     struct mem_breakdown mem;
     cost_estimate(&cost, cfg, &r, &p);
@@ -61,14 +61,14 @@ static void run(const struct model_config *cfg, const struct layout_case *c, con
     struct train_job job = {
         .recipe = &r,
         .cfg = cfg,
-        .layout = {.dp = p.dp,
-                   .pp = p.pp,
-                   .tp = p.tp,
-                   .num_micro_batches = p.num_micro_batches,
-                   .batch_per_device = p.batch_per_device,
-                   .recomputation = p.recomputation,
-                   .distribute_param = p.distribute_param,
-                   .distribute_low_prec_param = p.distribute_low_prec_param},
+        .layout = {.dp = p.lay.dp,
+                   .pp = p.lay.pp,
+                   .tp = p.lay.tp,
+                   .num_micro_batches = p.lay.num_micro_batches,
+                   .batch_per_device = p.lay.batch_per_device,
+                   .recomputation = p.lay.recomputation,
+                   .distribute_param = p.lay.distribute_param,
+                   .distribute_low_prec_param = p.lay.distribute_low_prec_param},
         .train = {.n = NREC, .T = SEQ, .tokens = tokens, .labels = tokens, .lengths = lengths},
         .batch_rows = rows_fn,
         .batch_arg = &batch,
@@ -79,12 +79,12 @@ static void run(const struct model_config *cfg, const struct layout_case *c, con
         .peak_bytes = peaks,
     };
     struct train_result res;
-    snprintf(name, sizeof(name), "parallel: dp %d pp %d tp %d mb %dx%lld rc %s%s", p.dp, p.pp,
-             p.tp, p.num_micro_batches, (long long) p.batch_per_device,
-             recipe_recompute_name(p.recomputation),
-             p.distribute_low_prec_param ? " z3"
-             : p.distribute_param        ? " z2"
-                                         : "");
+    snprintf(name, sizeof(name), "parallel: dp %d pp %d tp %d mb %dx%lld rc %s%s", p.lay.dp,
+             p.lay.pp, p.lay.tp, p.lay.num_micro_batches, (long long) p.lay.batch_per_device,
+             recipe_recompute_name(p.lay.recomputation),
+             p.lay.distribute_low_prec_param ? " z3"
+             : p.lay.distribute_param        ? " z2"
+                                             : "");
     if (exec_train(&job, &res, &err) < 0) {
         bench_row(name, "error", "", err.msg);
         recipe_release(&r);
@@ -127,9 +127,9 @@ int main(void)
     optim_init_params(NULL, &p, &cfg, 1);
 
     static const struct layout_case cases[] = {
-        {4, 1, 1, 1, RECOMPUTE_NONE, false, false},     {4, 1, 1, 1, RECOMPUTE_NONE, true, true},
-        {2, 1, 2, 1, RECOMPUTE_NONE, false, false},     {1, 1, 4, 1, RECOMPUTE_NONE, false, false},
-        {2, 2, 1, 2, RECOMPUTE_NONE, false, false},     {1, 4, 1, 8, RECOMPUTE_NONE, false, false},
+        {4, 1, 1, 1, RECOMPUTE_NONE, false, false},      {4, 1, 1, 1, RECOMPUTE_NONE, true, true},
+        {2, 1, 2, 1, RECOMPUTE_NONE, false, false},      {1, 1, 4, 1, RECOMPUTE_NONE, false, false},
+        {2, 2, 1, 2, RECOMPUTE_NONE, false, false},      {1, 4, 1, 8, RECOMPUTE_NONE, false, false},
         {1, 2, 2, 4, RECOMPUTE_SELECTIVE, false, false}, {2, 2, 1, 4, RECOMPUTE_FULL, true, false},
     };
     double ratio_sum = 0;

@@ -267,7 +267,7 @@ static int calib_run_eval(struct calib_result *c, const json_t *run)
     const struct plan *p = &res.best;
     c->predicted_tps = p->tokens_per_second / c->devices;
     int64_t total = p->mem.total_bytes;
-    if (!strcmp(calib_str(run, "loss", "fused"), "unfused") && p->mem.stage == p->pp - 1)
+    if (!strcmp(calib_str(run, "loss", "fused"), "unfused") && p->mem.stage == p->lay.pp - 1)
         total += p->mem.logits_bytes * (CALIB_UNFUSED_LOSS_BYTES - 6) / 6;
     c->predicted_gib = (double) total / 1073741824.0;
     c->published_fits = rc == 0 && total <= r.flavor.device.memory_bytes;

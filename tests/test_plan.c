@@ -34,12 +34,12 @@ static void test_plan_memory_by_hand(void **state)
     struct recipe r;
     struct model_config cfg;
     load(&r, &cfg, "llama2-13b", 64, "4xlarge", "parallel: {advanced: false}\n");
-    struct plan p = {.dp = 32,
-                     .pp = 1,
-                     .tp = 1,
-                     .num_micro_batches = 1,
-                     .batch_per_device = 2,
-                     .recomputation = RECOMPUTE_NONE};
+    struct plan p = {.lay = {.dp = 32,
+                             .pp = 1,
+                             .tp = 1,
+                             .num_micro_batches = 1,
+                             .batch_per_device = 2,
+                             .recomputation = RECOMPUTE_NONE}};
     struct mem_breakdown m;
     mem_estimate(&m, &cfg, &r, &p);
     int64_t P = 13015864320LL;
@@ -88,7 +88,7 @@ static void test_plan_source_documents_13b(void **state)
     assert_int_equal(plan_search(&res, &cfg, &r, &err), 0);
     assert_true(res.best.mem.total_bytes <= 68702699520LL);
     assert_true(res.candidates >= 30);
-    assert_int_equal(res.best.dp * res.best.pp * res.best.tp, 32);
+    assert_int_equal(res.best.lay.dp * res.best.lay.pp * res.best.lay.tp, 32);
     recipe_release(&r);
 }
 
@@ -102,7 +102,7 @@ static void test_plan_llama3_70b_on_8xlarge(void **state)
     load(&r, &cfg, "llama3-70b", 512, "8xlarge", "");
     assert_int_equal(plan_search(&res, &cfg, &r, &err), 0);
     assert_true(res.best.mem.total_bytes <= r.flavor.device.memory_bytes);
-    assert_true(res.best.pp > 1 || res.best.tp > 1); /* 70B fits nowhere whole */
+    assert_true(res.best.lay.pp > 1 || res.best.lay.tp > 1); /* 70B fits nowhere whole */
     /* the source documents measured 4,062 tokens/s on the MoAI platform: the prediction of
      * what the hardware can do is at least that */
     assert_true(res.best.tokens_per_second >= 4062.0);
@@ -150,13 +150,13 @@ static void test_plan_pins(void **state)
     load(&r, &cfg, "llama3-8b", 256, "4xlarge",
          "parallel: {pp: 2, tp: 1, recomputation: full, num_micro_batches: 8}\n");
     assert_int_equal(plan_search(&res, &cfg, &r, &err), 0);
-    assert_int_equal(res.best.pp, 2);
-    assert_int_equal(res.best.tp, 1);
-    assert_int_equal(res.best.dp, 16);
-    assert_int_equal(res.best.num_micro_batches, 8);
-    assert_int_equal(res.best.recomputation, RECOMPUTE_FULL);
+    assert_int_equal(res.best.lay.pp, 2);
+    assert_int_equal(res.best.lay.tp, 1);
+    assert_int_equal(res.best.lay.dp, 16);
+    assert_int_equal(res.best.lay.num_micro_batches, 8);
+    assert_int_equal(res.best.lay.recomputation, RECOMPUTE_FULL);
     for (int i = 0; i < res.n_runners_up; i++)
-        assert_int_equal(res.runners_up[i].pp, 2);
+        assert_int_equal(res.runners_up[i].lay.pp, 2);
     recipe_release(&r);
 
     load(&r, &cfg, "llama3-8b", 256, "4xlarge", "parallel: {tp: 3}\n");
@@ -184,9 +184,9 @@ static void test_plan_tp_stays_in_a_node(void **state)
     struct moai_err err = {0};
     load(&r, &cfg, "llama3-70b", 64, "{device: h100-80gb, devices: 16, devices_per_node: 4}", "");
     assert_int_equal(plan_search(&res, &cfg, &r, &err), 0);
-    assert_true(res.best.tp <= 4);
+    assert_true(res.best.lay.tp <= 4);
     for (int i = 0; i < res.n_runners_up; i++)
-        assert_true(4 % res.runners_up[i].tp == 0);
+        assert_true(4 % res.runners_up[i].lay.tp == 0);
     recipe_release(&r);
 }
 
@@ -207,7 +207,7 @@ static void test_plan_small_cpu_needs_model_parallelism(void **state)
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, &err), 0);
     assert_int_equal(model_config_load(&cfg, "models/tiny-llama/config.json", NULL, &err), 0);
     assert_int_equal(plan_search(&res, &cfg, &r, &err), 0);
-    assert_true(res.best.pp > 1 || res.best.tp > 1);
+    assert_true(res.best.lay.pp > 1 || res.best.lay.tp > 1);
     assert_true(res.best.mem.total_bytes <= 64LL << 20);
     recipe_release(&r);
 }
@@ -229,12 +229,12 @@ static void test_plan_cpu_memory_by_hand(void **state)
     assert_int_equal(model_config_load(&cfg, "models/tiny-llama/config.json", NULL, &err), 0);
     for (int nmb = 1; nmb <= 2; nmb++) {
         int64_t B = 4 / nmb, P = model_param_count(&cfg);
-        struct plan p = {.dp = 2,
-                         .pp = 1,
-                         .tp = 1,
-                         .num_micro_batches = nmb,
-                         .batch_per_device = B,
-                         .recomputation = RECOMPUTE_NONE};
+        struct plan p = {.lay = {.dp = 2,
+                                 .pp = 1,
+                                 .tp = 1,
+                                 .num_micro_batches = nmb,
+                                 .batch_per_device = B,
+                                 .recomputation = RECOMPUTE_NONE}};
         struct mem_breakdown m;
         mem_estimate(&m, &cfg, &r, &p);
         assert_int_equal(m.weights_bytes, 4 * P);
@@ -279,24 +279,24 @@ static void test_plan_config_line_forms(void **state)
 {
     (void) state;
     char buf[256];
-    struct plan p = {.dp = 16,
-                     .pp = 2,
-                     .tp = 1,
-                     .num_micro_batches = 4,
-                     .batch_per_device = 1,
-                     .recomputation = RECOMPUTE_NONE,
-                     .distribute_param = true};
+    struct plan p = {.lay = {.dp = 16,
+                             .pp = 2,
+                             .tp = 1,
+                             .num_micro_batches = 4,
+                             .batch_per_device = 1,
+                             .recomputation = RECOMPUTE_NONE,
+                             .distribute_param = true}};
     assert_string_equal(plan_config_line(buf, sizeof(buf), &p),
                         "num_stages : 2, num_micro_batches : 4, batch_per_device : 1, No TP, "
                         "recomputation : 0, distribute_param : true, "
                         "distribute_low_prec_param : false");
-    p.pp = 1;
-    p.tp = 4;
-    p.recomputation = RECOMPUTE_FULL;
+    p.lay.pp = 1;
+    p.lay.tp = 4;
+    p.lay.recomputation = RECOMPUTE_FULL;
     assert_string_equal(plan_config_line(buf, sizeof(buf), &p),
                         "No PP, TP : 4, recomputation : full(2), distribute_param : true, "
                         "distribute_low_prec_param : false");
-    p.recomputation = RECOMPUTE_SELECTIVE;
+    p.lay.recomputation = RECOMPUTE_SELECTIVE;
     assert_non_null(strstr(plan_config_line(buf, sizeof(buf), &p), "recomputation : 1,"));
 }
 

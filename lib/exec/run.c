@@ -517,7 +517,7 @@ static void print_final(const struct recipe *r, const struct model_config *cfg,
     json_t *peaks = json_array(), *predicted = json_array();
     for (int i = 0; i < tr->ndev && tr->peak_bytes; i++) {
         struct mem_breakdown mb; /* each device's stage */
-        mem_stage(&mb, cfg, r, &pr->best, i / pr->best.tp % pr->best.pp);
+        mem_stage(&mb, cfg, r, &pr->best, i / pr->best.lay.tp % pr->best.lay.pp);
         json_array_append_new(peaks, json_integer(tr->peak_bytes[i]));
         json_array_append_new(predicted, json_integer(mb.total_bytes));
     }
@@ -547,7 +547,7 @@ static int check_process_memory(struct mem_process *pm, const struct model_confi
                                 const struct batches *b, bool resume, int64_t runtime_bytes,
                                 struct moai_err *err)
 {
-    int ndev = p->dp * p->pp * p->tp;
+    int ndev = p->lay.dp * p->lay.pp * p->lay.tp;
     struct mem_process_in in = {.first_device = world ? world->first_dev : 0,
                                 .devices = world ? world->nlocal : ndev,
                                 .examples = data->n,
@@ -583,7 +583,7 @@ static int check_process_memory(struct mem_process *pm, const struct model_confi
 static void log_device_peaks(const struct train_result *tr, const struct plan_result *pr,
                              const struct model_config *cfg, const struct recipe *r)
 {
-    int n = tr->peak_bytes ? tr->ndev : 0, pp = pr->best.pp, tp = pr->best.tp;
+    int n = tr->peak_bytes ? tr->ndev : 0, pp = pr->best.lay.pp, tp = pr->best.lay.tp;
     for (int i = 0; n <= 8 && i < n && tr->peak_bytes[i] > 0; i++) {
         struct mem_breakdown mb;
         int stage = i / tp % pp;
@@ -669,8 +669,8 @@ int exec_prepare_data(const struct recipe *r, struct tokenized *out, const char 
                              .chat_template = chats[r->dataset.chat_template],
                              .train_all = r->dataset.train_on == RECIPE_TRAIN_ON_ALL};
     return tokcache_prepare_format(out, r->dataset.path, r->tokenizer, r->dataset.template,
-                               r->dataset.response_start, &dr, r->training.block_size,
-                               r->dataset.limit, cache_dir, err);
+                                   r->dataset.response_start, &dr, r->training.block_size,
+                                   r->dataset.limit, cache_dir, err);
 }
 
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
@@ -737,16 +737,7 @@ int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err 
         goto out_world;
     if (writer && (rc = hold_save_dir(r, &lock, err)) < 0)
         goto out_world;
-    struct layout layout = {
-        .dp = pr.best.dp,
-        .pp = pr.best.pp,
-        .tp = pr.best.tp,
-        .num_micro_batches = pr.best.num_micro_batches,
-        .batch_per_device = pr.best.batch_per_device,
-        .recomputation = pr.best.recomputation,
-        .distribute_param = pr.best.distribute_param,
-        .distribute_low_prec_param = pr.best.distribute_low_prec_param,
-    };
+    const struct layout layout = pr.best.lay;
     if ((rc = data_validate(r, err)) < 0) /* a record that does not fit: before any work */
         goto out_world;
     if ((rc = exec_prepare_data(r, &data, r->dataset.cache_dir, err)) < 0)

@@ -38,7 +38,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* The parallel layout to run (the planner's choice: the first fields of its struct plan). */
+/* The parallel layout to run: the planner's choice (struct plan embeds it), the executor's input. */
 struct layout {
     int dp, pp, tp;
     int num_micro_batches;    /* per replica per step */

@@ -131,11 +131,11 @@ static void layer_seconds(struct layer_seconds *t, const struct model_config *cf
                           const struct recipe *r, const struct plan *p, int e)
 {
     const struct flavor *f = &r->flavor;
-    double s = (double) r->training.block_size, b = (double) p->batch_per_device, M = s * b;
+    double s = (double) r->training.block_size, b = (double) p->lay.batch_per_device, M = s * b;
     double D = (double) cfg->hidden_size, hd = (double) cfg->head_dim;
-    double Hd = (double) mem_heads_per_device(cfg, p->tp);
-    double KVd = (double) mem_kv_heads_per_device(cfg, p->tp);
-    double F = (double) cfg->intermediate_size / p->tp;
+    double Hd = (double) mem_heads_per_device(cfg, p->lay.tp);
+    double KVd = (double) mem_kv_heads_per_device(cfg, p->lay.tp);
+    double F = (double) cfg->intermediate_size / p->lay.tp;
     double attn_bwd;
 
     double gemms = cost_gemm_seconds(M, (Hd + 2 * KVd) * hd, D, 1, e, f) /* q, k, v */
@@ -143,8 +143,8 @@ static void layer_seconds(struct layer_seconds *t, const struct model_config *cf
                    + cost_gemm_seconds(M, 2 * F, D, 1, e, f)             /* gate, up */
                    + cost_gemm_seconds(M, D, F, 1, e, f);                /* down */
     attention_seconds(f, s, b, Hd, hd, e, &t->attn_fwd, &attn_bwd);
-    double act = (double) mem_layer_activation_bytes(cfg, (int64_t) s, (int64_t) b, p->tp,
-                                                     RECOMPUTE_NONE, e, mem_act_flags(f, p->tp));
+    double act = (double) mem_layer_activation_bytes(
+        cfg, (int64_t) s, (int64_t) b, p->lay.tp, RECOMPUTE_NONE, e, mem_act_flags(f, p->lay.tp));
     double elementwise =
         COST_ELEMENTWISE_PASSES / 2 * act / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
     t->fwd = gemms + t->attn_fwd + elementwise;
@@ -159,8 +159,8 @@ static double head_seconds(const struct model_config *cfg, const struct recipe *
                            const struct plan *p, int e)
 {
     const struct flavor *f = &r->flavor;
-    double M = (double) r->training.block_size * (double) p->batch_per_device;
-    double V = (double) mem_vocab_per_device(cfg, p->tp), D = (double) cfg->hidden_size;
+    double M = (double) r->training.block_size * (double) p->lay.batch_per_device;
+    double V = (double) mem_vocab_per_device(cfg, p->lay.tp), D = (double) cfg->hidden_size;
     double loss =
         COST_LOSS_BYTES_PER_LOGIT * M * V / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
     return 3.0 * cost_gemm_seconds(M, V, D, 1, e, f) + loss;
@@ -173,10 +173,10 @@ static double head_seconds(const struct model_config *cfg, const struct recipe *
  * when it crosses nodes. */
 static double dp_gbps(const struct flavor *f, const struct plan *p, bool *crosses)
 {
-    *crosses = p->dp * p->tp > f->devices_per_node;
+    *crosses = p->lay.dp * p->lay.tp > f->devices_per_node;
     if (!*crosses)
         return f->device.intra_node_gbps;
-    int g = f->devices_per_node / p->tp > 1 ? f->devices_per_node / p->tp : 1;
+    int g = f->devices_per_node / p->lay.tp > 1 ? f->devices_per_node / p->lay.tp : 1;
     return fmin(f->device.intra_node_gbps, g * f->device.inter_node_gbps);
 }
 
@@ -200,22 +200,22 @@ static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
                        double fwd_window, double bwd_window)
 {
     const struct flavor *f = &r->flavor;
-    int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
-    int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
+    int64_t n = mem_stage_params(cfg, p->lay.pp, p->lay.tp, 0);
+    int64_t n_last = mem_stage_params(cfg, p->lay.pp, p->lay.tp, p->lay.pp - 1);
     if (n_last > n)
         n = n_last;
-    double unit = (double) mem_stage_max_unit_params(cfg, p->pp, p->tp, 0) / (double) n;
+    double unit = (double) mem_stage_max_unit_params(cfg, p->lay.pp, p->lay.tp, 0) / (double) n;
     bool crosses;
     double gbps = dp_gbps(f, p, &crosses);
     double lat = crosses ? COST_INTER_LATENCY_SECONDS : COST_INTRA_LATENCY_SECONDS;
-    double ar_grads = cost_allreduce_seconds((double) n * d->grad, p->dp, gbps, lat);
-    double ag_weights = cost_allreduce_seconds((double) n * d->weight, p->dp, gbps, lat) / 2;
-    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
-    double mb = p->num_micro_batches;
+    double ar_grads = cost_allreduce_seconds((double) n * d->grad, p->lay.dp, gbps, lat);
+    double ag_weights = cost_allreduce_seconds((double) n * d->weight, p->lay.dp, gbps, lat) / 2;
+    bool zero2 = p->lay.distribute_param || p->lay.distribute_low_prec_param;
+    double mb = p->lay.num_micro_batches;
 
     if (is_cpu(f)) {
         double full = zero2 ? ar_grads / 2 * mb + ag_weights : ar_grads;
-        if (p->distribute_low_prec_param)
+        if (p->lay.distribute_low_prec_param)
             full += 2.0 * ag_weights * mb;
         c->dp_comm_seconds = full;
         c->dp_exposed_seconds =
@@ -231,7 +231,7 @@ static void dp_seconds(struct cost_breakdown *c, const struct model_config *cfg,
     c->dp_comm_seconds = rs * mb + ag_weights;
     c->dp_exposed_seconds =
         mb * exposed(rs * (1.0 - unit), bwd_window) + rs * unit + exposed(ag_weights, fwd_window);
-    if (p->distribute_low_prec_param) {
+    if (p->lay.distribute_low_prec_param) {
         c->dp_comm_seconds += 2.0 * ag_weights * mb;
         c->dp_exposed_seconds += mb * (exposed(ag_weights, fwd_window) +
                                        exposed(ag_weights, fmax(bwd_window - rs, 0.0))) +
@@ -253,61 +253,61 @@ void cost_estimate(struct cost_breakdown *c, const struct model_config *cfg, con
 
     /* The slowest stage: the most layers, plus the embedding or lm_head at the ends. */
     int64_t first, most = 0;
-    for (int st = 0; st < p->pp; st++) {
+    for (int st = 0; st < p->lay.pp; st++) {
         int64_t count;
-        shard_stage_layers(cfg->num_hidden_layers, p->pp, st, &first, &count);
+        shard_stage_layers(cfg->num_hidden_layers, p->lay.pp, st, &first, &count);
         if (count > most)
             most = count;
     }
-    double recompute = p->recomputation == RECOMPUTE_FULL        ? layer.fwd
-                       : p->recomputation == RECOMPUTE_SELECTIVE ? layer.selective
-                                                                 : 0.0;
+    double recompute = p->lay.recomputation == RECOMPUTE_FULL        ? layer.fwd
+                       : p->lay.recomputation == RECOMPUTE_SELECTIVE ? layer.selective
+                                                                     : 0.0;
     double per_layer = layer.fwd + layer.bwd + recompute;
     double head = head_seconds(cfg, r, p, e);
-    double tick_compute = (double) most * per_layer + (p->pp == 1 ? head : 0.0);
+    double tick_compute = (double) most * per_layer + (p->lay.pp == 1 ? head : 0.0);
     double shared = cpu_shared(f);
-    if (p->pp > 1 && shared > 0) /* a waiting stage lends its core: the average stage */
-        tick_compute = (double) cfg->num_hidden_layers / p->pp * per_layer + head / p->pp;
-    else if (p->pp > 1 && head > 0) /* the last stage's lm_head makes it the slowest, roughly */
+    if (p->lay.pp > 1 && shared > 0) /* a waiting stage lends its core: the average stage */
+        tick_compute = (double) cfg->num_hidden_layers / p->lay.pp * per_layer + head / p->lay.pp;
+    else if (p->lay.pp > 1 && head > 0) /* the last stage's lm_head makes it the slowest, roughly */
         tick_compute += head / 2;
 
     /* Tensor parallel: 2 all-reduces of the layer output in the forward, 2 in the backward
      * (sequence-parallel: a reduce-scatter and an all-gather each, the same traffic). */
-    double s = (double) r->training.block_size, b = (double) p->batch_per_device, M = s * b;
+    double s = (double) r->training.block_size, b = (double) p->lay.batch_per_device, M = s * b;
     double act_bytes = M * (double) cfg->hidden_size * e;
     double tp_tick = 4.0 * (double) most *
-                     cost_allreduce_seconds(act_bytes, p->tp, f->device.intra_node_gbps,
+                     cost_allreduce_seconds(act_bytes, p->lay.tp, f->device.intra_node_gbps,
                                             COST_INTRA_LATENCY_SECONDS);
-    if (shared > 0 && p->tp > 1) /* and the embedding's, the loss's (3) and lm_head's */
+    if (shared > 0 && p->lay.tp > 1) /* and the embedding's, the loss's (3) and lm_head's */
         tp_tick += (4.0 * (double) most + 4.0) * COST_CPU_SYNC_SECONDS;
     /* Stage to stage: one activation forward, its gradient backward, per micro-batch. */
-    bool stages_cross_nodes = p->dp * p->tp >= f->devices_per_node;
+    bool stages_cross_nodes = p->lay.dp * p->lay.tp >= f->devices_per_node;
     double p2p_gbps = stages_cross_nodes ? f->device.inter_node_gbps : f->device.intra_node_gbps;
-    double p2p_tick = p->pp > 1 ? 2.0 * act_bytes / (p2p_gbps * 1e9) : 0.0;
+    double p2p_tick = p->lay.pp > 1 ? 2.0 * act_bytes / (p2p_gbps * 1e9) : 0.0;
 
     double tick = tick_compute + tp_tick + p2p_tick;
-    c->compute_seconds = tick_compute * p->num_micro_batches;
-    c->tp_comm_seconds = tp_tick * p->num_micro_batches;
-    c->p2p_seconds = p2p_tick * p->num_micro_batches;
+    c->compute_seconds = tick_compute * p->lay.num_micro_batches;
+    c->tp_comm_seconds = tp_tick * p->lay.num_micro_batches;
+    c->p2p_seconds = p2p_tick * p->lay.num_micro_batches;
     /* the bubble; on shared cores the idle stages' cores go to the busy ones */
-    c->bubble_seconds = tick * (p->pp - 1) * (shared > 0 ? shared : 1.0);
+    c->bubble_seconds = tick * (p->lay.pp - 1) * (shared > 0 ? shared : 1.0);
 
     dp_seconds(c, cfg, r, p, &d, (double) most * layer.fwd,
                (double) most * (layer.bwd + recompute));
 
     /* Adam: read and write master, moments, gradient of the device's share. */
-    int64_t n = mem_stage_params(cfg, p->pp, p->tp, 0);
-    int64_t n_last = mem_stage_params(cfg, p->pp, p->tp, p->pp - 1);
+    int64_t n = mem_stage_params(cfg, p->lay.pp, p->lay.tp, 0);
+    int64_t n_last = mem_stage_params(cfg, p->lay.pp, p->lay.tp, p->lay.pp - 1);
     if (n_last > n)
         n = n_last;
-    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
-    double share = zero2 ? (double) n / p->dp : (double) n;
+    bool zero2 = p->lay.distribute_param || p->lay.distribute_low_prec_param;
+    double share = zero2 ? (double) n / p->lay.dp : (double) n;
     c->optimizer_seconds = share * (2.0 * (d.master + d.moments) + d.grad + d.weight) /
                            (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
 
     c->step_seconds = c->compute_seconds + c->tp_comm_seconds + c->p2p_seconds + c->bubble_seconds +
                       c->dp_exposed_seconds + c->optimizer_seconds;
     c->model_flops = cost_model_flops(cfg, r);
-    double recompute_flops = p->recomputation == RECOMPUTE_FULL ? c->model_flops / 3.0 : 0.0;
+    double recompute_flops = p->lay.recomputation == RECOMPUTE_FULL ? c->model_flops / 3.0 : 0.0;
     c->step_flops = c->model_flops + recompute_flops;
 }

@@ -206,21 +206,15 @@ int64_t mem_reserve_bytes(const struct flavor *f)
 static void mem_cpu_exec(struct mem_breakdown *m, const struct model_config *cfg,
                          const struct recipe *r, const struct plan *p, int stage)
 {
-    struct layout lay = {.dp = p->dp,
-                         .pp = p->pp,
-                         .tp = p->tp,
-                         .num_micro_batches = p->num_micro_batches,
-                         .batch_per_device = p->batch_per_device,
-                         .recomputation = p->recomputation,
-                         .distribute_param = p->distribute_param,
-                         .distribute_low_prec_param = p->distribute_low_prec_param};
+    const struct layout *lay = &p->lay;
     struct shard s;
     struct shard_bytes b;
 
     memset(m, 0, sizeof(*m));
     m->stage = stage;
-    if (shard_init(&s, cfg, &lay, r->training.block_size, shard_cpu_threads(p->dp * p->pp * p->tp),
-                   shard_device(&lay, 0, stage, 0), NULL) < 0) {
+    if (shard_init(&s, cfg, lay, r->training.block_size,
+                   shard_cpu_threads(p->lay.dp * p->lay.pp * p->lay.tp),
+                   shard_device(lay, 0, stage, 0), NULL) < 0) {
         m->total_bytes = INT64_MAX; /* out of host memory for a table: cannot plan it */
         return;
     }
@@ -245,18 +239,18 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
     }
     struct mem_dtypes d;
     int64_t first, count;
-    int64_t s = r->training.block_size, b = p->batch_per_device;
+    int64_t s = r->training.block_size, b = p->lay.batch_per_device;
 
     mem_dtypes(&d, r);
-    shard_stage_layers(cfg->num_hidden_layers, p->pp, stage, &first, &count);
+    shard_stage_layers(cfg->num_hidden_layers, p->lay.pp, stage, &first, &count);
     memset(m, 0, sizeof(*m));
     m->stage = stage;
 
-    int64_t n = mem_stage_params(cfg, p->pp, p->tp, stage);
-    int64_t unit = mem_stage_max_unit_params(cfg, p->pp, p->tp, stage);
-    int dp = p->dp;
-    bool zero2 = p->distribute_param || p->distribute_low_prec_param;
-    bool zero3 = p->distribute_low_prec_param;
+    int64_t n = mem_stage_params(cfg, p->lay.pp, p->lay.tp, stage);
+    int64_t unit = mem_stage_max_unit_params(cfg, p->lay.pp, p->lay.tp, stage);
+    int dp = p->lay.dp;
+    bool zero2 = p->lay.distribute_param || p->lay.distribute_low_prec_param;
+    bool zero3 = p->lay.distribute_low_prec_param;
     m->params = n;
 
     /* Working weights; under ZeRO-3 a 1/dp shard plus the unit computing and the unit being
@@ -281,24 +275,24 @@ void mem_stage(struct mem_breakdown *m, const struct model_config *cfg, const st
 
     /* Activations of the micro-batches in flight: 1F1B keeps pp - stage of them on stage
      * `stage` (all of the warm-up forwards), never more than there are. */
-    int64_t in_flight = shard_in_flight(p->pp, stage, p->num_micro_batches);
-    unsigned flags = mem_act_flags(&r->flavor, p->tp);
+    int64_t in_flight = shard_in_flight(p->lay.pp, stage, p->lay.num_micro_batches);
+    unsigned flags = mem_act_flags(&r->flavor, p->lay.tp);
     int64_t per_layer =
-        mem_layer_activation_bytes(cfg, s, b, p->tp, p->recomputation, d.act, flags);
+        mem_layer_activation_bytes(cfg, s, b, p->lay.tp, p->lay.recomputation, d.act, flags);
     m->activations_bytes = in_flight * count * per_layer;
-    if (count > 0 && p->recomputation == RECOMPUTE_FULL)
+    if (count > 0 && p->lay.recomputation == RECOMPUTE_FULL)
         m->activations_bytes +=
-            mem_layer_activation_bytes(cfg, s, b, p->tp, RECOMPUTE_NONE, d.act, flags);
-    else if (count > 0 && p->recomputation == RECOMPUTE_SELECTIVE && !(flags & MEM_ACT_FUSED))
-        m->activations_bytes += (int64_t) d.act * b * mem_heads_per_device(cfg, p->tp) * s * s;
-    if (stage == p->pp - 1) {
+            mem_layer_activation_bytes(cfg, s, b, p->lay.tp, RECOMPUTE_NONE, d.act, flags);
+    else if (count > 0 && p->lay.recomputation == RECOMPUTE_SELECTIVE && !(flags & MEM_ACT_FUSED))
+        m->activations_bytes += (int64_t) d.act * b * mem_heads_per_device(cfg, p->lay.tp) * s * s;
+    if (stage == p->lay.pp - 1) {
         /* The final norm's input, output and rstd; then the logits of one micro-batch (the
          * last stage runs each micro-batch's backward right after its forward). */
         m->activations_bytes += 2 * d.act * s * b * cfg->hidden_size + 4 * s * b;
-        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->tp, d.act, flags);
+        m->logits_bytes = mem_logits_bytes(cfg, s, b, p->lay.tp, d.act, flags);
     }
     /* Stage-to-stage buffers: the activation received and the gradient sent back. */
-    if (p->pp > 1)
+    if (p->lay.pp > 1)
         m->communication_bytes = 2 * d.act * s * b * cfg->hidden_size;
     m->reserve_bytes = mem_reserve_bytes(&r->flavor);
     m->total_bytes = m->weights_bytes + m->gradients_bytes + m->optimizer_bytes +
@@ -311,10 +305,10 @@ void mem_estimate(struct mem_breakdown *m, const struct model_config *cfg, const
 {
     struct mem_breakdown cur;
     mem_stage(m, cfg, r, p, 0);
-    for (int st = 1; st < p->pp; st++) {
+    for (int st = 1; st < p->lay.pp; st++) {
         /* Stages 1 .. pp-2 differ only by one layer and fewer micro-batches in flight: the
          * heaviest middle stage is the first holding an extra layer, stage 1. */
-        if (st > 1 && st < p->pp - 1 && !is_cpu(&r->flavor))
+        if (st > 1 && st < p->lay.pp - 1 && !is_cpu(&r->flavor))
             continue;
         mem_stage(&cur, cfg, r, p, st);
         if (cur.total_bytes > m->total_bytes)
@@ -350,13 +344,13 @@ int mem_process(struct mem_process *pm, const struct model_config *cfg, const st
                 const struct plan *p, const struct mem_process_in *in)
 {
     int64_t P = model_param_count(cfg), T = r->training.block_size;
-    int ndev = p->dp * p->pp * p->tp;
+    int ndev = p->lay.dp * p->lay.pp * p->lay.tp;
 
     memset(pm, 0, sizeof(*pm));
     pm->runtime_bytes = in->runtime_bytes;
     for (int d = in->first_device; d < in->first_device + in->devices; d++) {
         struct mem_breakdown m;
-        mem_stage(&m, cfg, r, p, d / p->tp % p->pp);
+        mem_stage(&m, cfg, r, p, d / p->lay.tp % p->lay.pp);
         if (m.total_bytes == INT64_MAX) /* its table could not be allocated */
             return MOAI_ENOMEM;
         pm->devices_bytes += m.total_bytes;

@@ -22,7 +22,7 @@ void plan_evaluate(struct plan *p, const struct model_config *cfg, const struct 
     p->predicted_step_seconds = p->cost.step_seconds;
     double tokens = (double) r->training.batch_size * (double) r->training.block_size;
     p->tokens_per_second = p->predicted_step_seconds > 0 ? tokens / p->predicted_step_seconds : 0;
-    int devices = p->dp * p->pp * p->tp;
+    int devices = p->lay.dp * p->lay.pp * p->lay.tp;
     p->tflops_per_device = p->predicted_step_seconds > 0
                                ? p->cost.model_flops / p->predicted_step_seconds / devices / 1e12
                                : 0;
@@ -49,64 +49,64 @@ int plan_check(const struct plan *p, const struct model_config *cfg, const struc
     const struct flavor *f = &r->flavor;
     int64_t batch = r->training.batch_size;
 
-    if (p->dp * p->pp * p->tp != f->devices)
+    if (p->lay.dp * p->lay.pp * p->lay.tp != f->devices)
         return moai_err_set(err, MOAI_EUSAGE,
                             "dp %d x pp %d x tp %d is not the %d devices of "
                             "the flavor",
-                            p->dp, p->pp, p->tp, f->devices);
-    if (f->devices_per_node % p->tp != 0)
+                            p->lay.dp, p->lay.pp, p->lay.tp, f->devices);
+    if (f->devices_per_node % p->lay.tp != 0)
         return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the %d devices of a node",
-                            p->tp, f->devices_per_node);
-    if (cfg->num_attention_heads % p->tp != 0)
+                            p->lay.tp, f->devices_per_node);
+    if (cfg->num_attention_heads % p->lay.tp != 0)
         return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the %lld attention heads",
-                            p->tp, (long long) cfg->num_attention_heads);
-    if (cfg->intermediate_size % p->tp != 0)
-        return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the MLP width %lld", p->tp,
+                            p->lay.tp, (long long) cfg->num_attention_heads);
+    if (cfg->intermediate_size % p->lay.tp != 0)
+        return moai_err_set(err, MOAI_EUSAGE, "tp %d does not divide the MLP width %lld", p->lay.tp,
                             (long long) cfg->intermediate_size);
-    if (!tp_fits_vocab(cfg, p->tp))
+    if (!tp_fits_vocab(cfg, p->lay.tp))
         return moai_err_set(err, MOAI_EUSAGE,
-                            "tp %d leaves a shard of the %lld-token vocabulary empty", p->tp,
+                            "tp %d leaves a shard of the %lld-token vocabulary empty", p->lay.tp,
                             (long long) cfg->vocab_size);
-    if (!tp_fits_model(cfg, p->tp))
+    if (!tp_fits_model(cfg, p->lay.tp))
         return moai_err_set(err, MOAI_EUSAGE,
                             "tp %d neither divides nor is a multiple of the "
                             "%lld kv heads",
-                            p->tp, (long long) cfg->num_key_value_heads);
-    if (p->pp > cfg->num_hidden_layers)
-        return moai_err_set(err, MOAI_EUSAGE, "pp %d exceeds the %lld layers", p->pp,
+                            p->lay.tp, (long long) cfg->num_key_value_heads);
+    if (p->lay.pp > cfg->num_hidden_layers)
+        return moai_err_set(err, MOAI_EUSAGE, "pp %d exceeds the %lld layers", p->lay.pp,
                             (long long) cfg->num_hidden_layers);
-    if (batch % p->dp != 0)
-        return moai_err_set(err, MOAI_EUSAGE, "dp %d does not divide the batch size %lld", p->dp,
-                            (long long) batch);
-    if ((int64_t) p->num_micro_batches * p->batch_per_device * p->dp != batch)
+    if (batch % p->lay.dp != 0)
+        return moai_err_set(err, MOAI_EUSAGE, "dp %d does not divide the batch size %lld",
+                            p->lay.dp, (long long) batch);
+    if ((int64_t) p->lay.num_micro_batches * p->lay.batch_per_device * p->lay.dp != batch)
         return moai_err_set(err, MOAI_EUSAGE,
                             "dp %d x %d micro-batches x %lld sequences is not "
                             "the batch size %lld",
-                            p->dp, p->num_micro_batches, (long long) p->batch_per_device,
-                            (long long) batch);
+                            p->lay.dp, p->lay.num_micro_batches,
+                            (long long) p->lay.batch_per_device, (long long) batch);
     return 0;
 }
 
 char *plan_config_line(char *buf, size_t size, const struct plan *p)
 {
     char pp[128], tp[32], rc[16];
-    if (p->pp == 1)
+    if (p->lay.pp == 1)
         snprintf(pp, sizeof(pp), "No PP");
     else
         snprintf(pp, sizeof(pp), "num_stages : %d, num_micro_batches : %d, batch_per_device : %lld",
-                 p->pp, p->num_micro_batches, (long long) p->batch_per_device);
-    if (p->tp == 1)
+                 p->lay.pp, p->lay.num_micro_batches, (long long) p->lay.batch_per_device);
+    if (p->lay.tp == 1)
         snprintf(tp, sizeof(tp), "No TP");
     else
-        snprintf(tp, sizeof(tp), "TP : %d", p->tp);
-    if (p->recomputation == RECOMPUTE_FULL)
+        snprintf(tp, sizeof(tp), "TP : %d", p->lay.tp);
+    if (p->lay.recomputation == RECOMPUTE_FULL)
         snprintf(rc, sizeof(rc), "full(2)");
     else
-        snprintf(rc, sizeof(rc), "%d", p->recomputation == RECOMPUTE_SELECTIVE ? 1 : 0);
+        snprintf(rc, sizeof(rc), "%d", p->lay.recomputation == RECOMPUTE_SELECTIVE ? 1 : 0);
     snprintf(buf, size,
              "%s, %s, recomputation : %s, distribute_param : %s, distribute_low_prec_param : %s",
-             pp, tp, rc, p->distribute_param ? "true" : "false",
-             p->distribute_low_prec_param ? "true" : "false");
+             pp, tp, rc, p->lay.distribute_param ? "true" : "false",
+             p->lay.distribute_low_prec_param ? "true" : "false");
     return buf;
 }
 
@@ -115,7 +115,7 @@ char *plan_summary_line(char *buf, size_t size, const struct plan *p, int64_t ca
     snprintf(buf, size,
              "data parallel : %d, micro-batches : %d x %lld, memory per device : %.2f of %.2f "
              "GiB (%.0f%%), predicted step : %.3f s, %.2f tokens/s",
-             p->dp, p->num_micro_batches, (long long) p->batch_per_device,
+             p->lay.dp, p->lay.num_micro_batches, (long long) p->lay.batch_per_device,
              (double) p->mem.total_bytes / 1073741824.0, (double) capacity_bytes / 1073741824.0,
              100.0 * (double) p->mem.total_bytes / (double) capacity_bytes,
              p->predicted_step_seconds, p->tokens_per_second);
@@ -124,12 +124,12 @@ char *plan_summary_line(char *buf, size_t size, const struct plan *p, int64_t ca
 
 char *plan_brief(char *buf, size_t size, const struct plan *p)
 {
-    const char *zero = p->distribute_low_prec_param ? "zero-3"
-                       : p->distribute_param        ? "zero-2"
-                                                    : "zero-0";
-    snprintf(buf, size, "dp %d pp %d tp %d mb %dx%lld rc %s %s", p->dp, p->pp, p->tp,
-             p->num_micro_batches, (long long) p->batch_per_device,
-             plan_recompute_name(p->recomputation), zero);
+    const char *zero = p->lay.distribute_low_prec_param ? "zero-3"
+                       : p->lay.distribute_param        ? "zero-2"
+                                                        : "zero-0";
+    snprintf(buf, size, "dp %d pp %d tp %d mb %dx%lld rc %s %s", p->lay.dp, p->lay.pp, p->lay.tp,
+             p->lay.num_micro_batches, (long long) p->lay.batch_per_device,
+             plan_recompute_name(p->lay.recomputation), zero);
     return buf;
 }
 
@@ -140,9 +140,9 @@ static int better(const struct plan *a, const struct plan *b)
         return a->predicted_step_seconds < b->predicted_step_seconds;
     if (a->mem.total_bytes != b->mem.total_bytes)
         return a->mem.total_bytes < b->mem.total_bytes;
-    if (a->pp != b->pp)
-        return a->pp < b->pp;
-    return a->tp < b->tp;
+    if (a->lay.pp != b->lay.pp)
+        return a->lay.pp < b->lay.pp;
+    return a->lay.tp < b->lay.tp;
 }
 
 static int cmp_plans(const void *a, const void *b)
@@ -217,14 +217,14 @@ static int enumerate(struct search *s)
                         if (dp == 1 && zero > 0 && r->parallel.distribute_param == RECIPE_AUTO &&
                             r->parallel.distribute_low_prec_param == RECIPE_AUTO)
                             continue;
-                        struct plan p = {.dp = dp,
-                                         .pp = pp,
-                                         .tp = tp,
-                                         .num_micro_batches = (int) nmb,
-                                         .batch_per_device = per / nmb,
-                                         .recomputation = (enum recompute) rc,
-                                         .distribute_param = z2,
-                                         .distribute_low_prec_param = z3};
+                        struct plan p = {.lay = {.dp = dp,
+                                                 .pp = pp,
+                                                 .tp = tp,
+                                                 .num_micro_batches = (int) nmb,
+                                                 .batch_per_device = per / nmb,
+                                                 .recomputation = (enum recompute) rc,
+                                                 .distribute_param = z2,
+                                                 .distribute_low_prec_param = z3}};
                         if (add(s, &p) < 0)
                             return MOAI_ENOMEM;
                     }
@@ -336,12 +336,12 @@ static int plan_plain(struct plan_result *res, const struct model_config *cfg,
                             "devices of flavor '%s' (without advanced parallelization the batch "
                             "is split evenly)",
                             (long long) batch, f->devices, flavor_display_name(f));
-    struct plan p = {.dp = f->devices,
-                     .pp = 1,
-                     .tp = 1,
-                     .num_micro_batches = 1,
-                     .batch_per_device = batch / f->devices,
-                     .recomputation = RECOMPUTE_NONE};
+    struct plan p = {.lay = {.dp = f->devices,
+                             .pp = 1,
+                             .tp = 1,
+                             .num_micro_batches = 1,
+                             .batch_per_device = batch / f->devices,
+                             .recomputation = RECOMPUTE_NONE}};
     plan_evaluate(&p, cfg, r);
     res->best = p;
     res->candidates = 1;

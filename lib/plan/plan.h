@@ -38,6 +38,7 @@
 #define MOAI_PLAN_PLAN_H
 
 #include "err.h"
+#include "layout/shard.h"
 #include "model/config.h"
 #include "plan/cost.h"
 #include "plan/mem.h"
@@ -49,13 +50,8 @@
 #define PLAN_RUNNERS_UP 5
 
 struct plan {
-    int dp, pp, tp;                 /* dp x pp x tp == devices */
-    int num_micro_batches;          /* per replica per step */
-    int64_t batch_per_device;       /* sequences per micro-batch */
-    enum recompute recomputation;   /* RECOMPUTE_NONE, _SELECTIVE or _FULL */
-    bool distribute_param;          /* master, gradients, optimizer over dp (ZeRO-2) */
-    bool distribute_low_prec_param; /* working weights too (ZeRO-3); implies the above */
-    struct mem_breakdown mem;       /* the most loaded device */
+    struct layout lay;        /* what each device runs: dp x pp x tp == devices, micro-batches */
+    struct mem_breakdown mem; /* the most loaded device */
     struct cost_breakdown cost;
     double predicted_step_seconds;
     double tokens_per_second; /* batch_size x block_size / step */

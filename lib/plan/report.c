@@ -29,7 +29,7 @@ static void breakdown_lines(FILE *out, const struct mem_breakdown *m, int64_t ca
 static bool cpu_process(struct mem_process *pm, const struct model_config *cfg,
                         const struct recipe *r, const struct plan *p)
 {
-    struct mem_process_in in = {.devices = p->dp * p->pp * p->tp,
+    struct mem_process_in in = {.devices = p->lay.dp * p->lay.pp * p->lay.tp,
                                 .runtime_bytes = mem_process_runtime_bytes()};
     return mem_process(pm, cfg, r, p, &in) == 0;
 }
@@ -61,9 +61,10 @@ void plan_report_text(FILE *out, const struct plan_result *res, const struct mod
     fprintf(out,
             "layout      dp %d x pp %d x tp %d; %d micro-batches of %lld; recomputation "
             "%s; distribute_param %s; distribute_low_prec_param %s\n",
-            p->dp, p->pp, p->tp, p->num_micro_batches, (long long) p->batch_per_device,
-            plan_recompute_name(p->recomputation), p->distribute_param ? "true" : "false",
-            p->distribute_low_prec_param ? "true" : "false");
+            p->lay.dp, p->lay.pp, p->lay.tp, p->lay.num_micro_batches,
+            (long long) p->lay.batch_per_device, plan_recompute_name(p->lay.recomputation),
+            p->lay.distribute_param ? "true" : "false",
+            p->lay.distribute_low_prec_param ? "true" : "false");
     fprintf(out, "            %s\n", plan_config_line(line, sizeof(line), p));
     fprintf(out, "memory      per device (stage %d, the most loaded):\n", p->mem.stage);
     breakdown_lines(out, &p->mem, f->device.memory_bytes);
@@ -103,15 +104,15 @@ json_t *plan_to_json(const struct plan *p, const struct model_config *cfg, const
     return json_pack(
         "{s:i, s:i, s:i, s:i, s:I, s:s, s:b, s:b, s:I, s:{s:I, s:I, s:I, s:I, s:I, "
         "s:I, s:I}, s:{s:I, s:I}, s:f, s:f, s:f}",
-        "dp", p->dp, "pp", p->pp, "tp", p->tp, "num_micro_batches", p->num_micro_batches,
-        "batch_per_device", (json_int_t) p->batch_per_device, "recomputation",
-        plan_recompute_name(p->recomputation), "distribute_param", p->distribute_param,
-        "distribute_low_prec_param", p->distribute_low_prec_param, "memory_per_device_bytes",
-        (json_int_t) m->total_bytes, "memory_breakdown", "weights", (json_int_t) m->weights_bytes,
-        "gradients", (json_int_t) m->gradients_bytes, "optimizer", (json_int_t) m->optimizer_bytes,
-        "activations", (json_int_t) m->activations_bytes, "logits", (json_int_t) m->logits_bytes,
-        "communication", (json_int_t) m->communication_bytes, "reserve",
-        (json_int_t) m->reserve_bytes, "memory_detail", "master_weights",
+        "dp", p->lay.dp, "pp", p->lay.pp, "tp", p->lay.tp, "num_micro_batches",
+        p->lay.num_micro_batches, "batch_per_device", (json_int_t) p->lay.batch_per_device,
+        "recomputation", plan_recompute_name(p->lay.recomputation), "distribute_param",
+        p->lay.distribute_param, "distribute_low_prec_param", p->lay.distribute_low_prec_param,
+        "memory_per_device_bytes", (json_int_t) m->total_bytes, "memory_breakdown", "weights",
+        (json_int_t) m->weights_bytes, "gradients", (json_int_t) m->gradients_bytes, "optimizer",
+        (json_int_t) m->optimizer_bytes, "activations", (json_int_t) m->activations_bytes, "logits",
+        (json_int_t) m->logits_bytes, "communication", (json_int_t) m->communication_bytes,
+        "reserve", (json_int_t) m->reserve_bytes, "memory_detail", "master_weights",
         (json_int_t) m->master_bytes, "gathered_in_flight", (json_int_t) m->gathered_bytes,
         "predicted_step_s", p->predicted_step_seconds, "predicted_tokens_per_s",
         p->tokens_per_second, "predicted_tflops_per_device", p->tflops_per_device);
@@ -269,12 +270,12 @@ int plan_oom_message(struct moai_err *err, const struct plan_result *res,
     }
     msg_append(
         err, "\n %d. Use a flavor with more devices or more memory per device (flavor: ...).", ++n);
-    if (p->recomputation != RECOMPUTE_FULL && !res->advanced)
+    if (p->lay.recomputation != RECOMPUTE_FULL && !res->advanced)
         msg_append(err,
                    "\n %d. Recompute activations in the backward pass (parallel.recomputation: "
                    "full): they and the logits take %.2f GiB.",
                    ++n, gib(acts));
-    if (p->batch_per_device > 1)
+    if (p->lay.batch_per_device > 1)
         msg_append(err,
                    "\n %d. Decrease the batch size (training.batch_size) or the block size "
                    "(training.block_size): activations and logits take %.2f GiB, the rest "
