@@ -15,13 +15,15 @@
 #endif
 
 /* The register tile: MR rows of op(A) by NR columns of op(B) (two vectors of 16 fp32), 24
- * accumulators of the 32 zmm registers. The panels: KC values of K (even: whole pairs), MC
- * rows of op(A) (48 KiB of bf16, in L2), NC columns of op(B) (256 KiB). */
+ * accumulators of the 32 zmm registers. The panels: at most KC values of K, K cut into equal
+ * even parts (K = 288 is one panel, not 256 + 32); MC rows of op(A) (60 KiB of bf16, in L2);
+ * NC columns of op(B) (240 KiB), whose NR-wide strip (20 KiB) stays in L1 while the A strips
+ * stream past it. */
 #define MR 12
 #define NR 32
-#define KC 256
+#define KC 320
 #define MC 96
-#define NC 512
+#define NC 384
 
 static pthread_once_t avail_once = PTHREAD_ONCE_INIT;
 static bool cpu_has;
@@ -184,10 +186,11 @@ BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int6
 {
     uint32_t pa[MC * KC / 2] __attribute__((aligned(64)));
     uint32_t pb[NC * KC / 2] __attribute__((aligned(64)));
+    int64_t parts = (K + KC - 1) / KC, kpart = ((K + parts - 1) / parts + 1) / 2 * 2;
     for (int64_t jc = 0; jc < N; jc += NC) {
         int64_t nc = min64(NC, N - jc);
-        for (int64_t pc = 0; pc < K; pc += KC) {
-            int64_t kc = min64(KC, K - pc), kp = (kc + 1) / 2;
+        for (int64_t pc = 0; pc < K; pc += kpart) {
+            int64_t kc = min64(kpart, K - pc), kp = (kc + 1) / 2;
             /* op(B)(k, j) is B[j ldb + k] with tb, else B[k ldb + j] */
             for (int64_t jr = 0; jr < nc; jr += NR) {
                 int wv = (int) min64(NR, nc - jr);
