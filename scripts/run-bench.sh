@@ -18,6 +18,15 @@ for b in "$@"; do
     "$b"
 done
 
+# PyTorch's own step on the same shapes, fp32 and bf16 autocast, with Debian's python3-torch
+# (its /usr/bin/python3); the rows are skipped without it.
+if /usr/bin/python3 -c "import torch" >/dev/null 2>&1; then
+    /usr/bin/python3 bench/torch_llama.py || echo "pytorch: no result"
+else
+    printf '%-44s %14s %14s %s\n' "pytorch fp32 and bf16 autocast" "skipped" "-" \
+        "python3-torch is not installed"
+fi
+
 # The default recipe end to end (tokens cached after the first run), 12 steps.
 out=$(mktemp -d)
 build/moai-finetune -q --json --set training.max_steps=12 --set "training.save_dir=$out/ckpt" \
