@@ -127,12 +127,12 @@ static void run_case(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
 }
 
 /* Shapes around the kernel's sizes: the 12 x 32 tile, 16-wide vectors, 32-value runs and the
- * panels (96 rows, 384 columns, K in parts of at most 320); one row, one column, K of 1, odd
- * K, K over two and three panels (odd parts too). */
+ * panels (96 rows, 768 columns, K in parts of at most 320); one row, one column, K of 1, odd
+ * K, K over two and three panels (odd parts too), N over two and three panels. */
 static const int64_t shapes[][3] = {
-    {1, 1, 1},     {1, 37, 5},      {13, 1, 33},  {12, 32, 2},   {11, 31, 31},
-    {25, 17, 3},   {1, 300, 64},    {40, 1, 257}, {97, 33, 320}, {12, 513, 17},
-    {26, 65, 515}, {100, 390, 300}, {9, 45, 641}, {3, 385, 700},
+    {1, 1, 1},    {1, 37, 5},    {13, 1, 33},   {12, 32, 2},   {11, 31, 31},  {25, 17, 3},
+    {1, 300, 64}, {40, 1, 257},  {97, 33, 320}, {12, 513, 17}, {26, 65, 515}, {100, 390, 300},
+    {9, 45, 641}, {3, 385, 700}, {5, 800, 40},  {2, 1601, 9},
 };
 
 static void test_bf16_gemm_odd_shapes(void **state)

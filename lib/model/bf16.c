@@ -17,13 +17,14 @@
 /* The register tile: MR rows of op(A) by NR columns of op(B) (two vectors of 16 fp32), 24
  * accumulators of the 32 zmm registers. The panels: at most KC values of K, K cut into equal
  * even parts (K = 288 is one panel, not 256 + 32); MC rows of op(A) (60 KiB of bf16, in L2);
- * NC columns of op(B) (240 KiB), whose NR-wide strip (20 KiB) stays in L1 while the A strips
- * stream past it. */
+ * NC columns of op(B) (480 KiB, in L2 and L3), whose NR-wide strip (20 KiB) stays in L1 while
+ * the A strips stream past it. A wide NC packs op(A) fewer times when N is long (lm_head's
+ * 32000 columns). */
 #define MR 12
 #define NR 32
 #define KC 320
 #define MC 96
-#define NC 384
+#define NC 768
 
 static pthread_once_t avail_once = PTHREAD_ONCE_INIT;
 static bool cpu_has;

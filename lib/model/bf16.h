@@ -9,7 +9,7 @@
  * rounding of the current fp32 values, as a copy refreshed after every optimizer step would be.
  *
  * Blocking (Goto's): panels of KC values of K, NC columns of op(B) and MC rows of op(A) are
- * packed into bf16 pairs (k, k+1) on the calling thread's stack (about 300 KiB), and a 12 x 32
+ * packed into bf16 pairs (k, k+1) on the calling thread's stack (about 540 KiB), and a 12 x 32
  * register tile sums them. Every element of C sums its products in the same order wherever it
  * lies in C, so splitting a product into blocks of rows or columns changes no bit.
  *

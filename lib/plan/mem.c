@@ -338,7 +338,7 @@ int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
  * per-thread packing buffers for sgemm panels (GEMM_P x GEMM_Q floats of A and GEMM_Q x GEMM_R
  * of B for the Haswell / SkylakeX / Zen kernels: about 1.5 MiB), measured with VmHWM over 1 to
  * 4 cpu devices (bench_process in make bench). bf16 products pack on the stack instead
- * (model/bf16.h: about 300 KiB), within it. */
+ * (model/bf16.h: about 540 KiB), within it. */
 #define MEM_THREAD_BYTES (2LL * 1024 * 1024)
 
 int mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,
