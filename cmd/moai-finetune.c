@@ -6,6 +6,7 @@
 #include "data/tokenizer.h"
 #include "exec/comm.h"
 #include "exec/run.h"
+#include "exec/steplog.h"
 #include "exec/train.h"
 #include "model/config.h"
 #include "plan/plan.h"
@@ -17,6 +18,7 @@
 #include <getopt.h>
 #include <signal.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -203,11 +205,95 @@ static void on_signal(int sig)
     exec_stop_requested = sig;
 }
 
+/* Before a line on standard output: when it shares the terminal with the step bar (standard
+ * error), the bar is erased first and drawn again below the line at the next update. */
+static void stdout_line_begins(void)
+{
+    static int stdout_tty = -1;
+    if (stdout_tty < 0)
+        stdout_tty = isatty(STDOUT_FILENO);
+    if (stdout_tty)
+        progress_interrupt();
+}
+
+/* The errno of the first failed write on standard output, 0 when none. */
+static int stdout_failure(void)
+{
+    flush_stdout();
+    return stdout_errno ? stdout_errno : ferror(stdout) ? EIO : 0;
+}
+
+/* The training loop's report (exec/train.h): a step line, an evaluation line, or the two lines
+ * before the final save; under --json the step and evaluation objects. */
+static int print_event(void *arg, const struct train_event *ev)
+{
+    const struct options *opt = arg;
+    char line[256];
+    json_t *j = NULL;
+
+    switch (ev->kind) {
+    case TRAIN_STEP:
+        if (opt->json)
+            j = steplog_json(&ev->step);
+        else
+            steplog_format(line, sizeof(line), &ev->step);
+        break;
+    case TRAIN_EVAL:
+        if (opt->json)
+            j = steplog_eval_json(ev->eval_step, ev->total_steps, ev->eval_loss);
+        else
+            steplog_format_eval(line, sizeof(line), ev->eval_step, ev->total_steps, ev->eval_loss);
+        break;
+    case TRAIN_SAVING:
+        if (opt->json)
+            return 0;
+        snprintf(line, sizeof(line), "Training Done\nSaving Model...");
+        break;
+    }
+    stdout_line_begins();
+    if (opt->json)
+        print_json_result(j);
+    else
+        puts(line);
+    return stdout_failure();
+}
+
+/* The result of a finished run: where the model was saved, or under --json the run's figures
+ * with each device's peak memory against the plan. */
+static void print_summary(void *arg, const struct exec_summary *s)
+{
+    const struct options *opt = arg;
+    if (!opt->json) {
+        printf("Model saved in '%s'\n", s->save_dir);
+        flush_stdout();
+        return;
+    }
+    json_t *peaks = json_array(), *predicted = json_array();
+    for (int i = 0; i < s->ndev; i++) {
+        json_array_append_new(peaks, json_integer(s->peak_bytes[i]));
+        json_array_append_new(predicted, json_integer(s->predicted_bytes[i]));
+    }
+    print_json_result(
+        json_pack("{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o, s:o, s:I, s:I}", "status",
+                  "done", "recipe", s->recipe, "save_dir", s->save_dir, "steps",
+                  (json_int_t) s->steps, "loss", s->loss, "validation_loss",
+                  isnan(s->validation_loss) ? json_null() : json_real(s->validation_loss),
+                  "median_step_s", s->median_step_s, "median_tokens_per_s", s->median_tokens_per_s,
+                  "predicted_bytes_per_device", (json_int_t) s->predicted_bytes_per_device,
+                  "peak_bytes", peaks, "predicted_bytes", predicted, "process_predicted_bytes",
+                  (json_int_t) s->process_predicted_bytes, "process_peak_bytes",
+                  (json_int_t) s->process_peak_bytes));
+}
+
 static int run_train(const struct options *opt, const char *path, struct recipe *r,
                      struct moai_err *err)
 {
     static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGPIPE};
-    struct exec_opts o = {.json = opt->json, .mpi = opt->mpi};
+    struct exec_opts o = {.mpi = opt->mpi,
+                          .report = print_event,
+                          .done = print_summary,
+                          .arg = (void *) opt,
+                          .report_name = "standard output"};
     struct sigaction sa = {.sa_handler = on_signal}, old[4];
     int rc;
 
@@ -299,7 +385,25 @@ static int usage_error(const char *fmt, const char *arg)
     return 2;
 }
 
-int main(int argc, char **argv)
+/* --plan-only, --validate and --tokenize exclude each other. Returns 0, or the usage error's
+ * exit status. */
+static int set_mode(struct options *opt, enum mode mode)
+{
+    static const char *const names[] = {"", "--plan-only", "--validate", "--tokenize"};
+    if (opt->mode == MODE_TRAIN || opt->mode == mode) {
+        opt->mode = mode;
+        return 0;
+    }
+    if (mode == MODE_TOKENIZE)
+        return usage_error("%s cannot be combined with --plan-only or --validate", names[mode]);
+    fprintf(stderr, "moai-finetune: error: %s cannot be combined with %s\n", names[mode],
+            names[opt->mode]);
+    return 2;
+}
+
+/* Reads the command line into opt. Returns -1 to go on with the recipes, else the exit status
+ * (0 after --help or --version, 2 after a usage error). */
+static int parse_args(int argc, char **argv, struct options *opt)
 {
     enum { OPT_PLAN = 256, OPT_JSON, OPT_SET, OPT_AP, OPT_NO_AP, OPT_VALIDATE, OPT_TOKENIZE };
     static const struct option longopts[] = {
@@ -316,69 +420,38 @@ int main(int argc, char **argv)
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
-    struct options opt = {.mode = MODE_TRAIN, .ov = {.ap = -1}};
-    int c, status = 0;
+    int c, status = -1;
 
-    opt.sets = calloc((size_t) argc, sizeof(*opt.sets));
-    opt.recipes = calloc((size_t) argc, sizeof(*opt.recipes));
-    if (!opt.sets || !opt.recipes) {
-        free(opt.sets);
-        free(opt.recipes);
-        return 1;
-    }
     opterr = 0;
     /* GNU style: options anywhere among the recipes ("-" in the option string hands each
      * recipe over in order, whatever POSIXLY_CORRECT says); "--" ends the options. */
-    while ((c = getopt_long(argc, argv, "-qvhV", longopts, NULL)) != -1) {
+    while (status < 0 && (c = getopt_long(argc, argv, "-qvhV", longopts, NULL)) != -1) {
         switch (c) {
         case 1:
-            opt.recipes[opt.nrecipes++] = optarg;
+            opt->recipes[opt->nrecipes++] = optarg;
             break;
         case OPT_PLAN:
-            if (opt.mode == MODE_TOKENIZE) {
-                status = usage_error("%s cannot be combined with --tokenize", "--plan-only");
-                goto out;
-            }
-            if (opt.mode == MODE_VALIDATE) {
-                status = usage_error("%s cannot be combined with --validate", "--plan-only");
-                goto out;
-            }
-            opt.mode = MODE_PLAN;
+            status = set_mode(opt, MODE_PLAN) ? 2 : -1;
             break;
         case OPT_VALIDATE:
-            if (opt.mode == MODE_TOKENIZE) {
-                status = usage_error("%s cannot be combined with --tokenize", "--validate");
-                goto out;
-            }
-            if (opt.mode == MODE_PLAN) {
-                status = usage_error("%s cannot be combined with --plan-only", "--validate");
-                goto out;
-            }
-            opt.mode = MODE_VALIDATE;
+            status = set_mode(opt, MODE_VALIDATE) ? 2 : -1;
             break;
         case OPT_TOKENIZE:
-            if (opt.mode != MODE_TRAIN && opt.mode != MODE_TOKENIZE) {
-                status = usage_error("%s cannot be combined with --plan-only or --validate",
-                                     "--tokenize");
-                goto out;
-            }
-            opt.mode = MODE_TOKENIZE;
+            status = set_mode(opt, MODE_TOKENIZE) ? 2 : -1;
             break;
         case OPT_JSON:
-            opt.json = true;
+            opt->json = true;
             break;
         case OPT_SET:
-            if (!strchr(optarg, '=') || optarg[0] == '=') {
-                status = usage_error("--set '%s': expected KEY=VALUE", optarg);
-                goto out;
-            }
-            opt.sets[opt.ov.nsets++] = optarg;
+            if (!strchr(optarg, '=') || optarg[0] == '=')
+                return usage_error("--set '%s': expected KEY=VALUE", optarg);
+            opt->sets[opt->ov.nsets++] = optarg;
             break;
         case OPT_AP:
-            opt.ov.ap = 1;
+            opt->ov.ap = 1;
             break;
         case OPT_NO_AP:
-            opt.ov.ap = 0;
+            opt->ov.ap = 0;
             break;
         case 'q':
             log_set_level(LOG_WARN);
@@ -388,51 +461,65 @@ int main(int argc, char **argv)
             break;
         case 'h':
             fputs(usage_text, stdout);
-            goto out;
+            return 0;
         case 'V':
             printf("moai-finetune %s\n", MOAI_VERSION);
-            goto out;
+            return 0;
         default:
-            free(opt.sets);
-            free(opt.recipes);
             if (optopt && optopt < 256)
-                return usage_error("unknown option '-%c'", (char[]){(char) optopt, 0});
+                return usage_error("unknown option '-%s'", (char[]){(char) optopt, 0});
             return usage_error("unknown option or missing argument '%s'", argv[optind - 1]);
         }
     }
-    opt.ov.sets = opt.sets;
+    if (status >= 0)
+        return status;
+    opt->ov.sets = opt->sets;
     while (optind < argc) /* after "--" */
-        opt.recipes[opt.nrecipes++] = argv[optind++];
-    if (opt.nrecipes == 0) {
-        status = usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
-        goto out;
+        opt->recipes[opt->nrecipes++] = argv[optind++];
+    if (opt->nrecipes == 0)
+        return usage_error("%s (usage: moai-finetune [OPTIONS] RECIPE...)", "no recipe given");
+    return -1;
+}
+
+/* Under mpirun every rank runs the recipes; rank 0 alone speaks (results, logs and warnings:
+ * the ranks do the same work; errors come from every rank), and each recipe's devices are
+ * shared out over the ranks. Returns 0, or 1 when MPI cannot start. */
+static int mpi_setup(struct options *opt)
+{
+    struct moai_err err = {0};
+    opt->mpi = comm_mpi_launched();
+    if (!opt->mpi)
+        return 0;
+    if (comm_mpi_init(&err) < 0) {
+        fprintf(stderr, "moai-finetune: error: %s\n", err.msg);
+        return 1;
     }
-    /* Under mpirun every rank runs the recipes; rank 0 alone speaks (results, logs and
-     * warnings: the ranks do the same work; errors come from every rank), and each recipe's
-     * devices are shared out over the ranks. */
-    opt.mpi = comm_mpi_launched();
-    if (opt.mpi) {
-        struct moai_err err = {0};
-        if (comm_mpi_init(&err) < 0) {
-            fprintf(stderr, "moai-finetune: error: %s\n", err.msg);
-            status = 1;
-            goto out;
+    mpi_rank = comm_mpi_rank();
+    if (mpi_rank > 0) {
+        log_set_level(LOG_ERROR);
+        if (!freopen("/dev/null", "w", stdout))
+            log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct options opt = {.mode = MODE_TRAIN, .ov = {.ap = -1}};
+    int status;
+
+    opt.sets = calloc((size_t) argc, sizeof(*opt.sets));
+    opt.recipes = calloc((size_t) argc, sizeof(*opt.recipes));
+    if (!opt.sets || !opt.recipes)
+        status = 1;
+    else if ((status = parse_args(argc, argv, &opt)) < 0 && (status = mpi_setup(&opt)) == 0) {
+        for (int i = 0; i < opt.nrecipes; i++) {
+            int s = run_recipe(&opt, opt.recipes[i]);
+            status = s > status ? s : status;
         }
-        mpi_rank = comm_mpi_rank();
-        if (mpi_rank > 0) {
-            log_set_level(LOG_ERROR);
-            if (!freopen("/dev/null", "w", stdout))
-                log_warn("cannot silence standard output of MPI rank %d", comm_mpi_rank());
-        }
+        if (opt.mpi)
+            comm_mpi_finalize();
     }
-    for (int i = 0; i < opt.nrecipes; i++) {
-        int s = run_recipe(&opt, opt.recipes[i]);
-        if (s > status)
-            status = s;
-    }
-    if (opt.mpi)
-        comm_mpi_finalize();
-out:
     free(opt.sets);
     free(opt.recipes);
     return status;

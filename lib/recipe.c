@@ -461,13 +461,104 @@ static int parse_flavor(struct recipe *r, const struct ynode *v, struct moai_err
 }
 
 /* Applies one schema row to the value node v (never NULL: absent keys get their default). */
+static int apply_string(char **field, const struct recipe_key *k, const struct ynode *v,
+                        struct moai_err *err)
+{
+    if (v->kind != YNODE_SCALAR || (!v->quoted && ynode_is_null(v)))
+        return bad_value(err, v, k->path, "a string");
+    if (!v->value[0])
+        return bad_value(err, v, k->path, "a non-empty string");
+    if (!(*field = strdup(v->value)))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    return 0;
+}
+
+/* Is v the plain scalar auto? */
+static bool is_auto(const struct ynode *v)
+{
+    return v->kind == YNODE_SCALAR && !v->quoted && !strcmp(v->value, "auto");
+}
+
+/* An integer in k's range; 'auto' too for KT_INT_OR_AUTO. */
+static int apply_int(struct recipe *r, const struct recipe_key *k, const struct ynode *v,
+                     bool nullable, struct moai_err *err)
+{
+    char range[96], expected[128];
+    int64_t i;
+    bool or_auto = k->type == KT_INT_OR_AUTO;
+
+    if (or_auto && is_auto(v)) {
+        store_int(r, k, RECIPE_AUTO);
+        return 0;
+    }
+    fmt_range(range, sizeof(range), k, true);
+    if (!parse_int(v, &i) || !in_range(k, (double) i)) {
+        if (or_auto)
+            snprintf(expected, sizeof(expected), "'auto' or an integer%s", range);
+        else
+            snprintf(expected, sizeof(expected), "an integer%s%s", range,
+                     nullable ? " or null" : "");
+        return bad_value(err, v, k->path, expected);
+    }
+    store_int(r, k, i);
+    return 0;
+}
+
+static int apply_float(double *field, const struct recipe_key *k, const struct ynode *v,
+                       struct moai_err *err)
+{
+    char range[96], expected[128];
+    double x;
+    fmt_range(range, sizeof(range), k, false);
+    if (!parse_float(v, &x) || !in_range(k, x)) {
+        snprintf(expected, sizeof(expected), "a number%s", range);
+        return bad_value(err, v, k->path, expected);
+    }
+    memcpy(field, &x, sizeof(x));
+    return 0;
+}
+
+/* One of k's choices, stored as its index plus k->enum_base; else the list and a suggestion. */
+static int apply_enum(struct recipe *r, const struct recipe_key *k, const struct ynode *v,
+                      struct moai_err *err)
+{
+    size_t n = count_list(k->choices);
+    char expected[256], where[512], what[256], sugg[128];
+    if (v->kind == YNODE_SCALAR)
+        for (size_t c = 0; c < n; c++)
+            if (!strcmp(v->value, k->choices[c])) {
+                store_int(r, k, (int64_t) c + k->enum_base);
+                return 0;
+            }
+    size_t len = (size_t) snprintf(expected, sizeof(expected), "one of ");
+    for (size_t c = 0; c < n; c++)
+        len += (size_t) snprintf(expected + len, sizeof(expected) - len, "%s%s", c ? ", " : "",
+                                 k->choices[c]);
+    sugg[0] = '\0';
+    if (v->kind == YNODE_SCALAR)
+        fmt_suggestion(sugg, sizeof(sugg), v->value, k->choices, n);
+    return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be %s, not %s%s",
+                        ynode_where(v, where, sizeof(where)), k->path, expected,
+                        describe(v, what, sizeof(what)), sugg);
+}
+
+static int apply_betas(double *field, const struct recipe_key *k, const struct ynode *v,
+                       struct moai_err *err)
+{
+    double betas[2];
+    if (v->kind != YNODE_SEQ || v->n != 2)
+        return bad_value(err, v, k->path, "a list of two numbers in [0, 1)");
+    for (int j = 0; j < 2; j++)
+        if (!parse_float(v->items[j], &betas[j]) || betas[j] < 0 || betas[j] >= 1)
+            return bad_value(err, v->items[j], k->path, "a list of two numbers in [0, 1)");
+    memcpy(field, betas, sizeof(betas));
+    return 0;
+}
+
 static int apply_key(struct recipe *r, const struct recipe_key *k, const struct ynode *v,
                      struct moai_err *err)
 {
     char *field = (char *) r + k->offset;
-    char range[96];
-    int64_t i;
-    double x;
     bool b;
     bool nullable = k->def && !strcmp(k->def, "~");
 
@@ -478,52 +569,19 @@ static int apply_key(struct recipe *r, const struct recipe_key *k, const struct 
     }
     switch (k->type) {
     case KT_STRING:
-        if (v->kind != YNODE_SCALAR || (!v->quoted && ynode_is_null(v)))
-            return bad_value(err, v, k->path, "a string");
-        if (!v->value[0])
-            return bad_value(err, v, k->path, "a non-empty string");
-        if (!(*(char **) field = strdup(v->value)))
-            return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        return 0;
+        return apply_string((char **) field, k, v, err);
     case KT_INT:
-        fmt_range(range, sizeof(range), k, true);
-        if (!parse_int(v, &i) || !in_range(k, (double) i)) {
-            char expected[128];
-            snprintf(expected, sizeof(expected), "an integer%s%s", range,
-                     nullable ? " or null" : "");
-            return bad_value(err, v, k->path, expected);
-        }
-        store_int(r, k, i);
-        return 0;
     case KT_INT_OR_AUTO:
-        if (v->kind == YNODE_SCALAR && !v->quoted && !strcmp(v->value, "auto")) {
-            store_int(r, k, RECIPE_AUTO);
-            return 0;
-        }
-        fmt_range(range, sizeof(range), k, true);
-        if (!parse_int(v, &i) || !in_range(k, (double) i)) {
-            char expected[128];
-            snprintf(expected, sizeof(expected), "'auto' or an integer%s", range);
-            return bad_value(err, v, k->path, expected);
-        }
-        store_int(r, k, i);
-        return 0;
+        return apply_int(r, k, v, nullable, err);
     case KT_FLOAT:
-        fmt_range(range, sizeof(range), k, false);
-        if (!parse_float(v, &x) || !in_range(k, x)) {
-            char expected[128];
-            snprintf(expected, sizeof(expected), "a number%s", range);
-            return bad_value(err, v, k->path, expected);
-        }
-        memcpy(field, &x, sizeof(x));
-        return 0;
+        return apply_float((double *) field, k, v, err);
     case KT_BOOL:
         if (!parse_bool(v, &b))
             return bad_value(err, v, k->path, "true or false");
         memcpy(field, &b, sizeof(b));
         return 0;
     case KT_BOOL_OR_AUTO:
-        if (v->kind == YNODE_SCALAR && !v->quoted && !strcmp(v->value, "auto")) {
+        if (is_auto(v)) {
             store_int(r, k, RECIPE_AUTO);
             return 0;
         }
@@ -531,36 +589,10 @@ static int apply_key(struct recipe *r, const struct recipe_key *k, const struct 
             return bad_value(err, v, k->path, "'auto', true or false");
         store_int(r, k, b);
         return 0;
-    case KT_ENUM: {
-        size_t n = count_list(k->choices);
-        char expected[256], where[512], what[256], sugg[128];
-        if (v->kind == YNODE_SCALAR)
-            for (size_t c = 0; c < n; c++)
-                if (!strcmp(v->value, k->choices[c])) {
-                    store_int(r, k, (int64_t) c + k->enum_base);
-                    return 0;
-                }
-        size_t len = (size_t) snprintf(expected, sizeof(expected), "one of ");
-        for (size_t c = 0; c < n; c++)
-            len += (size_t) snprintf(expected + len, sizeof(expected) - len, "%s%s", c ? ", " : "",
-                                     k->choices[c]);
-        sugg[0] = '\0';
-        if (v->kind == YNODE_SCALAR)
-            fmt_suggestion(sugg, sizeof(sugg), v->value, k->choices, n);
-        return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' must be %s, not %s%s",
-                            ynode_where(v, where, sizeof(where)), k->path, expected,
-                            describe(v, what, sizeof(what)), sugg);
-    }
-    case KT_BETAS: {
-        double betas[2];
-        if (v->kind != YNODE_SEQ || v->n != 2)
-            return bad_value(err, v, k->path, "a list of two numbers in [0, 1)");
-        for (int j = 0; j < 2; j++)
-            if (!parse_float(v->items[j], &betas[j]) || betas[j] < 0 || betas[j] >= 1)
-                return bad_value(err, v->items[j], k->path, "a list of two numbers in [0, 1)");
-        memcpy(field, betas, sizeof(betas));
-        return 0;
-    }
+    case KT_ENUM:
+        return apply_enum(r, k, v, err);
+    case KT_BETAS:
+        return apply_betas((double *) field, k, v, err);
     case KT_OBJECT:
         if (v->kind != YNODE_MAP)
             return bad_value(err, v, k->path, "a mapping of config.json keys");

@@ -76,10 +76,107 @@ static int ybuild_append(struct ynode *n, struct ynode *key, struct ynode *item)
     return 0;
 }
 
+static int ybuild_nomem(struct ybuild *b)
+{
+    return moai_err_set(b->err, MOAI_ENOMEM, "%s: out of memory", b->source);
+}
+
+static int ybuild_scalar(struct ybuild *b, yaml_node_t *yn, struct ynode **out)
+{
+    struct ynode *n = ynode_alloc(YNODE_SCALAR, b->source);
+    if (!n || !(n->value = strndup((const char *) yn->data.scalar.value, yn->data.scalar.length))) {
+        ynode_free(n);
+        return ybuild_nomem(b);
+    }
+    if (strlen(n->value) != yn->data.scalar.length) {
+        ynode_free(n);
+        return ybuild_fail(b, yn, "invalid YAML: NUL character in a scalar");
+    }
+    n->quoted = yn->data.scalar.style != YAML_PLAIN_SCALAR_STYLE;
+    *out = n;
+    return 0;
+}
+
+static int ybuild_seq(struct ybuild *b, yaml_node_t *yn, int depth, struct ynode **out)
+{
+    struct ynode *n = ynode_alloc(YNODE_SEQ, b->source);
+    if (!n)
+        return ybuild_nomem(b);
+    for (yaml_node_item_t *it = yn->data.sequence.items.start; it < yn->data.sequence.items.top;
+         it++) {
+        struct ynode *item;
+        int rc = ybuild_node(b, &item, *it, depth + 1);
+        if (rc < 0) {
+            ynode_free(n);
+            return rc;
+        }
+        if (ybuild_append(n, NULL, item) < 0) {
+            ynode_free(item);
+            ynode_free(n);
+            return ybuild_nomem(b);
+        }
+    }
+    *out = n;
+    return 0;
+}
+
+/* The key of a pair of map n: a scalar not yet in n. */
+static int ybuild_key(struct ybuild *b, const struct ynode *n, int index, int depth,
+                      struct ynode **out)
+{
+    struct ynode *key;
+    char where[512];
+    int rc = ybuild_node(b, &key, index, depth);
+
+    if (rc < 0)
+        return rc;
+    if (key->kind != YNODE_SCALAR)
+        rc = moai_err_set(b->err, MOAI_EUSAGE, "%s: expected a plain key, found a %s",
+                          ynode_where(key, where, sizeof(where)),
+                          key->kind == YNODE_MAP ? "mapping" : "sequence");
+    else if (ynode_get(n, key->value))
+        rc = moai_err_set(b->err, MOAI_EUSAGE, "%s: duplicate key '%s'",
+                          ynode_where(key, where, sizeof(where)), key->value);
+    if (rc < 0) {
+        ynode_free(key);
+        return rc;
+    }
+    *out = key;
+    return 0;
+}
+
+static int ybuild_map(struct ybuild *b, yaml_node_t *yn, int depth, struct ynode **out)
+{
+    struct ynode *n = ynode_alloc(YNODE_MAP, b->source);
+    if (!n)
+        return ybuild_nomem(b);
+    for (yaml_node_pair_t *p = yn->data.mapping.pairs.start; p < yn->data.mapping.pairs.top; p++) {
+        struct ynode *key, *val;
+        int rc = ybuild_key(b, n, p->key, depth + 1, &key);
+        if (rc < 0) {
+            ynode_free(n);
+            return rc;
+        }
+        if ((rc = ybuild_node(b, &val, p->value, depth + 1)) < 0) {
+            ynode_free(key);
+            ynode_free(n);
+            return rc;
+        }
+        if (ybuild_append(n, key, val) < 0) {
+            ynode_free(key);
+            ynode_free(val);
+            ynode_free(n);
+            return ybuild_nomem(b);
+        }
+    }
+    *out = n;
+    return 0;
+}
+
 static int ybuild_node(struct ybuild *b, struct ynode **out, int index, int depth)
 {
     yaml_node_t *yn = yaml_document_get_node(b->doc, index);
-    struct ynode *n = NULL;
+    int rc;
 
     *out = NULL;
     if (!yn)
@@ -91,89 +188,22 @@ static int ybuild_node(struct ybuild *b, struct ynode **out, int index, int dept
 
     switch (yn->type) {
     case YAML_SCALAR_NODE:
-        n = ynode_alloc(YNODE_SCALAR, b->source);
-        if (!n)
-            goto nomem;
-        n->value = strndup((const char *) yn->data.scalar.value, yn->data.scalar.length);
-        if (!n->value)
-            goto nomem;
-        if (strlen(n->value) != yn->data.scalar.length) {
-            ynode_free(n);
-            return ybuild_fail(b, yn, "invalid YAML: NUL character in a scalar");
-        }
-        n->quoted = yn->data.scalar.style != YAML_PLAIN_SCALAR_STYLE;
+        rc = ybuild_scalar(b, yn, out);
         break;
     case YAML_SEQUENCE_NODE:
-        n = ynode_alloc(YNODE_SEQ, b->source);
-        if (!n)
-            goto nomem;
-        for (yaml_node_item_t *it = yn->data.sequence.items.start; it < yn->data.sequence.items.top;
-             it++) {
-            struct ynode *item;
-            int rc = ybuild_node(b, &item, *it, depth + 1);
-            if (rc < 0) {
-                ynode_free(n);
-                return rc;
-            }
-            if (ybuild_append(n, NULL, item) < 0) {
-                ynode_free(item);
-                goto nomem;
-            }
-        }
+        rc = ybuild_seq(b, yn, depth, out);
         break;
     case YAML_MAPPING_NODE:
-        n = ynode_alloc(YNODE_MAP, b->source);
-        if (!n)
-            goto nomem;
-        for (yaml_node_pair_t *p = yn->data.mapping.pairs.start; p < yn->data.mapping.pairs.top;
-             p++) {
-            struct ynode *key, *val;
-            int rc = ybuild_node(b, &key, p->key, depth + 1);
-            if (rc < 0) {
-                ynode_free(n);
-                return rc;
-            }
-            if (key->kind != YNODE_SCALAR) {
-                char where[512];
-                moai_err_set(b->err, MOAI_EUSAGE, "%s: expected a plain key, found a %s",
-                             ynode_where(key, where, sizeof(where)),
-                             key->kind == YNODE_MAP ? "mapping" : "sequence");
-                ynode_free(key);
-                ynode_free(n);
-                return MOAI_EUSAGE;
-            }
-            if (ynode_get(n, key->value)) {
-                char where[512];
-                moai_err_set(b->err, MOAI_EUSAGE, "%s: duplicate key '%s'",
-                             ynode_where(key, where, sizeof(where)), key->value);
-                ynode_free(key);
-                ynode_free(n);
-                return MOAI_EUSAGE;
-            }
-            rc = ybuild_node(b, &val, p->value, depth + 1);
-            if (rc < 0) {
-                ynode_free(key);
-                ynode_free(n);
-                return rc;
-            }
-            if (ybuild_append(n, key, val) < 0) {
-                ynode_free(key);
-                ynode_free(val);
-                goto nomem;
-            }
-        }
+        rc = ybuild_map(b, yn, depth, out);
         break;
     default:
         return ybuild_fail(b, yn, "invalid YAML: empty node");
     }
-    n->line = (int) yn->start_mark.line + 1;
-    n->col = (int) yn->start_mark.column + 1;
-    *out = n;
-    return 0;
-
-nomem:
-    ynode_free(n);
-    return moai_err_set(b->err, MOAI_ENOMEM, "%s: out of memory", b->source);
+    if (rc == 0) {
+        (*out)->line = (int) yn->start_mark.line + 1;
+        (*out)->col = (int) yn->start_mark.column + 1;
+    }
+    return rc;
 }
 
 int ytree_parse(struct ynode **root, const char *text, size_t len, const char *source,

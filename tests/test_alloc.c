@@ -137,7 +137,7 @@ static int load(struct recipe *r, const char *save_dir, int steps, struct moai_e
 static int run_twice(const char *save_dir, struct moai_err *err)
 {
     struct recipe r1, r2;
-    struct exec_opts o = {.json = false};
+    struct exec_opts o = {.mpi = false}; /* no report: nothing on standard output */
     int rc;
     if (load(&r1, save_dir, 2, err) < 0 || load(&r2, save_dir, 3, err) < 0)
         return -100;

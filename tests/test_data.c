@@ -624,6 +624,108 @@ static void test_tokcache_corrupt_is_rebuilt(void **state)
     tokenized_release(&good);
 }
 
+/* path, stored from t under key 7, with the edit applied to its bytes, loaded: the error
+ * message, "" when it loads. */
+static void load_edited(const struct tokenized *t, const char *path, void (*edit)(char *, size_t *),
+                        char *msg, size_t size)
+{
+    struct moai_err err = {0};
+    struct tokenized got;
+    size_t len;
+    assert_int_equal(tokcache_store(t, path, 7, &err), 0);
+    char *bytes = read_file(path, &len);
+    edit(bytes, &len);
+    write_file(path, bytes, len);
+    free(bytes);
+    int rc = tokcache_load(&got, path, 7, &err);
+    snprintf(msg, size, "%s", rc < 0 ? err.msg : "");
+    if (rc == 0)
+        tokenized_release(&got);
+}
+
+static void keep(char *b, size_t *n)
+{
+    (void) b, (void) n;
+}
+static void bad_magic(char *b, size_t *n)
+{
+    (void) n, b[0] ^= 1;
+}
+static void bad_version(char *b, size_t *n)
+{
+    (void) n, b[8] = 9;
+}
+static void bad_header_sum(char *b, size_t *n)
+{
+    (void) n, b[24] ^= 1;
+}
+static void cut_header(char *b, size_t *n)
+{
+    (void) b, *n = 71;
+}
+static void cut_payload(char *b, size_t *n)
+{
+    (void) b, *n -= 3;
+}
+
+/* Each check tokcache_load makes names the file and what is wrong. */
+static void test_tokcache_load_messages(void **state)
+{
+    (void) state;
+    int32_t tokens[4] = {5, 6, 7, 8}, labels[4];
+    int64_t lengths[2] = {2, 1}, masked[2] = {1, 0};
+    uint8_t mask[4] = {1, 0, 0, 0};
+    struct tokenized t = {.n = 2,
+                          .T = 2,
+                          .tokens = tokens,
+                          .labels = labels,
+                          .lengths = lengths,
+                          .masked = masked,
+                          .mask = mask};
+    char path[512], want[1024], msg[1024];
+    struct moai_err err = {0};
+    struct tokenized got;
+    snprintf(path, sizeof(path), "%s/m.tok", cache_root);
+
+    assert_int_equal(tokcache_load(&got, path, 7, &err), MOAI_EIO);
+    snprintf(want, sizeof(want), "cannot open '%s': No such file or directory", path);
+    assert_string_equal(err.msg, want);
+
+    load_edited(&t, path, keep, msg, sizeof(msg));
+    assert_string_equal(msg, "");
+    assert_int_equal(tokcache_load(&got, path, 8, &err), MOAI_EIO);
+    snprintf(want, sizeof(want), "%s: key 0000000000000007 does not match the file name", path);
+    assert_string_equal(err.msg, want);
+
+    static const struct {
+        void (*edit)(char *, size_t *);
+        const char *what;
+    } cases[] = {
+        {bad_magic, "not a token cache (bad magic)"},
+        {bad_version, "format version 9, expected 2"},
+        {bad_header_sum, "header checksum mismatch"},
+        {cut_header, "shorter than its 72-byte header"},
+        {cut_payload, "compressed payload is truncated or corrupt: "},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        load_edited(&t, path, cases[i].edit, msg, sizeof(msg));
+        snprintf(want, sizeof(want), "%s: %s", path, cases[i].what);
+        if (strncmp(msg, want, strlen(want)) != 0) /* zstd may add its reason after a colon */
+            fail_msg("got '%s', want '%s'", msg, want);
+    }
+
+    /* stored as given, checked when loaded */
+    mask[1] = 2;
+    load_edited(&t, path, keep, msg, sizeof(msg));
+    snprintf(want, sizeof(want), "%s: the label mask holds 2", path);
+    assert_string_equal(msg, want);
+    mask[1] = 0;
+    masked[1] = 2; /* more masked than its length */
+    load_edited(&t, path, keep, msg, sizeof(msg));
+    snprintf(want, sizeof(want), "%s: sequence 1 has impossible lengths", path);
+    assert_string_equal(msg, want);
+}
+
 static void test_tokcache_hash_known_values(void **state)
 {
     (void) state;
@@ -733,6 +835,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_tokcache_hit_and_miss, cache_setup, cache_teardown),
         cmocka_unit_test_setup_teardown(test_tokcache_corrupt_is_rebuilt, cache_setup,
                                         cache_teardown),
+        cmocka_unit_test_setup_teardown(test_tokcache_load_messages, cache_setup, cache_teardown),
         cmocka_unit_test(test_tokcache_hash_known_values),
         cmocka_unit_test(test_batch_splitmix64_reference),
         cmocka_unit_test(test_batch_split),

@@ -146,11 +146,11 @@ static void check_tp(bool tied, int tp, enum llama_keep keep)
 
     /* tp shards on tp device threads */
     struct layout lay = {.dp = 1,
-                              .pp = 1,
-                              .tp = tp,
-                              .num_micro_batches = 1,
-                              .batch_per_device = B,
-                              .recomputation = RECOMPUTE_NONE};
+                         .pp = 1,
+                         .tp = tp,
+                         .num_micro_batches = 1,
+                         .batch_per_device = B,
+                         .recomputation = RECOMPUTE_NONE};
     for (int r = 0; r < tp; r++)
         assert_int_equal(shard_init(&tc.sh[r], cfg, &lay, T, 1, r, &err), 0);
     struct dev_set ds;

@@ -290,7 +290,7 @@ static void test_train_model_parallel_memory_is_exact(void **state)
         struct moai_err err = {0};
         const struct lay *l = &lays[i];
         struct layout el = {l->dp, l->pp,    l->tp,   l->nmb, 8 / l->dp / l->nmb,
-                                 l->rc, l->zero2, l->zero3};
+                            l->rc, l->zero2, l->zero3};
         assert_int_equal(train_lay(l, 1 << 30, losses, &res, &err), 0);
         for (int d = 0; d < res.ndev; d++) {
             struct shard s;
@@ -409,12 +409,12 @@ static void test_train_device_memory_is_counted(void **state)
     struct train_result res;
     struct moai_err err = {0};
     struct layout lay = {.dp = 2,
-                              .pp = 1,
-                              .tp = 1,
-                              .num_micro_batches = 1,
-                              .batch_per_device = 4,
-                              .distribute_param = true,
-                              .distribute_low_prec_param = true};
+                         .pp = 1,
+                         .tp = 1,
+                         .num_micro_batches = 1,
+                         .batch_per_device = 4,
+                         .distribute_param = true,
+                         .distribute_low_prec_param = true};
     int64_t need = exec_device_bytes(&fx.cfg, &lay, SEQ, shard_cpu_threads(2));
     assert_int_equal(train(2, 1, true, true, 1 << 30, losses, &res, &err), 0);
     assert_int_equal(res.peak_bytes[0], need);

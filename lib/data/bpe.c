@@ -411,90 +411,115 @@ static int load_normalizer(struct bpe *b, const char *name, json_t *n, struct mo
     return unsupported(name, "normalizer", n, err);
 }
 
+static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct moai_err *err);
+
+static int pre_sequence(struct bpe *b, const char *name, json_t *p, struct moai_err *err)
+{
+    json_t *list = json_object_get(p, "pretokenizers"), *it;
+    size_t i;
+    if (!json_is_array(list))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer Sequence has no array "
+                            "'pretokenizers'",
+                            name);
+    json_array_foreach(list, i, it) if (load_pre_tokenizer(b, name, it, err) < 0) return -1;
+    return 0;
+}
+
+static int pre_split(struct bpe *b, const char *name, json_t *p, struct moai_err *err)
+{
+    json_t *re = json_object_get(json_object_get(p, "pattern"), "Regex");
+    json_t *beh = json_object_get(p, "behavior");
+    if (!json_is_string(re))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer Split: only a "
+                            "{\"Regex\": ...} pattern is supported",
+                            name);
+    if (!json_is_string(beh) || strcmp(json_string_value(beh), "Isolated"))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer Split behavior '%s' is not "
+                            "supported (only 'Isolated')",
+                            name, json_is_string(beh) ? json_string_value(beh) : "?");
+    if (!json_false_or_absent(p, "invert"))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer Split with invert is not "
+                            "supported",
+                            name);
+    return regex_add(b, name, "pre_tokenizer Split", json_string_value(re), json_string_length(re),
+                     err);
+}
+
+static int pre_byte_level(struct bpe *b, const char *name, json_t *p, struct moai_err *err)
+{
+    if (!json_false_or_absent(p, "add_prefix_space"))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer ByteLevel with "
+                            "add_prefix_space is not supported",
+                            name);
+    b->byte_level = true;
+    json_t *ur = json_object_get(p, "use_regex");
+    if (!ur || json_is_true(ur)) { /* GPT-2's own pattern */
+        static const char gpt2[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| "
+                                   "?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+        return regex_add(b, name, "pre_tokenizer ByteLevel", gpt2, sizeof(gpt2) - 1, err);
+    }
+    return 0;
+}
+
+/* Numbers apart, each digit alone when individual_digits. */
+static int pre_digits(struct bpe *b, const char *name, json_t *p, struct moai_err *err)
+{
+    static const char one[] = "\\p{N}", run[] = "\\p{N}+";
+    bool individual = json_is_true(json_object_get(p, "individual_digits"));
+    return regex_add(b, name, "pre_tokenizer Digits", individual ? one : run,
+                     individual ? sizeof(one) - 1 : sizeof(run) - 1, err);
+}
+
+static int pre_metaspace(struct bpe *b, const char *name, json_t *p, struct moai_err *err)
+{
+    if (!is_meta_string(json_object_get(p, "replacement")))
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer Metaspace with a replacement "
+                            "other than '%s' is not supported",
+                            name, META);
+    json_t *ps = json_object_get(p, "prepend_scheme");
+    json_t *aps = json_object_get(p, "add_prefix_space");
+    const char *scheme = json_is_string(ps) ? json_string_value(ps) : NULL;
+    if (scheme && !strcmp(scheme, "first"))
+        b->prepend = PREPEND_FIRST;
+    else if (scheme && !strcmp(scheme, "never"))
+        b->prepend = PREPEND_NEVER;
+    else if (scheme && !strcmp(scheme, "always"))
+        b->prepend = PREPEND_ALWAYS;
+    else if (scheme)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: pre_tokenizer Metaspace prepend_scheme "
+                            "'%s' is not supported",
+                            name, scheme);
+    else
+        b->prepend = !aps || json_is_true(aps) ? PREPEND_ALWAYS : PREPEND_NEVER;
+    b->meta_replace = true;
+    b->meta_split = !json_is_false(json_object_get(p, "split"));
+    return 0;
+}
+
+/* The pre-tokenizers understood, by type. */
+static const struct {
+    const char *type;
+    int (*load)(struct bpe *b, const char *name, json_t *p, struct moai_err *err);
+} pre_tokenizers[] = {
+    {"Sequence", pre_sequence}, {"Split", pre_split},         {"ByteLevel", pre_byte_level},
+    {"Digits", pre_digits},     {"Metaspace", pre_metaspace},
+};
+
 static int load_pre_tokenizer(struct bpe *b, const char *name, json_t *p, struct moai_err *err)
 {
     if (!p || json_is_null(p))
         return 0;
     const char *t = type_of(p);
-    if (t && !strcmp(t, "Sequence")) {
-        json_t *list = json_object_get(p, "pretokenizers"), *it;
-        size_t i;
-        if (!json_is_array(list))
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer Sequence has no array "
-                                "'pretokenizers'",
-                                name);
-        json_array_foreach(list, i, it) if (load_pre_tokenizer(b, name, it, err) < 0) return -1;
-        return 0;
-    }
-    if (t && !strcmp(t, "Split")) {
-        json_t *re = json_object_get(json_object_get(p, "pattern"), "Regex");
-        json_t *beh = json_object_get(p, "behavior");
-        if (!json_is_string(re))
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer Split: only a "
-                                "{\"Regex\": ...} pattern is supported",
-                                name);
-        if (!json_is_string(beh) || strcmp(json_string_value(beh), "Isolated"))
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer Split behavior '%s' is not "
-                                "supported (only 'Isolated')",
-                                name, json_is_string(beh) ? json_string_value(beh) : "?");
-        if (!json_false_or_absent(p, "invert"))
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer Split with invert is not "
-                                "supported",
-                                name);
-        return regex_add(b, name, "pre_tokenizer Split", json_string_value(re),
-                         json_string_length(re), err);
-    }
-    if (t && !strcmp(t, "ByteLevel")) {
-        if (!json_false_or_absent(p, "add_prefix_space"))
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer ByteLevel with "
-                                "add_prefix_space is not supported",
-                                name);
-        b->byte_level = true;
-        json_t *ur = json_object_get(p, "use_regex");
-        if (!ur || json_is_true(ur)) { /* GPT-2's own pattern */
-            static const char gpt2[] = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| "
-                                       "?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
-            return regex_add(b, name, "pre_tokenizer ByteLevel", gpt2, sizeof(gpt2) - 1, err);
-        }
-        return 0;
-    }
-    if (t && !strcmp(t, "Digits")) { /* numbers apart, each digit alone when individual */
-        static const char one[] = "\\p{N}", run[] = "\\p{N}+";
-        bool individual = json_is_true(json_object_get(p, "individual_digits"));
-        return regex_add(b, name, "pre_tokenizer Digits", individual ? one : run,
-                         individual ? sizeof(one) - 1 : sizeof(run) - 1, err);
-    }
-    if (t && !strcmp(t, "Metaspace")) {
-        if (!is_meta_string(json_object_get(p, "replacement")))
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer Metaspace with a replacement "
-                                "other than '%s' is not supported",
-                                name, META);
-        json_t *ps = json_object_get(p, "prepend_scheme");
-        json_t *aps = json_object_get(p, "add_prefix_space");
-        const char *scheme = json_is_string(ps) ? json_string_value(ps) : NULL;
-        if (scheme && !strcmp(scheme, "first"))
-            b->prepend = PREPEND_FIRST;
-        else if (scheme && !strcmp(scheme, "never"))
-            b->prepend = PREPEND_NEVER;
-        else if (scheme && !strcmp(scheme, "always"))
-            b->prepend = PREPEND_ALWAYS;
-        else if (scheme)
-            return moai_err_set(err, MOAI_EUSAGE,
-                                "%s: pre_tokenizer Metaspace prepend_scheme "
-                                "'%s' is not supported",
-                                name, scheme);
-        else
-            b->prepend = !aps || json_is_true(aps) ? PREPEND_ALWAYS : PREPEND_NEVER;
-        b->meta_replace = true;
-        b->meta_split = !json_is_false(json_object_get(p, "split"));
-        return 0;
-    }
+    for (size_t i = 0; t && i < sizeof(pre_tokenizers) / sizeof(pre_tokenizers[0]); i++)
+        if (!strcmp(t, pre_tokenizers[i].type))
+            return pre_tokenizers[i].load(b, name, p, err);
     return unsupported(name, "pre_tokenizer", p, err);
 }
 
@@ -643,7 +668,8 @@ static int32_t model_token(const struct bpe *b, const char *s, size_t n, char *s
     return k < 0 ? -1 : vocab_find(b, scratch, (size_t) k);
 }
 
-static int load_model(struct bpe *b, const char *name, json_t *model, struct moai_err *err)
+/* The model must be plain BPE: no dropout, no subword prefix or suffix. */
+static int check_model_kind(const char *name, json_t *model, struct moai_err *err)
 {
     const char *t = type_of(model);
     if (!json_is_object(model))
@@ -657,6 +683,132 @@ static int load_model(struct bpe *b, const char *name, json_t *model, struct moa
         if (!json_null_or_empty(model, nulls[i]))
             return moai_err_set(err, MOAI_EUSAGE, "%s: model BPE with %s is not supported", name,
                                 nulls[i]);
+    return 0;
+}
+
+/* The largest id, over the vocabulary and the added tokens, into *top; fails on an id out of
+ * [0, BPE_MAX_ID) and on an empty vocabulary. */
+static int vocab_top_id(const struct bpe *b, const char *name, json_t *vocab, int32_t *top,
+                        struct moai_err *err)
+{
+    const char *key;
+    json_t *v;
+
+    *top = -1;
+    json_object_foreach(vocab, key, v)
+    {
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= BPE_MAX_ID)
+            return moai_err_set(err, MOAI_EUSAGE, "%s: vocab['%s']: expected an id in [0, %d)",
+                                name, key, BPE_MAX_ID);
+        if (json_integer_value(v) > *top)
+            *top = (int32_t) json_integer_value(v);
+    }
+    for (int i = 0; i < b->nadded; i++)
+        if (b->added[i].id > *top)
+            *top = b->added[i].id;
+    if (*top < 0)
+        return moai_err_set(err, MOAI_EUSAGE, "%s: the vocabulary is empty", name);
+    return 0;
+}
+
+/* A scratch buffer of at least need bytes in *buf (grown, its old contents dropped). */
+static int grow_scratch(char **buf, size_t *cap, size_t need, size_t grow_to)
+{
+    if (need <= *cap)
+        return 0;
+    free(*buf);
+    *cap = grow_to;
+    return (*buf = malloc(*cap)) ? 0 : -1;
+}
+
+/* Adds every vocab entry (decoded from the byte-level alphabet when the model uses it). */
+static int load_vocab(struct bpe *b, const char *name, json_t *vocab, char **scratch, size_t *scap,
+                      struct moai_err *err)
+{
+    const char *key;
+    json_t *v;
+
+    json_object_foreach(vocab, key, v)
+    {
+        size_t n = strlen(key);
+        const char *bytes = key;
+        if (b->byte_level) {
+            if (grow_scratch(scratch, scap, n + 1, 2 * n + 64) < 0)
+                return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+            long k = byte_level_decode(key, n, *scratch);
+            if (k < 0)
+                return moai_err_set(err, MOAI_EUSAGE,
+                                    "%s: vocab token '%s' is not in the "
+                                    "byte-level alphabet",
+                                    name, key);
+            bytes = *scratch, n = (size_t) k;
+        }
+        int a = vocab_add(b, (int32_t) json_integer_value(v), bytes, n);
+        if (a < 0)
+            return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+        if (a > 0)
+            return moai_err_set(err, MOAI_EUSAGE,
+                                "%s: vocab token '%s': its id %lld or its bytes "
+                                "are given twice",
+                                name, key, (long long) json_integer_value(v));
+    }
+    return 0;
+}
+
+/* The unk_token, when the model names one, must be in the vocabulary. */
+static int load_unk(struct bpe *b, const char *name, json_t *model, struct moai_err *err)
+{
+    json_t *unk = json_object_get(model, "unk_token");
+    if (!json_is_string(unk))
+        return 0;
+    if ((b->unk_id = vocab_find(b, json_string_value(unk), json_string_length(unk))) < 0)
+        return moai_err_set(err, MOAI_EUSAGE, "%s: unk_token '%s' is not in the vocabulary", name,
+                            json_string_value(unk));
+    return 0;
+}
+
+/* merges[i] "l r": both parts and their concatenation must be tokens of the vocabulary. */
+static int load_merge(struct bpe *b, const char *name, size_t i, json_t *m, char **scratch,
+                      size_t *scap, struct moai_err *err)
+{
+    const char *l, *r;
+    size_t ln, rn;
+
+    if (merge_parts(m, &l, &ln, &r, &rn) < 0)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: merges[%zu]: expected \"a b\" or [\"a\", "
+                            "\"b\"]",
+                            name, i);
+    if (grow_scratch(scratch, scap, ln + rn + 1, 2 * (ln + rn) + 64) < 0)
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+    int32_t li = model_token(b, l, ln, *scratch), ri = model_token(b, r, rn, *scratch);
+    char *cat = malloc(ln + rn + 1);
+    if (!cat)
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+    memcpy(cat, l, ln);
+    memcpy(cat + ln, r, rn);
+    int32_t mi = model_token(b, cat, ln + rn, *scratch);
+    free(cat);
+    if (li < 0 || ri < 0)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: merges[%zu] '%.*s %.*s': '%.*s' is not "
+                            "in the vocabulary",
+                            name, i, (int) ln, l, (int) rn, r, li < 0 ? (int) ln : (int) rn,
+                            li < 0 ? l : r);
+    if (mi < 0)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: merges[%zu] '%.*s %.*s': the merged "
+                            "token '%.*s%.*s' is not in the vocabulary",
+                            name, i, (int) ln, l, (int) rn, r, (int) ln, l, (int) rn, r);
+    pair_add(b, li, ri, (uint32_t) i, mi);
+    return 0;
+}
+
+static int load_model(struct bpe *b, const char *name, json_t *model, struct moai_err *err)
+{
+    int rc;
+    if ((rc = check_model_kind(name, model, err)) < 0)
+        return rc;
     json_t *vocab = json_object_get(model, "vocab"), *merges = json_object_get(model, "merges");
     if (!json_is_object(vocab))
         return moai_err_set(err, MOAI_EUSAGE, "%s: model 'vocab' is missing or not an object",
@@ -667,120 +819,19 @@ static int load_model(struct bpe *b, const char *name, json_t *model, struct moa
     b->byte_fallback = json_is_true(json_object_get(model, "byte_fallback"));
     b->fuse_unk = json_is_true(json_object_get(model, "fuse_unk"));
     b->ignore_merges = json_is_true(json_object_get(model, "ignore_merges"));
-    /* the largest id, over the vocabulary and the added tokens */
-    int32_t top = -1;
-    const char *key;
-    json_t *v;
-    json_object_foreach(vocab, key, v)
-    {
-        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= BPE_MAX_ID)
-            return moai_err_set(err, MOAI_EUSAGE, "%s: vocab['%s']: expected an id in [0, %d)",
-                                name, key, BPE_MAX_ID);
-        if (json_integer_value(v) > top)
-            top = (int32_t) json_integer_value(v);
-    }
-    for (int i = 0; i < b->nadded; i++)
-        if (b->added[i].id > top)
-            top = b->added[i].id;
-    if (top < 0)
-        return moai_err_set(err, MOAI_EUSAGE, "%s: the vocabulary is empty", name);
+    int32_t top;
+    if ((rc = vocab_top_id(b, name, vocab, &top, err)) < 0)
+        return rc;
     if (tables_alloc(b, top + 1, json_array_size(merges)) < 0)
         return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+
     char *scratch = NULL;
     size_t scap = 0;
-    int rc = 0;
-    json_object_foreach(vocab, key, v)
-    {
-        size_t n = strlen(key);
-        const char *bytes = key;
-        if (b->byte_level) {
-            if (n + 1 > scap) {
-                free(scratch);
-                scap = 2 * n + 64;
-                if (!(scratch = malloc(scap))) {
-                    rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-                    goto out;
-                }
-            }
-            long k = byte_level_decode(key, n, scratch);
-            if (k < 0) {
-                rc = moai_err_set(err, MOAI_EUSAGE,
-                                  "%s: vocab token '%s' is not in the "
-                                  "byte-level alphabet",
-                                  name, key);
-                goto out;
-            }
-            bytes = scratch, n = (size_t) k;
-        }
-        int a = vocab_add(b, (int32_t) json_integer_value(v), bytes, n);
-        if (a < 0) {
-            rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-            goto out;
-        }
-        if (a > 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE,
-                              "%s: vocab token '%s': its id %lld or its bytes "
-                              "are given twice",
-                              name, key, (long long) json_integer_value(v));
-            goto out;
-        }
-    }
-    json_t *unk = json_object_get(model, "unk_token");
-    if (json_is_string(unk)) {
-        if ((b->unk_id = vocab_find(b, json_string_value(unk), json_string_length(unk))) < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE, "%s: unk_token '%s' is not in the vocabulary", name,
-                              json_string_value(unk));
-            goto out;
-        }
-    }
-    size_t i;
-    json_t *m;
-    json_array_foreach(merges, i, m)
-    {
-        const char *l, *r;
-        size_t ln, rn;
-        if (merge_parts(m, &l, &ln, &r, &rn) < 0) {
-            rc = moai_err_set(err, MOAI_EUSAGE,
-                              "%s: merges[%zu]: expected \"a b\" or [\"a\", "
-                              "\"b\"]",
-                              name, i);
-            goto out;
-        }
-        if (ln + rn + 1 > scap) {
-            free(scratch);
-            scap = 2 * (ln + rn) + 64;
-            if (!(scratch = malloc(scap))) {
-                rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-                goto out;
-            }
-        }
-        int32_t li = model_token(b, l, ln, scratch), ri = model_token(b, r, rn, scratch);
-        char *cat = malloc(ln + rn + 1);
-        if (!cat) {
-            rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-            goto out;
-        }
-        memcpy(cat, l, ln);
-        memcpy(cat + ln, r, rn);
-        int32_t mi = model_token(b, cat, ln + rn, scratch);
-        free(cat);
-        if (li < 0 || ri < 0 || mi < 0) {
-            if (li < 0 || ri < 0)
-                rc = moai_err_set(err, MOAI_EUSAGE,
-                                  "%s: merges[%zu] '%.*s %.*s': '%.*s' is not "
-                                  "in the vocabulary",
-                                  name, i, (int) ln, l, (int) rn, r, li < 0 ? (int) ln : (int) rn,
-                                  li < 0 ? l : r);
-            else
-                rc = moai_err_set(err, MOAI_EUSAGE,
-                                  "%s: merges[%zu] '%.*s %.*s': the merged "
-                                  "token '%.*s%.*s' is not in the vocabulary",
-                                  name, i, (int) ln, l, (int) rn, r, (int) ln, l, (int) rn, r);
-            goto out;
-        }
-        pair_add(b, li, ri, (uint32_t) i, mi);
-    }
-out:
+    rc = load_vocab(b, name, vocab, &scratch, &scap, err);
+    if (rc == 0)
+        rc = load_unk(b, name, model, err);
+    for (size_t i = 0; rc == 0 && i < json_array_size(merges); i++)
+        rc = load_merge(b, name, i, json_array_get(merges, i), &scratch, &scap, err);
     free(scratch);
     return rc;
 }
@@ -1001,101 +1052,134 @@ static int tiktoken_specials(struct bpe *b, int32_t base, const char *name, stru
     return 0;
 }
 
-struct bpe *bpe_load_tiktoken_mem(const char *name, const char *data, size_t size,
-                                  struct moai_err *err)
+/* Lines in data, the last one counted without its newline. */
+static size_t count_lines(const char *data, size_t size)
 {
-    struct bpe *b = bpe_new();
-    char *tok = NULL;
-    if (!b) {
-        moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-        return NULL;
-    }
-    /* count lines */
     size_t lines = 0;
     for (size_t i = 0; i < size; i++)
         lines += data[i] == '\n';
     if (size && data[size - 1] != '\n')
         lines++;
+    return lines;
+}
+
+/* One line "<base64 token> <rank>" (without its newline): the token's bytes into tok, their
+ * count (0 or less when the line is not of that form) returned, the rank into *rank (-1 when
+ * not a number of up to 9 digits). */
+static long tiktoken_line(const char *s, size_t ln, char *tok, long long *rank)
+{
+    const char *sp = memchr(s, ' ', ln);
+    long k = -1;
+
+    *rank = -1;
+    if (sp) {
+        k = b64_decode(s, (size_t) (sp - s), tok);
+        const char *d = sp + 1, *end = s + ln;
+        if (d < end && end - d <= 9)
+            for (*rank = 0; d < end && *rank >= 0; d++)
+                *rank = *d >= '0' && *d <= '9' ? *rank * 10 + (*d - '0') : -1;
+    }
+    return k;
+}
+
+/* The ranked tokens, one a line, into b's vocabulary: n ranks, each below n, each once. */
+static int tiktoken_ranks(struct bpe *b, const char *name, const char *data, size_t size, int32_t n,
+                          struct moai_err *err)
+{
+    char *tok = malloc(size + 4);
+    size_t line = 0;
+    int rc = 0;
+
+    if (!tok)
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+    for (size_t i = 0; i < size && rc == 0; line++) {
+        const char *s = data + i, *e = memchr(s, '\n', size - i);
+        size_t ln = e ? (size_t) (e - s) : size - i;
+        long long rank;
+        i += ln + 1;
+        if (ln && s[ln - 1] == '\r')
+            ln--;
+        long k = tiktoken_line(s, ln, tok, &rank);
+        if (k <= 0 || rank < 0) {
+            rc = moai_err_set(err, MOAI_EUSAGE, "%s:%zu: expected '<base64 token> <rank>'", name,
+                              line + 1);
+            break;
+        }
+        if (rank >= n) {
+            rc = moai_err_set(err, MOAI_EUSAGE,
+                              "%s:%zu: rank %lld is not below the number of lines "
+                              "(%d)",
+                              name, line + 1, rank, (int) n);
+            break;
+        }
+        int a = vocab_add(b, (int32_t) rank, tok, (size_t) k);
+        if (a < 0)
+            rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+        else if (a > 0)
+            rc = moai_err_set(err, MOAI_EUSAGE, "%s:%zu: rank %lld or its token is given twice",
+                              name, line + 1, rank);
+    }
+    free(tok);
+    return rc;
+}
+
+/* Every split of each of the n ranked tokens into two tokens: counted (add false) or added
+ * as a merge ranked by the whole token's rank. Returns the count. */
+static size_t tiktoken_splits(struct bpe *b, int32_t n, bool add)
+{
+    size_t npairs = 0;
+    for (int32_t id = 0; id < n; id++) {
+        const char *s = b->pool + b->tok_off[id];
+        uint32_t len = b->tok_len[id];
+        for (uint32_t c = 1; c < len; c++) {
+            int32_t l = vocab_find(b, s, c), r = l >= 0 ? vocab_find(b, s + c, len - c) : -1;
+            if (l < 0 || r < 0)
+                continue;
+            npairs++;
+            if (add)
+                pair_add(b, l, r, (uint32_t) id, id);
+        }
+    }
+    return npairs;
+}
+
+/* The merges of a tiktoken vocabulary: its splits, in a pair table sized for them. */
+static int tiktoken_merges(struct bpe *b, const char *name, int32_t n, struct moai_err *err)
+{
+    size_t npairs = tiktoken_splits(b, n, false), ps = 16;
+    while (ps < 2 * npairs + 16)
+        ps *= 2;
+    free(b->pairs);
+    if (!(b->pairs = malloc(sizeof(struct bpe_pair) * ps)))
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+    b->pmask = ps - 1;
+    for (size_t i = 0; i < ps; i++)
+        b->pairs[i].key = BPE_EMPTY_KEY;
+    tiktoken_splits(b, n, true);
+    return 0;
+}
+
+struct bpe *bpe_load_tiktoken_mem(const char *name, const char *data, size_t size,
+                                  struct moai_err *err)
+{
+    struct bpe *b = bpe_new();
+    if (!b) {
+        moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
+        return NULL;
+    }
+    size_t lines = count_lines(data, size);
     if (lines == 0 || lines >= BPE_MAX_ID - 256) {
         moai_err_set(err, MOAI_EUSAGE, "%s: a tiktoken file needs 1 to %d lines", name,
                      BPE_MAX_ID - 257);
         goto fail;
     }
     int32_t n = (int32_t) lines;
-    if (tables_alloc(b, n + 256, 0) < 0 || !(tok = malloc(size + 4))) {
+    if (tables_alloc(b, n + 256, 0) < 0) {
         moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
         goto fail;
     }
-    size_t line = 0;
-    for (size_t i = 0; i < size; line++) {
-        const char *s = data + i, *e = memchr(s, '\n', size - i);
-        size_t ln = e ? (size_t) (e - s) : size - i;
-        i += ln + 1;
-        if (ln && s[ln - 1] == '\r')
-            ln--;
-        const char *sp = memchr(s, ' ', ln);
-        long long rank = -1;
-        long k = -1;
-        if (sp) {
-            k = b64_decode(s, (size_t) (sp - s), tok);
-            const char *d = sp + 1, *end = s + ln;
-            if (d < end && end - d <= 9)
-                for (rank = 0; d < end && rank >= 0; d++)
-                    rank = *d >= '0' && *d <= '9' ? rank * 10 + (*d - '0') : -1;
-        }
-        if (k <= 0 || rank < 0) {
-            moai_err_set(err, MOAI_EUSAGE, "%s:%zu: expected '<base64 token> <rank>'", name,
-                         line + 1);
-            goto fail;
-        }
-        if (rank >= n) {
-            moai_err_set(err, MOAI_EUSAGE,
-                         "%s:%zu: rank %lld is not below the number of lines "
-                         "(%d)",
-                         name, line + 1, rank, (int) n);
-            goto fail;
-        }
-        int a = vocab_add(b, (int32_t) rank, tok, (size_t) k);
-        if (a < 0) {
-            moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-            goto fail;
-        }
-        if (a > 0) {
-            moai_err_set(err, MOAI_EUSAGE, "%s:%zu: rank %lld or its token is given twice", name,
-                         line + 1, rank);
-            goto fail;
-        }
-    }
-    /* merges: every split of a token into two tokens, ranked by the whole token's rank */
-    size_t npairs = 0;
-    for (int pass = 0; pass < 2; pass++) {
-        if (pass == 1) {
-            free(b->pairs);
-            size_t ps = 16;
-            while (ps < 2 * npairs + 16)
-                ps *= 2;
-            if (!(b->pairs = malloc(sizeof(struct bpe_pair) * ps))) {
-                moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", name);
-                goto fail;
-            }
-            b->pmask = ps - 1;
-            for (size_t i = 0; i < ps; i++)
-                b->pairs[i].key = BPE_EMPTY_KEY;
-        }
-        for (int32_t id = 0; id < n; id++) {
-            const char *s = b->pool + b->tok_off[id];
-            uint32_t len = b->tok_len[id];
-            for (uint32_t c = 1; c < len; c++) {
-                int32_t l = vocab_find(b, s, c), r = l >= 0 ? vocab_find(b, s + c, len - c) : -1;
-                if (l < 0 || r < 0)
-                    continue;
-                if (pass == 0)
-                    npairs++;
-                else
-                    pair_add(b, l, r, (uint32_t) id, id);
-            }
-        }
-    }
+    if (tiktoken_ranks(b, name, data, size, n, err) < 0 || tiktoken_merges(b, name, n, err) < 0)
+        goto fail;
     b->ignore_merges = true;
     b->byte_level = true;
     b->kind = "tiktoken";
@@ -1103,10 +1187,8 @@ struct bpe *bpe_load_tiktoken_mem(const char *name, const char *data, size_t siz
             0 ||
         tiktoken_specials(b, n, name, err) < 0 || finish_ids(b, name, err) < 0)
         goto fail;
-    free(tok);
     return b;
 fail:
-    free(tok);
     bpe_free(b);
     return NULL;
 }

@@ -51,24 +51,36 @@ static int add_part(struct dataset_template *t, const char *text, size_t len, in
     return 0;
 }
 
-int dataset_template_parse(struct dataset_template *t, const char *tmpl, const char *response_start,
-                           struct moai_err *err)
+/* The field that opens at tmpl[i] ('{') closes at *end ('}'), with a name. */
+static int field_end(const char *tmpl, size_t i, size_t *end, struct moai_err *err)
 {
     char q[128];
-    size_t n = strlen(tmpl);
+    size_t n = strlen(tmpl), j = i + 1;
+    while (j < n && tmpl[j] != '}' && tmpl[j] != '{')
+        j++;
+    if (j >= n || tmpl[j] == '{')
+        return moai_err_set(err, MOAI_EUSAGE, "template '%s': unclosed '{' at column %zu",
+                            quote_one_line(q, sizeof(q), tmpl), i + 1);
+    if (j == i + 1)
+        return moai_err_set(err, MOAI_EUSAGE, "template '%s': empty field name '{}' at column %zu",
+                            quote_one_line(q, sizeof(q), tmpl), i + 1);
+    *end = j;
+    return 0;
+}
+
+/* tmpl cut into t's parts: literal text ("{{" and "}}" for braces) and {field}s. */
+static int template_split(struct dataset_template *t, const char *tmpl, struct moai_err *err)
+{
+    char q[128];
+    size_t n = strlen(tmpl), nlit = 0;
     char *lit = malloc(n + 1);
-    size_t nlit = 0;
     int rc = 0;
-    memset(t, 0, sizeof(*t));
-    t->resp_part = -1;
     if (!lit)
         return moai_err_set(err, MOAI_ENOMEM, "template: out of memory");
     for (size_t i = 0; i < n && rc == 0;) {
-        if (tmpl[i] == '{' && tmpl[i + 1] == '{') {
-            lit[nlit++] = '{';
-            i += 2;
-        } else if (tmpl[i] == '}' && tmpl[i + 1] == '}') {
-            lit[nlit++] = '}';
+        size_t j = i;
+        if ((tmpl[i] == '{' || tmpl[i] == '}') && tmpl[i + 1] == tmpl[i]) {
+            lit[nlit++] = tmpl[i];
             i += 2;
         } else if (tmpl[i] == '}') {
             rc = moai_err_set(err, MOAI_EUSAGE,
@@ -76,17 +88,7 @@ int dataset_template_parse(struct dataset_template *t, const char *tmpl, const c
                               "literal brace)",
                               quote_one_line(q, sizeof(q), tmpl), i + 1);
         } else if (tmpl[i] == '{') {
-            size_t j = i + 1;
-            while (j < n && tmpl[j] != '}' && tmpl[j] != '{')
-                j++;
-            if (j >= n || tmpl[j] == '{')
-                rc = moai_err_set(err, MOAI_EUSAGE, "template '%s': unclosed '{' at column %zu",
-                                  quote_one_line(q, sizeof(q), tmpl), i + 1);
-            else if (j == i + 1)
-                rc = moai_err_set(err, MOAI_EUSAGE,
-                                  "template '%s': empty field name '{}' at column %zu",
-                                  quote_one_line(q, sizeof(q), tmpl), i + 1);
-            if (rc == 0 && nlit > 0) {
+            if ((rc = field_end(tmpl, i, &j, err)) == 0 && nlit > 0) {
                 rc = add_part(t, lit, nlit, 0);
                 nlit = 0;
             }
@@ -102,25 +104,41 @@ int dataset_template_parse(struct dataset_template *t, const char *tmpl, const c
     free(lit);
     if (rc == MOAI_ENOMEM)
         moai_err_set(err, rc, "template: out of memory");
-    if (rc == 0 && response_start && response_start[0]) {
-        size_t rl = strlen(response_start);
-        for (int k = 0; k < t->nparts && t->resp_part < 0; k++) {
-            const struct dataset_part *p = &t->parts[k];
-            const char *at = p->is_field ? NULL : memmem(p->text, p->len, response_start, rl);
-            if (at) {
-                t->resp_part = k;
-                t->resp_end = (size_t) (at - p->text) + rl;
-            }
-        }
-        if (t->resp_part < 0) {
-            char q2[128];
-            rc = moai_err_set(err, MOAI_EUSAGE,
-                              "response_start '%s' does not occur in the literal text of "
-                              "template '%s'",
-                              quote_one_line(q2, sizeof(q2), response_start),
-                              quote_one_line(q, sizeof(q), tmpl));
+    return rc;
+}
+
+/* The first literal part holding response_start: t->resp_part, and t->resp_end just past it. */
+static int find_response_start(struct dataset_template *t, const char *tmpl,
+                               const char *response_start, struct moai_err *err)
+{
+    size_t rl = strlen(response_start);
+    for (int k = 0; k < t->nparts && t->resp_part < 0; k++) {
+        const struct dataset_part *p = &t->parts[k];
+        const char *at = p->is_field ? NULL : memmem(p->text, p->len, response_start, rl);
+        if (at) {
+            t->resp_part = k;
+            t->resp_end = (size_t) (at - p->text) + rl;
         }
     }
+    if (t->resp_part < 0) {
+        char q[128], q2[128];
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "response_start '%s' does not occur in the literal text of "
+                            "template '%s'",
+                            quote_one_line(q2, sizeof(q2), response_start),
+                            quote_one_line(q, sizeof(q), tmpl));
+    }
+    return 0;
+}
+
+int dataset_template_parse(struct dataset_template *t, const char *tmpl, const char *response_start,
+                           struct moai_err *err)
+{
+    memset(t, 0, sizeof(*t));
+    t->resp_part = -1;
+    int rc = template_split(t, tmpl, err);
+    if (rc == 0 && response_start && response_start[0])
+        rc = find_response_start(t, tmpl, response_start, err);
     if (rc < 0)
         dataset_template_release(t);
     return rc;
@@ -720,71 +738,100 @@ static int read_array(struct dataset_texts *d, const char *name, const char *buf
 
 /* Reads every line of s, filling records until limit; a stream whose first non-blank byte
  * is '[' is read whole as a JSON array of records. */
+/* The lines of a source, one at a time; or, when its first non-blank byte is '[', the whole
+ * source at once (a JSON array). */
+struct line_reader {
+    char *line;
+    size_t len, cap;
+    bool done;  /* the source is exhausted */
+    bool first; /* its first non-blank byte is still to come */
+    bool array; /* that byte is '[' */
+};
+
+static int line_append(struct line_reader *r, const char *from, size_t n)
+{
+    if (r->len + n + 1 > r->cap) {
+        size_t c = r->cap ? r->cap : 4096;
+        while (c < r->len + n + 1)
+            c *= 2;
+        char *l = realloc(r->line, c);
+        if (!l)
+            return MOAI_ENOMEM;
+        r->line = l;
+        r->cap = c;
+    }
+    memcpy(r->line + r->len, from, n);
+    r->len += n;
+    return 0;
+}
+
+/* Whether the source is an array, decided at its first non-blank byte (or its end). */
+static void sniff_array(struct line_reader *r, const char *from, size_t avail)
+{
+    size_t i = 0;
+    while (i < avail && strchr(" \t\r\n", from[i]))
+        i++;
+    if (i < avail || r->done) {
+        r->first = false;
+        r->array = i < avail && from[i] == '[';
+    }
+}
+
+/* The next line into r->line (its newline dropped; the last may lack one), or for an array
+ * everything to the end. Returns 0 or a negative code. */
+static int next_line(struct line_reader *r, struct src *s, struct moai_err *err)
+{
+    r->len = 0;
+    for (;;) {
+        if (s->outpos == s->outlen) {
+            long k = src_fill(s, err);
+            if (k < 0)
+                return (int) k;
+            if (k == 0)
+                r->done = true;
+        }
+        const char *from = (const char *) s->out + s->outpos;
+        size_t avail = s->outlen - s->outpos;
+        if (r->first)
+            sniff_array(r, from, avail);
+        const char *nl = r->done || r->array ? NULL : memchr(from, '\n', avail);
+        size_t take = nl ? (size_t) (nl - from) : avail;
+        if (line_append(r, from, take) < 0)
+            return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", s->name);
+        s->outpos += take + (nl ? 1 : 0);
+        if (nl || r->done)
+            return 0;
+    }
+}
+
 static int read_lines(struct dataset_texts *d, struct src *s, const struct dataset_format *f,
                       int64_t limit, struct moai_err *err)
 {
-    char *line = NULL;
-    size_t len = 0, cap = 0, spec_cap = 0, train_cap = 0;
+    struct line_reader r = {.first = true};
+    size_t spec_cap = 0, train_cap = 0;
     int64_t lineno = 0, rec_cap = 0;
-    bool done = false, first = true, array = false;
     int rc = texts_grow(d, &rec_cap);
     if (rc < 0)
         goto oom;
     d->off[0] = 0;
     d->spec_off[0] = 0;
     d->train_off[0] = 0;
-    while (!done && (array || limit < 0 || d->n < limit)) {
-        if (s->outpos == s->outlen) {
-            long k = src_fill(s, err);
-            if (k < 0) {
-                rc = (int) k;
-                goto out;
-            }
-            if (k == 0)
-                done = true; /* the last line may lack its newline */
-        }
-        const char *from = (const char *) s->out + s->outpos;
-        size_t avail = s->outlen - s->outpos;
-        if (first) {
-            size_t i = 0;
-            while (i < avail && strchr(" \t\r\n", from[i]))
-                i++;
-            if (i < avail || done) {
-                first = false;
-                array = i < avail && from[i] == '[';
-            }
-        }
-        const char *nl = done || array ? NULL : memchr(from, '\n', avail);
-        size_t take = nl ? (size_t) (nl - from) : avail;
-        if (len + take + 1 > cap) {
-            size_t c = cap ? cap : 4096;
-            while (c < len + take + 1)
-                c *= 2;
-            char *l = realloc(line, c);
-            if (!l)
-                goto oom;
-            line = l;
-            cap = c;
-        }
-        memcpy(line + len, from, take);
-        len += take;
-        s->outpos += take + (nl ? 1 : 0);
-        if (!nl && !done)
-            continue;
-        if (array) {
-            rc = read_array(d, s->name, line, len, f, limit, &spec_cap, &train_cap, err);
+    while (!r.done && (r.array || limit < 0 || d->n < limit)) {
+        if ((rc = next_line(&r, s, err)) < 0)
+            goto out;
+        if (r.array) {
+            rc = read_array(d, s->name, r.line, r.len, f, limit, &spec_cap, &train_cap, err);
             goto out;
         }
-        if (done && len == 0 && lineno > 0)
+        if (r.done && r.len == 0 && lineno > 0)
             break;
         lineno++;
-        if (!is_blank(line, len)) {
-            if ((rc = texts_grow(d, &rec_cap)) < 0)
-                goto oom;
-            if ((rc = add_record(d, f, s->name, lineno, line, len, &spec_cap, &train_cap, err)) < 0)
-                goto out;
-        }
-        len = 0;
+        if (is_blank(r.line, r.len))
+            continue;
+        if ((rc = texts_grow(d, &rec_cap)) < 0)
+            goto oom;
+        if ((rc = add_record(d, f, s->name, lineno, r.line, r.len, &spec_cap, &train_cap, err)) < 0)
+            goto out;
     }
     if (d->n == 0)
         rc = moai_err_set(err, MOAI_EIO, "%s: dataset has no records", s->name);
@@ -792,7 +839,7 @@ static int read_lines(struct dataset_texts *d, struct src *s, const struct datas
 oom:
     rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", s->name);
 out:
-    free(line);
+    free(r.line);
     return rc;
 }
 

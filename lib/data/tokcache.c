@@ -2,9 +2,7 @@
 #include "data/tokcache.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +10,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include "atomicfile.h"
 #include "data/dataset.h"
 #include "data/spm.h"
 #include "log.h"
@@ -168,106 +167,132 @@ static uint64_t payload_bytes(uint64_t n, uint64_t T)
     return a > UINT64_MAX - b ? 0 : a + b;
 }
 
-int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err)
+static void header_decode(struct header *h, const unsigned char *b)
 {
-    memset(out, 0, sizeof(*out));
-    int rc = 0;
-    unsigned char *file = NULL;
+    memcpy(&h->version, b + 8, 4);
+    memcpy(&h->bom, b + 12, 4);
+    h->key = get64(b + 16);
+    h->n = get64(b + 24);
+    h->T = get64(b + 32);
+    h->truncated = get64(b + 40);
+    h->payload_bytes = get64(b + 48);
+    h->payload_sum = get64(b + 56);
+    h->header_sum = get64(b + 64);
+}
+
+/* The whole file at path into *file (malloc'd, *size bytes, at least a header's). */
+static int read_file(const char *path, unsigned char **file, size_t *size, struct moai_err *err)
+{
     FILE *f = fopen(path, "rb");
+    struct stat st;
+    int rc = 0;
+
+    *file = NULL;
     if (!f)
         return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
-    struct stat st;
     if (fstat(fileno(f), &st) < 0 || st.st_size < HEADER_BYTES) {
         rc = moai_err_set(err, MOAI_EIO, "%s: shorter than its %d-byte header", path, HEADER_BYTES);
         goto out;
     }
-    size_t fsize = (size_t) st.st_size;
-    file = malloc(fsize);
-    if (!file) {
+    *size = (size_t) st.st_size;
+    if (!(*file = malloc(*size))) {
         rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
         goto out;
     }
-    if (fread(file, 1, fsize, f) != fsize) {
+    if (fread(*file, 1, *size, f) != *size) {
         rc = moai_err_set(err, MOAI_EIO, "cannot read '%s': %s", path,
                           ferror(f) ? strerror(errno) : "file shrank while reading");
-        goto out;
+        free(*file);
+        *file = NULL;
     }
-    struct header h;
-    memcpy(&h.version, file + 8, 4);
-    memcpy(&h.bom, file + 12, 4);
-    h.key = get64(file + 16);
-    h.n = get64(file + 24);
-    h.T = get64(file + 32);
-    h.truncated = get64(file + 40);
-    h.payload_bytes = get64(file + 48);
-    h.payload_sum = get64(file + 56);
-    h.header_sum = get64(file + 64);
-    if (memcmp(file, MAGIC, 8) != 0) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: not a token cache (bad magic)", path);
-    } else if (h.version != TOKCACHE_VERSION || h.bom != BYTE_ORDER_MARK) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: format version %" PRIu32 ", expected %u", path,
-                          h.version, TOKCACHE_VERSION);
-    } else if (h.header_sum != tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, file, 64))) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: header checksum mismatch", path);
-    } else if (h.key != key) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: key %016" PRIx64 " does not match the file name",
-                          path, h.key);
-    } else if (h.T < 2 || h.T > INT32_MAX || h.truncated > h.n ||
-               payload_bytes(h.n, h.T) != h.payload_bytes || h.payload_bytes > SIZE_MAX / 2) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: inconsistent sizes in the header", path);
-    }
-    if (rc < 0)
-        goto out;
-    unsigned long long content =
-        ZSTD_getFrameContentSize(file + HEADER_BYTES, fsize - HEADER_BYTES);
-    if (content != h.payload_bytes) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt", path);
-        goto out;
-    }
-    size_t cells = (size_t) (h.n * h.T);
-    out->tokens = malloc((size_t) h.payload_bytes);
-    out->labels = malloc(sizeof(int32_t) * cells);
-    out->lengths = malloc(sizeof(int64_t) * (size_t) h.n);
-    out->masked = malloc(sizeof(int64_t) * (size_t) h.n);
-    out->mask = malloc(cells);
-    if (!out->tokens || !out->labels || !out->lengths || !out->masked || !out->mask) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
-        goto out;
-    }
-    size_t got = ZSTD_decompress(out->tokens, (size_t) h.payload_bytes, file + HEADER_BYTES,
-                                 fsize - HEADER_BYTES);
-    if (ZSTD_isError(got) || got != h.payload_bytes) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s", path,
-                          ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
-        goto out;
-    }
-    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) != h.payload_sum) {
-        rc = moai_err_set(err, MOAI_EIO, "%s: payload checksum mismatch", path);
-        goto out;
-    }
-    out->n = (int64_t) h.n;
-    out->T = (int64_t) h.T;
-    out->truncated = (int64_t) h.truncated;
-    memcpy(out->lengths, (unsigned char *) out->tokens + cells * 4, (size_t) h.n * 8);
-    memcpy(out->masked, (unsigned char *) out->tokens + cells * 4 + h.n * 8, (size_t) h.n * 8);
-    memcpy(out->mask, (unsigned char *) out->tokens + cells * 4 + h.n * 16, cells);
-    for (size_t c = 0; c < cells; c++)
-        if (out->mask[c] > 1) {
-            rc = moai_err_set(err, MOAI_EIO, "%s: the label mask holds %d", path, out->mask[c]);
-            goto out;
-        }
-    for (int64_t i = 0; i < out->n; i++) {
-        if (out->lengths[i] < 1 || out->lengths[i] > out->T || out->masked[i] < 0 ||
-            out->masked[i] > out->lengths[i]) {
-            rc = moai_err_set(err, MOAI_EIO, "%s: sequence %" PRId64 " has impossible lengths",
-                              path, i);
-            goto out;
-        }
-    }
-    tokenized_fill_labels(out);
 out:
-    free(file);
     fclose(f);
+    return rc;
+}
+
+/* The header of file must be this version's, intact, of key, with consistent sizes. */
+static int check_header(const struct header *h, const unsigned char *file, uint64_t key,
+                        const char *path, struct moai_err *err)
+{
+    if (memcmp(file, MAGIC, 8) != 0)
+        return moai_err_set(err, MOAI_EIO, "%s: not a token cache (bad magic)", path);
+    if (h->version != TOKCACHE_VERSION || h->bom != BYTE_ORDER_MARK)
+        return moai_err_set(err, MOAI_EIO, "%s: format version %" PRIu32 ", expected %u", path,
+                            h->version, TOKCACHE_VERSION);
+    if (h->header_sum != tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, file, 64)))
+        return moai_err_set(err, MOAI_EIO, "%s: header checksum mismatch", path);
+    if (h->key != key)
+        return moai_err_set(err, MOAI_EIO, "%s: key %016" PRIx64 " does not match the file name",
+                            path, h->key);
+    if (h->T < 2 || h->T > INT32_MAX || h->truncated > h->n ||
+        payload_bytes(h->n, h->T) != h->payload_bytes || h->payload_bytes > SIZE_MAX / 2)
+        return moai_err_set(err, MOAI_EIO, "%s: inconsistent sizes in the header", path);
+    return 0;
+}
+
+/* out's arrays for h's sizes, the payload decompressed into out->tokens (checked against its
+ * sum) and spread over lengths, masked and mask. */
+static int decode_payload(struct tokenized *out, const struct header *h, const unsigned char *file,
+                          size_t fsize, const char *path, struct moai_err *err)
+{
+    const unsigned char *z = file + HEADER_BYTES;
+    size_t zn = fsize - HEADER_BYTES, cells = (size_t) (h->n * h->T);
+
+    if (ZSTD_getFrameContentSize(z, zn) != h->payload_bytes)
+        return moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt", path);
+    out->tokens = malloc((size_t) h->payload_bytes);
+    out->labels = malloc(sizeof(int32_t) * cells);
+    out->lengths = malloc(sizeof(int64_t) * (size_t) h->n);
+    out->masked = malloc(sizeof(int64_t) * (size_t) h->n);
+    out->mask = malloc(cells);
+    if (!out->tokens || !out->labels || !out->lengths || !out->masked || !out->mask)
+        return moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+    size_t got = ZSTD_decompress(out->tokens, (size_t) h->payload_bytes, z, zn);
+    if (ZSTD_isError(got) || got != h->payload_bytes)
+        return moai_err_set(err, MOAI_EIO, "%s: compressed payload is truncated or corrupt: %s",
+                            path, ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short");
+    if (tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, out->tokens, got)) != h->payload_sum)
+        return moai_err_set(err, MOAI_EIO, "%s: payload checksum mismatch", path);
+    out->n = (int64_t) h->n;
+    out->T = (int64_t) h->T;
+    out->truncated = (int64_t) h->truncated;
+    memcpy(out->lengths, (unsigned char *) out->tokens + cells * 4, (size_t) h->n * 8);
+    memcpy(out->masked, (unsigned char *) out->tokens + cells * 4 + h->n * 8, (size_t) h->n * 8);
+    memcpy(out->mask, (unsigned char *) out->tokens + cells * 4 + h->n * 16, cells);
+    return 0;
+}
+
+/* Every mask cell is 0 or 1, every length in 1..T with at most that many tokens masked. */
+static int check_sequences(const struct tokenized *t, const char *path, struct moai_err *err)
+{
+    size_t cells = (size_t) t->n * (size_t) t->T;
+    for (size_t c = 0; c < cells; c++)
+        if (t->mask[c] > 1)
+            return moai_err_set(err, MOAI_EIO, "%s: the label mask holds %d", path, t->mask[c]);
+    for (int64_t i = 0; i < t->n; i++)
+        if (t->lengths[i] < 1 || t->lengths[i] > t->T || t->masked[i] < 0 ||
+            t->masked[i] > t->lengths[i])
+            return moai_err_set(err, MOAI_EIO, "%s: sequence %" PRId64 " has impossible lengths",
+                                path, i);
+    return 0;
+}
+
+int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err)
+{
+    unsigned char *file = NULL;
+    size_t fsize = 0;
+    struct header h;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    if ((rc = read_file(path, &file, &fsize, err)) < 0)
+        return rc;
+    header_decode(&h, file);
+    if ((rc = check_header(&h, file, key, path, err)) == 0 &&
+        (rc = decode_payload(out, &h, file, fsize, path, err)) == 0 &&
+        (rc = check_sequences(out, path, err)) == 0)
+        tokenized_fill_labels(out);
+    free(file);
     if (rc < 0)
         tokenized_release(out);
     return rc;
@@ -294,46 +319,38 @@ static int make_dirs(const char *dir, struct moai_err *err)
     return 0;
 }
 
-static int write_all(int fd, const void *data, size_t size)
+/* The payload of ds: tokens, lengths, masked counts and the label mask, one after another
+ * (malloc'd, *size bytes); NULL when out of memory. */
+static unsigned char *pack_payload(const struct tokenized *ds, size_t *size)
 {
-    const unsigned char *p = data;
-    while (size > 0) {
-        ssize_t k = write(fd, p, size);
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k <= 0)
-            return -1;
-        p += k;
-        size -= (size_t) k;
-    }
-    return 0;
-}
-
-int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err)
-{
-    static _Atomic unsigned counter;
-    char dir[4096], tmp[4200];
-    int rc = 0, fd = -1;
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash) {
-        *slash = '\0';
-        if (dir[0] && (rc = make_dirs(dir, err)) < 0)
-            return rc;
-    }
     size_t cells = (size_t) ds->n * (size_t) ds->T;
     size_t pbytes = (size_t) payload_bytes((uint64_t) ds->n, (uint64_t) ds->T);
     unsigned char *payload = malloc(pbytes);
-    size_t bound = ZSTD_compressBound(pbytes);
-    unsigned char *z = malloc(HEADER_BYTES + bound);
-    if (!payload || !z) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
-        goto out;
-    }
+    if (!payload)
+        return NULL;
     memcpy(payload, ds->tokens, cells * 4);
     memcpy(payload + cells * 4, ds->lengths, (size_t) ds->n * 8);
     memcpy(payload + cells * 4 + (size_t) ds->n * 8, ds->masked, (size_t) ds->n * 8);
     memcpy(payload + cells * 4 + (size_t) ds->n * 16, ds->mask, cells);
+    *size = pbytes;
+    return payload;
+}
+
+/* The whole cache file of ds under key: the header, then the compressed payload, into *out
+ * (malloc'd, *size bytes). Returns 0, MOAI_ENOMEM or MOAI_EIO (path names the file). */
+static int encode_file(const struct tokenized *ds, uint64_t key, const char *path,
+                       unsigned char **out, size_t *size, struct moai_err *err)
+{
+    size_t pbytes = 0;
+    unsigned char *payload = pack_payload(ds, &pbytes);
+    size_t bound = ZSTD_compressBound(pbytes);
+    unsigned char *z = payload ? malloc(HEADER_BYTES + bound) : NULL;
+    int rc = 0;
+
+    if (!z) {
+        rc = moai_err_set(err, MOAI_ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
     size_t zn = ZSTD_compress(z + HEADER_BYTES, bound, payload, pbytes, 3);
     if (ZSTD_isError(zn)) {
         rc = moai_err_set(err, MOAI_EIO, "%s: cannot compress: %s", path, ZSTD_getErrorName(zn));
@@ -350,36 +367,33 @@ int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, s
         .payload_sum = tokcache_hash_final(tokcache_hash(TOKCACHE_HASH_INIT, payload, pbytes)),
     };
     header_encode(z, &h);
-    snprintf(tmp, sizeof(tmp), "%s.tmp.%ld.%u", path, (long) getpid(), counter++);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        rc = moai_err_set(err, MOAI_EIO, "cannot create '%s': %s", tmp, strerror(errno));
-        goto out;
-    }
-    if (write_all(fd, z, HEADER_BYTES + zn) < 0 || fsync(fd) < 0) {
-        rc = moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", tmp, strerror(errno));
-        goto out_unlink;
-    }
-    if (close(fd) < 0) {
-        fd = -1;
-        rc = moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", tmp, strerror(errno));
-        goto out_unlink;
-    }
-    fd = -1;
-    if (rename(tmp, path) < 0) {
-        rc = moai_err_set(err, MOAI_EIO, "cannot rename '%s' to '%s': %s", tmp, path,
-                          strerror(errno));
-        goto out_unlink;
-    }
-    goto out;
-out_unlink:
-    if (fd >= 0)
-        close(fd);
-    fd = -1;
-    unlink(tmp);
+    *out = z;
+    *size = HEADER_BYTES + zn;
+    z = NULL;
 out:
     free(payload);
     free(z);
+    return rc;
+}
+
+int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err)
+{
+    char dir[4096];
+    unsigned char *file = NULL;
+    size_t size = 0;
+    int rc;
+
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) {
+        *slash = '\0';
+        if (dir[0] && (rc = make_dirs(dir, err)) < 0)
+            return rc;
+    }
+    if ((rc = encode_file(ds, key, path, &file, &size, err)) < 0)
+        return rc;
+    rc = atomicfile_write_all(path, file, size, err);
+    free(file);
     return rc;
 }
 
@@ -455,16 +469,17 @@ out:
 }
 
 int tokcache_prepare(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                 const char *tmpl, const char *response_start, int64_t T, int64_t limit,
-                 const char *cache_dir, struct moai_err *err)
+                     const char *tmpl, const char *response_start, int64_t T, int64_t limit,
+                     const char *cache_dir, struct moai_err *err)
 {
     return tokcache_prepare_format(out, dataset_path, tokenizer_path, tmpl, response_start, NULL, T,
-                               limit, cache_dir, err);
+                                   limit, cache_dir, err);
 }
 
-int tokcache_prepare_format(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
-                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err)
+int tokcache_prepare_format(struct tokenized *out, const char *dataset_path,
+                            const char *tokenizer_path, const char *tmpl,
+                            const char *response_start, const struct data_recipe *dr, int64_t T,
+                            int64_t limit, const char *cache_dir, struct moai_err *err)
 {
     char path[4200];
     uint64_t key = 0;

@@ -22,8 +22,8 @@
  *     72  ..  one zstd frame of the payload: tokens (n*T int32), lengths (n int64),
  *             masked (n int64), mask (n*T bytes, 0 or 1); labels are rebuilt from these
  *             (tokenized_fill_labels)
- * Writes go to a temporary file in cache_dir, renamed over the target, so a reader never
- * sees a partial file.
+ * Writes go to a temporary file in cache_dir, synced and renamed over the target
+ * (atomicfile.h), so a reader never sees a partial file.
  *
  * Thread-safety: none shared. Errors: 0 or a negative code with err filled; a cache that
  * cannot be written is only a warning.
@@ -65,7 +65,8 @@ void tokcache_path(char *buf, size_t size, const char *cache_dir, uint64_t key);
 int tokcache_load(struct tokenized *out, const char *path, uint64_t key, struct moai_err *err);
 
 /* Stores ds under path atomically, creating the directory (and its parents). */
-int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key, struct moai_err *err);
+int tokcache_store(const struct tokenized *ds, const char *path, uint64_t key,
+                   struct moai_err *err);
 
 /* How records become text, beyond the template (recipe keys dataset.format,
  * dataset.chat_template, dataset.train_on). */
@@ -84,13 +85,14 @@ int tokcache_key_format(uint64_t *key, const char *dataset_path, const char *tok
 /* tokcache_prepare for any dataset format; dr NULL is format text. The chat template, when not
  * named, follows the tokenizer's special tokens (llama3, chatml, mistral), and an error says
  * so when none fits. */
-int tokcache_prepare_format(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                        const char *tmpl, const char *response_start, const struct data_recipe *dr,
-                        int64_t T, int64_t limit, const char *cache_dir, struct moai_err *err);
+int tokcache_prepare_format(struct tokenized *out, const char *dataset_path,
+                            const char *tokenizer_path, const char *tmpl,
+                            const char *response_start, const struct data_recipe *dr, int64_t T,
+                            int64_t limit, const char *cache_dir, struct moai_err *err);
 
 /* Loads from the cache or tokenizes (2 threads) and stores. cache_dir NULL: no cache. */
 int tokcache_prepare(struct tokenized *out, const char *dataset_path, const char *tokenizer_path,
-                 const char *tmpl, const char *response_start, int64_t T, int64_t limit,
-                 const char *cache_dir, struct moai_err *err);
+                     const char *tmpl, const char *response_start, int64_t T, int64_t limit,
+                     const char *cache_dir, struct moai_err *err);
 
 #endif

@@ -144,11 +144,10 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
-int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
-                  const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err)
+/* ds's token ids from tk and its arrays for texts' records of T tokens. */
+static int tokenized_alloc(struct tokenized *ds, const struct dataset_texts *texts,
+                           const struct tokenizer *tk, int64_t T, struct moai_err *err)
 {
-    struct tokenized *ds = out;
-    memset(ds, 0, sizeof(*ds));
     if (T < 2 || T > INT32_MAX)
         return moai_err_set(err, MOAI_EUSAGE, "block size %" PRId64 " is outside [2, %d]", T,
                             INT32_MAX);
@@ -172,50 +171,62 @@ int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
         return moai_err_set(err, MOAI_ENOMEM, "tokenizing %" PRId64 " records: out of memory",
                             texts->n);
     }
-    if (nthreads < 1)
-        nthreads = 1;
-    if (nthreads > 64)
-        nthreads = 64;
-    struct tok_job jobs[64];
-    pthread_t tid[64];
-    int started[64] = {0};
+    return 0;
+}
+
+/* nthreads jobs, each with an equal share of ds's rows (and its scratch for train ranges). */
+static int jobs_init(struct tok_job *jobs, int nthreads, struct tokenized *ds,
+                     const struct dataset_texts *texts, const struct tokenizer *tk,
+                     struct moai_err *err)
+{
     for (int k = 0; k < nthreads; k++) {
         memset(&jobs[k], 0, sizeof(jobs[k]));
         jobs[k].ds = ds;
         jobs[k].texts = texts;
         jobs[k].tk = tk;
-        if (texts->train_off && !(jobs[k].starts = malloc(sizeof(uint32_t) * (size_t) T))) {
+        if (texts->train_off && !(jobs[k].starts = malloc(sizeof(uint32_t) * (size_t) ds->T))) {
             for (int q = 0; q <= k; q++)
                 free(jobs[q].starts);
-            tokenized_release(ds);
             return moai_err_set(err, MOAI_ENOMEM, "tokenizing: out of memory");
         }
         jobs[k].begin = ds->n * k / nthreads;
         jobs[k].end = ds->n * (k + 1) / nthreads;
         atomic_init(&jobs[k].done, 0);
     }
-    struct progress bar;
-    progress_init(&bar, "Map", ds->n, "examples");
+    return 0;
+}
+
+/* Runs jobs 1.. on threads (or here, when a thread cannot start) and job 0 here in slices,
+ * updating the bar between them; returns when every job is done. */
+static void jobs_run(struct tok_job *jobs, int nthreads, struct progress *bar)
+{
+    pthread_t tid[64];
+    int started[64] = {0};
+
     for (int k = 1; k < nthreads; k++)
         started[k] = pthread_create(&tid[k], NULL, tok_worker, &jobs[k]) == 0;
     for (int k = 1; k < nthreads; k++)
         if (!started[k])
             tok_worker(&jobs[k]); /* no thread: do its share here */
-    /* The owner thread tokenizes the first range in slices, updating the bar between them,
-     * then waits for the others. */
     for (int64_t b = jobs[0].begin; b < jobs[0].end && jobs[0].rc == 0; b += 64) {
         tok_range(&jobs[0], b, b + 64 < jobs[0].end ? b + 64 : jobs[0].end);
-        progress_update(&bar, progress_sum(jobs, nthreads));
+        progress_update(bar, progress_sum(jobs, nthreads));
     }
     for (int k = 1; k < nthreads; k++) {
         if (!started[k])
             continue;
         while (!atomic_load_explicit(&jobs[k].finished, memory_order_acquire)) {
-            progress_update(&bar, progress_sum(jobs, nthreads));
+            progress_update(bar, progress_sum(jobs, nthreads));
             sleep_ms(20);
         }
         pthread_join(tid[k], NULL);
     }
+}
+
+/* Frees the jobs' scratch, adds up their truncations into ds; the first job's error. */
+static int jobs_finish(struct tok_job *jobs, int nthreads, struct tokenized *ds,
+                       struct moai_err *err)
+{
     int rc = 0;
     for (int k = 0; k < nthreads; k++) {
         free(jobs[k].starts);
@@ -226,13 +237,33 @@ int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
                 *err = jobs[k].err;
         }
     }
-    if (rc < 0) {
-        tokenized_release(ds);
+    return rc;
+}
+
+int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
+                   const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err)
+{
+    struct tok_job jobs[64];
+    struct progress bar;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    if ((rc = tokenized_alloc(out, texts, tk, T, err)) < 0)
+        return rc;
+    nthreads = nthreads < 1 ? 1 : nthreads > 64 ? 64 : nthreads;
+    if ((rc = jobs_init(jobs, nthreads, out, texts, tk, err)) < 0) {
+        tokenized_release(out);
         return rc;
     }
-    progress_update(&bar, ds->n);
+    progress_init(&bar, "Map", out->n, "examples");
+    jobs_run(jobs, nthreads, &bar);
+    if ((rc = jobs_finish(jobs, nthreads, out, err)) < 0) {
+        tokenized_release(out);
+        return rc;
+    }
+    progress_update(&bar, out->n);
     progress_finish(&bar);
-    tokenized_fill_labels(ds);
+    tokenized_fill_labels(out);
     return 0;
 }
 

@@ -45,7 +45,7 @@ struct tokenized {
 /* Tokenizes every text with nthreads threads (1 or more). Fails with MOAI_EUSAGE when
  * T < 2 or the tokenizer has no EOS. Returns 0 or a negative code. */
 int tokenize_texts(struct tokenized *out, const struct dataset_texts *texts,
-                  const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err);
+                   const struct tokenizer *tk, int64_t T, int nthreads, struct moai_err *err);
 
 /* Rebuilds labels from tokens, lengths and mask (after loading a cache). */
 void tokenized_fill_labels(struct tokenized *ds);

@@ -1,6 +1,8 @@
 /* ckpt.c - atomic checkpoint directories (see ckpt.h). */
 #include "exec/ckpt.h"
 
+#include "atomicfile.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -41,20 +43,6 @@ static void split_path(const char *path, char *dir, size_t dsize, char *base, si
     snprintf(b, sizeof(b), "%s", path);
     snprintf(dir, dsize, "%s", dirname(a));
     snprintf(base, bsize, "%s", basename(b));
-}
-
-static int fsync_path(const char *path, struct moai_err *err)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
-    if (fsync(fd) < 0 && errno != EINVAL) {
-        int e = errno;
-        close(fd);
-        return moai_err_set(err, MOAI_EIO, "cannot flush '%s': %s", path, strerror(e));
-    }
-    close(fd);
-    return 0;
 }
 
 void ckpt_remove_tree(const char *path)
@@ -256,7 +244,7 @@ static int finish_commit(const char *dir, const char *stg, struct moai_err *err)
         rc = moai_err_set(err, MOAI_EIO, "cannot rename '%s' to '%s': %s", commit, manifest,
                           strerror(errno));
     if (rc == 0)
-        rc = fsync_path(dir, err);
+        rc = atomicfile_sync_dir(dir, err);
     if (rc == 0)
         ckpt_remove_tree(stg);
     return rc;
@@ -304,38 +292,6 @@ const char *ckpt_stage_path(const struct ckpt_stage *s, const char *name, char *
     return buf;
 }
 
-static int write_all(int fd, const char *data, size_t len)
-{
-    while (len) {
-        ssize_t w = write(fd, data, len);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        data += w;
-        len -= (size_t) w;
-    }
-    return 0;
-}
-
-/* Writes len bytes to path (created), flushed. */
-static int write_file(const char *path, const char *data, size_t len, struct moai_err *err)
-{
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-    if (fd < 0)
-        return moai_err_set(err, MOAI_EIO, "cannot create '%s': %s", path, strerror(errno));
-    if (write_all(fd, data, len) < 0 || fsync(fd) < 0) {
-        int e = errno;
-        close(fd);
-        unlink(path);
-        return moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", path, strerror(e));
-    }
-    if (close(fd) < 0)
-        return moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", path, strerror(errno));
-    return 0;
-}
-
 int ckpt_stage_write_json(struct ckpt_stage *s, const char *name, const json_t *obj,
                           struct moai_err *err)
 {
@@ -353,7 +309,7 @@ int ckpt_stage_write_json(struct ckpt_stage *s, const char *name, const json_t *
         return moai_err_set(err, MOAI_ENOMEM, "out of memory writing '%s'", name);
     }
     withnl[len] = '\n';
-    rc = write_file(path, withnl, len + 1, err);
+    rc = atomicfile_write_all(path, withnl, len + 1, err);
     free(withnl);
     return rc;
 }
@@ -390,7 +346,8 @@ int ckpt_stage_copy_file(struct ckpt_stage *s, const char *name, const char *src
         return moai_err_set(err, MOAI_EIO, "cannot read '%s'", src);
     }
     fclose(f);
-    rc = write_file(ckpt_stage_path(s, name, path, sizeof(path)), data ? data : "", len, err);
+    rc = atomicfile_write_all(ckpt_stage_path(s, name, path, sizeof(path)), data ? data : "", len,
+                              err);
     free(data);
     return rc;
 }
@@ -442,23 +399,17 @@ static int staged_names(const struct ckpt_stage *s, char **out, size_t *len, str
 
 int ckpt_stage_commit(struct ckpt_stage *s, struct moai_err *err)
 {
-    char tmp[4096], commit[4096], *list;
+    char commit[4096], *list;
     size_t len;
     int rc;
 
-    if ((rc = fsync_path(s->tmp, err)) < 0 || (rc = staged_names(s, &list, &len, err)) < 0)
+    if ((rc = atomicfile_sync_dir(s->tmp, err)) < 0 || (rc = staged_names(s, &list, &len, err)) < 0)
         return rc;
     /* the commit point: the complete list, flushed, under its final name */
-    snprintf(tmp, sizeof(tmp), "%s/" CKPT_COMMIT ".tmp", s->tmp);
     snprintf(commit, sizeof(commit), "%s/" CKPT_COMMIT, s->tmp);
-    rc = write_file(tmp, list ? list : "", len, err);
+    rc = atomicfile_write_all(commit, list ? list : "", len, err);
     free(list);
     if (rc < 0)
-        return rc;
-    if (rename(tmp, commit) < 0)
-        return moai_err_set(err, MOAI_EIO, "cannot rename '%s' to '%s': %s", tmp, commit,
-                            strerror(errno));
-    if ((rc = fsync_path(s->tmp, err)) < 0)
         return rc;
     rc = finish_commit(s->target, s->tmp, err);
     s->tmp[0] = '\0'; /* committed: an abort must not remove what is now the checkpoint */
@@ -473,22 +424,13 @@ void ckpt_stage_abort(struct ckpt_stage *s)
 
 int ckpt_write_json_file(const char *path, const json_t *obj, struct moai_err *err)
 {
-    char tmp[4096];
     char *text = json_dumps(obj, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(17));
     int rc;
     if (!text)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory writing '%s'", path);
-    snprintf(tmp, sizeof(tmp), "%s.tmp-%ld", path, (long) getpid());
-    rc = write_file(tmp, text, strlen(text), err);
+    rc = atomicfile_write_all(path, text, strlen(text), err);
     free(text);
-    if (rc < 0)
-        return rc;
-    if (rename(tmp, path) < 0) {
-        unlink(tmp);
-        return moai_err_set(err, MOAI_EIO, "cannot rename '%s' to '%s': %s", tmp, path,
-                            strerror(errno));
-    }
-    return 0;
+    return rc;
 }
 
 int ckpt_check_writable(const char *dir, struct moai_err *err)
@@ -615,6 +557,6 @@ int ckpt_move_aside(const char *dir, char *to, size_t size, struct moai_err *err
     }
     closedir(d);
     if (rc == 0)
-        rc = fsync_path(dir, err);
+        rc = atomicfile_sync_dir(dir, err);
     return rc;
 }

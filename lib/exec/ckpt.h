@@ -97,7 +97,8 @@ int ckpt_lock_acquire(struct ckpt_lock *l, const char *dir, struct moai_err *err
  * empty (a run that failed before saving leaves nothing behind). Safe on a lock not held. */
 void ckpt_lock_release(struct ckpt_lock *l);
 
-/* Writes obj to path atomically (temporary file, fsync, rename). Returns 0 or MOAI_EIO. */
+/* Writes obj to path atomically (atomicfile.h: temporary file, fsync, rename, fsync of the
+ * directory). Returns 0 or MOAI_EIO (MOAI_ENOMEM when out of memory). */
 int ckpt_write_json_file(const char *path, const json_t *obj, struct moai_err *err);
 
 /* Creates path and its parents (mkdir -p). Returns 0 or MOAI_EIO. */

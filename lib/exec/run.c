@@ -38,7 +38,8 @@ struct saver {
     const struct train_result *progress; /* the running loop's figures (its last loss) */
     const json_t *fingerprint;           /* the run's (exec/fingerprint.h) */
     double *losses, *evals;              /* total_steps entries each, NAN where none: the history */
-    bool json, final_announced;
+    const struct exec_opts *opts;        /* its report gets TRAIN_SAVING before the final save */
+    bool final_announced;
     const char *tok_name; /* the tokenizer file's name in the checkpoint, NULL: none */
     char *tok_file;       /* the file to copy */
     json_t *tok_config;   /* tokenizer_config.json */
@@ -194,13 +195,10 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     struct model_config out = *sv->cfg;
     int rc;
 
-    if (steps_done == sv->total_steps && !sv->final_announced) {
+    if (steps_done == sv->total_steps && !sv->final_announced && sv->opts->report) {
         sv->final_announced = true;
-        if (!sv->json) {
-            puts("Training Done");
-            puts("Saving Model...");
-            fflush(stdout);
-        }
+        sv->opts->report(sv->opts->arg, &(struct train_event){.kind = TRAIN_SAVING,
+                                                              .total_steps = sv->total_steps});
     }
     snprintf(out.torch_dtype, sizeof(out.torch_dtype), "%s", bf16 ? "bfloat16" : "float32");
     if ((rc = ckpt_stage_begin(&stage, r->training.save_dir, err)) < 0)
@@ -505,39 +503,6 @@ static int hold_save_dir(const struct recipe *r, struct ckpt_lock *lock, struct 
     return rc < 0 ? moai_err_prefix(err, "%s: 'training.save_dir'", r->source) : 0;
 }
 
-static void print_final(const struct recipe *r, const struct model_config *cfg,
-                        const struct exec_opts *o, const struct train_result *tr,
-                        const struct plan_result *pr, const struct mem_process *pm)
-{
-    if (!o->json) {
-        printf("Model saved in '%s'\n", r->training.save_dir);
-        fflush(stdout);
-        return;
-    }
-    json_t *peaks = json_array(), *predicted = json_array();
-    for (int i = 0; i < tr->ndev && tr->peak_bytes; i++) {
-        struct mem_breakdown mb; /* each device's stage */
-        mem_stage(&mb, cfg, r, &pr->best, i / pr->best.lay.tp % pr->best.lay.pp);
-        json_array_append_new(peaks, json_integer(tr->peak_bytes[i]));
-        json_array_append_new(predicted, json_integer(mb.total_bytes));
-    }
-    json_t *j = json_pack(
-        "{s:s, s:s, s:s, s:I, s:f, s:o, s:f, s:f, s:I, s:o, s:o, s:I, s:I}", "status", "done",
-        "recipe", r->source, "save_dir", r->training.save_dir, "steps", (json_int_t) tr->steps_done,
-        "loss", tr->last_loss, "validation_loss",
-        isnan(tr->valid_loss) ? json_null() : json_real(tr->valid_loss), "median_step_s",
-        tr->median_step_s, "median_tokens_per_s", tr->median_tokens_per_s,
-        "predicted_bytes_per_device", (json_int_t) pr->best.mem.total_bytes, "peak_bytes", peaks,
-        "predicted_bytes", predicted, "process_predicted_bytes", (json_int_t) pm->total_bytes,
-        "process_peak_bytes", (json_int_t) mem_process_peak_bytes());
-    char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
-    if (text)
-        puts(text);
-    free(text);
-    json_decref(j);
-    fflush(stdout);
-}
-
 /* The whole process's predicted peak (plan/mem.h) once the data set is known; on the cpu
  * device a prediction past this machine's memory stops the run before it loads the weights,
  * rather than the kernel killing it later. */
@@ -673,304 +638,402 @@ int exec_prepare_data(const struct recipe *r, struct tokenized *out, const char 
                                    r->dataset.limit, cache_dir, err);
 }
 
-int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
-{
+/* Everything one run holds; zeroed at the start, released by runner_release whatever stage the
+ * run reached. */
+struct runner {
+    const struct recipe *r;
+    const struct exec_opts *o;
     struct model_config cfg;
     struct plan_result pr;
+    struct comm_world *world; /* under MPI; NULL: threads */
+    bool writer;              /* this process holds device 0 (and writes save_dir) */
+    bool agreed;              /* the MPI ranks agreed once: the others know this one's fate */
+    bool simulated;           /* an accelerator flavor run by this machine's cpu */
+    json_t *fp;               /* the run's fingerprint */
+    const char *resume_dir;   /* the checkpoint it continues, NULL: a fresh start */
+    struct ckpt_lock lock;
     struct tokenized data;
-    struct batches batches = {0};
-    struct records train = {0}, valid = {0};
-    struct llama_params host = {0};
-    struct ckpt_lock lock = {.fd = -1};
-    float *m = NULL, *v = NULL;
-    int64_t runtime_bytes = mem_process_runtime_bytes();
-    double *hist_loss = NULL, *hist_eval = NULL; /* the run's history, [step - 1] */
-    int64_t *peaks = NULL;                       /* each device's peak memory */
-    json_t *fp = NULL;
+    struct batches batches;
+    struct records train, valid;
+    struct mem_process pm;
+    int64_t runtime_bytes; /* this process's resident bytes before the run */
+    int64_t total, start;  /* the run's steps, and those a checkpoint has done */
+    struct llama_params host;
+    float *m, *v;                  /* Adam's moments on resume, else NULL */
+    double *hist_loss, *hist_eval; /* the run's history, [step - 1] */
+    int64_t *peaks;                /* each device's peak memory */
+    struct saver sv;
+};
+
+/* The architecture, and the plan: rank 0's under MPI (machines measure their own cpu speed and
+ * memory, and every rank must run the same layout). */
+static int runner_plan(struct runner *R, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
     int rc;
 
-    if ((rc = exec_load_model_config(r, &cfg, err)) < 0)
+    if ((rc = exec_load_model_config(r, &R->cfg, err)) < 0)
         return rc;
-    if (cfg.sliding_window && r->training.block_size > cfg.sliding_window)
+    if (R->cfg.sliding_window && r->training.block_size > R->cfg.sliding_window)
         return moai_err_set(err, MOAI_EUSAGE,
                             "%s: 'training.block_size' (%lld) exceeds the model's sliding window "
                             "(%lld), which this attention does not implement",
                             r->source, (long long) r->training.block_size,
-                            (long long) cfg.sliding_window);
+                            (long long) R->cfg.sliding_window);
     /* under mpirun the devices are shared out over the ranks: checked before any work */
-    struct comm_world *world = NULL;
-    if (o->mpi && (rc = comm_world_create_mpi(&world, r->flavor.devices, err)) < 0)
+    if (R->o->mpi && (rc = comm_world_create_mpi(&R->world, r->flavor.devices, err)) < 0)
         return rc;
-    bool writer = !world || world->first_dev == 0; /* the rank that holds device 0 */
-    bool agreed = false;
-    rc = plan_search(&pr, &cfg, r, err);
+    R->writer = !R->world || R->world->first_dev == 0;
+    rc = plan_search(&R->pr, &R->cfg, r, err);
     if (rc == MOAI_EOOM)
-        plan_oom_message(err, &pr, &cfg, r);
-    if (world) {
-        /* Rank 0's plan is the plan: machines measure their own cpu speed and memory, and
-         * every rank must run the same layout. */
+        plan_oom_message(err, &R->pr, &R->cfg, r);
+    if (R->world) {
         int64_t rc0 = rc;
-        comm_world_bcast(world, &rc0, sizeof(rc0));
+        comm_world_bcast(R->world, &rc0, sizeof(rc0));
         if (rc0 < 0 && rc == 0)
             rc = moai_err_set(err, (int) rc0, "%s: rank 0 found no plan", r->source);
         if (rc0 == 0) {
-            comm_world_bcast(world, &pr.best, sizeof(pr.best));
+            comm_world_bcast(R->world, &R->pr.best, sizeof(R->pr.best));
             rc = 0;
         }
     }
-    if (rc < 0) {
-        comm_world_free(world);
+    if (rc < 0)
         return rc;
-    }
-    bool simulated = strcmp(r->flavor.device.name, "cpu") != 0;
-    if (simulated)
+    R->simulated = strcmp(r->flavor.device.name, "cpu") != 0;
+    if (R->simulated)
         log_warn("%s: the %d %s devices of flavor '%s' are simulated by threads of this "
                  "machine's cpu: the predicted step time (%.3f s) is for the real hardware, not "
                  "for this run (flavor: {device: cpu, devices: N} plans for this machine)",
                  r->source, r->flavor.devices, r->flavor.device.name, r->flavor.name,
-                 pr.best.predicted_step_seconds);
-    /* Which checkpoint this run continues, if any: refused early when it is another run's. */
-    const char *resume_dir = NULL;
-    char found[64];
-    if ((rc = save_dir_is_not_the_model(r, err)) < 0 ||
-        (rc = check_resume(r, &cfg, &fp, &resume_dir, err)) < 0)
-        goto out_world;
-    if (writer && (rc = hold_save_dir(r, &lock, err)) < 0)
-        goto out_world;
-    const struct layout layout = pr.best.lay;
-    if ((rc = data_validate(r, err)) < 0) /* a record that does not fit: before any work */
-        goto out_world;
-    if ((rc = exec_prepare_data(r, &data, r->dataset.cache_dir, err)) < 0)
-        goto out_world;
-    if (tokenized_count_unscored(&data) == data.n) {
-        rc = moai_err_set(err, MOAI_EUSAGE,
-                          "%s: no example has a token counted in the loss: training.block_size "
-                          "%lld cuts every one before its response (dataset.response_start)",
-                          r->source, (long long) r->training.block_size);
-        moai_err_hint(err, "raise training.block_size, or shorten the prompts");
-        goto out_data;
+                 R->pr.best.predicted_step_seconds);
+    return 0;
+}
+
+/* Which checkpoint the run continues (refused early when it is another run's), and save_dir
+ * held for this run. */
+static int runner_claim(struct runner *R, struct moai_err *err)
+{
+    int rc;
+    if ((rc = save_dir_is_not_the_model(R->r, err)) < 0 ||
+        (rc = check_resume(R->r, &R->cfg, &R->fp, &R->resume_dir, err)) < 0)
+        return rc;
+    return R->writer ? hold_save_dir(R->r, &R->lock, err) : 0;
+}
+
+/* The tokenized data set checked against the model: some token is scored, every id is in the
+ * vocabulary. */
+static int check_data(const struct recipe *r, const struct model_config *cfg,
+                      const struct tokenized *data, struct moai_err *err)
+{
+    if (tokenized_count_unscored(data) == data->n) {
+        moai_err_set(err, MOAI_EUSAGE,
+                     "%s: no example has a token counted in the loss: training.block_size "
+                     "%lld cuts every one before its response (dataset.response_start)",
+                     r->source, (long long) r->training.block_size);
+        return moai_err_hint(err, "raise training.block_size, or shorten the prompts");
     }
     int32_t top = 0;
-    for (int64_t i = 0; i < data.n * data.T; i++)
-        if (data.tokens[i] > top)
-            top = data.tokens[i];
-    if (top >= cfg.vocab_size) {
-        rc = moai_err_set(err, MOAI_EUSAGE,
-                          "%s: the tokenizer '%s' gives id %d, outside the "
-                          "model's vocabulary of %lld",
-                          r->source, r->tokenizer, top, (long long) cfg.vocab_size);
-        goto out_data;
-    }
-    if ((rc = batch_init(&batches, data.n, r->training.batch_size, r->dataset.validation_fraction,
-                         r->dataset.shuffle, r->training.seed, err)) < 0)
-        goto out_data;
-    int64_t spe = batches.steps_per_epoch;
-    if (r->dataset.validation_fraction > 0 && batches.n_val == 0)
+    for (int64_t i = 0; i < data->n * data->T; i++)
+        if (data->tokens[i] > top)
+            top = data->tokens[i];
+    if (top >= cfg->vocab_size)
+        return moai_err_set(err, MOAI_EUSAGE,
+                            "%s: the tokenizer '%s' gives id %d, outside the model's vocabulary "
+                            "of %lld",
+                            r->source, r->tokenizer, top, (long long) cfg->vocab_size);
+    return 0;
+}
+
+/* The data: validated, tokenized (or from the token cache), split into batches and a
+ * validation set, the process's memory checked, the records copied for the loop. */
+static int runner_load_data(struct runner *R, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
+    int rc;
+
+    if ((rc = data_validate(r, err)) < 0) /* a record that does not fit: before any work */
+        return rc;
+    if ((rc = exec_prepare_data(r, &R->data, r->dataset.cache_dir, err)) < 0 ||
+        (rc = check_data(r, &R->cfg, &R->data, err)) < 0)
+        return rc;
+    if ((rc = batch_init(&R->batches, R->data.n, r->training.batch_size,
+                         r->dataset.validation_fraction, r->dataset.shuffle, r->training.seed,
+                         err)) < 0)
+        return rc;
+    if (r->dataset.validation_fraction > 0 && R->batches.n_val == 0)
         log_warn("%s: 'dataset.validation_fraction' %g of %lld records holds out none: there is "
                  "no validation",
-                 r->source, r->dataset.validation_fraction, (long long) data.n);
-    else if (r->training.eval_interval != RECIPE_NONE && batches.n_val == 0)
+                 r->source, r->dataset.validation_fraction, (long long) R->data.n);
+    else if (r->training.eval_interval != RECIPE_NONE && R->batches.n_val == 0)
         log_warn("%s: 'training.eval_interval' is set but there is no validation set "
                  "(dataset.validation_fraction)",
                  r->source);
-    struct mem_process pm;
-    if ((rc = check_process_memory(&pm, &cfg, r, &pr.best, world, &data, &batches,
-                                   resume_dir != NULL, runtime_bytes, err)) < 0)
-        goto out_batcher;
-    if ((rc = records_init(&train, &data, NULL, data.n)) < 0 ||
-        (rc = records_init(&valid, &data, batches.val, batches.n_val)) < 0) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
-        goto out_batcher;
-    }
-    int64_t total =
-        r->training.max_steps != RECIPE_NONE ? r->training.max_steps : spe * r->training.epochs;
-    if ((rc = llama_params_init(&host, &cfg, NULL, err)) < 0)
-        goto out_batcher;
-    hist_loss = malloc((size_t) total * sizeof(double));
-    hist_eval = malloc((size_t) total * sizeof(double));
-    peaks = calloc((size_t) r->flavor.devices, sizeof(*peaks));
-    if (!hist_loss || !hist_eval || !peaks) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        goto out_params;
-    }
-    for (int64_t i = 0; i < total; i++)
-        hist_loss[i] = hist_eval[i] = NAN;
+    if ((rc = check_process_memory(&R->pm, &R->cfg, r, &R->pr.best, R->world, &R->data, &R->batches,
+                                   R->resume_dir != NULL, R->runtime_bytes, err)) < 0)
+        return rc;
+    if (records_init(&R->train, &R->data, NULL, R->data.n) < 0 ||
+        records_init(&R->valid, &R->data, R->batches.val, R->batches.n_val) < 0)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
+    R->total = r->training.max_steps != RECIPE_NONE
+                   ? r->training.max_steps
+                   : R->batches.steps_per_epoch * r->training.epochs;
+    return 0;
+}
 
-    int64_t start = 0;
-    char state_path[4096];
-    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
-    if (resume_dir) {
+/* The weights to start from: the checkpoint resumed (with Adam's moments and the history), a
+ * random initialization, or the model's. */
+static int runner_load_weights(struct runner *R, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
+    int rc;
+
+    if ((rc = llama_params_init(&R->host, &R->cfg, NULL, err)) < 0)
+        return rc;
+    R->hist_loss = malloc((size_t) R->total * sizeof(double));
+    R->hist_eval = malloc((size_t) R->total * sizeof(double));
+    R->peaks = calloc((size_t) r->flavor.devices, sizeof(*R->peaks));
+    if (!R->hist_loss || !R->hist_eval || !R->peaks)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    for (int64_t i = 0; i < R->total; i++)
+        R->hist_loss[i] = R->hist_eval[i] = NAN;
+
+    if (R->resume_dir) {
         struct recipe from = *r;
-        from.training.save_dir = (char *) resume_dir;
-        m = calloc((size_t) host.nfloats, sizeof(float));
-        v = calloc((size_t) host.nfloats, sizeof(float));
-        if (!m || !v)
-            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        else
-            rc = resume_from(&from, &cfg, fp, host.arena, m, v, &start, hist_loss, hist_eval, total,
-                             err);
-        if (rc < 0)
-            goto out_params;
-        log_info("resuming from '%s' after step %lld of %lld", from.training.save_dir,
-                 (long long) start, (long long) total);
-    } else if (r->model.init == MODEL_INIT_RANDOM) {
-        optim_init_params(NULL, &host, &cfg, r->training.seed);
-    } else {
-        struct st_set set;
-        if ((rc = st_set_open_dir(&set, r->model.path, err)) < 0)
-            goto out_params;
-        rc = model_tensors_load(&cfg, &set, host.arena, r->model.path, err);
-        st_set_close(&set);
-        if (rc < 0)
-            goto out_params;
+        from.training.save_dir = (char *) R->resume_dir;
+        R->m = calloc((size_t) R->host.nfloats, sizeof(float));
+        R->v = calloc((size_t) R->host.nfloats, sizeof(float));
+        if (!R->m || !R->v)
+            return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+        if ((rc = resume_from(&from, &R->cfg, R->fp, R->host.arena, R->m, R->v, &R->start,
+                              R->hist_loss, R->hist_eval, R->total, err)) < 0)
+            return rc;
+        log_info("resuming from '%s' after step %lld of %lld", R->resume_dir, (long long) R->start,
+                 (long long) R->total);
+        return 0;
     }
+    if (r->model.init == MODEL_INIT_RANDOM) {
+        optim_init_params(NULL, &R->host, &R->cfg, r->training.seed);
+        return 0;
+    }
+    struct st_set set;
+    if ((rc = st_set_open_dir(&set, r->model.path, err)) < 0)
+        return rc;
+    rc = model_tensors_load(&R->cfg, &set, R->host.arena, r->model.path, err);
+    st_set_close(&set);
+    return rc;
+}
 
-    /* Under MPI every process has loaded what it needs, or none trains; then all start from
-     * process 0's weights and step (it alone writes save_dir, so only it surely sees a
-     * checkpoint there). */
-    if (world) {
-        agreed = true;
-        if (!comm_world_agree(world, true)) {
-            rc = moai_err_set(err, MOAI_EIO, "another MPI rank failed before training");
-            goto out_params;
-        }
-        int64_t head[2] = {start, m != NULL};
-        comm_world_bcast(world, head, sizeof(head));
-        start = head[0];
-        if (head[1] && !m) {
-            m = calloc((size_t) host.nfloats, sizeof(float));
-            v = calloc((size_t) host.nfloats, sizeof(float));
-        }
-        if (!comm_world_agree(world, !head[1] || (m && v))) {
-            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the optimizer state");
-            goto out_params;
-        }
-        size_t bytes = sizeof(float) * (size_t) host.nfloats;
-        comm_world_bcast(world, host.arena, bytes);
-        if (head[1]) {
-            comm_world_bcast(world, m, bytes);
-            comm_world_bcast(world, v, bytes);
-        }
+/* Under MPI every process has loaded what it needs, or none trains; then all start from
+ * process 0's weights and step (it alone writes save_dir, so only it surely sees a checkpoint
+ * there). */
+static int runner_agree(struct runner *R, struct moai_err *err)
+{
+    struct comm_world *w = R->world;
+    if (!w)
+        return 0;
+    R->agreed = true;
+    if (!comm_world_agree(w, true))
+        return moai_err_set(err, MOAI_EIO, "another MPI rank failed before training");
+    int64_t head[2] = {R->start, R->m != NULL};
+    comm_world_bcast(w, head, sizeof(head));
+    R->start = head[0];
+    if (head[1] && !R->m) {
+        R->m = calloc((size_t) R->host.nfloats, sizeof(float));
+        R->v = calloc((size_t) R->host.nfloats, sizeof(float));
     }
-    if (start >= total) {
-        log_info("nothing to do: the checkpoint is at step %lld of %lld", (long long) start,
-                 (long long) total);
-        rc = 0;
-        goto out_params;
+    if (!comm_world_agree(w, !head[1] || (R->m && R->v)))
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory for the optimizer state");
+    size_t bytes = sizeof(float) * (size_t) R->host.nfloats;
+    comm_world_bcast(w, R->host.arena, bytes);
+    if (head[1]) {
+        comm_world_bcast(w, R->m, bytes);
+        comm_world_bcast(w, R->v, bytes);
     }
+    return 0;
+}
 
-    struct train_result tr;
-    struct saver sv = {.progress = &tr,
-                       .r = r,
-                       .cfg = &cfg,
-                       .plan = &pr,
-                       .steps_per_epoch = spe,
-                       .total_steps = total,
-                       .json = o->json,
-                       .fingerprint = fp,
-                       .losses = hist_loss,
-                       .evals = hist_eval};
-    if (writer && !resume_dir && strcmp(r->training.resume, "auto") &&
+/* What a checkpoint needs besides the weights: the saver's figures and the tokenizer's files;
+ * under resume: never, save_dir's old checkpoint moved aside (it stays the user's). */
+static int runner_prepare_save(struct runner *R, struct train_result *tr, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
+    char found[64];
+    int rc;
+
+    R->sv = (struct saver){.progress = tr,
+                           .r = r,
+                           .cfg = &R->cfg,
+                           .plan = &R->pr,
+                           .steps_per_epoch = R->batches.steps_per_epoch,
+                           .total_steps = R->total,
+                           .opts = R->o,
+                           .fingerprint = R->fp,
+                           .losses = R->hist_loss,
+                           .evals = R->hist_eval};
+    if (R->writer && !R->resume_dir && strcmp(r->training.resume, "auto") &&
         ckpt_present(r->training.save_dir, found, sizeof(found))) {
-        /* resume: never starts over, and the checkpoint there stays the user's */
         char aside[4096];
         if ((rc = ckpt_move_aside(r->training.save_dir, aside, sizeof(aside), err)) < 0)
-            goto out_params;
+            return rc;
         log_warn("%s: training.resume is never: the checkpoint in '%s' was moved aside into '%s'",
                  r->source, r->training.save_dir, aside);
     }
-    if (r->tokenizer && file_exists(r->tokenizer) &&
-        (rc = tokenizer_checkpoint_files(r->tokenizer, &sv.tok_name, &sv.tok_file, &sv.tok_config,
-                                         err)) < 0)
-        goto out_tokenizer;
-    struct order_cache orders = {.b = &batches, .epoch = -1};
-    orders.order = malloc((size_t) (batches.n_train + 1) * sizeof(int64_t));
-    if (!orders.order) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
-        goto out_tokenizer;
-    }
+    if (r->tokenizer && file_exists(r->tokenizer))
+        return tokenizer_checkpoint_files(r->tokenizer, &R->sv.tok_name, &R->sv.tok_file,
+                                          &R->sv.tok_config, err);
+    return 0;
+}
+
+/* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries it
+ * too), unless one is there already (a checkpoint's). Returns whether it wrote one. */
+static bool write_plan_json(const struct runner *R, const char *path)
+{
+    struct moai_err err = {0};
+    bool written = false;
+    if (!R->writer || access(path, F_OK) == 0)
+        return false;
+    json_t *pj = plan_to_json(&R->pr.best, &R->cfg, R->r);
+    if (ckpt_write_json_file(path, pj, &err) < 0)
+        log_warn("%s", err.msg);
+    else
+        written = true;
+    json_decref(pj);
+    return written;
+}
+
+/* The training job over the loaded records and weights. */
+static int runner_exec(struct runner *R, struct train_result *tr, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
+    struct order_cache orders = {.b = &R->batches, .epoch = -1};
+    char state_path[4096], pj_path[4096];
+
+    orders.order = malloc((size_t) (R->batches.n_train + 1) * sizeof(int64_t));
+    if (!orders.order)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory for the data order");
     pthread_mutex_init(&orders.lock, NULL);
     struct train_job job = {
         .recipe = r,
-        .cfg = &cfg,
-        .layout = layout,
-        .train = train.view,
-        .valid = valid.view,
+        .cfg = &R->cfg,
+        .layout = R->pr.best.lay,
+        .train = R->train.view,
+        .valid = R->valid.view,
         .batch_rows = rows_of,
         .batch_arg = &orders,
-        .steps_per_epoch = spe,
-        .total_steps = total,
-        .start_step = start,
-        .init_params = host.arena,
-        .init_m = m,
-        .init_v = v,
+        .steps_per_epoch = R->batches.steps_per_epoch,
+        .total_steps = R->total,
+        .start_step = R->start,
+        .init_params = R->host.arena,
+        .init_m = R->m,
+        .init_v = R->v,
         .save = save,
-        .save_arg = &sv,
-        .json = o->json,
-        .step_losses = hist_loss,
-        .eval_losses = hist_eval,
-        .peak_bytes = peaks,
-        .world = world,
+        .save_arg = &R->sv,
+        .report = R->o->report,
+        .report_arg = R->o->arg,
+        .report_name = R->o->report_name,
+        .step_losses = R->hist_loss,
+        .eval_losses = R->hist_eval,
+        .peak_bytes = R->peaks,
+        .world = R->world,
     };
-    /* plan.json in save_dir once everything the run needs has loaded (every checkpoint carries
-     * it too), unless one is there already (a checkpoint's): a run that fails before its first
-     * checkpoint takes back what it wrote */
-    json_t *pj = plan_to_json(&pr.best, &cfg, r);
-    char pj_path[4096];
-    struct moai_err pj_err = {0};
-    bool pj_written = false;
+    snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
-    if (writer && access(pj_path, F_OK) != 0) {
-        if (ckpt_write_json_file(pj_path, pj, &pj_err) < 0)
-            log_warn("%s", pj_err.msg);
-        else
-            pj_written = true;
-    }
-    json_decref(pj);
-    rc = exec_train(&job, &tr, err);
+    bool pj_written = write_plan_json(R, pj_path);
+    int rc = exec_train(&job, tr, err);
     pthread_mutex_destroy(&orders.lock);
     free(orders.order);
+    /* a run that fails before its first checkpoint takes back the plan.json it wrote */
     if (pj_written && rc < 0 && rc != MOAI_EINTR && access(state_path, F_OK) != 0)
         unlink(pj_path);
-    if (rc == MOAI_EOOM && tr.oom_requested_bytes) {
+    if (rc == MOAI_EOOM && tr->oom_requested_bytes) {
         log_error("%s", err->msg);
-        plan_oom_message_bytes(err, r, tr.oom_requested_bytes, tr.capacity_bytes);
+        plan_oom_message_bytes(err, r, tr->oom_requested_bytes, tr->capacity_bytes);
     }
-    log_device_peaks(&tr, &pr, &cfg, r);
-    if (rc == 0) {
-        log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s%s%s)", tr.median_step_s,
-                 tr.median_tokens_per_s, pr.best.predicted_step_seconds,
-                 simulated ? " on real " : "", simulated ? r->flavor.device.name : "");
-        if (r->flavor.device.memory_bytes > 0 && !strcmp(r->flavor.device.name, "cpu")) {
-            int64_t peak = mem_process_peak_bytes();
-            log_info("process: peak resident %lld bytes, predicted %lld (measured/predicted "
-                     "%.3f)",
-                     (long long) peak, (long long) pm.total_bytes,
-                     (double) peak / (double) pm.total_bytes);
-        }
-        print_final(r, &cfg, o, &tr, &pr, &pm);
+    return rc;
+}
+
+/* The result of a run that finished: logged against the plan, then handed to the caller. */
+static void runner_report(struct runner *R, const struct train_result *tr)
+{
+    const struct recipe *r = R->r;
+    const struct plan *p = &R->pr.best;
+    int64_t peak = mem_process_peak_bytes();
+    int64_t *predicted = calloc((size_t) tr->ndev + 1, sizeof(*predicted));
+
+    log_info("median step %.3f s, %.2f tokens/s (predicted %.3f s%s%s)", tr->median_step_s,
+             tr->median_tokens_per_s, p->predicted_step_seconds, R->simulated ? " on real " : "",
+             R->simulated ? r->flavor.device.name : "");
+    if (r->flavor.device.memory_bytes > 0 && !R->simulated)
+        log_info("process: peak resident %lld bytes, predicted %lld (measured/predicted %.3f)",
+                 (long long) peak, (long long) R->pm.total_bytes,
+                 (double) peak / (double) R->pm.total_bytes);
+    for (int i = 0; predicted && i < tr->ndev; i++) { /* each device's stage */
+        struct mem_breakdown mb;
+        mem_stage(&mb, &R->cfg, r, p, i / p->lay.tp % p->lay.pp);
+        predicted[i] = mb.total_bytes;
     }
-out_tokenizer:
-    free(sv.tok_file);
-    json_decref(sv.tok_config);
-out_params:
-    free(m);
-    free(v);
-    free(hist_loss);
-    free(hist_eval);
-    free(peaks);
-    llama_params_release(&host);
-out_batcher:
-    records_release(&train);
-    records_release(&valid);
-    batch_release(&batches);
-out_data:
-    tokenized_release(&data);
-out_world:
-    if (world && !agreed) /* tell the others this process stops here */
-        comm_world_agree(world, rc == 0);
-    comm_world_free(world);
-    ckpt_lock_release(&lock);
-    json_decref(fp);
+    struct exec_summary s = {.recipe = r->source,
+                             .save_dir = r->training.save_dir,
+                             .steps = tr->steps_done,
+                             .loss = tr->last_loss,
+                             .validation_loss = tr->valid_loss,
+                             .median_step_s = tr->median_step_s,
+                             .median_tokens_per_s = tr->median_tokens_per_s,
+                             .predicted_bytes_per_device = p->mem.total_bytes,
+                             .ndev = tr->peak_bytes && predicted ? tr->ndev : 0,
+                             .peak_bytes = tr->peak_bytes,
+                             .predicted_bytes = predicted,
+                             .process_predicted_bytes = R->pm.total_bytes,
+                             .process_peak_bytes = peak};
+    if (R->o->done)
+        R->o->done(R->o->arg, &s);
+    free(predicted);
+}
+
+static void runner_release(struct runner *R, int rc)
+{
+    free(R->sv.tok_file);
+    json_decref(R->sv.tok_config);
+    free(R->m);
+    free(R->v);
+    free(R->hist_loss);
+    free(R->hist_eval);
+    free(R->peaks);
+    llama_params_release(&R->host);
+    records_release(&R->train);
+    records_release(&R->valid);
+    batch_release(&R->batches);
+    tokenized_release(&R->data);
+    if (R->world && !R->agreed) /* tell the others this process stops here */
+        comm_world_agree(R->world, rc == 0);
+    comm_world_free(R->world);
+    ckpt_lock_release(&R->lock);
+    json_decref(R->fp);
+}
+
+int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err)
+{
+    struct runner R = {.r = r, .o = o, .lock = {.fd = -1}};
+    struct train_result tr = {0};
+    int rc;
+
+    R.runtime_bytes = mem_process_runtime_bytes();
+    if ((rc = runner_plan(&R, err)) < 0 || (rc = runner_claim(&R, err)) < 0 ||
+        (rc = runner_load_data(&R, err)) < 0 || (rc = runner_load_weights(&R, err)) < 0 ||
+        (rc = runner_agree(&R, err)) < 0)
+        goto out;
+    if (R.start >= R.total) {
+        log_info("nothing to do: the checkpoint is at step %lld of %lld", (long long) R.start,
+                 (long long) R.total);
+        goto out;
+    }
+    if ((rc = runner_prepare_save(&R, &tr, err)) < 0)
+        goto out;
+    rc = runner_exec(&R, &tr, err);
+    log_device_peaks(&tr, &R.pr, &R.cfg, r);
+    if (rc == 0)
+        runner_report(&R, &tr);
+out:
+    runner_release(&R, rc);
     return rc;
 }

@@ -7,24 +7,46 @@
  * checkpoint atomically: config.json, model.safetensors, tokenizer.model, plan.json, and for
  * resuming optimizer.safetensors and trainer_state.json.
  *
- * Standard output gets the step lines and the final messages (or JSON Lines); standard error
- * the logs. Returns 0, or the code of the failure with err filled (MOAI_EOOM after printing
- * the OUT_OF_MEMORY report, MOAI_EINTR after an interrupted run was saved).
+ * It writes nothing to standard output: the steps, evaluations and the start of the final save
+ * reach the caller through exec_opts.report (exec/train.h), the result through exec_opts.done
+ * (cmd/ prints both); standard error gets the logs. Returns 0, or the code of the failure with
+ * err filled (MOAI_EOOM with the OUT_OF_MEMORY report in err, MOAI_EINTR after an interrupted
+ * run was saved).
  *
- *     struct exec_opts o = {.json = false};
+ *     struct exec_opts o = {.report = print_event, .done = print_summary, .arg = &printer,
+ *                           .report_name = "standard output"};
  *     rc = exec_run(&recipe, &o, &err);
  */
 #ifndef MOAI_RUN_H
 #define MOAI_RUN_H
 
 #include "err.h"
+#include "exec/train.h"
 #include "recipe.h"
 
 #include <stdbool.h>
+#include <stdint.h>
+
+/* The result of a run that finished and saved. */
+struct exec_summary {
+    const char *recipe, *save_dir;
+    int64_t steps;          /* optimizer steps done */
+    double loss;            /* the last step's */
+    double validation_loss; /* the final evaluation's, NAN without a validation set */
+    double median_step_s, median_tokens_per_s;
+    int64_t predicted_bytes_per_device; /* the plan's most loaded device */
+    int ndev;                           /* entries of the two arrays (0: none) */
+    const int64_t *peak_bytes;          /* each device's measured peak */
+    const int64_t *predicted_bytes;     /* each device's planned memory (its stage's) */
+    int64_t process_predicted_bytes, process_peak_bytes; /* the whole process (plan/mem.h) */
+};
 
 struct exec_opts {
-    bool json; /* JSON Lines on standard output */
-    bool mpi;  /* started by mpirun (MPI initialized): the devices are shared out over ranks */
+    bool mpi; /* started by mpirun (MPI initialized): the devices are shared out over ranks */
+    train_report_fn report; /* optional: steps, evaluations, the final save's start */
+    void (*done)(void *arg, const struct exec_summary *s); /* optional: the result */
+    void *arg;                                             /* of both */
+    const char *report_name; /* what report writes to, for its error: "standard output" */
 };
 
 int exec_run(const struct recipe *r, const struct exec_opts *o, struct moai_err *err);

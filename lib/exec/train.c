@@ -36,7 +36,7 @@ struct run {
     int save_rc;
     struct moai_err save_err;
     int local_failed;         /* a device of this process failed to set up */
-    int stdout_errno;         /* device 0 could not write a step to standard output */
+    int report_errno;         /* device 0's report failed (job->report) */
     atomic_int failed;        /* set by the first device whose own failure stops the run */
     struct moai_err fail_err; /* its error (written once, read after the threads end) */
 };
@@ -76,6 +76,7 @@ struct device {
     struct llama_work work;
     bool work_ready;
     struct slot *slots; /* (in_flight) */
+    int64_t *rows;      /* (batch_size) the step's rows */
     int64_t reserved;   /* bytes counted for the model's own arenas */
     int comm_rc;        /* the first failed collective's code (its group failed alike), or 0 */
 };
@@ -247,6 +248,7 @@ static void device_free(struct device *dv)
         free(dv->slots[i].lengths);
     }
     free(dv->slots);
+    free(dv->rows);
     for (int i = 0; i < dv->nacts; i++)
         llama_acts_release(&dv->acts[i]);
     free(dv->acts);
@@ -684,6 +686,80 @@ static void unit_whole(struct device *dv, int u, int k, float *out)
     ck(dv, comm_allgather(&dv->dpc, dv->tmp, out, (size_t) x->chunk));
 }
 
+/* The buffers of a checkpoint's gather: one unit of this device's; on device 0 a unit of any
+ * device and the layout of every device of replica 0 it receives from. */
+struct gather {
+    float *unit, *tmp;
+    struct shard *others;
+    int nothers, ready; /* others: pp x tp, those laid out */
+};
+
+static void gather_release(struct gather *g)
+{
+    for (int i = 0; i < g->ready; i++)
+        shard_release(&g->others[i]);
+    free(g->others);
+    free(g->tmp);
+    free(g->unit);
+}
+
+/* Returns whether every buffer is there. */
+static bool gather_init(struct gather *g, const struct device *dv)
+{
+    const struct shard *s = &dv->sh;
+    int64_t most = 1;
+
+    memset(g, 0, sizeof(*g));
+    g->nothers = s->lay.pp * s->lay.tp;
+    g->unit = malloc((size_t) fbytes(s->max_padded > 0 ? s->max_padded : 1));
+    if (!g->unit || s->dev != 0)
+        return g->unit != NULL;
+    g->others = calloc((size_t) g->nothers, sizeof(*g->others));
+    for (int i = 0; g->others && i < g->nothers; i++, g->ready++) {
+        int d = shard_device(&s->lay, 0, i / s->lay.tp, i % s->lay.tp);
+        if (shard_init(&g->others[i], &s->full, &s->lay, dv->run->T, dv->run->nthreads, d, NULL) <
+            0)
+            break;
+        most = g->others[i].max_padded > most ? g->others[i].max_padded : most;
+    }
+    g->tmp = g->ready == g->nothers ? malloc((size_t) fbytes(most)) : NULL;
+    return g->tmp != NULL;
+}
+
+/* Gathers the weights and both moments of the whole model into device 0's host arrays:
+ * replica 0's devices send their units (ZeRO's gathers, collective over the data-parallel
+ * group, run on every rank), device 0 places them, in device order. */
+static void gather_state(struct device *dv, struct gather *g)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
+    float *arr[3] = {run->host_params, run->host_m, run->host_v};
+
+    for (int u = 0; u < s->nunits; u++)
+        for (int k = 0; k < 3; k++) {
+            unit_whole(dv, u, k, g->unit);
+            if (s->dp_rank != 0)
+                continue;
+            if (s->dev == 0)
+                shard_unit_to_full(s, u, g->unit, arr[k]);
+            else if (!(s->tied_copy && u == s->lm_head_unit))
+                ck(dv, comm_send(&dv->world, 0, g->unit, (size_t) fbytes(s->units[u].len)));
+        }
+    for (int i = 0; s->dev == 0 && i < g->nothers; i++) {
+        const struct shard *o = &g->others[i];
+        if (o->dev == 0)
+            continue;
+        for (int u = 0; u < o->nunits; u++) {
+            if (o->tied_copy && u == o->lm_head_unit)
+                continue;
+            for (int k = 0; k < 3; k++) {
+                ck(dv, comm_recv(&dv->world, o->dev, g->tmp, (size_t) fbytes(o->units[u].len)));
+                shard_unit_to_full(o, u, g->tmp, arr[k]);
+            }
+        }
+    }
+}
+
 /* Weights and moments of the whole model on device 0: every device of data-parallel rank 0
  * sends its units (gathered over its group first under ZeRO), device 0 places them in the
  * Hugging Face order of the host arenas, then saves. */
@@ -691,66 +767,19 @@ static int save_checkpoint(struct device *dv, int64_t steps_done)
 {
     struct run *run = dv->run;
     const struct shard *s = &dv->sh;
-    float *arr[3] = {run->host_params, run->host_m, run->host_v};
-    float *unit = malloc((size_t) fbytes(s->max_padded > 0 ? s->max_padded : 1));
-    float *tmp = NULL;
-    int nothers = s->lay.pp * s->lay.tp, ready = 0;
-    struct shard *others = NULL; /* device 0: the layout of every device it receives from */
-    bool bad = !unit;
+    struct gather g;
 
-    if (s->dev == 0 && !bad) {
-        int64_t most = 1;
-        others = calloc((size_t) nothers, sizeof(*others));
-        for (int i = 0; others && i < nothers; i++, ready++) {
-            int d = shard_device(&s->lay, 0, i / s->lay.tp, i % s->lay.tp);
-            if (shard_init(&others[i], &s->full, &s->lay, run->T, run->nthreads, d, NULL) < 0)
-                break;
-            most = others[i].max_padded > most ? others[i].max_padded : most;
-        }
-        tmp = ready == nothers ? malloc((size_t) fbytes(most)) : NULL;
-        bad = !tmp;
-    }
+    bool bad = !gather_init(&g, dv);
     /* every device has its buffers, or none sends nor receives */
     if (any_device(dv, bad)) {
         if (bad)
             run_fail(run, MOAI_ENOMEM, "out of memory gathering the checkpoint of step %lld",
                      (long long) steps_done);
-        for (int i = 0; i < ready; i++)
-            shard_release(&others[i]);
-        free(others);
-        free(tmp);
-        free(unit);
+        gather_release(&g);
         return bad ? MOAI_ENOMEM : MOAI_EIO;
     }
-    /* ZeRO's gathers are collective over the data-parallel group: every rank runs them */
-    for (int u = 0; u < s->nunits; u++)
-        for (int k = 0; k < 3; k++) {
-            unit_whole(dv, u, k, unit);
-            if (s->dp_rank != 0)
-                continue;
-            if (s->dev == 0)
-                shard_unit_to_full(s, u, unit, arr[k]);
-            else if (!(s->tied_copy && u == s->lm_head_unit))
-                ck(dv, comm_send(&dv->world, 0, unit, (size_t) fbytes(s->units[u].len)));
-        }
-    for (int i = 0; s->dev == 0 && i < nothers; i++) { /* the others' units, in device order */
-        const struct shard *o = &others[i];
-        if (o->dev == 0)
-            continue;
-        for (int u = 0; u < o->nunits; u++) {
-            if (o->tied_copy && u == o->lm_head_unit)
-                continue;
-            for (int k = 0; k < 3; k++) {
-                ck(dv, comm_recv(&dv->world, o->dev, tmp, (size_t) fbytes(o->units[u].len)));
-                shard_unit_to_full(o, u, tmp, arr[k]);
-            }
-        }
-    }
-    for (int i = 0; i < ready; i++)
-        shard_release(&others[i]);
-    free(others);
-    free(tmp);
-    free(unit);
+    gather_state(dv, &g);
+    gather_release(&g);
     /* a collective that failed anywhere: the gathered state is not the run's; not saved */
     if (any_device(dv, dv->comm_rc < 0)) {
         if (dv->comm_rc < 0)
@@ -826,45 +855,18 @@ static int validate(struct device *dv, double *loss)
     return 0;
 }
 
-/* Before a line on standard output: when it shares the terminal with the step bar (standard
- * error), the bar is erased first and drawn again below the line at the next update. */
-static void stdout_line_begins(void)
+/* Hands an event to the job's report (device 0's thread). A failed report is kept in
+ * run->report_errno and stops the run at the next step, saving, as a signal does. */
+static void report(struct run *run, const struct train_event *ev)
 {
-    static int stdout_tty = -1;
-    if (stdout_tty < 0)
-        stdout_tty = isatty(STDOUT_FILENO);
-    if (stdout_tty)
-        progress_interrupt();
-}
-
-/* Writes one result on standard output: the object j under --json (taken), else line. A failed
- * write (a full disk, a closed pipe) is kept in run->stdout_errno and stops the run at the next
- * step, saving, as a signal does. */
-static void print_result(struct run *run, json_t *j, const char *line)
-{
-    stdout_line_begins();
-    if (run->job->json) {
-        char *text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
-        if (text)
-            puts(text);
-        free(text);
-        json_decref(j);
-    } else {
-        puts(line);
-    }
-    if ((fflush(stdout) == EOF || ferror(stdout)) && !run->stdout_errno)
-        run->stdout_errno = errno ? errno : EIO;
-}
-
-static void print_step(struct run *run, const struct step_record *s)
-{
-    char line[256];
-    print_result(run, run->job->json ? steplog_json(s) : NULL,
-                 steplog_format(line, sizeof(line), s));
+    const struct train_job *job = run->job;
+    int e = job->report ? job->report(job->report_arg, ev) : 0;
+    if (e && !run->report_errno)
+        run->report_errno = e;
 }
 
 /* Validation after step: every device runs it (it is collective); device 0 records the loss in
- * job->eval_losses and prints the evaluation line or object. Returns 0 with *loss, or the
+ * job->eval_losses and reports it. Returns 0 with *loss, or the
  * collective failure of validate. */
 static int evaluate(struct device *dv, int64_t step, double *loss)
 {
@@ -879,11 +881,10 @@ static int evaluate(struct device *dv, int64_t step, double *loss)
         return 0;
     if (job->eval_losses)
         job->eval_losses[step - 1] = vl;
-    if (job->quiet)
-        return 0;
-    char line[256];
-    print_result(run, job->json ? steplog_eval_json(step, job->total_steps, vl) : NULL,
-                 steplog_format_eval(line, sizeof(line), step, job->total_steps, vl));
+    report(run, &(struct train_event){.kind = TRAIN_EVAL,
+                                      .eval_step = step,
+                                      .total_steps = job->total_steps,
+                                      .eval_loss = vl});
     return 0;
 }
 
@@ -959,17 +960,17 @@ static const char *signal_name(int sig)
 }
 
 /* The error of a run stopped after saving: by a signal here or in another process (MOAI_EINTR),
- * or by a failed write on standard output (MOAI_EIO). */
+ * or by a failed report (MOAI_EIO). */
 static int interrupted(const struct run *run, struct moai_err *err)
 {
     const char *dir = run->job->recipe->training.save_dir;
     long long step = (long long) run->res->steps_done;
     int sig = exec_stop_requested;
-    if (!sig && run->stdout_errno)
+    if (!sig && run->report_errno)
         return moai_err_set(err, MOAI_EIO,
-                            "cannot write standard output: %s; checkpoint saved in '%s' after "
-                            "step %lld",
-                            strerror(run->stdout_errno), dir, step);
+                            "cannot write %s: %s; checkpoint saved in '%s' after step %lld",
+                            run->job->report_name ? run->job->report_name : "the report",
+                            strerror(run->report_errno), dir, step);
     if (!sig)
         return moai_err_set(err, MOAI_EINTR,
                             "interrupted by a signal to another MPI rank: checkpoint saved in "
@@ -980,207 +981,277 @@ static int interrupted(const struct run *run, struct moai_err *err)
                         signal_name(sig), dir, step);
 }
 
-static int device_run(struct dev *d, void *arg)
+/* Device d's shard of the layout, its communicators and its buffers. Collective: every device
+ * learns whether any failed, so none waits forever at a collective. *stop is then set on every
+ * device (the return is 0 on a device of the failing one's process, which reports it); the
+ * caller frees what was set up. */
+static int device_prepare(struct device *dv, struct dev *d, struct run *run, bool *stop)
 {
-    struct run *run = arg;
-    const struct train_job *job = run->job;
-    const struct recipe *r = job->recipe;
-    struct device dv;
-    int64_t batch = r->training.batch_size;
-    int64_t *rows = NULL;
     int rc;
 
-    int64_t done = job->start_step; /* this device's count of optimizer steps done */
-
-    memset(&dv, 0, sizeof(dv));
-    dv.run = run;
-    dv.dev = d;
-    comm_world_all(run->world, d->id, &dv.world);
-    rc = shard_init(&dv.sh, job->cfg, run->plan, run->T, run->nthreads, d->id, &d->err);
-    dv.sh_ready = rc == 0;
+    memset(dv, 0, sizeof(*dv));
+    dv->run = run;
+    dv->dev = d;
+    comm_world_all(run->world, d->id, &dv->world);
+    *stop = true;
+    rc = shard_init(&dv->sh, run->job->cfg, run->plan, run->T, run->nthreads, d->id, &d->err);
+    dv->sh_ready = rc == 0;
     /* before the groups are split, every device learns whether each has its layout */
-    if (any_device(&dv, rc < 0)) {
-        device_free(&dv);
+    if (any_device(dv, rc < 0))
         return rc < 0 ? run_fail(run, MOAI_ENOMEM,
-                                 "device %d: out of memory laying out its part "
-                                 "of the model",
-                                 d->id)
+                                 "device %d: out of memory laying out its part of the model", d->id)
                       : MOAI_EIO;
-    }
-    if ((rc = device_comms(&dv)) < 0) { /* on every device alike */
-        run_fail(run, rc, "%s", d->err.msg);
-        device_free(&dv);
-        return rc;
-    }
-
-    rc = device_alloc(&dv);
-    rows = malloc((size_t) batch * sizeof(*rows));
-    if (rc == 0 && !rows)
+    if ((rc = device_comms(dv)) < 0) /* on every device alike */
+        return run_fail(run, rc, "%s", d->err.msg);
+    rc = device_alloc(dv);
+    dv->rows = malloc((size_t) run->job->recipe->training.batch_size * sizeof(*dv->rows));
+    if (rc == 0 && !dv->rows)
         rc = moai_err_set(&d->err, MOAI_ENOMEM, "out of memory");
     if (rc < 0)
         __atomic_store_n(&run->local_failed, 1, __ATOMIC_SEQ_CST); /* read after the collective */
-    /* every device learns whether any failed, so none waits forever at a collective */
-    double failed = comm_allreduce_scalar(&dv.world, rc < 0 ? 1.0 : 0.0);
-    if (failed > 0) {
-        rc = alloc_failed_elsewhere(&dv);
+    if (comm_allreduce_scalar(&dv->world, rc < 0 ? 1.0 : 0.0) > 0)
+        return alloc_failed_elsewhere(dv);
+    *stop = false;
+    return 0;
+}
+
+/* Whether the run stops before this step: a signal to any process, or device 0's failed
+ * report, stops every device (collective). */
+static bool stop_requested(struct device *dv)
+{
+    struct run *run = dv->run;
+    int id = dv->dev->id;
+    bool here =
+        id == run->world->first_dev && (exec_stop_requested || (id == 0 && run->report_errno));
+    return any_device(dv, here);
+}
+
+/* One optimizer step on every device: the step's rows, the pipeline over its micro-batches,
+ * the loss of the global batch, the update. Fills *sr (device 0 reports it) and *broken (any
+ * device's weights not finite after the update: > 0). Every device sees the same outcome. */
+static int train_step(struct device *dv, int64_t step, struct step_record *sr, double *broken)
+{
+    struct run *run = dv->run;
+    const struct train_job *job = run->job;
+    const struct recipe *r = job->recipe;
+    struct dev *d = dv->dev;
+    int64_t batch = r->training.batch_size;
+
+    double t0 = progress_now();
+    int64_t epoch = (step - 1) / job->steps_per_epoch;
+    job->batch_rows(job->batch_arg, epoch, (step - 1) % job->steps_per_epoch, dv->rows);
+    int64_t ntargets = count_targets(&job->train, dv->rows, batch);
+    if (ntargets == 0) { /* every device has the same rows: all stop alike, before work */
+        moai_err_set(&d->err, MOAI_EUSAGE,
+                     "step %lld has no token counted in the loss: every label of its %lld "
+                     "sequences is masked (training.block_size %lld cuts them before "
+                     "dataset.response_start's response)",
+                     (long long) step, (long long) batch, (long long) run->T);
+        moai_err_hint(&d->err, "raise training.block_size, or drop the examples whose "
+                               "prompt fills the block");
+        return MOAI_EUSAGE;
+    }
+    float dloss = 1.0f / (float) ntargets;
+
+    if (!run->zero2)
+        memset(dv->grads, 0, (size_t) fbytes(dv->sh.floats));
+    else
+        memset(dv->gshard, 0, (size_t) fbytes(dv->sh.shard_floats));
+    double loss_sum = step_pipeline(dv, dv->rows, dloss);
+    bool counts = dv->sh.has_head && dv->sh.tp_rank == 0;
+    double loss = comm_allreduce_scalar(&dv->world, counts ? loss_sum : 0.0) / (double) ntargets;
+    if (!isfinite(loss)) /* every device sees the same loss and stops alike */
+        return moai_err_set(&d->err, MOAI_EIO, "the loss is not finite (%g) at step %lld", loss,
+                            (long long) step);
+    enum optim_schedule sched = (enum optim_schedule) r->training.lr_schedule;
+    double lr = r->training.lr *
+                optim_lr_factor(sched, step - 1, r->training.warmup_steps, job->total_steps);
+    double norm = optimizer_step(dv, step, lr);
+    /* a broken state is never saved nor trained on, nor one a failed collective left: every
+     * device learns of either (a failure counts 1e6, a broken device 1) */
+    *broken = comm_allreduce_scalar(&dv->world, (params_finite(dv) ? 0.0 : 1.0) +
+                                                    (dv->comm_rc < 0 ? 1e6 : 0.0));
+    if (*broken >= 1e6)
+        return dv->comm_rc < 0
+                   ? run_fail(run, dv->comm_rc, "a collective failed (out of memory) at step %lld",
+                              (long long) step)
+                   : MOAI_EIO;
+    comm_barrier(&dv->world);
+    double dt = progress_now() - t0;
+
+    int64_t real = 0; /* the tokens that are not padding */
+    for (int64_t i = 0; i < batch; i++)
+        real += job->train.lengths[dv->rows[i]];
+    *sr = (struct step_record){.step = step,
+                               .total_steps = job->total_steps,
+                               .loss = loss,
+                               .duration_s = dt,
+                               .tokens_per_s = (double) (batch * r->training.block_size) / dt,
+                               .real_tokens_per_s = (double) real / dt,
+                               .lr = lr,
+                               .grad_norm = norm};
+    return 0;
+}
+
+/* Device 0's record of a step: its time and loss, its report every log_interval steps and the
+ * first and the last (so a run shows where its loss started and ended), the step bar. */
+static void record_step(struct run *run, const struct step_record *sr, struct progress *bar)
+{
+    const struct train_job *job = run->job;
+    int64_t step = sr->step;
+
+    run->durations[run->ndurations++] = sr->duration_s;
+    run->res->last_loss = sr->loss;
+    if (job->step_losses)
+        job->step_losses[step - 1] = sr->loss;
+    if (step % job->recipe->training.log_interval == 0 || step == job->start_step + 1 ||
+        step == job->total_steps)
+        report(run, &(struct train_event){.kind = TRAIN_STEP, .step = *sr});
+    if (bar) {
+        char text[64];
+        progress_postfix(bar, ", loss %s, lr %.2e",
+                         steplog_format_loss(text, sizeof(text), sr->loss), sr->lr);
+        progress_update(bar, step);
+    }
+}
+
+/* A non-finite gradient norm, or weights a step broke (broken > 0), stop the run unsaved. */
+static int check_update(struct device *dv, const struct step_record *sr, double broken)
+{
+    struct moai_err *err = &dv->dev->err;
+    if (isfinite(sr->grad_norm) && broken == 0)
+        return 0;
+    if (!isfinite(sr->grad_norm))
+        moai_err_set(err, MOAI_EIO,
+                     "the gradient norm is not finite (%g) at step %lld: stopped without saving it",
+                     sr->grad_norm, (long long) sr->step);
+    else
+        moai_err_set(err, MOAI_EIO,
+                     "a weight is not finite after the update of step %lld (gradient norm %g): "
+                     "stopped without saving it",
+                     (long long) sr->step, sr->grad_norm);
+    moai_err_hint(err, "lower training.lr or training.weight_decay, or set training.grad_clip");
+    return MOAI_EIO;
+}
+
+/* After a step: the evaluations due (every eval_interval steps and at each epoch's end; the last
+ * step's comes with the final save), then the interval's checkpoint, after them so that its
+ * history holds them. */
+static int after_step(struct device *dv, int64_t step)
+{
+    const struct train_job *job = dv->run->job;
+    const struct recipe *r = job->recipe;
+    double vl;
+    int rc;
+
+    if (step == job->total_steps)
+        return 0;
+    bool eval_due =
+        r->training.eval_interval != RECIPE_NONE && step % r->training.eval_interval == 0;
+    if ((eval_due || step % job->steps_per_epoch == 0) && job->valid.n > 0 &&
+        (rc = evaluate(dv, step, &vl)) < 0)
+        return rc;
+    if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0)
+        return save_checkpoint(dv, step);
+    return 0;
+}
+
+/* The steps from job->start_step on; *done counts the optimizer steps done. A stop request
+ * saves the state after the last step done and returns MOAI_EINTR. */
+static int train_steps(struct device *dv, int64_t *done)
+{
+    struct run *run = dv->run;
+    const struct train_job *job = run->job;
+    struct dev *d = dv->dev;
+    struct progress bar; /* device 0 draws the step bar on a terminal (a plain line otherwise) */
+    bool show_bar = d->id == 0 && !job->quiet;
+    int rc = 0;
+
+    if (show_bar) {
+        progress_init(&bar, "Training", job->total_steps, "steps");
+        progress_start_at(&bar, job->start_step);
+        progress_update(&bar, job->start_step); /* drawn while the first step runs */
+    }
+    for (int64_t step = job->start_step + 1; step <= job->total_steps; step++) {
+        struct step_record sr;
+        double broken = 0;
+        if (stop_requested(dv)) {
+            rc = save_checkpoint(dv, step - 1);
+            rc = rc < 0 ? rc : MOAI_EINTR;
+            break;
+        }
+        if ((rc = train_step(dv, step, &sr, &broken)) < 0)
+            break;
+        if (d->id == 0)
+            record_step(run, &sr, show_bar ? &bar : NULL);
+        if ((rc = check_update(dv, &sr, broken)) < 0)
+            break;
+        *done = step;
+        if (d->id == run->world->first_dev)
+            run->res->steps_done = step;
+        if ((rc = after_step(dv, step)) < 0)
+            break;
+    }
+    if (show_bar)
+        progress_finish(&bar);
+    return rc;
+}
+
+/* The end of a run that trained (rc 0): the final evaluation and checkpoint; the error of one
+ * stopped early. */
+static int device_finish(struct device *dv, int64_t done, int rc)
+{
+    struct run *run = dv->run;
+    struct dev *d = dv->dev;
+    double vl;
+
+    if (rc == 0 && run->job->valid.n > 0) {
+        rc = evaluate(dv, done, &vl);
+        if (rc == 0 && d->id == 0)
+            run->res->valid_loss = vl;
+    }
+    if (rc == 0)
+        rc = save_checkpoint(dv, done);
+    if (rc == MOAI_EINTR && d->id == run->world->first_dev)
+        rc = interrupted(run, &d->err);
+    if (rc < 0 && rc != MOAI_EINTR && rc == run->save_rc && d->id == 0)
+        d->err = run->save_err;
+    return rc;
+}
+
+/* Device 0 learns every device's peak memory, other processes' devices too (collective). */
+static void gather_peaks(struct device *dv)
+{
+    struct run *run = dv->run;
+    struct dev *d = dv->dev;
+    for (int i = 0; i < run->ndev; i++) {
+        double peak = comm_allreduce_scalar(&dv->world, i == d->id ? (double) d->peak_bytes : 0.0);
+        if (d->id == 0 && run->job->peak_bytes)
+            run->job->peak_bytes[i] = (int64_t) peak;
+    }
+}
+
+/* One device's thread: set up, load, train, finish. */
+static int device_run(struct dev *d, void *arg)
+{
+    struct run *run = arg;
+    struct device dv;
+    int64_t done = run->job->start_step; /* this device's count of optimizer steps done */
+
+    bool stop;
+    int rc = device_prepare(&dv, d, run, &stop);
+    if (stop) {
         device_free(&dv);
-        free(rows);
         return rc;
     }
     rc = device_load(&dv);
     if (any_device(&dv, rc < 0))
         rc = rc < 0 ? run_fail(run, rc, "device %d: out of memory loading the weights", d->id)
                     : MOAI_EIO;
-
-    /* device 0 draws the step bar on a terminal (a plain line at the end otherwise) */
-    struct progress bar;
-    bool show_bar = d->id == 0 && !job->quiet;
-    if (show_bar) {
-        progress_init(&bar, "Training", job->total_steps, "steps");
-        progress_start_at(&bar, job->start_step);
-        progress_update(&bar, job->start_step); /* drawn while the first step runs */
-    }
-    for (int64_t step = job->start_step + 1; rc == 0 && step <= job->total_steps; step++) {
-        /* a signal to any process, or device 0's failed output, stops every device */
-        bool here = d->id == run->world->first_dev &&
-                    (exec_stop_requested || (d->id == 0 && run->stdout_errno));
-        double stop = comm_allreduce_scalar(&dv.world, here ? 1.0 : 0.0);
-        if (stop > 0) {
-            rc = save_checkpoint(&dv, step - 1);
-            if (rc == 0)
-                rc = MOAI_EINTR;
-            break;
-        }
-        double t0 = progress_now();
-        int64_t epoch = (step - 1) / job->steps_per_epoch;
-        job->batch_rows(job->batch_arg, epoch, (step - 1) % job->steps_per_epoch, rows);
-        int64_t ntargets = count_targets(&job->train, rows, batch);
-        if (ntargets == 0) { /* every device has the same rows: all stop alike, before work */
-            moai_err_set(&d->err, MOAI_EUSAGE,
-                         "step %lld has no token counted in the loss: every label of its %lld "
-                         "sequences is masked (training.block_size %lld cuts them before "
-                         "dataset.response_start's response)",
-                         (long long) step, (long long) batch, (long long) run->T);
-            moai_err_hint(&d->err, "raise training.block_size, or drop the examples whose "
-                                   "prompt fills the block");
-            rc = MOAI_EUSAGE;
-            break;
-        }
-        float dloss = 1.0f / (float) ntargets;
-
-        if (!run->zero2)
-            memset(dv.grads, 0, (size_t) fbytes(dv.sh.floats));
-        else
-            memset(dv.gshard, 0, (size_t) fbytes(dv.sh.shard_floats));
-        double loss_sum = step_pipeline(&dv, rows, dloss);
-        bool counts = dv.sh.has_head && dv.sh.tp_rank == 0;
-        double loss = comm_allreduce_scalar(&dv.world, counts ? loss_sum : 0.0) /
-                      (double) (ntargets ? ntargets : 1);
-        if (!isfinite(loss)) { /* every device sees the same loss and stops alike */
-            moai_err_set(&d->err, MOAI_EIO, "the loss is not finite (%g) at step %lld", loss,
-                         (long long) step);
-            rc = MOAI_EIO;
-            break;
-        }
-        enum optim_schedule sched = (enum optim_schedule) r->training.lr_schedule;
-        double lr = r->training.lr *
-                    optim_lr_factor(sched, step - 1, r->training.warmup_steps, job->total_steps);
-        double norm = optimizer_step(&dv, step, lr);
-        /* a broken state is never saved nor trained on, nor one a failed collective left:
-         * every device learns of either (a failure counts 1e6, a broken device 1) */
-        double broken = comm_allreduce_scalar(&dv.world, (params_finite(&dv) ? 0.0 : 1.0) +
-                                                             (dv.comm_rc < 0 ? 1e6 : 0.0));
-        if (broken >= 1e6) {
-            rc = dv.comm_rc < 0
-                     ? run_fail(run, dv.comm_rc, "a collective failed (out of memory) at step %lld",
-                                (long long) step)
-                     : MOAI_EIO;
-            break;
-        }
-        comm_barrier(&dv.world);
-        double dt = progress_now() - t0;
-
-        if (d->id == 0) {
-            int64_t real = 0; /* the tokens that are not padding */
-            for (int64_t i = 0; i < batch; i++)
-                real += job->train.lengths[rows[i]];
-            struct step_record sr = {.step = step,
-                                     .total_steps = job->total_steps,
-                                     .loss = loss,
-                                     .duration_s = dt,
-                                     .tokens_per_s = (double) (batch * r->training.block_size) / dt,
-                                     .real_tokens_per_s = (double) real / dt,
-                                     .lr = lr,
-                                     .grad_norm = norm};
-            run->durations[run->ndurations++] = dt;
-            run->res->last_loss = loss;
-            if (job->step_losses)
-                job->step_losses[step - 1] = loss;
-            /* every log_interval steps, and the first and the last, so a run shows where
-             * its loss started and ended */
-            if (!job->quiet && (step % r->training.log_interval == 0 ||
-                                step == job->start_step + 1 || step == job->total_steps))
-                print_step(run, &sr);
-            if (show_bar) {
-                char text[64];
-                progress_postfix(&bar, ", loss %s, lr %.2e",
-                                 steplog_format_loss(text, sizeof(text), loss), lr);
-                progress_update(&bar, step);
-            }
-        }
-        if (!isfinite(norm) || broken > 0) {
-            if (!isfinite(norm))
-                moai_err_set(&d->err, MOAI_EIO,
-                             "the gradient norm is not finite (%g) at step %lld: stopped "
-                             "without saving it",
-                             norm, (long long) step);
-            else
-                moai_err_set(&d->err, MOAI_EIO,
-                             "a weight is not finite after the update of step %lld (gradient "
-                             "norm %g): stopped without saving it",
-                             (long long) step, norm);
-            moai_err_hint(&d->err, "lower training.lr or training.weight_decay, or set "
-                                   "training.grad_clip");
-            rc = MOAI_EIO;
-            break;
-        }
-        done = step;
-        if (d->id == run->world->first_dev)
-            run->res->steps_done = step;
-        /* evaluations before the save of the same step, so its history holds them */
-        bool eval_due =
-            r->training.eval_interval != RECIPE_NONE && step % r->training.eval_interval == 0;
-        double vl;
-        if ((eval_due || step % job->steps_per_epoch == 0) && job->valid.n > 0 &&
-            step != job->total_steps && (rc = evaluate(&dv, step, &vl)) < 0)
-            break;
-        if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0 &&
-            step != job->total_steps) {
-            if ((rc = save_checkpoint(&dv, step)) < 0)
-                break;
-        }
-    }
-    if (show_bar)
-        progress_finish(&bar);
-    if (rc == 0 && job->valid.n > 0) {
-        double vl;
-        rc = evaluate(&dv, done, &vl);
-        if (rc == 0 && d->id == 0)
-            run->res->valid_loss = vl;
-    }
     if (rc == 0)
-        rc = save_checkpoint(&dv, done);
-    if (rc == MOAI_EINTR && d->id == run->world->first_dev)
-        rc = interrupted(run, &d->err);
-    if (rc < 0 && rc != MOAI_EINTR && rc == run->save_rc && d->id == 0)
-        d->err = run->save_err;
-    /* device 0 learns every device's peak (other processes' devices too) */
-    for (int i = 0; i < run->ndev; i++) {
-        double peak = comm_allreduce_scalar(&dv.world, i == d->id ? (double) d->peak_bytes : 0.0);
-        if (d->id == 0 && job->peak_bytes)
-            job->peak_bytes[i] = (int64_t) peak;
-    }
-    free(rows);
+        rc = train_steps(&dv, &done);
+    rc = device_finish(&dv, done, rc);
+    gather_peaks(&dv);
     device_free(&dv);
     return rc;
 }
@@ -1189,6 +1260,15 @@ static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *) a, y = *(const double *) b;
     return (x > y) - (x < y);
+}
+
+/* The median of device 0's step times, the first (warm-up) excepted when there are more. */
+static double median_step(struct run *run)
+{
+    int64_t skip = run->ndurations > 1 ? 1 : 0, n = run->ndurations - skip;
+    double *d = run->durations + skip;
+    qsort(d, (size_t) n, sizeof(double), cmp_double);
+    return n % 2 ? d[n / 2] : 0.5 * (d[n / 2 - 1] + d[n / 2]);
 }
 
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err)
@@ -1254,11 +1334,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
             break;
         }
     if (run.ndurations > 0) {
-        int64_t skip = run.ndurations > 1 ? 1 : 0, n = run.ndurations - skip;
-        qsort(run.durations + skip, (size_t) n, sizeof(double), cmp_double);
-        res->median_step_s =
-            n % 2 ? run.durations[skip + n / 2]
-                  : 0.5 * (run.durations[skip + n / 2 - 1] + run.durations[skip + n / 2]);
+        res->median_step_s = median_step(&run);
         res->median_tokens_per_s =
             (double) (r->training.batch_size * r->training.block_size) / res->median_step_s;
     }

@@ -36,6 +36,7 @@
 #define MOAI_TRAIN_H
 
 #include "err.h"
+#include "exec/steplog.h"
 #include "layout/shard.h"
 #include "model/config.h"
 #include "model/llama.h"
@@ -64,6 +65,25 @@ typedef int (*train_save_fn)(void *arg, int64_t steps_done, const float *params,
 
 struct comm_world;
 
+/* What device 0 reports while training (cmd/ prints it: lib writes nothing to standard output).
+ * TRAIN_STEP every log_interval steps and the first and last; TRAIN_EVAL after each evaluation
+ * of the validation set; TRAIN_SAVING when the last step is done and the final checkpoint is
+ * being written (from the save function, exec/run.c). */
+enum train_event_kind { TRAIN_STEP, TRAIN_EVAL, TRAIN_SAVING };
+
+struct train_event {
+    enum train_event_kind kind;
+    struct step_record step; /* TRAIN_STEP */
+    int64_t eval_step;       /* TRAIN_EVAL: the step after which it ran, */
+    int64_t total_steps;     /* of the run's total_steps (TRAIN_EVAL, TRAIN_SAVING) */
+    double eval_loss;        /* TRAIN_EVAL */
+};
+
+/* Receives the job's events on device 0's thread. Returns 0, or the errno of a failed write
+ * (a full disk, a closed pipe): the run then stops at the next step and saves, as on a signal,
+ * and fails with MOAI_EIO naming train_job.report_name. */
+typedef int (*train_report_fn)(void *arg, const struct train_event *ev);
+
 struct train_job {
     const struct recipe *recipe;
     const struct model_config *cfg;
@@ -79,8 +99,10 @@ struct train_job {
     const float *init_m, *init_v; /* P floats each on resume, else NULL */
     train_save_fn save;
     void *save_arg;
-    bool json;                /* step objects instead of step lines */
-    bool quiet;               /* no step lines at all (tests) */
+    train_report_fn report; /* optional: the steps and evaluations (device 0's thread) */
+    void *report_arg;
+    const char *report_name;  /* what report writes to, for its error: "standard output" */
+    bool quiet;               /* no step bar on standard error (tests) */
     double *step_losses;      /* optional: total_steps entries, [step - 1] */
     double *eval_losses;      /* optional: total_steps entries, [step - 1] after an evaluation */
     int64_t *peak_bytes;      /* optional: dp x pp x tp entries, each device's peak memory (every
@@ -111,7 +133,7 @@ extern volatile sig_atomic_t exec_saving;
 
 /* Runs the job. Returns 0, MOAI_EINTR (stopped by a signal, checkpoint saved), MOAI_EOOM
  * (a device's memory is too small), MOAI_EIO (non-finite loss, gradient norm or weight, a
- * failed save, or standard output failed: the run then stops and saves like a signal). */
+ * failed save, or the report failed: the run then stops and saves like a signal). */
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err);
 
 /* The bytes the most loaded device of a plan allocates (layout/shard.h), by the same

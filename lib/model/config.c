@@ -240,19 +240,11 @@ static bool count_fits(const struct model_config *c)
     return !o && sum <= MODEL_MAX_PARAMS;
 }
 
-int model_config_from_json(struct model_config *cfg, const json_t *root, const char *source,
-                           struct moai_err *err)
+/* The integer and real sizes, with their defaults. */
+static int get_sizes(struct model_config *cfg, const json_t *root, const char *src,
+                     struct moai_err *err)
 {
-    const char *src = source ? source : "config.json";
-    const json_t *v;
     int rc;
-
-    memset(cfg, 0, sizeof(*cfg));
-    snprintf(cfg->name, sizeof(cfg->name), "model");
-    if (!json_is_object(root))
-        return moai_err_set(err, MOAI_EUSAGE, "%s: expected a JSON object", src);
-    if ((rc = get_architecture(cfg, root, src, err)) < 0)
-        return rc;
     if ((rc = get_int(root, "hidden_size", true, 0, 1, &cfg->hidden_size, src, err)) < 0 ||
         (rc = get_int(root, "intermediate_size", true, 0, 1, &cfg->intermediate_size, src, err)) <
             0 ||
@@ -272,9 +264,17 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
         (rc = get_real(root, "initializer_range", 0.02, true, &cfg->initializer_range, src, err)) <
             0)
         return rc;
+    return 0;
+}
 
+/* head_dim, given or hidden_size / num_attention_heads, even; the key-value heads divide the
+ * heads. */
+static int get_head_dim(struct model_config *cfg, const json_t *root, const char *src,
+                        struct moai_err *err)
+{
     int64_t H = cfg->num_attention_heads, D = cfg->hidden_size;
-    v = json_object_get(root, "head_dim");
+    const json_t *v = json_object_get(root, "head_dim");
+    int rc;
     if (v && !json_is_null(v)) {
         if ((rc = get_int(root, "head_dim", true, 0, 1, &cfg->head_dim, src, err)) < 0)
             return rc;
@@ -295,12 +295,15 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
                             "%s: 'num_key_value_heads' (%lld) does not divide "
                             "'num_attention_heads' (%lld)",
                             src, (long long) cfg->num_key_value_heads, (long long) H);
+    return 0;
+}
 
-    if (!count_fits(cfg))
-        return moai_err_set(err, MOAI_EUSAGE, "%s: the sizes give more than %lld parameters", src,
-                            (long long) MODEL_MAX_PARAMS);
-
-    v = json_object_get(root, "tie_word_embeddings");
+/* tie_word_embeddings and the special token ids, each inside the vocabulary. */
+static int get_embedding_ids(struct model_config *cfg, const json_t *root, const char *src,
+                             struct moai_err *err)
+{
+    const json_t *v = json_object_get(root, "tie_word_embeddings");
+    int rc;
     if (v && !json_is_boolean(v) && !json_is_null(v))
         return moai_err_set(err, MOAI_EUSAGE, "%s: 'tie_word_embeddings' must be true or false",
                             src);
@@ -317,8 +320,13 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
                                 "%s: '%s' (%lld) is outside the vocabulary "
                                 "(%lld)",
                                 src, id_keys[i], (long long) *ids[i], (long long) cfg->vocab_size);
+    return 0;
+}
 
-    v = json_object_get(root, "hidden_act");
+/* The activation must be SiLU, and the layers without biases. */
+static int check_unsupported(const json_t *root, const char *src, struct moai_err *err)
+{
+    const json_t *v = json_object_get(root, "hidden_act");
     if (v && !json_is_null(v) && (!json_is_string(v) || strcmp(json_string_value(v), "silu")))
         return moai_err_set(err, MOAI_EUSAGE, "%s: 'hidden_act' must be \"silu\"", src);
     static const char *const biases[] = {"attention_bias", "mlp_bias"};
@@ -327,6 +335,29 @@ int model_config_from_json(struct model_config *cfg, const json_t *root, const c
         if (v && json_is_true(v))
             return moai_err_set(err, MOAI_EUSAGE, "%s: '%s' true is not supported", src, biases[i]);
     }
+    return 0;
+}
+
+int model_config_from_json(struct model_config *cfg, const json_t *root, const char *source,
+                           struct moai_err *err)
+{
+    const char *src = source ? source : "config.json";
+    const json_t *v;
+    int rc;
+
+    memset(cfg, 0, sizeof(*cfg));
+    snprintf(cfg->name, sizeof(cfg->name), "model");
+    if (!json_is_object(root))
+        return moai_err_set(err, MOAI_EUSAGE, "%s: expected a JSON object", src);
+    if ((rc = get_architecture(cfg, root, src, err)) < 0 ||
+        (rc = get_sizes(cfg, root, src, err)) < 0 || (rc = get_head_dim(cfg, root, src, err)) < 0)
+        return rc;
+    if (!count_fits(cfg))
+        return moai_err_set(err, MOAI_EUSAGE, "%s: the sizes give more than %lld parameters", src,
+                            (long long) MODEL_MAX_PARAMS);
+    if ((rc = get_embedding_ids(cfg, root, src, err)) < 0 ||
+        (rc = check_unsupported(root, src, err)) < 0)
+        return rc;
     v = json_object_get(root, "torch_dtype");
     if (v && json_is_string(v))
         snprintf(cfg->torch_dtype, sizeof(cfg->torch_dtype), "%s", json_string_value(v));

@@ -1,6 +1,7 @@
 /* safetensors.c - safetensors reading with every offset checked, atomic writing (see .h). */
 #include "model/safetensors.h"
 
+#include "atomicfile.h"
 #include "progress.h"
 
 #include <dirent.h>
@@ -652,91 +653,6 @@ int64_t st_set_ntensors(const struct st_set *s)
 
 /* ---- writing ---------------------------------------------------------------------------- */
 
-/* A file being written: a temporary file beside path, renamed over it on commit. */
-struct atomic_file {
-    const char *path;
-    char *tmp;
-    FILE *f;
-    int failed_errno; /* the first write error, 0 when none */
-};
-
-static int atomic_begin(struct atomic_file *a, const char *path, struct moai_err *err)
-{
-    size_t n = strlen(path);
-    int fd;
-
-    memset(a, 0, sizeof(*a));
-    a->path = path;
-    if (!(a->tmp = malloc(n + sizeof(".tmp-XXXXXX"))))
-        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-    memcpy(a->tmp, path, n);
-    memcpy(a->tmp + n, ".tmp-XXXXXX", sizeof(".tmp-XXXXXX"));
-    if ((fd = mkostemp(a->tmp, O_CLOEXEC)) < 0) {
-        int e = errno;
-        free(a->tmp);
-        return moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", path, strerror(e));
-    }
-    fchmod(fd, 0644);
-    if (!(a->f = fdopen(fd, "wb"))) {
-        int e = errno;
-        close(fd);
-        unlink(a->tmp);
-        free(a->tmp);
-        return moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", path, strerror(e));
-    }
-    setvbuf(a->f, NULL, _IOFBF, 1 << 20);
-    return 0;
-}
-
-static void atomic_write(struct atomic_file *a, const void *p, size_t n)
-{
-    if (!a->failed_errno && n && fwrite(p, 1, n, a->f) != n)
-        a->failed_errno = errno ? errno : EIO;
-}
-
-/* fsync of a folder, so that renames and removals in it survive a crash. Returns 0 or an
- * errno value (file systems that cannot sync a folder, EINVAL, count as done). */
-static int sync_dir(const char *dir)
-{
-    int fd, rc = 0;
-    if ((fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0)
-        return errno;
-    if (fsync(fd) < 0 && errno != EINVAL && errno != ENOTSUP)
-        rc = errno;
-    close(fd);
-    return rc;
-}
-
-static int sync_dir_of(const char *path)
-{
-    char *dir = path_dir(path);
-    int rc = dir ? sync_dir(dir) : ENOMEM;
-    free(dir);
-    return rc;
-}
-
-/* Flushes, syncs and renames (commit), or removes the temporary file (when a write failed or
- * !commit). Returns 0 or MOAI_EIO. */
-static int atomic_end(struct atomic_file *a, bool commit, struct moai_err *err)
-{
-    int e = a->failed_errno;
-
-    if (!e && (fflush(a->f) != 0 || fsync(fileno(a->f)) != 0))
-        e = errno;
-    if (fclose(a->f) != 0 && !e)
-        e = errno;
-    if (commit && !e && rename(a->tmp, a->path) != 0)
-        e = errno;
-    if (!commit || e)
-        unlink(a->tmp);
-    free(a->tmp);
-    if (commit && !e)
-        e = sync_dir_of(a->path);
-    if (commit && e)
-        return moai_err_set(err, MOAI_EIO, "cannot write '%s': %s", a->path, strerror(e));
-    return 0;
-}
-
 static int64_t write_numel(const struct st_write_tensor *t)
 {
     int64_t numel = 1;
@@ -834,7 +750,7 @@ static char *make_header(int n, const struct st_write_tensor *t, enum st_dtype d
 static int write_file(const char *path, int n, const struct st_write_tensor *t, enum st_dtype dtype,
                       struct moai_err *err)
 {
-    struct atomic_file a;
+    struct atomicfile a;
     size_t hlen;
     uint8_t len8[8];
     int rc;
@@ -842,37 +758,37 @@ static int write_file(const char *path, int n, const struct st_write_tensor *t, 
     char *header = make_header(n, t, dtype, &hlen);
     if (!header)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory writing '%s'", path);
-    if ((rc = atomic_begin(&a, path, err)) < 0) {
+    if ((rc = atomicfile_begin(&a, path, err)) < 0) {
         free(header);
         return rc;
     }
     for (int i = 0; i < 8; i++)
         len8[i] = (uint8_t) ((uint64_t) hlen >> (8 * i));
-    atomic_write(&a, len8, 8);
-    atomic_write(&a, header, hlen);
+    atomicfile_write(&a, len8, 8);
+    atomicfile_write(&a, header, hlen);
     free(header);
 
     enum { CHUNK = 1 << 15 };
     uint16_t *buf = dtype == ST_BF16 ? malloc(CHUNK * sizeof(*buf)) : NULL;
     if (dtype == ST_BF16 && !buf) {
-        atomic_end(&a, false, err);
+        atomicfile_abort(&a);
         return moai_err_set(err, MOAI_ENOMEM, "out of memory writing '%s'", path);
     }
     for (int i = 0; i < n && !a.failed_errno; i++) {
         int64_t numel = write_numel(&t[i]);
         if (dtype == ST_F32) {
-            atomic_write(&a, t[i].data, (size_t) numel * 4);
+            atomicfile_write(&a, t[i].data, (size_t) numel * 4);
             continue;
         }
         for (int64_t j = 0; j < numel && !a.failed_errno; j += CHUNK) {
             int64_t k = numel - j < CHUNK ? numel - j : CHUNK;
             for (int64_t q = 0; q < k; q++)
                 buf[q] = st_bf16_from_f32(t[i].data[j + q]);
-            atomic_write(&a, buf, (size_t) k * 2);
+            atomicfile_write(&a, buf, (size_t) k * 2);
         }
     }
     free(buf);
-    return atomic_end(&a, true, err);
+    return atomicfile_commit(&a, err);
 }
 
 int st_write(const char *path, int n, const struct st_write_tensor *t, enum st_dtype dtype,
@@ -935,25 +851,97 @@ static int remove_stale(const char *dir, const char *base, int nshards, struct m
         free(p);
     }
     closedir(d);
-    int e2 = rc == 0 ? sync_dir(dir) : 0;
-    if (e2)
-        rc = moai_err_set(err, MOAI_EIO, "cannot sync '%s': %s", dir, strerror(e2));
-    return rc;
+    return rc == 0 ? atomicfile_sync_dir(dir, err) : rc;
 }
 
 static int write_index(const char *path, const json_t *index, struct moai_err *err)
 {
-    struct atomic_file a;
+    struct atomicfile a;
     int rc;
     char *text = json_dumps(index, JSON_INDENT(2) | JSON_SORT_KEYS);
     if (!text)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory writing '%s'", path);
-    if ((rc = atomic_begin(&a, path, err)) == 0) {
-        atomic_write(&a, text, strlen(text));
-        atomic_write(&a, "\n", 1);
-        rc = atomic_end(&a, true, err);
+    if ((rc = atomicfile_begin(&a, path, err)) == 0) {
+        atomicfile_write(&a, text, strlen(text));
+        atomicfile_write(&a, "\n", 1);
+        rc = atomicfile_commit(&a, err);
     }
     free(text);
+    return rc;
+}
+
+/* dir/name, written with the n tensors of t. */
+static int write_named(const char *dir, const char *name, int n, const struct st_write_tensor *t,
+                       enum st_dtype dtype, struct moai_err *err)
+{
+    char *path = path_join(dir, name);
+    if (!path)
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    int rc = write_file(path, n, t, dtype, err);
+    free(path);
+    return rc;
+}
+
+/* Cuts the n tensors of t, in order, into shards of at most max_bytes (a tensor larger than
+ * that alone): shard s holds tensors [first[s], first[s + 1]). Returns the shard count. */
+static int cut_shards(int n, const struct st_write_tensor *t, uint64_t esize, uint64_t max_bytes,
+                      int *first)
+{
+    uint64_t bytes = 0;
+    int k = 0;
+    for (int i = 0; i < n; i++) {
+        uint64_t b = (uint64_t) write_numel(&t[i]) * esize;
+        if (k == 0 || (bytes > 0 && bytes + b > max_bytes)) {
+            first[k++] = i;
+            bytes = 0;
+        }
+        bytes += b;
+    }
+    first[k] = n;
+    return k;
+}
+
+/* Writes the k shards BASE-NNNNN-of-NNNNN.safetensors, each tensor's name mapped to its
+ * shard's in map. */
+static int write_shards(const char *dir, const char *base, int k, const int *first,
+                        const struct st_write_tensor *t, enum st_dtype dtype, json_t *map,
+                        struct moai_err *err)
+{
+    char name[512];
+    int rc;
+    for (int s = 0; s < k; s++) {
+        snprintf(name, sizeof(name), "%s-%05d-of-%05d.safetensors", base, s + 1, k);
+        if ((rc = write_named(dir, name, first[s + 1] - first[s], t + first[s], dtype, err)) < 0)
+            return rc;
+        for (int i = first[s]; i < first[s + 1]; i++)
+            if (json_object_set_new(map, t[i].name, json_string(name)))
+                return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    return 0;
+}
+
+/* BASE.safetensors.index.json: the total size and the weight map. */
+static int write_shard_index(const char *dir, const char *base, uint64_t total, json_t *map,
+                             struct moai_err *err)
+{
+    char name[512];
+    json_t *index = json_object();
+    int rc;
+    if (!index ||
+        json_object_set_new(index, "metadata",
+                            json_pack("{s:I}", "total_size", (json_int_t) total)) ||
+        json_object_set(index, "weight_map", map)) {
+        json_decref(index);
+        return moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    }
+    snprintf(name, sizeof(name), "%s.safetensors.index.json", base);
+    char *ipath = path_join(dir, name);
+    if (!ipath)
+        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
+    else
+        rc = write_index(ipath, index, err);
+    free(ipath);
+    json_decref(index);
     return rc;
 }
 
@@ -963,7 +951,7 @@ int st_write_sharded(const char *dir, const char *base, int n, const struct st_w
 {
     uint64_t total = 0, esize = (uint64_t) st_dtype_size(dtype);
     char name[512];
-    int rc, k = 0;
+    int rc, k;
 
     if (nshards)
         *nshards = 0;
@@ -976,73 +964,25 @@ int st_write_sharded(const char *dir, const char *base, int n, const struct st_w
 
     if (max_shard_bytes == 0 || total <= max_shard_bytes) {
         snprintf(name, sizeof(name), "%s.safetensors", base);
-        char *path = path_join(dir, name);
-        if (!path)
-            return moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        rc = write_file(path, n, t, dtype, err);
-        free(path);
+        rc = write_named(dir, name, n, t, dtype, err);
         return rc < 0 ? rc : remove_stale(dir, base, 0, err);
     }
-
-    /* shard i holds tensors [first[i], first[i + 1]) */
     int *first = malloc(((size_t) n + 2) * sizeof(*first));
-    json_t *index = json_object(), *map = json_object();
-    if (!first || !index || !map) {
+    json_t *map = json_object();
+    if (!first || !map) {
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
         goto out;
     }
-    uint64_t bytes = 0;
-    for (int i = 0; i < n; i++) {
-        uint64_t b = (uint64_t) write_numel(&t[i]) * esize;
-        if (k == 0 || (bytes > 0 && bytes + b > max_shard_bytes)) {
-            first[k++] = i;
-            bytes = 0;
-        }
-        bytes += b;
-    }
-    first[k] = n;
-    if (k > 99999) {
+    if ((k = cut_shards(n, t, esize, max_shard_bytes, first)) > 99999) {
         rc = moai_err_set(err, MOAI_EUSAGE, "%s: %d shards are more than the names allow", dir, k);
         goto out;
     }
-    for (int s = 0; s < k; s++) {
-        snprintf(name, sizeof(name), "%s-%05d-of-%05d.safetensors", base, s + 1, k);
-        char *path = path_join(dir, name);
-        if (!path) {
-            rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-            goto out;
-        }
-        rc = write_file(path, first[s + 1] - first[s], t + first[s], dtype, err);
-        free(path);
-        if (rc < 0)
-            goto out;
-        for (int i = first[s]; i < first[s + 1]; i++)
-            if (json_object_set_new(map, t[i].name, json_string(name))) {
-                rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-                goto out;
-            }
-    }
-    if (json_object_set_new(index, "metadata",
-                            json_pack("{s:I}", "total_size", (json_int_t) total)) ||
-        json_object_set(index, "weight_map", map)) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        goto out;
-    }
-    snprintf(name, sizeof(name), "%s.safetensors.index.json", base);
-    char *ipath = path_join(dir, name);
-    if (!ipath) {
-        rc = moai_err_set(err, MOAI_ENOMEM, "out of memory");
-        goto out;
-    }
-    rc = write_index(ipath, index, err);
-    free(ipath);
-    if (rc == 0)
-        rc = remove_stale(dir, base, k, err);
-    if (rc == 0 && nshards)
+    if ((rc = write_shards(dir, base, k, first, t, dtype, map, err)) == 0 &&
+        (rc = write_shard_index(dir, base, total, map, err)) == 0 &&
+        (rc = remove_stale(dir, base, k, err)) == 0 && nshards)
         *nshards = k;
 out:
     json_decref(map);
-    json_decref(index);
     free(first);
     return rc;
 }

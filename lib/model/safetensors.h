@@ -39,8 +39,8 @@
  *
  * The writer writes tensors in the order given, with {"__metadata__": {"format": "pt"}}, the
  * header padded with spaces to a multiple of 8 bytes, in F32 or BF16 (rounded to nearest, ties
- * to even, from fp32). A file is written atomically: a temporary file in the same folder,
- * fsync, rename over the target, fsync of the folder. A file written and read back gives the
+ * to even, from fp32). A file is written atomically (atomicfile.h): a temporary file in the
+ * same folder, fsync, rename over the target, fsync of the folder. A file written and read back gives the
  * same fp32 bits (F32) or the same rounded values (BF16), and writing those again gives the
  * same bytes.
  *

@@ -19,8 +19,16 @@ expect_eq "no recipe: message" "moai-finetune: error: no recipe given (usage: mo
 expect_eq "unknown option: status" 2 $?
 expect_eq "unknown option: message" "moai-finetune: error: unknown option or missing argument '--frobnicate'" "$(cat "$TMP/err")"
 
+"$MOAI_BIN" -x x.yaml 2>"$TMP/err"
+expect_eq "unknown short option: status" 2 $?
+expect_eq "unknown short option: message" "moai-finetune: error: unknown option '-x'" "$(cat "$TMP/err")"
+
 "$MOAI_BIN" --plan-only --validate x.yaml 2>"$TMP/err"
 expect_eq "--plan-only with --validate" 2 $?
+expect_eq "--plan-only with --validate: message" "moai-finetune: error: --validate cannot be combined with --plan-only" "$(cat "$TMP/err")"
+
+"$MOAI_BIN" --validate --tokenize x.yaml 2>"$TMP/err"
+expect_eq "--tokenize with --validate: message" "moai-finetune: error: --tokenize cannot be combined with --plan-only or --validate" "$(cat "$TMP/err")"
 
 "$MOAI_BIN" --validate no-such-recipe.yaml 2>"$TMP/err"
 expect_eq "missing recipe: status" 2 $?
