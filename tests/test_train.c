@@ -5,6 +5,7 @@
 #include <cmocka.h>
 
 #include "exec/train.h"
+#include "model/bf16.h"
 #include "model/optim.h"
 #include "plan/mem.h"
 
@@ -107,6 +108,8 @@ static int snapshot_save(void *arg, int64_t steps_done, const float *params, con
 
 static struct snapshot *snap_in, *snap_out;
 static const char *extra_training = "";
+/* training.precision of train_lay's recipe */
+static const char *precision = "fp32";
 
 /* A layout of the tests: dp x pp x tp, micro-batches, recomputation, sharding, model. */
 struct lay {
@@ -127,10 +130,10 @@ static int train_lay(const struct lay *l, int64_t capacity, double *losses,
     int ndev = l->dp * l->pp * l->tp;
     snprintf(text, sizeof(text),
              "model: {path: m}\ndataset: {path: d}\n"
-             "training: {batch_size: 8, block_size: %d, precision: fp32, lr: 1.0e-2,"
+             "training: {batch_size: 8, block_size: %d, precision: %s, lr: 1.0e-2,"
              " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5%s}\n"
              "flavor: {device: cpu, devices: %d, memory_gb: %g}\n",
-             SEQ, extra_training, ndev, (double) capacity / 1073741824.0);
+             SEQ, precision, extra_training, ndev, (double) capacity / 1073741824.0);
     assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, err), 0);
     int64_t batch = 8;
     if (snap_out)
@@ -305,6 +308,54 @@ static void test_train_model_parallel_memory_is_exact(void **state)
     }
 }
 
+/* training.precision bf16: every device's measured peak is still what layout/shard.h says
+ * (bf16 operands live in the products' panels on the stack, no arena changes), and the
+ * losses follow fp32's: within 2e-3 relative over the steps (bf16 rounds each product's
+ * operands to 8 significant bits, 2^-8 relative; measured 1e-4 on both layouts, SHOW=1), and
+ * differ from them where the cpu runs bf16 products (they did run). */
+static void test_train_bf16_memory_is_exact_losses_close(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {1, 1, 1, 1, RECOMPUTE_NONE, false, false, false},
+        {2, 2, 2, 1, RECOMPUTE_SELECTIVE, true, false, true},
+    };
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+        double ref[STEPS], got[STEPS], worst = 0.0;
+        struct train_result res;
+        struct moai_err err = {0};
+        const struct lay *l = &lays[i];
+        assert_int_equal(train_lay(l, 1 << 30, ref, &res, &err), 0);
+        precision = "bf16";
+        int rc = train_lay(l, 1 << 30, got, &res, &err);
+        precision = "fp32";
+        assert_int_equal(rc, 0);
+        struct layout el = {l->dp, l->pp,    l->tp,   l->nmb, 8 / l->dp / l->nmb,
+                            l->rc, l->zero2, l->zero3};
+        for (int d = 0; d < res.ndev; d++) {
+            struct shard s;
+            struct shard_bytes b;
+            assert_int_equal(shard_init(&s, l->untied ? &fx.untied : &fx.cfg, &el, SEQ,
+                                        shard_cpu_threads(res.ndev), d, &err),
+                             0);
+            shard_bytes(&s, &b);
+            shard_release(&s);
+            assert_int_equal(res.peak_bytes[d], b.total);
+        }
+        for (int k = 0; k < STEPS; k++) {
+            double rel = fabs(got[k] - ref[k]) / fabs(ref[k]);
+            worst = rel > worst ? rel : worst;
+        }
+        if (getenv("SHOW"))
+            fprintf(stderr, "bf16, layout %zu: worst rel %.3g\n", i, worst);
+        assert_true(worst <= 2e-3);
+        if (bf16_available())
+            assert_true(worst > 0.0);
+        else
+            assert_true(worst == 0.0);
+    }
+}
+
 static void test_train_model_parallel_resume_is_bit_identical(void **state)
 {
     (void) state;
@@ -431,6 +482,7 @@ int main(void)
         cmocka_unit_test(test_train_layouts_match_one_device),
         cmocka_unit_test(test_train_model_parallel_matches_one_device),
         cmocka_unit_test(test_train_model_parallel_memory_is_exact),
+        cmocka_unit_test(test_train_bf16_memory_is_exact_losses_close),
         cmocka_unit_test(test_train_model_parallel_resume_is_bit_identical),
         cmocka_unit_test(test_train_is_reproducible),
         cmocka_unit_test(test_train_resume_is_bit_identical),
