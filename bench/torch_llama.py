@@ -96,9 +96,10 @@ def losses(n):
         model, opt, tokens, mask = make("tiny")
         g = torch.Generator().manual_seed(11)
         seq = []
-        for _ in range(n):
+        for k in range(n):
             batch = torch.randint(0, SHAPES["tiny"][4], tokens.shape, generator=g)
             seq.append(step(model, opt, batch, mask, bf16))
+            print("%s step %d: %.6f" % ("bf16" if bf16 else "fp32", k + 1, seq[-1]), flush=True)
         out["bf16" if bf16 else "fp32"] = seq
     worst = max(abs(a - b) / abs(a) for a, b in zip(out["fp32"], out["bf16"]))
     print("pytorch tiny, %d steps: fp32 %s" % (n, " ".join("%.4f" % x for x in out["fp32"])))

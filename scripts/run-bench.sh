@@ -40,6 +40,24 @@ note = "median of 11 steps of %.3f s; 2 cpu devices, batch 16 x 256; peak %d byt
 print("%-44s %14s %14s %s" % ("train: configs/tiny-llama.yaml (make run)", fig, "-", note))
 PY
 
+# The default recipe's whole run in fp32 and in bf16 (products in bf16 where the cpu has
+# AVX512_BF16): how far the bf16 loss curve strays from fp32's, step by step, and each speed.
+for p in fp32 bf16; do
+    build/moai-finetune -q --json --set "training.precision=$p" --set training.log_interval=1 \
+        --set "training.save_dir=$out/curve-$p" configs/tiny-llama.yaml 2>/dev/null >"$out/curve-$p.jsonl"
+done
+python3 - "$out/curve-fp32.jsonl" "$out/curve-bf16.jsonl" <<'PY' || echo "bf16 loss curve: no result"
+import json, sys
+runs = [list(map(json.loads, open(p))) for p in sys.argv[1:]]
+a, b = ([o["loss"] for o in r if "step" in o and "loss" in o] for r in runs)
+rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+worst = max(rel)
+speed = ", ".join("%s %.0f tok/s" % (n, r[-1]["median_tokens_per_s"]) for n, r in zip(["fp32", "bf16"], runs))
+print("%-44s %14s %14s %s" % ("bf16 vs fp32 loss, configs/tiny-llama.yaml", "%.2e" % worst, "<= 1e-2",
+      "worst relative deviation over %d steps (step %d), mean %.1e; %s" % (
+          len(rel), rel.index(worst) + 1, sum(rel) / len(rel), speed)))
+PY
+
 # The whole process against the planner's prediction (VmHWM at the end of the run): the
 # default recipe above, and a 111M-parameter model on 4 cpu devices as pp 2 x tp 2.
 cat >"$out/m111.yaml" <<YAML
