@@ -98,7 +98,7 @@ static int run_shape(const struct shape *s, int steps, bool bf16)
         r = optim_rng(7, 0, (uint64_t) i);
         tokens[i] = (int32_t) (r % (uint64_t) cfg.vocab_size);
     }
-    struct llama_batch b = {s->B, s->T, tokens, tokens, NULL};
+    struct llama_batch b = {s->B, s->T, tokens, tokens, NULL, NULL};
     float dloss = 1.0f / (float) llama_batch_targets(&b);
     struct optim_adamw hp = {
         .lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01};

@@ -68,6 +68,7 @@ static const struct recipe_key schema[] = {
     KEY("dataset.response_start", KT_STRING, dataset.response_start, "~"),
     KEY("dataset.limit", KT_INT, dataset.limit, "~", .min = 1, .max = BIG),
     KEY("dataset.shuffle", KT_BOOL, dataset.shuffle, "true"),
+    KEY("dataset.packing", KT_BOOL, dataset.packing, "false"),
     KEY("dataset.validation_fraction", KT_FLOAT, dataset.validation_fraction, "0.0", .min = 0,
         .max = 1, .max_excl = true),
     KEY("dataset.cache_dir", KT_STRING, dataset.cache_dir, "~"),

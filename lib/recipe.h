@@ -79,6 +79,11 @@ struct recipe {
         char *response_start; /* NULL when unset */
         int64_t limit;        /* RECIPE_NONE for all records */
         bool shuffle;
+        bool packing; /* whole examples packed into rows of block_size (data/pack.h) */
+        /* not a key: the attention cost of a packed row against one example filling it,
+         * mean(sum of its examples' squared lengths) / block_size^2, once the data is known
+         * (exec); 0 (unknown) plans the worst case, 1 */
+        double packed_attention;
         double validation_fraction;
         char *cache_dir; /* resolved default: $XDG_CACHE_HOME or ~/.cache, + /moai-finetune */
         enum recipe_format format;

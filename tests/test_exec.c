@@ -413,6 +413,25 @@ static void test_exec_step_line_format(void **state)
                               "\"grad_norm\":null,\"real_tokens_per_s\":8000.0}");
     free(text);
     json_decref(j);
+    /* packed rows: the step's rows, examples and real tokens in the object; the line is the
+     * platform's */
+    s.loss = 2.03125;
+    s.grad_norm = 0.5;
+    s.rows = 16;
+    s.examples = 31;
+    s.real_tokens = 3862;
+    s.packed = true;
+    assert_string_equal(steplog_format(buf, sizeof(buf), &s),
+                        "[Step 4/17944] | Loss: 2.03125 | Duration: 1.27 | Throughput: 12882.87 "
+                        "tokens/sec");
+    j = steplog_json(&s);
+    text = json_dumps(j, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(10));
+    assert_string_equal(text, "{\"step\":4,\"total_steps\":17944,\"loss\":2.03125,"
+                              "\"duration_s\":1.27,\"tokens_per_s\":12882.87,\"lr\":1e-5,"
+                              "\"grad_norm\":0.5,\"real_tokens_per_s\":8000.0,\"rows\":16,"
+                              "\"examples\":31,\"real_tokens\":3862}");
+    free(text);
+    json_decref(j);
 }
 
 static void test_exec_eval_line_format(void **state)

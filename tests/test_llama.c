@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "data/pack.h"
 #include "model/kernels.h"
 #include "model/bf16.h"
 #include "model/llama.h"
@@ -515,7 +516,7 @@ static void model_setup(struct model_fixture *f, const struct model_config *cfg,
             f->labels[i * T + t] = real && t >= 2 ? f->tokens[i * T + t] : KERN_IGNORE_INDEX;
         }
     }
-    f->b = (struct llama_batch){B, T, f->tokens, f->labels, f->lengths};
+    f->b = (struct llama_batch){B, T, f->tokens, f->labels, f->lengths, NULL};
     assert_int_equal(llama_batch_check(&f->m, &f->b, &err), 0);
     f->dloss = 1.0f / (float) llama_batch_targets(&f->b);
 }
@@ -870,7 +871,7 @@ static void test_llama_errors(void **state)
     cfg = tiny_config(false);
     assert_int_equal(llama_init(&m, &cfg, 1, &err), 0);
     int32_t tokens[6] = {1, 2, 3, 4, 5, 6}, labels[6] = {1, 2, 3, -100, 5, 6}, lengths[2] = {3, 3};
-    struct llama_batch b = {2, 3, tokens, labels, lengths};
+    struct llama_batch b = {2, 3, tokens, labels, lengths, NULL};
     assert_int_equal(llama_batch_check(&m, &b, &err), 0);
     assert_int_equal(llama_batch_targets(&b), 4);
     tokens[4] = 29;
@@ -1013,7 +1014,7 @@ static void ref_check_prec(const char *name, int nthreads, bool bf16, double tol
         llama_tensor_at(&t, &p, &cfg, k);
         memcpy(t.data, ref_tensor(&r, t.name, t.numel), sizeof(float) * (size_t) t.numel);
     }
-    struct llama_batch b = {B, T, tokens, labels, lengths};
+    struct llama_batch b = {B, T, tokens, labels, lengths, NULL};
     assert_int_equal(llama_batch_check(&m, &b, &err), 0);
     int64_t count = llama_batch_targets(&b);
     assert_int_equal(count, json_integer_value(json_object_get(r.root, "targets")));
@@ -1122,6 +1123,274 @@ static void test_llama_bf16_threads_bit_identical(void **state)
     model_teardown(&f3);
 }
 
+/* ---- sequence packing --------------------------------------------------------------------- */
+
+struct patt_ctx {
+    float *qkv, *out, *probs, *r;
+    const int32_t *pos;
+    int64_t len, T, H, KV, hd;
+};
+
+static double patt_loss(void *p)
+{
+    struct patt_ctx *c = p;
+    attention_forward_packed(c->out, c->probs, c->qkv, c->pos, c->len, c->T, c->H, c->KV, c->hd, 0,
+                             c->KV);
+    return wsum(c->out, c->r, c->T * c->H * c->hd);
+}
+
+/* Positions of a packed row of examples of lens[0..k) tokens, then padding to T. */
+static int64_t packed_positions(int32_t *pos, const int64_t *lens, int k, int64_t T)
+{
+    int64_t t = 0;
+    for (int e = 0; e < k; e++)
+        for (int64_t i = 0; i < lens[e]; i++)
+            pos[t++] = (int32_t) i;
+    int64_t len = t;
+    for (; t < T; t++)
+        pos[t] = (int32_t) (t - len);
+    return len;
+}
+
+static void test_llama_attention_packed_grad(void **state)
+{
+    (void) state;
+    /* examples of 70 (across a causal block), 5, 1 and 40 tokens, then 34 of padding; GQA */
+    enum { T = 150 };
+    const int64_t lens[4] = {70, 5, 1, 40};
+    int32_t pos[T];
+    struct patt_ctx c = {.T = T, .H = 4, .KV = 2, .hd = 8, .pos = pos};
+    c.len = packed_positions(pos, lens, 4, T);
+    int64_t C = (c.H + 2 * c.KV) * c.hd, n = c.T * C, no = c.T * c.H * c.hd;
+    c.qkv = falloc(n);
+    c.out = falloc(no);
+    c.probs = falloc(c.H * c.T * c.T);
+    c.r = falloc(no);
+    float *dqkv = falloc(n), *scratch = falloc(c.T * c.T);
+    fill(c.qkv, n, -1.5, 1.5);
+    fill(c.r, no, -1, 1);
+    patt_loss(&c);
+    attention_backward_packed(dqkv, scratch, c.r, c.qkv, c.probs, pos, c.len, c.T, c.H, c.KV, c.hd,
+                              0, 1);
+    attention_backward_packed(dqkv, scratch, c.r, c.qkv, c.probs, pos, c.len, c.T, c.H, c.KV, c.hd,
+                              1, 2);
+    /* tolerance 2e-3 relative, 2e-4 absolute, as the unpacked attention's */
+    grad_check("packed attention", patt_loss, &c, c.qkv, n, dqkv, 1500, 1e-2, 2e-3, 2e-4);
+    /* the padding: zero output, no gradient */
+    for (int64_t t = c.len; t < c.T; t++) {
+        for (int64_t i = 0; i < c.H * c.hd; i++)
+            assert_true(c.out[t * c.H * c.hd + i] == 0.0f);
+        for (int64_t i = 0; i < C; i++)
+            assert_true(dqkv[t * C + i] == 0.0f);
+    }
+    /* each example's output is that of the unpacked attention run on it alone */
+    int64_t s0 = 0;
+    for (int e = 0; e < 4; e++) {
+        int64_t ne = lens[e];
+        float *alone = falloc(ne * c.H * c.hd), *pa = falloc(c.H * ne * ne);
+        attention_forward(alone, pa, c.qkv + s0 * C, ne, ne, c.H, c.KV, c.hd, 0, c.KV);
+        assert_true(rel_err(c.out + s0 * c.H * c.hd, alone, ne * c.H * c.hd) < 1e-6);
+        free(alone);
+        free(pa);
+        s0 += ne;
+    }
+    free(c.qkv);
+    free(c.out);
+    free(c.probs);
+    free(c.r);
+    free(dqkv);
+    free(scratch);
+}
+
+static void test_llama_rope_positions(void **state)
+{
+    (void) state;
+    /* rows rotated at positions 0 1 2 0 1 equal rows 0 1 2 and 0 1 rotated from 0 */
+    enum { T = 5, HD = 8, LD = 16 };
+    float inv[HD / 2], cs[T * HD / 2], sn[T * HD / 2], x[T * LD], y[T * LD];
+    struct rope_scaling none = {0};
+    const int32_t pos[T] = {0, 1, 2, 0, 1};
+    rope_inv_freq(inv, HD, 10000.0, &none);
+    rope_tables(cs, sn, inv, T, HD);
+    fill(x, T * LD, -1, 1);
+    memcpy(y, x, sizeof(x));
+    rope_forward_at(x, cs, sn, pos, T, 2, HD, LD);
+    rope_forward(y, cs, sn, 3, 2, HD, LD);
+    rope_forward(y + 3 * LD, cs, sn, 2, 2, HD, LD);
+    assert_memory_equal(x, y, sizeof(x));
+    rope_backward_at(x, cs, sn, pos, T, 2, HD, LD);
+    rope_backward(y, cs, sn, 3, 2, HD, LD);
+    rope_backward(y + 3 * LD, cs, sn, 2, 2, HD, LD);
+    assert_memory_equal(x, y, sizeof(x));
+}
+
+/* Examples of lens[e] tokens (T at most), each alone in a row of an unpacked batch, and packed
+ * by data/pack.h into the rows of a second batch of the same T. */
+struct packed_pair {
+    struct model_fixture u; /* unpacked: one example per row */
+    struct llama_batch pb;  /* packed */
+    struct llama_acts pa;
+    struct llama_work pw;
+    int32_t *ptok, *plab, *ppos, *plen;
+};
+
+static void packed_pair_setup(struct packed_pair *pp, const struct model_config *cfg,
+                              const int64_t *lens, int n, int64_t T, int nthreads,
+                              enum llama_keep keep)
+{
+    struct moai_err err = {0};
+    struct model_fixture *u = &pp->u;
+    model_setup(u, cfg, n, T, nthreads, 17);
+    /* the examples: lengths lens; a masked prompt of 2 tokens in every third */
+    for (int e = 0; e < n; e++) {
+        u->lengths[e] = (int32_t) lens[e];
+        for (int64_t t = 0; t < T; t++) {
+            bool real = t < lens[e];
+            u->tokens[e * T + t] = real ? (int32_t) (urand() * (double) cfg->vocab_size) : 0;
+            u->labels[e * T + t] =
+                real && !(e % 3 == 0 && t < 2) ? u->tokens[e * T + t] : KERN_IGNORE_INDEX;
+        }
+    }
+    int64_t order[16];
+    for (int e = 0; e < n; e++)
+        order[e] = e;
+    struct packing p;
+    assert_int_equal(pack_rows(&p, order, n, u->lengths, T, &err), 0);
+    int64_t R = p.nrows;
+    assert_true(R < n);
+    pp->ptok = calloc((size_t) (R * T), sizeof(int32_t));
+    pp->plab = calloc((size_t) (R * T), sizeof(int32_t));
+    pp->ppos = calloc((size_t) (R * T), sizeof(int32_t));
+    pp->plen = calloc((size_t) R, sizeof(int32_t));
+    struct pack_source src = {T, u->tokens, u->labels, u->lengths, 0};
+    for (int64_t r = 0; r < R; r++)
+        pp->plen[r] = (int32_t) pack_row_fill(&p, r, &src, pp->ptok + r * T, pp->plab + r * T,
+                                              pp->ppos + r * T);
+    pack_release(&p);
+    /* an example's first label as it would be unpacked (pack.h masks it): the model itself
+     * must keep labels from crossing the boundary */
+    for (int64_t i = 0; i < R * T; i++)
+        if (pp->ppos[i] == 0 && i % T < pp->plen[i / T])
+            pp->plab[i] = pp->ptok[i];
+    pp->pb = (struct llama_batch){R, T, pp->ptok, pp->plab, pp->plen, pp->ppos};
+    assert_int_equal(llama_batch_check(&u->m, &pp->pb, &err), 0);
+    assert_int_equal(llama_batch_targets(&pp->pb), llama_batch_targets(&u->b));
+    struct llama_shape s = {.B = R,
+                            .T = T,
+                            .nlayers = cfg->num_hidden_layers,
+                            .head = true,
+                            .keep = keep,
+                            .tp = 1,
+                            .nthreads = nthreads};
+    assert_int_equal(llama_acts_bind_shape(&pp->pa, cfg, &s, NULL, &err), 0);
+    assert_int_equal(llama_work_bind_shape(&pp->pw, cfg, &s, NULL, &err), 0);
+    model_keep(u, keep);
+}
+
+static void packed_pair_teardown(struct packed_pair *pp)
+{
+    llama_acts_release(&pp->pa);
+    llama_work_release(&pp->pw);
+    free(pp->ptok);
+    free(pp->plab);
+    free(pp->ppos);
+    free(pp->plen);
+    model_teardown(&pp->u);
+}
+
+/* The same examples packed and unpacked: the same summed loss and the same gradients, to
+ * rounding (the rows go through the matrix products in other groupings). */
+static void packing_equivalence(int nthreads, enum llama_keep keep)
+{
+    struct model_config cfg = tiny_config(false);
+    const int64_t lens[9] = {70, 30, 25, 12, 9, 4, 1, 2, 40};
+    struct packed_pair pp;
+    packed_pair_setup(&pp, &cfg, lens, 9, 80, nthreads, keep);
+    struct model_fixture *u = &pp.u;
+    llama_params_zero(&u->m, &u->g);
+    double lu = llama_forward_backward(&u->m, &u->p, &u->g, &u->a, &u->w, &u->b, u->dloss);
+    float *gu = falloc(u->g.nfloats);
+    memcpy(gu, u->g.arena, llama_param_bytes(&cfg));
+    llama_params_zero(&u->m, &u->g);
+    double lp = llama_forward_backward(&u->m, &u->p, &u->g, &pp.pa, &pp.pw, &pp.pb, u->dloss);
+    assert_true(fabs(lp - lu) <= 1e-5 * fabs(lu));
+    assert_true(rel_err(u->g.arena, gu, u->g.nfloats) <= 1e-5);
+    /* every tensor on its own too */
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor a, b;
+        llama_tensor_at(&a, &u->g, &cfg, k);
+        b = a;
+        b.data = gu + (a.data - u->g.arena);
+        if (rel_err(a.data, b.data, a.numel) > 1e-5)
+            fail_msg("%s: packed and unpacked gradients differ by %g", a.name,
+                     rel_err(a.data, b.data, a.numel));
+    }
+    free(gu);
+    packed_pair_teardown(&pp);
+}
+
+static void test_llama_packing_equivalence(void **state)
+{
+    (void) state;
+    packing_equivalence(1, LLAMA_KEEP_ALL);
+    packing_equivalence(3, LLAMA_KEEP_ALL);
+    packing_equivalence(2, LLAMA_KEEP_NO_PROBS);
+    packing_equivalence(2, LLAMA_KEEP_INPUT);
+}
+
+static double packed_loss(void *p)
+{
+    struct packed_pair *pp = p;
+    return llama_forward_backward(&pp->u.m, &pp->u.p, NULL, &pp->pa, &pp->pw, &pp->pb,
+                                  pp->u.dloss) *
+           pp->u.dloss;
+}
+
+/* The whole model's finite-difference check on packed rows. */
+static void test_llama_packed_model_grad(void **state)
+{
+    (void) state;
+    struct model_config cfg = tiny_config(true);
+    const int64_t lens[5] = {5, 3, 1, 7, 4};
+    struct packed_pair pp;
+    packed_pair_setup(&pp, &cfg, lens, 5, 14, 1, LLAMA_KEEP_ALL);
+    llama_params_zero(&pp.u.m, &pp.u.g);
+    llama_forward_backward(&pp.u.m, &pp.u.p, &pp.u.g, &pp.pa, &pp.pw, &pp.pb, pp.u.dloss);
+    /* tolerances of the unpacked model's check */
+    for (int64_t k = 0; k < llama_tensor_count(&cfg); k++) {
+        struct llama_tensor t, gt;
+        llama_tensor_at(&t, &pp.u.p, &cfg, k);
+        llama_tensor_at(&gt, &pp.u.g, &cfg, k);
+        grad_check(t.name, packed_loss, &pp, t.data, t.numel, gt.data, 24, 3e-3, 1e-2, 2e-4);
+    }
+    packed_pair_teardown(&pp);
+}
+
+static void test_llama_packed_batch_errors(void **state)
+{
+    (void) state;
+    struct moai_err err = {0};
+    struct model_config cfg = tiny_config(false);
+    struct llama m;
+    assert_int_equal(llama_init(&m, &cfg, 1, &err), 0);
+    int32_t tokens[6] = {1, 2, 3, 4, 5, 0}, lengths[1] = {5};
+    int32_t pos[6] = {0, 1, 0, 1, 3, 0};
+    struct llama_batch b = {1, 6, tokens, NULL, lengths, pos};
+    assert_int_equal(llama_batch_check(&m, &b, &err), MOAI_EIO);
+    assert_string_equal(err.msg, "batch: sequence 0, position 4: position id 3 neither starts an "
+                                 "example (0) nor follows the previous token's");
+    pos[4] = 2;
+    assert_int_equal(llama_batch_check(&m, &b, &err), 0);
+    pos[5] = 6; /* padding: any position in [0, T) */
+    assert_int_equal(llama_batch_check(&m, &b, &err), MOAI_EIO);
+    pos[5] = 5;
+    pos[0] = 1; /* a row starts an example */
+    assert_int_equal(llama_batch_check(&m, &b, &err), MOAI_EIO);
+    assert_string_equal(err.msg, "batch: sequence 0, position 0: position id 1 neither starts an "
+                                 "example (0) nor follows the previous token's");
+    llama_release(&m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1149,6 +1418,11 @@ int main(void)
         cmocka_unit_test(test_llama_ref_mha_tied),
         cmocka_unit_test(test_llama_ref_bf16),
         cmocka_unit_test(test_llama_bf16_threads_bit_identical),
+        cmocka_unit_test(test_llama_attention_packed_grad),
+        cmocka_unit_test(test_llama_rope_positions),
+        cmocka_unit_test(test_llama_packing_equivalence),
+        cmocka_unit_test(test_llama_packed_model_grad),
+        cmocka_unit_test(test_llama_packed_batch_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -352,6 +352,38 @@ static void test_plan_config_line_forms(void **state)
     assert_non_null(strstr(plan_config_line(buf, sizeof(buf), &p), "recomputation : 1,"));
 }
 
+/* Packed rows: the attention core scales by the measured fraction of s^2 it costs; unknown
+ * (0) or unpacked, the worst case. */
+static void test_plan_packed_attention(void **state)
+{
+    (void) state;
+    struct recipe r;
+    struct model_config cfg;
+    load(&r, &cfg, "llama2-13b", 64, "4xlarge", "");
+    struct plan p = {.lay = {.dp = 16,
+                             .pp = 2,
+                             .tp = 1,
+                             .num_micro_batches = 4,
+                             .batch_per_device = 1,
+                             .recomputation = RECOMPUTE_SELECTIVE}};
+    struct cost_breakdown plain, unknown, packed, off;
+    cost_estimate(&plain, &cfg, &r, &p);
+    r.dataset.packing = true;
+    cost_estimate(&unknown, &cfg, &r, &p);
+    r.dataset.packed_attention = 0.25;
+    cost_estimate(&packed, &cfg, &r, &p);
+    r.dataset.packing = false;
+    cost_estimate(&off, &cfg, &r, &p);
+    assert_true(unknown.step_seconds == plain.step_seconds);
+    assert_true(off.step_seconds == plain.step_seconds);
+    assert_true(packed.step_seconds < plain.step_seconds);
+    /* model FLOPs: the attention term, 6 L s (H hd) a token, a quarter of it */
+    double tokens = 64.0 * 1024, attention = 6.0 * 40 * 1024 * 5120 * tokens;
+    assert_true(fabs(plain.model_flops - packed.model_flops - 0.75 * attention) <
+                1e-9 * plain.model_flops);
+    recipe_release(&r);
+}
+
 int main(void)
 {
     log_set_level(LOG_WARN);
@@ -367,6 +399,7 @@ int main(void)
         cmocka_unit_test(test_plan_cpu_bf16_follows_the_products),
         cmocka_unit_test(test_plan_every_shipped_recipe),
         cmocka_unit_test(test_plan_config_line_forms),
+        cmocka_unit_test(test_plan_packed_attention),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -125,7 +125,7 @@ static void check_tp(bool tied, int tp, enum llama_keep keep)
         tokens[i] = (int) ((s >> 33) % (uint64_t) cfg->vocab_size);
         labels[i] = i % T >= lengths[i / T] || i % T < 2 ? -100 : tokens[i];
     }
-    tc.batch = (struct llama_batch){B, T, tokens, labels, lengths};
+    tc.batch = (struct llama_batch){B, T, tokens, labels, lengths, NULL};
 
     /* the whole model */
     struct llama m;

@@ -4,6 +4,7 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include "data/pack.h"
 #include "exec/train.h"
 #include "model/bf16.h"
 #include "model/optim.h"
@@ -476,6 +477,145 @@ static void test_train_device_memory_is_counted(void **state)
     assert_non_null(strstr(err.msg, "out of memory"));
 }
 
+/* ---- packing ---------------------------------------------------------------------------- */
+
+/* 8 examples a step, in pairs that pack into one row each (4 rows a step): a + b <= SEQ, and
+ * no third example fits beside a pair, so data/pack.h packs exactly these pairs in order. */
+#define NPK (STEPS * 8)
+
+static struct {
+    int32_t tokens[NPK * SEQ], labels[NPK * SEQ], lengths[NPK];
+    int32_t ptok[NPK / 2 * SEQ], plab[NPK / 2 * SEQ], ppos[NPK / 2 * SEQ], plen[NPK / 2],
+        pex[NPK / 2];
+} pk;
+
+static void packed_examples(void)
+{
+    struct moai_err err = {0};
+    uint64_t s = 777;
+    for (int e = 0; e < NPK; e++) {
+        int j = e / 2, a = 3 + j % 9;
+        int len = e % 2 ? SEQ - a - j % 3 : a;
+        pk.lengths[e] = len;
+        for (int t = 0; t < SEQ; t++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            int id = 4 + (int) ((s >> 33) % 36);
+            pk.tokens[e * SEQ + t] = t < len ? id : 3;
+            pk.labels[e * SEQ + t] = t < len && !(e % 5 == 0 && t < 2) ? id : -100;
+        }
+    }
+    int64_t order[NPK];
+    for (int e = 0; e < NPK; e++)
+        order[e] = e;
+    struct packing p;
+    assert_int_equal(pack_rows(&p, order, NPK, pk.lengths, SEQ, &err), 0);
+    assert_int_equal(p.nrows, NPK / 2);
+    struct pack_source src = {SEQ, pk.tokens, pk.labels, pk.lengths, 3};
+    for (int r = 0; r < NPK / 2; r++) {
+        assert_int_equal(p.items[p.first[r]], 2 * r); /* the pairs, in order */
+        pk.plen[r] = (int32_t) pack_row_fill(&p, r, &src, pk.ptok + r * SEQ, pk.plab + r * SEQ,
+                                             pk.ppos + r * SEQ);
+        pk.pex[r] = (int32_t) (p.first[r + 1] - p.first[r]);
+    }
+    pack_release(&p);
+}
+
+static void rows_in_order(void *arg, int64_t epoch, int64_t index, int64_t *rows)
+{
+    int64_t batch = *(const int64_t *) arg;
+    (void) epoch;
+    for (int64_t i = 0; i < batch; i++)
+        rows[i] = index * batch + i;
+}
+
+/* STEPS steps of the examples under layout l: 8 a step one to a row, or packed into 4 rows. */
+static void train_packing(const struct lay *l, bool packed, double *losses)
+{
+    char text[512];
+    struct recipe r;
+    struct train_result res;
+    struct moai_err err = {0};
+    int64_t batch = packed ? 4 : 8;
+    snprintf(text, sizeof(text),
+             "model: {path: m}\ndataset: {path: d, packing: %s}\n"
+             "training: {batch_size: %lld, block_size: %d, precision: fp32, lr: 1.0e-2,"
+             " lr_schedule: cosine, warmup_steps: 2, weight_decay: 0.1, grad_clip: 0.5}\n"
+             "flavor: {device: cpu, devices: %d}\n",
+             packed ? "true" : "false", (long long) batch, SEQ, l->dp * l->pp * l->tp);
+    assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, &err), 0);
+    struct train_records unpacked = {
+        .n = NPK, .T = SEQ, .tokens = pk.tokens, .labels = pk.labels, .lengths = pk.lengths};
+    struct train_records rows = {.n = NPK / 2,
+                                 .T = SEQ,
+                                 .tokens = pk.ptok,
+                                 .labels = pk.plab,
+                                 .lengths = pk.plen,
+                                 .positions = pk.ppos,
+                                 .examples = pk.pex};
+    struct train_job job = {
+        .recipe = &r,
+        .cfg = &fx.cfg,
+        .layout = {.dp = l->dp,
+                   .pp = l->pp,
+                   .tp = l->tp,
+                   .num_micro_batches = l->nmb,
+                   .batch_per_device = batch / l->dp / l->nmb,
+                   .recomputation = l->rc,
+                   .distribute_param = l->zero2,
+                   .distribute_low_prec_param = l->zero3},
+        .train = packed ? rows : unpacked,
+        .batch_rows = rows_in_order,
+        .batch_arg = &batch,
+        .steps_per_epoch = STEPS,
+        .total_steps = STEPS,
+        .init_params = fx.init,
+        .quiet = true,
+        .step_losses = losses,
+        .peak_bytes = peaks,
+    };
+    int rc = exec_train(&job, &res, &err);
+    if (rc != 0) {
+        print_error("dp %d pp %d tp %d packed %d: %s\n", l->dp, l->pp, l->tp, packed, err.msg);
+        fail();
+    }
+    recipe_release(&r);
+}
+
+/* The same examples packed and unpacked train to the same losses (to rounding: the summed
+ * loss and the gradients agree, and so every update), in every kind of layout. */
+static void test_train_packing_matches_unpacked(void **state)
+{
+    (void) state;
+    static const struct lay lays[] = {
+        {1, 1, 1, 1, RECOMPUTE_NONE, false, false, false},
+        {2, 1, 1, 2, RECOMPUTE_NONE, true, false, false},
+        {1, 2, 1, 2, RECOMPUTE_NONE, false, false, false},
+        {1, 1, 2, 1, RECOMPUTE_NONE, false, false, false},
+        {1, 2, 2, 2, RECOMPUTE_NONE, false, false, false},
+        {2, 2, 2, 1, RECOMPUTE_SELECTIVE, true, true, false},
+        {1, 1, 1, 2, RECOMPUTE_SELECTIVE, false, false, false},
+        {1, 2, 2, 1, RECOMPUTE_FULL, false, false, false},
+    };
+    packed_examples();
+    for (size_t i = 0; i < sizeof(lays) / sizeof(lays[0]); i++) {
+        double unpacked[STEPS], packed[STEPS];
+        train_packing(&lays[i], false, unpacked);
+        train_packing(&lays[i], true, packed);
+        assert_true(unpacked[STEPS - 1] < unpacked[0]);
+        for (int s = 0; s < STEPS; s++) {
+            double rel = fabs(packed[s] - unpacked[s]) / fabs(unpacked[s]);
+            if (getenv("SHOW"))
+                fprintf(stderr, "packing: layout %zu step %d rel %.3g\n", i, s + 1, rel);
+            if (rel > 1e-5) {
+                print_error("dp %d pp %d tp %d rc %d step %d: packed %.9g, unpacked %.9g\n",
+                            lays[i].dp, lays[i].pp, lays[i].tp, (int) lays[i].rc, s + 1, packed[s],
+                            unpacked[s]);
+                fail();
+            }
+        }
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -488,6 +628,7 @@ int main(void)
         cmocka_unit_test(test_train_resume_is_bit_identical),
         cmocka_unit_test(test_train_non_finite_loss_stops),
         cmocka_unit_test(test_train_device_memory_is_counted),
+        cmocka_unit_test(test_train_packing_matches_unpacked),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

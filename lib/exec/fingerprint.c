@@ -32,8 +32,8 @@ static int hash_file(char *buf, size_t size, const char *path, struct moai_err *
 }
 
 /* The keys of the recipe's JSON form that are part of the fingerprint, by section. */
-static const char *const dataset_keys[] = {"template", "response_start",      "limit",
-                                           "shuffle",  "validation_fraction", NULL};
+static const char *const dataset_keys[] = {
+    "template", "response_start", "limit", "shuffle", "validation_fraction", "packing", NULL};
 static const char *const training_keys[] = {"batch_size",   "block_size",   "lr",    "lr_schedule",
                                             "warmup_steps", "weight_decay", "betas", "eps",
                                             "grad_clip",    "precision",    "seed",  NULL};
@@ -121,6 +121,8 @@ int fingerprint_diff(const json_t *was, const json_t *now, char *buf, size_t siz
         char a[96], b[96];
         if (old && json_equal(old, val))
             continue;
+        if (!old && json_is_false(val))
+            continue; /* a switch added since the checkpoint was written (dataset.packing), off */
         show(a, sizeof(a), old);
         show(b, sizeof(b), val);
         if (len < size && old && (!strcmp(key, "dataset") || !strcmp(key, "tokenizer")))

@@ -34,6 +34,7 @@ struct saver {
     const struct recipe *r;
     const struct model_config *cfg;
     const struct plan_result *plan;
+    const struct batches *batches; /* the data order: where a step falls in its epoch */
     int64_t steps_per_epoch, total_steps;
     const struct train_result *progress; /* the running loop's figures (its last loss) */
     const json_t *fingerprint;           /* the run's (exec/fingerprint.h) */
@@ -142,20 +143,38 @@ static void history_load(double *losses, double *evals, int64_t total, const jso
     }
 }
 
+/* Where the step after steps_done falls: its epoch and index (past the epochs counted under
+ * packing: the start of the next one). */
+static void data_position(const struct saver *sv, int64_t steps_done, int64_t *epoch,
+                          int64_t *index)
+{
+    const struct batches *b = sv->batches;
+    if (b && b->lengths && steps_done >= batch_steps_of_epochs(b, b->nepochs)) {
+        *epoch = b->nepochs;
+        *index = 0;
+    } else if (b) {
+        batch_step_at(b, steps_done, epoch, index);
+    } else {
+        *epoch = steps_done / sv->steps_per_epoch;
+        *index = steps_done % sv->steps_per_epoch;
+    }
+}
+
 static json_t *trainer_state(const struct saver *sv, int64_t steps_done)
 {
     json_t *s = json_object();
+    int64_t epoch, index;
+    data_position(sv, steps_done, &epoch, &index);
     json_object_set_new(s, "format", json_string("moai-finetune trainer state 2"));
     json_object_set_new(s, "step", json_integer(steps_done));
     json_object_set_new(s, "total_steps", json_integer(sv->total_steps));
     json_object_set_new(s, "steps_per_epoch", json_integer(sv->steps_per_epoch));
-    json_object_set_new(s, "epoch", json_integer(steps_done / sv->steps_per_epoch));
+    json_object_set_new(s, "epoch", json_integer(epoch));
     /* The data order is a pure function of (seed, epoch): the position is all there is to
      * the shuffling RNG's state. */
-    json_object_set_new(s, "data_position",
-                        json_pack("{s:I, s:I}", "epoch",
-                                  (json_int_t) (steps_done / sv->steps_per_epoch), "index",
-                                  (json_int_t) (steps_done % sv->steps_per_epoch)));
+    json_object_set_new(
+        s, "data_position",
+        json_pack("{s:I, s:I}", "epoch", (json_int_t) epoch, "index", (json_int_t) index));
     json_object_set_new(s, "rng",
                         json_pack("{s:s, s:I}", "kind", "splitmix64 per epoch", "seed",
                                   (json_int_t) sv->r->training.seed));
@@ -309,6 +328,18 @@ static void rows_of(void *arg, int64_t epoch, int64_t index, int64_t *rows)
     }
     memcpy(rows, c->order + index * B, (size_t) B * sizeof(int64_t));
     pthread_mutex_unlock(&c->lock);
+}
+
+/* Packing: the loop's rows and its steps' places from the packer (data/batch.h). */
+static void packed_rows_of(void *arg, int64_t epoch, int64_t index, int64_t *rows)
+{
+    batch_packer_rows(arg, epoch, index, rows);
+}
+
+static bool packed_step_at(void *arg, int64_t step, int64_t *epoch, int64_t *index)
+{
+    const struct batch_packer *k = arg;
+    return batch_step_at(k->b, step, epoch, index);
 }
 
 /* The records of a data set as the loop reads them: the rows listed (all when rows is NULL),
@@ -654,6 +685,7 @@ struct runner {
     struct ckpt_lock lock;
     struct tokenized data;
     struct batches batches;
+    struct batch_packer packer; /* dataset.packing: the loop's packed rows */
     struct records train, valid;
     struct mem_process pm;
     int64_t runtime_bytes; /* this process's resident bytes before the run */
@@ -744,8 +776,47 @@ static int check_data(const struct recipe *r, const struct model_config *cfg,
     return 0;
 }
 
+/* dataset.packing: each epoch's packed steps counted (at least the run's epochs and
+ * max_steps), the packer set up over every record, the first epoch's packing logged against
+ * padding, and the chosen layout's step predicted again with its rows' measured attention cost
+ * (plan/cost.h; the layout itself was chosen before the data was read, at the worst case). */
+static int runner_pack(struct runner *R, struct moai_err *err)
+{
+    const struct recipe *r = R->r;
+    struct batches *b = &R->batches;
+    const struct train_records *all = &R->train.view;
+    int64_t T = r->training.block_size;
+    int64_t steps = r->training.max_steps != RECIPE_NONE ? r->training.max_steps : 0;
+    int rc = batch_set_packing(b, all->lengths, T, r->training.epochs, steps, err);
+    if (rc < 0) {
+        moai_err_prefix(err, "%s", r->source);
+        return rc;
+    }
+    struct pack_source src = {T, all->tokens, all->labels, all->lengths,
+                              R->data.pad_id >= 0 ? R->data.pad_id : 0};
+    struct packing p;
+    if ((rc = batch_packer_init(&R->packer, b, &src, err)) < 0 ||
+        (rc = batch_epoch_packing(b, 0, &p, err)) < 0)
+        return rc;
+    int64_t real = 0;
+    for (int64_t i = 0; i < b->n_train; i++)
+        real += all->lengths[b->train[i]];
+    double frac = pack_attention_fraction(&p, all->lengths, T);
+    log_info("Packed %lld training examples into %lld rows of %lld tokens: %.1f%% padding "
+             "(unpacked %.1f%%), attention %.1f%% of a full row's",
+             (long long) b->n_train, (long long) p.nrows, (long long) T,
+             100.0 * (1.0 - (double) p.tokens / ((double) p.nrows * (double) T)),
+             100.0 * (1.0 - (double) real / ((double) b->n_train * (double) T)), 100.0 * frac);
+    pack_release(&p);
+    struct recipe packed = *r;
+    packed.dataset.packed_attention = frac;
+    plan_evaluate(&R->pr.best, &R->cfg, &packed);
+    return 0;
+}
+
 /* The data: validated, tokenized (or from the token cache), split into batches and a
- * validation set, the process's memory checked, the records copied for the loop. */
+ * validation set (or packed rows), the process's memory checked, the records copied for the
+ * loop. */
 static int runner_load_data(struct runner *R, struct moai_err *err)
 {
     const struct recipe *r = R->r;
@@ -774,9 +845,11 @@ static int runner_load_data(struct runner *R, struct moai_err *err)
     if (records_init(&R->train, &R->data, NULL, R->data.n) < 0 ||
         records_init(&R->valid, &R->data, R->batches.val, R->batches.n_val) < 0)
         return moai_err_set(err, MOAI_ENOMEM, "out of memory copying the records");
+    if (r->dataset.packing && (rc = runner_pack(R, err)) < 0)
+        return rc;
     R->total = r->training.max_steps != RECIPE_NONE
                    ? r->training.max_steps
-                   : R->batches.steps_per_epoch * r->training.epochs;
+                   : batch_steps_of_epochs(&R->batches, r->training.epochs);
     return 0;
 }
 
@@ -864,6 +937,7 @@ static int runner_prepare_save(struct runner *R, struct train_result *tr, struct
                            .r = r,
                            .cfg = &R->cfg,
                            .plan = &R->pr,
+                           .batches = &R->batches,
                            .steps_per_epoch = R->batches.steps_per_epoch,
                            .total_steps = R->total,
                            .opts = R->o,
@@ -936,6 +1010,26 @@ static int runner_exec(struct runner *R, struct train_result *tr, struct moai_er
         .peak_bytes = R->peaks,
         .world = R->world,
     };
+    if (r->dataset.packing) { /* the packer's rows: two steps' worth, written step by step */
+        const struct batch_packer *k = &R->packer;
+        job.train = (struct train_records){.n = 2 * R->batches.batch_size,
+                                           .T = R->batches.T,
+                                           .tokens = k->tokens,
+                                           .labels = k->labels,
+                                           .lengths = k->lengths,
+                                           .positions = k->positions,
+                                           .examples = k->examples};
+        job.valid = (struct train_records){.n = k->val_rows,
+                                           .T = R->batches.T,
+                                           .tokens = k->val_tokens,
+                                           .labels = k->val_labels,
+                                           .lengths = k->val_lengths,
+                                           .positions = k->val_positions,
+                                           .examples = k->val_examples};
+        job.batch_rows = packed_rows_of;
+        job.batch_arg = &R->packer;
+        job.step_at = packed_step_at;
+    }
     snprintf(state_path, sizeof(state_path), "%s/trainer_state.json", r->training.save_dir);
     snprintf(pj_path, sizeof(pj_path), "%s/plan.json", r->training.save_dir);
     bool pj_written = write_plan_json(R, pj_path);
@@ -1002,6 +1096,7 @@ static void runner_release(struct runner *R, int rc)
     llama_params_release(&R->host);
     records_release(&R->train);
     records_release(&R->valid);
+    batch_packer_release(&R->packer);
     batch_release(&R->batches);
     tokenized_release(&R->data);
     if (R->world && !R->agreed) /* tell the others this process stops here */

@@ -69,6 +69,11 @@ json_t *steplog_json(const struct step_record *s)
     json_object_set_new(j, "lr", real_or_null(s->lr));
     json_object_set_new(j, "grad_norm", real_or_null(s->grad_norm));
     json_object_set_new(j, "real_tokens_per_s", real_or_null(round2(s->real_tokens_per_s)));
+    if (s->rows > 0) {
+        json_object_set_new(j, "rows", json_integer((json_int_t) s->rows));
+        json_object_set_new(j, "examples", json_integer((json_int_t) s->examples));
+        json_object_set_new(j, "real_tokens", json_integer((json_int_t) s->real_tokens));
+    }
     return j;
 }
 

@@ -7,7 +7,9 @@
  * Loss is printed with up to 7 significant digits and no trailing zeros, Duration with 2
  * decimals, Throughput = batch_size x block_size / duration with 2 decimals: every token the
  * step ran through the model, padding included. The JSON object adds real_tokens_per_s, the
- * tokens that are not padding.
+ * tokens that are not padding, and, when the loop counts them, the step's rows (batch_size
+ * sequences), examples and real tokens. The line is the platform's whatever the data: with
+ * dataset.packing the step bar shows the examples per step (exec/train.c).
  *
  * An evaluation of the validation set (every training.eval_interval steps, at each epoch's
  * end and at the end of the run) prints
@@ -22,6 +24,7 @@
 #define MOAI_STEPLOG_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,6 +37,10 @@ struct step_record {
     double real_tokens_per_s; /* the step's tokens that are not padding / duration_s */
     double lr;                /* the learning rate the step used */
     double grad_norm;         /* before clipping */
+    int64_t rows;             /* sequences (packed rows) of the step; 0: not counted */
+    int64_t examples;         /* examples in them */
+    int64_t real_tokens;      /* their tokens that are not padding */
+    bool packed;              /* dataset.packing: rows hold several examples */
 };
 
 /* Writes the step line (no newline) into buf. Returns buf. */

@@ -43,7 +43,7 @@ struct run {
 
 /* One micro-batch's tokens, kept from its forward to its backward. */
 struct slot {
-    int32_t *tokens, *labels, *lengths;
+    int32_t *tokens, *labels, *lengths, *positions; /* positions: packed rows' */
     struct llama_batch batch;
 };
 
@@ -228,7 +228,8 @@ static int device_alloc(struct device *dv)
         sl->tokens = malloc(n * sizeof(int32_t));
         sl->labels = malloc(n * sizeof(int32_t));
         sl->lengths = malloc((size_t) run->B * sizeof(int32_t));
-        if (!sl->tokens || !sl->labels || !sl->lengths)
+        sl->positions = malloc(n * sizeof(int32_t));
+        if (!sl->tokens || !sl->labels || !sl->lengths || !sl->positions)
             return moai_err_set(&dv->dev->err, MOAI_ENOMEM, "out of memory");
     }
     if (llama_work_bind_shape(&dv->work, &s->cfg, &s->shape, NULL, &err) < 0) {
@@ -248,6 +249,7 @@ static void device_free(struct device *dv)
         free(dv->slots[i].tokens);
         free(dv->slots[i].labels);
         free(dv->slots[i].lengths);
+        free(dv->slots[i].positions);
     }
     free(dv->slots);
     free(dv->rows);
@@ -443,9 +445,16 @@ static void fill_slot(struct device *dv, int k, const struct train_records *recs
             for (int64_t t = 0; t < T; t++)
                 sl->labels[i * T + t] = -100;
         sl->lengths[i] = recs->lengths[rows[i]];
+        if (recs->positions)
+            memcpy(sl->positions + i * T, recs->positions + rows[i] * T,
+                   (size_t) T * sizeof(int32_t));
     }
-    sl->batch = (struct llama_batch){
-        .B = B, .T = T, .tokens = sl->tokens, .labels = sl->labels, .lengths = sl->lengths};
+    sl->batch = (struct llama_batch){.B = B,
+                                     .T = T,
+                                     .tokens = sl->tokens,
+                                     .labels = sl->labels,
+                                     .lengths = sl->lengths,
+                                     .positions = recs->positions ? sl->positions : NULL};
 }
 
 /* Labels that count in records rows (position t >= 1 of each, not -100). */
@@ -1024,6 +1033,17 @@ static bool stop_requested(struct device *dv)
     return any_device(dv, here);
 }
 
+/* Where step (from 1) falls: its epoch and index (job->step_at, or epochs of steps_per_epoch);
+ * returns whether it ends its epoch. */
+static bool step_place(const struct train_job *job, int64_t step, int64_t *epoch, int64_t *index)
+{
+    if (job->step_at)
+        return job->step_at(job->batch_arg, step - 1, epoch, index);
+    *epoch = (step - 1) / job->steps_per_epoch;
+    *index = (step - 1) % job->steps_per_epoch;
+    return *index == job->steps_per_epoch - 1;
+}
+
 /* One optimizer step on every device: the step's rows, the pipeline over its micro-batches,
  * the loss of the global batch, the update. Fills *sr (device 0 reports it) and *broken (any
  * device's weights not finite after the update: > 0). Every device sees the same outcome. */
@@ -1036,8 +1056,9 @@ static int train_step(struct device *dv, int64_t step, struct step_record *sr, d
     int64_t batch = r->training.batch_size;
 
     double t0 = progress_now();
-    int64_t epoch = (step - 1) / job->steps_per_epoch;
-    job->batch_rows(job->batch_arg, epoch, (step - 1) % job->steps_per_epoch, dv->rows);
+    int64_t epoch, index;
+    step_place(job, step, &epoch, &index);
+    job->batch_rows(job->batch_arg, epoch, index, dv->rows);
     int64_t ntargets = count_targets(&job->train, dv->rows, batch);
     if (ntargets == 0) { /* every device has the same rows: all stop alike, before work */
         moai_err_set(&d->err, MOAI_EUSAGE,
@@ -1077,9 +1098,11 @@ static int train_step(struct device *dv, int64_t step, struct step_record *sr, d
     comm_barrier(&dv->world);
     double dt = progress_now() - t0;
 
-    int64_t real = 0; /* the tokens that are not padding */
-    for (int64_t i = 0; i < batch; i++)
+    int64_t real = 0, examples = 0; /* the tokens that are not padding, the examples */
+    for (int64_t i = 0; i < batch; i++) {
         real += job->train.lengths[dv->rows[i]];
+        examples += job->train.examples ? job->train.examples[dv->rows[i]] : 1;
+    }
     *sr = (struct step_record){.step = step,
                                .total_steps = job->total_steps,
                                .loss = loss,
@@ -1087,7 +1110,11 @@ static int train_step(struct device *dv, int64_t step, struct step_record *sr, d
                                .tokens_per_s = (double) (batch * r->training.block_size) / dt,
                                .real_tokens_per_s = (double) real / dt,
                                .lr = lr,
-                               .grad_norm = norm};
+                               .grad_norm = norm,
+                               .rows = batch,
+                               .examples = examples,
+                               .real_tokens = real,
+                               .packed = job->train.positions != NULL};
     return 0;
 }
 
@@ -1107,8 +1134,13 @@ static void record_step(struct run *run, const struct step_record *sr, struct pr
         report(run, &(struct train_event){.kind = TRAIN_STEP, .step = *sr});
     if (bar) {
         char text[64];
-        progress_postfix(bar, ", loss %s, lr %.2e",
-                         steplog_format_loss(text, sizeof(text), sr->loss), sr->lr);
+        if (sr->packed)
+            progress_postfix(bar, ", loss %s, lr %.2e, %lld examples",
+                             steplog_format_loss(text, sizeof(text), sr->loss), sr->lr,
+                             (long long) sr->examples);
+        else
+            progress_postfix(bar, ", loss %s, lr %.2e",
+                             steplog_format_loss(text, sizeof(text), sr->loss), sr->lr);
         progress_update(bar, step);
     }
 }
@@ -1146,7 +1178,8 @@ static int after_step(struct device *dv, int64_t step)
         return 0;
     bool eval_due =
         r->training.eval_interval != RECIPE_NONE && step % r->training.eval_interval == 0;
-    if ((eval_due || step % job->steps_per_epoch == 0) && job->valid.n > 0 &&
+    int64_t epoch, index;
+    if ((eval_due || step_place(job, step, &epoch, &index)) && job->valid.n > 0 &&
         (rc = evaluate(dv, step, &vl)) < 0)
         return rc;
     if (r->training.save_interval != RECIPE_NONE && step % r->training.save_interval == 0)

@@ -46,17 +46,28 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* Tokenized records, right-padded to T tokens. */
+/* Tokenized records, right-padded to T tokens; or packed rows of several examples each
+ * (dataset.packing, data/pack.h), with their positions. */
 struct train_records {
     int64_t n, T;
-    const int32_t *tokens;  /* (n, T) */
-    const int32_t *labels;  /* (n, T), -100 where not scored */
-    const int32_t *lengths; /* (n) real tokens (the attention mask's ones) */
+    const int32_t *tokens;    /* (n, T) */
+    const int32_t *labels;    /* (n, T), -100 where not scored */
+    const int32_t *lengths;   /* (n) real tokens (the attention mask's ones) */
+    const int32_t *positions; /* (n, T) packed rows: each token's position in its example
+                                 (struct llama_batch); NULL: one example a record */
+    const int32_t *examples;  /* (n) packed rows: the examples in each; NULL: 1 each */
 };
 
 /* The rows of the global batch of step `index` of epoch `epoch`: batch_size indices into the
- * training records. Must be the same whenever it is called with the same arguments. */
+ * training records. Must be the same whenever it is called with the same arguments. A caller
+ * that makes packed rows step by step may write them into the records as it is asked: a
+ * step's rows must then stay unchanged until the step after the next one asks for its own
+ * (every device asks for a step's rows before any finishes it). */
 typedef void (*train_batch_rows_fn)(void *arg, int64_t epoch, int64_t index, int64_t *rows);
+
+/* Places global step `step` (from 0) in its epoch: *epoch, and *index within it; returns
+ * whether it is the epoch's last step. For epochs of different lengths (packed rows). */
+typedef bool (*train_step_at_fn)(void *arg, int64_t step, int64_t *epoch, int64_t *index);
 
 /* Saves a checkpoint: the parameters, Adam moments (P floats each, Hugging Face order) and the
  * number of optimizer steps done. Called on device 0's thread while the others wait. */
@@ -92,6 +103,7 @@ struct train_job {
     struct train_records valid; /* validation records, n = 0 when none */
     train_batch_rows_fn batch_rows;
     void *batch_arg;
+    train_step_at_fn step_at; /* optional (batch_arg): NULL, epochs of steps_per_epoch */
     int64_t steps_per_epoch;
     int64_t total_steps;
     int64_t start_step;           /* optimizer steps already done (resume), else 0 */

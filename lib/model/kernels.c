@@ -305,27 +305,43 @@ void rope_tables(float *cos_t, float *sin_t, const float *inv_freq, int64_t T, i
 }
 
 SIMD_CLONES
-void rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
-                  int64_t hd, int64_t ld)
+void rope_forward_at(float *x, const float *cos_t, const float *sin_t, const int32_t *pos,
+                     int64_t T, int64_t nh, int64_t hd, int64_t ld)
 {
     int64_t half = hd / 2;
-    for (int64_t t = 0; t < T; t++)
+    for (int64_t t = 0; t < T; t++) {
+        int64_t a = pos ? pos[t] : t;
         for (int64_t h = 0; h < nh; h++) {
             float *lo = x + t * ld + h * hd;
-            rotate_pairs(lo, lo + half, cos_t + t * half, sin_t + t * half, 1.0f, half);
+            rotate_pairs(lo, lo + half, cos_t + a * half, sin_t + a * half, 1.0f, half);
         }
+    }
 }
 
 SIMD_CLONES
+void rope_backward_at(float *dx, const float *cos_t, const float *sin_t, const int32_t *pos,
+                      int64_t T, int64_t nh, int64_t hd, int64_t ld)
+{
+    int64_t half = hd / 2;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t a = pos ? pos[t] : t;
+        for (int64_t h = 0; h < nh; h++) {
+            float *lo = dx + t * ld + h * hd;
+            rotate_pairs(lo, lo + half, cos_t + a * half, sin_t + a * half, -1.0f, half);
+        }
+    }
+}
+
+void rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
+                  int64_t hd, int64_t ld)
+{
+    rope_forward_at(x, cos_t, sin_t, NULL, T, nh, hd, ld);
+}
+
 void rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t T, int64_t nh,
                    int64_t hd, int64_t ld)
 {
-    int64_t half = hd / 2;
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < nh; h++) {
-            float *lo = dx + t * ld + h * hd;
-            rotate_pairs(lo, lo + half, cos_t + t * half, sin_t + t * half, -1.0f, half);
-        }
+    rope_backward_at(dx, cos_t, sin_t, NULL, T, nh, hd, ld);
 }
 
 /* ---- attention ---------------------------------------------------------------------- */
@@ -354,6 +370,63 @@ static inline int64_t att_keys(int64_t len, int64_t T)
     return len < 1 ? 1 : (len > T ? T : len);
 }
 
+/* One head's causal attention over a span of n rows that are both its queries and its keys,
+ * the first nkeys of them real keys: query t attends keys j <= t with j < nkeys. q, k, v rows
+ * lie C floats apart, o rows ldo apart; p (n, n) rows ld apart, each with room for cap floats
+ * from the span's first column. */
+SIMD_INLINE void att_head_forward(float *o, int64_t ldo, float *p, int64_t ld, int64_t cap,
+                                  const float *q, const float *k, const float *v, int64_t C,
+                                  int64_t n, int64_t nkeys, int64_t hd, float scale)
+{
+    for (int64_t r0 = 0; r0 < n; r0 += KERN_ATT_BLOCK) {
+        int64_t r1 = simd_min64(n, r0 + KERN_ATT_BLOCK), kend = simd_min64(r1, nkeys);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend, (int) hd,
+                    scale, q + r0 * C, (int) C, k, (int) C, 0.0f, p + r0 * ld, (int) ld);
+        for (int64_t t = r0; t < r1; t++)
+            softmax_row(p + t * ld, simd_min64(t + 1, nkeys), kend, cap);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
+                    (int) kend, 1.0f, p + r0 * ld, (int) ld, v, (int) C, 0.0f, o + r0 * ldo,
+                    (int) ldo);
+    }
+}
+
+/* The backward of att_head_forward over the same span: dq (n rows, C apart) overwritten,
+ * dk and dv accumulated; ds (n, n) scratch rows ld apart, like p. */
+SIMD_INLINE void att_head_backward(float *dq, float *dk, float *dv, float *ds, const float *p,
+                                   int64_t ld, const float *dO, int64_t ldo, const float *q,
+                                   const float *k, const float *v, int64_t C, int64_t n,
+                                   int64_t nkeys, int64_t hd, float scale)
+{
+    for (int64_t r0 = 0; r0 < n; r0 += KERN_ATT_BLOCK) {
+        int64_t r1 = simd_min64(n, r0 + KERN_ATT_BLOCK), kend = simd_min64(r1, nkeys);
+        /* dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend, (int) hd,
+                    1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f, ds + r0 * ld, (int) ld);
+        for (int64_t t = r0; t < r1; t++) {
+            const float *prow = p + t * ld;
+            float *srow = ds + t * ld;
+            int64_t m = simd_min64(t + 1, nkeys);
+            softmax_back_row(srow, prow, row_dot(prow, srow, m), scale, m);
+            if (kend > m)
+                memset(srow + m, 0, sizeof(float) * (size_t) (kend - m));
+        }
+        /* dQ = dS K */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
+                    (int) kend, 1.0f, ds + r0 * ld, (int) ld, k, (int) C, 0.0f, dq + r0 * C,
+                    (int) C);
+    }
+    /* dK += dS^T Q and dV += P^T dO by key blocks; rows before a block are masked */
+    for (int64_t c0 = 0; c0 < nkeys; c0 += KERN_ATT_BLOCK) {
+        int64_t c1 = simd_min64(c0 + KERN_ATT_BLOCK, nkeys);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
+                    (int) (n - c0), 1.0f, ds + c0 * ld + c0, (int) ld, q + c0 * C, (int) C, 1.0f,
+                    dk + c0 * C, (int) C);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
+                    (int) (n - c0), 1.0f, p + c0 * ld + c0, (int) ld, dO + c0 * ldo, (int) ldo,
+                    1.0f, dv + c0 * C, (int) C);
+    }
+}
+
 SIMD_CLONES
 void attention_forward(float *out, float *probs, const float *qkv, int64_t len, int64_t T,
                        int64_t H, int64_t KV, int64_t hd, int64_t kv0, int64_t kv1)
@@ -364,21 +437,9 @@ void attention_forward(float *out, float *probs, const float *qkv, int64_t len, 
 
     for (int64_t g = kv0; g < kv1; g++) {
         const float *k = qkv + (H + g) * hd, *v = qkv + (H + KV + g) * hd;
-        for (int64_t h = g * G; h < (g + 1) * G; h++) {
-            const float *q = qkv + h * hd;
-            float *p = probs + h * T * T, *o = out + h * hd;
-            for (int64_t r0 = 0; r0 < T; r0 += KERN_ATT_BLOCK) {
-                int64_t r1 = simd_min64(T, r0 + KERN_ATT_BLOCK), kend = simd_min64(r1, nkeys);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
-                            (int) hd, scale, q + r0 * C, (int) C, k, (int) C, 0.0f, p + r0 * T,
-                            (int) T);
-                for (int64_t t = r0; t < r1; t++)
-                    softmax_row(p + t * T, simd_min64(t + 1, nkeys), kend, T);
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
-                            (int) kend, 1.0f, p + r0 * T, (int) T, v, (int) C, 0.0f, o + r0 * ldo,
-                            (int) ldo);
-            }
-        }
+        for (int64_t h = g * G; h < (g + 1) * G; h++)
+            att_head_forward(out + h * hd, ldo, probs + h * T * T, T, T, qkv + h * hd, k, v, C, T,
+                             nkeys, hd, scale);
     }
 }
 
@@ -390,7 +451,63 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
     const int64_t C = (H + 2 * KV) * hd, ldo = H * hd, G = H / KV;
     const float scale = (float) (1.0 / sqrt((double) hd));
     const int64_t nkeys = att_keys(len, T);
-    float *ds = scratch;
+
+    for (int64_t g = kv0; g < kv1; g++) {
+        const float *k = qkv + (H + g) * hd, *v = qkv + (H + KV + g) * hd;
+        float *dk = dqkv + (H + g) * hd, *dv = dqkv + (H + KV + g) * hd;
+        for (int64_t t = 0; t < T; t++) {
+            memset(dk + t * C, 0, sizeof(float) * (size_t) hd);
+            memset(dv + t * C, 0, sizeof(float) * (size_t) hd);
+        }
+        for (int64_t h = g * G; h < (g + 1) * G; h++)
+            att_head_backward(dqkv + h * hd, dk, dv, scratch, probs + h * T * T, T, dout + h * hd,
+                              ldo, qkv + h * hd, k, v, C, T, nkeys, hd, scale);
+    }
+}
+
+/* The end of the example that starts at row s0 of a packed row: the next row whose position
+ * is 0, or len. */
+static inline int64_t segment_end(const int32_t *pos, int64_t s0, int64_t len)
+{
+    int64_t s1 = s0 + 1;
+    while (s1 < len && pos[s1] != 0)
+        s1++;
+    return s1;
+}
+
+SIMD_CLONES
+void attention_forward_packed(float *out, float *probs, const float *qkv, const int32_t *pos,
+                              int64_t len, int64_t T, int64_t H, int64_t KV, int64_t hd,
+                              int64_t kv0, int64_t kv1)
+{
+    const int64_t C = (H + 2 * KV) * hd, ldo = H * hd, G = H / KV;
+    const float scale = (float) (1.0 / sqrt((double) hd));
+    len = len < 0 ? 0 : (len > T ? T : len);
+
+    for (int64_t g = kv0; g < kv1; g++) {
+        const float *k = qkv + (H + g) * hd, *v = qkv + (H + KV + g) * hd;
+        for (int64_t h = g * G; h < (g + 1) * G; h++) {
+            float *p = probs + h * T * T, *o = out + h * hd;
+            for (int64_t s0 = 0, s1; s0 < len; s0 = s1) {
+                s1 = segment_end(pos, s0, len);
+                att_head_forward(o + s0 * ldo, ldo, p + s0 * T + s0, T, T - s0,
+                                 qkv + s0 * C + h * hd, k + s0 * C, v + s0 * C, C, s1 - s0, s1 - s0,
+                                 hd, scale);
+            }
+            for (int64_t t = len; t < T; t++)
+                memset(o + t * ldo, 0, sizeof(float) * (size_t) hd);
+        }
+    }
+}
+
+SIMD_CLONES
+void attention_backward_packed(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                               const float *probs, const int32_t *pos, int64_t len, int64_t T,
+                               int64_t H, int64_t KV, int64_t hd, int64_t kv0, int64_t kv1)
+{
+    const int64_t C = (H + 2 * KV) * hd, ldo = H * hd, G = H / KV;
+    const float scale = (float) (1.0 / sqrt((double) hd));
+    len = len < 0 ? 0 : (len > T ? T : len);
 
     for (int64_t g = kv0; g < kv1; g++) {
         const float *k = qkv + (H + g) * hd, *v = qkv + (H + KV + g) * hd;
@@ -400,37 +517,16 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
             memset(dv + t * C, 0, sizeof(float) * (size_t) hd);
         }
         for (int64_t h = g * G; h < (g + 1) * G; h++) {
-            const float *q = qkv + h * hd, *p = probs + h * T * T, *dO = dout + h * hd;
-            float *dq = dqkv + h * hd;
-            for (int64_t r0 = 0; r0 < T; r0 += KERN_ATT_BLOCK) {
-                int64_t r1 = simd_min64(T, r0 + KERN_ATT_BLOCK), kend = simd_min64(r1, nkeys);
-                /* dP = dO V^T, then dS = P * (dP - rowsum(P * dP)) * scale */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int) (r1 - r0), (int) kend,
-                            (int) hd, 1.0f, dO + r0 * ldo, (int) ldo, v, (int) C, 0.0f, ds + r0 * T,
-                            (int) T);
-                for (int64_t t = r0; t < r1; t++) {
-                    const float *prow = p + t * T;
-                    float *srow = ds + t * T;
-                    int64_t n = simd_min64(t + 1, nkeys);
-                    softmax_back_row(srow, prow, row_dot(prow, srow, n), scale, n);
-                    if (kend > n)
-                        memset(srow + n, 0, sizeof(float) * (size_t) (kend - n));
-                }
-                /* dQ = dS K */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) (r1 - r0), (int) hd,
-                            (int) kend, 1.0f, ds + r0 * T, (int) T, k, (int) C, 0.0f, dq + r0 * C,
-                            (int) C);
+            const float *p = probs + h * T * T;
+            for (int64_t s0 = 0, s1; s0 < len; s0 = s1) {
+                s1 = segment_end(pos, s0, len);
+                att_head_backward(dqkv + s0 * C + h * hd, dk + s0 * C, dv + s0 * C, scratch,
+                                  p + s0 * T + s0, T, dout + s0 * ldo + h * hd, ldo,
+                                  qkv + s0 * C + h * hd, k + s0 * C, v + s0 * C, C, s1 - s0,
+                                  s1 - s0, hd, scale);
             }
-            /* dK += dS^T Q and dV += P^T dO by key blocks; rows before a block are masked */
-            for (int64_t c0 = 0; c0 < nkeys; c0 += KERN_ATT_BLOCK) {
-                int64_t c1 = simd_min64(c0 + KERN_ATT_BLOCK, nkeys);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
-                            (int) (T - c0), 1.0f, ds + c0 * T + c0, (int) T, q + c0 * C, (int) C,
-                            1.0f, dk + c0 * C, (int) C);
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int) (c1 - c0), (int) hd,
-                            (int) (T - c0), 1.0f, p + c0 * T + c0, (int) T, dO + c0 * ldo,
-                            (int) ldo, 1.0f, dv + c0 * C, (int) C);
-            }
+            for (int64_t t = len; t < T; t++)
+                memset(dqkv + t * C + h * hd, 0, sizeof(float) * (size_t) hd);
         }
     }
 }

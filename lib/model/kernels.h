@@ -61,6 +61,12 @@ void rope_forward(float *x, const float *cos, const float *sin, int64_t T, int64
 /* dx (same layout) -> dx: the inverse rotation, in place (RoPE is orthogonal). */
 void rope_backward(float *dx, const float *cos, const float *sin, int64_t T, int64_t nh, int64_t hd,
                    int64_t ld);
+/* The same two with row t rotated by the angles of position pos[t] (T entries, each below the
+ * tables' rows; NULL: t), as a packed example's tokens are, counting from its own start. */
+void rope_forward_at(float *x, const float *cos, const float *sin, const int32_t *pos, int64_t T,
+                     int64_t nh, int64_t hd, int64_t ld);
+void rope_backward_at(float *dx, const float *cos, const float *sin, const int32_t *pos, int64_t T,
+                      int64_t nh, int64_t hd, int64_t ld);
 
 /* One sequence of grouped-query causal attention for the key/value heads [kv0, kv1) and
  * their query heads. qkv (T, (H + 2 KV) hd): per row the H query heads, then KV key heads,
@@ -76,6 +82,23 @@ void attention_forward(float *out, float *probs, const float *qkv, int64_t len, 
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
                         const float *probs, int64_t len, int64_t T, int64_t H, int64_t KV,
                         int64_t hd, int64_t kv0, int64_t kv1);
+
+/* The same for a packed row (several examples back to back, then padding): pos (T) each
+ * token's position in its example, 0 where an example starts (positions count up by 1 within
+ * one). Attention is block-diagonal and causal: query t < len attends keys t - pos[t] .. t,
+ * the earlier tokens of its own example only; queries past len (padding) attend nothing, their
+ * output rows are zero. Each example runs as its own causal attention in KERN_ATT_BLOCK row
+ * blocks, so the masked blocks between examples cost nothing: a row of examples of n_1 .. n_k
+ * tokens costs about sum n_i^2 / 2 query-key products per head, not T^2 / 2. probs (H, T, T):
+ * example rows [s, s + n) use the diagonal block [s, s + n) x [s, s + n) (entries past a row's
+ * last key inside its causal block are zero, the rest are never read). */
+void attention_forward_packed(float *out, float *probs, const float *qkv, const int32_t *pos,
+                              int64_t len, int64_t T, int64_t H, int64_t KV, int64_t hd,
+                              int64_t kv0, int64_t kv1);
+/* dout (T, H hd) -> dqkv as attention_backward (the padding's rows zero). */
+void attention_backward_packed(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                               const float *probs, const int32_t *pos, int64_t len, int64_t T,
+                               int64_t H, int64_t KV, int64_t hd, int64_t kv0, int64_t kv1);
 
 /* gu (N, 2F) = [gate | up] per row -> h (N, F) = silu(gate) * up. */
 void swiglu_forward(float *h, const float *gu, int64_t N, int64_t F);

@@ -481,6 +481,17 @@ bool llama_set_bf16(struct llama *m, bool bf16)
 
 /* ---- batches -------------------------------------------------------------------------- */
 
+static int64_t seq_len(const struct llama_batch *b, int64_t i)
+{
+    return b->lengths ? b->lengths[i] : b->T;
+}
+
+/* Whether token t of sequence i starts an example of a packed row. */
+static bool starts_example(const struct llama_batch *b, int64_t i, int64_t t)
+{
+    return b->positions && b->positions[i * b->T + t] == 0;
+}
+
 int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct moai_err *err)
 {
     int64_t V = m->cfg.vocab_size;
@@ -489,6 +500,16 @@ int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct
             return moai_err_set(err, MOAI_EIO,
                                 "batch: sequence %lld: length %d is outside [0, %lld]",
                                 (long long) i, b->lengths[i], (long long) b->T);
+        for (int64_t t = 0; b->positions && t < b->T; t++) {
+            int32_t pos = b->positions[i * b->T + t];
+            bool real = t < seq_len(b, i);
+            if (real ? pos != 0 && (t == 0 || pos != b->positions[i * b->T + t - 1] + 1)
+                     : pos < 0 || pos >= b->T)
+                return moai_err_set(err, MOAI_EIO,
+                                    "batch: sequence %lld, position %lld: position id %d neither "
+                                    "starts an example (0) nor follows the previous token's",
+                                    (long long) i, (long long) t, pos);
+        }
         for (int64_t t = 0; t < b->T; t++) {
             int32_t id = b->tokens[i * b->T + t];
             if (id < 0 || id >= V)
@@ -516,13 +537,8 @@ int64_t llama_batch_targets(const struct llama_batch *b)
         return 0;
     for (int64_t i = 0; i < b->B; i++)
         for (int64_t t = 1; t < b->T; t++)
-            n += b->labels[i * b->T + t] != KERN_IGNORE_INDEX;
+            n += b->labels[i * b->T + t] != KERN_IGNORE_INDEX && !starts_example(b, i, t);
     return n;
-}
-
-static int64_t seq_len(const struct llama_batch *b, int64_t i)
-{
-    return b->lengths ? b->lengths[i] : b->T;
 }
 
 /* ---- parallel matrix products --------------------------------------------------------- */
@@ -734,13 +750,18 @@ static void att_forward_task(void *arg, int64_t task, int thread)
     int64_t T = j->batch->T, C = qkv_cols(c), G = H / KV;
     int64_t b = task / KV, g = task % KV;
     float *qkv = j->la->qkv + b * T * C;
+    const int32_t *pos = j->batch->positions ? j->batch->positions + b * T : NULL;
     (void) thread;
     if (j->rope) {
-        rope_forward(qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
-        rope_forward(qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
+        rope_forward_at(qkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, pos, T, G, hd, C);
+        rope_forward_at(qkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, pos, T, 1, hd, C);
     }
-    attention_forward(j->la->atty + b * T * H * hd, j->probs + b * H * T * T, qkv,
-                      seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+    if (pos)
+        attention_forward_packed(j->la->atty + b * T * H * hd, j->probs + b * H * T * T, qkv, pos,
+                                 seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+    else
+        attention_forward(j->la->atty + b * T * H * hd, j->probs + b * H * T * T, qkv,
+                          seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
 }
 
 static void att_backward_task(void *arg, int64_t task, int thread)
@@ -751,11 +772,17 @@ static void att_backward_task(void *arg, int64_t task, int thread)
     int64_t T = j->batch->T, C = qkv_cols(c), G = H / KV;
     int64_t b = task / KV, g = task % KV;
     float *dqkv = j->w->dqkv + b * T * C;
-    attention_backward(dqkv, j->w->scratch + (int64_t) thread * T * T, j->w->datty + b * T * H * hd,
-                       j->la->qkv + b * T * C, j->probs + b * H * T * T, seq_len(j->batch, b), T, H,
-                       KV, hd, g, g + 1);
-    rope_backward(dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, T, G, hd, C);
-    rope_backward(dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, T, 1, hd, C);
+    const int32_t *pos = j->batch->positions ? j->batch->positions + b * T : NULL;
+    float *scratch = j->w->scratch + (int64_t) thread * T * T;
+    if (pos)
+        attention_backward_packed(dqkv, scratch, j->w->datty + b * T * H * hd,
+                                  j->la->qkv + b * T * C, j->probs + b * H * T * T, pos,
+                                  seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+    else
+        attention_backward(dqkv, scratch, j->w->datty + b * T * H * hd, j->la->qkv + b * T * C,
+                           j->probs + b * H * T * T, seq_len(j->batch, b), T, H, KV, hd, g, g + 1);
+    rope_backward_at(dqkv + g * G * hd, j->w->rope_cos, j->w->rope_sin, pos, T, G, hd, C);
+    rope_backward_at(dqkv + (H + g) * hd, j->w->rope_cos, j->w->rope_sin, pos, T, 1, hd, C);
 }
 
 /* ---- tensor parallelism --------------------------------------------------------------- */
@@ -834,8 +861,9 @@ void llama_set_targets(struct llama_work *w, const struct llama_batch *b)
     MOAI_ASSERT(w->B == b->B && w->T == b->T);
     for (int64_t i = 0; i < b->B; i++)
         for (int64_t t = 0; t < b->T; t++)
-            w->targets[i * b->T + t] =
-                b->labels && t + 1 < b->T ? b->labels[i * b->T + t + 1] : KERN_IGNORE_INDEX;
+            w->targets[i * b->T + t] = b->labels && t + 1 < b->T && !starts_example(b, i, t + 1)
+                                           ? b->labels[i * b->T + t + 1]
+                                           : KERN_IGNORE_INDEX;
 }
 
 void llama_embed_forward(struct llama *m, const struct llama_params *p, struct llama_acts *a,

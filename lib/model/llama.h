@@ -146,13 +146,24 @@ struct llama_work {
     bool owned;   /* arena allocated (and freed) here */
 };
 
-/* A micro-batch of B right-padded sequences of T tokens. */
+/* A micro-batch of B right-padded sequences of T tokens.
+ *
+ * Packed rows (positions set; data/pack.h makes them): a sequence holds several examples back
+ * to back, then padding. positions[b][t] is the token's position in its example: 0 at an
+ * example's first token, one more than the previous token's within it. Then, as if each
+ * example ran alone: rotary embeddings use these positions; attention is block-diagonal causal
+ * (a token attends only the earlier tokens of its own example); the last token of an example
+ * scores nothing (its next label is another example's); the padding past lengths[b] attends
+ * nothing (its positions need only lie in [0, T)). So a packed example's loss and gradients
+ * are those it has unpacked, to rounding. */
 struct llama_batch {
     int64_t B, T;
-    const int32_t *tokens;  /* (B, T) input ids in [0, V) */
-    const int32_t *labels;  /* (B, T) ids or -100; position t is scored against labels[t+1] */
-    const int32_t *lengths; /* (B) real tokens per sequence (the attention mask's ones);
-                                   NULL: all T */
+    const int32_t *tokens;    /* (B, T) input ids in [0, V) */
+    const int32_t *labels;    /* (B, T) ids or -100; position t is scored against labels[t+1] */
+    const int32_t *lengths;   /* (B) real tokens per sequence (the attention mask's ones);
+                                     NULL: all T */
+    const int32_t *positions; /* (B, T) packed rows: each token's position in its example;
+                                 NULL: one sequence per row, positions 0..T-1 */
 };
 
 /* Which activations a layer keeps for backward (the plan's recomputation): all of them; all
@@ -298,14 +309,16 @@ void llama_tensor_at(struct llama_tensor *t, const struct llama_params *p,
 
 /* ---- the model ---- */
 
-/* Checks ids against the vocabulary, labels (-100 or an id) and lengths (in [0, T]); names
- * the sequence and position of a bad value. */
+/* Checks ids against the vocabulary, labels (-100 or an id), lengths (in [0, T]) and positions
+ * (0 at a row's start, then 0 or one more than the previous within its length, in [0, T)
+ * past it); names the sequence and position of a bad value. */
 int llama_batch_check(const struct llama *m, const struct llama_batch *b, struct moai_err *err);
-/* Labels that count after the shift: labels[b][t] != -100 for t >= 1. */
+/* Labels that count after the shift: labels[b][t] != -100 for t >= 1 (and, in packed rows,
+ * not the first token of an example). */
 int64_t llama_batch_targets(const struct llama_batch *b);
 
-/* labels -> w->targets, shifted by one position (the last position of a sequence scores
- * nothing). llama_embed_forward does it; a stage that runs the head without the embedding
+/* labels -> w->targets, shifted by one position (the last position of a sequence, and of
+ * each example of a packed row, scores nothing). llama_embed_forward does it; a stage that runs the head without the embedding
  * calls it before llama_head_forward. */
 void llama_set_targets(struct llama_work *w, const struct llama_batch *b);
 

@@ -95,6 +95,12 @@ double cost_allreduce_seconds(double bytes, int n, double gbps, double latency_s
     return 2.0 * (n - 1) / n * bytes / (gbps * 1e9) + 2.0 * (n - 1) * latency_seconds;
 }
 
+double cost_attention_fraction(const struct recipe *r)
+{
+    double a = r->dataset.packed_attention;
+    return r->dataset.packing && a > 0.0 && a < 1.0 ? a : 1.0;
+}
+
 double cost_model_flops(const struct model_config *cfg, const struct recipe *r)
 {
     double tokens = (double) r->training.batch_size * (double) r->training.block_size;
@@ -102,7 +108,8 @@ double cost_model_flops(const struct model_config *cfg, const struct recipe *r)
     double matmul = L * (double) (model_layer_param_count(cfg) - 2 * cfg->hidden_size) +
                     (double) cfg->vocab_size * D;
     double attention = 6.0 * L * (double) r->training.block_size *
-                       (double) (cfg->num_attention_heads * cfg->head_dim);
+                       (double) (cfg->num_attention_heads * cfg->head_dim) *
+                       cost_attention_fraction(r);
     return 6.0 * matmul * tokens + attention * tokens;
 }
 
@@ -115,17 +122,20 @@ struct layer_seconds {
 /* The attention core, q k^T, softmax and p v, of b sequences of s tokens, Hd heads of hd:
  * fused (FlashAttention's convention: 2 b Hd s^2 hd forward FLOPs with the causal half
  * skipped, the backward 2.5 times the forward, at the device's sustained rate) or, on a
- * device without a fused kernel, two batched products each way over the whole s x s. */
+ * device without a fused kernel, two batched products each way over the whole s x s. Packed
+ * rows (frac < 1, cost_attention_fraction) run each example as its own causal block, the
+ * blocks between examples skipped: frac s^2 of the s^2 products per head, so the fused FLOPs
+ * and the keys of each product scale by frac. */
 static void attention_seconds(const struct flavor *f, double s, double b, double Hd, double hd,
-                              int e, double *fwd, double *bwd)
+                              double frac, int e, double *fwd, double *bwd)
 {
     if (f->device.attn_tflops > 0) {
-        double flops = 2.0 * b * Hd * s * s * hd;
+        double flops = 2.0 * b * Hd * s * s * hd * frac;
         *fwd = flops / (f->device.attn_tflops * 1e12) + COST_KERNEL_LAUNCH_SECONDS;
         *bwd = 2.5 * flops / (f->device.attn_tflops * 1e12) + COST_KERNEL_LAUNCH_SECONDS;
         return;
     }
-    *fwd = 2.0 * cost_gemm_seconds(s, s, hd, b * Hd, e, f);
+    *fwd = 2.0 * cost_gemm_seconds(s, s * frac, hd, b * Hd, e, f);
     *bwd = 2.0 * *fwd;
 }
 
@@ -159,7 +169,7 @@ static void layer_seconds(struct layer_seconds *t, const struct model_config *cf
                    + cost_gemm_seconds(M, 2 * F, D, 1, e, f)             /* gate, up */
                    + cost_gemm_seconds(M, D, F, 1, e, f);                /* down */
     gemms /= cpu_bf16_speedup(r);
-    attention_seconds(f, s, b, Hd, hd, e, &t->attn_fwd, &attn_bwd);
+    attention_seconds(f, s, b, Hd, hd, cost_attention_fraction(r), e, &t->attn_fwd, &attn_bwd);
     double act = (double) mem_layer_activation_bytes(
         cfg, (int64_t) s, (int64_t) b, p->lay.tp, RECOMPUTE_NONE, e, mem_act_flags(f, p->lay.tp));
     double elementwise =

@@ -60,8 +60,14 @@ double cost_gemm_seconds(double m, double n, double k, double batch, int elem_by
  * and all-gather each take half of it. */
 double cost_allreduce_seconds(double bytes, int n, double gbps, double latency_seconds);
 
+/* The attention cost of the recipe's rows against a sequence filling each one: with
+ * dataset.packing, r->dataset.packed_attention (the mean over packed rows of the sum of their
+ * examples' squared lengths over s^2) when it is known and below 1; else 1 (an unpacked row's
+ * causal attention, and the worst case of a packed one: one example filling it). */
+double cost_attention_fraction(const struct recipe *r);
+
 /* Model FLOPs of one step (no recomputation): 6 x matmul parameters x tokens plus attention
- * 12 x L x s x (H x hd) per token. Matmul parameters are all but the input embedding (a
+ * 12 x L x s x (H x hd) per token (times cost_attention_fraction). Matmul parameters are all but the input embedding (a
  * lookup) and the norms; a tied embedding counts once, as the lm_head. */
 double cost_model_flops(const struct model_config *cfg, const struct recipe *r);
 

@@ -364,6 +364,13 @@ int mem_process(struct mem_process *pm, const struct model_config *cfg, const st
      * of it and of the held-out examples */
     int64_t per = 2 * 4 * T + 4;
     pm->data_bytes = per * (2 * in->examples + in->valid_examples);
+    /* packing (data/batch.h, batch_packer): five int64 indices an example (the epoch's order,
+     * its packing and the packer's scratch), two steps of packed rows and the held-out
+     * examples' rows (at most one each), each T tokens, labels and positions, a length and an
+     * example count */
+    if (r->dataset.packing && in->examples > 0)
+        pm->data_bytes += 5 * 8 * in->examples +
+                          (3 * 4 * T + 8) * (2 * r->training.batch_size + in->valid_examples);
     pm->total_bytes = pm->runtime_bytes + pm->devices_bytes + pm->threads_bytes + pm->host_bytes +
                       pm->checkpoint_bytes + pm->data_bytes;
     return 0;
