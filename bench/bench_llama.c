@@ -1,14 +1,17 @@
-/* bench_llama.c - fp32 training-step throughput of the Llama model against the sgemm rate.
+/* bench_llama.c - training-step throughput of the Llama model, fp32 against the sgemm rate and
+ * bf16 (llama_set_bf16) against the bf16 dot-product peak.
  *
  * One step is what training does per optimizer step: zero the gradients, forward and backward
  * of a B x T micro-batch, clip the gradient norm to 1, AdamW. Two shapes, on 2 threads; the
  * figure is the median of several steps after a warm-up step. FLOPs per token are counted as
  * 6 x (weights that multiply activations, lm_head included) + 12 x layers x seq x hidden for
  * attention (scores and weighted sum, forward and backward, without the causal halving), and
- * compared with OpenBLAS sgemm on 2 threads measured just before in the same run.
+ * compared with OpenBLAS sgemm on 2 threads measured just before in the same run (fp32), or
+ * with a loop of vdpbf16ps on 2 threads (bf16; no row without AVX512_BF16).
  *
- *     bench_llama            both shapes
- *     bench_llama small 3    one shape, 3 timed steps
+ *     bench_llama                 both shapes, fp32 and bf16
+ *     bench_llama small 3         one shape, 3 timed steps
+ *     bench_llama tiny 5 bf16     one shape, one precision
  */
 #include "bench_util.h"
 
@@ -62,7 +65,7 @@ static double flops_per_token(const struct model_config *c, int64_t T)
     return 6.0 * weights + 12.0 * (double) c->num_hidden_layers * (double) T * D;
 }
 
-static int run_shape(const struct shape *s, int steps)
+static int run_shape(const struct shape *s, int steps, bool bf16)
 {
     struct moai_err err = {0};
     struct model_config cfg = shape_config(s);
@@ -74,7 +77,7 @@ static int run_shape(const struct shape *s, int steps)
     char fig[64], target[64], note[160], name[96];
 
     openblas_set_num_threads(2);
-    double sgemm = bench_sgemm_gflops(1024, 1024, 1024, 9);
+    double peak = bf16 ? bench_bf16_peak_gflops(nthreads) : bench_sgemm_gflops(1024, 1024, 1024, 9);
 
     if (llama_init(&m, &cfg, nthreads, &err) < 0 || llama_params_init(&p, &cfg, NULL, &err) < 0 ||
         llama_params_init(&g, &cfg, NULL, &err) < 0 ||
@@ -85,6 +88,7 @@ static int run_shape(const struct shape *s, int steps)
         fprintf(stderr, "bench_llama: %s\n", err.msg);
         return 1;
     }
+    llama_set_bf16(&m, bf16);
     optim_init_params(m.pool, &p, &cfg, 42);
 
     int64_t N = s->B * s->T;
@@ -115,12 +119,16 @@ static int run_shape(const struct shape *s, int steps)
     double tokens_s = (double) N / med;
     double gflops = tokens_s * flops_per_token(&cfg, s->T) * 1e-9;
 
-    snprintf(name, sizeof(name), "llama %s train step fp32, 2 threads", s->name);
+    snprintf(name, sizeof(name), "llama %s train step %s, 2 threads", s->name,
+             bf16 ? "bf16" : "fp32");
     snprintf(fig, sizeof(fig), "%.0f tokens/s", tokens_s);
-    snprintf(target, sizeof(target), ">= %.0f", s->target_tokens_s);
+    if (bf16)
+        snprintf(target, sizeof(target), "-");
+    else
+        snprintf(target, sizeof(target), ">= %.0f", s->target_tokens_s);
     snprintf(note, sizeof(note),
-             "%.1f GFLOP/s = %.0f%% of sgemm %.1f; median of %d steps of %.3f s; loss %.3f", gflops,
-             100.0 * gflops / sgemm, sgemm, steps, med, loss);
+             "%.1f GFLOP/s = %.0f%% of %s %.1f; median of %d steps of %.3f s; loss %.3f", gflops,
+             100.0 * gflops / peak, bf16 ? "bf16 dot peak" : "sgemm", peak, steps, med, loss);
     bench_row(name, fig, target, note);
 
     free(tokens);
@@ -140,7 +148,15 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
         if (argc > 1 && strcmp(argv[1], shapes[i].name))
             continue;
-        rc |= run_shape(&shapes[i], argc > 2 ? atoi(argv[2]) : shapes[i].steps);
+        for (int bf16 = 0; bf16 < 2; bf16++) {
+            if (argc > 3 && strcmp(argv[3], bf16 ? "bf16" : "fp32"))
+                continue;
+            if (bf16 && !bf16_available()) {
+                bench_row("llama train step bf16", "skipped", "-", bf16_unavailable_reason());
+                continue;
+            }
+            rc |= run_shape(&shapes[i], argc > 2 ? atoi(argv[2]) : shapes[i].steps, bf16);
+        }
     }
     return rc;
 }

@@ -8,7 +8,10 @@
 #ifndef MOAI_BENCH_UTIL_H
 #define MOAI_BENCH_UTIL_H
 
+#include "model/bf16.h"
+
 #include <cblas.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -59,6 +62,29 @@ static inline double bench_sgemm_gflops(int m, int n, int k, int reps)
     free(b);
     free(c);
     return 2.0 * m * n * k / med * 1e-9;
+}
+
+static void *bench_bf16_peak_thread(void *arg)
+{
+    *(double *) arg = bf16_dot_peak_gflops(0.3);
+    return NULL;
+}
+
+/* The bf16 peak of threads threads running the vdpbf16ps loop at once (bf16.h), GFLOP/s; 0
+ * without AVX512_BF16. */
+static inline double bench_bf16_peak_gflops(int threads)
+{
+    pthread_t t[16];
+    double g[16] = {0}, sum = 0.0;
+    int n = threads < 16 ? threads : 16, started = 0;
+    for (; started < n; started++)
+        if (pthread_create(&t[started], NULL, bench_bf16_peak_thread, &g[started]) != 0)
+            break;
+    for (int i = 0; i < started; i++) {
+        pthread_join(t[i], NULL);
+        sum += g[i];
+    }
+    return started == n ? sum : 0.0;
 }
 
 static inline void bench_row(const char *name, const char *figure, const char *target,

@@ -1,6 +1,8 @@
 /* flavor.c - the flavor catalog and the device types (see flavor.h). */
 #include "flavor.h"
 
+#include "model/bf16.h"
+
 #include <cblas.h>
 #include <pthread.h>
 #include <sched.h>
@@ -250,7 +252,7 @@ const char *flavor_display_name(const struct flavor *f)
     return f->given[0] ? f->given : f->name;
 }
 
-static double cpu_tflops;
+static double cpu_tflops, cpu_bf16_tflops;
 static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
 
 static double now_seconds(void)
@@ -282,6 +284,7 @@ static void measure_cpu(void)
     int cores = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
     openblas_set_num_threads(1);
     cpu_tflops = 0.05; /* 50 GFLOP/s if the buffers cannot be had: one modern core */
+    cpu_bf16_tflops = cpu_tflops;
     if (!a || !b || !c)
         goto out;
     for (int i = 0; i < N * N; i++) {
@@ -298,6 +301,19 @@ static void measure_cpu(void)
     qsort(t, REPS, sizeof(double), cmp_double);
     if (t[REPS / 2] > 0)
         cpu_tflops = 2.0 * N * N * N / t[REPS / 2] * 1e-12 * cores;
+    /* the same product in bf16 (model/bf16.h), where the cpu has it */
+    cpu_bf16_tflops = cpu_tflops;
+    if (bf16_cpu_has()) {
+        bf16_gemm(false, false, N, N, N, 1.0f, a, N, b, N, 0.0f, c, N);
+        for (int r = 0; r < REPS; r++) {
+            double t0 = now_seconds();
+            bf16_gemm(false, false, N, N, N, 1.0f, a, N, b, N, 0.0f, c, N);
+            t[r] = now_seconds() - t0;
+        }
+        qsort(t, REPS, sizeof(double), cmp_double);
+        if (t[REPS / 2] > 0)
+            cpu_bf16_tflops = 2.0 * N * N * N / t[REPS / 2] * 1e-12 * cores;
+    }
 out:
     openblas_set_num_threads(threads);
     free(a);
@@ -309,6 +325,12 @@ double flavor_cpu_tflops(void)
 {
     pthread_once(&cpu_once, measure_cpu);
     return cpu_tflops;
+}
+
+double flavor_cpu_bf16_tflops(void)
+{
+    pthread_once(&cpu_once, measure_cpu);
+    return bf16_available() ? cpu_bf16_tflops : cpu_tflops;
 }
 
 int flavor_nodes(const struct flavor *f)

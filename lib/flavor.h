@@ -72,6 +72,10 @@ const char *flavor_display_name(const struct flavor *f);
  * Thread-safe. */
 double flavor_cpu_tflops(void);
 
+/* The same for bf16 products (bf16_gemm, model/bf16.h; measured with it, at the same size and
+ * time) where they run: bf16_available(); else flavor_cpu_tflops(). Thread-safe. */
+double flavor_cpu_bf16_tflops(void);
+
 /* Number of nodes: ceil(devices / devices_per_node). */
 int flavor_nodes(const struct flavor *f);
 

@@ -18,6 +18,15 @@ for b in "$@"; do
     "$b"
 done
 
+# PyTorch's own step on the same shapes, fp32 and bf16 autocast, with Debian's python3-torch
+# (its /usr/bin/python3); the rows are skipped without it.
+if /usr/bin/python3 -c "import torch" >/dev/null 2>&1; then
+    /usr/bin/python3 bench/torch_llama.py || echo "pytorch: no result"
+else
+    printf '%-44s %14s %14s %s\n' "pytorch fp32 and bf16 autocast" "skipped" "-" \
+        "python3-torch is not installed"
+fi
+
 # The default recipe end to end (tokens cached after the first run), 12 steps.
 out=$(mktemp -d)
 build/moai-finetune -q --json --set training.max_steps=12 --set "training.save_dir=$out/ckpt" \
@@ -29,6 +38,24 @@ fig = "%.0f tok/s" % j["median_tokens_per_s"]
 note = "median of 11 steps of %.3f s; 2 cpu devices, batch 16 x 256; peak %d bytes/device, planned %d" % (
     j["median_step_s"], j["peak_bytes"][0], j["predicted_bytes_per_device"])
 print("%-44s %14s %14s %s" % ("train: configs/tiny-llama.yaml (make run)", fig, "-", note))
+PY
+
+# The default recipe's whole run in fp32 and in bf16 (products in bf16 where the cpu has
+# AVX512_BF16): how far the bf16 loss curve strays from fp32's, step by step, and each speed.
+for p in fp32 bf16; do
+    build/moai-finetune -q --json --set "training.precision=$p" --set training.log_interval=1 \
+        --set "training.save_dir=$out/curve-$p" configs/tiny-llama.yaml 2>/dev/null >"$out/curve-$p.jsonl"
+done
+python3 - "$out/curve-fp32.jsonl" "$out/curve-bf16.jsonl" <<'PY' || echo "bf16 loss curve: no result"
+import json, sys
+runs = [list(map(json.loads, open(p))) for p in sys.argv[1:]]
+a, b = ([o["loss"] for o in r if "step" in o and "loss" in o] for r in runs)
+rel = [abs(x - y) / abs(x) for x, y in zip(a, b)]
+worst = max(rel)
+speed = ", ".join("%s %.0f tok/s" % (n, r[-1]["median_tokens_per_s"]) for n, r in zip(["fp32", "bf16"], runs))
+print("%-44s %14s %14s %s" % ("bf16 vs fp32 loss, configs/tiny-llama.yaml", "%.2e" % worst, "<= 1e-2",
+      "worst relative deviation over %d steps (step %d), mean %.1e; %s" % (
+          len(rel), rel.index(worst) + 1, sum(rel) / len(rel), speed)))
 PY
 
 # Sequence packing: the default recipe's real (non-padding) tokens per second and padding

@@ -211,6 +211,49 @@ static void test_optim_clip_rules(void **state)
     assert_float_equal(g[1], 4.0 / (5.0 + 1e-6), 1e-7);
 }
 
+/* The pooled helpers the trainer's step uses: the same results on 1 and 3 threads, a NaN or
+ * infinity found wherever it is (first element, a chunk's tail, the scalar tail). */
+static void test_optim_pooled_helpers(void **state)
+{
+    (void) state;
+    const int64_t n = 100003;
+    float *x = malloc(sizeof(float) * (size_t) n), *y = malloc(sizeof(float) * (size_t) n);
+    assert_non_null(x);
+    assert_non_null(y);
+    struct pool *pool = pool_create(3);
+    assert_non_null(pool);
+    double want = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = (float) ((i * 7919) % 1001 - 500) / 256.0f;
+        want += (double) x[i] * x[i];
+    }
+    double s1 = optim_sum_squares(NULL, x, n), s3 = optim_sum_squares(pool, x, n);
+    assert_true(s1 == s3);
+    assert_true(fabs(s1 - want) <= 1e-12 * want);
+    assert_true(optim_grad_norm(pool, x, n) == sqrt(s1));
+    assert_true(optim_all_finite(NULL, x, n) && optim_all_finite(pool, x, n));
+    const int64_t at[] = {0, 15, 16, 390, n / 2, n - 17, n - 1};
+    const float bad[] = {NAN, INFINITY, -INFINITY};
+    for (size_t k = 0; k < sizeof(at) / sizeof(at[0]); k++)
+        for (size_t b = 0; b < 3; b++) {
+            float keep = x[at[k]];
+            x[at[k]] = bad[b];
+            assert_false(optim_all_finite(pool, x, n));
+            assert_false(optim_all_finite(NULL, x, n));
+            x[at[k]] = keep;
+        }
+    memcpy(y, x, sizeof(float) * (size_t) n);
+    optim_scale(pool, y, n, 0.25f);
+    for (int64_t i = 0; i < n; i++)
+        assert_true(y[i] == x[i] * 0.25f);
+    optim_zero(pool, y, n);
+    for (int64_t i = 0; i < n; i++)
+        assert_true(y[i] == 0.0f);
+    pool_free(pool);
+    free(x);
+    free(y);
+}
+
 static void test_optim_schedules(void **state)
 {
     (void) state;
@@ -379,6 +422,7 @@ int main(void)
         cmocka_unit_test(test_optim_adamw_first_step),
         cmocka_unit_test(test_optim_threads_same_result),
         cmocka_unit_test(test_optim_clip_rules),
+        cmocka_unit_test(test_optim_pooled_helpers),
         cmocka_unit_test(test_optim_schedules),
         cmocka_unit_test(test_optim_rng_is_splitmix64),
         cmocka_unit_test(test_optim_init_params),

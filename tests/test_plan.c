@@ -7,7 +7,11 @@
 
 #include "exec/lora_dev.h"
 #include "exec/train.h"
+#include "flavor.h"
 #include "log.h"
+#include "model/bf16.h"
+#include "plan/cost.h"
+#include "plan/mem.h"
 #include "plan/plan.h"
 #include "plan/report.h"
 
@@ -250,6 +254,53 @@ static void test_plan_cpu_memory_by_hand(void **state)
     recipe_release(&r);
 }
 
+/* bf16 on the cpu: the memory is the fp32 figure to the byte (the executor's arenas do not
+ * change: bf16 operands live in the products' packed panels), and the products' part of the
+ * predicted compute goes by the measured ratio of the bf16 and fp32 product rates where bf16
+ * products run (AVX512_BF16, MOAI_CPU_BF16 not 0); the same compute where they do not. */
+static void test_plan_cpu_bf16_follows_the_products(void **state)
+{
+    (void) state;
+    const char *prec[2] = {"fp32", "bf16"};
+    struct cost_breakdown c[2];
+    struct mem_breakdown m[2];
+    struct model_config cfg;
+    struct moai_err err = {0};
+    assert_int_equal(model_config_load(&cfg, "models/tiny-llama/config.json", NULL, &err), 0);
+    struct plan p = {.lay = {.dp = 2,
+                             .pp = 1,
+                             .tp = 1,
+                             .num_micro_batches = 1,
+                             .batch_per_device = 4,
+                             .recomputation = RECOMPUTE_NONE}};
+    for (int i = 0; i < 2; i++) {
+        char text[256];
+        struct recipe r;
+        snprintf(text, sizeof(text),
+                 "model: {path: models/tiny-llama}\ndataset: {path: d}\n"
+                 "training: {batch_size: 8, block_size: 64, precision: %s}\n"
+                 "flavor: {device: cpu, devices: 2}\n",
+                 prec[i]);
+        assert_int_equal(recipe_load_string(&r, text, strlen(text), "t.yaml", NULL, &err), 0);
+        mem_estimate(&m[i], &cfg, &r, &p);
+        cost_estimate(&c[i], &cfg, &r, &p);
+        recipe_release(&r);
+    }
+    assert_memory_equal(&m[0], &m[1], sizeof(m[0]));
+    double speedup = flavor_cpu_bf16_tflops() / flavor_cpu_tflops();
+    if (bf16_available() && speedup != 1.0) {
+        /* whatever the measured ratio (a build or a busy machine may make it anything): the
+         * products, part of the compute, go by it; the rest does not */
+        double lo = fmin(c[0].compute_seconds, c[0].compute_seconds / speedup);
+        double hi = fmax(c[0].compute_seconds, c[0].compute_seconds / speedup);
+        assert_true(c[1].compute_seconds != c[0].compute_seconds);
+        assert_true(c[1].compute_seconds > lo && c[1].compute_seconds < hi);
+    } else {
+        assert_true(bf16_available() || speedup == 1.0);
+        assert_true(c[1].compute_seconds == c[0].compute_seconds);
+    }
+}
+
 static void test_plan_every_shipped_recipe(void **state)
 {
     (void) state;
@@ -431,6 +482,7 @@ int main(void)
         cmocka_unit_test(test_plan_tp_stays_in_a_node),
         cmocka_unit_test(test_plan_small_cpu_needs_model_parallelism),
         cmocka_unit_test(test_plan_cpu_memory_by_hand),
+        cmocka_unit_test(test_plan_cpu_bf16_follows_the_products),
         cmocka_unit_test(test_plan_every_shipped_recipe),
         cmocka_unit_test(test_plan_config_line_forms),
         cmocka_unit_test(test_plan_packed_attention),

@@ -214,6 +214,8 @@ static int device_alloc(struct device *dv)
         return err.code;
     }
     dv->m_ready = true;
+    /* training.precision bf16: products in bf16 where the cpu has AVX512_BF16 (llama.h) */
+    llama_set_bf16(&dv->m, run->job->recipe->training.precision == PRECISION_BF16);
     struct llama_tp tp = {.size = s->lay.tp,
                           .rank = s->tp_rank,
                           .vocab_first = s->vocab_first,
@@ -698,21 +700,21 @@ static double sumsq(const float *x, int64_t n)
 }
 
 /* This device's share of the squared gradient norm: what it holds of each unit (its chunk
- * under ZeRO; everything, on data-parallel rank 0 only, otherwise), less what another device
- * also holds. */
+ * under ZeRO; otherwise the units u with u mod dp = its data-parallel rank, the replicas
+ * sharing the work), less what another device also holds. Over the pool. */
 static double local_sumsq(struct device *dv)
 {
     const struct shard *s = &dv->sh;
     double total = 0.0;
-    if (!dv->run->zero2 && s->dp_rank != 0)
-        return 0.0;
     for (int u = 0; u < s->nunits; u++) {
         const struct shard_unit *x = &s->units[u];
         int64_t first = 0, n = x->len, dup[4][2];
         const float *g = dv->run->zero2 ? dv->gshard + x->shard : dv->grads + x->off;
+        if (!dv->run->zero2 && u % s->lay.dp != s->dp_rank)
+            continue;
         if (dv->run->zero2)
             owned(x, s->dp_rank, &first, &n);
-        total += sumsq(g, n);
+        total += optim_sum_squares(dv->m.pool, g, n);
         int nd = shard_duplicate_ranges(s, u, dup);
         for (int i = 0; i < nd; i++) {
             int64_t lo = dup[i][0] > first ? dup[i][0] : first;
@@ -759,8 +761,7 @@ static double optimizer_step(struct device *dv, int64_t step, double lr)
     int64_t n = run->zero2 ? s->shard_floats : s->floats;
     if (r->training.grad_clip > 0 && norm > r->training.grad_clip) {
         float scale = (float) (r->training.grad_clip / (norm + 1e-6));
-        for (int64_t i = 0; i < n; i++)
-            g[i] *= scale;
+        optim_scale(dv->m.pool, g, n, scale);
     }
     if (!run->zero2) {
         optim_adamw_step(dv->m.pool, dv->params, g, dv->mom1, dv->mom2, n, step, &hp);
@@ -793,10 +794,7 @@ static bool params_finite(const struct device *dv)
     int64_t n = dv->run->lora    ? dv->ld.a.nfloats
                 : dv->run->zero3 ? dv->sh.shard_floats
                                  : dv->sh.floats;
-    float acc = 0.0f;
-    for (int64_t i = 0; i < n; i++)
-        acc += p[i] * 0.0f; /* 0 for finite values, NaN once any is NaN or infinite */
-    return acc == 0.0f;
+    return optim_all_finite(dv->m.pool, p, n);
 }
 
 /* ---- checkpoints ---------------------------------------------------------------------- */
@@ -1265,13 +1263,13 @@ static int train_step(struct device *dv, int64_t step, struct step_record *sr, d
     float dloss = 1.0f / (float) ntargets;
 
     if (run->lora) {
-        memset(dv->ld.g.arena, 0, (size_t) fbytes(dv->ld.g.nfloats));
+        optim_zero(dv->m.pool, dv->ld.g.arena, dv->ld.g.nfloats);
         dv->ld.state.stream = (uint64_t) step; /* the step's dropout masks */
         dv->ld.state.train = true;
     } else if (!run->zero2) {
-        memset(dv->grads, 0, (size_t) fbytes(dv->sh.floats));
+        optim_zero(dv->m.pool, dv->grads, dv->sh.floats);
     } else {
-        memset(dv->gshard, 0, (size_t) fbytes(dv->sh.shard_floats));
+        optim_zero(dv->m.pool, dv->gshard, dv->sh.shard_floats);
     }
     double loss_sum = step_pipeline(dv, dv->rows, dloss);
     bool counts = dv->sh.has_head && dv->sh.tp_rank == 0;

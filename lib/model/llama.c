@@ -1,6 +1,8 @@
 /* llama.c - the Llama causal LM: buffers, tensor table, parallel forward and backward. */
 #include "model/llama.h"
 
+#include "log.h"
+#include "model/bf16.h"
 #include "model/kernels.h"
 #include "model/lora.h"
 #include "model/tensors.h"
@@ -8,6 +10,7 @@
 #include <cblas.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -462,6 +465,21 @@ void llama_release(struct llama *m)
     memset(m, 0, sizeof(*m));
 }
 
+static pthread_once_t bf16_note_once = PTHREAD_ONCE_INIT;
+
+static void bf16_note(void)
+{
+    log_info("bf16: %s; matrix products run in fp32 (OpenBLAS sgemm).", bf16_unavailable_reason());
+}
+
+bool llama_set_bf16(struct llama *m, bool bf16)
+{
+    m->bf16 = bf16 && bf16_available();
+    if (bf16 && !m->bf16)
+        pthread_once(&bf16_note_once, bf16_note);
+    return m->bf16;
+}
+
 /* ---- batches -------------------------------------------------------------------------- */
 
 static int64_t seq_len(const struct llama_batch *b, int64_t i)
@@ -529,9 +547,10 @@ int64_t llama_batch_targets(const struct llama_batch *b)
 /* C (M, N) = alpha op(A) op(B) + beta C, row-major, split over the pool into one block of rows
  * or columns per thread (whichever dimension is longer). Each block is a single-threaded sgemm
  * over the full K, so every element sums its K products in the same order however the product
- * is split. */
+ * is split; or, under bf16 compute (llama_set_bf16), a bf16_gemm (bf16 operands, fp32 sums),
+ * whose elements do not depend on the split at all. */
 struct gemm_job {
-    bool ta, tb, split_rows;
+    bool ta, tb, split_rows, bf16;
     int64_t M, N, K, lda, ldb, ldc, chunk;
     float alpha, beta;
     const float *A, *B;
@@ -551,6 +570,10 @@ static void gemm_block(const struct gemm_job *j, int64_t i0, int64_t i1)
         B += j->tb ? i0 * j->ldb : i0;
         C += i0;
         N = i1 - i0;
+    }
+    if (j->bf16) {
+        bf16_gemm(j->ta, j->tb, M, N, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc);
+        return;
     }
     cblas_sgemm(CblasRowMajor, j->ta ? CblasTrans : CblasNoTrans, j->tb ? CblasTrans : CblasNoTrans,
                 (int) M, (int) N, (int) j->K, j->alpha, A, (int) j->lda, B, (int) j->ldb, j->beta,
@@ -574,6 +597,7 @@ static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_
     struct gemm_job j = {.ta = ta,
                          .tb = tb,
                          .split_rows = M >= N,
+                         .bf16 = m->bf16,
                          .M = M,
                          .N = N,
                          .K = K,

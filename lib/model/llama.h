@@ -36,8 +36,9 @@
  * thread, each a single sgemm over the whole K. So a run is bit-for-bit reproducible for a
  * given nthreads, and other thread counts agree to rounding only: OpenBLAS kernels (which
  * differ by cpu: Haswell, Zen, SkylakeX...) may sum a block of rows in another order than the
- * whole, so results differ in the last bits (a relative 2e-6 on the Haswell kernels). One
- * thread at a time may use a struct llama.
+ * whole, so results differ in the last bits (a relative 2e-6 on the Haswell kernels). Under
+ * bf16 compute (llama_set_bf16) a block is a bf16_gemm, whose sums do not depend on the split.
+ * One thread at a time may use a struct llama.
  *
  * Errors: llama_init, the _init functions and llama_batch_check return 0 or a negative MOAI_E*
  * and fill err. Forward and backward trust a checked batch.
@@ -217,6 +218,7 @@ struct llama {
     int nthreads;
     struct llama_tp tp; /* size 0 or 1: the whole model */
     struct lora *lora;  /* LoRA's state (model/lora.h: lora_attach), NULL: no adapters */
+    bool bf16;          /* matrix products in bf16 (llama_set_bf16) */
 };
 
 /* The configuration of one of tp shards of full: heads, kv heads (at least 1), MLP width
@@ -231,6 +233,16 @@ void llama_set_tp(struct llama *m, const struct llama_tp *tp);
  * within int range for BLAS), copies it and starts nthreads - 1 threads. */
 int llama_init(struct llama *m, const struct model_config *cfg, int nthreads, struct moai_err *err);
 void llama_release(struct llama *m);
+
+/* Mixed precision as autocast runs it (training.precision: bf16): the matrix products of the
+ * projections, the MLP and lm_head take bf16 operands (the fp32 weights and activations rounded
+ * to nearest even as they are packed, model/bf16.h) and sum in fp32; norms, rotary embeddings,
+ * attention, softmax, the loss and every reduction stay fp32, and so do the weights, gradients
+ * and optimizer state in memory (no arena changes size). Needs bf16_available(): without it
+ * (the cpu lacks AVX512_BF16, or MOAI_CPU_BF16=0) the products stay fp32 and the first such
+ * call of the process logs why. Returns whether products now run in bf16. llama_init leaves
+ * it off: fp32 as before, bit for bit. */
+bool llama_set_bf16(struct llama *m, bool bf16);
 
 /* ---- sizes (the planner calls these) ---- */
 

@@ -159,15 +159,77 @@ static int64_t norm_chunk(int64_t n)
     return c > 0 ? c : SIMD_KB;
 }
 
-double optim_grad_norm(struct pool *pool, const float *grad, int64_t n)
+double optim_sum_squares(struct pool *pool, const float *x, int64_t n)
 {
-    struct norm_job j = {.x = grad, .n = n, .chunk = norm_chunk(n)};
+    struct norm_job j = {.x = x, .n = n, .chunk = norm_chunk(n)};
     int64_t tasks = (n + j.chunk - 1) / j.chunk;
     pool_run(pool, tasks, norm_task, &j);
     double s = 0.0;
     for (int64_t t = 0; t < tasks; t++)
         s += j.parts[t];
-    return sqrt(s);
+    return s;
+}
+
+double optim_grad_norm(struct pool *pool, const float *grad, int64_t n)
+{
+    return sqrt(optim_sum_squares(pool, grad, n));
+}
+
+void optim_scale(struct pool *pool, float *x, int64_t n, float a)
+{
+    struct norm_job j = {.y = x, .n = n, .chunk = norm_chunk(n), .scale = a};
+    pool_run(pool, (n + j.chunk - 1) / j.chunk, scale_task, &j);
+}
+
+/* 0 for finite values, NaN once any is NaN or infinite; lanes keep the chains independent. */
+SIMD_CLONES
+static bool floats_finite(const float *x, int64_t n)
+{
+    float acc[SIMD_KB] = {0};
+    int64_t i = 0;
+    for (; i + SIMD_KB <= n; i += SIMD_KB)
+        for (int j = 0; j < SIMD_KB; j++)
+            acc[j] += x[i + j] * 0.0f;
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += x[i] * 0.0f;
+    for (int j = 0; j < SIMD_KB; j++)
+        s += acc[j];
+    return s == 0.0f;
+}
+
+static void finite_task(void *arg, int64_t task, int thread)
+{
+    struct norm_job *j = arg;
+    int64_t i0 = task * j->chunk, i1 = simd_min64(j->n, i0 + j->chunk);
+    (void) thread;
+    j->parts[task] = i0 < i1 && !floats_finite(j->x + i0, i1 - i0) ? 1.0 : 0.0;
+}
+
+bool optim_all_finite(struct pool *pool, const float *x, int64_t n)
+{
+    struct norm_job j = {.x = x, .n = n, .chunk = norm_chunk(n)};
+    int64_t tasks = (n + j.chunk - 1) / j.chunk;
+    pool_run(pool, tasks, finite_task, &j);
+    for (int64_t t = 0; t < tasks; t++)
+        if (j.parts[t] != 0.0)
+            return false;
+    return true;
+}
+
+static void zero_task(void *arg, int64_t task, int thread)
+{
+    struct norm_job *j = arg;
+    int64_t i0 = task * j->chunk, i1 = simd_min64(j->n, i0 + j->chunk);
+    (void) thread;
+    if (i0 < i1)
+        memset(j->y + i0, 0, sizeof(float) * (size_t) (i1 - i0));
+}
+
+void optim_zero(struct pool *pool, float *x, int64_t n)
+{
+    struct norm_job j = {.y = x, .n = n, .chunk = norm_chunk(n)};
+    pool_run(pool, (n + j.chunk - 1) / j.chunk, zero_task, &j);
 }
 
 double optim_clip_grad_norm(struct pool *pool, float *grad, int64_t n, double max_norm)
@@ -177,8 +239,7 @@ double optim_clip_grad_norm(struct pool *pool, float *grad, int64_t n, double ma
         return norm;
     double coef = max_norm / (norm + 1e-6);
     if (coef < 1.0) {
-        struct norm_job j = {.y = grad, .n = n, .chunk = norm_chunk(n), .scale = (float) coef};
-        pool_run(pool, (n + j.chunk - 1) / j.chunk, scale_task, &j);
+        optim_scale(pool, grad, n, (float) coef);
     }
     return norm;
 }

@@ -56,6 +56,15 @@ void optim_adamw_step(struct pool *pool, float *param, const float *grad, float 
 
 /* L2 norm of n gradients. */
 double optim_grad_norm(struct pool *pool, const float *grad, int64_t n);
+/* Its square: the sum of the squares in double, over the pool in chunks cut by n only (so the
+ * same for any thread count). */
+double optim_sum_squares(struct pool *pool, const float *x, int64_t n);
+/* x *= a, over the pool. */
+void optim_scale(struct pool *pool, float *x, int64_t n, float a);
+/* Whether every one of n floats is finite (no NaN, no infinity), over the pool. */
+bool optim_all_finite(struct pool *pool, const float *x, int64_t n);
+/* x = 0, over the pool. */
+void optim_zero(struct pool *pool, float *x, int64_t n);
 /* Clips to max_norm (<= 0: no clipping) and returns the norm before clipping. */
 double optim_clip_grad_norm(struct pool *pool, float *grad, int64_t n, double max_norm);
 

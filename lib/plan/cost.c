@@ -1,8 +1,10 @@
 /* cost.c - the predicted step time of a parallel layout (see cost.h). */
 #include "plan/cost.h"
 
+#include "flavor.h"
 #include "layout/shard.h"
 #include "model/llama.h"
+#include "model/bf16.h"
 #include "plan/mem.h"
 #include "plan/plan.h"
 
@@ -162,6 +164,20 @@ static double lora_seconds(const struct model_config *cfg, const struct recipe *
     return sec;
 }
 
+/* On the cpu device (measured speed) under training.precision bf16, where bf16 products run
+ * (bf16_available: AVX512_BF16), the executor multiplies the projections and lm_head in bf16
+ * (llama_set_bf16) at this machine's measured bf16 rate, flavor_cpu_bf16_tflops; attention and
+ * the elementwise work stay fp32. A cpu product is compute bound (its roofline's compute term),
+ * so the ratio of the two rates divides its time. 1 elsewhere. */
+static double cpu_bf16_speedup(const struct recipe *r)
+{
+    const struct flavor *f = &r->flavor;
+    if (!is_cpu(f) || f->device.tflops > 0 || r->training.precision != PRECISION_BF16 ||
+        !bf16_available())
+        return 1.0;
+    return flavor_cpu_bf16_tflops() / flavor_cpu_tflops();
+}
+
 static void layer_seconds(struct layer_seconds *t, const struct model_config *cfg,
                           const struct recipe *r, const struct plan *p, int e)
 {
@@ -177,6 +193,7 @@ static void layer_seconds(struct layer_seconds *t, const struct model_config *cf
                    + cost_gemm_seconds(M, D, Hd * hd, 1, e, f)           /* o */
                    + cost_gemm_seconds(M, 2 * F, D, 1, e, f)             /* gate, up */
                    + cost_gemm_seconds(M, D, F, 1, e, f);                /* down */
+    gemms /= cpu_bf16_speedup(r);
     attention_seconds(f, s, b, Hd, hd, cost_attention_fraction(r), e, &t->attn_fwd, &attn_bwd);
     double act = (double) mem_layer_activation_bytes(
         cfg, (int64_t) s, (int64_t) b, p->lay.tp, RECOMPUTE_NONE, e, mem_act_flags(f, p->lay.tp));
@@ -206,7 +223,9 @@ static double head_seconds(const struct model_config *cfg, const struct recipe *
     double loss =
         COST_LOSS_BYTES_PER_LOGIT * M * V / (f->device.hbm_gbps * 1e9 * COST_HBM_EFFICIENCY);
     /* forward, input gradient and (unless frozen: LoRA) weight gradient */
-    return (r->lora.enabled ? 2.0 : 3.0) * cost_gemm_seconds(M, V, D, 1, e, f) + loss;
+    return (r->lora.enabled ? 2.0 : 3.0) * cost_gemm_seconds(M, V, D, 1, e, f) /
+               cpu_bf16_speedup(r) +
+           loss;
 }
 
 /* The bandwidth of a data-parallel group: inside a node the collective bus bandwidth; across

@@ -443,7 +443,8 @@ int64_t mem_requested_bytes(const struct mem_breakdown *m, int64_t capacity)
 /* A worker thread's resident share: the pages of its stack it touches and OpenBLAS's
  * per-thread packing buffers for sgemm panels (GEMM_P x GEMM_Q floats of A and GEMM_Q x GEMM_R
  * of B for the Haswell / SkylakeX / Zen kernels: about 1.5 MiB), measured with VmHWM over 1 to
- * 4 cpu devices (bench_process in make bench). */
+ * 4 cpu devices (bench_process in make bench). bf16 products pack on the stack instead
+ * (model/bf16.h: about 540 KiB), within it. */
 #define MEM_THREAD_BYTES (2LL * 1024 * 1024)
 
 int mem_process(struct mem_process *pm, const struct model_config *cfg, const struct recipe *r,

@@ -32,7 +32,9 @@
  *
  * On the cpu device the executor's own arithmetic (layout/shard.h) gives the figure: every
  * tensor fp32 whatever the recipe's precision, the arenas it allocates, no reserve; so the
- * prediction equals the measured peak of every device, for every layout.
+ * prediction equals the measured peak of every device, for every layout. (Under bf16 the
+ * products round their operands into packed panels on the computing thread's stack,
+ * model/bf16.h: no arena changes.)
  *
  * Stages get contiguous, balanced layer ranges (shard_stage_layers, layout/shard.h); the embedding counts
  * toward the first stage, the final norm and lm_head toward the last, a tied embedding

@@ -1,0 +1,293 @@
+/* bf16.c - bf16 matrix products with fp32 accumulation (AVX512_BF16), see bf16.h. */
+#include "model/bf16.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BF16_X86    1
+#define BF16_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512bf16")))
+#else
+#define BF16_X86 0
+#endif
+
+/* The register tile: MR rows of op(A) by NR columns of op(B) (two vectors of 16 fp32), 24
+ * accumulators of the 32 zmm registers. The panels: at most KC values of K, K cut into equal
+ * even parts (K = 288 is one panel, not 256 + 32); MC rows of op(A) (60 KiB of bf16, in L2);
+ * NC columns of op(B) (480 KiB, in L2 and L3), whose NR-wide strip (20 KiB) stays in L1 while
+ * the A strips stream past it. A wide NC packs op(A) fewer times when N is long (lm_head's
+ * 32000 columns). */
+#define MR 12
+#define NR 32
+#define KC 320
+#define MC 96
+#define NC 768
+
+static pthread_once_t avail_once = PTHREAD_ONCE_INIT;
+static bool cpu_has;
+static const char *avail_reason;
+
+static void avail_check(void)
+{
+    const char *env = getenv("MOAI_CPU_BF16");
+#if BF16_X86
+    __builtin_cpu_init();
+    cpu_has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+#endif
+    if (!cpu_has)
+        avail_reason = "the cpu lacks AVX512_BF16";
+    else if (env && strcmp(env, "0") == 0)
+        avail_reason = "MOAI_CPU_BF16=0";
+}
+
+bool bf16_cpu_has(void)
+{
+    pthread_once(&avail_once, avail_check);
+    return cpu_has;
+}
+
+bool bf16_available(void)
+{
+    pthread_once(&avail_once, avail_check);
+    return avail_reason == NULL;
+}
+
+const char *bf16_unavailable_reason(void)
+{
+    pthread_once(&avail_once, avail_check);
+    return avail_reason;
+}
+
+static inline int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+static void scale_c(int64_t M, int64_t N, float beta, float *C, int64_t ldc)
+{
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++)
+            C[i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[i * ldc + j];
+}
+
+#if BF16_X86
+
+static inline __mmask16 mask_first(int64_t n)
+{
+    return n >= 16 ? (__mmask16) 0xffff : n <= 0 ? (__mmask16) 0 : (__mmask16) ((1u << n) - 1);
+}
+
+/*
+ * Packing. A strip is W rows of op(A) (W = MR) or W columns of op(B) (W = NR) over kc values
+ * of K, read as S(k, w) = src[k sk + w sw]; it becomes kp = ceil(kc / 2) groups of W pairs,
+ * out[p W + w] = bf16 S(2p, w) in the low half and bf16 S(2p + 1, w) in the high half, zeros
+ * past kc and past the strip's wv valid lines: the operand layout of vdpbf16ps.
+ */
+
+/* A strip whose W lines are adjacent in memory (sw = 1): two rows k, k+1 of 16 lines are
+ * rounded together and their halves interleaved into 16 pairs. */
+BF16_TARGET static void pack_lines(uint32_t *out, const float *src, int64_t sk, int64_t kc, int W,
+                                   int wv)
+{
+    /* the 16-bit lanes of pairs: lane 2w takes row k's line w (lane w), 2w + 1 row k+1's */
+    static const uint16_t inter[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                       21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i idx = _mm512_loadu_si512(inter);
+    int64_t kp = (kc + 1) / 2;
+    for (int64_t p = 0; p < kp; p++) {
+        const float *r0 = src + 2 * p * sk;
+        bool odd_tail = 2 * p + 1 >= kc;
+        for (int w = 0; w < W; w += 16) {
+            __mmask16 m = mask_first(wv - w);
+            __m512 a = _mm512_maskz_loadu_ps(m, r0 + w);
+            __m512 b = odd_tail ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, r0 + sk + w);
+            __m512i v = (__m512i) _mm512_cvtne2ps_pbh(b, a);
+            v = _mm512_permutexvar_epi16(idx, v);
+            _mm512_mask_storeu_epi32(out + p * W + w, mask_first(W - w), v);
+        }
+    }
+}
+
+/* A strip whose K values are adjacent in memory (sk = 1): 32 values of a line are rounded at
+ * once, which gives its 16 pairs in order, and spread W apart. */
+BF16_TARGET static void pack_runs(uint32_t *out, const float *src, int64_t sw, int64_t kc, int W,
+                                  int wv)
+{
+    int64_t kp = (kc + 1) / 2;
+    uint32_t pairs[16] __attribute__((aligned(64)));
+    for (int w = 0; w < W; w++) {
+        if (w >= wv) {
+            for (int64_t p = 0; p < kp; p++)
+                out[p * W + w] = 0;
+            continue;
+        }
+        const float *line = src + w * sw;
+        for (int64_t k = 0; k < kc; k += 32) {
+            __m512 a = _mm512_maskz_loadu_ps(mask_first(kc - k), line + k);
+            __m512 b = _mm512_maskz_loadu_ps(mask_first(kc - k - 16), line + k + 16);
+            _mm512_store_si512(pairs, (__m512i) _mm512_cvtne2ps_pbh(b, a));
+            uint32_t *o = out + (k / 2) * W + w;
+            int64_t np = min64(16, kp - k / 2);
+            for (int64_t q = 0; q < np; q++)
+                o[q * W] = pairs[q];
+        }
+    }
+}
+
+/* The register tile: c (m <= MR, n <= NR) = alpha pa . pb (+ beta c on the first K panel, or
+ * + c on the later ones); pa holds kp groups of MR pairs, pb kp groups of NR pairs. Each
+ * element's sum runs over the pairs in order, the same wherever the element lies. */
+BF16_TARGET static void tile(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
+                             int64_t ldc, int m, int n, float alpha, float beta, bool first)
+{
+    __m512 acc[MR][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) {
+        acc[r][0] = _mm512_setzero_ps();
+        acc[r][1] = _mm512_setzero_ps();
+    }
+    for (int64_t p = 0; p < kp; p++) {
+        __m512bh b0 = (__m512bh) _mm512_load_si512(pb);
+        __m512bh b1 = (__m512bh) _mm512_load_si512(pb + 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < MR; r++) {
+            __m512bh a = (__m512bh) _mm512_set1_epi32((int) pa[r]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+        }
+        pa += MR;
+        pb += NR;
+    }
+    __mmask16 m0 = mask_first(n), m1 = mask_first(n - 16);
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(first ? beta : 1.0f);
+    bool load = !first || beta != 0.0f;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) {
+        if (r >= m)
+            break;
+        float *cr = c + r * ldc;
+        __m512 v0 = _mm512_mul_ps(va, acc[r][0]), v1 = _mm512_mul_ps(va, acc[r][1]);
+        if (load) {
+            v0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, cr), v0);
+            v1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, cr + 16), v1);
+        }
+        _mm512_mask_storeu_ps(cr, m0, v0);
+        _mm512_mask_storeu_ps(cr + 16, m1, v1);
+    }
+}
+
+BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                                    const float *A, int64_t lda, const float *B, int64_t ldb,
+                                    float beta, float *C, int64_t ldc)
+{
+    uint32_t pa[MC * KC / 2] __attribute__((aligned(64)));
+    uint32_t pb[NC * KC / 2] __attribute__((aligned(64)));
+    int64_t parts = (K + KC - 1) / KC, kpart = ((K + parts - 1) / parts + 1) / 2 * 2;
+    for (int64_t jc = 0; jc < N; jc += NC) {
+        int64_t nc = min64(NC, N - jc);
+        for (int64_t pc = 0; pc < K; pc += kpart) {
+            int64_t kc = min64(kpart, K - pc), kp = (kc + 1) / 2;
+            /* op(B)(k, j) is B[j ldb + k] with tb, else B[k ldb + j] */
+            for (int64_t jr = 0; jr < nc; jr += NR) {
+                int wv = (int) min64(NR, nc - jr);
+                if (tb)
+                    pack_runs(pb + jr * kp, B + (jc + jr) * ldb + pc, ldb, kc, NR, wv);
+                else
+                    pack_lines(pb + jr * kp, B + pc * ldb + jc + jr, ldb, kc, NR, wv);
+            }
+            for (int64_t ic = 0; ic < M; ic += MC) {
+                int64_t mc = min64(MC, M - ic);
+                /* op(A)(i, k) is A[k lda + i] with ta, else A[i lda + k] */
+                for (int64_t ir = 0; ir < mc; ir += MR) {
+                    int wv = (int) min64(MR, mc - ir);
+                    if (ta)
+                        pack_lines(pa + ir * kp, A + pc * lda + ic + ir, lda, kc, MR, wv);
+                    else
+                        pack_runs(pa + ir * kp, A + (ic + ir) * lda + pc, lda, kc, MR, wv);
+                }
+                for (int64_t jr = 0; jr < nc; jr += NR)
+                    for (int64_t ir = 0; ir < mc; ir += MR)
+                        tile(kp, pa + ir * kp, pb + jr * kp, C + (ic + ir) * ldc + jc + jr, ldc,
+                             (int) min64(MR, mc - ir), (int) min64(NR, nc - jr), alpha, beta,
+                             pc == 0);
+            }
+        }
+    }
+}
+
+/* 24 independent accumulators (distinct starts, so the compiler cannot merge them): the loop
+ * runs at the instruction's throughput. */
+BF16_TARGET static double dot_loop(int64_t iters, float *sink)
+{
+    __m512 acc[24];
+    __m512bh a = (__m512bh) _mm512_set1_epi32(0x3f803f80); /* (1, 1) */
+    __m512bh b = (__m512bh) _mm512_set1_epi32(0x3c003c00); /* (2^-7, 2^-7) */
+#pragma GCC unroll 24
+    for (int r = 0; r < 24; r++)
+        acc[r] = _mm512_set1_ps((float) r);
+    for (int64_t i = 0; i < iters; i++) {
+#pragma GCC unroll 24
+        for (int r = 0; r < 24; r++)
+            acc[r] = _mm512_dpbf16_ps(acc[r], a, b);
+    }
+    __m512 s = acc[0];
+    for (int r = 1; r < 24; r++)
+        s = _mm512_add_ps(s, acc[r]);
+    *sink = _mm512_reduce_add_ps(s);
+    return (double) iters * 24 * 16 * 2 * 2;
+}
+
+#endif /* BF16_X86 */
+
+void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+               int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    if (K <= 0 || alpha == 0.0f) {
+        scale_c(M, N, beta, C, ldc);
+        return;
+    }
+#if BF16_X86
+    gemm_avx512(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#else
+    (void) ta, (void) tb, (void) A, (void) lda, (void) B, (void) ldb;
+#endif
+}
+
+/* Keeps the peak loop's result alive. */
+static volatile float bf16_sink;
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
+double bf16_dot_peak_gflops(double seconds)
+{
+    if (!bf16_cpu_has())
+        return 0.0;
+#if BF16_X86
+    double best = 0.0, t_end = now_seconds() + seconds;
+    do {
+        double t0 = now_seconds();
+        float sink;
+        double flops = dot_loop(1 << 20, &sink);
+        bf16_sink = sink;
+        double t = now_seconds() - t0;
+        if (t > 0 && flops / t > best)
+            best = flops / t;
+    } while (now_seconds() < t_end);
+    return best * 1e-9;
+#else
+    (void) seconds;
+    return 0.0;
+#endif
+}
