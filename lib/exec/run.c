@@ -205,6 +205,47 @@ static json_t *generation_config(const struct model_config *cfg)
     return g;
 }
 
+/* The caller learns once that training is done and the final checkpoint is being written. */
+static void announce_final_save(struct saver *sv, int64_t steps_done)
+{
+    if (steps_done == sv->total_steps && !sv->final_announced && sv->opts->report) {
+        sv->final_announced = true;
+        sv->opts->report(sv->opts->arg, &(struct train_event){.kind = TRAIN_SAVING,
+                                                              .total_steps = sv->total_steps});
+    }
+}
+
+/* What every checkpoint ends with, after its weights (rc: how they went): the tokenizer's
+ * files, plan.json, trainer_state.json, then the commit that makes the whole of it the
+ * checkpoint of save_dir (or the abort that leaves the previous one). what names it in the
+ * log: "checkpoint" or "adapter". */
+static int stage_finish(struct ckpt_stage *stage, struct saver *sv, int64_t steps_done,
+                        const char *what, int rc, struct moai_err *err)
+{
+    const struct recipe *r = sv->r;
+    json_t *state = rc == 0 ? trainer_state(sv, steps_done) : NULL;
+    json_t *plan = rc == 0 ? plan_to_json(&sv->plan->best, sv->cfg, r) : NULL;
+
+    if (rc == 0 && sv->tok_name)
+        rc = ckpt_stage_copy_file(stage, sv->tok_name, sv->tok_file, err);
+    if (rc == 0 && sv->tok_config)
+        rc = ckpt_stage_write_json(stage, "tokenizer_config.json", sv->tok_config, err);
+    if (rc == 0)
+        rc = ckpt_stage_write_json(stage, "plan.json", plan, err);
+    if (rc == 0)
+        rc = ckpt_stage_write_json(stage, "trainer_state.json", state, err);
+    if (rc == 0)
+        rc = ckpt_stage_commit(stage, err);
+    if (rc < 0)
+        ckpt_stage_abort(stage);
+    else
+        log_info("%s saved in '%s' at step %lld", what, r->training.save_dir,
+                 (long long) steps_done);
+    json_decref(state);
+    json_decref(plan);
+    return rc;
+}
+
 static int save_lora(struct saver *sv, int64_t steps_done, const float *a, const float *m,
                      const float *v, struct moai_err *err);
 
@@ -222,17 +263,11 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
     struct model_config out = *sv->cfg;
     int rc;
 
-    if (steps_done == sv->total_steps && !sv->final_announced && sv->opts->report) {
-        sv->final_announced = true;
-        sv->opts->report(sv->opts->arg, &(struct train_event){.kind = TRAIN_SAVING,
-                                                              .total_steps = sv->total_steps});
-    }
+    announce_final_save(sv, steps_done);
     snprintf(out.torch_dtype, sizeof(out.torch_dtype), "%s", bf16 ? "bfloat16" : "float32");
     if ((rc = ckpt_stage_begin(&stage, r->training.save_dir, err)) < 0)
         return rc;
     json_t *config = model_config_to_json(&out);
-    json_t *state = trainer_state(sv, steps_done);
-    json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
     json_t *gen = generation_config(sv->cfg);
     rc = ckpt_stage_write_json(&stage, "config.json", config, err);
     if (rc == 0) { /* model.safetensors, or shards and their index past 5 GB */
@@ -249,12 +284,6 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
         rc = ckpt_stage_write_json(&stage, "generation_config.json", gen, err);
     else if (rc == 0)
         rc = moai_err_set(err, MOAI_ENOMEM, "out of memory writing generation_config.json");
-    if (rc == 0 && sv->tok_name)
-        rc = ckpt_stage_copy_file(&stage, sv->tok_name, sv->tok_file, err);
-    if (rc == 0 && sv->tok_config)
-        rc = ckpt_stage_write_json(&stage, "tokenizer_config.json", sv->tok_config, err);
-    if (rc == 0)
-        rc = ckpt_stage_write_json(&stage, "plan.json", plan, err);
     if (rc == 0) {
         /* Adam's moments, and the fp32 weights when the model file holds them in bf16:
          * resuming continues from exactly the state the run had. */
@@ -268,18 +297,8 @@ static int save(void *arg, int64_t steps_done, const float *params, const float 
                           e.t, ST_F32, err);
         entries_release(&e);
     }
-    if (rc == 0)
-        rc = ckpt_stage_write_json(&stage, "trainer_state.json", state, err);
-    if (rc == 0)
-        rc = ckpt_stage_commit(&stage, err);
-    if (rc < 0)
-        ckpt_stage_abort(&stage);
-    else
-        log_info("checkpoint saved in '%s' at step %lld", r->training.save_dir,
-                 (long long) steps_done);
+    rc = stage_finish(&stage, sv, steps_done, "checkpoint", rc, err);
     json_decref(config);
-    json_decref(state);
-    json_decref(plan);
     json_decref(gen);
     return rc;
 }
@@ -332,11 +351,7 @@ static int save_lora(struct saver *sv, int64_t steps_done, const float *a, const
     char path[4096];
     int rc;
 
-    if (steps_done == sv->total_steps && !sv->final_announced && sv->opts->report) {
-        sv->final_announced = true;
-        sv->opts->report(sv->opts->arg, &(struct train_event){.kind = TRAIN_SAVING,
-                                                              .total_steps = sv->total_steps});
-    }
+    announce_final_save(sv, steps_done);
     memset(&pa, 0, sizeof(pa));
     memset(&pm, 0, sizeof(pm));
     memset(&pv, 0, sizeof(pv));
@@ -347,8 +362,6 @@ static int save_lora(struct saver *sv, int64_t steps_done, const float *a, const
     if ((rc = ckpt_stage_begin(&stage, r->training.save_dir, err)) < 0)
         goto out;
     json_t *config = peft_config_json(&lc, r->model.path);
-    json_t *state = trainer_state(sv, steps_done);
-    json_t *plan = plan_to_json(&sv->plan->best, sv->cfg, r);
     rc = config ? ckpt_stage_write_json(&stage, PEFT_CONFIG, config, err)
                 : moai_err_set(err, MOAI_ENOMEM, "out of memory writing %s", PEFT_CONFIG);
     if (rc == 0)
@@ -360,24 +373,8 @@ static int save_lora(struct saver *sv, int64_t steps_done, const float *a, const
                                &pm, &pv, sv->cfg, &lc, err);
     if (rc == 0 && r->lora.merge)
         rc = stage_merged(&stage, sv, &pa, &lc, err);
-    if (rc == 0 && sv->tok_name)
-        rc = ckpt_stage_copy_file(&stage, sv->tok_name, sv->tok_file, err);
-    if (rc == 0 && sv->tok_config)
-        rc = ckpt_stage_write_json(&stage, "tokenizer_config.json", sv->tok_config, err);
-    if (rc == 0)
-        rc = ckpt_stage_write_json(&stage, "plan.json", plan, err);
-    if (rc == 0)
-        rc = ckpt_stage_write_json(&stage, "trainer_state.json", state, err);
-    if (rc == 0)
-        rc = ckpt_stage_commit(&stage, err);
-    if (rc < 0)
-        ckpt_stage_abort(&stage);
-    else
-        log_info("adapter saved in '%s' at step %lld", r->training.save_dir,
-                 (long long) steps_done);
+    rc = stage_finish(&stage, sv, steps_done, "adapter", rc, err);
     json_decref(config);
-    json_decref(state);
-    json_decref(plan);
 out:
     lora_params_release(&pv);
     lora_params_release(&pm);
