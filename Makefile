@@ -81,7 +81,7 @@ run: deps
 # man pages and the source layout.
 check: deps
 	@$(MAKE) --no-print-directory MODE=asan test
-	@$(MAKE) --no-print-directory MODE=release all test-coretypes test-cli
+	@$(MAKE) --no-print-directory MODE=release all $(BENCH_BIN) test-coretypes test-cli
 	@$(MAKE) --no-print-directory test-tsan
 	@$(MAKE) --no-print-directory fuzz
 	@$(MAKE) --no-print-directory man-lint

@@ -82,7 +82,7 @@ static double model_step_seconds(const struct model_config *cfg, const struct ll
         llama_params_init(&m2, cfg, NULL, &err) == 0 && llama_acts_init(&a, cfg, B, T, &err) == 0 &&
         llama_work_init(&w, cfg, B, T, 2, &err) == 0) {
         memcpy(p.arena, init->arena, llama_param_bytes(cfg));
-        struct llama_batch b = {B, T, tokens, labels, NULL};
+        struct llama_batch b = {B, T, tokens, labels, NULL, NULL};
         float dloss = 1.0f / (float) llama_batch_targets(&b);
         struct optim_adamw hp = {
             .lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01};
