@@ -202,12 +202,13 @@ static int device_alloc_lora(struct device *dv)
     return 0;
 }
 
-static int device_alloc(struct device *dv)
+/* The device's model: its thread pool, the precision of its products, its tensor-parallel
+ * hooks. */
+static int device_model_init(struct device *dv)
 {
     struct run *run = dv->run;
     const struct shard *s = &dv->sh;
     struct moai_err err = {0};
-    int rc = 0;
 
     if (llama_init(&dv->m, &s->cfg, run->nthreads, &err) < 0) {
         dv->dev->err = err;
@@ -224,7 +225,17 @@ static int device_alloc(struct device *dv)
                           .allgather = tp_allgather_hook,
                           .arg = dv};
     llama_set_tp(&dv->m, &tp);
-    /* the order of shard_bytes, so a device short of memory fails where the planner says */
+    return 0;
+}
+
+/* The weights, gradients and Adam moments the layout gives the device, in the order of
+ * shard_bytes, so a device short of memory fails where the planner says. */
+static int device_alloc_state(struct device *dv)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
+    int rc = 0;
+
     if (run->base16) {
         rc = device_alloc_base16(dv);
     } else if (!run->zero3) {
@@ -254,9 +265,20 @@ static int device_alloc(struct device *dv)
     }
     if (rc < 0)
         return rc;
-    if (run->lora && (rc = device_alloc_lora(dv)) < 0)
-        return rc;
+    return run->lora ? device_alloc_lora(dv) : 0;
+}
 
+/* Every buffer of the device: its model, its state, then the activations of the micro-batches
+ * in flight and the workspace. */
+static int device_alloc(struct device *dv)
+{
+    struct run *run = dv->run;
+    const struct shard *s = &dv->sh;
+    struct moai_err err = {0};
+    int rc;
+
+    if ((rc = device_model_init(dv)) < 0 || (rc = device_alloc_state(dv)) < 0)
+        return rc;
     int64_t act = (int64_t) llama_acts_bytes_shape(&s->cfg, &s->shape);
     int64_t bytes = s->in_flight * act + (int64_t) llama_work_bytes_shape(&s->cfg, &s->shape);
     if ((rc = dev_reserve(dv->dev, bytes, "the activations and workspace")) < 0)
@@ -1512,6 +1534,33 @@ static double median_step(struct run *run)
     return n % 2 ? d[n / 2] : 0.5 * (d[n / 2 - 1] + d[n / 2]);
 }
 
+/* The run's figures once its devices are done (rc: how it ended): every device's peak (this
+ * process's, when device 0 is another's), the device that ran out of memory, the median step. */
+static void fill_result(struct train_result *res, struct run *run, const struct dev_set *ds,
+                        int first, int rc)
+{
+    const struct train_job *job = run->job;
+    const struct recipe *r = job->recipe;
+
+    res->ndev = run->ndev;
+    res->capacity_bytes = r->flavor.device.memory_bytes;
+    for (int i = 0; i < ds->n && first > 0 && job->peak_bytes; i++)
+        job->peak_bytes[first + i] = ds->devs[i].peak_bytes;
+    res->peak_bytes = job->peak_bytes;
+    res->interrupted = rc == MOAI_EINTR;
+    for (int i = 0; rc == MOAI_EOOM && i < ds->n && !res->oom_requested_bytes; i++)
+        if (ds->devs[i].oom_requested_bytes) {
+            res->oom_device = first + i;
+            res->oom_requested_bytes = ds->devs[i].oom_requested_bytes;
+            break;
+        }
+    if (run->ndurations > 0) {
+        res->median_step_s = median_step(run);
+        res->median_tokens_per_s =
+            (double) (r->training.batch_size * r->training.block_size) / res->median_step_s;
+    }
+}
+
 int exec_train(const struct train_job *job, struct train_result *res, struct moai_err *err)
 {
     const struct layout *plan = &job->layout;
@@ -1565,23 +1614,7 @@ int exec_train(const struct train_job *job, struct train_result *res, struct moa
         *err = run.fail_err; /* the device whose own failure stopped the run */
         rc = err->code;
     }
-    res->ndev = ndev;
-    res->capacity_bytes = r->flavor.device.memory_bytes;
-    for (int i = 0; i < nlocal && first > 0 && job->peak_bytes; i++)
-        job->peak_bytes[first + i] = ds.devs[i].peak_bytes;
-    res->peak_bytes = job->peak_bytes;
-    res->interrupted = rc == MOAI_EINTR;
-    for (int i = 0; rc == MOAI_EOOM && i < nlocal && !res->oom_requested_bytes; i++)
-        if (ds.devs[i].oom_requested_bytes) {
-            res->oom_device = first + i;
-            res->oom_requested_bytes = ds.devs[i].oom_requested_bytes;
-            break;
-        }
-    if (run.ndurations > 0) {
-        res->median_step_s = median_step(&run);
-        res->median_tokens_per_s =
-            (double) (r->training.batch_size * r->training.block_size) / res->median_step_s;
-    }
+    fill_result(res, &run, &ds, first, rc);
     dev_set_release(&ds);
 out_world:
     if (!job->world)
