@@ -73,3 +73,11 @@ void moai_assert_fail(const char *expr, const char *file, int line)
     fprintf(stderr, "moai-finetune: %s:%d: assertion failed: %s\n", file, line, expr);
     abort();
 }
+
+char *moai_oneline(char *text)
+{
+    for (unsigned char *p = (unsigned char *) text; *p; p++)
+        if (*p < 0x20 || *p == 0x7f)
+            *p = '?';
+    return text;
+}

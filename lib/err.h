@@ -63,6 +63,10 @@ int moai_err_hint(struct moai_err *err, const char *fmt, ...) __attribute__((for
 /* The process exit status for a code: 0, 1, 2, 3 or 130. */
 int moai_err_exit_status(int code);
 
+/* Makes text one line for a message, in place: a control character (a newline of the input
+ * that a parser quotes, say) becomes '?'. Returns text. */
+char *moai_oneline(char *text);
+
 /* Reports file and line and aborts. For invariants; plain assert() only in hot loops. */
 MOAI_NORETURN void moai_assert_fail(const char *expr, const char *file, int line);
 

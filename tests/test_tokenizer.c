@@ -440,6 +440,18 @@ static void test_tokenizer_alpaca(void **state)
     dataset_texts_release(&dt);
 }
 
+/* A parser's error that quotes the input (a raw newline after a backslash, found by
+ * fuzz_tokenizer) still makes a one-line message. */
+static void test_tokenizer_json_error_is_one_line(void **state)
+{
+    (void) state;
+    static const char text[] = "{\"pre_tokenize5\\\n\": 1}";
+    struct moai_err err = {0};
+    assert_null(bpe_load_json_mem("t.json", text, sizeof(text) - 1, NULL, 0, &err));
+    assert_string_equal(err.msg,
+                        "t.json:2:0: invalid JSON: invalid escape near '\"pre_tokenize5\\?'");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -452,6 +464,7 @@ int main(void)
         cmocka_unit_test(test_tokenizer_chat_templates),
         cmocka_unit_test(test_tokenizer_chat_errors),
         cmocka_unit_test(test_tokenizer_alpaca),
+        cmocka_unit_test(test_tokenizer_json_error_is_one_line),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

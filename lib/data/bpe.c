@@ -854,7 +854,7 @@ static int load_config(struct bpe *b, const char *name, const char *text, size_t
     int rc = 0;
     if (!json_is_object(cfg)) {
         rc = moai_err_set(err, MOAI_EUSAGE, "%s: %d:%d: %s", name, jerr.line, jerr.column,
-                          cfg ? "expected an object" : jerr.text);
+                          cfg ? "expected an object" : moai_oneline(jerr.text));
         goto out;
     }
     static const char *const keys[] = {"bos_token", "eos_token", "pad_token"};
@@ -923,7 +923,7 @@ struct bpe *bpe_load_json_mem(const char *name, const char *json, size_t size, c
     struct bpe *b = NULL;
     if (!root) {
         moai_err_set(err, MOAI_EUSAGE, "%s:%d:%d: invalid JSON: %s", name, jerr.line, jerr.column,
-                     jerr.text);
+                     moai_oneline(jerr.text));
         return NULL;
     }
     if (!json_is_object(root)) {

@@ -684,10 +684,10 @@ static int add_record(struct dataset_texts *d, const struct dataset_format *f, c
     json_t *obj = json_loadb(line, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!obj && strstr(jerr.text, "unable to decode byte"))
         return moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ":%d: invalid UTF-8 (%s)", name, lineno,
-                            jerr.column, jerr.text);
+                            jerr.column, moai_oneline(jerr.text));
     if (!obj)
         return moai_err_set(err, MOAI_EIO, "%s:%" PRId64 ":%d: invalid JSON: %s", name, lineno,
-                            jerr.column, jerr.text);
+                            jerr.column, moai_oneline(jerr.text));
     snprintf(where, sizeof(where), "%s:%" PRId64, name, lineno);
     int rc = add_object(d, f, obj, where, lineno, spec_cap, train_cap, err);
     json_decref(obj);
@@ -707,9 +707,9 @@ static int read_array(struct dataset_texts *d, const char *name, const char *buf
     if (!arr) {
         if (strstr(jerr.text, "unable to decode byte"))
             return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid UTF-8 (%s)", name, jerr.line,
-                                jerr.column, jerr.text);
+                                jerr.column, moai_oneline(jerr.text));
         return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid JSON: %s", name, jerr.line,
-                            jerr.column, jerr.text);
+                            jerr.column, moai_oneline(jerr.text));
     }
     if (!json_is_array(arr)) { /* '[' was seen: jansson only returns arrays here */
         json_decref(arr);

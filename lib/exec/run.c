@@ -521,7 +521,8 @@ static json_t *resume_state(const struct recipe *r, const char *dir, const json_
     }
     json_t *state = json_load_file(path, 0, &jerr);
     if (!state) {
-        moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line, jerr.text);
+        moai_err_set(err, MOAI_EIO, "%s:%d: cannot resume: %s", path, jerr.line,
+                     moai_oneline(jerr.text));
         return NULL;
     }
     json_t *step = json_object_get(state, "step");

@@ -398,7 +398,7 @@ int model_config_load(struct model_config *cfg, const char *path, const json_t *
                 return moai_err_set(err, MOAI_EIO, "cannot open '%s': %s", path, strerror(errno));
             fclose(f);
             return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
-                                jerr.column, jerr.text);
+                                jerr.column, moai_oneline(jerr.text));
         }
         snprintf(src, sizeof(src), "%s", path);
     } else {

@@ -111,7 +111,7 @@ int peft_read_config(const char *dir, struct lora_config *lc, struct moai_err *e
     snprintf(path, sizeof(path), "%s/%s", dir, PEFT_CONFIG);
     json_t *root = json_load_file(path, 0, &jerr);
     if (!root)
-        return moai_err_set(err, MOAI_EIO, "%s: %s", path, jerr.text);
+        return moai_err_set(err, MOAI_EIO, "%s: %s", path, moai_oneline(jerr.text));
     json_t *type = json_object_get(root, "peft_type"), *r = json_object_get(root, "r");
     json_t *alpha = json_object_get(root, "lora_alpha");
     json_t *drop = json_object_get(root, "lora_dropout"), *bias = json_object_get(root, "bias");

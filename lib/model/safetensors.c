@@ -203,7 +203,7 @@ static int parse(struct st_file *f, const uint8_t *bytes, size_t size, const cha
     json_t *root = json_loadb((const char *) bytes + 8, (size_t) n, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return moai_err_set(err, MOAI_EIO, "%s: header is not JSON: %s (column %d)", name,
-                            jerr.text, jerr.column);
+                            moai_oneline(jerr.text), jerr.column);
     if (!json_is_object(root)) {
         json_decref(root);
         return moai_err_set(err, MOAI_EIO, "%s: header is not a JSON object", name);
@@ -476,7 +476,7 @@ static int load_index(json_t **root, const char *path, struct moai_err *err)
     fclose(fp);
     if (!*root)
         return moai_err_set(err, MOAI_EIO, "%s:%d:%d: invalid JSON: %s", path, jerr.line,
-                            jerr.column, jerr.text);
+                            jerr.column, moai_oneline(jerr.text));
     if (!json_is_object(*root)) {
         json_decref(*root);
         return moai_err_set(err, MOAI_EIO, "%s: not a JSON object", path);
