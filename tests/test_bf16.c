@@ -127,12 +127,13 @@ static void run_case(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
 }
 
 /* Shapes around the kernel's sizes: the 12 x 32 tile, 16-wide vectors, 32-value runs and the
- * panels (96 rows, 768 columns, K in parts of at most 320); one row, one column, K of 1, odd
- * K, K over two and three panels (odd parts too), N over two and three panels. */
+ * panels (96 rows, 768 columns, K in parts of at most 320; with ta 36 rows, 320 columns, K in
+ * parts of at most 768); one row, one column, K of 1, odd K, K over two and three panels (odd
+ * parts too), N over two and three panels. */
 static const int64_t shapes[][3] = {
-    {1, 1, 1},    {1, 37, 5},    {13, 1, 33},   {12, 32, 2},   {11, 31, 31},  {25, 17, 3},
-    {1, 300, 64}, {40, 1, 257},  {97, 33, 320}, {12, 513, 17}, {26, 65, 515}, {100, 390, 300},
-    {9, 45, 641}, {3, 385, 700}, {5, 800, 40},  {2, 1601, 9},
+    {1, 1, 1},    {1, 37, 5},    {13, 1, 33},   {12, 32, 2},   {11, 31, 31},    {25, 17, 3},
+    {1, 300, 64}, {40, 1, 257},  {97, 33, 320}, {12, 513, 17}, {26, 65, 515},   {100, 390, 300},
+    {9, 45, 641}, {3, 385, 700}, {5, 800, 40},  {2, 1601, 9},  {61, 330, 1700}, {37, 20, 769},
 };
 
 static void test_bf16_gemm_odd_shapes(void **state)
@@ -173,7 +174,8 @@ static void test_bf16_gemm_empty_k(void **state)
 }
 
 /* A product split into blocks of rows or of columns (as the model's thread pool splits it)
- * equals the whole bit for bit: each element sums the same pairs in the same order. */
+ * equals the whole bit for bit: each element sums the same pairs in the same order, over the
+ * same panels of K (K spans three). */
 static void test_bf16_gemm_blocks_are_bit_identical(void **state)
 {
     (void) state;
@@ -182,7 +184,7 @@ static void test_bf16_gemm_blocks_are_bit_identical(void **state)
     for (int t = 0; t < 4; t++) {
         bool ta = t & 1, tb = t & 2;
         struct product p;
-        product_make(&p, ta, tb, 70, 90, 300, 1.0f, 1.0f);
+        product_make(&p, ta, tb, 70, 90, 1700, 1.0f, 1.0f);
         float *whole = malloc(sizeof(float) * (size_t) (p.M * p.ldc));
         assert_non_null(whole);
         bf16_gemm(ta, tb, p.M, p.N, p.K, 1.0f, p.A, p.lda, p.B, p.ldb, 1.0f, p.C, p.ldc);

@@ -206,15 +206,15 @@ static void test_spm_bad_tokenizer(void **state)
     struct tokenized ds;
     struct moai_err err = {0};
     assert_int_equal(tokcache_prepare(&ds, "tests/data/datasets/small.jsonl",
-                                  "tests/data/bad/tokenizer/not-a-model.model", TEMPLATE, NULL, 64,
-                                  -1, NULL, &err),
+                                      "tests/data/bad/tokenizer/not-a-model.model", TEMPLATE, NULL,
+                                      64, -1, NULL, &err),
                      MOAI_EUSAGE);
     assert_string_equal(err.msg, "'tests/data/bad/tokenizer/not-a-model.model' is not a "
                                  "tokenizer: expected a tokenizer.json, a tiktoken file or a "
                                  "SentencePiece model");
     assert_int_equal(tokcache_prepare(&ds, "tests/data/datasets/small.jsonl",
-                                  "tests/data/bad/tokenizer/truncated.model", TEMPLATE, NULL, 64,
-                                  -1, NULL, &err),
+                                      "tests/data/bad/tokenizer/truncated.model", TEMPLATE, NULL,
+                                      64, -1, NULL, &err),
                      MOAI_EIO);
     assert_non_null(strstr(err.msg, "cannot load tokenizer 'tests/data/bad/tokenizer/"));
 }
@@ -427,8 +427,8 @@ static void test_tokenize_matches_tool(void **state)
     tokenizer_free(sp);
 }
 
-static void assert_row(const struct tokenized *ds, int64_t i, const int32_t *tok, const int32_t *lab,
-                       int64_t len)
+static void assert_row(const struct tokenized *ds, int64_t i, const int32_t *tok,
+                       const int32_t *lab, int64_t len)
 {
     assert_memory_equal(ds->tokens + i * ds->T, tok, sizeof(int32_t) * (size_t) ds->T);
     assert_memory_equal(ds->labels + i * ds->T, lab, sizeof(int32_t) * (size_t) ds->T);
@@ -525,7 +525,7 @@ static void prepare(struct tokenized *ds, const char *dir, int64_t T, char *log,
     log_set_stream(f);
     log_set_level(LOG_INFO);
     int rc = tokcache_prepare(ds, "tests/data/datasets/small.jsonl", TOKENIZER, TEMPLATE,
-                          "[/SUMMARIZE]\n", T, -1, dir, &err);
+                              "[/SUMMARIZE]\n", T, -1, dir, &err);
     log_set_level(LOG_WARN);
     log_set_stream(NULL);
     fclose(f);

@@ -82,14 +82,21 @@ static inline __mmask16 mask_first(int64_t n)
 }
 
 /*
- * Packing. A strip is W rows of op(A) (W = MR) or W columns of op(B) (W = NR) over kc values
- * of K, read as S(k, w) = src[k sk + w sw]; it becomes kp = ceil(kc / 2) groups of W pairs,
- * out[p W + w] = bf16 S(2p, w) in the low half and bf16 S(2p + 1, w) in the high half, zeros
- * past kc and past the strip's wv valid lines: the operand layout of vdpbf16ps.
+ * Packing. Every operand is rounded to bf16 and grouped into pairs (k, k+1) of K, the operand
+ * layout of vdpbf16ps: a uint32 holds bf16 S(2p) in its low half and bf16 S(2p + 1) in its high
+ * half, zero past kc (K odd) and past the valid lines of a strip. op(B) becomes strips of NR
+ * columns laid out pair by pair (kp groups of NR pairs, two vectors each); op(A) becomes rows
+ * of pairs, either pair by pair in strips of MR rows (A_BY_PAIR: kp groups of MR pairs) or row
+ * by row (A_BY_ROW: each row's kp pairs in turn, rows KCP apart), whichever its memory order
+ * makes a straight copy.
  */
+#define KCP   (KC / 2)
+#define KP_TA 384
 
-/* A strip whose W lines are adjacent in memory (sw = 1): two rows k, k+1 of 16 lines are
- * rounded together and their halves interleaved into 16 pairs. */
+enum a_layout { A_BY_PAIR, A_BY_ROW };
+
+/* A strip whose W lines are adjacent in memory (sw = 1), S(k, w) = src[k sk + w]: two rows k,
+ * k+1 of 16 lines are rounded together and their halves interleaved into 16 pairs, out[p W + w]. */
 BF16_TARGET static void pack_lines(uint32_t *out, const float *src, int64_t sk, int64_t kc, int W,
                                    int wv)
 {
@@ -113,38 +120,85 @@ BF16_TARGET static void pack_lines(uint32_t *out, const float *src, int64_t sk, 
     }
 }
 
-/* A strip whose K values are adjacent in memory (sk = 1): 32 values of a line are rounded at
- * once, which gives its 16 pairs in order, and spread W apart. */
+/* The 16 pairs of K values [k, k + 32) of a line whose K values are adjacent in memory (zero
+ * past kc): rounding 32 values at once gives them in order. */
+BF16_TARGET static inline __m512i run_pairs(const float *line, int64_t k, int64_t kc)
+{
+    __m512 a = _mm512_maskz_loadu_ps(mask_first(kc - k), line + k);
+    __m512 b = _mm512_maskz_loadu_ps(mask_first(kc - k - 16), line + k + 16);
+    return (__m512i) _mm512_cvtne2ps_pbh(b, a);
+}
+
+/* Rows of op(A) whose K values are adjacent in memory, row i at src + i si: row by row, each
+ * row's kp pairs at out + i KCP; rows wv .. W are zero. A straight copy. */
+BF16_TARGET static void pack_rows(uint32_t *out, const float *src, int64_t si, int64_t kc, int W,
+                                  int wv)
+{
+    int64_t kp = (kc + 1) / 2;
+    for (int w = 0; w < W; w++) {
+        uint32_t *o = out + w * KCP;
+        for (int64_t k = 0; k < kc; k += 32) {
+            __m512i v = w < wv ? run_pairs(src + w * si, k, kc) : _mm512_setzero_si512();
+            _mm512_mask_storeu_epi32(o + k / 2, mask_first(kp - k / 2), v);
+        }
+    }
+}
+
+/* r[c] = column c of the 16 x 16 matrix of 32-bit lanes whose row i is r[i] (in place). */
+BF16_TARGET static inline void transpose16(__m512i r[16])
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* in each 128-bit lane L of u[4i + j]: column 4L + j of rows 4i .. 4i + 3 */
+    for (int i = 0; i < 16; i += 4) {
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512i a0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+        __m512i a1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        __m512i b0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+        __m512i b1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        r[j] = _mm512_shuffle_i32x4(a0, b0, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(a1, b1, 0x88);
+        r[8 + j] = _mm512_shuffle_i32x4(a0, b0, 0xdd);
+        r[12 + j] = _mm512_shuffle_i32x4(a1, b1, 0xdd);
+    }
+}
+
+/* A strip of W columns of op(B) (W a multiple of 16) whose K values are adjacent in memory,
+ * column w at src + w sw: pair by pair, out[p W + w]; 16 columns by 16 pairs are rounded a
+ * line at a time and transposed in registers. Columns wv .. W are zero. */
 BF16_TARGET static void pack_runs(uint32_t *out, const float *src, int64_t sw, int64_t kc, int W,
                                   int wv)
 {
     int64_t kp = (kc + 1) / 2;
-    uint32_t pairs[16] __attribute__((aligned(64)));
-    for (int w = 0; w < W; w++) {
-        if (w >= wv) {
-            for (int64_t p = 0; p < kp; p++)
-                out[p * W + w] = 0;
-            continue;
-        }
-        const float *line = src + w * sw;
+    for (int w0 = 0; w0 < W; w0 += 16) {
         for (int64_t k = 0; k < kc; k += 32) {
-            __m512 a = _mm512_maskz_loadu_ps(mask_first(kc - k), line + k);
-            __m512 b = _mm512_maskz_loadu_ps(mask_first(kc - k - 16), line + k + 16);
-            _mm512_store_si512(pairs, (__m512i) _mm512_cvtne2ps_pbh(b, a));
-            uint32_t *o = out + (k / 2) * W + w;
+            __m512i r[16];
+            for (int w = 0; w < 16; w++)
+                r[w] = w0 + w < wv ? run_pairs(src + (w0 + w) * sw, k, kc) : _mm512_setzero_si512();
+            transpose16(r);
             int64_t np = min64(16, kp - k / 2);
             for (int64_t q = 0; q < np; q++)
-                o[q * W] = pairs[q];
+                _mm512_storeu_si512(out + (k / 2 + q) * W + w0, r[q]);
         }
     }
 }
 
 /* The register tile: c (m <= MR, n <= NR) = alpha pa . pb (+ beta c on the first K panel, or
- * + c on the later ones); pa holds kp groups of MR pairs, pb kp groups of NR pairs. Each
- * element's sum runs over the pairs in order, the same wherever the element lies. */
-BF16_TARGET static void tile(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
-                             int64_t ldc, int m, int n, float alpha, float beta, bool first)
+ * + c on the later ones); pa holds MR rows of kp pairs in layout lay, pb kp groups of NR pairs.
+ * Each element's sum runs over the pairs in order, the same wherever the element lies. */
+BF16_TARGET static inline __attribute__((always_inline)) void
+tile(enum a_layout lay, int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c, int64_t ldc,
+     int m, int n, float alpha, float beta, bool first)
 {
+    const int64_t rs = lay == A_BY_ROW ? KCP : 1, ps = lay == A_BY_ROW ? 1 : MR;
     __m512 acc[MR][2];
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) {
@@ -156,11 +210,11 @@ BF16_TARGET static void tile(int64_t kp, const uint32_t *pa, const uint32_t *pb,
         __m512bh b1 = (__m512bh) _mm512_load_si512(pb + 16);
 #pragma GCC unroll 12
         for (int r = 0; r < MR; r++) {
-            __m512bh a = (__m512bh) _mm512_set1_epi32((int) pa[r]);
+            __m512bh a = (__m512bh) _mm512_set1_epi32((int) pa[r * rs]);
             acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
         }
-        pa += MR;
+        pa += ps;
         pb += NR;
     }
     __mmask16 m0 = mask_first(n), m1 = mask_first(n - 16);
@@ -181,15 +235,33 @@ BF16_TARGET static void tile(int64_t kp, const uint32_t *pa, const uint32_t *pb,
     }
 }
 
+BF16_TARGET static void tile_by_pair(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
+                                     int64_t ldc, int m, int n, float alpha, float beta, bool first)
+{
+    tile(A_BY_PAIR, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
+}
+
+BF16_TARGET static void tile_by_row(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
+                                    int64_t ldc, int m, int n, float alpha, float beta, bool first)
+{
+    tile(A_BY_ROW, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
+}
+
 BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                                     const float *A, int64_t lda, const float *B, int64_t ldb,
                                     float beta, float *C, int64_t ldc)
 {
-    uint32_t pa[MC * KC / 2] __attribute__((aligned(64)));
-    uint32_t pb[NC * KC / 2] __attribute__((aligned(64)));
-    int64_t parts = (K + KC - 1) / KC, kpart = ((K + parts - 1) / parts + 1) / 2 * 2;
-    for (int64_t jc = 0; jc < N; jc += NC) {
-        int64_t nc = min64(NC, N - jc);
+    uint32_t pa[MC * KCP] __attribute__((aligned(64)));
+    uint32_t pb[NC * KCP] __attribute__((aligned(64)));
+    /* op(A) by pair (ta) has no fixed row stride: its panels take more of K (KP_TA pairs) in
+     * the same buffers, with fewer columns of op(B) and rows of op(A), so that C is re-read
+     * fewer times when K is long (a weight's gradient sums over every token). The panels
+     * depend on K alone, never on M or N: a block of C sums in the same order as the whole. */
+    int64_t kc_max = ta ? 2 * KP_TA : KC, nc_max = ta ? NC * KCP / KP_TA : NC;
+    int64_t mc_max = ta ? MC * KCP / KP_TA / MR * MR : MC;
+    int64_t parts = (K + kc_max - 1) / kc_max, kpart = ((K + parts - 1) / parts + 1) / 2 * 2;
+    for (int64_t jc = 0; jc < N; jc += nc_max) {
+        int64_t nc = min64(nc_max, N - jc);
         for (int64_t pc = 0; pc < K; pc += kpart) {
             int64_t kc = min64(kpart, K - pc), kp = (kc + 1) / 2;
             /* op(B)(k, j) is B[j ldb + k] with tb, else B[k ldb + j] */
@@ -200,21 +272,28 @@ BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int6
                 else
                     pack_lines(pb + jr * kp, B + pc * ldb + jc + jr, ldb, kc, NR, wv);
             }
-            for (int64_t ic = 0; ic < M; ic += MC) {
-                int64_t mc = min64(MC, M - ic);
-                /* op(A)(i, k) is A[k lda + i] with ta, else A[i lda + k] */
+            for (int64_t ic = 0; ic < M; ic += mc_max) {
+                int64_t mc = min64(mc_max, M - ic);
+                /* op(A)(i, k) is A[k lda + i] with ta (strips pair by pair), else A[i lda + k]
+                 * (row by row) */
                 for (int64_t ir = 0; ir < mc; ir += MR) {
                     int wv = (int) min64(MR, mc - ir);
                     if (ta)
                         pack_lines(pa + ir * kp, A + pc * lda + ic + ir, lda, kc, MR, wv);
                     else
-                        pack_runs(pa + ir * kp, A + (ic + ir) * lda + pc, lda, kc, MR, wv);
+                        pack_rows(pa + ir * KCP, A + (ic + ir) * lda + pc, lda, kc, MR, wv);
                 }
                 for (int64_t jr = 0; jr < nc; jr += NR)
-                    for (int64_t ir = 0; ir < mc; ir += MR)
-                        tile(kp, pa + ir * kp, pb + jr * kp, C + (ic + ir) * ldc + jc + jr, ldc,
-                             (int) min64(MR, mc - ir), (int) min64(NR, nc - jr), alpha, beta,
-                             pc == 0);
+                    for (int64_t ir = 0; ir < mc; ir += MR) {
+                        float *c = C + (ic + ir) * ldc + jc + jr;
+                        int m = (int) min64(MR, mc - ir), n = (int) min64(NR, nc - jr);
+                        if (ta)
+                            tile_by_pair(kp, pa + ir * kp, pb + jr * kp, c, ldc, m, n, alpha, beta,
+                                         pc == 0);
+                        else
+                            tile_by_row(kp, pa + ir * KCP, pb + jr * kp, c, ldc, m, n, alpha, beta,
+                                        pc == 0);
+                    }
             }
         }
     }
