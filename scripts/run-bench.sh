@@ -13,22 +13,39 @@ if ! [ -s "$ref/llama3/tokenizer.json" ]; then
     fi
 fi
 [ -s "$ref/llama3/tokenizer.json" ] && export MOAI_BENCH_LLAMA3=$ref/llama3/tokenizer.json
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 printf '%-44s %14s %14s %s\n' "benchmark" "figure" "target" "note"
 for b in "$@"; do
-    "$b"
+    "$b" | tee -a "$out/rows"
 done
 
 # PyTorch's own step on the same shapes, fp32 and bf16 autocast, with Debian's python3-torch
-# (its /usr/bin/python3); the rows are skipped without it.
+# (its /usr/bin/python3); the rows are skipped without it. Then our trainer's bf16 step on 1
+# device against PyTorch's autocast step on the same shape, both measured in this run.
 if /usr/bin/python3 -c "import torch" >/dev/null 2>&1; then
-    /usr/bin/python3 bench/torch_llama.py || echo "pytorch: no result"
+    /usr/bin/python3 bench/torch_llama.py | tee -a "$out/rows" || echo "pytorch: no result"
+    python3 - "$out/rows" <<'PY' || echo "trainer bf16 / pytorch autocast: no result"
+import re, sys
+rows = open(sys.argv[1]).read()
+def rate(prefix):
+    m = re.search("^" + re.escape(prefix) + r".*?\s(\d+) tok(?:ens)?/s", rows, re.M)
+    return float(m.group(1)) if m else None
+for shape in ("tiny", "small"):
+    ours = rate("train %s bf16, 1 device " % shape)
+    theirs = rate("pytorch %s bf16 autocast" % shape)
+    if ours is None or theirs is None:
+        continue
+    print("%-44s %14s %14s %s" % ("train %s bf16 / pytorch bf16 autocast" % shape,
+          "%.2fx" % (ours / theirs), ">= 1.30x" if shape == "tiny" else "-",
+          "our trainer, 1 cpu device: %.0f tok/s; PyTorch: %.0f tok/s (rows above)" % (ours, theirs)))
+PY
 else
     printf '%-44s %14s %14s %s\n' "pytorch fp32 and bf16 autocast" "skipped" "-" \
         "python3-torch is not installed"
 fi
 
 # The default recipe end to end (tokens cached after the first run), 12 steps.
-out=$(mktemp -d)
 build/moai-finetune -q --json --set training.max_steps=12 --set "training.save_dir=$out/ckpt" \
     configs/tiny-llama.yaml 2>/dev/null | tail -n 1 >"$out/final.json"
 python3 - "$out/final.json" <<'PY' || echo "default recipe: no result"
@@ -112,4 +129,3 @@ for path, name in zip(sys.argv[1:], ["default recipe, 2 devices", "111M, pp 2 x 
           "peak resident %d bytes (VmHWM), predicted %d" % (j["process_peak_bytes"],
                                                              j["process_predicted_bytes"])))
 PY
-rm -rf "$out"
