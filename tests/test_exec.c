@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #define N   4
-#define LEN 1000 /* not a multiple of N: uneven chunks */
+#define LEN 17001 /* not a multiple of N: uneven chunks, each over one block of the allreduce */
 
 struct collective_case {
     struct comm_group *g;
