@@ -85,22 +85,41 @@ for p in false true true false; do
         2>/dev/null >>"$out/pack-$p.json" || true
     rm -rf "$out/pack-$p"
 done
-python3 - "$out/pack-false.json" "$out/pack-true.json" <<'PY' || echo "packing: no result"
+python3 - "$out/pack-false.json" "$out/pack-true.json" models/tiny-llama/config.json <<'PY' ||
 import json, statistics, sys
+# What a step would cost if time followed FLOPs: the layers' products over every position of
+# every row (padding too), lm_head over the scored tokens only (every real token but each
+# example's first), and attention at most 12 L D T/2 a position. Counting the unpacked rows'
+# attention at that most and the packed rows' at nothing, the ratio of FLOPs per real token is
+# an upper bound on packing's speed-up.
+cfg = json.load(open(sys.argv[3]))
+D, F, L, V = (cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+hd = cfg.get("head_dim", D // H)
+layer = D * H * hd + 2 * D * KV * hd + H * hd * D + 3 * D * F
+T = 256
+def flops(rows, real, examples, attention):
+    return 6.0 * L * layer * rows * T + 6.0 * V * D * (real - examples) + attention * 12.0 * L * D * T / 2 * rows * T
 res = []
-for path in sys.argv[1:]:
+for path in sys.argv[1:3]:
     steps = [json.loads(l) for l in open(path)]
     steps = [s for s in steps if "step" in s and "status" not in s and s["step"] > 1]
     rate = statistics.median(s["real_tokens_per_s"] for s in steps)
-    pad = 1 - sum(s["real_tokens"] for s in steps) / sum(s["rows"] * 256 for s in steps)
-    ex = sum(s["examples"] for s in steps) / len(steps)
-    res.append((rate, pad, ex, len(steps)))
-for (rate, pad, ex, n), name in zip(res, ["unpacked", "packed"]):
+    rows, real, ex = (sum(s[k] for s in steps) for k in ("rows", "real_tokens", "examples"))
+    res.append((rate, 1 - real / (rows * T), ex / len(steps), len(steps), rows, real, ex))
+for (rate, pad, ex, n, *_), name in zip(res, ["unpacked", "packed"]):
     print("%-44s %14s %14s %s" % ("train: tiny-llama.yaml real tokens, " + name, "%.0f tok/s" % rate,
           "-", "median of %d steps; %.1f%% padding, %.1f examples a step of 16 rows" % (n, 100 * pad, ex)))
+(_, _, _, _, ru, xu, eu), (_, _, _, _, rp, xp, ep) = res
+per_u = flops(ru, xu, eu, 1) / xu
+bound = per_u / (flops(rp, xp, ep, 0) / xp)
+full = per_u / (flops(rp * xp / (rp * T), xp, ep, 0) / xp)  # the packed rows without any padding
 print("%-44s %14s %14s %s" % ("train: packing speed-up, real tokens/s", "%.2fx" % (res[1][0] / res[0][0]),
-      ">= 1.70x", "packed / unpacked medians above"))
+      ">= 1.70x", "packed / unpacked medians above; if time followed FLOPs at most %.2fx "
+      "(%.2fx with no padding at all): lm_head, %.0f%% of a packed step's FLOPs, scores every real "
+      "token either way" % (bound, full, 100 * 6.0 * V * D * (xp - ep) / flops(rp, xp, ep, 0))))
 PY
+    echo "packing: no result"
 
 # The whole process against the planner's prediction (VmHWM at the end of the run): the
 # default recipe above, and a 111M-parameter model on 4 cpu devices as pp 2 x tp 2.

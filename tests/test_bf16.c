@@ -127,9 +127,9 @@ static void run_case(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float al
 }
 
 /* Shapes around the kernel's sizes: the 12 x 32 tile, 16-wide vectors, 32-value runs and the
- * panels (96 rows, 768 columns, K in parts of at most 320; with ta 36 rows, 320 columns, K in
- * parts of at most 768); one row, one column, K of 1, odd K, K over two and three panels (odd
- * parts too), N over two and three panels. */
+ * panels (96 rows, 768 columns, K up to 320 in one panel; a longer K in parts of at most 768
+ * with 36 rows, 320 columns); one row, one column, K of 1, odd K, K over two and three panels
+ * (odd parts too), N over two and three panels. */
 static const int64_t shapes[][3] = {
     {1, 1, 1},    {1, 37, 5},    {13, 1, 33},   {12, 32, 2},   {11, 31, 31},    {25, 17, 3},
     {1, 300, 64}, {40, 1, 257},  {97, 33, 320}, {12, 513, 17}, {26, 65, 515},   {100, 390, 300},
@@ -209,6 +209,67 @@ static void test_bf16_gemm_blocks_are_bit_identical(void **state)
     }
 }
 
+/* A given in bf16 (rounded in place by bf16_round_in_place) gives bf16_gemm's bits, for every
+ * shape and transposition; subnormal values included (both round them alike). */
+static void test_bf16_gemm_a16_matches(void **state)
+{
+    (void) state;
+    if (!bf16_cpu_has())
+        skip();
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int t = 0; t < 4; t++) {
+            bool ta = t & 1, tb = t & 2;
+            int64_t M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+            struct product p;
+            product_make(&p, ta, tb, M, N, K, 0.5f, 1.0f);
+            p.A[0] = 1e-40f;
+            p.A[p.lda - 1] = -3e-39f;
+            size_t na = (size_t) ((ta ? K : M) * p.lda + 1);
+            float *a16 = malloc(sizeof(float) * na),
+                  *want = malloc(sizeof(float) * (size_t) (M * p.ldc));
+            assert_non_null(a16);
+            assert_non_null(want);
+            memcpy(a16, p.A, sizeof(float) * na);
+            bf16_round_in_place(a16, (int64_t) na);
+            bf16_gemm(ta, tb, M, N, K, 0.5f, p.A, p.lda, p.B, p.ldb, 1.0f, p.C, p.ldc);
+            memcpy(want, p.C, sizeof(float) * (size_t) (M * p.ldc));
+            memcpy(p.C, p.C0, sizeof(float) * (size_t) (M * p.ldc));
+            bf16_gemm_a16(ta, tb, M, N, K, 0.5f, (const uint16_t *) (void *) a16, p.lda, p.B, p.ldb,
+                          1.0f, p.C, p.ldc);
+            assert_memory_equal(p.C, want, sizeof(float) * (size_t) (M * p.ldc));
+            free(a16);
+            free(want);
+            product_free(&p);
+        }
+}
+
+/* bf16_round_in_place rounds to nearest, ties to even, as st_bf16_from_f32 does (normal
+ * values), into the first half of the buffer, whatever the length's remainder by 32. */
+static void test_bf16_round_in_place(void **state)
+{
+    (void) state;
+    if (!bf16_cpu_has())
+        skip();
+    static const int64_t lengths[] = {1, 15, 31, 32, 33, 100};
+    for (size_t l = 0; l < sizeof(lengths) / sizeof(lengths[0]); l++) {
+        int64_t n = lengths[l];
+        float *x = malloc(sizeof(float) * (size_t) n);
+        uint16_t *want = malloc(sizeof(uint16_t) * (size_t) n);
+        assert_non_null(x);
+        assert_non_null(want);
+        for (int64_t i = 0; i < n; i++) {
+            x[i] = uniform() * 1000.0f;
+            if (i == 3) /* a tie: the low 16 bits exactly half way, the kept bit odd */
+                memcpy(&x[i], &(uint32_t){0x3f818000u}, sizeof(float));
+            want[i] = st_bf16_from_f32(x[i]);
+        }
+        bf16_round_in_place(x, n);
+        assert_memory_equal(x, want, sizeof(uint16_t) * (size_t) n);
+        free(x);
+        free(want);
+    }
+}
+
 /* bf16_available follows the cpu and MOAI_CPU_BF16 (decided once: this process's view). */
 static void test_bf16_available_follows_cpu_and_env(void **state)
 {
@@ -231,6 +292,8 @@ int main(void)
         cmocka_unit_test(test_bf16_gemm_alpha_beta),
         cmocka_unit_test(test_bf16_gemm_empty_k),
         cmocka_unit_test(test_bf16_gemm_blocks_are_bit_identical),
+        cmocka_unit_test(test_bf16_gemm_a16_matches),
+        cmocka_unit_test(test_bf16_round_in_place),
         cmocka_unit_test(test_bf16_available_follows_cpu_and_env),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -81,19 +81,22 @@ static inline __mmask16 mask_first(int64_t n)
     return n >= 16 ? (__mmask16) 0xffff : n <= 0 ? (__mmask16) 0 : (__mmask16) ((1u << n) - 1);
 }
 
+static inline __mmask32 mask_first32(int64_t n)
+{
+    return n >= 32 ? (__mmask32) 0xffffffffu : n <= 0 ? (__mmask32) 0 : (__mmask32) ((1u << n) - 1);
+}
+
 /*
  * Packing. Every operand is rounded to bf16 and grouped into pairs (k, k+1) of K, the operand
  * layout of vdpbf16ps: a uint32 holds bf16 S(2p) in its low half and bf16 S(2p + 1) in its high
  * half, zero past kc (K odd) and past the valid lines of a strip. op(B) becomes strips of NR
  * columns laid out pair by pair (kp groups of NR pairs, two vectors each); op(A) becomes rows
  * of pairs, either pair by pair in strips of MR rows (A_BY_PAIR: kp groups of MR pairs) or row
- * by row (A_BY_ROW: each row's kp pairs in turn, rows KCP apart), whichever its memory order
+ * by row (A_BY_ROW: each row's kp pairs in turn, rows KCP or KP_WIDE apart), whichever its memory order
  * makes a straight copy.
  */
-#define KCP   (KC / 2)
-#define KP_TA 384
-
-enum a_layout { A_BY_PAIR, A_BY_ROW };
+#define KCP     (KC / 2)
+#define KP_WIDE 384
 
 /* A strip whose W lines are adjacent in memory (sw = 1), S(k, w) = src[k sk + w]: two rows k,
  * k+1 of 16 lines are rounded together and their halves interleaved into 16 pairs, out[p W + w]. */
@@ -130,16 +133,51 @@ BF16_TARGET static inline __m512i run_pairs(const float *line, int64_t k, int64_
 }
 
 /* Rows of op(A) whose K values are adjacent in memory, row i at src + i si: row by row, each
- * row's kp pairs at out + i KCP; rows wv .. W are zero. A straight copy. */
-BF16_TARGET static void pack_rows(uint32_t *out, const float *src, int64_t si, int64_t kc, int W,
-                                  int wv)
+ * row's kp pairs at out + i rs; rows wv .. W are zero. A straight copy. */
+BF16_TARGET static void pack_rows(uint32_t *out, int64_t rs, const float *src, int64_t si,
+                                  int64_t kc, int W, int wv)
 {
     int64_t kp = (kc + 1) / 2;
     for (int w = 0; w < W; w++) {
-        uint32_t *o = out + w * KCP;
+        uint32_t *o = out + w * rs;
         for (int64_t k = 0; k < kc; k += 32) {
             __m512i v = w < wv ? run_pairs(src + w * si, k, kc) : _mm512_setzero_si512();
             _mm512_mask_storeu_epi32(o + k / 2, mask_first(kp - k / 2), v);
+        }
+    }
+}
+
+/* pack_rows for rows already in bf16 (src16 + i si): the pairs are the memory, copied. */
+BF16_TARGET static void pack_rows16(uint32_t *out, int64_t rs, const uint16_t *src, int64_t si,
+                                    int64_t kc, int W, int wv)
+{
+    int64_t kp = (kc + 1) / 2;
+    for (int w = 0; w < W; w++) {
+        uint32_t *o = out + w * rs;
+        for (int64_t k = 0; k < kc; k += 32) {
+            __m512i v = w < wv ? _mm512_maskz_loadu_epi16(mask_first32(kc - k), src + w * si + k)
+                               : _mm512_setzero_si512();
+            _mm512_mask_storeu_epi32(o + k / 2, mask_first(kp - k / 2), v);
+        }
+    }
+}
+
+/* pack_lines for lines already in bf16 (S(k, w) = src[k sk + w]): rows k and k + 1 widened
+ * to the low and high halves of 16 pairs. */
+BF16_TARGET static void pack_lines16(uint32_t *out, const uint16_t *src, int64_t sk, int64_t kc,
+                                     int W, int wv)
+{
+    int64_t kp = (kc + 1) / 2;
+    for (int64_t p = 0; p < kp; p++) {
+        const uint16_t *r0 = src + 2 * p * sk;
+        bool odd_tail = 2 * p + 1 >= kc;
+        for (int w = 0; w < W; w += 16) {
+            __mmask16 m = mask_first(wv - w);
+            __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + w));
+            __m512i b = odd_tail ? _mm512_setzero_si512()
+                                 : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + sk + w));
+            __m512i v = _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+            _mm512_mask_storeu_epi32(out + p * W + w, mask_first(W - w), v);
         }
     }
 }
@@ -195,10 +233,9 @@ BF16_TARGET static void pack_runs(uint32_t *out, const float *src, int64_t sw, i
  * + c on the later ones); pa holds MR rows of kp pairs in layout lay, pb kp groups of NR pairs.
  * Each element's sum runs over the pairs in order, the same wherever the element lies. */
 BF16_TARGET static inline __attribute__((always_inline)) void
-tile(enum a_layout lay, int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c, int64_t ldc,
-     int m, int n, float alpha, float beta, bool first)
+tile(int64_t rs, int64_t ps, int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
+     int64_t ldc, int m, int n, float alpha, float beta, bool first)
 {
-    const int64_t rs = lay == A_BY_ROW ? KCP : 1, ps = lay == A_BY_ROW ? 1 : MR;
     __m512 acc[MR][2];
 #pragma GCC unroll 12
     for (int r = 0; r < MR; r++) {
@@ -235,30 +272,45 @@ tile(enum a_layout lay, int64_t kp, const uint32_t *pa, const uint32_t *pb, floa
     }
 }
 
+/* The tile for each layout of op(A), its strides fixed at compile time (one base register
+ * and constant offsets in the loop): by pair, and by row KCP or KP_WIDE pairs apart. */
+typedef void tile_fn(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c, int64_t ldc,
+                     int m, int n, float alpha, float beta, bool first);
+
 BF16_TARGET static void tile_by_pair(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
                                      int64_t ldc, int m, int n, float alpha, float beta, bool first)
 {
-    tile(A_BY_PAIR, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
+    tile(1, MR, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
 }
 
 BF16_TARGET static void tile_by_row(int64_t kp, const uint32_t *pa, const uint32_t *pb, float *c,
                                     int64_t ldc, int m, int n, float alpha, float beta, bool first)
 {
-    tile(A_BY_ROW, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
+    tile(KCP, 1, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
 }
 
+BF16_TARGET static void tile_by_row_wide(int64_t kp, const uint32_t *pa, const uint32_t *pb,
+                                         float *c, int64_t ldc, int m, int n, float alpha,
+                                         float beta, bool first)
+{
+    tile(KP_WIDE, 1, kp, pa, pb, c, ldc, m, n, alpha, beta, first);
+}
+
+/* One of A (fp32, rounded as it is packed) and A16 (already bf16) is given. */
 BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-                                    const float *A, int64_t lda, const float *B, int64_t ldb,
-                                    float beta, float *C, int64_t ldc)
+                                    const float *A, const uint16_t *A16, int64_t lda,
+                                    const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
 {
     uint32_t pa[MC * KCP] __attribute__((aligned(64)));
     uint32_t pb[NC * KCP] __attribute__((aligned(64)));
-    /* op(A) by pair (ta) has no fixed row stride: its panels take more of K (KP_TA pairs) in
-     * the same buffers, with fewer columns of op(B) and rows of op(A), so that C is re-read
-     * fewer times when K is long (a weight's gradient sums over every token). The panels
-     * depend on K alone, never on M or N: a block of C sums in the same order as the whole. */
-    int64_t kc_max = ta ? 2 * KP_TA : KC, nc_max = ta ? NC * KCP / KP_TA : NC;
-    int64_t mc_max = ta ? MC * KCP / KP_TA / MR * MR : MC;
+    /* A long K (a weight's gradient sums over every token, lm_head's input gradient over the
+     * vocabulary) takes panels of KP_WIDE pairs in the same buffers, with fewer columns of
+     * op(B) and rows of op(A), so that C is re-read fewer times. The panels depend on K alone,
+     * never on M or N: a block of C sums in the same order as the whole. */
+    bool wide = K > KC;
+    int64_t kpw = wide ? KP_WIDE : KCP, kc_max = 2 * kpw;
+    int64_t nc_max = NC * KCP / kpw, mc_max = MC * KCP / kpw / MR * MR;
+    tile_fn *by_row = wide ? tile_by_row_wide : tile_by_row;
     int64_t parts = (K + kc_max - 1) / kc_max, kpart = ((K + parts - 1) / parts + 1) / 2 * 2;
     for (int64_t jc = 0; jc < N; jc += nc_max) {
         int64_t nc = min64(nc_max, N - jc);
@@ -278,10 +330,15 @@ BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int6
                  * (row by row) */
                 for (int64_t ir = 0; ir < mc; ir += MR) {
                     int wv = (int) min64(MR, mc - ir);
-                    if (ta)
-                        pack_lines(pa + ir * kp, A + pc * lda + ic + ir, lda, kc, MR, wv);
+                    int64_t at = ta ? pc * lda + ic + ir : (ic + ir) * lda + pc;
+                    if (ta && A16)
+                        pack_lines16(pa + ir * kp, A16 + at, lda, kc, MR, wv);
+                    else if (ta)
+                        pack_lines(pa + ir * kp, A + at, lda, kc, MR, wv);
+                    else if (A16)
+                        pack_rows16(pa + ir * kpw, kpw, A16 + at, lda, kc, MR, wv);
                     else
-                        pack_rows(pa + ir * KCP, A + (ic + ir) * lda + pc, lda, kc, MR, wv);
+                        pack_rows(pa + ir * kpw, kpw, A + at, lda, kc, MR, wv);
                 }
                 for (int64_t jr = 0; jr < nc; jr += NR)
                     for (int64_t ir = 0; ir < mc; ir += MR) {
@@ -291,8 +348,8 @@ BF16_TARGET static void gemm_avx512(bool ta, bool tb, int64_t M, int64_t N, int6
                             tile_by_pair(kp, pa + ir * kp, pb + jr * kp, c, ldc, m, n, alpha, beta,
                                          pc == 0);
                         else
-                            tile_by_row(kp, pa + ir * KCP, pb + jr * kp, c, ldc, m, n, alpha, beta,
-                                        pc == 0);
+                            by_row(kp, pa + ir * kpw, pb + jr * kp, c, ldc, m, n, alpha, beta,
+                                   pc == 0);
                     }
             }
         }
@@ -333,9 +390,50 @@ void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
         return;
     }
 #if BF16_X86
-    gemm_avx512(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    gemm_avx512(ta, tb, M, N, K, alpha, A, NULL, lda, B, ldb, beta, C, ldc);
 #else
     (void) ta, (void) tb, (void) A, (void) lda, (void) B, (void) ldb;
+#endif
+}
+
+void bf16_gemm_a16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                   const uint16_t *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                   float *C, int64_t ldc)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    if (K <= 0 || alpha == 0.0f) {
+        scale_c(M, N, beta, C, ldc);
+        return;
+    }
+#if BF16_X86
+    gemm_avx512(ta, tb, M, N, K, alpha, NULL, A, lda, B, ldb, beta, C, ldc);
+#else
+    (void) ta, (void) tb, (void) A, (void) lda, (void) B, (void) ldb;
+#endif
+}
+
+#if BF16_X86
+BF16_TARGET static void round_avx512(float *x, int64_t n)
+{
+    uint16_t *out = (uint16_t *) (void *) x;
+    /* 32 values read before their 64 bytes of results are written at half their offset: the
+     * writes never reach values not yet read */
+    for (int64_t i = 0; i < n; i += 32) {
+        __m512 a = _mm512_maskz_loadu_ps(mask_first(n - i), x + i);
+        __m512 b = _mm512_maskz_loadu_ps(mask_first(n - i - 16), x + i + 16);
+        __m512i v = (__m512i) _mm512_cvtne2ps_pbh(b, a);
+        _mm512_mask_storeu_epi16(out + i, mask_first32(n - i), v);
+    }
+}
+#endif
+
+void bf16_round_in_place(float *x, int64_t n)
+{
+#if BF16_X86
+    round_avx512(x, n);
+#else
+    (void) x, (void) n;
 #endif
 }
 

@@ -8,10 +8,13 @@
  * activations): the bf16 copy of each operand is made in the packed panels, so it is always the
  * rounding of the current fp32 values, as a copy refreshed after every optimizer step would be.
  *
- * Blocking (Goto's): panels of KC values of K, NC columns of op(B) and MC rows of op(A) are
- * packed into bf16 pairs (k, k+1) on the calling thread's stack (about 540 KiB), and a 12 x 32
- * register tile sums them. Every element of C sums its products in the same order wherever it
- * lies in C, so splitting a product into blocks of rows or columns changes no bit.
+ * Blocking (Goto's): panels of K (up to 320 values, or up to 768 when K is longer), columns of
+ * op(B) and rows of op(A) are packed into bf16 pairs (k, k+1) on the calling thread's stack
+ * (about 540 KiB), and a 12 x 32 register tile sums them. op(A) rows whose K is contiguous are
+ * copied as they lie (no transposition); op(B) columns whose K is contiguous are transposed in
+ * registers. The panels of K depend on K alone: every element of C sums its products in the
+ * same order wherever it lies in C, so splitting a product into blocks of rows or columns
+ * changes no bit.
  *
  * Availability: bf16_cpu_has() is true when the cpu has AVX512_BF16 (checked once at run time
  * with cpuid), and bf16_gemm must only be called then; bf16_available() also needs the
@@ -45,6 +48,18 @@ const char *bf16_unavailable_reason(void);
  * only written (it may hold anything before). K == 0 scales C by beta. */
 void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
                int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+
+/* bf16_gemm with A already in bf16 (lda in bf16 values): the same products and the same bits
+ * as bf16_gemm with the fp32 values A was rounded from (by bf16_round_in_place, the rounding
+ * of the packing), reading half the bytes. */
+void bf16_gemm_a16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                   const uint16_t *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                   float *C, int64_t ldc);
+
+/* Rounds x[0 .. n) to bf16 as bf16_gemm's packing does (nearest, ties to even; the
+ * instruction's own treatment of subnormals) and stores the results as uint16 over the first
+ * half of the same memory, ((uint16_t *) x)[i]. Only where bf16_cpu_has(). */
+void bf16_round_in_place(float *x, int64_t n);
 
 /* Peak rate of this cpu's bf16 arithmetic on one thread in GFLOP/s: the best of runs of a loop
  * of independent vdpbf16ps on registers for about seconds (2 flops per product); 0 without

@@ -554,22 +554,32 @@ struct gemm_job {
     int64_t M, N, K, lda, ldb, ldc, chunk;
     float alpha, beta;
     const float *A, *B;
+    const uint16_t *A16; /* A already in bf16, instead of A (bf16 compute only) */
     float *C;
 };
 
 static void gemm_block(const struct gemm_job *j, int64_t i0, int64_t i1)
 {
     const float *A = j->A, *B = j->B;
+    const uint16_t *A16 = j->A16;
     float *C = j->C;
     int64_t M = j->M, N = j->N;
     if (j->split_rows) {
-        A += j->ta ? i0 : i0 * j->lda;
+        if (A16)
+            A16 += j->ta ? i0 : i0 * j->lda;
+        else
+            A += j->ta ? i0 : i0 * j->lda;
         C += i0 * j->ldc;
         M = i1 - i0;
     } else {
         B += j->tb ? i0 * j->ldb : i0;
         C += i0;
         N = i1 - i0;
+    }
+    if (A16) {
+        bf16_gemm_a16(j->ta, j->tb, M, N, j->K, j->alpha, A16, j->lda, B, j->ldb, j->beta, C,
+                      j->ldc);
+        return;
     }
     if (j->bf16) {
         bf16_gemm(j->ta, j->tb, M, N, j->K, j->alpha, A, j->lda, B, j->ldb, j->beta, C, j->ldc);
@@ -588,6 +598,15 @@ static void gemm_task(void *arg, int64_t task, int thread)
     (void) thread;
     if (i0 < i1)
         gemm_block(j, i0, i1);
+}
+
+static void gemm_run(struct llama *m, struct gemm_job *j)
+{
+    if (j->M == 0 || j->N == 0)
+        return;
+    int64_t n = j->split_rows ? j->M : j->N;
+    j->chunk = cdiv(cdiv(n, m->nthreads), 16) * 16;
+    pool_run(m->pool, cdiv(n, j->chunk), gemm_task, j);
 }
 
 static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
@@ -609,12 +628,30 @@ static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_
                          .A = A,
                          .B = B,
                          .C = C};
-    int parts = m->nthreads;
-    if (M == 0 || N == 0)
-        return;
-    int64_t n = j.split_rows ? M : N;
-    j.chunk = cdiv(cdiv(n, parts), 16) * 16;
-    pool_run(m->pool, cdiv(n, j.chunk), gemm_task, &j);
+    gemm_run(m, &j);
+}
+
+/* gemm with A already in bf16 (lda in bf16 values): bf16 compute only. */
+static void gemm_a16(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                     float alpha, const uint16_t *A, int64_t lda, const float *B, int64_t ldb,
+                     float beta, float *C, int64_t ldc)
+{
+    struct gemm_job j = {.ta = ta,
+                         .tb = tb,
+                         .split_rows = M >= N,
+                         .bf16 = true,
+                         .M = M,
+                         .N = N,
+                         .K = K,
+                         .lda = lda,
+                         .ldb = ldb,
+                         .ldc = ldc,
+                         .alpha = alpha,
+                         .beta = beta,
+                         .A16 = A,
+                         .B = B,
+                         .C = C};
+    gemm_run(m, &j);
 }
 
 /* out (N, OC) (+)= inp (N, C) . W (OC, C)^T */
@@ -642,6 +679,7 @@ enum row_op {
     ROW_SWIGLU,
     ROW_SWIGLU_BACK,
     ROW_CE_FUSED,
+    ROW_CE_FUSED16, /* and each row's gradient rounded to bf16 in place (bf16_round_in_place) */
     ROW_CE_FORWARD,
     ROW_ZERO,
     ROW_GATHER,  /* out row i = in row ids[i] */
@@ -686,6 +724,12 @@ static void row_task(void *arg, int64_t task, int thread)
         break;
     case ROW_CE_FUSED:
         crossentropy_fused(j->aux + n0, j->out + n0 * j->V, j->ids + n0, j->dloss, n, j->V);
+        break;
+    case ROW_CE_FUSED16: /* a row at a time: rounded while it is in the cache */
+        for (int64_t i = n0; i < n0 + n; i++) {
+            crossentropy_fused(j->aux + i, j->out + i * j->V, j->ids + i, j->dloss, 1, j->V);
+            bf16_round_in_place(j->out + i * j->V, j->V);
+        }
         break;
     case ROW_CE_FORWARD:
         crossentropy_forward(j->aux + n0, j->out2 + n0, j->out + n0 * j->V, j->ids + n0, n, j->V);
@@ -1007,6 +1051,7 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
         w->scored_targets[S++] = w->targets[n];
     }
     w->nscored = S;
+    w->dlogits16 = false;
     if (S == 0)
         return 0.0;
     struct row_job jg = {
@@ -1046,7 +1091,12 @@ double llama_head_forward(struct llama *m, const struct llama_params *p, struct 
         return sum;
     }
     linear_forward(m, w->logits, w->lnc, p->lm_head, false, S, D, V);
-    struct row_job jc = {.op = backward ? ROW_CE_FUSED : ROW_CE_FORWARD,
+    /* under bf16 compute the gradient is kept in bf16, as the products would round it: the
+     * backward's two products then read half the bytes */
+    w->dlogits16 = backward && m->bf16;
+    struct row_job jc = {.op = !backward      ? ROW_CE_FORWARD
+                               : w->dlogits16 ? ROW_CE_FUSED16
+                                              : ROW_CE_FUSED,
                          .N = S,
                          .V = V,
                          .dloss = dloss,
@@ -1069,9 +1119,16 @@ void llama_head_backward(struct llama *m, const struct llama_params *p, struct l
 
     /* dW += dlogits^T lnc first, then lnc (no longer needed) takes dlnc = dlogits W */
     if (S > 0) {
-        if (g->lm_head) /* NULL: frozen */
-            gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
-        gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
+        if (w->dlogits16) {
+            const uint16_t *dl = (const uint16_t *) (void *) w->logits; /* rows 2V values apart */
+            if (g->lm_head)
+                gemm_a16(m, true, false, V, D, S, 1.0f, dl, 2 * V, w->lnc, D, 1.0f, g->lm_head, D);
+            gemm_a16(m, false, false, S, D, V, 1.0f, dl, 2 * V, p->lm_head, D, 0.0f, w->lnc, D);
+        } else {
+            if (g->lm_head) /* NULL: frozen */
+                gemm(m, true, false, V, D, S, 1.0f, w->logits, V, w->lnc, D, 1.0f, g->lm_head, D);
+            gemm(m, false, false, S, D, V, 1.0f, w->logits, V, p->lm_head, D, 0.0f, w->lnc, D);
+        }
         tp_allreduce(m, w->lnc, S * D);
     }
     struct row_job js = {

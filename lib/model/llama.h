@@ -128,10 +128,12 @@ struct llama_work {
     int32_t *scored_targets; /* (N) their targets */
     int32_t *scored_index;   /* (N) a row's place in scored, or -1 */
     int64_t nscored;
-    float *losses;     /* (N) loss of each scored row */
-    float *lse;        /* (N) log-sum-exp of each scored row's logits (evaluation) */
-    float *logits;     /* (N, V) logits of the scored rows; after a training forward,
-                                   their gradient */
+    float *losses; /* (N) loss of each scored row */
+    float *lse;    /* (N) log-sum-exp of each scored row's logits (evaluation) */
+    float *logits; /* (N, V) logits of the scored rows; after a training forward,
+                                   their gradient (in bf16 over each row's first half when
+                                   dlogits16: bf16 products round it so anyway) */
+    bool dlogits16;
     float *lnc;        /* (N, D) lm_head input of the scored rows, then its gradient */
     float *dres;       /* (N, D) gradient of the residual stream between stages */
     float *dln;        /* (N, D) */
