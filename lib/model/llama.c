@@ -600,23 +600,15 @@ static void gemm_task(void *arg, int64_t task, int thread)
         gemm_block(j, i0, i1);
 }
 
-static void gemm_run(struct llama *m, struct gemm_job *j)
-{
-    if (j->M == 0 || j->N == 0)
-        return;
-    int64_t n = j->split_rows ? j->M : j->N;
-    j->chunk = cdiv(cdiv(n, m->nthreads), 16) * 16;
-    pool_run(m->pool, cdiv(n, j->chunk), gemm_task, j);
-}
-
-static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                 int64_t ldc)
+/* A product with A in fp32 (A16 NULL) or already in bf16 (A NULL; bf16 compute only). */
+static void gemm_split(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                       float alpha, const float *A, const uint16_t *A16, int64_t lda,
+                       const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
 {
     struct gemm_job j = {.ta = ta,
                          .tb = tb,
                          .split_rows = M >= N,
-                         .bf16 = m->bf16,
+                         .bf16 = m->bf16 || A16,
                          .M = M,
                          .N = N,
                          .K = K,
@@ -627,8 +619,20 @@ static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_
                          .beta = beta,
                          .A = A,
                          .B = B,
+                         .A16 = A16,
                          .C = C};
-    gemm_run(m, &j);
+    if (M == 0 || N == 0)
+        return;
+    int64_t n = j.split_rows ? M : N;
+    j.chunk = cdiv(cdiv(n, m->nthreads), 16) * 16;
+    pool_run(m->pool, cdiv(n, j.chunk), gemm_task, &j);
+}
+
+static void gemm(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc)
+{
+    gemm_split(m, ta, tb, M, N, K, alpha, A, NULL, lda, B, ldb, beta, C, ldc);
 }
 
 /* gemm with A already in bf16 (lda in bf16 values): bf16 compute only. */
@@ -636,22 +640,7 @@ static void gemm_a16(struct llama *m, bool ta, bool tb, int64_t M, int64_t N, in
                      float alpha, const uint16_t *A, int64_t lda, const float *B, int64_t ldb,
                      float beta, float *C, int64_t ldc)
 {
-    struct gemm_job j = {.ta = ta,
-                         .tb = tb,
-                         .split_rows = M >= N,
-                         .bf16 = true,
-                         .M = M,
-                         .N = N,
-                         .K = K,
-                         .lda = lda,
-                         .ldb = ldb,
-                         .ldc = ldc,
-                         .alpha = alpha,
-                         .beta = beta,
-                         .A16 = A,
-                         .B = B,
-                         .C = C};
-    gemm_run(m, &j);
+    gemm_split(m, ta, tb, M, N, K, alpha, NULL, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* out (N, OC) (+)= inp (N, C) . W (OC, C)^T */
