@@ -4,12 +4,13 @@
  * vdpbf16ps loop for bf16).
  *
  * The model step is what bench_llama times (zero the gradients, forward and backward of the
- * batch, clip, AdamW) on 2 threads, measured right before each trainer row; the trainer's is
- * exec_train's median step over batches of the same shape. The trainer should reach 90% of
- * the model step (issue 18).
+ * batch, clip, AdamW) on 2 threads, measured right before and right after each trainer row
+ * (the mean of the two medians); the trainer's is exec_train's median step over batches of the
+ * same shape. The trainer should reach 90% of the model step (issue 18).
  *
  *     bench_train                  every row
  *     bench_train tiny bf16        one shape, one precision
+ *     bench_train tiny bf16 1      its rows on 1 device only (2: data parallel only)
  */
 #include "bench_util.h"
 
@@ -112,13 +113,13 @@ static void trainer_row(const struct shape *sh, const struct model_config *cfg,
                         const struct llama_params *init, struct train_records *recs, int dp,
                         bool zero2, bool bf16, double peak)
 {
-    /* the model's step on the trainer's first batch, right before: a busy machine then slows
-     * both alike */
-    double model_s = model_step_seconds(cfg, init, recs->tokens, recs->labels, sh->B, sh->T,
-                                        sh->steps - 1, bf16);
+    /* the model's step on the trainer's first batch, right before and right after: a load
+     * that drifts during the row weighs on both alike */
+    double before = model_step_seconds(cfg, init, recs->tokens, recs->labels, sh->B, sh->T,
+                                       sh->steps - 1, bf16);
     struct moai_err err = {0};
     int64_t batch = sh->B;
-    char text[320], name[96], fig[64], note[200];
+    char text[320], name[96], fig[64], note[256];
     struct recipe r;
     snprintf(text, sizeof(text),
              "model: {path: m}\ndataset: {path: d}\ntraining: {batch_size: %lld, block_size: "
@@ -148,22 +149,28 @@ static void trainer_row(const struct shape *sh, const struct model_config *cfg,
         .quiet = true,
     };
     struct train_result res;
-    if (exec_train(&job, &res, &err) < 0) {
+    int rc = exec_train(&job, &res, &err);
+    double after = model_step_seconds(cfg, init, recs->tokens, recs->labels, sh->B, sh->T,
+                                      sh->steps - 1, bf16);
+    double model_s = 0.5 * (before + after);
+    if (rc < 0) {
         bench_row(name, "error", "", err.msg);
     } else {
         double gflops = step_flops(cfg, batch * sh->T, sh->T) / res.median_step_s * 1e-9;
         snprintf(fig, sizeof(fig), "%.0f tok/s", res.median_tokens_per_s);
         snprintf(note, sizeof(note),
-                 "%.0f%% of the model step's %.0f tok/s; %.1f GFLOP/s = %.0f%% of %s %.1f; "
-                 "median of %d steps",
-                 100.0 * model_s / res.median_step_s, (double) (batch * sh->T) / model_s, gflops,
+                 "%.0f%% of the model step's %.0f tok/s (%.0f before, %.0f after); %.1f GFLOP/s = "
+                 "%.0f%% of %s %.1f; median of %d steps",
+                 100.0 * model_s / res.median_step_s, (double) (batch * sh->T) / model_s,
+                 (double) (batch * sh->T) / before, (double) (batch * sh->T) / after, gflops,
                  100.0 * gflops / peak, bf16 ? "bf16 dot peak" : "sgemm", peak, sh->steps - 1);
         bench_row(name, fig, ">= 90% model", note);
     }
     recipe_release(&r);
 }
 
-static void run_shape(const struct shape *sh, bool bf16, double peak)
+/* devices: 1 or 2 for those rows only, 0 for all */
+static void run_shape(const struct shape *sh, bool bf16, double peak, int devices)
 {
     struct model_config cfg;
     struct moai_err err = {0};
@@ -188,9 +195,11 @@ static void run_shape(const struct shape *sh, bool bf16, double peak)
 
     struct train_records recs = {
         .n = NREC, .T = T, .tokens = tokens, .labels = labels, .lengths = lengths};
-    trainer_row(sh, &cfg, &p, &recs, 1, false, bf16, peak);
-    trainer_row(sh, &cfg, &p, &recs, 2, false, bf16, peak);
-    if (!bf16 && sh == &shapes[0])
+    if (devices != 2)
+        trainer_row(sh, &cfg, &p, &recs, 1, false, bf16, peak);
+    if (devices != 1)
+        trainer_row(sh, &cfg, &p, &recs, 2, false, bf16, peak);
+    if (devices != 1 && !bf16 && sh == &shapes[0])
         trainer_row(sh, &cfg, &p, &recs, 2, true, bf16, peak);
 out:
     llama_params_release(&p);
@@ -214,7 +223,7 @@ int main(int argc, char **argv)
                 bench_row("train bf16", "skipped", "-", bf16_unavailable_reason());
                 continue;
             }
-            run_shape(&shapes[i], bf16, bf16 ? bf16_peak : sgemm);
+            run_shape(&shapes[i], bf16, bf16 ? bf16_peak : sgemm, argc > 3 ? atoi(argv[3]) : 0);
         }
     }
     return 0;

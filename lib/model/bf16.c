@@ -95,8 +95,9 @@ static inline __mmask32 mask_first32(int64_t n)
  * by row (A_BY_ROW: each row's kp pairs in turn, rows KCP or KP_WIDE apart), whichever its memory order
  * makes a straight copy.
  */
-#define KCP     (KC / 2)
-#define KP_WIDE 384
+#define KCP      (KC / 2)
+#define KP_WIDE  384
+#define PF_PAIRS 4 /* how far ahead a strip of lines is prefetched, in pairs of rows */
 
 /* A strip whose W lines are adjacent in memory (sw = 1), S(k, w) = src[k sk + w]: two rows k,
  * k+1 of 16 lines are rounded together and their halves interleaved into 16 pairs, out[p W + w]. */
@@ -112,6 +113,11 @@ BF16_TARGET static void pack_lines(uint32_t *out, const float *src, int64_t sk, 
     for (int64_t p = 0; p < kp; p++) {
         const float *r0 = src + 2 * p * sk;
         bool odd_tail = 2 * p + 1 >= kc;
+        if (p + PF_PAIRS < kp) /* rows far apart: fetch a few pairs ahead */
+            for (int w = 0; w < W; w += 16) {
+                _mm_prefetch((const char *) (r0 + 2 * PF_PAIRS * sk + w), _MM_HINT_T0);
+                _mm_prefetch((const char *) (r0 + (2 * PF_PAIRS + 1) * sk + w), _MM_HINT_T0);
+            }
         for (int w = 0; w < W; w += 16) {
             __mmask16 m = mask_first(wv - w);
             __m512 a = _mm512_maskz_loadu_ps(m, r0 + w);
@@ -141,6 +147,10 @@ BF16_TARGET static void pack_rows(uint32_t *out, int64_t rs, const float *src, i
     for (int w = 0; w < W; w++) {
         uint32_t *o = out + w * rs;
         for (int64_t k = 0; k < kc; k += 32) {
+            if (w + 1 < wv) { /* the next row's two lines, while this one is rounded */
+                _mm_prefetch((const char *) (src + (w + 1) * si + k), _MM_HINT_T0);
+                _mm_prefetch((const char *) (src + (w + 1) * si + k + 16), _MM_HINT_T0);
+            }
             __m512i v = w < wv ? run_pairs(src + w * si, k, kc) : _mm512_setzero_si512();
             _mm512_mask_storeu_epi32(o + k / 2, mask_first(kp - k / 2), v);
         }
@@ -155,6 +165,8 @@ BF16_TARGET static void pack_rows16(uint32_t *out, int64_t rs, const uint16_t *s
     for (int w = 0; w < W; w++) {
         uint32_t *o = out + w * rs;
         for (int64_t k = 0; k < kc; k += 32) {
+            if (w + 1 < wv) /* the next row's line, while this one is copied */
+                _mm_prefetch((const char *) (src + (w + 1) * si + k), _MM_HINT_T0);
             __m512i v = w < wv ? _mm512_maskz_loadu_epi16(mask_first32(kc - k), src + w * si + k)
                                : _mm512_setzero_si512();
             _mm512_mask_storeu_epi32(o + k / 2, mask_first(kp - k / 2), v);
@@ -171,6 +183,10 @@ BF16_TARGET static void pack_lines16(uint32_t *out, const uint16_t *src, int64_t
     for (int64_t p = 0; p < kp; p++) {
         const uint16_t *r0 = src + 2 * p * sk;
         bool odd_tail = 2 * p + 1 >= kc;
+        if (p + PF_PAIRS < kp) { /* rows far apart: fetch a few pairs ahead */
+            _mm_prefetch((const char *) (r0 + 2 * PF_PAIRS * sk), _MM_HINT_T0);
+            _mm_prefetch((const char *) (r0 + (2 * PF_PAIRS + 1) * sk), _MM_HINT_T0);
+        }
         for (int w = 0; w < W; w += 16) {
             __mmask16 m = mask_first(wv - w);
             __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + w));
