@@ -396,8 +396,10 @@ BF16_TARGET static double dot_loop(int64_t iters, float *sink)
 
 #endif /* BF16_X86 */
 
-void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-               int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
+/* The entry of both: the empty cases, then the kernel with A or A16. */
+static void gemm_entry(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float *A, const uint16_t *A16, int64_t lda, const float *B,
+                       int64_t ldb, float beta, float *C, int64_t ldc)
 {
     if (M <= 0 || N <= 0)
         return;
@@ -406,27 +408,23 @@ void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, c
         return;
     }
 #if BF16_X86
-    gemm_avx512(ta, tb, M, N, K, alpha, A, NULL, lda, B, ldb, beta, C, ldc);
+    gemm_avx512(ta, tb, M, N, K, alpha, A, A16, lda, B, ldb, beta, C, ldc);
 #else
-    (void) ta, (void) tb, (void) A, (void) lda, (void) B, (void) ldb;
+    (void) ta, (void) tb, (void) A, (void) A16, (void) lda, (void) B, (void) ldb;
 #endif
+}
+
+void bf16_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+               int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
+{
+    gemm_entry(ta, tb, M, N, K, alpha, A, NULL, lda, B, ldb, beta, C, ldc);
 }
 
 void bf16_gemm_a16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                    const uint16_t *A, int64_t lda, const float *B, int64_t ldb, float beta,
                    float *C, int64_t ldc)
 {
-    if (M <= 0 || N <= 0)
-        return;
-    if (K <= 0 || alpha == 0.0f) {
-        scale_c(M, N, beta, C, ldc);
-        return;
-    }
-#if BF16_X86
-    gemm_avx512(ta, tb, M, N, K, alpha, NULL, A, lda, B, ldb, beta, C, ldc);
-#else
-    (void) ta, (void) tb, (void) A, (void) lda, (void) B, (void) ldb;
-#endif
+    gemm_entry(ta, tb, M, N, K, alpha, NULL, A, lda, B, ldb, beta, C, ldc);
 }
 
 #if BF16_X86
