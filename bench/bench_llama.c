@@ -145,6 +145,10 @@ static int run_shape(const struct shape *s, int steps, bool bf16)
 int main(int argc, char **argv)
 {
     int rc = 0;
+    if (argc > 2 && atoi(argv[2]) < 1) {
+        fprintf(stderr, "usage: bench_llama [tiny|small [timed steps >= 1 [fp32|bf16]]]\n");
+        return 2;
+    }
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++) {
         if (argc > 1 && strcmp(argv[1], shapes[i].name))
             continue;
