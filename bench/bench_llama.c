@@ -35,25 +35,7 @@ static const struct shape shapes[] = {
 
 static struct model_config shape_config(const struct shape *s)
 {
-    struct model_config c = {0};
-    snprintf(c.name, sizeof(c.name), "%s", s->name);
-    snprintf(c.architecture, sizeof(c.architecture), "LlamaForCausalLM");
-    c.hidden_size = s->D;
-    c.intermediate_size = s->F;
-    c.num_hidden_layers = s->L;
-    c.num_attention_heads = s->H;
-    c.num_key_value_heads = s->H;
-    c.head_dim = s->D / s->H;
-    c.vocab_size = s->V;
-    c.max_position_embeddings = s->T;
-    c.rms_norm_eps = 1e-5;
-    c.rope_theta = 10000.0;
-    c.initializer_range = 0.02;
-    c.tie_word_embeddings = false;
-    c.bos_token_id = 1;
-    c.eos_token_id = 2;
-    c.pad_token_id = -1;
-    return c;
+    return bench_model_config(s->name, s->D, s->L, s->H, s->F, s->V, s->T);
 }
 
 static double flops_per_token(const struct model_config *c, int64_t T)

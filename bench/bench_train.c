@@ -51,16 +51,6 @@ static double step_flops(const struct model_config *c, int64_t tokens, int64_t T
            12.0 * (double) (c->num_hidden_layers * T * c->hidden_size) * (double) tokens;
 }
 
-static int shape_config(struct model_config *cfg, const struct shape *s, struct moai_err *err)
-{
-    json_t *o = json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}", "hidden_size", (json_int_t) s->D,
-                          "intermediate_size", (json_int_t) s->F, "num_hidden_layers",
-                          (json_int_t) s->L, "num_attention_heads", (json_int_t) s->H, "vocab_size",
-                          (json_int_t) s->V, "max_position_embeddings", (json_int_t) s->T);
-    int rc = o ? model_config_load(cfg, NULL, o, err) : -1;
-    json_decref(o);
-    return rc;
-}
 
 /* The model's own step on 2 threads over the same batch, median seconds of steps - 1 after a
  * warm-up; 0 on failure. */
@@ -175,7 +165,8 @@ static void run_shape(const struct shape *sh, bool bf16, double peak, int device
     struct model_config cfg;
     struct moai_err err = {0};
     struct llama_params p;
-    if (shape_config(&cfg, sh, &err) < 0 || llama_params_init(&p, &cfg, NULL, &err) < 0) {
+    cfg = bench_model_config(sh->name, sh->D, sh->L, sh->H, sh->F, sh->V, sh->T);
+    if (llama_params_init(&p, &cfg, NULL, &err) < 0) {
         bench_row(sh->name, "error", "", err.msg);
         return;
     }

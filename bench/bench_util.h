@@ -9,6 +9,7 @@
 #define MOAI_BENCH_UTIL_H
 
 #include "model/bf16.h"
+#include "model/config.h"
 
 #include <cblas.h>
 #include <pthread.h>
@@ -92,6 +93,32 @@ static inline void bench_row(const char *name, const char *figure, const char *t
 {
     printf("%-44s %14s %14s %s\n", name, figure, target, note);
     fflush(stdout);
+}
+
+/* The Llama config of a benchmark's shape (hidden D, L layers, H heads and as many kv heads,
+ * intermediate F, vocabulary V, T positions), untied, with Llama's usual constants. */
+static inline struct model_config bench_model_config(const char *name, int64_t D, int64_t L,
+                                                     int64_t H, int64_t F, int64_t V, int64_t T)
+{
+    struct model_config c = {0};
+    snprintf(c.name, sizeof(c.name), "%s", name);
+    snprintf(c.architecture, sizeof(c.architecture), "LlamaForCausalLM");
+    c.hidden_size = D;
+    c.intermediate_size = F;
+    c.num_hidden_layers = L;
+    c.num_attention_heads = H;
+    c.num_key_value_heads = H;
+    c.head_dim = D / H;
+    c.vocab_size = V;
+    c.max_position_embeddings = T;
+    c.rms_norm_eps = 1e-5;
+    c.rope_theta = 10000.0;
+    c.initializer_range = 0.02;
+    c.tie_word_embeddings = false;
+    c.bos_token_id = 1;
+    c.eos_token_id = 2;
+    c.pad_token_id = -1;
+    return c;
 }
 
 #endif
